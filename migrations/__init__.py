@@ -1,0 +1,1 @@
+"""The sample application's Alembic environment: SQLAlchemy models and the migration chain."""

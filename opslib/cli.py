@@ -1,0 +1,148 @@
+"""The ``opslib`` command: parses arguments, calls opslib, renders the result.
+
+This is the only place where an :class:`~opslib.errors.OpsError` becomes an exit code
+(0 done, 1 failed while changing, 2 invalid input, 3 refused by a precondition, 4 locked).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from typing import Sequence
+
+from opslib import __version__
+from opslib.config import load_settings
+from opslib.errors import OpsError
+
+EXIT_OK, EXIT_FAILED, EXIT_INVALID = 0, 1, 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="opslib",
+        description="Operate an Alembic-managed PostgreSQL database: status, migrations, the embedded server.",
+        epilog="Target: DATABASE_URL, or the embedded server under .opslib/ when unset. "
+        "Alembic project: OPSLIB_ALEMBIC_INI (default ./alembic.ini).",
+    )
+    p.add_argument("--version", action="version", version=f"opslib {__version__}")
+    p.add_argument("-v", "--verbose", action="store_true", help="show Alembic's progress lines")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    s = sub.add_parser("status", help="current revision, heads, pending revisions, at head or not")
+    s.add_argument("--json", action="store_true", help="print a JSON object (current, heads, pending, at_head)")
+
+    x_help = "pass KEY=VALUE to the migrations (Alembic -x), e.g. -x dev_data=true"
+    s = sub.add_parser("upgrade", help="apply pending revisions (default: up to head)")
+    s.add_argument("revision", nargs="?", default="head", help="head (default), a revision id, or +N")
+    s.add_argument("-x", dest="x_args", action="append", default=[], metavar="KEY=VALUE", help=x_help)
+
+    s = sub.add_parser("downgrade", help="roll back: -1 (last revision), a revision id, or base")
+    s.add_argument("revision", help="-N, a revision id, or base")
+    s.add_argument("-x", dest="x_args", action="append", default=[], metavar="KEY=VALUE", help=x_help)
+
+    s = sub.add_parser("history", help="list the revisions, newest first")
+    s.add_argument("--verbose", dest="details", action="store_true", help="show each revision's details")
+
+    s = sub.add_parser("show", help="details of one revision")
+    s.add_argument("revision")
+
+    sub.add_parser("heads", help="the head revision(s) of the chain")
+
+    s = sub.add_parser("stamp", help="record a revision in the database without running migrations")
+    s.add_argument("revision")
+
+    s = sub.add_parser("merge", help="create a merge revision joining the heads")
+    s.add_argument("-m", "--message", required=True)
+    s.add_argument("revisions", nargs="*", default=["heads"], help="revisions to merge (default: all heads)")
+
+    s = sub.add_parser("revision", help="create a revision file (empty, or --autogenerate from the models)")
+    s.add_argument("-m", "--message", required=True)
+    s.add_argument("--autogenerate", action="store_true", help="compare the models with the database (at head)")
+
+    s = sub.add_parser("sql", help="print the SQL for FROM:TO without connecting (Alembic offline mode)")
+    s.add_argument("range", metavar="FROM:TO")
+    s.add_argument("-x", dest="x_args", action="append", default=[], metavar="KEY=VALUE", help=x_help)
+
+    s = sub.add_parser("db", help="the embedded PostgreSQL used when DATABASE_URL is unset")
+    s.add_argument("action", choices=["start", "stop", "status", "url"])
+    return p
+
+
+def _check_x_args(values: Sequence[str]) -> list[str]:
+    from opslib.errors import InvalidInput
+
+    for value in values:
+        key, sep, _ = value.partition("=")
+        if not sep or not key.strip():
+            raise InvalidInput(f"-x takes KEY=VALUE, not {value!r}")
+    return list(values)
+
+
+def _run(args: argparse.Namespace) -> int:
+    settings = load_settings()
+    from opslib import display, migrate
+
+    if args.command == "status":
+        st = migrate.status(settings)
+        print(json.dumps(st.to_dict(), indent=2) if args.json else display.status_text(st))
+    elif args.command == "upgrade":
+        print(display.result_text(migrate.upgrade(settings, args.revision, x_args=_check_x_args(args.x_args))))
+    elif args.command == "downgrade":
+        print(display.result_text(migrate.downgrade(settings, args.revision, x_args=_check_x_args(args.x_args))))
+    elif args.command == "stamp":
+        print(display.result_text(migrate.stamp(settings, args.revision)))
+    elif args.command == "history":
+        print(display.history_text(migrate.history(settings), verbose=args.details))
+    elif args.command == "show":
+        print(display.revision_text(migrate.show(settings, args.revision)))
+    elif args.command == "heads":
+        print(display.history_text(migrate.heads(settings)))
+    elif args.command == "merge":
+        made = migrate.merge(settings, args.message, args.revisions)
+        print(f"created merge revision {made.revision}: {made.path}")
+    elif args.command == "revision":
+        made = migrate.revision(settings, args.message, autogenerate=args.autogenerate)
+        print(f"created revision {made.revision}: {made.path}\nreview it before `opslib upgrade`")
+    elif args.command == "sql":
+        sys.stdout.write(migrate.offline_sql(settings, args.range, x_args=_check_x_args(args.x_args)))
+    elif args.command == "db":
+        return _db(settings, args.action)
+    return EXIT_OK
+
+
+def _db(settings, action: str) -> int:
+    from opslib import embedded
+
+    if action == "start":
+        st = embedded.start(settings)
+        print(f"embedded PostgreSQL running (pid {st.pid}), data in {st.pgdata}\nurl: {st.url}")
+    elif action == "stop":
+        embedded.stop(settings)
+        print(f"embedded PostgreSQL stopped, data kept in {embedded.pgdata_dir(settings)}")
+    elif action == "status":
+        st = embedded.status(settings)
+        print(f"running (pid {st.pid}), data in {st.pgdata}\nurl: {st.url}" if st.running else f"stopped, data in {st.pgdata}")
+    elif action == "url":
+        print(embedded.ensure_running(settings))
+    return EXIT_OK
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``opslib`` console script; returns the exit code."""
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stderr)
+    if args.verbose:
+        logging.getLogger("alembic").setLevel(logging.INFO)
+    try:
+        return _run(args)
+    except OpsError as err:
+        print(f"opslib: {err.message}", file=sys.stderr)
+        return err.exit_code
+    except KeyboardInterrupt:
+        print("opslib: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,75 @@
+"""Settings of an opslib run, read from the environment (the design's configuration contract)."""
+from __future__ import annotations
+
+import getpass
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from opslib.errors import ConfigError
+
+ENVIRONMENTS = ("development", "staging", "production")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Where the database, the Alembic project, records and backups are; secrets stay out of repr."""
+
+    database_url: str | None = field(default=None, repr=False)
+    env: str = "development"
+    alembic_ini: Path = Path("alembic.ini")
+    records_dir: Path = Path("records")
+    backups_dir: Path = Path("backups")
+    state_dir: Path = Path(".opslib")
+    operator: str = ""
+    lock_timeout_s: float = 10.0
+
+    @property
+    def uses_embedded(self) -> bool:
+        """True when no DATABASE_URL is set and the embedded server is the target."""
+        return not self.database_url
+
+    def __repr__(self) -> str:
+        from opslib.db import redact_url  # late import: db imports this module
+
+        target = redact_url(self.database_url) if self.database_url else "embedded server"
+        return (
+            f"Settings(database={target}, env={self.env!r}, alembic_ini={str(self.alembic_ini)!r}, "
+            f"records_dir={str(self.records_dir)!r}, backups_dir={str(self.backups_dir)!r}, "
+            f"operator={self.operator!r})"
+        )
+
+
+def _float(environ: dict, name: str, default: float) -> float:
+    raw = environ.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ConfigError(f"{name} must be a number of seconds, not {raw!r}") from None
+    if value < 0:
+        raise ConfigError(f"{name} must not be negative, got {raw!r}")
+    return value
+
+
+def load_settings(environ: dict | None = None) -> Settings:
+    """Read :class:`Settings` from ``environ`` (default ``os.environ``), validating each value."""
+    environ = dict(os.environ if environ is None else environ)
+    env = environ.get("OPSLIB_ENV", "development") or "development"
+    if env not in ENVIRONMENTS:
+        raise ConfigError(f"OPSLIB_ENV must be one of {', '.join(ENVIRONMENTS)}, not {env!r}")
+    try:
+        operator = environ.get("OPSLIB_OPERATOR") or getpass.getuser()
+    except (KeyError, OSError):  # no passwd entry for the uid, e.g. in some containers
+        operator = "unknown"
+    return Settings(
+        database_url=environ.get("DATABASE_URL") or None,
+        env=env,
+        alembic_ini=Path(environ.get("OPSLIB_ALEMBIC_INI") or "alembic.ini"),
+        records_dir=Path(environ.get("OPSLIB_RECORDS_DIR") or "records"),
+        backups_dir=Path(environ.get("OPSLIB_BACKUPS_DIR") or "backups"),
+        state_dir=Path(environ.get("OPSLIB_STATE_DIR") or ".opslib"),
+        operator=operator,
+        lock_timeout_s=_float(environ, "OPSLIB_LOCK_TIMEOUT", 10.0),
+    )

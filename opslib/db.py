@@ -1,0 +1,159 @@
+"""Connections to the target database: URL parsing and redaction, engines, and the run lock.
+
+Every URL shown to a person goes through :func:`redact_url`; every driver error that reaches a
+message goes through :func:`scrub`, so a password never lands in an output, a record or a log.
+"""
+from __future__ import annotations
+
+import hashlib
+import time
+from contextlib import contextmanager
+from typing import Iterator
+
+import sqlalchemy as sa
+from sqlalchemy.engine import URL, Connection, Engine
+from sqlalchemy.exc import ArgumentError, DBAPIError
+
+from opslib.config import Settings
+from opslib.errors import ConfigError, DatabaseUnreachable, LockHeld
+
+# One advisory-lock key for every opslib run on a database (Sqitch's lock_destination idea):
+# a run that changes the database holds it, a second run waits up to lock_timeout_s, then exits 4.
+LOCK_KEY = int.from_bytes(hashlib.sha256(b"opslib migration lock").digest()[:8], "big", signed=True)
+
+_SCHEMES = {"postgresql", "postgres", "postgresql+psycopg2"}
+CONNECT_TIMEOUT_S = 5
+
+
+def parse_url(raw: str, *, source: str = "DATABASE_URL") -> URL:
+    """Parse a PostgreSQL URL and name the psycopg2 driver explicitly.
+
+    SQLAlchemy 2.1 maps a bare ``postgresql://`` to psycopg 3, which opslib does not install.
+    Errors never repeat the URL, since it may hold a password.
+    """
+    try:
+        url = sa.make_url(raw.strip())
+    except (ArgumentError, ValueError):
+        raise ConfigError(
+            f"{source} is not a valid URL: expected postgresql://USER[:PASSWORD]@HOST[:PORT]/DATABASE"
+        ) from None
+    if url.drivername not in _SCHEMES:
+        raise ConfigError(
+            f"{source} must be a postgresql:// URL, not {url.drivername}://; opslib supports PostgreSQL only"
+        )
+    if not url.database:
+        raise ConfigError(f"{source} names no database: add /DATABASE to the URL")
+    return url.set(drivername="postgresql+psycopg2")
+
+
+def redact_url(url: str | URL) -> str:
+    """The URL as it may be shown: the password replaced by ``***``."""
+    if isinstance(url, str):
+        try:
+            url = sa.make_url(url)
+        except (ArgumentError, ValueError):
+            return "<unparseable URL>"
+    return url.render_as_string(hide_password=True)
+
+
+def scrub(text: str, url: URL | None) -> str:
+    """Remove the URL's password from ``text`` wherever it appears."""
+    if url is not None and url.password:
+        text = text.replace(str(url.password), "***")
+    return text
+
+
+def target_url(settings: Settings) -> URL:
+    """The URL of the database opslib operates on: DATABASE_URL, else the embedded server's."""
+    if settings.database_url:
+        return parse_url(settings.database_url)
+    from opslib import embedded  # late import: only runs that use it pay for it
+
+    return parse_url(embedded.ensure_running(settings), source="the embedded server's URL")
+
+
+def make_engine(url: URL) -> Engine:
+    """An engine without pooling (each run opens what it needs) that fails fast when unreachable."""
+    return sa.create_engine(
+        url,
+        poolclass=sa.pool.NullPool,
+        connect_args={"connect_timeout": CONNECT_TIMEOUT_S, "application_name": "opslib"},
+    )
+
+
+def driver_message(err: BaseException, url: URL | None = None) -> str:
+    """The first line of the driver's own message, without SQLAlchemy's SQL echo or links."""
+    orig = getattr(err, "orig", None) or err
+    lines = [line.strip() for line in str(orig).strip().splitlines() if line.strip()]
+    return scrub(lines[0] if lines else type(orig).__name__, url)
+
+
+@contextmanager
+def connect(url: URL) -> Iterator[Connection]:
+    """An open connection to ``url``; an unreachable server becomes :class:`DatabaseUnreachable`."""
+    engine = make_engine(url)
+    try:
+        try:
+            conn = engine.connect()
+        except DBAPIError as err:
+            raise DatabaseUnreachable(
+                f"cannot connect to {redact_url(url)}: {driver_message(err, url)}; "
+                "check DATABASE_URL and that the server is running"
+            ) from None
+        with conn:
+            yield conn
+    finally:
+        engine.dispose()
+
+
+def lock_holder(conn: Connection) -> str:
+    """Who holds the opslib lock on this database, as far as pg_stat_activity says."""
+    row = conn.execute(
+        sa.text(
+            "SELECT a.pid, a.application_name, a.client_addr, a.backend_start "
+            "FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid "
+            "WHERE l.locktype = 'advisory' AND l.granted "
+            "AND l.classid = (:key >> 32)::int::oid AND l.objid = (:key & 4294967295)::oid "
+            "AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())"
+        ),
+        {"key": LOCK_KEY},
+    ).first()
+    if row is None:
+        return "another session"
+    return f"backend pid {row.pid} ({row.application_name or 'no application name'}, connected since {row.backend_start:%Y-%m-%d %H:%M:%S %Z})"
+
+
+@contextmanager
+def advisory_lock(conn: Connection, timeout_s: float) -> Iterator[None]:
+    """Hold the opslib session-level advisory lock on ``conn``'s database for the block.
+
+    ``pg_try_advisory_lock`` in a loop rather than a blocking ``pg_advisory_lock``: a blocked
+    lock request would queue behind, and deadlock with, ``CREATE INDEX CONCURRENTLY``. The
+    transaction opened to take the lock is committed, so Alembic can still run one transaction
+    per revision on this connection.
+    """
+    deadline = time.monotonic() + timeout_s
+    while True:
+        got = conn.execute(sa.text("SELECT pg_try_advisory_lock(:key)"), {"key": LOCK_KEY}).scalar()
+        if got:
+            conn.commit()
+            break
+        if time.monotonic() >= deadline:
+            holder = lock_holder(conn)
+            conn.rollback()
+            raise LockHeld(
+                f"another opslib run holds the lock on database {conn.engine.url.database!r} "
+                f"({holder}); waited {timeout_s:g} s. Retry when it has finished"
+            )
+        conn.rollback()
+        time.sleep(0.2)
+    try:
+        yield
+    finally:
+        try:
+            if conn.in_transaction():
+                conn.rollback()
+            conn.execute(sa.text("SELECT pg_advisory_unlock(:key)"), {"key": LOCK_KEY})
+            conn.commit()
+        except DBAPIError:
+            pass  # the connection is gone, and a session lock goes with it

@@ -1,0 +1,55 @@
+"""The one error hierarchy of opslib.
+
+Every failure that reaches a user is an :class:`OpsError`. Each subclass fixes the exit code of
+the design contract, and every instance says whether the database was touched (``changed``) and,
+where known, the revision(s) it now stands at. Only :mod:`opslib.cli` turns these into exit codes.
+"""
+from __future__ import annotations
+
+
+class OpsError(Exception):
+    """Base of all opslib errors: a one-line message a person can act on."""
+
+    exit_code = 1
+
+    def __init__(self, message: str, *, changed: bool = False, revisions: tuple[str, ...] | None = None):
+        super().__init__(message)
+        self.message = message
+        self.changed = changed
+        self.revisions = revisions
+
+
+class InvalidInput(OpsError):
+    """A parameter, argument or piece of configuration is wrong; nothing was changed (exit 2)."""
+
+    exit_code = 2
+
+
+class ConfigError(InvalidInput):
+    """The configuration (environment variables, alembic.ini) is missing or malformed."""
+
+
+class DatabaseUnreachable(InvalidInput):
+    """The configured database cannot be reached; nothing was changed."""
+
+
+class UnknownRevision(InvalidInput):
+    """A revision given by the user is unknown, ambiguous or not a valid target from here."""
+
+
+class PreconditionFailed(OpsError):
+    """A precondition or check refused the operation before any change (exit 3)."""
+
+    exit_code = 3
+
+
+class LockHeld(OpsError):
+    """Another run holds the opslib lock on this database (exit 4)."""
+
+    exit_code = 4
+
+
+class MigrationFailed(OpsError):
+    """A migration failed after the database was reached; ``revisions`` says where it now stands (exit 1)."""
+
+    exit_code = 1
