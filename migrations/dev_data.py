@@ -7,6 +7,7 @@ always apply. Any value other than true/false is refused, so a typo cannot silen
 from __future__ import annotations
 
 from alembic import context
+from alembic.util import CommandError
 
 _TRUE = {"true", "1", "yes", "on"}
 _FALSE = {"false", "0", "no", "off"}
@@ -16,5 +17,6 @@ def requested() -> bool:
     """Whether ``-x dev_data=true`` was given on this Alembic run."""
     value = context.get_x_argument(as_dictionary=True).get("dev_data", "false").strip().lower()
     if value not in _TRUE | _FALSE:
-        raise ValueError(f"-x dev_data must be true or false, not {value!r}")
+        # CommandError is Alembic's error for bad user input: callers report it as such.
+        raise CommandError(f"-x dev_data must be true or false, not {value!r}")
     return value in _TRUE

@@ -1,7 +1,7 @@
 """Alembic environment of the sample application.
 
 - The URL comes from ``DATABASE_URL`` (never from alembic.ini), or a caller such as opslib or
-  pytest-alembic hands an open connection in ``config.attributes["connection"]``.
+  pytest-alembic hands an open connection (or an engine) in ``config.attributes["connection"]``.
 - ``transaction_per_migration=True``: each revision commits on its own, so a failure at revision N
   leaves the database at N-1 instead of rolling every pending revision back to where it started.
 - ``-x dev_data=true`` asks revisions to load development sample data (see ``migrations/dev_data.py``).
@@ -13,6 +13,7 @@ from logging.config import fileConfig
 
 from alembic import context
 from sqlalchemy import create_engine, pool
+from sqlalchemy.engine import Connection, Engine
 
 from migrations import dev_data
 from migrations.models import Base
@@ -53,21 +54,24 @@ def run_migrations_offline() -> None:
         context.run_migrations()
 
 
+def _run_online(connection: Connection) -> None:
+    _configure(connection=connection)
+    with context.begin_transaction():
+        context.run_migrations()
+
+
 def run_migrations_online() -> None:
-    """Migrate over the connection handed in, or one opened from DATABASE_URL."""
+    """Migrate over the connection (or engine) handed in, or one opened from DATABASE_URL."""
     dev_data.requested()  # refuse a bad -x value before anything runs
-    connection = config.attributes.get("connection")
-    if connection is not None:
-        _configure(connection=connection)
-        with context.begin_transaction():
-            context.run_migrations()
+    handed = config.attributes.get("connection")
+    if isinstance(handed, Connection):
+        _run_online(handed)
         return
-    engine = create_engine(_database_url(), poolclass=pool.NullPool)
+    engine = handed if isinstance(handed, Engine) else create_engine(_database_url(), poolclass=pool.NullPool)
     with engine.connect() as connection:
-        _configure(connection=connection)
-        with context.begin_transaction():
-            context.run_migrations()
-    engine.dispose()
+        _run_online(connection)
+    if handed is None:
+        engine.dispose()
 
 
 if context.is_offline_mode():

@@ -74,7 +74,7 @@ def revision_text(r: RevisionInfo, indent: str = "") -> str:
     if r.branch_labels:
         rows.append(("Branches", ", ".join(r.branch_labels)))
     out = [f"{indent}{k}: {v}" for k, v in rows]
-    if r.doc and r.doc != r.message:
+    if r.doc:
         out.append("")
         out += [f"{indent}    {line}" for line in r.doc.splitlines()]
     return "\n".join(out)

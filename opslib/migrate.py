@@ -168,8 +168,14 @@ def _info(script: Script, heads: set[str]) -> RevisionInfo:
         is_merge=script.is_merge_point,
         branch_labels=tuple(sorted(script.branch_labels)),
         path=script.path,
-        doc=(script.longdoc or "").strip(),
+        doc=_details(script),
     )
+
+
+def _details(script: Script) -> str:
+    """The revision's docstring without its first line, which is already the message."""
+    lines = (script.longdoc or "").strip().splitlines()
+    return "\n".join(lines[1:]).strip()
 
 
 def _check_revision_text(rev: object, what: str = "revision") -> str:

@@ -1,0 +1,83 @@
+# opslib: `make demo` and `make test` set everything up themselves (a .venv with opslib installed).
+# The migrate-* targets are the Database Migrations Guide's, each a thin call of `opslib`.
+# Target database: DATABASE_URL, or the embedded PostgreSQL under .opslib/ when it is unset.
+
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+OPSLIB := $(BIN)/opslib
+STAMP  := $(VENV)/.installed
+
+.DEFAULT_GOAL := help
+.PHONY: help install demo test lab migrate-create migrate-create-manual migrate-up migrate-down \
+        migrate-down-to migrate-status migrate-show
+
+help:
+	@echo "make demo                          bring the sample database to head and show its status"
+	@echo "make test                          run the whole test suite against a real PostgreSQL"
+	@echo "make lab                           open the runbooks in JupyterLab"
+	@echo "make migrate-create message=...    autogenerate a revision from the models"
+	@echo "make migrate-create-manual message=...  create an empty revision"
+	@echo "make migrate-up | migrate-down | migrate-down-to revision=... | migrate-status | migrate-show revision=..."
+
+# The venv is rebuilt when pyproject.toml changes. JupyterLab is left out (see `lab`): it slows
+# every `import papermill` on the automation path by about a second.
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	@echo "== opslib demo: the sample application's database, brought to the newest schema"
+	@if [ -z "$$DATABASE_URL" ]; then echo "== DATABASE_URL is unset: using the embedded PostgreSQL kept in .opslib/"; $(OPSLIB) db start; fi
+	@echo; echo "== 1. Where the database stands now (make migrate-status)"
+	@$(OPSLIB) status
+	@echo; echo "== 2. Apply every pending migration, one transaction each (make migrate-up)"
+	@$(OPSLIB) upgrade head
+	@echo; echo "== 3. Where it stands afterwards"
+	@$(OPSLIB) status
+	@echo; echo "== Next: make migrate-down (roll back one), make migrate-status, make test."
+	@if [ -z "$$DATABASE_URL" ]; then echo "== The embedded server keeps running; stop it with: $(OPSLIB) db stop"; fi
+
+test: $(STAMP)
+	$(BIN)/python -m pytest
+
+lab: $(STAMP)
+	$(BIN)/python -m pip install --quiet -e '.[lab]'
+	$(BIN)/jupyter lab runbooks/
+
+# --- the guide's migration targets ---------------------------------------------------------------
+
+define require
+	@test -n "$($(1))" || { echo "make $@: give $(1)=..., e.g. make $@ $(1)=$(2)" >&2; exit 2; }
+endef
+
+migrate-create: $(STAMP)
+	$(call require,message,add_user_profile_table)
+	$(OPSLIB) revision --autogenerate -m '$(message)'
+
+migrate-create-manual: $(STAMP)
+	$(call require,message,add_custom_indexes)
+	$(OPSLIB) revision -m '$(message)'
+
+migrate-up: $(STAMP)
+	$(OPSLIB) upgrade head
+
+migrate-down: $(STAMP)
+	$(OPSLIB) downgrade -1
+
+migrate-down-to: $(STAMP)
+	$(call require,revision,abc123)
+	$(OPSLIB) downgrade '$(revision)'
+
+migrate-status: $(STAMP)
+	$(OPSLIB) status
+	@echo
+	$(OPSLIB) history
+
+migrate-show: $(STAMP)
+	$(call require,revision,abc123)
+	$(OPSLIB) show '$(revision)'

@@ -1,0 +1,153 @@
+"""Shared fixtures: a real PostgreSQL, one throwaway database per test, and the opslib CLI.
+
+The server is ``OPSLIB_TEST_DATABASE_URL`` if set, else 127.0.0.1:5432 if it answers, else the
+embedded server (started for the session, stopped afterwards if the session started it).
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import psycopg2
+import pytest
+import sqlalchemy as sa
+from sqlalchemy.engine import URL
+
+from opslib import db, embedded
+from opslib.config import Settings
+
+ROOT = Path(__file__).resolve().parents[1]
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+OPSLIB = str(Path(sys.executable).parent / "opslib")
+LOCAL_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
+
+
+def _answers(url: str) -> bool:
+    try:
+        psycopg2.connect(url, connect_timeout=2).close()
+        return True
+    except psycopg2.OperationalError:
+        return False
+
+
+@pytest.fixture(scope="session")
+def server_url() -> URL:
+    """An admin URL (database ``postgres``) of the PostgreSQL server the tests use."""
+    explicit = os.environ.get("OPSLIB_TEST_DATABASE_URL")
+    if explicit:
+        yield db.parse_url(explicit, source="OPSLIB_TEST_DATABASE_URL").set(database="postgres")
+        return
+    if _answers(LOCAL_URL):
+        yield db.parse_url(LOCAL_URL)
+        return
+    settings = Settings(state_dir=ROOT / ".opslib")
+    was_running = embedded.status(settings).running
+    url = embedded.ensure_running(settings)
+    yield db.parse_url(url).set(database="postgres")
+    if not was_running:
+        embedded.stop(settings)
+
+
+def _admin(server_url: URL):
+    conn = psycopg2.connect(server_url.set(drivername="postgresql").render_as_string(hide_password=False))
+    conn.autocommit = True
+    return conn
+
+
+@pytest.fixture
+def make_database(server_url):
+    """A factory of throwaway databases on the test server; all are dropped after the test."""
+    made: list[str] = []
+    admin = _admin(server_url)
+
+    def make() -> str:
+        name = f"opslib_test_{uuid.uuid4().hex[:10]}"
+        with admin.cursor() as cur:
+            cur.execute(f'CREATE DATABASE "{name}"')
+        made.append(name)
+        return server_url.set(database=name).render_as_string(hide_password=False)
+
+    yield make
+    with admin.cursor() as cur:
+        for name in made:
+            cur.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    admin.close()
+
+
+@pytest.fixture
+def database_url(make_database) -> str:
+    """The URL of this test's own database (empty, dropped after the test)."""
+    return make_database()
+
+
+@pytest.fixture
+def settings(database_url, tmp_path) -> Settings:
+    """Settings targeting this test's database and the sample application's Alembic project."""
+    return Settings(
+        database_url=database_url,
+        alembic_ini=ROOT / "alembic.ini",
+        records_dir=tmp_path / "records",
+        backups_dir=tmp_path / "backups",
+        state_dir=ROOT / ".opslib",
+        operator="pytest",
+        lock_timeout_s=1.0,
+    )
+
+
+@pytest.fixture
+def project(tmp_path):
+    """Copy a scenario Alembic project from tests/fixtures into tmp_path; returns its alembic.ini."""
+
+    def copy(name: str) -> Path:
+        dest = tmp_path / name
+        shutil.copytree(FIXTURES / name, dest)
+        return dest / "alembic.ini"
+
+    return copy
+
+
+@pytest.fixture
+def run_cli(database_url):
+    """Run the real ``opslib`` console script against this test's database."""
+
+    def run(*args: str, env: dict | None = None, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+        full_env = {k: v for k, v in os.environ.items() if not k.startswith(("OPSLIB_", "DATABASE_URL"))}
+        full_env["DATABASE_URL"] = database_url
+        full_env.update(env or {})
+        return subprocess.run(
+            [OPSLIB, *args], cwd=cwd, env=full_env, capture_output=True, text=True, timeout=120
+        )
+
+    return run
+
+
+def query(url: str, sql: str, **params):
+    """Run one statement on ``url`` and return all rows (a test helper, not part of opslib)."""
+    engine = sa.create_engine(db.parse_url(url), poolclass=sa.pool.NullPool)
+    try:
+        with engine.begin() as conn:
+            result = conn.execute(sa.text(sql), params)
+            return result.fetchall() if result.returns_rows else []
+    finally:
+        engine.dispose()
+
+
+def schema_snapshot(url: str) -> list:
+    """Tables, columns, indexes and the Alembic version of a database, to prove nothing changed."""
+    tables = query(
+        url,
+        "SELECT table_name, column_name, data_type, is_nullable FROM information_schema.columns "
+        "WHERE table_schema = 'public' AND table_name <> 'alembic_version' ORDER BY 1, 2",
+    )
+    indexes = query(
+        url,
+        "SELECT indexname, indexdef FROM pg_indexes "
+        "WHERE schemaname = 'public' AND tablename <> 'alembic_version' ORDER BY 1",
+    )
+    version = query(url, "SELECT to_regclass('public.alembic_version') IS NOT NULL")[0][0]
+    revs = query(url, "SELECT version_num FROM alembic_version ORDER BY 1") if version else []
+    return [tables, indexes, revs]
