@@ -193,7 +193,9 @@ def resolve(script: ScriptDirectory, rev: str) -> tuple[Script, ...]:
     if rev == "base":
         return ()
     try:
-        found = script.get_revisions(rev)
+        # The revision map, not ScriptDirectory.get_revisions: the latter folds every error into
+        # one CommandError, and the type tells an ambiguous prefix from several heads.
+        found = script.revision_map.get_revisions(rev)
     except MultipleHeads:
         raise PreconditionFailed(
             f"{rev!r} is ambiguous: the chain has several heads; run `opslib merge -m MSG` or name a revision"

@@ -1,0 +1,163 @@
+"""opslib.migrate against real PostgreSQL: the sample chain, scenario projects, and any Alembic project."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import psycopg2
+import pytest
+
+from opslib import db, migrate
+from opslib.errors import InvalidInput, LockHeld, MigrationFailed, PreconditionFailed, UnknownRevision
+
+from .conftest import query, schema_snapshot
+
+
+def test_status_reports_current_heads_and_pending(settings):
+    st = migrate.status(settings)
+    assert st.current == () and st.heads == ("0007",) and not st.at_head
+    assert [r.revision for r in st.pending] == ["0001", "0002", "0003", "0004", "0005", "0006", "0007"]
+    migrate.upgrade(settings, "0003")
+    st = migrate.status(settings)
+    assert st.current == ("0003",)
+    assert [r.revision for r in st.pending] == ["0004", "0005", "0006", "0007"]
+    assert st.to_dict()["pending"][0] == {"revision": "0004", "message": "add normalized_price to products"}
+
+
+def test_upgrade_and_downgrade_report_each_step(settings):
+    up = migrate.upgrade(settings, "+2")
+    assert (up.before, up.after) == ((), ("0002",))
+    assert [s.revision for s in up.steps] == ["0001", "0002"]
+    up = migrate.upgrade(settings)
+    assert up.after == ("0007",) and [s.revision for s in up.steps] == ["0003", "0004", "0005", "0006", "0007"]
+    again = migrate.upgrade(settings)
+    assert not again.changed and again.steps == ()
+    down = migrate.downgrade(settings, "-1")
+    assert down.after == ("0006",) and [s.revision for s in down.steps] == ["0007"]
+    down = migrate.downgrade(settings, "0003")
+    assert down.after == ("0003",) and [s.revision for s in down.steps] == ["0006", "0005", "0004"]
+    down = migrate.downgrade(settings, "base")
+    assert down.after == () and [s.revision for s in down.steps] == ["0003", "0002", "0001"]
+
+
+def test_failure_at_revision_n_leaves_the_database_at_n_minus_1(settings, project):
+    broken = replace(settings, alembic_ini=project("broken_revision"))
+    with pytest.raises(MigrationFailed) as err:
+        migrate.upgrade(broken, "head")
+    assert err.value.exit_code == 1 and err.value.changed
+    assert err.value.revisions == ("b002",)
+    assert "at revision b003" in err.value.message and "is now at b002" in err.value.message
+    assert 'column "no_such_column" does not exist' in err.value.message
+    st = migrate.status(broken)
+    assert st.current == ("b002",) and [r.revision for r in st.pending] == ["b003"]
+    # b003's own first statement was rolled back with it.
+    assert query(settings.database_url, "SELECT to_regclass('half_done')")[0][0] is None
+
+
+def test_two_heads_need_a_merge(settings, project):
+    branched = replace(settings, alembic_ini=project("two_heads"))
+    assert sorted(h.revision for h in migrate.heads(branched)) == ["abcd1111", "abcd2222"]
+    with pytest.raises(PreconditionFailed, match="several heads"):
+        migrate.upgrade(branched, "head")
+    assert migrate.upgrade(branched, "heads").after == ("abcd1111", "abcd2222")
+    with pytest.raises(UnknownRevision, match="ambiguous"):
+        migrate.show(branched, "abcd")
+    made = migrate.merge(branched, "merge notes branches")
+    assert made.is_merge and set(made.down_revisions) == {"abcd1111", "abcd2222"}
+    assert [h.revision for h in migrate.heads(branched)] == [made.revision]
+    assert migrate.upgrade(branched).after == (made.revision,)
+
+
+def test_merge_with_a_single_head_is_refused(settings):
+    with pytest.raises(PreconditionFailed, match="single head"):
+        migrate.merge(settings, "nothing to merge")
+
+
+def test_stamp_records_a_revision_without_running_it(settings):
+    result = migrate.stamp(settings, "0003")
+    assert result.after == ("0003",)
+    assert schema_snapshot(settings.database_url)[0] == []  # no table was created
+    with pytest.raises(UnknownRevision):
+        migrate.stamp(settings, "nope")
+    assert migrate.status(settings).current == ("0003",)
+
+
+def test_offline_sql_for_a_range_in_both_directions(settings):
+    up = migrate.offline_sql(settings, "0002:0004")
+    assert "CREATE INDEX idx_products_marketplace_shop ON products (marketplace, shop_name)" in up
+    assert "ALTER TABLE products ADD COLUMN normalized_price NUMERIC(10, 2)" in up
+    assert "ADD COLUMN profile_image" not in up  # 0002 itself is below the range
+    down = migrate.offline_sql(settings, "0004:0002")
+    assert "DROP INDEX idx_products_marketplace_shop" in down
+    assert "ALTER TABLE products DROP COLUMN normalized_price" in down
+    assert "CREATE INDEX" not in down
+    # Offline mode never connects: the test database has no version table.
+    assert query(settings.database_url, "SELECT to_regclass('alembic_version')")[0][0] is None
+    for bad in ("0004", "0002:", "0002:0002", "0002:zzz"):
+        with pytest.raises(InvalidInput):
+            migrate.offline_sql(settings, bad)
+
+
+def test_a_second_run_waits_for_the_lock_then_gives_up(settings):
+    holder = psycopg2.connect(db.parse_url(settings.database_url).set(drivername="postgresql").render_as_string(hide_password=False))
+    try:
+        holder.cursor().execute("SELECT pg_advisory_lock(%s)", (db.LOCK_KEY,))
+        with pytest.raises(LockHeld, match="another opslib run holds the lock") as err:
+            migrate.upgrade(replace(settings, lock_timeout_s=0.3))
+        assert err.value.exit_code == 4
+    finally:
+        holder.close()
+    assert migrate.status(settings).current == ()
+    assert migrate.upgrade(settings).after == ("0007",)  # free again once the holder left
+
+
+def test_revision_autogenerate_requires_a_database_at_head(settings, tmp_path):
+    copy = _copy_sample_project(tmp_path)
+    with pytest.raises(PreconditionFailed, match="not at head"):
+        migrate.revision(replace(settings, alembic_ini=copy), "add nothing", autogenerate=True)
+    assert list((tmp_path / "sample" / "migrations" / "versions").glob("*add_nothing*")) == []
+
+
+def test_manual_revision_is_added_on_top_of_the_chain(settings, tmp_path):
+    copied = replace(settings, alembic_ini=_copy_sample_project(tmp_path))
+    made = migrate.revision(copied, "add_custom_indexes")
+    assert made.down_revisions == ("0007",) and made.is_head
+    assert Path(made.path).parent == tmp_path / "sample" / "migrations" / "versions"
+    assert "add_custom_indexes" in Path(made.path).name
+    with pytest.raises(InvalidInput, match="message is required"):
+        migrate.revision(copied, "  ")
+
+
+def test_any_alembic_project_made_by_alembic_init(settings, tmp_path):
+    """A project straight from `alembic init` (generic template: sqlalchemy.url, one transaction)."""
+    proj = tmp_path / "generic"
+    subprocess.run(
+        [str(Path(sys.executable).parent / "alembic"), "init", "-t", "generic", str(proj)],
+        cwd=tmp_path, check=True, capture_output=True,
+    )
+    generic = replace(settings, alembic_ini=tmp_path / "alembic.ini")
+    made = migrate.revision(generic, "create widgets")
+    text = Path(made.path).read_text()
+    text = text.replace(
+        '"""Upgrade schema."""\n    pass',
+        '"""Upgrade schema."""\n    op.create_table("widgets", sa.Column("id", sa.Integer, primary_key=True))',
+    ).replace('"""Downgrade schema."""\n    pass', '"""Downgrade schema."""\n    op.drop_table("widgets")')
+    Path(made.path).write_text(text)
+    assert migrate.upgrade(generic).after == (made.revision,)
+    assert query(settings.database_url, "SELECT to_regclass('widgets')::text")[0][0] == "widgets"
+    assert migrate.status(generic).at_head
+    assert migrate.downgrade(generic, "base").after == ()
+
+
+def _copy_sample_project(tmp_path: Path) -> Path:
+    """A copy of the sample application's Alembic project, so new revision files land in tmp_path."""
+    import shutil
+
+    from .conftest import ROOT
+
+    dest = tmp_path / "sample"
+    shutil.copytree(ROOT / "migrations", dest / "migrations", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(ROOT / "alembic.ini", dest / "alembic.ini")
+    return dest / "alembic.ini"
