@@ -125,6 +125,11 @@ def run_cli(database_url):
     return run
 
 
+def libpq(url: str) -> str:
+    """The URL in the form libpq (psycopg2.connect, psql) accepts: no +driver in the scheme."""
+    return db.parse_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
+
+
 def query(url: str, sql: str, **params):
     """Run one statement on ``url`` and return all rows (a test helper, not part of opslib)."""
     engine = sa.create_engine(db.parse_url(url), poolclass=sa.pool.NullPool)

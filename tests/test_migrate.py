@@ -12,7 +12,7 @@ import pytest
 from opslib import db, migrate
 from opslib.errors import InvalidInput, LockHeld, MigrationFailed, PreconditionFailed, UnknownRevision
 
-from .conftest import query, schema_snapshot
+from .conftest import libpq, query, schema_snapshot
 
 
 def test_status_reports_current_heads_and_pending(settings):
@@ -101,7 +101,7 @@ def test_offline_sql_for_a_range_in_both_directions(settings):
 
 
 def test_a_second_run_waits_for_the_lock_then_gives_up(settings):
-    holder = psycopg2.connect(db.parse_url(settings.database_url).set(drivername="postgresql").render_as_string(hide_password=False))
+    holder = psycopg2.connect(libpq(settings.database_url))
     try:
         holder.cursor().execute("SELECT pg_advisory_lock(%s)", (db.LOCK_KEY,))
         with pytest.raises(LockHeld, match="another opslib run holds the lock") as err:
