@@ -10,12 +10,13 @@ STAMP  := $(VENV)/.installed
 
 .DEFAULT_GOAL := help
 .PHONY: help install demo test lab migrate-create migrate-create-manual migrate-up migrate-down \
-        migrate-down-to migrate-status migrate-show
+        migrate-down-to migrate-status migrate-show bench
 
 help:
 	@echo "make demo                          bring the sample database to head and show its status"
 	@echo "make test                          run the whole test suite against a real PostgreSQL"
 	@echo "make lab                           open the runbooks in JupyterLab"
+	@echo "make bench                         compare opslib with bare Alembic, printed as ratios"
 	@echo "make migrate-create message=...    autogenerate a revision from the models"
 	@echo "make migrate-create-manual message=...  create an empty revision"
 	@echo "make migrate-up | migrate-down | migrate-down-to revision=... | migrate-status | migrate-show revision=..."
@@ -44,6 +45,9 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/bench_migrate.py
 
 lab: $(STAMP)
 	$(BIN)/python -m pip install --quiet -e '.[lab]'

@@ -9,6 +9,7 @@ import hashlib
 import time
 from contextlib import contextmanager
 from typing import Iterator
+from urllib.parse import unquote
 
 import sqlalchemy as sa
 from sqlalchemy.engine import URL, Connection, Engine
@@ -47,13 +48,16 @@ def parse_url(raw: str, *, source: str = "DATABASE_URL") -> URL:
 
 
 def redact_url(url: str | URL) -> str:
-    """The URL as it may be shown: the password replaced by ``***``."""
+    """The URL as it may be shown: the password replaced by ``***``, the query left readable."""
     if isinstance(url, str):
         try:
             url = sa.make_url(url)
         except (ArgumentError, ValueError):
             return "<unparseable URL>"
-    return url.render_as_string(hide_password=True)
+    if not url.password:
+        url = url._replace(password=None)  # "user:@" (an empty password) shows as plain "user@"
+    # Unquoted so a socket path reads as ?host=/path; the password is already masked.
+    return unquote(url.render_as_string(hide_password=True))
 
 
 def scrub(text: str, url: URL | None) -> str:
