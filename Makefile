@@ -51,7 +51,7 @@ bench: $(STAMP)
 
 lab: $(STAMP)
 	$(BIN)/python -m pip install --quiet -e '.[lab]'
-	$(BIN)/jupyter lab runbooks/
+	$(BIN)/jupyter lab $(if $(filter 0,$(shell id -u)),--allow-root) runbooks/
 
 # --- the guide's migration targets ---------------------------------------------------------------
 

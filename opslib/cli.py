@@ -69,16 +69,6 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _check_x_args(values: Sequence[str]) -> list[str]:
-    from opslib.errors import InvalidInput
-
-    for value in values:
-        key, sep, _ = value.partition("=")
-        if not sep or not key.strip():
-            raise InvalidInput(f"-x takes KEY=VALUE, not {value!r}")
-    return list(values)
-
-
 def _run(args: argparse.Namespace) -> int:
     settings = load_settings()
     from opslib import display, migrate
@@ -87,9 +77,9 @@ def _run(args: argparse.Namespace) -> int:
         st = migrate.status(settings)
         print(json.dumps(st.to_dict(), indent=2) if args.json else display.status_text(st))
     elif args.command == "upgrade":
-        print(display.result_text(migrate.upgrade(settings, args.revision, x_args=_check_x_args(args.x_args))))
+        print(display.result_text(migrate.upgrade(settings, args.revision, x_args=args.x_args)))
     elif args.command == "downgrade":
-        print(display.result_text(migrate.downgrade(settings, args.revision, x_args=_check_x_args(args.x_args))))
+        print(display.result_text(migrate.downgrade(settings, args.revision, x_args=args.x_args)))
     elif args.command == "stamp":
         print(display.result_text(migrate.stamp(settings, args.revision)))
     elif args.command == "history":
@@ -105,7 +95,7 @@ def _run(args: argparse.Namespace) -> int:
         made = migrate.revision(settings, args.message, autogenerate=args.autogenerate)
         print(f"created revision {made.revision}: {made.path}\nreview it before `opslib upgrade`")
     elif args.command == "sql":
-        sys.stdout.write(migrate.offline_sql(settings, args.range, x_args=_check_x_args(args.x_args)))
+        sys.stdout.write(migrate.offline_sql(settings, args.range, x_args=args.x_args))
     elif args.command == "db":
         return _db(settings, args.action)
     return EXIT_OK

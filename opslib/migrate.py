@@ -137,6 +137,10 @@ def alembic_config(
         raise ConfigError(
             f"Alembic config not found at {ini}: set OPSLIB_ALEMBIC_INI to your project's alembic.ini"
         )
+    for value in x_args:
+        key, sep, _ = value.partition("=")
+        if not sep or not key.strip():
+            raise InvalidInput(f"-x takes KEY=VALUE, not {value!r}")
     cfg = Config(str(ini), output_buffer=output, stdout=io.StringIO())
     cfg.cmd_opts = argparse.Namespace(x=list(x_args))
     cfg.attributes["configure_logger"] = False
@@ -298,7 +302,7 @@ def _locked_connection(settings: Settings) -> Iterator[tuple[URL, Connection]]:
             yield url, conn
 
 
-def _capture_alembic_output() -> contextmanager:
+def _capture_alembic_output() -> redirect_stdout:
     # Some Alembic verbs print to stdout (e.g. "Generating ..."); opslib returns data instead.
     return redirect_stdout(io.StringIO())
 
@@ -326,10 +330,8 @@ def _run_change(
         try:
             with _capture_alembic_output():
                 run(cfg)
-        except Exception as err:  # noqa: BLE001 - every failure is reported with where the database stands
-            if conn.in_transaction():
-                conn.rollback()
-            after = current_revisions(conn)
+        except BaseException as err:  # noqa: BLE001 - any failure, Ctrl-C included, says where the database stands
+            after = _revisions_after_failure(conn, url, database)
             raise _failure(action, target, database, script, before, after, steps, err, url) from err
         after = current_revisions(conn)
     head_ids = set(script.get_heads())
@@ -341,6 +343,25 @@ def _run_change(
         after=after,
         steps=tuple(_info(s, head_ids) for s in steps),
     )
+
+
+def _revisions_after_failure(conn: Connection, url: URL, database: str) -> tuple[str, ...]:
+    """Where the database stands after a failure, read on the same connection or, if that died, a new one."""
+    try:
+        if conn.in_transaction():
+            conn.rollback()
+        return current_revisions(conn)
+    except DBAPIError:
+        pass
+    try:
+        with db.connect(url) as fresh:
+            return current_revisions(fresh)
+    except (DBAPIError, OpsError):
+        raise MigrationFailed(
+            f"the migration failed and {database} cannot be reached to read its revision: "
+            "run `opslib status` once it is back",
+            changed=True,
+        ) from None
 
 
 def _describe(revs: tuple[str, ...]) -> str:
@@ -359,7 +380,9 @@ def _failure(action, target, database, script, before, after, steps, err, url) -
     else:  # steps oldest first: the failing one is the first not yet applied
         failed = next((s for s in steps if s.revision not in applied_now), None)
     where = f" at revision {failed.revision} ({failed.doc})" if failed else ""
-    if isinstance(err, SQLAlchemyError):
+    if isinstance(err, KeyboardInterrupt):
+        cause = "interrupted"
+    elif isinstance(err, SQLAlchemyError):
         cause = db.driver_message(err, url)
     else:
         lines = str(err).strip().splitlines()
