@@ -7,6 +7,7 @@ The target server is the one DATABASE_URL points at (its database is only used t
 scratch databases), else the embedded server. Goal: ratio <= 1.5 (opslib adds a lock, validation and
 before/after reads on top of Alembic's own start-up).
 """
+
 from __future__ import annotations
 
 import statistics

@@ -4,6 +4,7 @@ Revisions call :func:`requested` to decide whether to load development sample da
 always apply. Any value other than true/false is refused, so a typo cannot silently skip the data
 (the guide's ``.get('dev_data', False)`` would treat the string "false" as true).
 """
+
 from __future__ import annotations
 
 from alembic import context

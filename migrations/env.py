@@ -6,6 +6,7 @@
   leaves the database at N-1 instead of rolling every pending revision back to where it started.
 - ``-x dev_data=true`` asks revisions to load development sample data (see ``migrations/dev_data.py``).
 """
+
 from __future__ import annotations
 
 import os
@@ -25,6 +26,7 @@ if config.config_file_name is not None and config.attributes.get("configure_logg
     fileConfig(config.config_file_name, disable_existing_loggers=False)
 
 target_metadata = Base.metadata
+
 
 def _database_url() -> str:
     """The URL to migrate: sqlalchemy.url when a caller set it in memory, else DATABASE_URL."""

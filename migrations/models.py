@@ -3,6 +3,7 @@
 These describe the schema at the head of the chain in ``migrations/versions``; the chain's tests
 (pytest-alembic's ``test_model_definitions_match_ddl``) fail when the two drift apart.
 """
+
 from __future__ import annotations
 
 from datetime import datetime

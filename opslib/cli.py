@@ -3,6 +3,7 @@
 This is the only place where an :class:`~opslib.errors.OpsError` becomes an exit code
 (0 done, 1 failed while changing, 2 invalid input, 3 refused by a precondition, 4 locked).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,7 +31,9 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     s = sub.add_parser("status", help="current revision, heads, pending revisions, at head or not")
-    s.add_argument("--json", action="store_true", help="print a JSON object (current, heads, pending, at_head)")
+    s.add_argument(
+        "--json", action="store_true", help="print a JSON object (current, heads, pending, at_head)"
+    )
 
     x_help = "pass KEY=VALUE to the migrations (Alembic -x), e.g. -x dev_data=true"
     s = sub.add_parser("upgrade", help="apply pending revisions (default: up to head)")
@@ -58,7 +61,9 @@ def _parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("revision", help="create a revision file (empty, or --autogenerate from the models)")
     s.add_argument("-m", "--message", required=True)
-    s.add_argument("--autogenerate", action="store_true", help="compare the models with the database (at head)")
+    s.add_argument(
+        "--autogenerate", action="store_true", help="compare the models with the database (at head)"
+    )
 
     s = sub.add_parser("sql", help="print the SQL for FROM:TO without connecting (Alembic offline mode)")
     s.add_argument("range", metavar="FROM:TO")
@@ -112,7 +117,11 @@ def _db(settings, action: str) -> int:
         print(f"embedded PostgreSQL stopped, data kept in {embedded.pgdata_dir(settings)}")
     elif action == "status":
         st = embedded.status(settings)
-        print(f"running (pid {st.pid}), data in {st.pgdata}\nurl: {st.url}" if st.running else f"stopped, data in {st.pgdata}")
+        print(
+            f"running (pid {st.pid}), data in {st.pgdata}\nurl: {st.url}"
+            if st.running
+            else f"stopped, data in {st.pgdata}"
+        )
     elif action == "url":
         print(embedded.ensure_running(settings))
     return EXIT_OK

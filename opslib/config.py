@@ -1,4 +1,5 @@
 """Settings of an opslib run, read from the environment (the design's configuration contract)."""
+
 from __future__ import annotations
 
 import getpass

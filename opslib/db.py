@@ -3,6 +3,7 @@
 Every URL shown to a person goes through :func:`redact_url`; every driver error that reaches a
 message goes through :func:`scrub`, so a password never lands in an output, a record or a log.
 """
+
 from __future__ import annotations
 
 import hashlib

@@ -1,4 +1,5 @@
 """Rendering of opslib results: text for the terminal, pandas tables for notebooks. No logic here."""
+
 from __future__ import annotations
 
 from typing import Iterable, Sequence
@@ -14,7 +15,7 @@ def text_table(headers: Sequence[str], rows: Iterable[Sequence[object]]) -> str:
     """A plain aligned table."""
     rows = [[("" if v is None else str(v)) for v in row] for row in rows]
     widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(headers)]
-    line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
+    line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths, strict=False)).rstrip()  # noqa: E731
     return "\n".join([line(headers), line(["-" * w for w in widths])] + [line(r) for r in rows])
 
 
@@ -85,5 +86,13 @@ def revisions_frame(revisions: Sequence[RevisionInfo]):
     import pandas as pd  # late import: the CLI never pays for pandas
 
     return pd.DataFrame(
-        [{"revision": r.revision, "revises": ", ".join(r.down_revisions), "message": r.message, "head": r.is_head} for r in revisions]
+        [
+            {
+                "revision": r.revision,
+                "revises": ", ".join(r.down_revisions),
+                "message": r.message,
+                "head": r.is_head,
+            }
+            for r in revisions
+        ]
     )

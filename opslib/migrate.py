@@ -10,11 +10,11 @@ holds the opslib advisory lock; that connection is handed to the project's ``env
 Errors from Alembic and the driver are turned into :mod:`opslib.errors` here, each saying where
 the database now stands.
 """
+
 from __future__ import annotations
 
 import argparse
 import io
-import logging
 from contextlib import contextmanager, redirect_stdout
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -404,9 +404,7 @@ def upgrade(settings: Settings, target: str = "head", *, x_args: Sequence[str] =
             pending = _between(script, tuple(script.get_heads()), current)
             n = _steps(target)
             if n > len(pending):
-                raise PreconditionFailed(
-                    f"cannot upgrade {target}: only {len(pending)} revision(s) pending"
-                )
+                raise PreconditionFailed(f"cannot upgrade {target}: only {len(pending)} revision(s) pending")
             return pending[:n]
         upper = resolve(script, target)
         try:
@@ -445,7 +443,9 @@ def downgrade(settings: Settings, target: str, *, x_args: Sequence[str] = ()) ->
                     f"the database is at several heads ({', '.join(current)}): downgrade to a revision id"
                 )
             if n > len(applied):
-                raise PreconditionFailed(f"cannot downgrade {target}: only {len(applied)} revision(s) applied")
+                raise PreconditionFailed(
+                    f"cannot downgrade {target}: only {len(applied)} revision(s) applied"
+                )
             return applied[:n]
         if target == "base":
             return applied
@@ -459,7 +459,9 @@ def downgrade(settings: Settings, target: str, *, x_args: Sequence[str] = ()) ->
             )
         return [s for s in applied if s.revision not in kept]
 
-    return _run_change(settings, "downgrade", target, x_args, plan, lambda cfg: command.downgrade(cfg, target))
+    return _run_change(
+        settings, "downgrade", target, x_args, plan, lambda cfg: command.downgrade(cfg, target)
+    )
 
 
 def stamp(settings: Settings, target: str) -> MigrationResult:

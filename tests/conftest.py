@@ -3,6 +3,7 @@
 The server is ``OPSLIB_TEST_DATABASE_URL`` if set, else 127.0.0.1:5432 if it answers, else the
 embedded server (started for the session, stopped afterwards if the session started it).
 """
+
 from __future__ import annotations
 
 import os

@@ -1,4 +1,5 @@
 """The `opslib` command as users run it: output, exit codes, and bad input that changes nothing."""
+
 from __future__ import annotations
 
 import json
@@ -64,7 +65,10 @@ def test_history_show_heads(run_cli):
     assert "Create Date: 2026-11-26 09:15:00" in verbose
     show = run_cli("show", "0004").stdout
     assert "Revision: 0004" in show and "Revises: 0003" in show and "NOT NULL" in show
-    assert run_cli("heads").stdout.strip() == "0006 -> 0007 (head), switch email columns (email change, step 3 of 3)"
+    assert (
+        run_cli("heads").stdout.strip()
+        == "0006 -> 0007 (head), switch email columns (email change, step 3 of 3)"
+    )
 
 
 def test_sql_prints_offline_sql(run_cli):
@@ -90,7 +94,9 @@ def test_sql_prints_offline_sql(run_cli):
         (["revision", "-m", " "], 2, "a message is required"),
     ],
 )
-def test_bad_input_is_one_line_with_its_exit_code_and_changes_nothing(run_cli, database_url, args, code, message):
+def test_bad_input_is_one_line_with_its_exit_code_and_changes_nothing(
+    run_cli, database_url, args, code, message
+):
     assert run_cli("upgrade", "0003").returncode == 0
     before = schema_snapshot(database_url)
     done = run_cli(*args)
@@ -141,7 +147,10 @@ def test_missing_alembic_ini_is_exit_2(run_cli, database_url, tmp_path):
 
 def test_password_never_appears_in_any_output(run_cli, database_url, make_database, project):
     env = {"DATABASE_URL": _with_password(database_url)}
-    broken = {"DATABASE_URL": _with_password(make_database()), "OPSLIB_ALEMBIC_INI": str(project("broken_revision"))}
+    broken = {
+        "DATABASE_URL": _with_password(make_database()),
+        "OPSLIB_ALEMBIC_INI": str(project("broken_revision")),
+    }
     outputs = [
         run_cli("status", env=env),
         run_cli("status", "--json", env=env),

@@ -1,4 +1,5 @@
 """Settings from the environment: defaults, validation, and a repr without secrets."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -14,13 +15,18 @@ def test_defaults_follow_the_contract():
     s = load_settings({})
     assert s.database_url is None and s.uses_embedded
     assert (s.env, s.alembic_ini, s.records_dir, s.backups_dir) == (
-        "development", Path("alembic.ini"), Path("records"), Path("backups"),
+        "development",
+        Path("alembic.ini"),
+        Path("records"),
+        Path("backups"),
     )
     assert s.operator
 
 
 def test_values_are_read_and_checked():
-    s = load_settings({"OPSLIB_ENV": "production", "OPSLIB_OPERATOR": "ana", "OPSLIB_ALEMBIC_INI": "x/alembic.ini"})
+    s = load_settings(
+        {"OPSLIB_ENV": "production", "OPSLIB_OPERATOR": "ana", "OPSLIB_ALEMBIC_INI": "x/alembic.ini"}
+    )
     assert (s.env, s.operator, s.alembic_ini) == ("production", "ana", Path("x/alembic.ini"))
     with pytest.raises(ConfigError, match="OPSLIB_ENV must be one of"):
         load_settings({"OPSLIB_ENV": "prod"})

@@ -1,4 +1,5 @@
 """Documentation coverage: the README documents every make target and configuration variable."""
+
 from __future__ import annotations
 
 import re

@@ -1,4 +1,5 @@
 """The embedded PostgreSQL used when DATABASE_URL is unset: started on demand, stopped on request."""
+
 from __future__ import annotations
 
 import os
@@ -25,7 +26,10 @@ def test_without_database_url_opslib_starts_and_uses_the_embedded_server(tmp_pat
         url = _opslib("db", "url", state_dir=state).stdout.strip()
         assert url.startswith("postgresql://postgres:@/opslib?host=")
         version = subprocess.run(
-            [OPSLIB, "status", "--json"], cwd=ROOT, capture_output=True, text=True,
+            [OPSLIB, "status", "--json"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
             env={**os.environ, "DATABASE_URL": url},
         )
         assert '"at_head": true' in version.stdout  # the printed URL reaches the same database

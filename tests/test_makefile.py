@@ -1,4 +1,5 @@
 """The guide's make targets, run with make as users run them."""
+
 from __future__ import annotations
 
 import os
@@ -12,7 +13,9 @@ from .conftest import ROOT, query, schema_snapshot
 def make(*args: str, env: dict) -> subprocess.CompletedProcess:
     full = {k: v for k, v in os.environ.items() if not k.startswith(("OPSLIB_", "DATABASE_URL", "MAKE"))}
     full.update(env)
-    return subprocess.run(["make", "-s", "-C", str(ROOT), *args], env=full, capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        ["make", "-s", "-C", str(ROOT), *args], env=full, capture_output=True, text=True, timeout=300
+    )
 
 
 def test_guide_targets_walk_the_chain(database_url):
@@ -48,7 +51,9 @@ def test_targets_without_their_argument_say_so_and_change_nothing(database_url):
 
 def test_add_a_field_workflow_from_the_guide(database_url, tmp_path):
     """Modify a model, `make migrate-create`, review, `make migrate-up` (on a copy of the project)."""
-    shutil.copytree(ROOT / "migrations", tmp_path / "migrations", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(
+        ROOT / "migrations", tmp_path / "migrations", ignore=shutil.ignore_patterns("__pycache__")
+    )
     shutil.copy(ROOT / "alembic.ini", tmp_path / "alembic.ini")
     models = tmp_path / "migrations" / "models.py"
     models.write_text(
@@ -68,7 +73,8 @@ def test_add_a_field_workflow_from_the_guide(database_url, tmp_path):
     assert "op.drop_column('users', 'nickname')" in text
     assert make("migrate-up", env=env).returncode == 0
     assert query(
-        database_url, "SELECT count(*) FROM information_schema.columns WHERE table_name='users' AND column_name='nickname'"
+        database_url,
+        "SELECT count(*) FROM information_schema.columns WHERE table_name='users' AND column_name='nickname'",
     ) == [(1,)]
     manual = make("migrate-create-manual", "message=add_custom_indexes", env=env)
     assert manual.returncode == 0 and "add_custom_indexes" in manual.stdout

@@ -1,4 +1,5 @@
 """opslib.migrate against real PostgreSQL: the sample chain, scenario projects, and any Alembic project."""
+
 from __future__ import annotations
 
 import subprocess
@@ -31,7 +32,13 @@ def test_upgrade_and_downgrade_report_each_step(settings):
     assert (up.before, up.after) == ((), ("0002",))
     assert [s.revision for s in up.steps] == ["0001", "0002"]
     up = migrate.upgrade(settings)
-    assert up.after == ("0007",) and [s.revision for s in up.steps] == ["0003", "0004", "0005", "0006", "0007"]
+    assert up.after == ("0007",) and [s.revision for s in up.steps] == [
+        "0003",
+        "0004",
+        "0005",
+        "0006",
+        "0007",
+    ]
     again = migrate.upgrade(settings)
     assert not again.changed and again.steps == ()
     down = migrate.downgrade(settings, "-1")
@@ -135,7 +142,9 @@ def test_any_alembic_project_made_by_alembic_init(settings, tmp_path):
     proj = tmp_path / "generic"
     subprocess.run(
         [str(Path(sys.executable).parent / "alembic"), "init", "-t", "generic", str(proj)],
-        cwd=tmp_path, check=True, capture_output=True,
+        cwd=tmp_path,
+        check=True,
+        capture_output=True,
     )
     generic = replace(settings, alembic_ini=tmp_path / "alembic.ini")
     made = migrate.revision(generic, "create widgets")

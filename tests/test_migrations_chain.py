@@ -1,4 +1,5 @@
 """The sample application's chain: pytest-alembic's built-in tests, and the guide's workflows."""
+
 from __future__ import annotations
 
 import pytest

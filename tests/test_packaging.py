@@ -1,4 +1,5 @@
 """Packaging: one dependency list for pip and conda, the console script, a light CLI import path."""
+
 from __future__ import annotations
 
 import subprocess

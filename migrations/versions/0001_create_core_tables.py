@@ -7,6 +7,7 @@ Create Date: 2026-11-26 09:00:00
 With ``-x dev_data=true`` it also loads development sample data (the guide's
 environment-specific migrations); the schema is created either way.
 """
+
 from typing import Sequence, Union
 
 import sqlalchemy as sa
@@ -30,9 +31,7 @@ def upgrade() -> None:
         sa.Column("hashed_password", sa.String(255), nullable=False),
         sa.Column("is_active", sa.Boolean(), nullable=False, server_default=sa.text("true")),
         sa.Column("is_admin", sa.Boolean(), nullable=False, server_default=sa.text("false")),
-        sa.Column(
-            "created_at", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()
-        ),
+        sa.Column("created_at", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()),
     )
     products = op.create_table(
         "products",
@@ -42,9 +41,7 @@ def upgrade() -> None:
         sa.Column("title", sa.String(500), nullable=False),
         # Free text as entered by shops ("19.99", "N/A"); normalized_price comes later.
         sa.Column("price", sa.Text(), nullable=True),
-        sa.Column(
-            "created_at", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()
-        ),
+        sa.Column("created_at", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()),
     )
     op.create_table(
         "settings",

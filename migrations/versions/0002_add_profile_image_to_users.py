@@ -6,6 +6,7 @@ Create Date: 2026-11-26 09:05:00
 
 The guide's "Adding New Database Fields": a nullable column, always safe.
 """
+
 from typing import Sequence, Union
 
 import sqlalchemy as sa

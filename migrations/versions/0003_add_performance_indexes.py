@@ -6,6 +6,7 @@ Create Date: 2026-11-26 09:10:00
 
 The guide's "Adding Database Indexes", written by hand (make migrate-create-manual).
 """
+
 from typing import Sequence, Union
 
 from alembic import op

@@ -9,6 +9,7 @@ NOT NULL. Prices that are not plain decimals ("N/A", "1.2.3") cannot be converte
 step then fails and, with one transaction per revision, the database stays at 0003. Fix those
 rows first, then upgrade again.
 """
+
 from typing import Sequence, Union
 
 import sqlalchemy as sa

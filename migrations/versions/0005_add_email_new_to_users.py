@@ -7,6 +7,7 @@ Create Date: 2026-11-26 09:20:00
 The guide's multi-step process for an unsafe change: widen users.email by adding a new column,
 copying into it, then switching. Step 1 adds the nullable column (always safe).
 """
+
 from typing import Sequence, Union
 
 import sqlalchemy as sa

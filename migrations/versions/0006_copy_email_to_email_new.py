@@ -6,6 +6,7 @@ Create Date: 2026-11-26 09:25:00
 
 Step 2 is a data migration of its own, so it can be run, checked and rolled back separately.
 """
+
 from typing import Sequence, Union
 
 import sqlalchemy as sa

@@ -8,6 +8,7 @@ Step 3 drops the old column and renames the new one. Dropping users.email also d
 built on it (its unique constraint and idx_users_email_active), so both are made again on the
 renamed column. The downgrade rebuilds the old layout with the data.
 """
+
 from typing import Sequence, Union
 
 import sqlalchemy as sa
