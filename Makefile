@@ -10,7 +10,7 @@ STAMP  := $(VENV)/.installed
 
 .DEFAULT_GOAL := help
 .PHONY: help install demo test lab migrate-create migrate-create-manual migrate-up migrate-down \
-        migrate-down-to migrate-status migrate-show bench
+        migrate-down-to migrate-status migrate-show bench backup-db verify-setup
 
 help:
 	@echo "make demo                          bring the sample database to head and show its status"
@@ -20,6 +20,8 @@ help:
 	@echo "make migrate-create message=...    autogenerate a revision from the models"
 	@echo "make migrate-create-manual message=...  create an empty revision"
 	@echo "make migrate-up | migrate-down | migrate-down-to revision=... | migrate-status | migrate-show revision=..."
+	@echo "make backup-db [label=...]         pg_dump the database into backups/, with a manifest"
+	@echo "make verify-setup                  check connectivity, versions, client tools, Alembic config, backups folder"
 
 # The venv is rebuilt when pyproject.toml changes. JupyterLab is left out (see `lab`): it slows
 # every `import papermill` on the automation path by about a second.
@@ -85,3 +87,11 @@ migrate-status: $(STAMP)
 migrate-show: $(STAMP)
 	$(call require,revision,abc123)
 	$(OPSLIB) show '$(revision)'
+
+# --- backups (the guide's "Backup and Safety") --------------------------------------------------------
+
+backup-db: $(STAMP)
+	$(OPSLIB) backup $(if $(label),--label '$(label)')
+
+verify-setup: $(STAMP)
+	$(OPSLIB) verify-setup

@@ -24,6 +24,7 @@ class Settings:
     state_dir: Path = Path(".opslib")
     operator: str = ""
     lock_timeout_s: float = 10.0
+    backup_compression: int = 1
 
     @property
     def uses_embedded(self) -> bool:
@@ -73,4 +74,12 @@ def load_settings(environ: dict | None = None) -> Settings:
         state_dir=Path(environ.get("OPSLIB_STATE_DIR") or ".opslib"),
         operator=operator,
         lock_timeout_s=_float(environ, "OPSLIB_LOCK_TIMEOUT", 10.0),
+        backup_compression=_compression(environ),
     )
+
+
+def _compression(environ: dict) -> int:
+    raw = environ.get("OPSLIB_BACKUP_COMPRESSION") or "1"
+    if not raw.isdigit() or not 0 <= int(raw) <= 9:
+        raise ConfigError(f"OPSLIB_BACKUP_COMPRESSION must be a gzip level from 0 to 9, not {raw!r}")
+    return int(raw)

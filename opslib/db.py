@@ -7,6 +7,7 @@ message goes through :func:`scrub`, so a password never lands in an output, a re
 from __future__ import annotations
 
 import hashlib
+import re
 import time
 from contextlib import contextmanager
 from typing import Iterator
@@ -17,7 +18,7 @@ from sqlalchemy.engine import URL, Connection, Engine
 from sqlalchemy.exc import ArgumentError, DBAPIError
 
 from opslib.config import Settings
-from opslib.errors import ConfigError, DatabaseUnreachable, LockHeld
+from opslib.errors import ConfigError, DatabaseUnreachable, InvalidInput, LockHeld
 
 # One advisory-lock key for every opslib run on a database (Sqitch's lock_destination idea):
 # a run that changes the database holds it, a second run waits up to lock_timeout_s, then exits 4.
@@ -162,3 +163,56 @@ def advisory_lock(conn: Connection, timeout_s: float) -> Iterator[None]:
             conn.commit()
         except DBAPIError:
             pass  # the connection is gone, and a session lock goes with it
+
+
+def server_version(conn: Connection) -> tuple[str, int]:
+    """The server's version string and major version number."""
+    version = conn.execute(sa.text("SHOW server_version")).scalar()
+    num = int(conn.execute(sa.text("SHOW server_version_num")).scalar())
+    if conn.in_transaction():
+        conn.commit()
+    return str(version), num // 10000
+
+
+def maintenance_url(url: URL) -> URL:
+    """A URL on the same server for CREATE/DROP/ALTER DATABASE: ``postgres``, or ``template1`` when that is the target."""
+    return url.set(database="template1" if url.database == "postgres" else "postgres")
+
+
+@contextmanager
+def connect_autocommit(url: URL) -> Iterator[Connection]:
+    """A connection outside transactions, as CREATE DATABASE and DROP DATABASE need."""
+    with connect(url) as conn:
+        yield conn.execution_options(isolation_level="AUTOCOMMIT")
+
+
+_DB_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]{0,62}$")
+
+
+def check_database_name(name: str) -> str:
+    """A database name opslib will create: letters, digits, ``_`` and ``-``, at most 63 characters."""
+    if not isinstance(name, str) or not _DB_NAME.match(name):
+        raise InvalidInput(
+            f"{name!r} is not a usable database name: start with a letter or _, then letters, digits, _ or -, "
+            "at most 63 characters"
+        )
+    return name
+
+
+def quote_ident(conn: Connection, name: str) -> str:
+    """``name`` quoted as an SQL identifier for this connection's dialect."""
+    return conn.dialect.identifier_preparer.quote_identifier(name)
+
+
+def database_exists(conn: Connection, name: str) -> bool:
+    """True when a database called ``name`` exists on the server."""
+    return bool(conn.execute(sa.text("SELECT 1 FROM pg_database WHERE datname = :n"), {"n": name}).scalar())
+
+
+def other_sessions(conn: Connection, name: str) -> list[int]:
+    """Backend pids of other sessions connected to database ``name``."""
+    rows = conn.execute(
+        sa.text("SELECT pid FROM pg_stat_activity WHERE datname = :n AND pid <> pg_backend_pid() ORDER BY pid"),
+        {"n": name},
+    )
+    return [r[0] for r in rows]

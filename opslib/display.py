@@ -4,7 +4,13 @@ from __future__ import annotations
 
 from typing import Iterable, Sequence
 
+from typing import TYPE_CHECKING
+
 from opslib.migrate import MigrationResult, RevisionInfo, Status
+
+if TYPE_CHECKING:
+    from opslib.backup import BackupInfo, BackupResult, RestoreResult
+    from opslib.checks import CheckReport
 
 
 def _rev(revs: Sequence[str]) -> str:
@@ -95,4 +101,65 @@ def revisions_frame(revisions: Sequence[RevisionInfo]):
             }
             for r in revisions
         ]
+    )
+
+
+def size_text(size: int) -> str:
+    """A byte count for people: 1.2 MB."""
+    for unit in ("B", "kB", "MB", "GB"):
+        if size < 1000 or unit == "GB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1000
+    return str(size)
+
+
+def checks_text(report: "CheckReport") -> str:
+    """A pass/fail table of a check report, with its verdict."""
+    table = text_table(["check", "result", "detail"], [(c.name, c.status.upper(), c.detail) for c in report.checks])
+    return f"{table}\n{report.subject}: {'all checks passed' if report.ok else 'FAILED'}"
+
+
+def backup_text(made: "BackupResult") -> str:
+    """What `opslib backup` prints."""
+    m = made.manifest
+    rows = sum(m["row_counts"].values())
+    return "\n".join(
+        [
+            f"backup written: {made.path}",
+            f"  manifest : {made.path.with_suffix('.json').name}",
+            f"  database : {m['database']['name']} at revision {', '.join(m['revisions']) or 'base'}",
+            f"  contents : {len(m['row_counts'])} tables, {rows} rows",
+            f"  size     : {size_text(m['size_bytes'])}, sha256 {m['sha256'][:16]}…",
+            f"  pg_dump  : {m['pg_dump']['version']} for server {m['server_version']}, compression {m['compression']}",
+            f"  took     : {m['duration_s']:.2f} s",
+        ]
+    )
+
+
+def restore_text(done: "RestoreResult") -> str:
+    """What `opslib restore` prints."""
+    out = [
+        f"restored {done.file.name} into database {done.database!r}",
+        f"  revision : {', '.join(done.revisions) or 'base'}",
+        f"  matches the manifest (row counts and revision): {'yes' if done.matches_manifest else 'NO'}",
+    ]
+    if done.replaced_database_kept_as:
+        out.append(f"  the database it replaced is kept as {done.replaced_database_kept_as!r}; drop it when satisfied")
+    return "\n".join(out)
+
+
+def backups_text(found: Sequence["BackupInfo"]) -> str:
+    """What `opslib backups` prints."""
+    if not found:
+        return "no backups"
+
+    def verified(b: "BackupInfo") -> str:
+        if b.verified is None:
+            return "not verified"
+        word = "verified" if b.verified else "FAILED verification"
+        return f"{word}{' (restore-tested)' if b.restore_tested and b.verified else ''} {b.verified_at}"
+
+    return text_table(
+        ["time", "database", "revision", "size", "verification", "file"],
+        [(b.started_at, b.database, "+".join(b.revisions) or "base", size_text(b.size_bytes), verified(b), b.path.name) for b in found],
     )

@@ -54,3 +54,13 @@ class MigrationFailed(OpsError):
     """A migration failed after the database was reached; ``revisions`` says where it now stands (exit 1)."""
 
     exit_code = 1
+
+
+class ChecksFailed(PreconditionFailed):
+    """One or more checks failed (a backup's verification, the setup check); nothing was changed."""
+
+
+class BackupFailed(OpsError):
+    """A backup, restore or clone failed part-way; the message says what was left behind (exit 1)."""
+
+    exit_code = 1

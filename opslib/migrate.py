@@ -251,11 +251,15 @@ def _between(script: ScriptDirectory, upper: Sequence[str] | str, lower: Sequenc
 # --- the database ----------------------------------------------------------------------------
 
 
-def current_revisions(conn: Connection) -> tuple[str, ...]:
-    """The revision(s) recorded in the database's version table; () when at base."""
+def current_revisions(conn: Connection, *, end_transaction: bool = True) -> tuple[str, ...]:
+    """The revision(s) recorded in the database's version table; () when at base.
+
+    The read's implicit transaction is committed unless ``end_transaction`` is False (a caller
+    reading inside its own snapshot, as a backup does).
+    """
     ctx = MigrationContext.configure(conn)
     revs = tuple(sorted(ctx.get_current_heads()))
-    if conn.in_transaction():
+    if end_transaction and conn.in_transaction():
         conn.commit()
     return revs
 

@@ -1,0 +1,595 @@
+"""Backups an operator can trust: pg_dump archives with manifests, verification, restore and clone.
+
+A backup is ``<database>_<UTC yyyymmddTHHMMSSZ>_<revision>.dump`` (pg_dump custom format) with a
+``.json`` manifest beside it (the design's backup contract). Both are written under temporary names
+and renamed only once complete and checksummed, so an interrupted backup never leaves a file under a
+final name. Per-table row counts and the Alembic revision are read in the very snapshot pg_dump
+dumps (``pg_export_snapshot`` + ``pg_dump --snapshot``), so a restore can be checked against them.
+
+A verification's outcome is kept in ``<stem>.verify.json``: the manifest itself is never rewritten.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import secrets
+import socket
+import subprocess
+import time
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import sqlalchemy as sa
+from sqlalchemy.engine import URL, Connection
+from sqlalchemy.exc import DBAPIError
+
+from opslib import __version__, db, pgtools
+from opslib.checks import FAIL, PASS, SKIP, CheckReport
+from opslib.config import Settings
+from opslib.errors import BackupFailed, InvalidInput, OpsError, PreconditionFailed
+
+MANIFEST_FORMAT = "opslib-backup/1"
+STAMP = "%Y%m%dT%H%M%SZ"
+_CHUNK = 1 << 20
+
+
+# --- files ---------------------------------------------------------------------------------------
+
+
+def manifest_path(dump: Path) -> Path:
+    """The manifest beside a backup file."""
+    return dump.with_suffix(".json")
+
+
+def verification_path(dump: Path) -> Path:
+    """Where the outcome of the last verification of a backup is kept."""
+    return dump.with_suffix(".verify.json")
+
+
+def sha256_of(path: Path) -> str:
+    """The hex sha256 of a file, read in chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def _iso(moment: datetime) -> str:
+    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _safe(text: str) -> str:
+    return "".join(ch if ch.isalnum() or ch in "-." else "-" for ch in text)
+
+
+def _write_json(path: Path, data: dict) -> None:
+    """Write JSON under a temporary name, then rename: a reader never sees half a file."""
+    tmp = path.with_name(f".{path.name}.partial")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+def read_manifest(dump: Path) -> dict:
+    """The manifest of a backup; a missing or unreadable one is :class:`PreconditionFailed`."""
+    path = manifest_path(dump)
+    if not path.is_file():
+        raise PreconditionFailed(f"missing manifest: {path.name} is not beside {dump.name}")
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise PreconditionFailed(f"unreadable manifest {path.name}: {err}") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
+        raise PreconditionFailed(f"{path.name} is not an opslib backup manifest ({MANIFEST_FORMAT})")
+    missing = [key for key in _REQUIRED if key not in manifest]
+    if missing:
+        raise PreconditionFailed(f"manifest {path.name} lacks {', '.join(missing)}")
+    return manifest
+
+
+_REQUIRED = ("file", "sha256", "size_bytes", "database", "pg_dump", "revisions", "row_counts", "started_at")
+
+
+# --- reading a database ------------------------------------------------------------------------------
+
+
+def row_counts(conn: Connection) -> dict[str, int]:
+    """Exact row counts of every ordinary table outside the system schemas, keyed ``schema.table``."""
+    tables = conn.execute(
+        sa.text(
+            "SELECT n.nspname, c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
+            "WHERE c.relkind = 'r' AND n.nspname NOT IN ('pg_catalog', 'information_schema') "
+            "AND n.nspname NOT LIKE 'pg\\_toast%' AND n.nspname NOT LIKE 'pg\\_temp%' ORDER BY 1, 2"
+        )
+    ).all()
+    counts = {}
+    for schema, table in tables:
+        qualified = f"{db.quote_ident(conn, schema)}.{db.quote_ident(conn, table)}"
+        counts[f"{schema}.{table}"] = int(conn.execute(sa.text(f"SELECT count(*) FROM {qualified}")).scalar())
+    return counts
+
+
+def _revisions(conn: Connection) -> list[str]:
+    from opslib.migrate import current_revisions
+
+    return list(current_revisions(conn, end_transaction=False))
+
+
+def _endpoint(url: URL) -> dict:
+    host = url.host or url.query.get("host")
+    return {"host": host if isinstance(host, str) else None, "port": url.port, "name": url.database}
+
+
+# --- backup --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BackupResult:
+    """A finished backup: the archive, its manifest, and what the manifest says."""
+
+    path: Path
+    manifest: dict
+
+    def to_dict(self) -> dict:
+        """A JSON-ready dict."""
+        return {"path": str(self.path), "manifest_path": str(manifest_path(self.path)), **self.manifest}
+
+
+def _free_stem(folder: Path, database: str, moment: datetime, revision: str) -> str:
+    """A name no backup in ``folder`` has yet: two backups in one second get consecutive stamps."""
+    while True:
+        stem = f"{_safe(database)}_{moment.strftime(STAMP)}_{_safe(revision)}"
+        if not (folder / f"{stem}.dump").exists() and not (folder / f"{stem}.json").exists():
+            return stem
+        moment += timedelta(seconds=1)
+
+
+def backup(settings: Settings, *, out_dir: Path | None = None, label: str | None = None) -> BackupResult:
+    """Dump the target database with the pg_dump that fits its server, and write its manifest.
+
+    The dump and the row counts come from one snapshot. pg_dump runs while the counts are taken,
+    both inside that snapshot, so counting costs no extra wall time on a multi-core machine.
+    """
+    folder = Path(out_dir or settings.backups_dir)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise InvalidInput(f"cannot create the backups folder {folder}: {err.strerror or err}") from None
+    url = db.target_url(settings)
+    started = _now()
+    with db.connect(url) as conn:
+        version, major = db.server_version(conn)
+        tool = pgtools.pg_dump_for(major)
+        snap = conn.execution_options(isolation_level="REPEATABLE READ")
+        with snap.begin():
+            snap.execute(sa.text("SET TRANSACTION READ ONLY"))
+            snapshot = snap.execute(sa.text("SELECT pg_export_snapshot()")).scalar()
+            revisions = _revisions(snap)
+            stem = _free_stem(folder, url.database, started, "+".join(revisions) or "base")
+            final = folder / f"{stem}.dump"
+            partial = folder / f".{stem}.dump.partial"
+            proc = subprocess.Popen(
+                [
+                    tool.path,
+                    "--format=custom",
+                    f"--compress={settings.backup_compression}",
+                    f"--snapshot={snapshot}",
+                    f"--lock-wait-timeout={int(settings.lock_timeout_s * 1000)}",
+                    "--no-password",
+                    f"--file={partial}",
+                ],
+                env=pgtools.libpq_env(url),
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            try:
+                counts = row_counts(snap)
+                _, stderr = proc.communicate()
+            except BaseException:
+                proc.kill()
+                proc.wait()
+                partial.unlink(missing_ok=True)
+                raise
+    if proc.returncode != 0:
+        partial.unlink(missing_ok=True)
+        raise BackupFailed(f"pg_dump {_exit_text(proc.returncode)}: {_last_line(stderr, url)}; no backup was written")
+    finished = _now()
+    try:
+        manifest = {
+            "format": MANIFEST_FORMAT,
+            "file": final.name,
+            "sha256": sha256_of(partial),
+            "size_bytes": partial.stat().st_size,
+            "database": _endpoint(url),
+            "server_version": version,
+            "server_major": major,
+            "pg_dump": {"path": tool.path, "version": tool.version, "major": tool.major},
+            "compression": settings.backup_compression,
+            "revisions": revisions,
+            "row_counts": counts,
+            "env": settings.env,
+            "label": label,
+            "operator": settings.operator,
+            "host": socket.gethostname(),
+            "opslib_version": __version__,
+            "started_at": _iso(started),
+            "finished_at": _iso(finished),
+            "duration_s": round((finished - started).total_seconds(), 3),
+        }
+        _write_json(manifest_path(final), manifest)
+        os.replace(partial, final)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        manifest_path(final).unlink(missing_ok=True)
+        raise
+    return BackupResult(final, manifest)
+
+
+def _exit_text(code: int) -> str:
+    return f"was killed by signal {-code}" if code < 0 else f"exited with status {code}"
+
+
+def _last_line(stderr: str, url: URL) -> str:
+    lines = [line.strip() for line in (stderr or "").splitlines() if line.strip()]
+    return db.scrub(lines[-1], url) if lines else "no message"
+
+
+# --- verify ----------------------------------------------------------------------------------------
+
+
+def _backup_file(file: Path | str) -> Path:
+    path = Path(file)
+    if not path.is_file():
+        raise InvalidInput(f"no backup file at {path}")
+    return path
+
+
+def verify_backup(settings: Settings, file: Path | str, *, restore_test: bool = False) -> CheckReport:
+    """Check a backup: manifest, size, sha256, a readable archive, and optionally a test restore.
+
+    Checks stop at the first failure (the rest are skipped). The outcome is recorded beside the
+    backup (``<stem>.verify.json``) for ``opslib backups``.
+    """
+    path = _backup_file(file)
+    report = CheckReport(f"verify-backup {path.name}")
+    names = ["manifest", "size", "sha256", "archive readable"] + (["restore test"] if restore_test else [])
+    try:
+        _verify(settings, path, report, restore_test)
+    finally:
+        for name in names[len(report.checks) :]:
+            report.add(name, SKIP, "an earlier check failed")
+        _write_json(
+            verification_path(path),
+            {"file": path.name, "verified_at": _iso(_now()), "restore_test": restore_test, **report.to_dict()},
+        )
+    return report
+
+
+def _verify(settings: Settings, path: Path, report: CheckReport, restore_test: bool) -> None:
+    try:
+        manifest = read_manifest(path)
+    except PreconditionFailed as err:
+        report.add("manifest", FAIL, err.message)
+        return
+    if manifest.get("file") != path.name:
+        report.add("manifest", FAIL, f"manifest of another file: it describes {manifest.get('file')}, not {path.name}")
+        return
+    report.add("manifest", PASS, manifest_path(path).name)
+    size, expected = path.stat().st_size, manifest.get("size_bytes")
+    if size != expected:
+        what = "truncated" if size < (expected or 0) else "larger than recorded"
+        report.add("size", FAIL, f"{what}: {size} bytes, the manifest says {expected}")
+        return
+    report.add("size", PASS, f"{size} bytes")
+    digest = sha256_of(path)
+    if digest != manifest.get("sha256"):
+        report.add("sha256", FAIL, f"checksum mismatch: {digest[:16]}…, the manifest says {str(manifest.get('sha256'))[:16]}…")
+        return
+    report.add("sha256", PASS, digest[:16] + "…")
+    reader = pgtools.pg_restore_for(int(manifest["pg_dump"]["major"]))
+    listed = subprocess.run([reader.path, "--list", str(path)], capture_output=True, text=True)
+    if listed.returncode != 0:
+        report.add("archive readable", FAIL, f"unreadable archive: {_last_line(listed.stderr, None)}")
+        return
+    entries = sum(1 for line in listed.stdout.splitlines() if line and not line.startswith(";"))
+    report.add("archive readable", PASS, f"{entries} entries listed by pg_restore {reader.version}")
+    if restore_test:
+        report.add("restore test", *_restore_test(settings, path, manifest))
+
+
+def _restore_test(settings: Settings, path: Path, manifest: dict) -> tuple[str, str]:
+    url = db.target_url(settings)
+    scratch = f"opslib_verify_{secrets.token_hex(5)}"
+    with db.connect_autocommit(db.maintenance_url(url)) as admin:
+        _, major = db.server_version(admin)
+        admin.execute(sa.text(f"CREATE DATABASE {db.quote_ident(admin, scratch)}"))
+        try:
+            # Owners and grants may name roles this server lacks; the data is what is being tested.
+            failure = _pg_restore(url.set(database=scratch), major, path, ["--no-owner", "--no-privileges"])
+            if failure:
+                return FAIL, f"restore into a scratch database failed: {failure}"
+            with db.connect(url.set(database=scratch)) as conn:
+                counts = row_counts(conn)
+                revisions = _revisions(conn)
+        finally:
+            admin.execute(sa.text(f"DROP DATABASE IF EXISTS {db.quote_ident(admin, scratch)} WITH (FORCE)"))
+    diff = _count_differences(manifest.get("row_counts", {}), counts)
+    if diff:
+        return FAIL, f"count mismatch: {diff}"
+    if sorted(revisions) != sorted(manifest.get("revisions", [])):
+        return FAIL, f"revision mismatch: restored {revisions or 'base'}, the manifest says {manifest.get('revisions') or 'base'}"
+    total = sum(counts.values())
+    return PASS, f"{len(counts)} tables, {total} rows and revision {'+'.join(revisions) or 'base'} as in the manifest"
+
+
+def _count_differences(expected: dict[str, int], actual: dict[str, int]) -> str:
+    diffs = [
+        f"{table}: {actual.get(table, 'missing')} rows, expected {expected.get(table, 'none')}"
+        for table in sorted(set(expected) | set(actual))
+        if expected.get(table) != actual.get(table)
+    ]
+    return "; ".join(diffs[:3]) + (f"; and {len(diffs) - 3} more" if len(diffs) > 3 else "")
+
+
+def _pg_restore(url: URL, server_major: int, path: Path, extra: list[str]) -> str | None:
+    """Restore ``path`` into the (existing, empty) database of ``url``; the error line, or None."""
+    tool = pgtools.pg_restore_for(server_major)
+    done = subprocess.run(
+        [tool.path, "--exit-on-error", "--no-password", f"--dbname={url.database}", *extra, str(path)],
+        env=pgtools.libpq_env(url),
+        capture_output=True,
+        text=True,
+    )
+    return None if done.returncode == 0 else f"pg_restore {_exit_text(done.returncode)}: {_last_line(done.stderr, url)}"
+
+
+# --- restore ----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RestoreResult:
+    """Where a backup was restored, and whether it matches its manifest."""
+
+    file: Path
+    database: str
+    revisions: tuple[str, ...]
+    row_counts: dict
+    matches_manifest: bool
+    replaced_database_kept_as: str | None = None
+
+    def to_dict(self) -> dict:
+        """A JSON-ready dict."""
+        return {
+            "file": str(self.file),
+            "database": self.database,
+            "revisions": list(self.revisions),
+            "matches_manifest": self.matches_manifest,
+            "replaced_database_kept_as": self.replaced_database_kept_as,
+        }
+
+
+def restore(
+    settings: Settings,
+    file: Path | str,
+    *,
+    into: str | None = None,
+    confirm: str | None = None,
+    terminate_connections: bool = False,
+) -> RestoreResult:
+    """Restore a verified backup into a new database, or over the target database when confirmed.
+
+    Over the target, the backup is first restored into a staging database and checked; only then
+    is the target renamed aside (kept, never dropped) and the staging database renamed into its
+    place. A failure at any point leaves the target as it was.
+    """
+    path = _backup_file(file)
+    check = verify_backup(settings, path)
+    check.raise_for_failure()
+    manifest = read_manifest(path)
+    url = db.target_url(settings)
+    target = url.database
+    if into is None:
+        into = target if confirm is not None else f"{manifest['database']['name']}_restored_{_now().strftime(STAMP).lower()}"[:63]
+    db.check_database_name(into)
+    stamp = _now().strftime(STAMP).lower()
+    with db.connect_autocommit(db.maintenance_url(url)) as admin:
+        _, major = db.server_version(admin)
+        exists = db.database_exists(admin, into)
+        over = exists and into == target
+        if exists and not over:
+            raise PreconditionFailed(
+                f"database {into!r} already exists: restore into a new name with --into, "
+                f"or over the target database {target!r} with --confirm {target}"
+            )
+        if over:
+            _check_may_replace(admin, target, confirm, terminate_connections)
+        staging = f"{into}_restoring_{secrets.token_hex(3)}"[:63] if over else into
+        admin.execute(sa.text(f"CREATE DATABASE {db.quote_ident(admin, staging)}"))
+        try:
+            failure = _pg_restore(url.set(database=staging), major, path, [])
+            if failure:
+                raise BackupFailed(f"restore of {path.name} failed: {failure}; " + _untouched(over, target, into))
+            with db.connect(url.set(database=staging)) as conn:
+                counts = row_counts(conn)
+                revisions = tuple(_revisions(conn))
+            matches = not _count_differences(manifest["row_counts"], counts) and sorted(revisions) == sorted(
+                manifest["revisions"]
+            )
+            if not matches:
+                raise BackupFailed(
+                    f"the restored data does not match the manifest of {path.name}; " + _untouched(over, target, into)
+                )
+            kept_as = _swap_in(admin, staging, target, stamp, terminate_connections) if over else None
+        except BaseException:
+            admin.execute(sa.text(f"DROP DATABASE IF EXISTS {db.quote_ident(admin, staging)} WITH (FORCE)"))
+            raise
+    return RestoreResult(path, into, revisions, counts, matches, kept_as)
+
+
+def _untouched(over: bool, target: str, into: str) -> str:
+    return f"the target database {target!r} is unchanged" if over else f"database {into!r} was not created"
+
+
+def _check_may_replace(admin: Connection, target: str, confirm: str | None, terminate: bool) -> None:
+    if confirm != target:
+        given = "without --confirm" if confirm is None else f"with --confirm {confirm!r}"
+        raise PreconditionFailed(
+            f"refusing to restore over database {target!r} {given}: pass --confirm {target} to replace it "
+            "(it is kept under another name), or restore into a new database with --into NAME"
+        )
+    sessions = db.other_sessions(admin, target)
+    if sessions and not terminate:
+        raise PreconditionFailed(
+            f"{len(sessions)} other session(s) are connected to {target!r} (pids {', '.join(map(str, sessions[:5]))}): "
+            "stop them, or pass --terminate-connections"
+        )
+
+
+def _swap_in(admin: Connection, staging: str, target: str, stamp: str, terminate: bool) -> str:
+    """Rename the target aside and the staging database into its place; returns the name the old one has now."""
+    kept = f"{target}_before_restore_{stamp}"[:63]
+    if terminate:
+        admin.execute(
+            sa.text("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = :n AND pid <> pg_backend_pid()"),
+            {"n": target},
+        )
+    q = lambda name: db.quote_ident(admin, name)  # noqa: E731
+    try:
+        admin.execute(sa.text(f"ALTER DATABASE {q(target)} RENAME TO {q(kept)}"))
+    except DBAPIError as err:
+        raise PreconditionFailed(
+            f"cannot set {target!r} aside: {db.driver_message(err)}; the target database is unchanged"
+        ) from None
+    try:
+        admin.execute(sa.text(f"ALTER DATABASE {q(staging)} RENAME TO {q(target)}"))
+    except DBAPIError as err:
+        admin.execute(sa.text(f"ALTER DATABASE {q(kept)} RENAME TO {q(target)}"))
+        raise BackupFailed(f"cannot rename the restored database into place: {db.driver_message(err)}; "
+                           f"the target database {target!r} is unchanged") from None
+    return kept
+
+
+# --- clone -------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CloneResult:
+    """A copy of the target database made on the same server."""
+
+    source: str
+    database: str
+    duration_s: float
+
+    def to_dict(self) -> dict:
+        """A JSON-ready dict."""
+        return {"source": self.source, "database": self.database, "duration_s": self.duration_s}
+
+
+def clone(settings: Settings, into: str) -> CloneResult:
+    """Copy the target database on its server with ``CREATE DATABASE … TEMPLATE`` (no dump, no restore).
+
+    PostgreSQL refuses while anyone else is connected to the source; that is reported as a refusal.
+    """
+    db.check_database_name(into)
+    url = db.target_url(settings)
+    source = url.database
+    with db.connect_autocommit(db.maintenance_url(url)) as admin:
+        if db.database_exists(admin, into):
+            raise PreconditionFailed(f"database {into!r} already exists: choose another name for the clone")
+        sessions = db.other_sessions(admin, source)
+        if sessions:
+            raise PreconditionFailed(_busy_source(source, sessions))
+        start = time.perf_counter()
+        try:
+            admin.execute(sa.text(f"CREATE DATABASE {db.quote_ident(admin, into)} TEMPLATE {db.quote_ident(admin, source)}"))
+        except DBAPIError as err:
+            if "being accessed by other users" in str(err.orig):
+                raise PreconditionFailed(_busy_source(source, db.other_sessions(admin, source))) from None
+            raise BackupFailed(f"clone of {source!r} failed: {db.driver_message(err, url)}") from None
+    return CloneResult(source, into, round(time.perf_counter() - start, 3))
+
+
+def _busy_source(source: str, sessions: list[int]) -> str:
+    pids = ", ".join(map(str, sessions[:5])) or "just connected"
+    return (
+        f"cannot clone {source!r} while other sessions are connected to it (pids {pids}): "
+        "CREATE DATABASE … TEMPLATE needs it idle; close them, or use `opslib backup` and `opslib restore`"
+    )
+
+
+# --- listing and pruning -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BackupInfo:
+    """One backup in the backups folder, as `opslib backups` lists it."""
+
+    path: Path
+    database: str
+    started_at: str
+    revisions: tuple[str, ...]
+    size_bytes: int
+    label: str | None
+    verified: bool | None
+    verified_at: str | None
+    restore_tested: bool
+
+    def to_dict(self) -> dict:
+        """A JSON-ready dict."""
+        return {**self.__dict__, "path": str(self.path), "revisions": list(self.revisions)}
+
+
+def list_backups(settings: Settings, folder: Path | None = None) -> list[BackupInfo]:
+    """The backups in the folder (those with a manifest), newest first."""
+    folder = Path(folder or settings.backups_dir)
+    found = []
+    for dump in folder.glob("*.dump") if folder.is_dir() else ():
+        try:
+            manifest = read_manifest(dump)
+        except OpsError:
+            continue
+        verified = verified_at = None
+        tested = False
+        if verification_path(dump).is_file():
+            try:
+                outcome = json.loads(verification_path(dump).read_text())
+                verified, verified_at, tested = bool(outcome.get("ok")), outcome.get("verified_at"), bool(outcome.get("restore_test"))
+            except ValueError:
+                pass
+        found.append(
+            BackupInfo(
+                path=dump,
+                database=manifest["database"]["name"],
+                started_at=manifest["started_at"],
+                revisions=tuple(manifest["revisions"]),
+                size_bytes=manifest["size_bytes"],
+                label=manifest.get("label"),
+                verified=verified,
+                verified_at=verified_at,
+                restore_tested=tested,
+            )
+        )
+    return sorted(found, key=lambda b: (b.started_at, b.path.name), reverse=True)
+
+
+def prune_backups(settings: Settings, keep: int, folder: Path | None = None) -> list[Path]:
+    """Delete all but the newest ``keep`` backups, never the newest verified one; returns what was deleted."""
+    if not isinstance(keep, int) or keep < 1:
+        raise InvalidInput(f"--keep must be a whole number of at least 1, not {keep!r}")
+    backups = list_backups(settings, folder)
+    newest_verified = next((b for b in backups if b.verified), None)
+    deleted = []
+    for info in backups[keep:]:
+        if info is newest_verified:
+            continue
+        for path in (info.path, manifest_path(info.path), verification_path(info.path)):
+            path.unlink(missing_ok=True)
+        deleted.append(info.path)
+    return deleted

