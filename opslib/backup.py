@@ -8,6 +8,7 @@ dumps (``pg_export_snapshot`` + ``pg_dump --snapshot``), so a restore can be che
 
 A verification's outcome is kept in ``<stem>.verify.json``: the manifest itself is never rewritten.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -66,7 +67,7 @@ def _iso(moment: datetime) -> str:
 
 
 def _safe(text: str) -> str:
-    return "".join(ch if ch.isalnum() or ch in "-." else "-" for ch in text)
+    return "".join(ch if ch.isalnum() or ch in "-._" else "-" for ch in text)
 
 
 def _write_json(path: Path, data: dict) -> None:
@@ -199,7 +200,9 @@ def backup(settings: Settings, *, out_dir: Path | None = None, label: str | None
                 raise
     if proc.returncode != 0:
         partial.unlink(missing_ok=True)
-        raise BackupFailed(f"pg_dump {_exit_text(proc.returncode)}: {_last_line(stderr, url)}; no backup was written")
+        raise BackupFailed(
+            f"pg_dump {_exit_text(proc.returncode)}: {_last_line(stderr, url)}; no backup was written"
+        )
     finished = _now()
     try:
         manifest = {
@@ -251,23 +254,32 @@ def _backup_file(file: Path | str) -> Path:
     return path
 
 
-def verify_backup(settings: Settings, file: Path | str, *, restore_test: bool = False) -> CheckReport:
+def verify_backup(
+    settings: Settings, file: Path | str, *, restore_test: bool = False, record: bool = True
+) -> CheckReport:
     """Check a backup: manifest, size, sha256, a readable archive, and optionally a test restore.
 
-    Checks stop at the first failure (the rest are skipped). The outcome is recorded beside the
-    backup (``<stem>.verify.json``) for ``opslib backups``.
+    Checks stop at the first failure (the rest are skipped). Unless ``record`` is False, the outcome
+    is recorded beside the backup (``<stem>.verify.json``) for ``opslib backups``.
     """
     path = _backup_file(file)
     report = CheckReport(f"verify-backup {path.name}")
     names = ["manifest", "size", "sha256", "archive readable"] + (["restore test"] if restore_test else [])
     try:
         _verify(settings, path, report, restore_test)
-    finally:
-        for name in names[len(report.checks) :]:
-            report.add(name, SKIP, "an earlier check failed")
+    except OpsError as err:  # e.g. no fitting pg_restore, or the server went away mid-test
+        report.add(names[len(report.checks)], FAIL, err.message)
+    for name in names[len(report.checks) :]:
+        report.add(name, SKIP, "an earlier check failed")
+    if record:
         _write_json(
             verification_path(path),
-            {"file": path.name, "verified_at": _iso(_now()), "restore_test": restore_test, **report.to_dict()},
+            {
+                "file": path.name,
+                "verified_at": _iso(_now()),
+                "restore_test": restore_test,
+                **report.to_dict(),
+            },
         )
     return report
 
@@ -279,7 +291,11 @@ def _verify(settings: Settings, path: Path, report: CheckReport, restore_test: b
         report.add("manifest", FAIL, err.message)
         return
     if manifest.get("file") != path.name:
-        report.add("manifest", FAIL, f"manifest of another file: it describes {manifest.get('file')}, not {path.name}")
+        report.add(
+            "manifest",
+            FAIL,
+            f"manifest of another file: it describes {manifest.get('file')}, not {path.name}",
+        )
         return
     report.add("manifest", PASS, manifest_path(path).name)
     size, expected = path.stat().st_size, manifest.get("size_bytes")
@@ -290,7 +306,11 @@ def _verify(settings: Settings, path: Path, report: CheckReport, restore_test: b
     report.add("size", PASS, f"{size} bytes")
     digest = sha256_of(path)
     if digest != manifest.get("sha256"):
-        report.add("sha256", FAIL, f"checksum mismatch: {digest[:16]}…, the manifest says {str(manifest.get('sha256'))[:16]}…")
+        report.add(
+            "sha256",
+            FAIL,
+            f"checksum mismatch: {digest[:16]}…, the manifest says {str(manifest.get('sha256'))[:16]}…",
+        )
         return
     report.add("sha256", PASS, digest[:16] + "…")
     reader = pgtools.pg_restore_for(int(manifest["pg_dump"]["major"]))
@@ -324,9 +344,15 @@ def _restore_test(settings: Settings, path: Path, manifest: dict) -> tuple[str, 
     if diff:
         return FAIL, f"count mismatch: {diff}"
     if sorted(revisions) != sorted(manifest.get("revisions", [])):
-        return FAIL, f"revision mismatch: restored {revisions or 'base'}, the manifest says {manifest.get('revisions') or 'base'}"
+        return (
+            FAIL,
+            f"revision mismatch: restored {revisions or 'base'}, the manifest says {manifest.get('revisions') or 'base'}",
+        )
     total = sum(counts.values())
-    return PASS, f"{len(counts)} tables, {total} rows and revision {'+'.join(revisions) or 'base'} as in the manifest"
+    return (
+        PASS,
+        f"{len(counts)} tables, {total} rows and revision {'+'.join(revisions) or 'base'} as in the manifest",
+    )
 
 
 def _count_differences(expected: dict[str, int], actual: dict[str, int]) -> str:
@@ -347,7 +373,11 @@ def _pg_restore(url: URL, server_major: int, path: Path, extra: list[str]) -> st
         capture_output=True,
         text=True,
     )
-    return None if done.returncode == 0 else f"pg_restore {_exit_text(done.returncode)}: {_last_line(done.stderr, url)}"
+    return (
+        None
+        if done.returncode == 0
+        else f"pg_restore {_exit_text(done.returncode)}: {_last_line(done.stderr, url)}"
+    )
 
 
 # --- restore ----------------------------------------------------------------------------------------
@@ -390,13 +420,17 @@ def restore(
     place. A failure at any point leaves the target as it was.
     """
     path = _backup_file(file)
-    check = verify_backup(settings, path)
-    check.raise_for_failure()
+    # The archive is checked first (not recorded: a restore-tested verification stays on record).
+    verify_backup(settings, path, record=False).raise_for_failure()
     manifest = read_manifest(path)
     url = db.target_url(settings)
     target = url.database
     if into is None:
-        into = target if confirm is not None else f"{manifest['database']['name']}_restored_{_now().strftime(STAMP).lower()}"[:63]
+        into = (
+            target
+            if confirm is not None
+            else f"{manifest['database']['name']}_restored_{_now().strftime(STAMP).lower()}"[:63]
+        )
     db.check_database_name(into)
     stamp = _now().strftime(STAMP).lower()
     with db.connect_autocommit(db.maintenance_url(url)) as admin:
@@ -415,7 +449,9 @@ def restore(
         try:
             failure = _pg_restore(url.set(database=staging), major, path, [])
             if failure:
-                raise BackupFailed(f"restore of {path.name} failed: {failure}; " + _untouched(over, target, into))
+                raise BackupFailed(
+                    f"restore of {path.name} failed: {failure}; " + _untouched(over, target, into)
+                )
             with db.connect(url.set(database=staging)) as conn:
                 counts = row_counts(conn)
                 revisions = tuple(_revisions(conn))
@@ -424,7 +460,8 @@ def restore(
             )
             if not matches:
                 raise BackupFailed(
-                    f"the restored data does not match the manifest of {path.name}; " + _untouched(over, target, into)
+                    f"the restored data does not match the manifest of {path.name}; "
+                    + _untouched(over, target, into)
                 )
             kept_as = _swap_in(admin, staging, target, stamp, terminate_connections) if over else None
         except BaseException:
@@ -457,7 +494,9 @@ def _swap_in(admin: Connection, staging: str, target: str, stamp: str, terminate
     kept = f"{target}_before_restore_{stamp}"[:63]
     if terminate:
         admin.execute(
-            sa.text("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = :n AND pid <> pg_backend_pid()"),
+            sa.text(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = :n AND pid <> pg_backend_pid()"
+            ),
             {"n": target},
         )
     q = lambda name: db.quote_ident(admin, name)  # noqa: E731
@@ -471,8 +510,10 @@ def _swap_in(admin: Connection, staging: str, target: str, stamp: str, terminate
         admin.execute(sa.text(f"ALTER DATABASE {q(staging)} RENAME TO {q(target)}"))
     except DBAPIError as err:
         admin.execute(sa.text(f"ALTER DATABASE {q(kept)} RENAME TO {q(target)}"))
-        raise BackupFailed(f"cannot rename the restored database into place: {db.driver_message(err)}; "
-                           f"the target database {target!r} is unchanged") from None
+        raise BackupFailed(
+            f"cannot rename the restored database into place: {db.driver_message(err)}; "
+            f"the target database {target!r} is unchanged"
+        ) from None
     return kept
 
 
@@ -508,7 +549,11 @@ def clone(settings: Settings, into: str) -> CloneResult:
             raise PreconditionFailed(_busy_source(source, sessions))
         start = time.perf_counter()
         try:
-            admin.execute(sa.text(f"CREATE DATABASE {db.quote_ident(admin, into)} TEMPLATE {db.quote_ident(admin, source)}"))
+            admin.execute(
+                sa.text(
+                    f"CREATE DATABASE {db.quote_ident(admin, into)} TEMPLATE {db.quote_ident(admin, source)}"
+                )
+            )
         except DBAPIError as err:
             if "being accessed by other users" in str(err.orig):
                 raise PreconditionFailed(_busy_source(source, db.other_sessions(admin, source))) from None
@@ -560,7 +605,11 @@ def list_backups(settings: Settings, folder: Path | None = None) -> list[BackupI
         if verification_path(dump).is_file():
             try:
                 outcome = json.loads(verification_path(dump).read_text())
-                verified, verified_at, tested = bool(outcome.get("ok")), outcome.get("verified_at"), bool(outcome.get("restore_test"))
+                verified, verified_at, tested = (
+                    bool(outcome.get("ok")),
+                    outcome.get("verified_at"),
+                    bool(outcome.get("restore_test")),
+                )
             except ValueError:
                 pass
         found.append(

@@ -3,6 +3,7 @@
 A report is data for the CLI and notebooks to render; ``raise_for_failure`` turns a failed report
 into :class:`~opslib.errors.ChecksFailed` (exit 3) for callers that must stop.
 """
+
 from __future__ import annotations
 
 import tempfile
@@ -92,7 +93,9 @@ def verify_setup(settings: Settings) -> CheckReport:
         if len(heads) == 1:
             report.add("single head", PASS, heads[0])
         else:
-            report.add("single head", FAIL, f"{len(heads)} heads ({', '.join(heads)}): run `opslib merge -m MSG`")
+            report.add(
+                "single head", FAIL, f"{len(heads)} heads ({', '.join(heads)}): run `opslib merge -m MSG`"
+            )
     except OpsError as err:
         report.add("Alembic config loads", FAIL, err.message)
         report.add("single head", SKIP, "no Alembic project")

@@ -73,7 +73,9 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--out", metavar="DIR", help="folder for this backup (default: OPSLIB_BACKUPS_DIR)")
     s.add_argument("--label", metavar="TEXT", help="a note kept in the manifest, e.g. 'before deploy 42'")
 
-    s = sub.add_parser("verify-backup", help="check a backup: manifest, checksum, archive, optionally a test restore")
+    s = sub.add_parser(
+        "verify-backup", help="check a backup: manifest, checksum, archive, optionally a test restore"
+    )
     s.add_argument("file", metavar="FILE")
     s.add_argument("--restore-test", action="store_true", help="restore into a scratch database and compare")
 
@@ -81,7 +83,9 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("file", metavar="FILE")
     s.add_argument("--into", metavar="NAME", help="database to create (default: <database>_restored_<time>)")
     s.add_argument("--confirm", metavar="NAME", help="the target database's name: restore over it")
-    s.add_argument("--terminate-connections", action="store_true", help="end other sessions on the target first")
+    s.add_argument(
+        "--terminate-connections", action="store_true", help="end other sessions on the target first"
+    )
 
     s = sub.add_parser("clone", help="copy the target database on its server (CREATE DATABASE ... TEMPLATE)")
     s.add_argument("--into", metavar="NAME", required=True)
@@ -91,18 +95,34 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true")
 
     s = sub.add_parser("prune-backups", help="delete old backups, never the newest verified one")
-    s.add_argument("--keep", type=int, required=True, metavar="N", help="how many of the newest to keep (>= 1)")
+    s.add_argument(
+        "--keep", type=int, required=True, metavar="N", help="how many of the newest to keep (>= 1)"
+    )
     s.add_argument("--dir", metavar="DIR", help="folder to prune (default: OPSLIB_BACKUPS_DIR)")
 
-    sub.add_parser("verify-setup", help="connectivity, versions, client tools, Alembic config, backups folder")
+    sub.add_parser(
+        "verify-setup", help="connectivity, versions, client tools, Alembic config, backups folder"
+    )
 
     s = sub.add_parser("db", help="the embedded PostgreSQL used when DATABASE_URL is unset")
     s.add_argument("action", choices=["start", "stop", "status", "url"])
     return p
 
 
+_BACKUP_COMMANDS = {"backup", "verify-backup", "restore", "clone", "backups", "prune-backups", "verify-setup"}
+
+
 def _run(args: argparse.Namespace) -> int:
     settings = load_settings()
+    # Each family imports only what it needs: Alembic's import is a large part of a command's start-up.
+    if args.command == "db":
+        return _db(settings, args.action)
+    if args.command in _BACKUP_COMMANDS:
+        return _backups(settings, args)
+    return _migrations(settings, args)
+
+
+def _migrations(settings, args: argparse.Namespace) -> int:
     from opslib import display, migrate
 
     if args.command == "status":
@@ -128,10 +148,6 @@ def _run(args: argparse.Namespace) -> int:
         print(f"created revision {made.revision}: {made.path}\nreview it before `opslib upgrade`")
     elif args.command == "sql":
         sys.stdout.write(migrate.offline_sql(settings, args.range, x_args=args.x_args))
-    elif args.command == "db":
-        return _db(settings, args.action)
-    else:
-        return _backups(settings, args)
     return EXIT_OK
 
 
@@ -149,7 +165,11 @@ def _backups(settings, args: argparse.Namespace) -> int:
         report.raise_for_failure()
     elif args.command == "restore":
         done = backup.restore(
-            settings, args.file, into=args.into, confirm=args.confirm, terminate_connections=args.terminate_connections
+            settings,
+            args.file,
+            into=args.into,
+            confirm=args.confirm,
+            terminate_connections=args.terminate_connections,
         )
         print(display.restore_text(done))
     elif args.command == "clone":
@@ -157,7 +177,9 @@ def _backups(settings, args: argparse.Namespace) -> int:
         print(f"cloned {made.source!r} into {made.database!r} in {made.duration_s:.2f} s")
     elif args.command == "backups":
         found = backup.list_backups(settings, Path(args.dir) if args.dir else None)
-        print(json.dumps([b.to_dict() for b in found], indent=2) if args.json else display.backups_text(found))
+        print(
+            json.dumps([b.to_dict() for b in found], indent=2) if args.json else display.backups_text(found)
+        )
     elif args.command == "prune-backups":
         deleted = backup.prune_backups(settings, args.keep, Path(args.dir) if args.dir else None)
         print("\n".join(f"deleted {p}" for p in deleted) or "nothing to delete")

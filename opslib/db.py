@@ -212,7 +212,9 @@ def database_exists(conn: Connection, name: str) -> bool:
 def other_sessions(conn: Connection, name: str) -> list[int]:
     """Backend pids of other sessions connected to database ``name``."""
     rows = conn.execute(
-        sa.text("SELECT pid FROM pg_stat_activity WHERE datname = :n AND pid <> pg_backend_pid() ORDER BY pid"),
+        sa.text(
+            "SELECT pid FROM pg_stat_activity WHERE datname = :n AND pid <> pg_backend_pid() ORDER BY pid"
+        ),
         {"n": name},
     )
     return [r[0] for r in rows]

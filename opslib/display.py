@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Iterable, Sequence
+from typing import TYPE_CHECKING, Iterable, Sequence
 
-from typing import TYPE_CHECKING
-
-from opslib.migrate import MigrationResult, RevisionInfo, Status
-
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # types only: rendering backups must not import Alembic
     from opslib.backup import BackupInfo, BackupResult, RestoreResult
     from opslib.checks import CheckReport
+    from opslib.migrate import MigrationResult, RevisionInfo, Status
 
 
 def _rev(revs: Sequence[str]) -> str:
@@ -115,7 +112,9 @@ def size_text(size: int) -> str:
 
 def checks_text(report: "CheckReport") -> str:
     """A pass/fail table of a check report, with its verdict."""
-    table = text_table(["check", "result", "detail"], [(c.name, c.status.upper(), c.detail) for c in report.checks])
+    table = text_table(
+        ["check", "result", "detail"], [(c.name, c.status.upper(), c.detail) for c in report.checks]
+    )
     return f"{table}\n{report.subject}: {'all checks passed' if report.ok else 'FAILED'}"
 
 
@@ -144,7 +143,9 @@ def restore_text(done: "RestoreResult") -> str:
         f"  matches the manifest (row counts and revision): {'yes' if done.matches_manifest else 'NO'}",
     ]
     if done.replaced_database_kept_as:
-        out.append(f"  the database it replaced is kept as {done.replaced_database_kept_as!r}; drop it when satisfied")
+        out.append(
+            f"  the database it replaced is kept as {done.replaced_database_kept_as!r}; drop it when satisfied"
+        )
     return "\n".join(out)
 
 
@@ -161,5 +162,15 @@ def backups_text(found: Sequence["BackupInfo"]) -> str:
 
     return text_table(
         ["time", "database", "revision", "size", "verification", "file"],
-        [(b.started_at, b.database, "+".join(b.revisions) or "base", size_text(b.size_bytes), verified(b), b.path.name) for b in found],
+        [
+            (
+                b.started_at,
+                b.database,
+                "+".join(b.revisions) or "base",
+                size_text(b.size_bytes),
+                verified(b),
+                b.path.name,
+            )
+            for b in found
+        ],
     )

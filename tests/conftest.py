@@ -53,6 +53,17 @@ def server_url() -> URL:
         embedded.stop(settings)
 
 
+@pytest.fixture(scope="session")
+def embedded_server_url() -> URL:
+    """An admin URL of the embedded server (PostgreSQL 18), started for tests that need that version."""
+    settings = Settings(state_dir=ROOT / ".opslib")
+    was_running = embedded.status(settings).running
+    url = embedded.ensure_running(settings)
+    yield db.parse_url(url).set(database="postgres")
+    if not was_running:
+        embedded.stop(settings)
+
+
 def _admin(server_url: URL):
     conn = psycopg2.connect(server_url.set(drivername="postgresql").render_as_string(hide_password=False))
     conn.autocommit = True
@@ -61,22 +72,33 @@ def _admin(server_url: URL):
 
 @pytest.fixture
 def make_database(server_url):
-    """A factory of throwaway databases on the test server; all are dropped after the test."""
-    made: list[str] = []
-    admin = _admin(server_url)
+    """A factory of throwaway databases (on the test server, or on ``on=`` another admin URL).
 
-    def make() -> str:
-        name = f"opslib_test_{uuid.uuid4().hex[:10]}"
-        with admin.cursor() as cur:
+    Every database created on the server during the test whose name starts with this test's
+    prefix (restores and clones named after it included) is dropped afterwards.
+    """
+    prefix = f"opslib_test_{uuid.uuid4().hex[:8]}"
+    admins: dict[str, tuple] = {}
+
+    def make(on: URL | None = None) -> str:
+        server = on or server_url
+        key = server.render_as_string(hide_password=False)
+        if key not in admins:
+            admins[key] = (_admin(server), server)
+        conn, _ = admins[key]
+        name = f"{prefix}_{len(admins)}{uuid.uuid4().hex[:4]}"
+        with conn.cursor() as cur:
             cur.execute(f'CREATE DATABASE "{name}"')
-        made.append(name)
-        return server_url.set(database=name).render_as_string(hide_password=False)
+        return server.set(database=name).render_as_string(hide_password=False)
 
+    make.prefix = prefix
     yield make
-    with admin.cursor() as cur:
-        for name in made:
-            cur.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    admin.close()
+    for conn, _ in admins.values():
+        with conn.cursor() as cur:
+            cur.execute("SELECT datname FROM pg_database WHERE datname LIKE %s", (prefix + "%",))
+            for (name,) in cur.fetchall():
+                cur.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        conn.close()
 
 
 @pytest.fixture
