@@ -16,7 +16,7 @@ help:
 	@echo "make demo                          bring the sample database to head and show its status"
 	@echo "make test                          run the whole test suite against a real PostgreSQL"
 	@echo "make lab                           open the runbooks in JupyterLab"
-	@echo "make bench                         compare opslib with bare Alembic, printed as ratios"
+	@echo "make bench                         compare opslib with bare Alembic, pg_dump and pg_restore, as ratios"
 	@echo "make migrate-create message=...    autogenerate a revision from the models"
 	@echo "make migrate-create-manual message=...  create an empty revision"
 	@echo "make migrate-up | migrate-down | migrate-down-to revision=... | migrate-status | migrate-show revision=..."
@@ -50,6 +50,7 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_migrate.py
+	$(BIN)/python benchmarks/bench_backup.py
 
 lab: $(STAMP)
 	$(BIN)/python -m pip install --quiet -e '.[lab]'

@@ -116,12 +116,6 @@ def row_counts(conn: Connection) -> dict[str, int]:
     return counts
 
 
-def _revisions(conn: Connection) -> list[str]:
-    from opslib.migrate import current_revisions
-
-    return list(current_revisions(conn, end_transaction=False))
-
-
 def _endpoint(url: URL) -> dict:
     host = url.host or url.query.get("host")
     return {"host": host if isinstance(host, str) else None, "port": url.port, "name": url.database}
@@ -171,7 +165,7 @@ def backup(settings: Settings, *, out_dir: Path | None = None, label: str | None
         with snap.begin():
             snap.execute(sa.text("SET TRANSACTION READ ONLY"))
             snapshot = snap.execute(sa.text("SELECT pg_export_snapshot()")).scalar()
-            revisions = _revisions(snap)
+            revisions = list(db.version_revisions(snap))
             stem = _free_stem(folder, url.database, started, "+".join(revisions) or "base")
             final = folder / f"{stem}.dump"
             partial = folder / f".{stem}.dump.partial"
@@ -337,7 +331,7 @@ def _restore_test(settings: Settings, path: Path, manifest: dict) -> tuple[str, 
                 return FAIL, f"restore into a scratch database failed: {failure}"
             with db.connect(url.set(database=scratch)) as conn:
                 counts = row_counts(conn)
-                revisions = _revisions(conn)
+                revisions = list(db.version_revisions(conn))
         finally:
             admin.execute(sa.text(f"DROP DATABASE IF EXISTS {db.quote_ident(admin, scratch)} WITH (FORCE)"))
     diff = _count_differences(manifest.get("row_counts", {}), counts)
@@ -454,7 +448,7 @@ def restore(
                 )
             with db.connect(url.set(database=staging)) as conn:
                 counts = row_counts(conn)
-                revisions = tuple(_revisions(conn))
+                revisions = db.version_revisions(conn)
             matches = not _count_differences(manifest["row_counts"], counts) and sorted(revisions) == sorted(
                 manifest["revisions"]
             )

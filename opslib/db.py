@@ -218,3 +218,16 @@ def other_sessions(conn: Connection, name: str) -> list[int]:
         {"n": name},
     )
     return [r[0] for r in rows]
+
+
+def version_revisions(conn: Connection, version_table: str = "alembic_version") -> tuple[str, ...]:
+    """The revision(s) in Alembic's version table (found on the search_path, as Alembic does); () if none.
+
+    Plain SQL rather than Alembic's MigrationContext, so reading a revision (for a backup's
+    manifest, say) does not pay for importing Alembic.
+    """
+    exists = conn.execute(sa.text("SELECT to_regclass(:t) IS NOT NULL"), {"t": version_table}).scalar()
+    if not exists:
+        return ()
+    rows = conn.execute(sa.text(f"SELECT version_num FROM {quote_ident(conn, version_table)}"))
+    return tuple(sorted(r[0] for r in rows))

@@ -22,7 +22,6 @@ from typing import Iterator, Sequence
 
 from alembic import command
 from alembic.config import Config
-from alembic.runtime.migration import MigrationContext
 from alembic.script import Script, ScriptDirectory
 from alembic.script.revision import MultipleHeads, RevisionError
 from alembic.util.exc import CommandError
@@ -251,15 +250,14 @@ def _between(script: ScriptDirectory, upper: Sequence[str] | str, lower: Sequenc
 # --- the database ----------------------------------------------------------------------------
 
 
-def current_revisions(conn: Connection, *, end_transaction: bool = True) -> tuple[str, ...]:
+def current_revisions(conn: Connection) -> tuple[str, ...]:
     """The revision(s) recorded in the database's version table; () when at base.
 
-    The read's implicit transaction is committed unless ``end_transaction`` is False (a caller
-    reading inside its own snapshot, as a backup does).
+    The read's implicit transaction is committed: the connection may be handed to Alembic next,
+    which must find it outside a transaction to run one transaction per revision.
     """
-    ctx = MigrationContext.configure(conn)
-    revs = tuple(sorted(ctx.get_current_heads()))
-    if end_transaction and conn.in_transaction():
+    revs = db.version_revisions(conn)
+    if conn.in_transaction():
         conn.commit()
     return revs
 
