@@ -1,0 +1,189 @@
+"""Runbook parameters: one declaration per runbook, and strict validation before any connection.
+
+The declarations here are the source of truth; each runbook's ``parameters`` cell carries the same
+names, types, defaults and help (a test compares them through papermill's own parser). Validation
+refuses unknown names, wrong types, malformed revision ids (papermill's ``-p`` turns ``0042`` into
+the number 42) and forbidden combinations, each with one line saying what to do, as
+:class:`~opslib.errors.InvalidInput` (exit 2).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+from opslib.errors import InvalidInput
+
+
+@dataclass(frozen=True)
+class Param:
+    """One runbook parameter as declared in the notebook's parameters cell."""
+
+    name: str
+    type: type
+    default: Any
+    help: str
+    choices: tuple = ()
+    revision: bool = False
+
+    def cell_line(self) -> str:
+        """The line of the parameters cell that declares this parameter (papermill's grammar)."""
+        return f"{self.name}: {self.type.__name__} = {self.default!r}  # {self.help}"
+
+
+_URL_ENV = Param(
+    "database_url_env",
+    str,
+    "DATABASE_URL",
+    "name of the environment variable holding the database URL (never the URL itself)",
+)
+_CONFIRM = Param("confirm", str, "", "the database's name, required in production (staging too for reset)")
+
+RUNBOOKS: dict[str, tuple[Param, ...]] = {
+    "deploy": (
+        _URL_ENV,
+        Param("target_revision", str, "head", "revision to upgrade to", revision=True),
+        Param("backup", bool, True, "take and verify a backup first (cannot be turned off in production)"),
+        Param("restore_test", bool, False, "verify the backup by restoring it into a scratch database"),
+        Param(
+            "on_failure",
+            str,
+            "stop",
+            "stop: stay at the last committed revision; restore: restore the backup",
+            ("stop", "restore"),
+        ),
+        _CONFIRM,
+    ),
+    "rollback": (
+        _URL_ENV,
+        Param("steps", int, 1, "how many revisions to roll back (ignored when target_revision is set)"),
+        Param("target_revision", str, "", "revision to roll back to (empty: use steps)", revision=True),
+        Param("backup", bool, True, "take and verify a backup first (cannot be turned off in production)"),
+        _CONFIRM,
+    ),
+    "recovery": (
+        _URL_ENV,
+        Param(
+            "mode",
+            str,
+            "restore",
+            "restore: restore a backup and replay; stamp: record a revision after a manual fix",
+            ("restore", "stamp"),
+        ),
+        Param(
+            "backup_file", str, "", "backup to restore (empty: the newest verified backup of this database)"
+        ),
+        Param(
+            "target_revision",
+            str,
+            "head",
+            "revision to replay migrations to after the restore (empty: none)",
+            revision=True,
+        ),
+        Param("terminate_connections", bool, False, "end other sessions on the database before replacing it"),
+        Param("stamp_revision", str, "", "mode=stamp: the revision the database is now at", revision=True),
+        Param("reason", str, "", "mode=stamp: why, for the record (required)"),
+        _CONFIRM,
+    ),
+    "reset": (
+        _URL_ENV,
+        Param("backup", bool, False, "take and verify a backup first"),
+        Param("reseed", bool, True, "load the development sample data again (-x dev_data=true)"),
+        _CONFIRM,
+    ),
+}
+
+_REVISION = re.compile(r"^[A-Za-z0-9_.@+\-]+$")
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+# Names every notebook namespace has; anything else holding plain data was injected as a parameter.
+_NAMESPACE = {"In", "Out", "get_ipython", "exit", "quit", "open", "run"}
+_PLAIN = (str, int, float, bool, list, dict, tuple, type(None))
+
+
+def spec(runbook: str) -> tuple[Param, ...]:
+    """The declared parameters of a runbook."""
+    try:
+        return RUNBOOKS[runbook]
+    except KeyError:
+        raise InvalidInput(
+            f"no runbook {runbook!r}: the runbooks are {', '.join(sorted(RUNBOOKS))}"
+        ) from None
+
+
+def from_namespace(runbook: str, namespace: Mapping[str, Any]) -> dict[str, Any]:
+    """The parameters found in a notebook's namespace: declared ones, and any other plain value (injected by mistake)."""
+    declared = {p.name for p in spec(runbook)}
+    found = {name: namespace[name] for name in declared if name in namespace}
+    for name, value in namespace.items():
+        if name in declared or name.startswith("_") or name in _NAMESPACE:
+            continue
+        if isinstance(value, _PLAIN):
+            found[name] = value
+    return found
+
+
+def validate(runbook: str, values: Mapping[str, Any]) -> dict[str, Any]:
+    """Check every value against the runbook's declaration; returns the complete parameter dict."""
+    params = spec(runbook)
+    known = {p.name: p for p in params}
+    unknown = sorted(set(values) - set(known))
+    if unknown:
+        raise InvalidInput(
+            f"{runbook}: unknown parameter {', '.join(unknown)}; the parameters are {', '.join(known)}"
+        )
+    result = {}
+    for p in params:
+        result[p.name] = _check(runbook, p, values.get(p.name, p.default))
+    _check_combinations(runbook, result)
+    return result
+
+
+def _check(runbook: str, p: Param, value: Any) -> Any:
+    where = f"{runbook}: parameter {p.name}"
+    if p.type is str:
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and p.revision:
+            raise InvalidInput(
+                f"{where} must be a string, got the number {value!r}: papermill's -p turns a revision like "
+                f"0042 into a number; pass it with papermill -r {p.name} VALUE, or with opslib run -p"
+            )
+        if not isinstance(value, str):
+            raise InvalidInput(f"{where} must be a string, not {type(value).__name__} {value!r}")
+        value = value.strip()
+        if p.revision and value and not _REVISION.match(value):
+            raise InvalidInput(f"{where}: {value!r} is not a revision id (letters, digits, _ . @ + -)")
+    elif p.type is bool:
+        if isinstance(value, str) and value.strip().lower() in ("true", "false"):
+            value = value.strip().lower() == "true"
+        if not isinstance(value, bool):
+            raise InvalidInput(f"{where} must be true or false, not {value!r}")
+    elif p.type is int:
+        if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+            value = int(value)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise InvalidInput(f"{where} must be a whole number, not {value!r}")
+    if p.choices and value not in p.choices:
+        raise InvalidInput(f"{where} must be one of {', '.join(p.choices)}, not {value!r}")
+    return value
+
+
+def _check_combinations(runbook: str, values: dict[str, Any]) -> None:
+    env_name = values["database_url_env"]
+    if "://" in env_name or not _ENV_NAME.match(env_name):
+        raise InvalidInput(
+            f"{runbook}: database_url_env names the environment variable that holds the URL "
+            f"(e.g. DATABASE_URL), not {'a URL' if '://' in env_name else repr(env_name)}"
+        )
+    if runbook == "deploy" and values["on_failure"] == "restore" and not values["backup"]:
+        raise InvalidInput(
+            "deploy: on_failure='restore' needs backup=True: there is nothing to restore otherwise"
+        )
+    if runbook == "rollback" and not values["target_revision"] and values["steps"] < 1:
+        raise InvalidInput(f"rollback: steps must be at least 1, not {values['steps']}")
+    if runbook == "recovery" and values["mode"] == "stamp":
+        if not values["stamp_revision"]:
+            raise InvalidInput(
+                "recovery: mode='stamp' needs stamp_revision, the revision the database is now at"
+            )
+        if not values["reason"].strip():
+            raise InvalidInput("recovery: mode='stamp' needs a reason, kept in the record")
