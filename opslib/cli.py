@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from typing import Sequence
 
@@ -104,6 +105,23 @@ def _parser() -> argparse.ArgumentParser:
         "verify-setup", help="connectivity, versions, client tools, Alembic config, backups folder"
     )
 
+    s = sub.add_parser("run", help="execute a runbook with papermill and keep its record")
+    s.add_argument("runbook", help="deploy, rollback, recovery or reset")
+    s.add_argument(
+        "-p",
+        "--parameter",
+        nargs=2,
+        action="append",
+        default=[],
+        metavar=("NAME", "VALUE"),
+        help="a runbook parameter",
+    )
+    s.add_argument(
+        "--env", choices=["development", "staging", "production"], help="environment label (OPSLIB_ENV)"
+    )
+
+    sub.add_parser("runbooks", help="list the runbooks with their parameters")
+
     s = sub.add_parser("db", help="the embedded PostgreSQL used when DATABASE_URL is unset")
     s.add_argument("action", choices=["start", "stop", "status", "url"])
     return p
@@ -119,6 +137,8 @@ def _run(args: argparse.Namespace) -> int:
         return _db(settings, args.action)
     if args.command in _BACKUP_COMMANDS:
         return _backups(settings, args)
+    if args.command in ("run", "runbooks"):
+        return _runbooks(settings, args)
     return _migrations(settings, args)
 
 
@@ -190,6 +210,20 @@ def _backups(settings, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _runbooks(settings, args: argparse.Namespace) -> int:
+    from opslib import display, runner
+
+    if args.command == "runbooks":
+        print(display.runbooks_text(runner.runbooks_dir()))
+        return EXIT_OK
+    outcome = runner.run(settings, args.runbook, [tuple(p) for p in args.parameter], env=args.env)
+    print(f"record: {outcome.sidecar}")
+    if outcome.notebook.exists():
+        print(f"notebook: {outcome.notebook}")
+    print(outcome.line())
+    return outcome.exit_code
+
+
 def _db(settings, action: str) -> int:
     from opslib import embedded
 
@@ -225,6 +259,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("opslib: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `opslib status | head`: the reader left, which is not an error of ours
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - keeps Python's exit-time flush quiet
+        return EXIT_OK
 
 
 if __name__ == "__main__":

@@ -174,3 +174,74 @@ def backups_text(found: Sequence["BackupInfo"]) -> str:
             for b in found
         ],
     )
+
+
+class Section:
+    """What a runbook step shows: a title, its status, facts, an optional table and optional text.
+
+    Renders as HTML in JupyterLab and as plain text elsewhere (papermill's text output, nbval).
+    """
+
+    def __init__(
+        self,
+        title: str,
+        status: str,
+        facts: Sequence[tuple[str, object]] = (),
+        rows: Sequence[dict] = (),
+        text: str = "",
+    ):
+        self.title = title
+        self.status = status
+        self.facts = list(facts)
+        self.rows = list(rows)
+        self.text = text
+
+    def __repr__(self) -> str:
+        out = [f"{self.title}: {self.status}"]
+        out += [f"  {k}: {v}" for k, v in self.facts]
+        if self.rows:
+            headers = list(self.rows[0])
+            out.append(text_table(headers, [[r.get(h) for h in headers] for r in self.rows]))
+        if self.text:
+            out.append(self.text.rstrip())
+        return "\n".join(out)
+
+    def _repr_html_(self) -> str:
+        import html
+
+        import pandas as pd  # late import: only notebooks render HTML
+
+        parts = [f"<h4>{html.escape(self.title)}: {html.escape(self.status)}</h4>"]
+        if self.facts:
+            cells = "".join(
+                f"<tr><th style='text-align:left'>{html.escape(str(k))}</th><td style='text-align:left'>"
+                f"{html.escape(str(v))}</td></tr>"
+                for k, v in self.facts
+            )
+            parts.append(f"<table>{cells}</table>")
+        if self.rows:
+            parts.append(pd.DataFrame(self.rows).to_html(index=False))
+        if self.text:
+            parts.append(f"<pre>{html.escape(self.text.rstrip())}</pre>")
+        return "\n".join(parts)
+
+
+def runbooks_text(folder) -> str:
+    """What `opslib runbooks` prints: each runbook's purpose and parameters."""
+    import json
+    from pathlib import Path
+
+    from opslib.params import RUNBOOKS
+
+    out = []
+    for name, declared in RUNBOOKS.items():
+        path = Path(folder) / f"{name}.ipynb"
+        purpose = ""
+        if path.is_file():
+            first = json.loads(path.read_text())["cells"][0]["source"]
+            first = "".join(first) if isinstance(first, list) else first
+            purpose = first.splitlines()[0].lstrip("# ").strip()
+        out.append(f"{name}: {purpose}   ({path})")
+        out += [f"    {p.name}: {p.type.__name__} = {p.default!r}  # {p.help}" for p in declared]
+        out.append("")
+    return "\n".join(out).rstrip()

@@ -19,6 +19,10 @@ class OpsError(Exception):
         self.changed = changed
         self.revisions = revisions
 
+    def _render_traceback_(self) -> list[str]:
+        # IPython shows this instead of a traceback: an operator sees the message, not opslib's internals.
+        return [f"{type(self).__name__}: {self.message}"]
+
 
 class InvalidInput(OpsError):
     """A parameter, argument or piece of configuration is wrong; nothing was changed (exit 2)."""
@@ -58,6 +62,12 @@ class MigrationFailed(OpsError):
 
 class ChecksFailed(PreconditionFailed):
     """One or more checks failed (a backup's verification, the setup check); nothing was changed."""
+
+
+class VerificationFailed(OpsError):
+    """A change completed but its verification found the database not as expected (exit 1)."""
+
+    exit_code = 1
 
 
 class BackupFailed(OpsError):

@@ -1,0 +1,665 @@
+"""The steps behind the runbooks: every code cell of ``runbooks/*.ipynb`` is one call into this module.
+
+A runbook's first code cell is ``run = runbook.start("deploy", globals())``: it validates the
+parameters (before any connection) and returns the run, whose methods are the runbook's steps.
+Each step is recorded (name, start, duration, outcome) in the run's sidecar, rewritten after every
+step; when a step fails, the run ends there: the record is finished with the outcome and the
+database's revision, then the error is raised so the notebook (and papermill) stops. Nothing here
+prints a password: the URL comes from the environment variable the parameters name.
+
+The same code runs cell by cell in JupyterLab, under plain papermill, and under ``opslib run``
+(which also keeps the executed notebook and writes the ledger line, see :mod:`opslib.runner`).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import time
+from dataclasses import replace
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import sqlalchemy as sa
+
+from opslib import audit, backup, db, migrate, params
+from opslib.config import Settings, load_settings
+from opslib.display import Section
+from opslib.errors import (
+    InvalidInput,
+    MigrationFailed,
+    OpsError,
+    PreconditionFailed,
+    VerificationFailed,
+)
+
+SUCCEEDED, FAILED, REFUSED, INTERRUPTED, SKIPPED = "succeeded", "failed", "refused", "interrupted", "skipped"
+
+
+def _outcome_of(err: BaseException) -> tuple[str, int]:
+    if isinstance(err, KeyboardInterrupt):
+        return INTERRUPTED, 1
+    if isinstance(err, OpsError):
+        return (REFUSED if err.exit_code in (2, 3, 4) else FAILED), err.exit_code
+    return FAILED, 1
+
+
+def _message_of(err: BaseException) -> str:
+    if isinstance(err, OpsError):
+        return err.message
+    if isinstance(err, KeyboardInterrupt):
+        return "interrupted"
+    return f"unexpected error: {type(err).__name__}: {err}"
+
+
+def step(name: str) -> Callable:
+    """Decorate a Run method as a recorded step; a failure ends the run and is re-raised."""
+
+    def decorate(fn: Callable) -> Callable:
+        @functools.wraps(fn)
+        def wrapper(self: "Run", *args, **kwargs):
+            self._require_open(name)
+            entry = {
+                "name": name,
+                "started_at": audit.iso(audit.now()),
+                "duration_s": None,
+                "outcome": "running",
+            }
+            self.record["steps"].append(entry)
+            self._save()
+            started = time.perf_counter()
+            try:
+                result = fn(self, *args, **kwargs)
+            except BaseException as err:
+                entry["outcome"] = _outcome_of(err)[0]
+                entry["duration_s"] = round(time.perf_counter() - started, 3)
+                self._finish(err)
+                raise
+            entry["outcome"] = (
+                SKIPPED if isinstance(result, Section) and result.status.startswith("skipped") else SUCCEEDED
+            )
+            entry["duration_s"] = round(time.perf_counter() - started, 3)
+            self._save()
+            return result
+
+        return wrapper
+
+    return decorate
+
+
+class Run:
+    """One execution of a runbook: its settings, validated parameters and record."""
+
+    runbook = ""
+
+    def __init__(self, settings: Settings, values: dict, record: dict, stem: str, under_runner: bool):
+        self.settings = settings
+        self.params = values
+        self.record = record
+        self.stem = stem
+        self.under_runner = under_runner
+        self.ended = False
+        self.url = None
+        self.database = None
+
+    # --- bookkeeping ------------------------------------------------------------------------------
+
+    @property
+    def record_path(self) -> Path:
+        """The run's sidecar JSON."""
+        return audit.sidecar_path(self.settings.records_dir, self.stem)
+
+    def _save(self) -> None:
+        audit.write_sidecar(self.settings.records_dir, self.stem, self.record)
+
+    def _require_open(self, name: str) -> None:
+        if self.ended:
+            raise PreconditionFailed(
+                f"this run has ended ({self.record['outcome']}); start a new run to {name} (re-run the first cell)"
+            )
+
+    def _revisions_now(self) -> list[str] | None:
+        try:
+            with db.connect(db.target_url(self.settings)) as conn:
+                return list(migrate.current_revisions(conn))
+        except OpsError:
+            return None
+
+    def _finish(self, err: BaseException | None = None) -> None:
+        outcome, code = (SUCCEEDED, 0) if err is None else _outcome_of(err)
+        self.record["outcome"] = outcome
+        self.record["exit_code"] = code
+        self.record["error"] = None if err is None else _message_of(err)
+        self.record["finished_at"] = audit.iso(audit.now())
+        if self.record["database"] is not None:
+            self.record["revisions_after"] = self._revisions_now()
+        self.ended = True
+        self._save()
+        if not self.under_runner:  # `opslib run` appends the ledger line itself, with the notebook's name
+            audit.append_ledger(self.settings.records_dir, self.stem, self.record)
+
+    def _identify(self) -> list[tuple[str, object]]:
+        """Connect, record which database this is, and return its identity as facts to show."""
+        self.url = db.target_url(self.settings)
+        with db.connect(self.url) as conn:
+            version, _ = db.server_version(conn)
+            current = list(migrate.current_revisions(conn))
+        host = self.url.host or self.url.query.get("host")
+        self.database = self.url.database
+        self.record["database"] = {"host": host, "port": self.url.port, "name": self.url.database}
+        self.record["revisions_before"] = current
+        self._save()
+        return [
+            ("database", self.url.database),
+            ("server", f"{host}:{self.url.port or 5432}" if self.url.host else f"socket {host}"),
+            ("PostgreSQL", version),
+            ("environment", self.settings.env),
+            ("operator", self.settings.operator),
+            ("current revision", ", ".join(current) or "base"),
+        ]
+
+    def _require_confirm(self, why: str) -> None:
+        if self.params.get("confirm") != self.database:
+            given = repr(self.params.get("confirm")) if self.params.get("confirm") else "nothing"
+            raise PreconditionFailed(
+                f"{self.runbook} {why} needs confirm={self.database!r} (the database's name); got {given}"
+            )
+
+    def _take_backup(self, label: str) -> Section:
+        if not self.params.get("backup"):
+            return Section("Backup", f"skipped (backup=False, environment {self.settings.env})")
+        made = backup.backup(self.settings, label=label)
+        report = backup.verify_backup(
+            self.settings, made.path, restore_test=self.params.get("restore_test", False)
+        )
+        report.raise_for_failure()
+        self.record["backup"] = {"path": str(made.path.resolve()), "sha256": made.manifest["sha256"]}
+        self._save()
+        m = made.manifest
+        return Section(
+            "Backup",
+            "taken and verified",
+            [
+                ("file", made.path.name),
+                ("revision", ", ".join(m["revisions"]) or "base"),
+                ("tables / rows", f"{len(m['row_counts'])} / {sum(m['row_counts'].values())}"),
+                ("sha256", m["sha256"][:16] + "…"),
+                (
+                    "verification",
+                    "restore test passed" if self.params.get("restore_test") else "checksum and archive",
+                ),
+            ],
+        )
+
+    def _steps_recorder(self, verb: str) -> Callable:
+        def on_step(info: migrate.RevisionInfo, seconds: float) -> None:
+            self.record["steps"].append(
+                {
+                    "name": f"{verb} {info.revision}",
+                    "started_at": audit.iso(audit.now() - timedelta(seconds=seconds)),
+                    "duration_s": round(seconds, 3),
+                    "outcome": SUCCEEDED,
+                }
+            )
+            self._save()
+
+        return on_step
+
+    def _expect_revisions(self, expected: tuple[str, ...]) -> tuple[str, object]:
+        now = tuple(sorted(self._revisions_now() or ()))
+        if now != tuple(sorted(expected)):
+            raise VerificationFailed(
+                f"the database is at {', '.join(now) or 'base'}, expected {', '.join(expected) or 'base'}"
+            )
+        return ("revision", ", ".join(now) or "base")
+
+    @step("parameters")
+    def validate(self, runbook: str, namespace: Mapping[str, Any], reload_settings: bool = False) -> None:
+        """Validate the parameters and the environment's rules for this runbook (the run's first step)."""
+        if reload_settings:
+            load_settings()  # raises the configuration error, now recorded as this step's failure
+        values = params.validate(runbook, params.from_namespace(runbook, namespace))
+        self.params = values
+        self.record["parameters"] = values
+        env_name = values["database_url_env"]
+        url = os.environ.get(env_name)
+        if not url and env_name != "DATABASE_URL":
+            raise InvalidInput(
+                f"{runbook}: the environment variable {env_name} (database_url_env) is not set"
+            )
+        if url:
+            db.parse_url(url, source=env_name)  # a malformed URL is refused here, before any connection
+        self.settings = replace(self.settings, database_url=url or None)
+        if runbook == "reset" and self.settings.env == "production":
+            raise PreconditionFailed("reset is refused in production, whatever the parameters")
+        if (
+            self.settings.env == "production"
+            and runbook != "reset"
+            and "backup" in values
+            and not values["backup"]
+        ):
+            raise PreconditionFailed(f"{runbook}: backup=False is not allowed in production")
+
+    def _models_fact(self) -> tuple[str, object]:
+        """Compare the database with the project's models; only meaningful at head, where the models are."""
+        heads = {h.revision for h in migrate.heads(self.settings)}
+        if set(self._revisions_now() or ()) != heads:
+            return ("models", "skip: compared only when the database is at head")
+        status, detail = migrate.compare_models(self.settings)
+        if status == "fail":
+            raise VerificationFailed(f"the database does not match the models: {detail}")
+        return ("models", f"{status}: {detail}")
+
+    @step("summary")
+    def summary(self) -> Section:
+        """End the run as succeeded and show what it did."""
+        self._finish()
+        r = self.record
+        facts = [
+            ("outcome", r["outcome"]),
+            ("database", self.database),
+            ("revision before", ", ".join(r["revisions_before"] or []) or "base"),
+            ("revision after", ", ".join(r["revisions_after"] or []) or "base"),
+            ("backup", Path(r["backup"]["path"]).name if r["backup"] else "none"),
+            ("record", self.record_path.name),
+        ]
+        rows = [
+            {"step": s["name"], "outcome": s["outcome"], "seconds": s["duration_s"]}
+            for s in r["steps"]
+            if s["name"] != "summary"
+        ]
+        return Section(f"{self.runbook.capitalize()} summary", r["outcome"], facts, rows)
+
+    def __repr__(self) -> str:
+        return repr(self._parameters_section())
+
+    def _repr_html_(self) -> str:
+        return self._parameters_section()._repr_html_()
+
+    def _parameters_section(self) -> Section:
+        rows = [{"parameter": k, "value": v} for k, v in self.params.items()]
+        facts = [
+            ("run id", self.record["run_id"]),
+            ("environment", self.settings.env),
+            ("record", self.record_path.name),
+        ]
+        return Section(f"{self.runbook.capitalize()} run", "parameters valid", facts, rows)
+
+
+# --- deploy -----------------------------------------------------------------------------------------
+
+
+class Deploy(Run):
+    """The guide's `make deploy-prod`: preflight, backup, upgrade, verify."""
+
+    runbook = "deploy"
+    pending: list = []
+
+    @step("preflight")
+    def preflight(self) -> Section:
+        """Identify the target, check the chain has one head, list what will run and its SQL."""
+        facts = self._identify()
+        if self.settings.env == "production":
+            self._require_confirm("in production")
+        heads = migrate.heads(self.settings)
+        if len(heads) > 1:
+            raise PreconditionFailed(
+                f"the chain has {len(heads)} heads ({', '.join(h.revision for h in heads)}): merge them before deploying"
+            )
+        current, self.pending = migrate.plan(self.settings, "upgrade", self.params["target_revision"])
+        facts.append(("target revision", self.params["target_revision"]))
+        if not self.pending:
+            return Section("Preflight", "nothing to do: the database is already at the target", facts)
+        sql = _offline(self.settings, f"{current[0] if current else 'base'}:{self.pending[-1].revision}")
+        rows = [{"revision": r.revision, "message": r.message} for r in self.pending]
+        return Section("Preflight", f"{len(self.pending)} revision(s) to apply", facts, rows, sql)
+
+    @step("backup")
+    def backup(self) -> Section:
+        """Back up and verify before changing anything (skipped when nothing is pending)."""
+        if not self.pending:
+            return Section("Backup", "skipped: nothing to deploy")
+        return self._take_backup(f"before deploy {self.record['run_id']}")
+
+    @step("upgrade")
+    def upgrade(self) -> Section:
+        """Apply the pending revisions one at a time under the lock; on failure stop, or restore the backup."""
+        if not self.pending:
+            return Section("Upgrade", "skipped: nothing to deploy")
+        try:
+            result = migrate.upgrade(
+                self.settings,
+                self.pending[-1].revision,
+                one_at_a_time=True,
+                on_step=self._steps_recorder("upgrade"),
+            )
+        except MigrationFailed as err:
+            if self.params["on_failure"] != "restore":
+                raise
+            restored = backup.restore(
+                self.settings,
+                self.record["backup"]["path"],
+                confirm=self.database,
+                terminate_connections=True,
+            )
+            raise MigrationFailed(
+                f"{err.message} on_failure=restore: the pre-deploy backup was restored, the database is back at "
+                f"{', '.join(restored.revisions) or 'base'} (the failed state is kept as {restored.replaced_database_kept_as})",
+                changed=True,
+                revisions=restored.revisions,
+            ) from err
+        rows = [{"revision": s.revision, "message": s.message} for s in result.steps]
+        return Section(
+            "Upgrade", f"applied {len(result.steps)} revision(s)", [("now at", ", ".join(result.after))], rows
+        )
+
+    @step("verify")
+    def verify(self) -> Section:
+        """The database is at the target, and matches the project's models where it has them."""
+        facts = [
+            self._expect_revisions(
+                tuple(r.revision for r in self.pending[-1:]) or tuple(self.record["revisions_before"])
+            )
+        ]
+        facts.append(self._models_fact())
+        return Section("Verify", "passed", facts)
+
+
+# --- rollback ---------------------------------------------------------------------------------------
+
+
+class Rollback(Run):
+    """The guide's `make rollback-prod` / `migrate-down`: reverse revisions, with a backup first."""
+
+    runbook = "rollback"
+    reversing: list = []
+
+    @property
+    def target(self) -> str:
+        """The downgrade target: the revision given, else -steps."""
+        return self.params["target_revision"] or f"-{self.params['steps']}"
+
+    @step("preflight")
+    def preflight(self) -> Section:
+        """Identify the target, list the revisions to reverse and their SQL; refuse irreversible ones."""
+        facts = self._identify()
+        if self.settings.env == "production":
+            self._require_confirm("in production")
+        current, self.reversing = migrate.plan(self.settings, "downgrade", self.target)
+        facts.append(("roll back to", self.target))
+        if not self.reversing:
+            return Section("Preflight", "nothing to do: the database is already at the target", facts)
+        irreversible = [r.revision for r in self.reversing if not migrate.has_real_downgrade(r)]
+        if irreversible:
+            raise PreconditionFailed(
+                f"revision {', '.join(irreversible)} has no real downgrade (it does nothing or raises): "
+                "roll back with the recovery runbook, restoring a backup taken before it"
+            )
+        last = self.reversing[-1]
+        below = last.down_revisions[0] if len(last.down_revisions) == 1 else "base"
+        sql = _offline(self.settings, f"{current[0]}:{below}") if len(current) == 1 else ""
+        rows = [{"revision": r.revision, "message": r.message} for r in self.reversing]
+        return Section("Preflight", f"{len(self.reversing)} revision(s) to reverse", facts, rows, sql)
+
+    @step("backup")
+    def backup(self) -> Section:
+        """Back up and verify before reversing anything."""
+        if not self.reversing:
+            return Section("Backup", "skipped: nothing to roll back")
+        return self._take_backup(f"before rollback {self.record['run_id']}")
+
+    @step("downgrade")
+    def downgrade(self) -> Section:
+        """Reverse the revisions one at a time under the lock."""
+        if not self.reversing:
+            return Section("Downgrade", "skipped: nothing to roll back")
+        result = migrate.downgrade(
+            self.settings, self.target, one_at_a_time=True, on_step=self._steps_recorder("downgrade")
+        )
+        rows = [{"revision": s.revision, "message": s.message} for s in result.steps]
+        return Section(
+            "Downgrade",
+            f"reversed {len(result.steps)} revision(s)",
+            [("now at", ", ".join(result.after) or "base")],
+            rows,
+        )
+
+    @step("verify")
+    def verify(self) -> Section:
+        """The database is where the rollback was to leave it."""
+        before = self.record["revisions_before"]
+        if not self.reversing:
+            return Section("Verify", "passed", [self._expect_revisions(tuple(before))])
+        last = self.reversing[-1]
+        return Section("Verify", "passed", [self._expect_revisions(tuple(last.down_revisions))])
+
+
+# --- recovery ---------------------------------------------------------------------------------------
+
+
+class Recovery(Run):
+    """The guide's recovery procedures: restore a backup and replay migrations, or stamp after a manual fix."""
+
+    runbook = "recovery"
+    backup_file: Path | None = None
+    manifest: dict = {}
+
+    @step("preflight")
+    def preflight(self) -> Section:
+        """Identify the target and show what will be done: the backup to restore, or the revision to stamp."""
+        facts = self._identify()
+        if self.params["mode"] == "stamp":
+            if self.settings.env == "production":
+                self._require_confirm("stamp in production")
+            info = migrate.show(self.settings, self.params["stamp_revision"])
+            facts += [("stamp", f"{info.revision} ({info.message})"), ("reason", self.params["reason"])]
+            return Section("Preflight", "stamp after a manual fix", facts)
+        self._require_confirm("replaces the database and")
+        self.backup_file = self._choose_backup()
+        backup.verify_backup(self.settings, self.backup_file, record=False).raise_for_failure()
+        self.manifest = backup.read_manifest(self.backup_file)
+        m = self.manifest
+        facts += [
+            ("backup", self.backup_file.name),
+            ("taken at", m["started_at"]),
+            ("backup revision", ", ".join(m["revisions"]) or "base"),
+            ("then replay to", self.params["target_revision"] or "no replay"),
+        ]
+        return Section("Preflight", "restore a backup, then replay migrations", facts)
+
+    def _choose_backup(self) -> Path:
+        if self.params["backup_file"]:
+            path = Path(self.params["backup_file"])
+            if not path.is_absolute() and not path.exists():
+                path = Path(self.settings.backups_dir) / path
+            if not path.is_file():
+                raise InvalidInput(f"recovery: no backup file {self.params['backup_file']!r}")
+            return path
+        for info in backup.list_backups(self.settings):
+            if info.database == self.database and info.verified:
+                return info.path
+        raise PreconditionFailed(
+            f"recovery: no verified backup of {self.database!r} in {self.settings.backups_dir}: "
+            "name one with backup_file, or verify one with `opslib verify-backup FILE`"
+        )
+
+    @step("restore")
+    def restore(self) -> Section:
+        """Restore the backup over the database (the replaced one is kept under another name)."""
+        if self.params["mode"] != "restore":
+            return Section("Restore", "skipped: mode=stamp")
+        done = backup.restore(
+            self.settings,
+            self.backup_file,
+            confirm=self.params["confirm"],
+            terminate_connections=self.params["terminate_connections"],
+        )
+        self.record["backup"] = {"path": str(self.backup_file.resolve()), "sha256": self.manifest["sha256"]}
+        self._save()
+        facts = [
+            ("restored revision", ", ".join(done.revisions) or "base"),
+            ("matches the manifest", "yes" if done.matches_manifest else "NO"),
+            ("replaced database kept as", done.replaced_database_kept_as),
+        ]
+        return Section("Restore", "restored", facts)
+
+    @step("replay")
+    def replay(self) -> Section:
+        """Replay migrations from the restored revision up to target_revision."""
+        if self.params["mode"] != "restore" or not self.params["target_revision"]:
+            return Section(
+                "Replay",
+                "skipped: " + ("mode=stamp" if self.params["mode"] != "restore" else "no target_revision"),
+            )
+        _, pending = migrate.plan(self.settings, "upgrade", self.params["target_revision"])
+        if not pending:
+            return Section("Replay", "nothing to do: the restored database is at the target")
+        result = migrate.upgrade(
+            self.settings, pending[-1].revision, one_at_a_time=True, on_step=self._steps_recorder("upgrade")
+        )
+        rows = [{"revision": s.revision, "message": s.message} for s in result.steps]
+        return Section(
+            "Replay", f"applied {len(result.steps)} revision(s)", [("now at", ", ".join(result.after))], rows
+        )
+
+    @step("stamp")
+    def stamp(self) -> Section:
+        """Record stamp_revision as the database's revision (mode=stamp), with the reason in the record."""
+        if self.params["mode"] != "stamp":
+            return Section("Stamp", "skipped: mode=restore")
+        result = migrate.stamp(self.settings, self.params["stamp_revision"])
+        facts = [
+            ("before", ", ".join(result.before) or "base"),
+            ("after", ", ".join(result.after)),
+            ("reason", self.params["reason"]),
+        ]
+        return Section("Stamp", "stamped", facts)
+
+    @step("verify")
+    def verify(self) -> Section:
+        """The database is at the revision the recovery was to leave it at."""
+        if self.params["mode"] == "stamp":
+            expected = tuple(r.revision for r in [migrate.show(self.settings, self.params["stamp_revision"])])
+        elif self.params["target_revision"]:
+            _, pending = migrate.plan(self.settings, "upgrade", self.params["target_revision"])
+            if pending:
+                raise VerificationFailed(f"{len(pending)} revision(s) still pending after the replay")
+            return Section(
+                "Verify", "passed", [("revision", ", ".join(self._revisions_now() or []) or "base")]
+            )
+        else:
+            expected = tuple(self.manifest["revisions"])
+        return Section("Verify", "passed", [self._expect_revisions(expected)])
+
+
+# --- reset --------------------------------------------------------------------------------------------
+
+
+class Reset(Run):
+    """The guide's `make db-reset`: everything down, everything up, sample data again."""
+
+    runbook = "reset"
+    schema_recreated = False
+
+    @step("preflight")
+    def preflight(self) -> Section:
+        """Identify the target; in staging the name must be confirmed (production was refused at start)."""
+        facts = self._identify()
+        if self.settings.env == "staging":
+            self._require_confirm("in staging")
+        facts.append(("reseed", "yes (-x dev_data=true)" if self.params["reseed"] else "no"))
+        return Section("Preflight", "reset: downgrade to base, upgrade to head", facts)
+
+    @step("backup")
+    def backup(self) -> Section:
+        """Optionally back up first (backup=True)."""
+        return self._take_backup(f"before reset {self.record['run_id']}")
+
+    @step("teardown")
+    def teardown(self) -> Section:
+        """Downgrade to base; when a downgrade fails, drop and recreate the public schema instead, saying so."""
+        if not self.record["revisions_before"]:
+            return Section("Teardown", "nothing to do: the database is at base")
+        try:
+            result = migrate.downgrade(
+                self.settings, "base", one_at_a_time=True, on_step=self._steps_recorder("downgrade")
+            )
+        except MigrationFailed as err:
+            _recreate_public_schema(self.settings)
+            self.schema_recreated = True
+            return Section(
+                "Teardown",
+                "downgrade failed: dropped and recreated schema public instead",
+                [("downgrade error", err.message)],
+            )
+        return Section("Teardown", f"downgraded {len(result.steps)} revision(s) to base")
+
+    @step("rebuild")
+    def rebuild(self) -> Section:
+        """Upgrade to head, loading the sample data when reseed is on."""
+        x_args = ["dev_data=true"] if self.params["reseed"] else []
+        result = migrate.upgrade(
+            self.settings, "head", x_args=x_args, one_at_a_time=True, on_step=self._steps_recorder("upgrade")
+        )
+        return Section(
+            "Rebuild", f"applied {len(result.steps)} revision(s)", [("now at", ", ".join(result.after))]
+        )
+
+    @step("verify")
+    def verify(self) -> Section:
+        """The database is at head and matches the models."""
+        facts = [self._expect_revisions(tuple(h.revision for h in migrate.heads(self.settings)))]
+        facts.append(self._models_fact())
+        return Section("Verify", "passed", facts)
+
+
+def _recreate_public_schema(settings: Settings) -> None:
+    url = db.target_url(settings)
+    with db.connect(url) as conn:
+        with db.advisory_lock(conn, settings.lock_timeout_s):
+            conn.execute(sa.text("DROP SCHEMA public CASCADE"))
+            conn.execute(sa.text("CREATE SCHEMA public"))
+            conn.commit()
+
+
+def _offline(settings: Settings, revision_range: str) -> str:
+    try:
+        return migrate.offline_sql(settings, revision_range)
+    except OpsError as err:
+        return f"-- the SQL cannot be rendered offline: {err.message}"
+
+
+WORKFLOWS: dict[str, type[Run]] = {
+    "deploy": Deploy,
+    "rollback": Rollback,
+    "recovery": Recovery,
+    "reset": Reset,
+}
+
+
+# --- start ----------------------------------------------------------------------------------------------
+
+
+def start(runbook: str, namespace: Mapping[str, Any]) -> Run:
+    """Begin a run: validate the parameters found in the notebook's namespace, before any connection.
+
+    Invalid parameters end the run at once (refused, exit 2) with its record written; so does a
+    runbook the environment forbids (reset in production, a deploy without backup in production).
+    """
+    started = audit.now()
+    run_id = os.environ.get(audit.RUN_ID_ENV) or audit.new_run_id()
+    stem = os.environ.get(audit.RUN_STEM_ENV) or audit.record_stem(runbook, run_id, started)
+    under_runner = audit.RUN_STEM_ENV in os.environ
+    try:
+        settings = load_settings()
+    except OpsError:
+        settings = Settings()  # to record the refusal in the default folders
+        bad = True
+    else:
+        bad = False
+    record = audit.new_record(runbook, run_id, started, operator=settings.operator, env=settings.env)
+    workflow = WORKFLOWS.get(runbook, Run)
+    run = workflow(settings, {}, record, stem, under_runner)
+    run.validate(runbook, namespace, reload_settings=bad)
+    return run
