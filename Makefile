@@ -10,7 +10,8 @@ STAMP  := $(VENV)/.installed
 
 .DEFAULT_GOAL := help
 .PHONY: help install demo test lab migrate-create migrate-create-manual migrate-up migrate-down \
-        migrate-down-to migrate-status migrate-show bench backup-db verify-setup
+        migrate-down-to migrate-status migrate-show bench backup-db verify-setup \
+        deploy-prod rollback-prod db-reset
 
 help:
 	@echo "make demo                          bring the sample database to head and show its status"
@@ -21,6 +22,9 @@ help:
 	@echo "make migrate-create-manual message=...  create an empty revision"
 	@echo "make migrate-up | migrate-down | migrate-down-to revision=... | migrate-status | migrate-show revision=..."
 	@echo "make backup-db [label=...]         pg_dump the database into backups/, with a manifest"
+	@echo "make deploy-prod confirm=DB [revision=...]    the deploy runbook in production (backup, upgrade, verify)"
+	@echo "make rollback-prod confirm=DB [revision=...]  the rollback runbook in production (one step by default)"
+	@echo "make db-reset [confirm=DB]         the reset runbook (refused in production)"
 	@echo "make verify-setup                  check connectivity, versions, client tools, Alembic config, backups folder"
 
 # The venv is rebuilt when pyproject.toml changes. JupyterLab is left out (see `lab`): it slows
@@ -34,15 +38,17 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	@echo "== opslib demo: the sample application's database, brought to the newest schema"
+	@echo "== opslib demo: the deploy runbook, run end to end on the sample application's database"
 	@if [ -z "$$DATABASE_URL" ]; then echo "== DATABASE_URL is unset: using the embedded PostgreSQL kept in .opslib/"; $(OPSLIB) db start; fi
-	@echo; echo "== 1. Where the database stands now (make migrate-status)"
+	@echo; echo "== 1. Put the database at an older revision (0003), so that there is something to deploy"
+	@$(OPSLIB) upgrade 0003 >/dev/null 2>&1 || $(OPSLIB) downgrade 0003 >/dev/null
 	@$(OPSLIB) status
-	@echo; echo "== 2. Apply every pending migration, one transaction each (make migrate-up)"
-	@$(OPSLIB) upgrade head
-	@echo; echo "== 3. Where it stands afterwards"
+	@echo; echo "== 2. Run the deploy runbook headlessly (opslib run deploy): preflight, backup, upgrade, verify"
+	@$(OPSLIB) run deploy
+	@echo; echo "== 3. Where the database stands afterwards"
 	@$(OPSLIB) status
-	@echo; echo "== Next: make migrate-down (roll back one), make migrate-status, make test."
+	@echo; echo "== The executed notebook and its record are in records/ (ledger.jsonl lists every run)."
+	@echo "== Next: make lab (step through runbooks/ in JupyterLab), make rollback-prod confirm=NAME, make test."
 	@if [ -z "$$DATABASE_URL" ]; then echo "== The embedded server keeps running; stop it with: $(OPSLIB) db stop"; fi
 
 test: $(STAMP)
@@ -52,8 +58,14 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_migrate.py
 	$(BIN)/python benchmarks/bench_backup.py
 
+# The kernels JupyterLab starts inherit these, so a runbook run cell by cell finds the project, and
+# writes its records and backups in the same folders as `opslib run` from here.
 lab: $(STAMP)
 	$(BIN)/python -m pip install --quiet -e '.[lab]'
+	OPSLIB_ALEMBIC_INI="$${OPSLIB_ALEMBIC_INI:-$(CURDIR)/alembic.ini}" \
+	OPSLIB_RECORDS_DIR="$${OPSLIB_RECORDS_DIR:-$(CURDIR)/records}" \
+	OPSLIB_BACKUPS_DIR="$${OPSLIB_BACKUPS_DIR:-$(CURDIR)/backups}" \
+	OPSLIB_STATE_DIR="$${OPSLIB_STATE_DIR:-$(CURDIR)/.opslib}" \
 	$(BIN)/jupyter lab $(if $(filter 0,$(shell id -u)),--allow-root) runbooks/
 
 # --- the guide's migration targets ---------------------------------------------------------------
@@ -96,3 +108,14 @@ backup-db: $(STAMP)
 
 verify-setup: $(STAMP)
 	$(OPSLIB) verify-setup
+
+# --- the guide's production workflows, as runbooks (records in records/) -------------------------------
+
+deploy-prod: $(STAMP)
+	$(OPSLIB) run deploy --env production -p confirm '$(confirm)' $(if $(revision),-p target_revision '$(revision)')
+
+rollback-prod: $(STAMP)
+	$(OPSLIB) run rollback --env production -p confirm '$(confirm)' $(if $(revision),-p target_revision '$(revision)')
+
+db-reset: $(STAMP)
+	$(OPSLIB) run reset $(if $(confirm),-p confirm '$(confirm)')

@@ -217,7 +217,8 @@ def _runbooks(settings, args: argparse.Namespace) -> int:
         print(display.runbooks_text(runner.runbooks_dir()))
         return EXIT_OK
     outcome = runner.run(settings, args.runbook, [tuple(p) for p in args.parameter], env=args.env)
-    print(f"record: {outcome.sidecar}")
+    print(display.record_text(outcome.record))
+    print(f"record  : {outcome.sidecar}")
     if outcome.notebook.exists():
         print(f"notebook: {outcome.notebook}")
     print(outcome.line())

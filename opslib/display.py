@@ -245,3 +245,9 @@ def runbooks_text(folder) -> str:
         out += [f"    {p.name}: {p.type.__name__} = {p.default!r}  # {p.help}" for p in declared]
         out.append("")
     return "\n".join(out).rstrip()
+
+
+def record_text(record: dict) -> str:
+    """A run record's steps as a table, as `opslib run` prints them."""
+    rows = [(s["name"], s["outcome"], s["duration_s"]) for s in record.get("steps", [])]
+    return text_table(["step", "outcome", "seconds"], rows) if rows else "no step ran"

@@ -82,14 +82,16 @@ RUNBOOKS: dict[str, tuple[Param, ...]] = {
             revision=True,
         ),
         Param("terminate_connections", bool, False, "end other sessions on the database before replacing it"),
-        Param("stamp_revision", str, "", "mode=stamp: the revision the database is now at", revision=True),
-        Param("reason", str, "", "mode=stamp: why, for the record (required)"),
+        Param(
+            "stamp_revision", str, "", "for mode stamp: the revision the database is now at", revision=True
+        ),
+        Param("reason", str, "", "for mode stamp: why, for the record (required)"),
         _CONFIRM,
     ),
     "reset": (
         _URL_ENV,
         Param("backup", bool, False, "take and verify a backup first"),
-        Param("reseed", bool, True, "load the development sample data again (-x dev_data=true)"),
+        Param("reseed", bool, True, "load the development sample data again (the -x dev_data flag)"),
         _CONFIRM,
     ),
 }
