@@ -164,6 +164,8 @@ def backup(settings: Settings, *, out_dir: Path | None = None, label: str | None
         snap = conn.execution_options(isolation_level="REPEATABLE READ")
         with snap.begin():
             snap.execute(sa.text("SET TRANSACTION READ ONLY"))
+            # Counting waits behind the same locks pg_dump does, and gives up as pg_dump does.
+            snap.execute(sa.text(f"SET LOCAL lock_timeout = '{int(settings.lock_timeout_s * 1000)}ms'"))
             snapshot = snap.execute(sa.text("SELECT pg_export_snapshot()")).scalar()
             revisions = list(db.version_revisions(snap))
             stem = _free_stem(folder, url.database, started, "+".join(revisions) or "base")
@@ -187,10 +189,14 @@ def backup(settings: Settings, *, out_dir: Path | None = None, label: str | None
             try:
                 counts = row_counts(snap)
                 _, stderr = proc.communicate()
-            except BaseException:
+            except BaseException as err:
                 proc.kill()
                 proc.wait()
                 partial.unlink(missing_ok=True)
+                if isinstance(err, DBAPIError):
+                    raise BackupFailed(
+                        f"counting rows for the manifest failed: {db.driver_message(err, url)}; no backup was written"
+                    ) from None
                 raise
     if proc.returncode != 0:
         partial.unlink(missing_ok=True)

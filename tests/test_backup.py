@@ -205,7 +205,8 @@ def test_backup_killed_part_way_leaves_no_file_under_a_final_name(seeded, tmp_pa
     )
     try:
         dump = _wait_for_child(proc.pid, "pg_dump")
-        assert list(out.glob("*.dump.partial")) or list(out.glob(".*.partial"))
+        _wait_for_lock_wait(seeded.database_url)
+        assert list(out.glob(".*.dump.partial"))  # pg_dump is writing, under a temporary name
         os.kill(dump.pid, signal.SIGKILL)
     finally:
         holder.rollback()
@@ -221,10 +222,23 @@ def _wait_for_child(pid: int, name: str) -> psutil.Process:
     while time.monotonic() < deadline:
         for child in psutil.Process(pid).children(recursive=True):
             if child.name() == name:
-                time.sleep(0.5)  # let it connect and queue behind the lock
                 return child
         time.sleep(0.05)
     raise AssertionError(f"{name} never started")
+
+
+def _wait_for_lock_wait(url: str) -> None:
+    """Until pg_dump and opslib's row count both wait behind the held table lock."""
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        waiting = query(
+            url,
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'",
+        )
+        if waiting[0][0] >= 2:
+            return
+        time.sleep(0.05)
+    raise AssertionError("pg_dump never queued behind the lock")
 
 
 def test_backups_list_and_prune_keep_the_newest_verified(seeded):
@@ -351,3 +365,16 @@ def _settings_for(url: str, tmp_path: Path):
         state_dir=ROOT / ".opslib",
         lock_timeout_s=1.0,
     )
+
+
+def test_backup_behind_a_held_lock_gives_up_after_the_lock_timeout(seeded, run_cli, tmp_path):
+    holder = psycopg2.connect(libpq(seeded.database_url))
+    holder.cursor().execute("BEGIN; LOCK TABLE products IN ACCESS EXCLUSIVE MODE")
+    try:
+        done = run_cli("backup", "--out", str(tmp_path / "out"), env={"OPSLIB_LOCK_TIMEOUT": "0.5"})
+    finally:
+        holder.rollback()
+        holder.close()
+    assert done.returncode == 1 and "no backup was written" in done.stderr
+    assert "lock" in done.stderr and len(done.stderr.strip().splitlines()) == 1
+    assert list((tmp_path / "out").iterdir()) == []
