@@ -36,7 +36,7 @@ def _answers(url: str) -> bool:
 
 
 @pytest.fixture(scope="session")
-def server_url() -> URL:
+def server_url(request) -> URL:
     """An admin URL (database ``postgres``) of the PostgreSQL server the tests use."""
     explicit = os.environ.get("OPSLIB_TEST_DATABASE_URL")
     if explicit:
@@ -45,23 +45,18 @@ def server_url() -> URL:
     if _answers(LOCAL_URL):
         yield db.parse_url(LOCAL_URL)
         return
-    settings = Settings(state_dir=ROOT / ".opslib")
-    was_running = embedded.status(settings).running
-    url = embedded.ensure_running(settings)
-    yield db.parse_url(url).set(database="postgres")
-    if not was_running:
-        embedded.stop(settings)
+    yield request.getfixturevalue("embedded_server_url")
 
 
 @pytest.fixture(scope="session")
 def embedded_server_url() -> URL:
-    """An admin URL of the embedded server (PostgreSQL 18), started for tests that need that version."""
-    settings = Settings(state_dir=ROOT / ".opslib")
-    was_running = embedded.status(settings).running
-    url = embedded.ensure_running(settings)
+    """An admin URL of the embedded server (PostgreSQL 18), started for the session if it was not running."""
+    state = Settings(state_dir=ROOT / ".opslib")
+    was_running = embedded.status(state).running
+    url = embedded.ensure_running(state)
     yield db.parse_url(url).set(database="postgres")
     if not was_running:
-        embedded.stop(settings)
+        embedded.stop(state)
 
 
 def _admin(server_url: URL):
@@ -107,14 +102,13 @@ def database_url(make_database) -> str:
     return make_database()
 
 
-@pytest.fixture
-def settings(database_url, tmp_path) -> Settings:
-    """Settings targeting this test's database and the sample application's Alembic project."""
+def settings_for(url: str, folder: Path, alembic_ini: Path = ROOT / "alembic.ini") -> Settings:
+    """Settings for a test: ``url``, an Alembic project, and records and backups under ``folder``."""
     return Settings(
-        database_url=database_url,
-        alembic_ini=ROOT / "alembic.ini",
-        records_dir=tmp_path / "records",
-        backups_dir=tmp_path / "backups",
+        database_url=url,
+        alembic_ini=alembic_ini,
+        records_dir=folder / "records",
+        backups_dir=folder / "backups",
         state_dir=ROOT / ".opslib",
         operator="pytest",
         lock_timeout_s=1.0,
@@ -122,13 +116,23 @@ def settings(database_url, tmp_path) -> Settings:
 
 
 @pytest.fixture
+def settings(database_url, tmp_path) -> Settings:
+    """Settings targeting this test's database and the sample application's Alembic project."""
+    return settings_for(database_url, tmp_path)
+
+
+@pytest.fixture
 def project(tmp_path):
-    """Copy a scenario Alembic project from tests/fixtures into tmp_path; returns its alembic.ini."""
+    """Copy the scenario Alembic projects of tests/fixtures into tmp_path; returns one's alembic.ini.
+
+    All are copied, since a scenario may share another's revisions (``version_locations``).
+    """
 
     def copy(name: str) -> Path:
-        dest = tmp_path / name
-        shutil.copytree(FIXTURES / name, dest)
-        return dest / "alembic.ini"
+        dest = tmp_path / "fixtures"
+        if not dest.exists():
+            shutil.copytree(FIXTURES, dest)
+        return dest / name / "alembic.ini"
 
     return copy
 

@@ -8,7 +8,6 @@ import os
 import signal
 import subprocess
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import psutil
@@ -18,7 +17,7 @@ import pytest
 from opslib import backup, db, migrate, pgtools
 from opslib.errors import ChecksFailed, InvalidInput, PreconditionFailed
 
-from .conftest import OPSLIB, ROOT, libpq, query, schema_snapshot
+from .conftest import OPSLIB, ROOT, libpq, query, schema_snapshot, settings_for
 
 PASSWORD = "Backup-S3cret-pw"
 
@@ -288,9 +287,7 @@ def test_the_password_stays_out_of_manifests_and_outputs(seeded, run_cli):
 def test_embedded_server_round_trip_with_its_own_client_tools(embedded_server_url, make_database, tmp_path):
     """PostgreSQL 18 (the embedded wheel) is dumped and restored with the 18 tools."""
     url = make_database(on=embedded_server_url)
-    settings = replace(
-        _settings_for(url, tmp_path),
-    )
+    settings = settings_for(url, tmp_path / "e18")
     _seed(settings)
     made = backup.backup(settings)
     assert made.manifest["server_major"] == 18 and made.manifest["pg_dump"]["major"] == 18
@@ -352,19 +349,6 @@ def test_make_backup_db_and_verify_setup(database_url, tmp_path):
         ["make", "-s", "-C", str(ROOT), "verify-setup"], env=env, capture_output=True, text=True
     )
     assert setup.returncode == 0 and "all checks passed" in setup.stdout
-
-
-def _settings_for(url: str, tmp_path: Path):
-    from opslib.config import Settings
-
-    return Settings(
-        database_url=url,
-        alembic_ini=ROOT / "alembic.ini",
-        backups_dir=tmp_path / "backups18",
-        records_dir=tmp_path / "records",
-        state_dir=ROOT / ".opslib",
-        lock_timeout_s=1.0,
-    )
 
 
 def test_backup_behind_a_held_lock_gives_up_after_the_lock_timeout(seeded, run_cli, tmp_path):

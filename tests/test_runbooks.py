@@ -16,7 +16,7 @@ import pytest
 from opslib import backup, db, migrate, params
 from opslib.config import Settings
 
-from .conftest import OPSLIB, ROOT, query, schema_snapshot
+from .conftest import OPSLIB, ROOT, query, schema_snapshot, settings_for
 
 RUNBOOKS = ["deploy", "rollback", "recovery", "reset"]
 PASSWORD = "Runbook-S3cret-pw-7f3a"
@@ -40,17 +40,6 @@ def opslib_run(url: str, workdir: Path, *args: str, alembic_ini: Path = ROOT / "
     env.update({"DATABASE_URL": url, "OPSLIB_ALEMBIC_INI": str(alembic_ini)}, **(extra_env or {}))
     return subprocess.run(
         [OPSLIB, "run", *args], cwd=workdir, env=env, capture_output=True, text=True, timeout=300
-    )
-
-
-def settings_for(url: str, workdir: Path, alembic_ini: Path = ROOT / "alembic.ini") -> Settings:
-    return Settings(
-        database_url=url,
-        alembic_ini=alembic_ini,
-        records_dir=workdir / "records",
-        backups_dir=workdir / "backups",
-        state_dir=ROOT / ".opslib",
-        lock_timeout_s=1.0,
     )
 
 
