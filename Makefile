@@ -11,7 +11,7 @@ STAMP  := $(VENV)/.installed
 .DEFAULT_GOAL := help
 .PHONY: help install demo test lab migrate-create migrate-create-manual migrate-up migrate-down \
         migrate-down-to migrate-status migrate-show bench backup-db verify-setup \
-        deploy-prod rollback-prod db-reset
+        deploy-prod rollback-prod db-reset pre-deploy-check
 
 help:
 	@echo "make demo                          bring the sample database to head and show its status"
@@ -26,6 +26,7 @@ help:
 	@echo "make rollback-prod confirm=DB [revision=...]  the rollback runbook in production (one step by default)"
 	@echo "make db-reset [confirm=DB]         the reset runbook (refused in production)"
 	@echo "make verify-setup                  check connectivity, versions, client tools, Alembic config, backups folder"
+	@echo "make pre-deploy-check [revision=...]  heads, pending revisions, squawk lint of their SQL, naming, drift, backup"
 
 # The venv is rebuilt when pyproject.toml changes. JupyterLab is left out (see `lab`): it slows
 # every `import papermill` on the automation path by about a second.
@@ -108,6 +109,9 @@ backup-db: $(STAMP)
 
 verify-setup: $(STAMP)
 	$(OPSLIB) verify-setup
+
+pre-deploy-check: $(STAMP)
+	$(OPSLIB) check $(if $(revision),--target '$(revision)')
 
 # --- the guide's production workflows, as runbooks (records in records/) -------------------------------
 

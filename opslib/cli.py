@@ -105,6 +105,15 @@ def _parser() -> argparse.ArgumentParser:
         "verify-setup", help="connectivity, versions, client tools, Alembic config, backups folder"
     )
 
+    s = sub.add_parser(
+        "check", help="pre-deploy checks: heads, pending revisions, squawk lint, naming, drift, backup"
+    )
+    s.add_argument(
+        "--target", default="head", metavar="REV", help="revision the deploy would go to (default head)"
+    )
+    s.add_argument("--expect-env", metavar="ENV", help="fail unless OPSLIB_ENV is this label")
+    s.add_argument("--json", action="store_true")
+
     s = sub.add_parser("run", help="execute a runbook with papermill and keep its record")
     s.add_argument("runbook", help="deploy, rollback, recovery or reset")
     s.add_argument(
@@ -127,7 +136,16 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-_BACKUP_COMMANDS = {"backup", "verify-backup", "restore", "clone", "backups", "prune-backups", "verify-setup"}
+_BACKUP_COMMANDS = {
+    "backup",
+    "verify-backup",
+    "restore",
+    "clone",
+    "backups",
+    "prune-backups",
+    "verify-setup",
+    "check",
+}
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -206,6 +224,10 @@ def _backups(settings, args: argparse.Namespace) -> int:
     elif args.command == "verify-setup":
         report = checks.verify_setup(settings)
         print(display.checks_text(report))
+        report.raise_for_failure()
+    elif args.command == "check":
+        report = checks.pre_deploy(settings, args.target, expect_env=args.expect_env)
+        print(json.dumps(report.to_dict(), indent=2) if args.json else display.checks_text(report))
         report.raise_for_failure()
     return EXIT_OK
 

@@ -231,3 +231,25 @@ def version_revisions(conn: Connection, version_table: str = "alembic_version") 
         return ()
     rows = conn.execute(sa.text(f"SELECT version_num FROM {quote_ident(conn, version_table)}"))
     return tuple(sorted(r[0] for r in rows))
+
+
+def fingerprint(conn: Connection) -> str:
+    """Which server and database this is: host, port, database and the cluster's system identifier.
+
+    The system identifier (from ``pg_control_system()``) tells two servers apart even behind the same
+    host name; reading it needs superuser or pg_monitor, and is reported as unknown otherwise.
+    """
+    row = conn.execute(
+        sa.text(
+            "SELECT current_database(), host(inet_server_addr()), inet_server_port(), current_setting('unix_socket_directories')"
+        )
+    ).one()
+    try:
+        with conn.begin_nested():
+            system_id = conn.execute(sa.text("SELECT system_identifier FROM pg_control_system()")).scalar()
+    except DBAPIError:
+        system_id = "unknown (needs pg_monitor)"
+    if conn.in_transaction():
+        conn.commit()
+    where = f"{row[1]}:{row[2]}" if row[1] else f"socket in {row[3]}"
+    return f"database {row[0]} on {where}, system identifier {system_id}"

@@ -23,7 +23,7 @@ from typing import Any, Callable, Mapping
 
 import sqlalchemy as sa
 
-from opslib import audit, backup, db, migrate, params
+from opslib import audit, backup, checks, db, migrate, params
 from opslib.config import Settings, load_settings
 from opslib.display import Section
 from opslib.errors import (
@@ -298,22 +298,32 @@ class Deploy(Run):
 
     @step("preflight")
     def preflight(self) -> Section:
-        """Identify the target, check the chain has one head, list what will run and its SQL."""
+        """Identify the target, run the pre-deploy checks (heads, lint, naming, backup…), list what will run and its SQL."""
         facts = self._identify()
         if self.settings.env == "production":
             self._require_confirm("in production")
-        heads = migrate.heads(self.settings)
-        if len(heads) > 1:
-            raise PreconditionFailed(
-                f"the chain has {len(heads)} heads ({', '.join(h.revision for h in heads)}): merge them before deploying"
-            )
+        report = checks.pre_deploy(
+            self.settings, self.params["target_revision"], backup_planned=self.params["backup"]
+        )
+        self.record["checks"] = report.to_dict()["checks"]
+        self._save()
+        check_rows = [{"check": c.name, "result": c.status, "detail": c.detail} for c in report.checks]
+        if not report.ok:
+            _show(Section("Preflight", "pre-deploy checks failed", facts, check_rows))
+            report.raise_for_failure()
         current, self.pending = migrate.plan(self.settings, "upgrade", self.params["target_revision"])
         facts.append(("target revision", self.params["target_revision"]))
         if not self.pending:
-            return Section("Preflight", "nothing to do: the database is already at the target", facts)
+            return Section(
+                "Preflight", "nothing to do: the database is already at the target", facts, check_rows
+            )
         sql = _offline(self.settings, f"{current[0] if current else 'base'}:{self.pending[-1].revision}")
-        rows = [{"revision": r.revision, "message": r.message} for r in self.pending]
-        return Section("Preflight", f"{len(self.pending)} revision(s) to apply", facts, rows, sql)
+        rows = check_rows + [
+            {"check": f"pending {r.revision}", "result": "", "detail": r.message} for r in self.pending
+        ]
+        return Section(
+            "Preflight", f"checks passed, {len(self.pending)} revision(s) to apply", facts, rows, sql
+        )
 
     @step("backup")
     def backup(self) -> Section:
@@ -621,6 +631,16 @@ def _recreate_public_schema(settings: Settings) -> None:
             conn.execute(sa.text("DROP SCHEMA public CASCADE"))
             conn.execute(sa.text("CREATE SCHEMA public"))
             conn.commit()
+
+
+def _show(section: Section) -> None:
+    """Display a section now (before a step raises), in a notebook or a terminal."""
+    try:
+        from IPython.display import display
+    except ImportError:  # IPython comes with ipykernel; a bare interpreter just prints
+        print(repr(section))
+    else:
+        display(section)
 
 
 def _offline(settings: Settings, revision_range: str) -> str:

@@ -74,7 +74,11 @@ def test_history_show_heads(run_cli):
 def test_sql_prints_offline_sql(run_cli):
     done = run_cli("sql", "0002:0003")
     assert done.returncode == 0
-    assert "CREATE INDEX idx_users_email_active ON users (email, is_active);" in done.stdout
+    assert (
+        "CREATE INDEX CONCURRENTLY IF NOT EXISTS idx_users_email_active ON users (email, is_active);"
+        in done.stdout
+    )
+    assert "COMMIT;" in done.stdout.split("CONCURRENTLY")[0]  # built outside the revision's transaction
 
 
 @pytest.mark.parametrize(

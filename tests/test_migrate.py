@@ -93,11 +93,14 @@ def test_stamp_records_a_revision_without_running_it(settings):
 
 def test_offline_sql_for_a_range_in_both_directions(settings):
     up = migrate.offline_sql(settings, "0002:0004")
-    assert "CREATE INDEX idx_products_marketplace_shop ON products (marketplace, shop_name)" in up
+    assert (
+        "CREATE INDEX CONCURRENTLY IF NOT EXISTS idx_products_marketplace_shop ON products (marketplace, shop_name)"
+        in up
+    )
     assert "ALTER TABLE products ADD COLUMN normalized_price NUMERIC(10, 2)" in up
     assert "ADD COLUMN profile_image" not in up  # 0002 itself is below the range
     down = migrate.offline_sql(settings, "0004:0002")
-    assert "DROP INDEX idx_products_marketplace_shop" in down
+    assert "DROP INDEX CONCURRENTLY IF EXISTS idx_products_marketplace_shop" in down
     assert "ALTER TABLE products DROP COLUMN normalized_price" in down
     assert "CREATE INDEX" not in down
     # Offline mode never connects: the test database has no version table.

@@ -15,6 +15,8 @@ from typing import Sequence, Union
 import sqlalchemy as sa
 from alembic import op
 
+# opslib-accept: adding-not-nullable-field -- the column is filled in this same revision; SET NOT NULL scans products under its lock, acceptable for this table's size
+
 revision: str = "0004"
 down_revision: Union[str, Sequence[str], None] = "0003"
 branch_labels: Union[str, Sequence[str], None] = None

@@ -14,6 +14,15 @@ from typing import Sequence, Union
 import sqlalchemy as sa
 from alembic import op
 
+# The guide's step 3 is unsafe by nature; steps 1 and 2 prepared it, so its findings are accepted:
+# opslib-accept: ban-drop-column -- every address was copied into email_new by 0006 (and again here)
+# opslib-accept: renaming-column -- email_new takes the old name, so clients keep reading users.email
+# opslib-accept: require-concurrent-index-deletion -- the index goes with the column swap, in one transaction
+# opslib-accept: require-concurrent-index-creation -- rebuilt in the swap's transaction so the revision stays atomic
+# opslib-accept: disallowed-unique-constraint -- uniqueness must hold the moment the renamed column is live
+# opslib-accept: constraint-missing-not-valid -- the copied addresses were unique under the old constraint
+# opslib-accept: adding-not-nullable-field -- every row has an address: 0006 copied them, this revision fills the rest
+
 revision: str = "0007"
 down_revision: Union[str, Sequence[str], None] = "0006"
 branch_labels: Union[str, Sequence[str], None] = None

@@ -1,0 +1,92 @@
+"""The pre-deploy check (`opslib check`, `make pre-deploy-check`) on scenario projects."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from dataclasses import replace
+
+from opslib import checks, migrate
+
+from .conftest import ROOT
+
+
+def _by_name(report) -> dict:
+    return {c.name: c for c in report.checks}
+
+
+def test_sample_chain_passes_with_its_accepted_findings(settings):
+    report = checks.pre_deploy(settings)
+    assert report.ok, report.to_dict()
+    got = _by_name(report)
+    assert got["squawk lint"].status == "warn"  # style advice only
+    accepted = {(f.revision, f.rule) for f in report.findings if f.severity == "accepted"}
+    assert ("0007", "ban-drop-column") in accepted and ("0004", "adding-not-nullable-field") in accepted
+    assert all(f.reason for f in report.findings if f.severity == "accepted")
+    assert not [f for f in report.findings if f.revision == "0003"]  # its indexes are built CONCURRENTLY
+
+
+def test_two_heads_fail_naming_both_and_the_merge(settings, project):
+    report = checks.pre_deploy(replace(settings, alembic_ini=project("two_heads")))
+    single = _by_name(report)["single head"]
+    assert single.status == "fail"
+    assert "abcd1111" in single.detail and "abcd2222" in single.detail and "opslib merge" in single.detail
+
+
+def test_unsafe_vague_and_unrenderable_revisions(settings, project):
+    scenario = replace(settings, alembic_ini=project("unsafe_ddl"))
+    migrate.upgrade(scenario, "u001")
+    report = checks.pre_deploy(scenario)
+    got = _by_name(report)
+    assert not report.ok
+    assert got["squawk lint"].status == "fail"
+    assert "u002: adding-required-field" in got["squawk lint"].detail
+    assert got["migration naming"].status == "fail" and "u003: 'fix stuff'" in got["migration naming"].detail
+    assert got["SQL renders offline"].status == "warn" and "u004" in got["SQL renders offline"].detail
+    assert {f.revision for f in report.findings} >= {"u002"}  # the rest was still linted
+
+
+def test_an_accepted_finding_passes_with_its_reason(settings, project):
+    ini = project("unsafe_ddl")
+    rev = ini.parent / "versions" / "u002_add_balance.py"
+    rev.write_text(
+        rev.read_text().replace(
+            "def upgrade():",
+            "# opslib-accept: adding-required-field -- accounts is empty in every environment\ndef upgrade():",
+        )
+    )
+    scenario = replace(settings, alembic_ini=ini)
+    migrate.upgrade(scenario, "u001")
+    report = checks.pre_deploy(scenario, "u002")
+    assert _by_name(report)["squawk lint"].status in ("pass", "warn")
+    assert "accounts is empty in every environment" in _by_name(report)["squawk lint"].detail
+
+
+def test_check_command_and_make_target(run_cli, database_url):
+    done = run_cli("check")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "squawk lint" in done.stdout and "pre-deploy check: all checks passed" in done.stdout
+    wrong = run_cli("check", "--expect-env", "production")
+    assert wrong.returncode == 3 and "environment label failed" in wrong.stderr
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OPSLIB_", "MAKE"))}
+    env["DATABASE_URL"] = database_url
+    made = subprocess.run(
+        ["make", "-s", "-C", str(ROOT), "pre-deploy-check"], env=env, capture_output=True, text=True
+    )
+    assert made.returncode == 0, made.stdout + made.stderr
+
+
+def test_vague_messages_are_refused_when_a_revision_is_created(run_cli, tmp_path):
+    import shutil
+
+    shutil.copytree(
+        ROOT / "migrations", tmp_path / "migrations", ignore=shutil.ignore_patterns("__pycache__")
+    )
+    shutil.copy(ROOT / "alembic.ini", tmp_path / "alembic.ini")
+    env = {"OPSLIB_ALEMBIC_INI": str(tmp_path / "alembic.ini")}
+    for message in ("update_database", "fix_stuff", "changes"):
+        done = run_cli("revision", "-m", message, env=env)
+        assert done.returncode == 2 and "says nothing about the change" in done.stderr
+    assert len(list((tmp_path / "migrations" / "versions").glob("*.py"))) == 7
+    assert run_cli("revision", "-m", "add_user_profile_table", env=env).returncode == 0
+    assert checks.vague_message("remove_deprecated_product_fields") is None
