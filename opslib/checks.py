@@ -156,10 +156,24 @@ def pre_deploy(
         with db.connect(url) as conn:
             version, major = db.server_version(conn)
             fingerprint = db.fingerprint(conn)
+            blockers = db.blocking_sessions(conn)
         report.add("database reachable", PASS, f"{fingerprint}, PostgreSQL {version}")
     except OpsError as err:
         report.add("database reachable", FAIL, err.message)
         return report
+    if blockers:
+        report.add(
+            "sessions that would block DDL",
+            WARN,
+            "; ".join(
+                f"pid {b['pid']} ({b['application_name'] or 'no name'}, {b['state']}, in a transaction for "
+                f"{b['seconds']} s, locking {b['tables']})"
+                for b in blockers[:5]
+            )
+            + f": migrations wait at most {settings.ddl_lock_timeout_s:g} s per attempt for them, then retry",
+        )
+    else:
+        report.add("sessions that would block DDL", PASS, "no long transaction holds a table lock")
     if expect_env and expect_env != settings.env:
         report.add("environment label", FAIL, f"OPSLIB_ENV is {settings.env!r}, expected {expect_env!r}")
     else:

@@ -25,6 +25,8 @@ class Settings:
     operator: str = ""
     lock_timeout_s: float = 10.0
     backup_compression: int = 1
+    ddl_lock_timeout_s: float = 2.0
+    ddl_retries: int = 3
 
     @property
     def uses_embedded(self) -> bool:
@@ -75,6 +77,8 @@ def load_settings(environ: dict | None = None) -> Settings:
         operator=operator,
         lock_timeout_s=_float(environ, "OPSLIB_LOCK_TIMEOUT", 10.0),
         backup_compression=_compression(environ),
+        ddl_lock_timeout_s=_float(environ, "OPSLIB_DDL_LOCK_TIMEOUT", 2.0),
+        ddl_retries=int(_float(environ, "OPSLIB_DDL_RETRIES", 3)),
     )
 
 

@@ -129,6 +129,44 @@ def lock_holder(conn: Connection) -> str:
     return f"backend pid {row.pid} ({row.application_name or 'no application name'}, connected since {row.backend_start:%Y-%m-%d %H:%M:%S %Z})"
 
 
+# Databases whose opslib lock this process already holds (a runbook holds it for its whole run):
+# the verbs it calls then work under that lock instead of waiting for it.
+_HELD: set[str] = set()
+
+
+def _lock_scope(conn: Connection) -> str:
+    return redact_url(conn.engine.url)
+
+
+def _try_lock(conn: Connection, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        got = conn.execute(sa.text("SELECT pg_try_advisory_lock(:key)"), {"key": LOCK_KEY}).scalar()
+        if got:
+            conn.commit()
+            return
+        if time.monotonic() >= deadline:
+            holder = lock_holder(conn)
+            conn.rollback()
+            waited = f"; waited {timeout_s:g} s" if timeout_s else ""
+            raise LockHeld(
+                f"another opslib run holds the lock on database {conn.engine.url.database!r} ({holder}){waited}. "
+                "Retry when it has finished"
+            )
+        conn.rollback()
+        time.sleep(0.2)
+
+
+def _unlock(conn: Connection) -> None:
+    try:
+        if conn.in_transaction():
+            conn.rollback()
+        conn.execute(sa.text("SELECT pg_advisory_unlock(:key)"), {"key": LOCK_KEY})
+        conn.commit()
+    except DBAPIError:
+        pass  # the connection is gone, and a session lock goes with it
+
+
 @contextmanager
 def advisory_lock(conn: Connection, timeout_s: float) -> Iterator[None]:
     """Hold the opslib session-level advisory lock on ``conn``'s database for the block.
@@ -136,33 +174,88 @@ def advisory_lock(conn: Connection, timeout_s: float) -> Iterator[None]:
     ``pg_try_advisory_lock`` in a loop rather than a blocking ``pg_advisory_lock``: a blocked
     lock request would queue behind, and deadlock with, ``CREATE INDEX CONCURRENTLY``. The
     transaction opened to take the lock is committed, so Alembic can still run one transaction
-    per revision on this connection.
+    per revision on this connection. When this process already holds the lock (a runbook's run
+    lock), the block runs under it.
     """
-    deadline = time.monotonic() + timeout_s
-    while True:
-        got = conn.execute(sa.text("SELECT pg_try_advisory_lock(:key)"), {"key": LOCK_KEY}).scalar()
-        if got:
-            conn.commit()
-            break
-        if time.monotonic() >= deadline:
-            holder = lock_holder(conn)
-            conn.rollback()
-            raise LockHeld(
-                f"another opslib run holds the lock on database {conn.engine.url.database!r} "
-                f"({holder}); waited {timeout_s:g} s. Retry when it has finished"
-            )
-        conn.rollback()
-        time.sleep(0.2)
+    if _lock_scope(conn) in _HELD:
+        yield
+        return
+    _try_lock(conn, timeout_s)
     try:
         yield
     finally:
-        try:
-            if conn.in_transaction():
-                conn.rollback()
-            conn.execute(sa.text("SELECT pg_advisory_unlock(:key)"), {"key": LOCK_KEY})
-            conn.commit()
-        except DBAPIError:
-            pass  # the connection is gone, and a session lock goes with it
+        _unlock(conn)
+
+
+class RunLock:
+    """The opslib lock held for a whole runbook run, on a connection of its own (see :func:`hold_run_lock`)."""
+
+    def __init__(self, engine: Engine, conn: Connection, scope: str):
+        self.engine, self.conn, self.scope = engine, conn, scope
+
+    def release(self) -> None:
+        """Give the lock up and close its connection (a database being renamed must have no sessions)."""
+        if self.conn is None:
+            return
+        _HELD.discard(self.scope)
+        _unlock(self.conn)
+        self.conn.close()
+        self.engine.dispose()
+        self.conn = None
+
+
+def hold_run_lock(url: URL, application_name: str) -> RunLock:
+    """Take the opslib lock now, without waiting, for the rest of a run; a held lock is :class:`LockHeld` (exit 4)."""
+    engine = sa.create_engine(
+        url,
+        poolclass=sa.pool.NullPool,
+        connect_args={"connect_timeout": CONNECT_TIMEOUT_S, "application_name": application_name[:63]},
+    )
+    try:
+        conn = engine.connect()
+    except DBAPIError as err:
+        engine.dispose()
+        raise DatabaseUnreachable(
+            f"cannot connect to {redact_url(url)}: {driver_message(err, url)}"
+        ) from None
+    try:
+        _try_lock(conn, 0)
+    except BaseException:
+        conn.close()
+        engine.dispose()
+        raise
+    scope = _lock_scope(conn)
+    _HELD.add(scope)
+    return RunLock(engine, conn, scope)
+
+
+def is_lock_timeout(err: BaseException) -> bool:
+    """True when a statement gave up waiting for a lock (SQLSTATE 55P03, lock_not_available)."""
+    return getattr(getattr(err, "orig", None), "pgcode", None) == "55P03"
+
+
+def blocking_sessions(conn: Connection, older_than_s: float = 5.0) -> list[dict]:
+    """Other sessions of this database in a transaction for longer than ``older_than_s`` that hold table locks.
+
+    These are what a migration's DDL would queue behind (and, without a lock timeout, make every
+    query on the table queue behind it).
+    """
+    rows = conn.execute(
+        sa.text(
+            "SELECT a.pid, a.application_name, a.state, "
+            "round(extract(epoch FROM now() - a.xact_start))::int AS seconds, "
+            "string_agg(DISTINCT l.relation::regclass::text, ', ') AS tables "
+            "FROM pg_stat_activity a JOIN pg_locks l ON l.pid = a.pid AND l.locktype = 'relation' "
+            "WHERE a.datname = current_database() AND a.pid <> pg_backend_pid() "
+            "AND a.xact_start < now() - make_interval(secs => :age) "
+            "GROUP BY a.pid, a.application_name, a.state, a.xact_start ORDER BY a.xact_start"
+        ),
+        {"age": older_than_s},
+    ).mappings()
+    found = [dict(r) for r in rows]
+    if conn.in_transaction():
+        conn.commit()
+    return found
 
 
 def server_version(conn: Connection) -> tuple[str, int]:

@@ -102,6 +102,7 @@ class Run:
         self.ended = False
         self.url = None
         self.database = None
+        self.run_lock: db.RunLock | None = None
 
     # --- bookkeeping ------------------------------------------------------------------------------
 
@@ -135,6 +136,7 @@ class Run:
         if self.record["database"] is not None:
             self.record["revisions_after"] = self._revisions_now()
         self.ended = True
+        self._release_lock()
         self._save()
         if not self.under_runner:  # `opslib run` appends the ledger line itself, with the notebook's name
             audit.append_ledger(self.settings.records_dir, self.stem, self.record)
@@ -144,13 +146,19 @@ class Run:
         self.url = db.target_url(self.settings)
         with db.connect(self.url) as conn:
             version, _ = db.server_version(conn)
-            current = list(migrate.current_revisions(conn))
+            fingerprint = db.fingerprint(conn)
         host = self.url.host or self.url.query.get("host")
         self.database = self.url.database
         self.record["database"] = {"host": host, "port": self.url.port, "name": self.url.database}
+        self._save()
+        self._take_lock()  # one run at a time on a database: a second one stops here, exit 4
+        with db.connect(self.url) as conn:
+            current = list(migrate.current_revisions(conn))
         self.record["revisions_before"] = current
+        self.record["fingerprint"] = fingerprint
         self._save()
         return [
+            ("fingerprint", fingerprint),
             ("database", self.url.database),
             ("server", f"{host}:{self.url.port or 5432}" if self.url.host else f"socket {host}"),
             ("PostgreSQL", version),
@@ -158,6 +166,40 @@ class Run:
             ("operator", self.settings.operator),
             ("current revision", ", ".join(current) or "base"),
         ]
+
+    def _take_lock(self) -> None:
+        """Hold the opslib lock on the target until the run ends, without waiting for it."""
+        self.run_lock = db.hold_run_lock(self.url, f"opslib {self.runbook} run {self.record['run_id']}")
+
+    def _release_lock(self) -> None:
+        if self.run_lock is not None:
+            self.run_lock.release()
+            self.run_lock = None
+
+    def _attempt_recorder(self) -> Callable:
+        """Record each attempt that gave up on the lock timeout, as a step of its own."""
+
+        def on_attempt(what: str, attempt: int, error: str) -> None:
+            self.record["steps"].append(
+                {
+                    "name": f"{what} attempt {attempt}",
+                    "started_at": audit.iso(audit.now()),
+                    "duration_s": self.settings.ddl_lock_timeout_s,
+                    "outcome": "lock timeout",
+                    "error": error,
+                }
+            )
+            self._save()
+
+        return on_attempt
+
+    def _restore_over_target(self, path, terminate: bool):
+        """Restore a backup over the target: the run lock's own session is let go for the swap, then taken again."""
+        self._release_lock()
+        try:
+            return backup.restore(self.settings, path, confirm=self.database, terminate_connections=terminate)
+        finally:
+            self._take_lock()
 
     def _require_confirm(self, why: str) -> None:
         if self.params.get("confirm") != self.database:
@@ -342,6 +384,7 @@ class Deploy(Run):
                 self.settings,
                 self.pending[-1].revision,
                 one_at_a_time=True,
+                on_attempt=self._attempt_recorder(),
                 on_step=self._steps_recorder("upgrade"),
             )
         except MigrationFailed as err:
@@ -425,7 +468,11 @@ class Rollback(Run):
         if not self.reversing:
             return Section("Downgrade", "skipped: nothing to roll back")
         result = migrate.downgrade(
-            self.settings, self.target, one_at_a_time=True, on_step=self._steps_recorder("downgrade")
+            self.settings,
+            self.target,
+            one_at_a_time=True,
+            on_step=self._steps_recorder("downgrade"),
+            on_attempt=self._attempt_recorder(),
         )
         rows = [{"revision": s.revision, "message": s.message} for s in result.steps]
         return Section(
@@ -499,12 +546,7 @@ class Recovery(Run):
         """Restore the backup over the database (the replaced one is kept under another name)."""
         if self.params["mode"] != "restore":
             return Section("Restore", "skipped: mode=stamp")
-        done = backup.restore(
-            self.settings,
-            self.backup_file,
-            confirm=self.params["confirm"],
-            terminate_connections=self.params["terminate_connections"],
-        )
+        done = self._restore_over_target(self.backup_file, terminate=self.params["terminate_connections"])
         self.record["backup"] = {"path": str(self.backup_file.resolve()), "sha256": self.manifest["sha256"]}
         self._save()
         facts = [
@@ -526,7 +568,11 @@ class Recovery(Run):
         if not pending:
             return Section("Replay", "nothing to do: the restored database is at the target")
         result = migrate.upgrade(
-            self.settings, pending[-1].revision, one_at_a_time=True, on_step=self._steps_recorder("upgrade")
+            self.settings,
+            pending[-1].revision,
+            one_at_a_time=True,
+            on_step=self._steps_recorder("upgrade"),
+            on_attempt=self._attempt_recorder(),
         )
         rows = [{"revision": s.revision, "message": s.message} for s in result.steps]
         return Section(
@@ -593,7 +639,11 @@ class Reset(Run):
             return Section("Teardown", "nothing to do: the database is at base")
         try:
             result = migrate.downgrade(
-                self.settings, "base", one_at_a_time=True, on_step=self._steps_recorder("downgrade")
+                self.settings,
+                "base",
+                one_at_a_time=True,
+                on_step=self._steps_recorder("downgrade"),
+                on_attempt=self._attempt_recorder(),
             )
         except MigrationFailed as err:
             _recreate_public_schema(self.settings)
@@ -610,7 +660,12 @@ class Reset(Run):
         """Upgrade to head, loading the sample data when reseed is on."""
         x_args = ["dev_data=true"] if self.params["reseed"] else []
         result = migrate.upgrade(
-            self.settings, "head", x_args=x_args, one_at_a_time=True, on_step=self._steps_recorder("upgrade")
+            self.settings,
+            "head",
+            x_args=x_args,
+            one_at_a_time=True,
+            on_step=self._steps_recorder("upgrade"),
+            on_attempt=self._attempt_recorder(),
         )
         return Section(
             "Rebuild", f"applied {len(result.steps)} revision(s)", [("now at", ", ".join(result.after))]
