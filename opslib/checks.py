@@ -156,7 +156,7 @@ def pre_deploy(
         with db.connect(url) as conn:
             version, major = db.server_version(conn)
             fingerprint = db.fingerprint(conn)
-            blockers = db.blocking_sessions(conn)
+            blockers = db.blocking_sessions(conn, older_than_s=settings.ddl_lock_timeout_s)
         report.add("database reachable", PASS, f"{fingerprint}, PostgreSQL {version}")
     except OpsError as err:
         report.add("database reachable", FAIL, err.message)

@@ -91,11 +91,20 @@ def _ipc_kernel_manager() -> type:
     Besides keeping the channel off the network stack, this spares every run ipykernel's warning
     about unencrypted TCP.
     """
+    import tempfile
+    import uuid
+
     from jupyter_client.manager import AsyncKernelManager
-    from traitlets import CaselessStrEnum
+    from traitlets import CaselessStrEnum, default
 
     class IPCKernelManager(AsyncKernelManager):
         transport = CaselessStrEnum(["tcp", "ipc"], default_value="ipc")
+
+        @default("ip")
+        def _unique_socket_prefix(self) -> str:
+            # jupyter_client's default prefix is "kernel-ipc" in the working folder: two runs started
+            # together there would pick the same socket files.
+            return str(Path(tempfile.gettempdir()) / f"opslib-kernel-{uuid.uuid4().hex[:12]}-ipc")
 
     return IPCKernelManager
 
