@@ -90,3 +90,22 @@ def test_vague_messages_are_refused_when_a_revision_is_created(run_cli, tmp_path
     assert len(list((tmp_path / "migrations" / "versions").glob("*.py"))) == 7
     assert run_cli("revision", "-m", "add_user_profile_table", env=env).returncode == 0
     assert checks.vague_message("remove_deprecated_product_fields") is None
+
+
+def test_the_deploy_runbook_stops_when_a_check_fails(database_url, project, tmp_path):
+    import json
+
+    from .conftest import OPSLIB, schema_snapshot, settings_for
+
+    ini = project("unsafe_ddl")
+    migrate.upgrade(settings_for(database_url, tmp_path, ini), "u001")
+    before = schema_snapshot(database_url)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OPSLIB_", "DATABASE_URL"))}
+    env.update(DATABASE_URL=database_url, OPSLIB_ALEMBIC_INI=str(ini))
+    done = subprocess.run([OPSLIB, "run", "deploy"], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert done.returncode == 3, done.stdout + done.stderr
+    assert "squawk lint failed" in done.stdout and "u002: adding-required-field" in done.stdout
+    (record,) = [json.loads(p.read_text()) for p in (tmp_path / "records").glob("*.json")]
+    assert record["outcome"] == "refused" and record["backup"] is None
+    assert {c["name"]: c["status"] for c in record["checks"]}["squawk lint"] == "fail"
+    assert schema_snapshot(database_url) == before
