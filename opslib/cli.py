@@ -112,6 +112,13 @@ def _parser() -> argparse.ArgumentParser:
         "--target", default="head", metavar="REV", help="revision the deploy would go to (default head)"
     )
     s.add_argument("--expect-env", metavar="ENV", help="fail unless OPSLIB_ENV is this label")
+    s.add_argument(
+        "--max-backup-age",
+        type=float,
+        default=24.0,
+        metavar="HOURS",
+        help="production: a verified backup younger than this counts (default 24)",
+    )
     s.add_argument("--json", action="store_true")
 
     s = sub.add_parser("run", help="execute a runbook with papermill and keep its record")
@@ -226,7 +233,9 @@ def _backups(settings, args: argparse.Namespace) -> int:
         print(display.checks_text(report))
         report.raise_for_failure()
     elif args.command == "check":
-        report = checks.pre_deploy(settings, args.target, expect_env=args.expect_env)
+        report = checks.pre_deploy(
+            settings, args.target, expect_env=args.expect_env, max_backup_age_h=args.max_backup_age
+        )
         print(json.dumps(report.to_dict(), indent=2) if args.json else display.checks_text(report))
         report.raise_for_failure()
     return EXIT_OK

@@ -109,3 +109,18 @@ def test_the_deploy_runbook_stops_when_a_check_fails(database_url, project, tmp_
     assert record["outcome"] == "refused" and record["backup"] is None
     assert {c["name"]: c["status"] for c in record["checks"]}["squawk lint"] == "fail"
     assert schema_snapshot(database_url) == before
+
+
+def test_production_backup_check(settings, run_cli):
+    from opslib import backup
+
+    production = replace(settings, env="production")
+    got = _by_name(checks.pre_deploy(production))["backup"]
+    assert got.status == "pass" and "the deploy takes and verifies one first" in got.detail
+    assert _by_name(checks.pre_deploy(production, backup_planned=False))["backup"].status == "fail"
+    made = backup.backup(production)
+    assert backup.verify_backup(production, made.path).ok
+    got = _by_name(checks.pre_deploy(production, backup_planned=False))["backup"]
+    assert got.status == "pass" and made.path.name in got.detail
+    stale = _by_name(checks.pre_deploy(production, backup_planned=False, max_backup_age_h=0))["backup"]
+    assert stale.status == "fail" and "newer than 0 h" in stale.detail
