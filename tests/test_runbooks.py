@@ -280,15 +280,11 @@ def test_reset_is_refused_in_production_and_destructive_steps_need_confirm(datab
     assert [r["outcome"] for r in ledger(workdir)] == ["refused"] * 5
 
 
-def test_rollback_refuses_an_irreversible_revision(database_url, workdir, tmp_path):
-    import shutil
-
-    proj = tmp_path / "irreversible"
-    shutil.copytree(ROOT / "tests" / "fixtures" / "broken_revision", proj)
-    (proj / "versions" / "b003_broken_index.py").unlink()
-    rev = proj / "versions" / "b002_add_accounts_email.py"
+def test_rollback_refuses_an_irreversible_revision(database_url, workdir, project):
+    ini = project("broken_revision")
+    (ini.parent / "versions" / "b003_broken_index.py").unlink()
+    rev = ini.parent / "versions" / "b002_add_accounts_email.py"
     rev.write_text(rev.read_text().replace('    op.drop_column("accounts", "email")', "    pass"))
-    ini = proj / "alembic.ini"
     assert opslib_run(database_url, workdir, "deploy", alembic_ini=ini).returncode == 0
     done = opslib_run(database_url, workdir, "rollback", alembic_ini=ini)
     assert done.returncode == 3 and "b002 has no real downgrade" in done.stdout and "recovery" in done.stdout
