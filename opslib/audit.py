@@ -10,6 +10,8 @@ Nothing here ever holds a password: databases are recorded as host, port and nam
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
 import json
 import os
 import secrets
@@ -106,11 +108,38 @@ def read_sidecar(records_dir: Path, stem: str) -> dict | None:
     return json.loads(path.read_text())
 
 
+GENESIS = "0" * 64
+
+
+def _sha256(path: Path) -> str | None:
+    if not path.is_file():
+        return None
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def entry_hash(entry: dict) -> str:
+    """The hash of a ledger entry: sha256 of its canonical JSON without its own ``hash`` field."""
+    body = {k: v for k, v in entry.items() if k != "hash"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()
+
+
 def append_ledger(records_dir: Path, stem: str, record: dict) -> Path:
-    """Append the run's one line to ``ledger.jsonl`` (opened in append mode: earlier lines are never rewritten)."""
-    path = Path(records_dir) / LEDGER
+    """Append the run's entry to ``ledger.jsonl``, chained to the entry before it.
+
+    The entry holds the sha256 of the sidecar and of the executed notebook (when there is one) and
+    the hash of the previous entry, so editing, removing or reordering anything shows in
+    :func:`verify_ledger`. An exclusive file lock makes the read-last-hash-then-append atomic when
+    two runs finish at once; earlier lines are never rewritten.
+    """
+    records_dir = Path(records_dir)
+    path = records_dir / LEDGER
     path.parent.mkdir(parents=True, exist_ok=True)
-    line = {
+    notebook = record.get("notebook")
+    entry = {
         "run_id": record["run_id"],
         "runbook": record["runbook"],
         "outcome": record["outcome"],
@@ -123,8 +152,132 @@ def append_ledger(records_dir: Path, stem: str, record: dict) -> Path:
         "started_at": record["started_at"],
         "finished_at": record["finished_at"],
         "sidecar": f"{stem}.json",
-        "notebook": record.get("notebook"),
+        "sidecar_sha256": _sha256(records_dir / f"{stem}.json"),
+        "notebook": notebook,
+        "notebook_sha256": _sha256(records_dir / notebook) if notebook else None,
     }
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(json.dumps(line, sort_keys=True, default=str) + "\n")
+    with open(path, "a+", encoding="utf-8") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            f.seek(0)
+            lines = [line for line in f.read().splitlines() if line.strip()]
+            entry["prev_hash"] = json.loads(lines[-1]).get("hash", GENESIS) if lines else GENESIS
+            entry["hash"] = entry_hash(entry)
+            f.seek(0, os.SEEK_END)
+            f.write(json.dumps(entry, sort_keys=True, default=str) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
     return path
+
+
+def read_ledger(records_dir: Path) -> list[dict]:
+    """The ledger's entries, in file order."""
+    path = Path(records_dir) / LEDGER
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def verify_ledger(records_dir: Path) -> list[str]:
+    """Every way the records differ from what the ledger vouches for; an empty list when all is intact.
+
+    Detects an entry edited (its hash), removed or reordered (the chain), a sidecar or notebook
+    changed or deleted (their sha256), and a record added outside the ledger.
+    """
+    records_dir = Path(records_dir)
+    problems = []
+    try:
+        entries = read_ledger(records_dir)
+    except ValueError as err:
+        return [f"{LEDGER} is not valid JSON lines: {err}"]
+    hashes = {e.get("hash"): i for i, e in enumerate(entries)}
+    previous = GENESIS
+    for i, entry in enumerate(entries, start=1):
+        label = f"ledger line {i} (run {entry.get('run_id')})"
+        if entry_hash(entry) != entry.get("hash"):
+            problems.append(f"{label}: the entry was edited (its hash does not match its content)")
+        if entry.get("prev_hash") != previous:
+            if entry.get("prev_hash") in hashes:
+                problems.append(
+                    f"{label}: out of order (it follows line {hashes[entry['prev_hash']] + 1} in the chain)"
+                )
+            else:
+                problems.append(
+                    f"{label}: the entry before it was removed (its predecessor is not in the ledger)"
+                )
+        previous = entry.get("hash")
+        for kind in ("sidecar", "notebook"):
+            name = entry.get(kind)
+            if not name:
+                continue
+            actual = _sha256(records_dir / name)
+            if actual is None:
+                problems.append(f"{label}: {kind} {name} was deleted")
+            elif actual != entry.get(f"{kind}_sha256"):
+                problems.append(f"{label}: {kind} {name} was modified")
+    vouched = {e.get("sidecar") for e in entries} | {e.get("notebook") for e in entries}
+    for path in sorted(records_dir.glob("*.json")) + sorted(records_dir.glob("*.ipynb")):
+        if path.name in vouched or path.name.startswith("."):
+            continue
+        if path.suffix == ".json":
+            try:
+                if json.loads(path.read_text()).get("outcome") == "running":
+                    continue  # a run in progress: its ledger entry comes when it ends
+            except ValueError:
+                pass
+        problems.append(
+            f"{path.name} is not in the ledger (added outside it, or its ledger line was removed)"
+        )
+    return problems
+
+
+def _duration(record: dict) -> float | None:
+    try:
+        start = datetime.fromisoformat(record["started_at"].replace("Z", "+00:00"))
+        end = datetime.fromisoformat(record["finished_at"].replace("Z", "+00:00"))
+    except (KeyError, TypeError, ValueError, AttributeError):
+        return None
+    return round((end - start).total_seconds(), 3)
+
+
+def list_runs(records_dir: Path) -> list[dict]:
+    """One row per run in the ledger, oldest first: when, runbook, env, operator, database, revisions, outcome, duration."""
+    rows = []
+    for entry in read_ledger(records_dir):
+        database = entry.get("database") or {}
+        rows.append(
+            {
+                "run_id": entry["run_id"],
+                "started_at": entry["started_at"],
+                "runbook": entry["runbook"],
+                "env": entry["env"],
+                "operator": entry["operator"],
+                "database": database.get("name"),
+                "revisions": f"{'+'.join(entry.get('revisions_before') or []) or 'base'} -> "
+                f"{'+'.join(entry.get('revisions_after') or []) or 'base'}"
+                if database
+                else "",
+                "outcome": entry["outcome"],
+                "exit_code": entry["exit_code"],
+                "duration_s": _duration(entry),
+            }
+        )
+    return rows
+
+
+def find_run(records_dir: Path, run_id: str) -> dict:
+    """The sidecar of the run whose id is (or starts with) ``run_id``."""
+    from opslib.errors import InvalidInput
+
+    matches = [e for e in read_ledger(records_dir) if str(e["run_id"]).startswith(run_id)]
+    if len(matches) != 1:
+        what = "no run" if not matches else f"{len(matches)} runs"
+        raise InvalidInput(f"{what} with id {run_id!r} in {records_dir}: `opslib audit list` shows the ids")
+    record = read_sidecar(records_dir, matches[0]["sidecar"].removesuffix(".json"))
+    if record is None:
+        raise InvalidInput(
+            f"the sidecar {matches[0]['sidecar']} of run {run_id} is missing: run `opslib audit verify`"
+        )
+    return record

@@ -138,6 +138,11 @@ def _parser() -> argparse.ArgumentParser:
 
     sub.add_parser("runbooks", help="list the runbooks with their parameters")
 
+    s = sub.add_parser("audit", help="the run records: list, show one, verify them against the ledger")
+    s.add_argument("action", choices=["list", "show", "verify"])
+    s.add_argument("run_id", nargs="?", metavar="RUN_ID", help="for show: the run's id")
+    s.add_argument("--json", action="store_true")
+
     s = sub.add_parser("db", help="the embedded PostgreSQL used when DATABASE_URL is unset")
     s.add_argument("action", choices=["start", "stop", "status", "url"])
     return p
@@ -164,6 +169,8 @@ def _run(args: argparse.Namespace) -> int:
         return _backups(settings, args)
     if args.command in ("run", "runbooks"):
         return _runbooks(settings, args)
+    if args.command == "audit":
+        return _audit(settings, args)
     return _migrations(settings, args)
 
 
@@ -254,6 +261,31 @@ def _runbooks(settings, args: argparse.Namespace) -> int:
         print(f"notebook: {outcome.notebook}")
     print(outcome.line())
     return outcome.exit_code
+
+
+def _audit(settings, args: argparse.Namespace) -> int:
+    from opslib import audit, display
+    from opslib.errors import ChecksFailed, InvalidInput
+
+    records = settings.records_dir
+    if args.action == "list":
+        runs = audit.list_runs(records)
+        print(json.dumps(runs, indent=2, default=str) if args.json else display.runs_text(runs))
+    elif args.action == "show":
+        if not args.run_id:
+            raise InvalidInput("audit show needs a RUN_ID: `opslib audit list` shows them")
+        record = audit.find_run(records, args.run_id)
+        print(json.dumps(record, indent=2, default=str) if args.json else display.run_text(record))
+    else:
+        problems = audit.verify_ledger(records)
+        entries = len(audit.read_ledger(records))
+        if problems:
+            print("\n".join(problems))
+            raise ChecksFailed(
+                f"audit verify: {len(problems)} problem(s) in {records}; the first: {problems[0]}"
+            )
+        print(f"audit verify: {entries} run(s), every record matches the ledger and the chain is intact")
+    return EXIT_OK
 
 
 def _db(settings, action: str) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import TYPE_CHECKING, Iterable, Sequence
 
 if TYPE_CHECKING:  # types only: rendering backups must not import Alembic
@@ -251,3 +252,60 @@ def record_text(record: dict) -> str:
     """A run record's steps as a table, as `opslib run` prints them."""
     rows = [(s["name"], s["outcome"], s["duration_s"]) for s in record.get("steps", [])]
     return text_table(["step", "outcome", "seconds"], rows) if rows else "no step ran"
+
+
+def runs_text(runs: Sequence[dict]) -> str:
+    """What `opslib audit list` prints."""
+    if not runs:
+        return "no runs recorded"
+    headers = [
+        "started",
+        "run id",
+        "runbook",
+        "env",
+        "operator",
+        "database",
+        "revisions",
+        "outcome",
+        "seconds",
+    ]
+    keys = [
+        "started_at",
+        "run_id",
+        "runbook",
+        "env",
+        "operator",
+        "database",
+        "revisions",
+        "outcome",
+        "duration_s",
+    ]
+    return text_table(headers, [[r.get(k) for k in keys] for r in runs])
+
+
+def run_text(record: dict) -> str:
+    """What `opslib audit show` prints: the facts first, then each step."""
+    database = record.get("database") or {}
+    facts = [
+        ("run", f"{record['run_id']} ({record['runbook']})"),
+        ("outcome", f"{record['outcome']} (exit {record['exit_code']})"),
+        ("error", record.get("error") or ""),
+        ("when", f"{record['started_at']} -> {record['finished_at']}"),
+        ("who", f"{record['operator']} on {record['host']}"),
+        ("environment", record["env"]),
+        (
+            "database",
+            f"{database.get('name')} on {database.get('host')}:{database.get('port') or 5432}"
+            if database
+            else "not reached",
+        ),
+        ("revisions", f"{record.get('revisions_before')} -> {record.get('revisions_after')}"),
+        ("backup", (record.get("backup") or {}).get("path", "none")),
+        ("parameters", json.dumps(record.get("parameters"), sort_keys=True)),
+        ("notebook", record.get("notebook") or "not kept (run outside `opslib run`)"),
+        ("opslib / git", f"{record['opslib_version']} / {record.get('git_commit') or 'no git commit'}"),
+    ]
+    out = [f"{k:12}: {v}" for k, v in facts]
+    out.append("")
+    out.append(record_text(record))
+    return "\n".join(out)
