@@ -47,6 +47,9 @@ def _parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("history", help="list the revisions, newest first")
     s.add_argument("--verbose", dest="details", action="store_true", help="show each revision's details")
+    s.add_argument(
+        "--runs", action="store_true", help="the runs and revision events recorded in the database"
+    )
 
     s = sub.add_parser("show", help="details of one revision")
     s.add_argument("revision")
@@ -186,6 +189,12 @@ def _migrations(settings, args: argparse.Namespace) -> int:
         print(display.result_text(migrate.downgrade(settings, args.revision, x_args=args.x_args)))
     elif args.command == "stamp":
         print(display.result_text(migrate.stamp(settings, args.revision)))
+    elif args.command == "history" and args.runs:
+        from opslib import db
+        from opslib import history as run_history
+
+        with db.connect(db.target_url(settings)) as conn:
+            print(display.database_history_text(*run_history.read(conn)))
     elif args.command == "history":
         print(display.history_text(migrate.history(settings), verbose=args.details))
     elif args.command == "show":

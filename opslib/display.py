@@ -309,3 +309,47 @@ def run_text(record: dict) -> str:
     out.append("")
     out.append(record_text(record))
     return "\n".join(out)
+
+
+def database_history_text(runs: Sequence[dict], events: Sequence[dict]) -> str:
+    """What `opslib history --runs` prints: runs, then every revision applied, reversed or stamped."""
+    if not runs and not events:
+        return "no opslib history in this database yet"
+    out = ["runs"]
+    out.append(
+        text_table(
+            ["run id", "runbook", "outcome", "operator", "env", "before", "after", "finished"],
+            [
+                (
+                    r["run_id"],
+                    r["runbook"],
+                    r["outcome"],
+                    r["operator"],
+                    r["env"],
+                    "+".join(r["revisions_before"] or []) or "base",
+                    "+".join(r["revisions_after"] or []) or "base",
+                    r["finished_at"],
+                )
+                for r in runs
+            ],
+        )
+    )
+    out += ["", "revision events"]
+    out.append(
+        text_table(
+            ["#", "recorded", "run id", "direction", "revision", "from", "message"],
+            [
+                (
+                    e["id"],
+                    e["recorded_at"],
+                    e["run_id"] or "-",
+                    e["direction"],
+                    e["revision"],
+                    "+".join(e["from_revisions"]) or "base",
+                    e["message"],
+                )
+                for e in events
+            ],
+        )
+    )
+    return "\n".join(out)

@@ -33,6 +33,7 @@ from sqlalchemy.engine import URL, Connection
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 
 from opslib import db
+from opslib import history as db_history
 from opslib.config import Settings
 from opslib.errors import (
     ConfigError,
@@ -337,13 +338,20 @@ def _run_change(
         _pending(script, before, database)  # refuses a database at a revision the code lacks
         steps = plan(script, before)
         cfg = alembic_config(settings, url=url, connection=conn, x_args=x_args)
+        db_history.ensure_schema(conn)
+        written = [0]  # how many events env.py wrote through on_version_apply
+        cfg.attributes["on_version_apply"] = db_history.on_version_apply(db_history.current_run_id(), written)
         try:
             with _capture_alembic_output(), _ddl_lock_timeout(conn, settings.ddl_lock_timeout_s):
                 run(cfg, steps)
         except BaseException as err:  # noqa: BLE001 - any failure, Ctrl-C included, says where the database stands
             after = _revisions_after_failure(conn, url, database)
+            if not written[0]:
+                _write_events_after(conn, script, action, steps, before, after)
             raise _failure(action, target, database, script, before, after, steps, err, url) from err
         after = current_revisions(conn)
+        if not written[0]:
+            _write_events_after(conn, script, action, steps, before, after)
     head_ids = set(script.get_heads())
     return MigrationResult(
         action=action,
@@ -353,6 +361,29 @@ def _run_change(
         after=after,
         steps=tuple(_info(s, head_ids) for s in steps),
     )
+
+
+def _write_events_after(conn: Connection, script, action, steps, before, after) -> None:
+    """History rows for a project whose env.py does not forward on_version_apply, written once committed.
+
+    Only the steps that did commit get a row: for an upgrade those now applied, for a downgrade
+    those no longer applied.
+    """
+    if set(before) == set(after) and action != "stamp":
+        return
+    applied = {s.revision for s in _between(script, after, ())} if after else set()
+    previous = tuple(before)
+    try:
+        for step in steps:
+            if (step.revision in applied) != (action == "upgrade"):
+                break
+            db_history.record_event(
+                conn, db_history.current_run_id(), step.revision, previous, action, (step.doc or "").strip()
+            )
+            previous = (step.revision,)
+        conn.commit()
+    except DBAPIError:
+        pass  # the history is a convenience: the run's own record says what happened
 
 
 @contextmanager

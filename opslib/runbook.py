@@ -24,6 +24,7 @@ from typing import Any, Callable, Mapping
 import sqlalchemy as sa
 
 from opslib import audit, backup, checks, db, migrate, params
+from opslib import history as run_history
 from opslib.config import Settings, load_settings
 from opslib.display import Section
 from opslib.errors import (
@@ -135,6 +136,7 @@ class Run:
         self.record["finished_at"] = audit.iso(audit.now())
         if self.record["database"] is not None:
             self.record["revisions_after"] = self._revisions_now()
+            self._record_run_in_database()
         self.ended = True
         self._release_lock()
         self._save()
@@ -167,9 +169,20 @@ class Run:
             ("current revision", ", ".join(current) or "base"),
         ]
 
+    def _record_run_in_database(self) -> None:
+        """Append this run's row to the database's own history; a database out of reach keeps the files' record."""
+        finished = dict(self.record, finished_at=self.record["finished_at"] or audit.iso(audit.now()))
+        try:
+            with db.connect(db.target_url(self.settings)) as conn:
+                run_history.record_run(conn, finished)
+        except (OpsError, sa.exc.DBAPIError) as err:
+            self.record["database_history"] = f"not written: {_message_of(err)}"
+        run_history.set_current_run_id(None)
+
     def _take_lock(self) -> None:
         """Hold the opslib lock on the target until the run ends, without waiting for it."""
         self.run_lock = db.hold_run_lock(self.url, f"opslib {self.runbook} run {self.record['run_id']}")
+        run_history.set_current_run_id(self.record["run_id"])  # revision events in the database name this run
 
     def _release_lock(self) -> None:
         if self.run_lock is not None:
@@ -548,11 +561,16 @@ class Recovery(Run):
             return Section("Restore", "skipped: mode=stamp")
         done = self._restore_over_target(self.backup_file, terminate=self.params["terminate_connections"])
         self.record["backup"] = {"path": str(self.backup_file.resolve()), "sha256": self.manifest["sha256"]}
+        self.record["database_history"] = (
+            f"the database's opslib history now ends where the backup was taken ({self.manifest['started_at']}); "
+            "this run's rows follow it"
+        )
         self._save()
         facts = [
             ("restored revision", ", ".join(done.revisions) or "base"),
             ("matches the manifest", "yes" if done.matches_manifest else "NO"),
             ("replaced database kept as", done.replaced_database_kept_as),
+            ("history in the database", f"as of the backup ({self.manifest['started_at']}), then this run"),
         ]
         return Section("Restore", "restored", facts)
 

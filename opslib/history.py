@@ -1,0 +1,156 @@
+"""The history of runs and revisions kept inside the target database, in an ``opslib`` schema.
+
+Alembic keeps only the current revision. opslib adds two append-only tables (a trigger refuses
+UPDATE and DELETE):
+
+- ``opslib.revision_events``: one row per revision applied, reversed or stamped, written from
+  Alembic's ``on_version_apply`` inside that revision's own transaction, so a row exists exactly
+  when its revision committed (the sample env.py forwards ``config.attributes["on_version_apply"]``;
+  for an env.py that does not, opslib writes the row right after the revision committed);
+- ``opslib.runs``: one row per runbook run that reached the database, written when it ends.
+
+The schema is outside ``public``, so a reset (downgrade to base, or dropping ``public``) keeps it;
+a restore brings back the history as it was in the backup, which the recovery run then extends.
+"""
+
+from __future__ import annotations
+
+import contextvars
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection
+
+SCHEMA_DDL = """
+CREATE SCHEMA IF NOT EXISTS opslib;
+CREATE TABLE IF NOT EXISTS opslib.revision_events (
+    id bigserial PRIMARY KEY,
+    run_id text,
+    revision text NOT NULL,
+    from_revisions text[] NOT NULL,
+    direction text NOT NULL,
+    message text,
+    recorded_at timestamptz NOT NULL DEFAULT clock_timestamp()
+);
+CREATE TABLE IF NOT EXISTS opslib.runs (
+    run_id text PRIMARY KEY,
+    runbook text NOT NULL,
+    operator text,
+    env text,
+    outcome text NOT NULL,
+    revisions_before text[],
+    revisions_after text[],
+    started_at timestamptz,
+    finished_at timestamptz
+);
+CREATE OR REPLACE FUNCTION opslib.append_only() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    RAISE EXCEPTION 'opslib history is append-only: % on %.% refused', TG_OP, TG_TABLE_SCHEMA, TG_TABLE_NAME;
+END $$;
+DROP TRIGGER IF EXISTS append_only ON opslib.revision_events;
+CREATE TRIGGER append_only BEFORE UPDATE OR DELETE ON opslib.revision_events
+    FOR EACH ROW EXECUTE FUNCTION opslib.append_only();
+DROP TRIGGER IF EXISTS append_only ON opslib.runs;
+CREATE TRIGGER append_only BEFORE UPDATE OR DELETE ON opslib.runs
+    FOR EACH ROW EXECUTE FUNCTION opslib.append_only();
+"""
+
+
+def ensure_schema(conn: Connection) -> None:
+    """Create the opslib schema and its tables if they are missing (committed at once)."""
+    if conn.execute(sa.text("SELECT to_regclass('opslib.runs') IS NOT NULL")).scalar():
+        if conn.in_transaction():
+            conn.commit()
+        return
+    conn.exec_driver_sql(SCHEMA_DDL.replace("%", "%%"))  # the driver formats parameters with %
+    conn.commit()
+
+
+def record_event(
+    conn: Connection, run_id: str | None, revision: str, from_revisions, direction: str, message: str
+) -> None:
+    """Insert one revision event on ``conn`` (inside whatever transaction it is in)."""
+    conn.execute(
+        sa.text(
+            "INSERT INTO opslib.revision_events (run_id, revision, from_revisions, direction, message) "
+            "VALUES (:run_id, :revision, :from_revisions, :direction, :message)"
+        ),
+        {
+            "run_id": run_id,
+            "revision": revision,
+            "from_revisions": list(from_revisions),
+            "direction": direction,
+            "message": message,
+        },
+    )
+
+
+def on_version_apply(run_id: str | None, counter: list[int] | None = None):
+    """A callback for Alembic's ``on_version_apply``: writes the event in the revision's own transaction.
+
+    ``counter`` (a one-item list) counts the calls, so opslib can tell an env.py that does not
+    forward the callback, and write the events itself after each revision commits.
+    """
+
+    def callback(ctx, step, heads, run_args) -> None:
+        direction = "stamp" if step.is_stamp else ("upgrade" if step.is_upgrade else "downgrade")
+        revision = step.up_revision_id
+        script = step.up_revision
+        message = (getattr(script, "doc", "") or "").strip()
+        record_event(ctx.connection, run_id, revision, step.source_revision_ids, direction, message)
+        if counter is not None:
+            counter[0] += 1
+
+    return callback
+
+
+def record_run(conn: Connection, record: dict) -> None:
+    """Insert a finished run's row."""
+    ensure_schema(conn)
+    conn.execute(
+        sa.text(
+            "INSERT INTO opslib.runs (run_id, runbook, operator, env, outcome, revisions_before, revisions_after, "
+            "started_at, finished_at) VALUES (:run_id, :runbook, :operator, :env, :outcome, :before, :after, "
+            ":started, :finished) ON CONFLICT (run_id) DO NOTHING"
+        ),
+        {
+            "run_id": record["run_id"],
+            "runbook": record["runbook"],
+            "operator": record["operator"],
+            "env": record["env"],
+            "outcome": record["outcome"],
+            "before": record.get("revisions_before"),
+            "after": record.get("revisions_after"),
+            "started": record["started_at"],
+            "finished": record["finished_at"],
+        },
+    )
+    conn.commit()
+
+
+def read(conn: Connection) -> tuple[list[dict], list[dict]]:
+    """(runs, revision events), oldest first; empty when the database has no opslib history."""
+    if not conn.execute(sa.text("SELECT to_regclass('opslib.runs') IS NOT NULL")).scalar():
+        return [], []
+    runs = [
+        dict(r)
+        for r in conn.execute(sa.text("SELECT * FROM opslib.runs ORDER BY started_at, run_id")).mappings()
+    ]
+    events = [
+        dict(r) for r in conn.execute(sa.text("SELECT * FROM opslib.revision_events ORDER BY id")).mappings()
+    ]
+    if conn.in_transaction():
+        conn.commit()
+    return runs, events
+
+
+_CURRENT_RUN: contextvars.ContextVar[str | None] = contextvars.ContextVar("opslib_run_id", default=None)
+
+
+def current_run_id() -> str | None:
+    """The id of the runbook run this process is executing, if any (set by the run)."""
+    return _CURRENT_RUN.get()
+
+
+def set_current_run_id(run_id: str | None) -> None:
+    """Mark the run this process executes, so revision events name it."""
+    _CURRENT_RUN.set(run_id)

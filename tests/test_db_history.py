@@ -1,0 +1,67 @@
+"""The history of runs and revisions kept inside the database (`opslib history --runs`)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+
+from opslib import db, history
+
+from .conftest import OPSLIB, ROOT, query
+
+
+def _run(url: str, work: Path, *args: str, alembic_ini: Path = ROOT / "alembic.ini") -> int:
+    work.mkdir(exist_ok=True)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OPSLIB_", "DATABASE_URL"))}
+    env.update(DATABASE_URL=url, OPSLIB_ALEMBIC_INI=str(alembic_ini))
+    return subprocess.run(
+        [OPSLIB, "run", *args], cwd=work, env=env, capture_output=True, text=True
+    ).returncode
+
+
+def _events(url: str) -> list[tuple]:
+    return query(url, "SELECT run_id, direction, revision FROM opslib.revision_events ORDER BY id")
+
+
+def test_deploy_writes_a_row_per_revision_and_reset_keeps_them(database_url, tmp_path, run_cli):
+    assert _run(database_url, tmp_path / "w", "deploy") == 0
+    events = _events(database_url)
+    assert [(d, r) for _, d, r in events] == [("upgrade", f"000{i}") for i in range(1, 8)]
+    (deploy_id,) = {run_id for run_id, _, _ in events}
+    assert query(database_url, "SELECT runbook, outcome FROM opslib.runs") == [("deploy", "succeeded")]
+    assert _run(database_url, tmp_path / "w", "reset") == 0
+    after = _events(database_url)
+    assert after[:7] == events  # the reset kept the history
+    assert [d for _, d, _ in after[7:14]] == ["downgrade"] * 7 and [d for _, d, _ in after[14:]] == [
+        "upgrade"
+    ] * 7
+    shown = run_cli("history", "--runs")
+    assert shown.returncode == 0 and deploy_id in shown.stdout and "reset" in shown.stdout
+
+
+@pytest.mark.parametrize("scenario", ["broken_revision", "broken_generic"])
+def test_no_row_for_the_revision_that_failed(database_url, tmp_path, project, scenario):
+    """Rows come from on_version_apply inside each revision's transaction (or right after it, for an env.py without it)."""
+    assert _run(database_url, tmp_path / "w", "deploy", alembic_ini=project(scenario)) == 1
+    assert [r for _, _, r in _events(database_url)] == ["b001", "b002"]
+    assert query(database_url, "SELECT outcome, revisions_after FROM opslib.runs") == [("failed", ["b002"])]
+
+
+def test_the_history_is_append_only(database_url, tmp_path):
+    assert _run(database_url, tmp_path / "w", "deploy", "-p", "target_revision", "0001") == 0
+    engine = sa.create_engine(db.parse_url(database_url), poolclass=sa.pool.NullPool)
+    with engine.connect() as conn:
+        for statement in (
+            "DELETE FROM opslib.revision_events",
+            "UPDATE opslib.runs SET outcome = 'succeeded'",
+        ):
+            with pytest.raises(sa.exc.DBAPIError, match="append-only"):
+                conn.execute(sa.text(statement))
+            conn.rollback()
+        runs, events = history.read(conn)
+    engine.dispose()
+    assert len(runs) == 1 and len(events) == 1
