@@ -37,6 +37,9 @@ class CheckReport:
     subject: str
     checks: list[CheckResult] = field(default_factory=list)
     findings: list = field(default_factory=list)
+    # What a pre-deploy check found, for the deploy that follows it (so it is not worked out twice).
+    pending: list = field(default_factory=list)
+    sql: str = ""
 
     @property
     def ok(self) -> bool:
@@ -194,6 +197,7 @@ def pre_deploy(
     report.add("single head", PASS, heads[0] if heads else "no revisions")
     try:
         current, pending = migrate.plan(settings, "upgrade", target)
+        report.pending = pending
     except OpsError as err:
         name = "database revision known" if "does not contain" in err.message else "target revision"
         detail = err.message
@@ -221,6 +225,7 @@ def pre_deploy(
         else "every pending revision has one",
     )
     sql, unrendered = _render(settings, current, pending)
+    report.sql = sql
     report.add(
         "SQL renders offline",
         WARN if unrendered else PASS,

@@ -258,28 +258,12 @@ def runs_text(runs: Sequence[dict]) -> str:
     """What `opslib audit list` prints."""
     if not runs:
         return "no runs recorded"
-    headers = [
-        "started",
-        "run id",
-        "runbook",
-        "env",
-        "operator",
-        "database",
-        "revisions",
-        "outcome",
-        "seconds",
-    ]
-    keys = [
-        "started_at",
-        "run_id",
-        "runbook",
-        "env",
-        "operator",
-        "database",
-        "revisions",
-        "outcome",
-        "duration_s",
-    ]
+    columns = [
+        ("started", "started_at"), ("run id", "run_id"), ("runbook", "runbook"), ("env", "env"),
+        ("operator", "operator"), ("database", "database"), ("revisions", "revisions"),
+        ("outcome", "outcome"), ("seconds", "duration_s"),
+    ]  # fmt: skip
+    headers, keys = [h for h, _ in columns], [k for _, k in columns]
     return text_table(headers, [[r.get(k) for k in keys] for r in runs])
 
 

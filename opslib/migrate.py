@@ -511,25 +511,35 @@ def upgrade(
     """
     target = _check_revision_text(target, "target revision")
 
-    def plan(script: ScriptDirectory, current: tuple[str, ...]) -> list[Script]:
-        return _plan_upgrade(script, current, target)
+    plan = lambda script, current: _plan_upgrade(script, current, target)  # noqa: E731
+    run = _runner(settings, "upgrade", target, one_at_a_time, on_step, on_attempt)
+    return _run_change(settings, "upgrade", target, x_args, plan, run)
+
+
+def _runner(
+    settings, verb, target, one_at_a_time, on_step, on_attempt
+) -> Callable[[Config, list[Script]], None]:
+    """How an upgrade or downgrade runs Alembic: in one command, or one command per revision (each retried on lock timeouts)."""
+    alembic_verb = command.upgrade if verb == "upgrade" else command.downgrade
+
+    def destination(step: Script) -> str:
+        if verb == "upgrade":
+            return step.revision
+        downs = _info(step, set()).down_revisions
+        return downs[0] if len(downs) == 1 else ("base" if not downs else "-1")
 
     def run(cfg: Config, steps: list[Script]) -> None:
         if not one_at_a_time:
-            _retrying(settings, f"upgrade {target}", lambda: command.upgrade(cfg, target), on_attempt)
+            _retrying(settings, f"{verb} {target}", lambda: alembic_verb(cfg, target), on_attempt)
             return
         for step in steps:
             started = time.perf_counter()
-            _retrying(
-                settings,
-                f"upgrade {step.revision}",
-                lambda rev=step.revision: command.upgrade(cfg, rev),
-                on_attempt,
-            )
+            to = destination(step)
+            _retrying(settings, f"{verb} {step.revision}", lambda to=to: alembic_verb(cfg, to), on_attempt)
             if on_step is not None:
                 on_step(_info(step, set()), time.perf_counter() - started)
 
-    return _run_change(settings, "upgrade", target, x_args, plan, run)
+    return run
 
 
 def _steps(rel: str) -> int:
@@ -554,23 +564,8 @@ def downgrade(
     """Roll back to ``target``: ``-N`` steps, a revision id, or ``base`` (one revision at a time on request)."""
     target = _check_revision_text(target, "target revision")
 
-    def plan(script: ScriptDirectory, current: tuple[str, ...]) -> list[Script]:
-        return _plan_downgrade(script, current, target)
-
-    def run(cfg: Config, steps: list[Script]) -> None:
-        if not one_at_a_time:
-            _retrying(settings, f"downgrade {target}", lambda: command.downgrade(cfg, target), on_attempt)
-            return
-        for step in steps:
-            started = time.perf_counter()
-            downs = _info(step, set()).down_revisions
-            to = downs[0] if len(downs) == 1 else ("base" if not downs else "-1")
-            _retrying(
-                settings, f"downgrade {step.revision}", lambda to=to: command.downgrade(cfg, to), on_attempt
-            )
-            if on_step is not None:
-                on_step(_info(step, set()), time.perf_counter() - started)
-
+    plan = lambda script, current: _plan_downgrade(script, current, target)  # noqa: E731
+    run = _runner(settings, "downgrade", target, one_at_a_time, on_step, on_attempt)
     return _run_change(settings, "downgrade", target, x_args, plan, run)
 
 

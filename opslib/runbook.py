@@ -368,13 +368,13 @@ class Deploy(Run):
         if not report.ok:
             _show(Section("Preflight", "pre-deploy checks failed", facts, check_rows))
             report.raise_for_failure()
-        current, self.pending = migrate.plan(self.settings, "upgrade", self.params["target_revision"])
+        self.pending = report.pending  # the checks planned the deploy and rendered its SQL already
         facts.append(("target revision", self.params["target_revision"]))
         if not self.pending:
             return Section(
                 "Preflight", "nothing to do: the database is already at the target", facts, check_rows
             )
-        sql = _offline(self.settings, f"{current[0] if current else 'base'}:{self.pending[-1].revision}")
+        sql = report.sql or "-- the SQL cannot be rendered offline (see the checks above)"
         rows = check_rows + [
             {"check": f"pending {r.revision}", "result": "", "detail": r.message} for r in self.pending
         ]

@@ -69,21 +69,18 @@ def _wait_for_attempt(work: Path, timeout: float = 60) -> None:
     raise AssertionError("no attempt hit the lock timeout")
 
 
+def _deploy_0002(url: str, work: Path, lock_timeout: str, retries: str) -> subprocess.Popen:
+    env = {"OPSLIB_DDL_LOCK_TIMEOUT": lock_timeout, "OPSLIB_DDL_RETRIES": retries}
+    return _start(
+        url, work, "deploy", "-p", "target_revision", "0002", alembic_ini=ROOT / "alembic.ini", env=env
+    )
+
+
 def test_blocked_ddl_is_retried_and_succeeds_once_the_blocker_ends(database_url, tmp_path):
     migrate.upgrade(settings_for(database_url, tmp_path), "0001")
     blocker = _hold_users_lock(database_url)
     work = tmp_path / "work"
-    env = {"OPSLIB_DDL_LOCK_TIMEOUT": "0.5", "OPSLIB_DDL_RETRIES": "4"}
-    run = _start(
-        database_url,
-        work,
-        "deploy",
-        "-p",
-        "target_revision",
-        "0002",
-        alembic_ini=ROOT / "alembic.ini",
-        env=env,
-    )
+    run = _deploy_0002(database_url, work, "0.5", "4")
     try:
         _wait_for_attempt(work)
     finally:
@@ -102,18 +99,8 @@ def test_blocked_ddl_past_all_retries_fails_at_the_previous_revision(database_ur
     migrate.upgrade(settings_for(database_url, tmp_path), "0001")
     blocker = _hold_users_lock(database_url)
     work = tmp_path / "work"
-    env = {"OPSLIB_DDL_LOCK_TIMEOUT": "0.3", "OPSLIB_DDL_RETRIES": "2"}
     try:
-        run = _start(
-            database_url,
-            work,
-            "deploy",
-            "-p",
-            "target_revision",
-            "0002",
-            alembic_ini=ROOT / "alembic.ini",
-            env=env,
-        )
+        run = _deploy_0002(database_url, work, "0.3", "2")
         out, err = run.communicate(timeout=300)
     finally:
         blocker.rollback()
