@@ -76,12 +76,15 @@ def step(name: str) -> Callable:
                 entry["outcome"] = _outcome_of(err)[0]
                 entry["duration_s"] = round(time.perf_counter() - started, 3)
                 self._finish(err)
+                self._close()
                 raise
             entry["outcome"] = (
                 SKIPPED if isinstance(result, Section) and result.status.startswith("skipped") else SUCCEEDED
             )
             entry["duration_s"] = round(time.perf_counter() - started, 3)
             self._save()
+            if self.ended:
+                self._close()
             return result
 
         return wrapper
@@ -140,6 +143,9 @@ class Run:
         self.ended = True
         self._release_lock()
         self._save()
+
+    def _close(self) -> None:
+        """Seal an ended run: its ledger entry vouches for the sidecar as it is now, so nothing may change after."""
         if not self.under_runner:  # `opslib run` appends the ledger line itself, with the notebook's name
             audit.append_ledger(self.settings.records_dir, self.stem, self.record)
 

@@ -13,7 +13,7 @@ import nbformat
 import papermill
 import pytest
 
-from opslib import backup, db, migrate, params
+from opslib import audit, backup, db, migrate, params
 from opslib.config import Settings
 
 from .conftest import OPSLIB, ROOT, query, schema_snapshot, settings_for
@@ -173,6 +173,7 @@ def test_plain_papermill_runs_the_same_runbooks(database_url, workdir, name, ext
     (record,) = records(workdir)
     assert_complete(record, name, "succeeded", 0)
     assert [line["runbook"] for line in ledger(workdir)] == [name]
+    assert audit.verify_ledger(workdir / "records") == []  # the ledger vouches for the sidecar as it ended
     expected = {"deploy": ("0007",), "rollback": ("0005",), "reset": ("0007",)}[name]
     assert migrate.status(settings_for(database_url, workdir)).current == expected
 
