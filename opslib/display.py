@@ -267,6 +267,14 @@ def runs_text(runs: Sequence[dict]) -> str:
     return text_table(headers, [[r.get(k) for k in keys] for r in runs])
 
 
+def _where(database: dict) -> str:
+    if not database:
+        return "not reached"
+    host = database.get("host") or ""
+    place = f"socket in {host}" if host.startswith("/") else f"{host}:{database.get('port') or 5432}"
+    return f"{database.get('name')} on {place}"
+
+
 def run_text(record: dict) -> str:
     """What `opslib audit show` prints: the facts first, then each step."""
     database = record.get("database") or {}
@@ -277,12 +285,7 @@ def run_text(record: dict) -> str:
         ("when", f"{record['started_at']} -> {record['finished_at']}"),
         ("who", f"{record['operator']} on {record['host']}"),
         ("environment", record["env"]),
-        (
-            "database",
-            f"{database.get('name')} on {database.get('host')}:{database.get('port') or 5432}"
-            if database
-            else "not reached",
-        ),
+        ("database", _where(database)),
         ("revisions", f"{record.get('revisions_before')} -> {record.get('revisions_after')}"),
         ("backup", (record.get("backup") or {}).get("path", "none")),
         ("parameters", json.dumps(record.get("parameters"), sort_keys=True)),
