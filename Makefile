@@ -11,7 +11,7 @@ STAMP  := $(VENV)/.installed
 .DEFAULT_GOAL := help
 .PHONY: help install demo test lab migrate-create migrate-create-manual migrate-up migrate-down \
         migrate-down-to migrate-status migrate-show bench backup-db verify-setup \
-        deploy-prod rollback-prod db-reset pre-deploy-check
+        deploy-prod rollback-prod db-reset pre-deploy-check browser audit-report
 
 help:
 	@echo "make demo                          bring the sample database to head and show its status"
@@ -27,6 +27,8 @@ help:
 	@echo "make db-reset [confirm=DB]         the reset runbook (refused in production)"
 	@echo "make verify-setup                  check connectivity, versions, client tools, Alembic config, backups folder"
 	@echo "make pre-deploy-check [revision=...]  heads, pending revisions, squawk lint of their SQL, naming, drift, backup"
+	@echo "make audit-report [out=DIR]        the records as a static HTML site, checked against the ledger, + index.png"
+	@echo "make browser                       install Debian's chromium (as root) for the report's screenshot and tests"
 
 # The venv is rebuilt when pyproject.toml changes. JupyterLab is left out (see `lab`): it slows
 # every `import papermill` on the automation path by about a second.
@@ -52,8 +54,17 @@ demo: $(STAMP)
 	@echo "== Next: make lab (step through runbooks/ in JupyterLab), make rollback-prod confirm=NAME, make test."
 	@if [ -z "$$DATABASE_URL" ]; then echo "== The embedded server keeps running; stop it with: $(OPSLIB) db stop"; fi
 
-test: $(STAMP)
+test: $(STAMP) browser
 	$(BIN)/python -m pytest
+
+# Debian's Chromium renders the audit report in its tests and takes its screenshot. As root (CI) it
+# is installed when missing; anyone else is told the one command to run.
+browser:
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    echo "== installing Debian's chromium (for the audit report)"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
+	  else echo "make $@: the audit report needs Chromium: sudo apt-get install chromium" >&2; exit 2; fi; }
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_migrate.py
@@ -124,3 +135,8 @@ rollback-prod: $(STAMP)
 
 db-reset: $(STAMP)
 	$(OPSLIB) run reset $(if $(confirm),-p confirm '$(confirm)')
+
+# --- records, for auditors --------------------------------------------------------------------------
+
+audit-report: $(STAMP) browser
+	$(OPSLIB) audit report --screenshot $(if $(out),--out '$(out)')

@@ -17,6 +17,7 @@ import os
 import secrets
 import socket
 import subprocess
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -180,33 +181,49 @@ def read_ledger(records_dir: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def verify_ledger(records_dir: Path) -> list[str]:
-    """Every way the records differ from what the ledger vouches for; an empty list when all is intact.
+@dataclass
+class LedgerCheck:
+    """What :func:`check_ledger` found: each entry's problems (same order as ``entries``) and the
+    records no entry vouches for."""
 
-    Detects an entry edited (its hash), removed or reordered (the chain), a sidecar or notebook
-    changed or deleted (their sha256), and a record added outside the ledger.
+    entries: list[dict]
+    by_entry: list[list[str]]
+    unvouched: list[str]
+
+    @property
+    def problems(self) -> list[str]:
+        """Every problem, entries first, as `opslib audit verify` prints them."""
+        return [p for found in self.by_entry for p in found] + self.unvouched
+
+
+def check_ledger(records_dir: Path) -> LedgerCheck:
+    """Compare the records with the ledger: each entry's hash, its place in the chain, and the
+    sha256 of its sidecar and notebook; then look for records added outside the ledger.
+
+    Raises :class:`~opslib.errors.PreconditionFailed` when ``ledger.jsonl`` is not JSON lines.
     """
+    from opslib.errors import PreconditionFailed
+
     records_dir = Path(records_dir)
-    problems = []
     try:
         entries = read_ledger(records_dir)
     except ValueError as err:
-        return [f"{LEDGER} is not valid JSON lines: {err}"]
+        raise PreconditionFailed(f"{records_dir / LEDGER} is not valid JSON lines: {err}") from err
     hashes = {e.get("hash"): i for i, e in enumerate(entries)}
+    by_entry = []
     previous = GENESIS
     for i, entry in enumerate(entries, start=1):
         label = f"ledger line {i} (run {entry.get('run_id')})"
+        found = []
         if entry_hash(entry) != entry.get("hash"):
-            problems.append(f"{label}: the entry was edited (its hash does not match its content)")
+            found.append(f"{label}: the entry was edited (its hash does not match its content)")
         if entry.get("prev_hash") != previous:
             if entry.get("prev_hash") in hashes:
-                problems.append(
+                found.append(
                     f"{label}: out of order (it follows line {hashes[entry['prev_hash']] + 1} in the chain)"
                 )
             else:
-                problems.append(
-                    f"{label}: the entry before it was removed (its predecessor is not in the ledger)"
-                )
+                found.append(f"{label}: the entry before it was removed (its predecessor is not in the ledger)")
         previous = entry.get("hash")
         for kind in ("sidecar", "notebook"):
             name = entry.get(kind)
@@ -214,10 +231,16 @@ def verify_ledger(records_dir: Path) -> list[str]:
                 continue
             actual = _sha256(records_dir / name)
             if actual is None:
-                problems.append(f"{label}: {kind} {name} was deleted")
+                found.append(f"{label}: {kind} {name} was deleted")
             elif actual != entry.get(f"{kind}_sha256"):
-                problems.append(f"{label}: {kind} {name} was modified")
+                found.append(f"{label}: {kind} {name} was modified")
+        by_entry.append(found)
+    return LedgerCheck(entries, by_entry, _unvouched(records_dir, entries))
+
+
+def _unvouched(records_dir: Path, entries: list[dict]) -> list[str]:
     vouched = {e.get("sidecar") for e in entries} | {e.get("notebook") for e in entries}
+    problems = []
     for path in sorted(records_dir.glob("*.json")) + sorted(records_dir.glob("*.ipynb")):
         if path.name in vouched or path.name.startswith("."):
             continue
@@ -227,10 +250,23 @@ def verify_ledger(records_dir: Path) -> list[str]:
                     continue  # a run in progress: its ledger entry comes when it ends
             except ValueError:
                 pass
-        problems.append(
-            f"{path.name} is not in the ledger (added outside it, or its ledger line was removed)"
-        )
+        problems.append(f"{path.name} is not in the ledger (added outside it, or its ledger line was removed)")
     return problems
+
+
+def verify_ledger(records_dir: Path) -> list[str]:
+    """Every way the records differ from what the ledger vouches for; an empty list when all is intact.
+
+    Detects an entry edited (its hash), removed or reordered (the chain), a sidecar or notebook
+    changed or deleted (their sha256), and a record added outside the ledger. A ledger that is
+    not JSON lines is one problem, named.
+    """
+    from opslib.errors import PreconditionFailed
+
+    try:
+        return check_ledger(records_dir).problems
+    except PreconditionFailed as err:
+        return [err.message]
 
 
 def _duration(record: dict) -> float | None:

@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import sys
+from pathlib import Path
 from typing import Sequence
 
 from opslib import __version__
@@ -141,10 +142,16 @@ def _parser() -> argparse.ArgumentParser:
 
     sub.add_parser("runbooks", help="list the runbooks with their parameters")
 
-    s = sub.add_parser("audit", help="the run records: list, show one, verify them against the ledger")
-    s.add_argument("action", choices=["list", "show", "verify"])
+    s = sub.add_parser(
+        "audit", help="the run records: list, show one, verify them against the ledger, or write an HTML report"
+    )
+    s.add_argument("action", choices=["list", "show", "verify", "report"])
     s.add_argument("run_id", nargs="?", metavar="RUN_ID", help="for show: the run's id")
     s.add_argument("--json", action="store_true")
+    s.add_argument("--out", type=Path, help="for report: the folder to write (default: <records>/report)")
+    s.add_argument(
+        "--screenshot", action="store_true", help="for report: also save index.png, as headless Chromium shows it"
+    )
 
     s = sub.add_parser("db", help="the embedded PostgreSQL used when DATABASE_URL is unset")
     s.add_argument("action", choices=["start", "stop", "status", "url"])
@@ -285,6 +292,8 @@ def _audit(settings, args: argparse.Namespace) -> int:
             raise InvalidInput("audit show needs a RUN_ID: `opslib audit list` shows them")
         record = audit.find_run(records, args.run_id)
         print(json.dumps(record, indent=2, default=str) if args.json else display.run_text(record))
+    elif args.action == "report":
+        return _audit_report(records, args)
     else:
         problems = audit.verify_ledger(records)
         entries = len(audit.read_ledger(records))
@@ -294,6 +303,21 @@ def _audit(settings, args: argparse.Namespace) -> int:
                 f"audit verify: {len(problems)} problem(s) in {records}; the first: {problems[0]}"
             )
         print(f"audit verify: {entries} run(s), every record matches the ledger and the chain is intact")
+    return EXIT_OK
+
+
+def _audit_report(records: Path, args: argparse.Namespace) -> int:
+    from opslib import report
+    from opslib.errors import ChecksFailed
+
+    written = report.build_report(records, args.out or records / "report")
+    if args.screenshot:
+        written.screenshot = report.screenshot(written.index, written.out / report.SCREENSHOT)
+        print(f"screenshot: {written.screenshot}")
+    print(written.line())
+    if written.problems:
+        # The report is written either way; automation still learns that the records were changed.
+        raise ChecksFailed(f"audit report: {len(written.problems)} problem(s) in {records}; the first: {written.problems[0]}")
     return EXIT_OK
 
 

@@ -69,6 +69,15 @@ def scrub(text: str, url: URL | None) -> str:
     return text
 
 
+# scheme://user:password@ in free text (an error message, a notebook output): the password part.
+_URL_PASSWORD = re.compile(r"(\b[a-zA-Z][a-zA-Z0-9+.-]*://[^\s/:@]*:)[^\s/@]+@")
+
+
+def redact_urls_in(text: str) -> str:
+    """``text`` with the password of every ``scheme://user:password@host`` URL in it replaced by ``***``."""
+    return _URL_PASSWORD.sub(r"\1***@", text)
+
+
 def target_url(settings: Settings) -> URL:
     """The URL of the database opslib operates on: DATABASE_URL, else the embedded server's."""
     if settings.database_url:

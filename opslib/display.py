@@ -275,10 +275,17 @@ def _where(database: dict) -> str:
     return f"{database.get('name')} on {place}"
 
 
-def run_text(record: dict) -> str:
-    """What `opslib audit show` prints: the facts first, then each step."""
+def _revs(revisions: Sequence[str] | None) -> str:
+    if revisions is None:
+        return "unknown"
+    return "+".join(revisions) or "base"
+
+
+def run_facts(record: dict) -> list[tuple[str, str]]:
+    """A run's facts, as `opslib audit show` and the audit report list them (no password: the
+    sidecar holds the database as host, port and name)."""
     database = record.get("database") or {}
-    facts = [
+    return [
         ("run", f"{record['run_id']} ({record['runbook']})"),
         ("outcome", f"{record['outcome']} (exit {record['exit_code']})"),
         ("error", record.get("error") or ""),
@@ -286,13 +293,19 @@ def run_text(record: dict) -> str:
         ("who", f"{record['operator']} on {record['host']}"),
         ("environment", record["env"]),
         ("database", _where(database)),
-        ("revisions", f"{record.get('revisions_before')} -> {record.get('revisions_after')}"),
+        ("fingerprint", record.get("fingerprint") or ""),
+        ("revisions", f"{_revs(record.get('revisions_before'))} -> {_revs(record.get('revisions_after'))}"),
         ("backup", (record.get("backup") or {}).get("path", "none")),
+        ("backup sha256", (record.get("backup") or {}).get("sha256", "")),
         ("parameters", json.dumps(record.get("parameters"), sort_keys=True)),
         ("notebook", record.get("notebook") or "not kept (run outside `opslib run`)"),
         ("opslib / git", f"{record['opslib_version']} / {record.get('git_commit') or 'no git commit'}"),
     ]
-    out = [f"{k:12}: {v}" for k, v in facts]
+
+
+def run_text(record: dict) -> str:
+    """What `opslib audit show` prints: the facts first, then each step."""
+    out = [f"{k:13}: {v}" for k, v in run_facts(record) if v]
     out.append("")
     out.append(record_text(record))
     return "\n".join(out)

@@ -74,3 +74,9 @@ class BackupFailed(OpsError):
     """A backup, restore or clone failed part-way; the message says what was left behind (exit 1)."""
 
     exit_code = 1
+
+
+class ReportFailed(OpsError):
+    """The audit report or its screenshot could not be made; the records are untouched (exit 1)."""
+
+    exit_code = 1

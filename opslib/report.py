@@ -1,0 +1,247 @@
+"""The audit report: a static HTML site, built from the records folder, that an auditor opens from
+the file system without a server.
+
+``index.html`` lists every run in the ledger (sortable, outcomes in colour) under the result of the
+ledger check; ``runs/<line>-<record>.html`` shows one run: its facts from the sidecar first, then the
+executed notebook rendered by nbconvert with each code cell folded. The pages load nothing from
+the network and carry a Content-Security-Policy that lets no script run but the index's sorting.
+
+The report reads only the records, never the database, and the records hold no password; URLs
+with a password in any rendered output are still redacted, in case an operator printed one.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from opslib import __version__, audit, display
+from opslib.db import redact_urls_in
+from opslib.errors import ConfigError, InvalidInput, ReportFailed
+
+TEMPLATES = Path(__file__).parent / "templates"
+# A report folder carries this file, so that rebuilding may replace it and nothing else.
+MARKER = ".opslib-report"
+SCREENSHOT = "index.png"
+
+INDEX_COLUMNS = (
+    ("started", "started", "text"), ("run_id", "run id", "text"), ("runbook", "runbook", "text"),
+    ("env", "env", "text"), ("operator", "operator", "text"), ("database", "database", "text"),
+    ("revisions", "revisions", "text"), ("outcome", "outcome", "text"), ("duration", "seconds", "number"),
+    ("record", "record", "text"),
+)  # fmt: skip
+
+# Debian's chromium, started as the report's tests do; root needs --no-sandbox, and the rest keep a
+# one-shot headless run from reaching the network or writing a profile outside its scratch folder.
+CHROMIUM_NAMES = ("chromium", "chromium-browser", "google-chrome-stable", "google-chrome")
+CHROMIUM_FLAGS = (
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+    "--disable-component-update", "--disable-sync", "--no-first-run", "--hide-scrollbars",
+)  # fmt: skip
+
+
+@dataclass
+class Report:
+    """A report that was written: where, how many run pages, and what the ledger check found."""
+
+    out: Path
+    index: Path
+    pages: list[Path] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+    screenshot: Path | None = None
+
+    def line(self) -> str:
+        """One line for the terminal."""
+        status = (
+            "the ledger check passed"
+            if not self.problems
+            else f"the ledger check found {len(self.problems)} problem(s), shown at the top of the report"
+        )
+        return f"audit report: {len(self.pages)} run page(s) in {self.out}; {status}; open {self.index}"
+
+
+def _jinja():
+    import jinja2
+
+    return jinja2.Environment(
+        loader=jinja2.FileSystemLoader(TEMPLATES),
+        autoescape=True,
+        trim_blocks=True,
+        lstrip_blocks=True,
+    )
+
+
+def _page_name(line: int, entry: dict) -> str:
+    # The ledger line keeps names unique even when entries repeat; .name keeps a tampered entry
+    # from pointing the page outside the report.
+    stem = Path(str(entry.get("sidecar") or entry.get("run_id") or "run")).name.removesuffix(".json")
+    return f"{line:04d}-{stem}.html"
+
+
+def _read_notebook(path: Path):
+    """The notebook at ``path`` and None, or None and why it cannot be shown."""
+    import nbformat
+
+    if not path.is_file():
+        return None, "the file is missing"
+    try:
+        return nbformat.read(path, as_version=4), None
+    except (OSError, ValueError, nbformat.ValidationError) as err:
+        return None, f"it is not a readable notebook ({type(err).__name__}: {str(err).splitlines()[0][:200]})"
+
+
+def _run_page(exporter, env, records_dir: Path, line: int, entry: dict, problems: list[str], common: dict) -> str:
+    import nbformat
+
+    record = audit.read_sidecar(records_dir, str(entry.get("sidecar") or "").removesuffix(".json"))
+    notebook, notebook_error = None, None
+    if entry.get("notebook"):
+        notebook, notebook_error = _read_notebook(records_dir / Path(entry["notebook"]).name)
+    facts = env.get_template("_facts.html.j2").render(
+        entry=entry,
+        record=record,
+        facts=[(k, v) for k, v in display.run_facts(record) if v] if record else [],
+        problems=problems,
+        line=line,
+        notebook_error=notebook_error,
+        **common,
+    )
+    resources = {
+        "metadata": {"name": f"{entry.get('runbook')} run {entry.get('run_id')}"},
+        "opslib": {"facts": facts, "css": common["css"]},
+    }
+    body, _ = exporter.from_notebook_node(notebook or nbformat.v4.new_notebook(), resources=resources)
+    return body
+
+
+def _exporter():
+    from nbconvert import HTMLExporter
+
+    return HTMLExporter(
+        template_name="lab",
+        extra_template_paths=[str(TEMPLATES)],
+        template_file="report_run.html.j2",
+        exclude_anchor_links=True,
+    )
+
+
+def _prepare_out(out: Path) -> Path:
+    """A fresh scratch folder beside ``out``; refuses an ``out`` that holds anything but a report."""
+    if out.exists():
+        if not out.is_dir():
+            raise InvalidInput(f"--out {out} is a file; give a folder for the report")
+        if any(out.iterdir()) and not (out / MARKER).is_file():
+            raise InvalidInput(
+                f"--out {out} already holds files that are not an opslib report; give a new or empty folder"
+            )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+
+
+def _swap_in(scratch: Path, out: Path) -> None:
+    # The old report stays whole until the new one is complete, then is replaced in two renames.
+    old = None
+    if out.exists():
+        old = out.with_name(f".{out.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(out, old)
+    os.replace(scratch, out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def build_report(records_dir: Path, out: Path) -> Report:
+    """Write the audit report of ``records_dir`` into ``out`` (replacing an earlier report there).
+
+    Every run in the ledger gets a page, including runs whose sidecar or notebook was changed or
+    deleted since: their page says so in red at the top, and so does the index. Raises
+    :class:`~opslib.errors.InvalidInput` when ``out`` holds other files, and
+    :class:`~opslib.errors.PreconditionFailed` when the ledger is not JSON lines.
+    """
+    records_dir, out = Path(records_dir), Path(out)
+    if not records_dir.is_dir():
+        raise InvalidInput(f"no records folder at {records_dir}: set OPSLIB_RECORDS_DIR to the folder runs write to")
+    check = audit.check_ledger(records_dir)
+    scratch = _prepare_out(out)
+    try:
+        report = _write_site(records_dir, scratch, check)
+        (scratch / MARKER).write_text("written by `opslib audit report`; rebuilding replaces this folder\n")
+        _swap_in(scratch, out)
+    except BaseException:
+        shutil.rmtree(scratch, ignore_errors=True)
+        raise
+    report.out = out
+    report.index = out / "index.html"
+    report.pages = [out / "runs" / p.name for p in report.pages]
+    return report
+
+
+def _write_site(records_dir: Path, site: Path, check: audit.LedgerCheck) -> Report:
+    env = _jinja()
+    css = (TEMPLATES / "report.css").read_text()
+    script = (TEMPLATES / "report_sort.js").read_text()
+    common = {"generated_at": audit.iso(audit.now()), "css": css}
+    exporter = _exporter()
+    (site / "runs").mkdir()
+    pages, runs = [], []
+    for line, (entry, row, problems) in enumerate(
+        zip(check.entries, audit.list_runs(records_dir), check.by_entry, strict=True), start=1
+    ):
+        name = _page_name(line, entry)
+        html = _run_page(exporter, env, records_dir, line, entry, problems, common)
+        (site / "runs" / name).write_text(redact_urls_in(html), encoding="utf-8")
+        pages.append(site / "runs" / name)
+        runs.append({**row, "page": f"runs/{name}", "problems": problems})
+    runs.reverse()  # newest first, as an auditor reads a log
+    outcomes = Counter(r["outcome"] for r in runs)
+    index = env.get_template("report_index.html.j2").render(
+        runs=runs,
+        outcomes=[(o, outcomes[o]) for o in (*audit.OUTCOMES, "running") if outcomes[o]],
+        columns=INDEX_COLUMNS,
+        problems=check.problems,
+        records_dir=str(records_dir.resolve()),
+        version=__version__,
+        script=script,
+        script_hash="sha256-" + base64.b64encode(hashlib.sha256(script.encode()).digest()).decode(),
+        **common,
+    )
+    (site / "index.html").write_text(redact_urls_in(index), encoding="utf-8")
+    return Report(out=site, index=site / "index.html", pages=pages, problems=check.problems)
+
+
+def find_chromium() -> str:
+    """The Chromium (or Chrome) program on PATH; :class:`~opslib.errors.ConfigError` when there is none."""
+    for name in CHROMIUM_NAMES:
+        found = shutil.which(name)
+        if found:
+            return found
+    raise ConfigError(
+        "the screenshot needs Chromium and none is on PATH: install Debian's package (apt-get install chromium)"
+    )
+
+
+def screenshot(page: Path, png: Path, *, width: int = 1400, height: int = 1000) -> Path:
+    """A PNG of ``page`` as headless Chromium renders it at ``width`` x ``height``."""
+    browser = find_chromium()
+    png = Path(png).resolve()
+    png.unlink(missing_ok=True)
+    with tempfile.TemporaryDirectory(prefix="opslib-chromium-") as profile:
+        command = [
+            browser, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", f"--window-size={width},{height}",
+            f"--screenshot={png}", Path(page).resolve().as_uri(),
+        ]  # fmt: skip
+        try:
+            done = subprocess.run(command, capture_output=True, text=True, timeout=120)
+        except subprocess.TimeoutExpired as err:
+            raise ReportFailed(f"{browser} took over 120 s to render {page}; no screenshot was written") from err
+    if done.returncode != 0 or not png.is_file():
+        last = (done.stderr.strip().splitlines() or ["no message"])[-1]
+        raise ReportFailed(f"{browser} exited {done.returncode} without a screenshot of {page}: {last}")
+    return png
