@@ -70,6 +70,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_migrate.py
 	$(BIN)/python benchmarks/bench_backup.py
 	$(BIN)/python benchmarks/bench_locks.py
+	$(BIN)/python benchmarks/bench_report.py
 
 # The kernels JupyterLab starts inherit these, so a runbook run cell by cell finds the project, and
 # writes its records and backups in the same folders as `opslib run` from here.

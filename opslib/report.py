@@ -3,7 +3,8 @@ the file system without a server.
 
 ``index.html`` lists every run in the ledger (sortable, outcomes in colour) under the result of the
 ledger check; ``runs/<line>-<record>.html`` shows one run: its facts from the sidecar first, then the
-executed notebook rendered by nbconvert with each code cell folded. The pages load nothing from
+executed notebook rendered by nbconvert with each code cell folded. The styles are two shared files,
+``report.css`` and ``notebook.css`` (JupyterLab's theme), so each page holds only its own content. The pages load nothing from
 the network and carry a Content-Security-Policy that lets no script run but the index's sorting.
 
 The report reads only the records, never the database, and the records hold no password; URLs
@@ -115,10 +116,19 @@ def _run_page(exporter, env, records_dir: Path, line: int, entry: dict, problems
     )
     resources = {
         "metadata": {"name": f"{entry.get('runbook')} run {entry.get('run_id')}"},
-        "opslib": {"facts": facts, "css": common["css"]},
+        "opslib": {"facts": facts},
     }
     body, _ = exporter.from_notebook_node(notebook or nbformat.v4.new_notebook(), resources=resources)
     return body
+
+
+def _notebook_css(exporter) -> str:
+    """JupyterLab's light theme as nbconvert ships it, written once for every run page to link."""
+    for folder in exporter.template_paths:
+        static = Path(folder) / "static"
+        if (static / "index.css").is_file() and (static / "theme-light.css").is_file():
+            return (static / "index.css").read_text() + "\n" + (static / "theme-light.css").read_text()
+    raise ReportFailed("nbconvert's JupyterLab template has no static/index.css: reinstall nbconvert")
 
 
 def _exporter():
@@ -142,7 +152,12 @@ def _prepare_out(out: Path) -> Path:
                 f"--out {out} already holds files that are not an opslib report; give a new or empty folder"
             )
     out.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    scratch = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    # mkdtemp makes it private; a report is for others to read, as the records are.
+    umask = os.umask(0)
+    os.umask(umask)
+    scratch.chmod(0o777 & ~umask)
+    return scratch
 
 
 def _swap_in(scratch: Path, out: Path) -> None:
@@ -185,10 +200,11 @@ def build_report(records_dir: Path, out: Path) -> Report:
 
 def _write_site(records_dir: Path, site: Path, check: audit.LedgerCheck) -> Report:
     env = _jinja()
-    css = (TEMPLATES / "report.css").read_text()
     script = (TEMPLATES / "report_sort.js").read_text()
-    common = {"generated_at": audit.iso(audit.now()), "css": css}
+    common = {"generated_at": audit.iso(audit.now())}
     exporter = _exporter()
+    shutil.copyfile(TEMPLATES / "report.css", site / "report.css")
+    (site / "notebook.css").write_text(_notebook_css(exporter))
     (site / "runs").mkdir()
     pages, runs = [], []
     for line, (entry, row, problems) in enumerate(

@@ -1,0 +1,115 @@
+"""opslib audit report against bare nbconvert on the same executed notebooks, in one run; printed as a ratio.
+
+One real deploy run (`opslib run deploy` on a scratch database) is recorded, then its notebook and sidecar
+are copied into RUNS records with their own run ids and ledger entries (the ledger check passes). Timed, each
+a separate process as users run it, medians of REPEATS:
+  jupyter nbconvert --to html --template lab <every notebook>   (one process for all of them)
+  opslib audit report                                         (ledger check, index, one page per run)
+Goal: ratio <= 1.2. opslib renders the same notebooks through the same exporter, and adds the ledger check
+(a sha256 of every file), the facts section and the index; it writes JupyterLab's CSS once instead of per page.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import psycopg2
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from opslib import audit, db  # noqa: E402
+from opslib.config import load_settings  # noqa: E402
+
+BIN = Path(sys.executable).parent
+RUNS = 40
+REPEATS = 5
+
+
+def _env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OPSLIB_", "DATABASE_URL"))}
+    env["PATH"] = f"{BIN}:{env.get('PATH', '/usr/bin:/bin')}"
+    env.update(extra)
+    return env
+
+
+def _one_real_run(work: Path, url: str) -> str:
+    subprocess.run(
+        [str(BIN / "opslib"), "run", "deploy"],
+        cwd=work,
+        env=_env(DATABASE_URL=url, OPSLIB_ALEMBIC_INI=str(ROOT / "alembic.ini")),
+        check=True,
+        capture_output=True,
+    )
+    return audit.read_ledger(work / "records")[0]["sidecar"].removesuffix(".json")
+
+
+def _copies(records: Path, stem: str) -> list[Path]:
+    """RUNS records made from the real one, each with its own id, files and ledger entry."""
+    record = json.loads((records / f"{stem}.json").read_text())
+    notebook = (records / f"{stem}.ipynb").read_text()
+    for i in range(1, RUNS):
+        run_id = f"{i:08x}"
+        copy_stem = f"{stem.rsplit('_', 1)[0]}_{run_id}"
+        copy = {**record, "run_id": run_id, "notebook": f"{copy_stem}.ipynb"}
+        (records / f"{copy_stem}.ipynb").write_text(notebook.replace(record["run_id"], run_id))
+        audit.write_sidecar(records, copy_stem, copy)
+        audit.append_ledger(records, copy_stem, copy)
+    assert audit.verify_ledger(records) == [], "the copied records should pass the ledger check"
+    return sorted(records.glob("*.ipynb"))
+
+
+def _timed(cmd: list[str], cwd: Path) -> float:
+    start = time.perf_counter()
+    subprocess.run(cmd, cwd=cwd, env=_env(), check=True, capture_output=True)
+    return time.perf_counter() - start
+
+
+def main() -> int:
+    """Run the comparison and print medians and the ratio."""
+    server = db.target_url(load_settings()).set(database="postgres")
+    admin = psycopg2.connect(server.set(drivername="postgresql").render_as_string(hide_password=False))
+    admin.autocommit = True
+    name = f"opslib_bench_{uuid.uuid4().hex[:8]}"
+    admin.cursor().execute(f'CREATE DATABASE "{name}"')
+    work = Path(tempfile.mkdtemp(prefix="opslib-bench-report-"))
+    try:
+        stem = _one_real_run(work, server.set(database=name).render_as_string(hide_password=False))
+        notebooks = _copies(work / "records", stem)
+        bare_cmd = [
+            str(BIN / "jupyter-nbconvert"), "--to", "html", "--template", "lab",
+            "--output-dir", str(work / "bare"), *map(str, notebooks),
+        ]  # fmt: skip
+        ours_cmd = [str(BIN / "opslib"), "audit", "report", "--out", str(work / "report")]
+        bare, ours = [], []
+        for _ in range(REPEATS):
+            shutil.rmtree(work / "bare", ignore_errors=True)
+            bare.append(_timed(bare_cmd, work))
+            ours.append(_timed(ours_cmd, work))
+        pages = len(list((work / "report" / "runs").glob("*.html")))
+        size_bare = sum(p.stat().st_size for p in (work / "bare").glob("*.html"))
+        size_ours = sum(p.stat().st_size for p in (work / "report").rglob("*") if p.is_file())
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+        admin.cursor().execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        admin.close()
+    b, o = statistics.median(bare), statistics.median(ours)
+    print(f"{RUNS} deploy records ({pages} run pages), {REPEATS} repeats, medians")
+    print(f"{'tool':34} {'seconds':>8} {'output MB':>10}")
+    print(f"{'jupyter nbconvert --to html':34} {b:8.2f} {size_bare / 1e6:10.1f}")
+    print(f"{'opslib audit report':34} {o:8.2f} {size_ours / 1e6:10.1f}")
+    print(f"ratio opslib / nbconvert: {o / b:.2f} (goal <= 1.2)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
