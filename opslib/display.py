@@ -286,12 +286,12 @@ def run_facts(record: dict) -> list[tuple[str, str]]:
     sidecar holds the database as host, port and name)."""
     database = record.get("database") or {}
     return [
-        ("run", f"{record['run_id']} ({record['runbook']})"),
-        ("outcome", f"{record['outcome']} (exit {record['exit_code']})"),
+        ("run", f"{record.get('run_id')} ({record.get('runbook')})"),
+        ("outcome", f"{record.get('outcome')} (exit {record.get('exit_code')})"),
         ("error", record.get("error") or ""),
-        ("when", f"{record['started_at']} -> {record['finished_at']}"),
-        ("who", f"{record['operator']} on {record['host']}"),
-        ("environment", record["env"]),
+        ("when", f"{record.get('started_at')} -> {record.get('finished_at')}"),
+        ("who", f"{record.get('operator')} on {record.get('host')}"),
+        ("environment", record.get("env")),
         ("database", _where(database)),
         ("fingerprint", record.get("fingerprint") or ""),
         ("revisions", f"{_revs(record.get('revisions_before'))} -> {_revs(record.get('revisions_after'))}"),
@@ -299,7 +299,7 @@ def run_facts(record: dict) -> list[tuple[str, str]]:
         ("backup sha256", (record.get("backup") or {}).get("sha256", "")),
         ("parameters", json.dumps(record.get("parameters"), sort_keys=True)),
         ("notebook", record.get("notebook") or "not kept (run outside `opslib run`)"),
-        ("opslib / git", f"{record['opslib_version']} / {record.get('git_commit') or 'no git commit'}"),
+        ("opslib / git", f"{record.get('opslib_version')} / {record.get('git_commit') or 'no git commit'}"),
     ]
 
 

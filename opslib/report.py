@@ -95,13 +95,29 @@ def _read_notebook(path: Path):
     try:
         return nbformat.read(path, as_version=4), None
     except (OSError, ValueError, nbformat.ValidationError) as err:
-        return None, f"it is not a readable notebook ({type(err).__name__}: {str(err).splitlines()[0][:200]})"
+        return None, f"it is not a readable notebook ({_first_line(err)})"
+
+
+def _first_line(err: Exception) -> str:
+    return f"{type(err).__name__}: {(str(err).splitlines() or [''])[0][:200]}"
+
+
+def _read_record(records_dir: Path, entry: dict):
+    """The run's sidecar and None, or None and why it cannot be read (deleted, or edited into non-JSON)."""
+    stem = Path(str(entry.get("sidecar") or "")).name.removesuffix(".json")
+    try:
+        record = audit.read_sidecar(records_dir, stem)
+    except (OSError, ValueError) as err:
+        return None, f"is not readable ({_first_line(err)})"
+    if not isinstance(record, dict):
+        return None, "is missing" if record is None else "does not hold a record"
+    return record, None
 
 
 def _run_page(exporter, env, records_dir: Path, line: int, entry: dict, problems: list[str], common: dict) -> str:
     import nbformat
 
-    record = audit.read_sidecar(records_dir, str(entry.get("sidecar") or "").removesuffix(".json"))
+    record, record_error = _read_record(records_dir, entry)
     notebook, notebook_error = None, None
     if entry.get("notebook"):
         notebook, notebook_error = _read_notebook(records_dir / Path(entry["notebook"]).name)
@@ -111,6 +127,7 @@ def _run_page(exporter, env, records_dir: Path, line: int, entry: dict, problems
         facts=[(k, v) for k, v in display.run_facts(record) if v] if record else [],
         problems=problems,
         line=line,
+        record_error=record_error,
         notebook_error=notebook_error,
         **common,
     )

@@ -236,18 +236,21 @@ def test_report_shows_each_changed_record_in_red(history, tmp_path):
     entries = audit.read_ledger(records)
     notebook = records / entries[0]["notebook"]
     notebook.write_text(notebook.read_text().replace("succeeded", "SUCCEEDED", 1))
+    (records / entries[2]["sidecar"]).write_text("{ not json")
     (records / entries[3]["sidecar"]).unlink()
     out = copy / "report"
     made = _report(copy, "--out", str(out))
     assert made.returncode == 3, made.stdout + made.stderr
-    assert "2 problem(s)" in made.stdout + made.stderr and (out / "index.html").is_file()
+    assert "3 problem(s)" in made.stdout + made.stderr and (out / "index.html").is_file()
 
     index = _rendered(out / "index.html", tmp_path)
-    assert _status(index, "verify") == "failed" and "Ledger check failed: 2 problem(s)" in index
+    assert _status(index, "verify") == "failed" and "Ledger check failed: 3 problem(s)" in index
     assert f"notebook {entries[0]['notebook']} was modified" in index
-    assert index.count("does not match the ledger</span>") == 2
+    assert index.count("does not match the ledger</span>") == 3
     first = _rendered(next((out / "runs").glob("0001-*.html")), tmp_path)
     assert _status(first, "integrity") == "failed" and "was modified" in first
+    third = _rendered(next((out / "runs").glob("0003-*.html")), tmp_path)
+    assert "is not readable (JSONDecodeError" in third and "these facts come from the ledger entry alone" in third
     last = _rendered(next((out / "runs").glob("0004-*.html")), tmp_path)
     assert "is missing; these facts come from the ledger entry alone" in last
     assert _soup(last).find(id="outcome").get_text() == "refused"
