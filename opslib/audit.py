@@ -223,7 +223,9 @@ def check_ledger(records_dir: Path) -> LedgerCheck:
                     f"{label}: out of order (it follows line {hashes[entry['prev_hash']] + 1} in the chain)"
                 )
             else:
-                found.append(f"{label}: the entry before it was removed (its predecessor is not in the ledger)")
+                found.append(
+                    f"{label}: the entry before it was removed (its predecessor is not in the ledger)"
+                )
         previous = entry.get("hash")
         for kind in ("sidecar", "notebook"):
             name = entry.get(kind)
@@ -250,7 +252,9 @@ def _unvouched(records_dir: Path, entries: list[dict]) -> list[str]:
                     continue  # a run in progress: its ledger entry comes when it ends
             except ValueError:
                 pass
-        problems.append(f"{path.name} is not in the ledger (added outside it, or its ledger line was removed)")
+        problems.append(
+            f"{path.name} is not in the ledger (added outside it, or its ledger line was removed)"
+        )
     return problems
 
 

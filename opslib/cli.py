@@ -143,14 +143,17 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("runbooks", help="list the runbooks with their parameters")
 
     s = sub.add_parser(
-        "audit", help="the run records: list, show one, verify them against the ledger, or write an HTML report"
+        "audit",
+        help="the run records: list, show one, verify them against the ledger, or write an HTML report",
     )
     s.add_argument("action", choices=["list", "show", "verify", "report"])
     s.add_argument("run_id", nargs="?", metavar="RUN_ID", help="for show: the run's id")
     s.add_argument("--json", action="store_true")
     s.add_argument("--out", type=Path, help="for report: the folder to write (default: <records>/report)")
     s.add_argument(
-        "--screenshot", action="store_true", help="for report: also save index.png, as headless Chromium shows it"
+        "--screenshot",
+        action="store_true",
+        help="for report: also save index.png, as headless Chromium shows it",
     )
 
     s = sub.add_parser("db", help="the embedded PostgreSQL used when DATABASE_URL is unset")
@@ -317,7 +320,9 @@ def _audit_report(records: Path, args: argparse.Namespace) -> int:
     print(written.line())
     if written.problems:
         # The report is written either way; automation still learns that the records were changed.
-        raise ChecksFailed(f"audit report: {len(written.problems)} problem(s) in {records}; the first: {written.problems[0]}")
+        raise ChecksFailed(
+            f"audit report: {len(written.problems)} problem(s) in {records}; the first: {written.problems[0]}"
+        )
     return EXIT_OK
 
 

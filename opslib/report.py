@@ -114,7 +114,9 @@ def _read_record(records_dir: Path, entry: dict):
     return record, None
 
 
-def _run_page(exporter, env, records_dir: Path, line: int, entry: dict, problems: list[str], common: dict) -> str:
+def _run_page(
+    exporter, env, records_dir: Path, line: int, entry: dict, problems: list[str], common: dict
+) -> str:
     import nbformat
 
     record, record_error = _read_record(records_dir, entry)
@@ -199,7 +201,9 @@ def build_report(records_dir: Path, out: Path) -> Report:
     """
     records_dir, out = Path(records_dir), Path(out)
     if not records_dir.is_dir():
-        raise InvalidInput(f"no records folder at {records_dir}: set OPSLIB_RECORDS_DIR to the folder runs write to")
+        raise InvalidInput(
+            f"no records folder at {records_dir}: set OPSLIB_RECORDS_DIR to the folder runs write to"
+        )
     check = audit.check_ledger(records_dir)
     scratch = _prepare_out(out)
     try:
@@ -273,7 +277,9 @@ def screenshot(page: Path, png: Path, *, width: int = 1400, height: int = 1000) 
         try:
             done = subprocess.run(command, capture_output=True, text=True, timeout=120)
         except subprocess.TimeoutExpired as err:
-            raise ReportFailed(f"{browser} took over 120 s to render {page}; no screenshot was written") from err
+            raise ReportFailed(
+                f"{browser} took over 120 s to render {page}; no screenshot was written"
+            ) from err
     if done.returncode != 0 or not png.is_file():
         last = (done.stderr.strip().splitlines() or ["no message"])[-1]
         raise ReportFailed(f"{browser} exited {done.returncode} without a screenshot of {page}: {last}")

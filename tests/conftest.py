@@ -183,3 +183,62 @@ def schema_snapshot(url: str) -> list:
     version = query(url, "SELECT to_regclass('public.alembic_version') IS NOT NULL")[0][0]
     revs = query(url, "SELECT version_num FROM alembic_version ORDER BY 1") if version else []
     return [tables, indexes, revs]
+
+
+# --- the records of four runs, shared by the audit and report tests ---------------------------------
+
+RECORDS_PASSWORD = "Audit-S3cret-pw-91c2"
+
+
+def _opslib_run(url: str, work: Path, *args: str, alembic_ini: Path = ROOT / "alembic.ini") -> int:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OPSLIB_", "DATABASE_URL"))}
+    env.update(DATABASE_URL=url, OPSLIB_ALEMBIC_INI=str(alembic_ini))
+    return subprocess.run(
+        [OPSLIB, "run", *args], cwd=work, env=env, capture_output=True, text=True
+    ).returncode
+
+
+def audit_cli(work: Path, *args: str) -> subprocess.CompletedProcess:
+    """`opslib audit ARGS` run in ``work`` (whose records/ it reads)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OPSLIB_")}
+    return subprocess.run([OPSLIB, "audit", *args], cwd=work, env=env, capture_output=True, text=True)
+
+
+@pytest.fixture(scope="session")
+def recorded_runs(tmp_path_factory, server_url):
+    """Records of a deploy, a rollback, a failed deploy and a refused reset, made once, and their exit codes.
+
+    Tests read them or tamper with a copy, never with these. The URLs carry ``RECORDS_PASSWORD``.
+    """
+    work = tmp_path_factory.mktemp("audit")
+    admin = psycopg2.connect(server_url.set(drivername="postgresql").render_as_string(hide_password=False))
+    admin.autocommit = True
+    names = [f"opslib_test_audit_{uuid.uuid4().hex[:8]}" for _ in range(2)]
+    for name in names:
+        admin.cursor().execute(f'CREATE DATABASE "{name}"')
+    # The server trusts local connections, so the password is never checked: it is there to be looked
+    # for in every record and report page.
+    good, bad = (
+        server_url.set(database=n, password=RECORDS_PASSWORD).render_as_string(hide_password=False)
+        for n in names
+    )
+    fixtures = work / "fixtures"
+    shutil.copytree(ROOT / "tests" / "fixtures", fixtures)
+    codes = [
+        _opslib_run(good, work, "deploy"),
+        _opslib_run(good, work, "rollback"),
+        _opslib_run(bad, work, "deploy", alembic_ini=fixtures / "broken_revision" / "alembic.ini"),
+        _opslib_run(good, work, "reset", "--env", "production"),
+    ]
+    yield work, codes
+    for name in names:
+        admin.cursor().execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    admin.close()
+
+
+def copy_of_records(recorded_runs, tmp_path: Path) -> Path:
+    """A folder holding a copy of ``recorded_runs``' records/, for a test to tamper with."""
+    work, _ = recorded_runs
+    copy = tmp_path / "copy"
+    shutil.copytree(work / "records", copy / "records")
+    return copy

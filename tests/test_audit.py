@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import subprocess
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
@@ -13,82 +10,28 @@ import pytest
 
 from opslib import audit
 
-from .conftest import OPSLIB, ROOT
-
-PASSWORD = "Audit-S3cret-pw-91c2"
+from .conftest import audit_cli, copy_of_records
 
 
-def _run(url: str, work: Path, *args: str, alembic_ini: Path = ROOT / "alembic.ini") -> int:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("OPSLIB_", "DATABASE_URL"))}
-    env.update(DATABASE_URL=url, OPSLIB_ALEMBIC_INI=str(alembic_ini))
-    return subprocess.run(
-        [OPSLIB, "run", *args], cwd=work, env=env, capture_output=True, text=True
-    ).returncode
-
-
-def _audit(work: Path, *args: str) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("OPSLIB_")}
-    return subprocess.run([OPSLIB, "audit", *args], cwd=work, env=env, capture_output=True, text=True)
-
-
-@pytest.fixture(scope="module")
-def history(tmp_path_factory, server_url):
-    """Records of a deploy, a rollback, a failed deploy and a refused reset (made once for this module)."""
-    import uuid
-
-    import psycopg2
-
-    work = tmp_path_factory.mktemp("audit")
-    admin = psycopg2.connect(server_url.set(drivername="postgresql").render_as_string(hide_password=False))
-    admin.autocommit = True
-    names = [f"opslib_test_audit_{uuid.uuid4().hex[:8]}" for _ in range(2)]
-    for name in names:
-        admin.cursor().execute(f'CREATE DATABASE "{name}"')
-    # The server trusts local connections, so the password is never checked: it is there to be looked
-    # for in every record and report page.
-    good, bad = (
-        server_url.set(database=n, password=PASSWORD).render_as_string(hide_password=False) for n in names
-    )
-    fixtures = work / "fixtures"
-    shutil.copytree(ROOT / "tests" / "fixtures", fixtures)
-    codes = [
-        _run(good, work, "deploy"),
-        _run(good, work, "rollback"),
-        _run(bad, work, "deploy", alembic_ini=fixtures / "broken_revision" / "alembic.ini"),
-        _run(good, work, "reset", "--env", "production"),
-    ]
-    yield work, codes
-    for name in names:
-        admin.cursor().execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    admin.close()
-
-
-def test_list_show_and_verify_four_runs(history):
-    work, codes = history
+def test_list_show_and_verify_four_runs(recorded_runs):
+    work, codes = recorded_runs
     assert codes == [0, 0, 1, 3]
-    listed = json.loads(_audit(work, "list", "--json").stdout)
+    listed = json.loads(audit_cli(work, "list", "--json").stdout)
     assert [(r["runbook"], r["outcome"]) for r in listed] == [
         ("deploy", "succeeded"), ("rollback", "succeeded"), ("deploy", "failed"), ("reset", "refused"),
     ]  # fmt: skip
     assert listed[0]["revisions"] == "base -> 0007" and listed[1]["revisions"] == "0007 -> 0006"
-    text = _audit(work, "list").stdout
+    text = audit_cli(work, "list").stdout
     assert "succeeded" in text and "refused" in text
-    shown = _audit(work, "show", listed[2]["run_id"])
+    shown = audit_cli(work, "show", listed[2]["run_id"])
     assert shown.returncode == 0 and "failed (exit 1)" in shown.stdout and "b003" in shown.stdout
-    assert _audit(work, "show", "nope").returncode == 2
-    ok = _audit(work, "verify")
+    assert audit_cli(work, "show", "nope").returncode == 2
+    ok = audit_cli(work, "verify")
     assert ok.returncode == 0 and "4 run(s)" in ok.stdout
     entries = audit.read_ledger(work / "records")
     assert entries[0]["prev_hash"] == audit.GENESIS
     assert all(b["prev_hash"] == a["hash"] for a, b in zip(entries, entries[1:], strict=False))
     assert all(e["sidecar_sha256"] and e["notebook_sha256"] for e in entries)
-
-
-def _tampered(history, tmp_path) -> Path:
-    work, _ = history
-    copy = tmp_path / "copy"
-    shutil.copytree(work / "records", copy / "records")
-    return copy
 
 
 @pytest.mark.parametrize(
@@ -101,8 +44,8 @@ def _tampered(history, tmp_path) -> Path:
         ("ledger lines swapped", "out of order"),
     ],
 )
-def test_each_tampering_is_detected_and_named(history, tmp_path, tamper, message):
-    copy = _tampered(history, tmp_path)
+def test_each_tampering_is_detected_and_named(recorded_runs, tmp_path, tamper, message):
+    copy = copy_of_records(recorded_runs, tmp_path)
     records = copy / "records"
     entries = audit.read_ledger(records)
     target = entries[1]
@@ -127,7 +70,7 @@ def test_each_tampering_is_detected_and_named(history, tmp_path, tamper, message
             lines[1], lines[2] = lines[2], lines[1]
         (records / audit.LEDGER).write_text("\n".join(lines) + "\n")
         named = "ledger line 2"
-    done = _audit(copy, "verify")
+    done = audit_cli(copy, "verify")
     assert done.returncode == 3, done.stdout + done.stderr
     assert message in done.stdout and named in done.stdout
 
@@ -147,164 +90,3 @@ def test_appends_from_two_processes_at_once_keep_the_chain(tmp_path):
         list(pool.map(_append_many, [(str(tmp_path), "a"), (str(tmp_path), "b")]))
     assert len(audit.read_ledger(tmp_path)) == 50
     assert audit.verify_ledger(tmp_path) == []
-
-
-# --- the HTML report, read in a real headless browser ---------------------------------------------
-
-CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--no-first-run"]
-
-
-def _chromium() -> str:
-    found = shutil.which("chromium") or shutil.which("chromium-browser")
-    if not found:
-        pytest.fail("the report tests need Debian's chromium: `make browser` installs it (apt-get install chromium)")
-    return found
-
-
-def _rendered(page: Path, tmp_path: Path, fragment: str = "") -> str:
-    """The DOM of ``page`` after Chromium loaded it and ran its scripts."""
-    done = subprocess.run(
-        [_chromium(), *CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'chromium'}", "--dump-dom",
-         page.resolve().as_uri() + fragment],
-        capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
-    assert done.returncode == 0, done.stderr[-2000:]
-    return done.stdout
-
-
-def _soup(dom: str):
-    from bs4 import BeautifulSoup  # nbconvert's own HTML parser
-
-    return BeautifulSoup(dom, "html.parser")
-
-
-def _rows(dom: str) -> list[tuple[str, str]]:
-    """(run id, outcome) of each row of the runs table, in the order the browser shows them."""
-    table = _soup(dom).find("table", id="runs")
-    return [(tr["data-run-id"], tr.find(class_="outcome").get_text()) for tr in table.tbody.find_all("tr")]
-
-
-def _status(dom: str, element_id: str) -> str:
-    return _soup(dom).find(id=element_id)["data-status"]
-
-
-def _report(records_root: Path, *args: str) -> subprocess.CompletedProcess:
-    return _audit(records_root, "report", *args)
-
-
-def test_report_index_and_run_pages_in_headless_chromium(history, tmp_path):
-    work, _ = history
-    out = tmp_path / "report"
-    made = _report(work, "--out", str(out))
-    assert made.returncode == 0, made.stderr
-    assert "4 run page(s)" in made.stdout and "the ledger check passed" in made.stdout
-    listed = json.loads(_audit(work, "list", "--json").stdout)
-
-    index = _rendered(out / "index.html", tmp_path)
-    assert _status(index, "verify") == "intact" and "4 run(s)" in index
-    newest_first = [(r["run_id"], r["outcome"]) for r in reversed(listed)]
-    assert _rows(index) == newest_first
-    assert _soup(index).find(id="runs")["data-sorted-by"] == "-started"
-    # The browser runs the sorting script (the page's Content-Security-Policy allows it by hash).
-    by_outcome = _rows(_rendered(out / "index.html", tmp_path, "#sort=outcome"))
-    assert [o for _, o in by_outcome] == ["failed", "refused", "succeeded", "succeeded"]
-    by_duration = _rendered(out / "index.html", tmp_path, "#sort=-duration")
-    assert _soup(by_duration).find(id="runs")["data-sorted-by"] == "-duration"
-    seconds = [float(td["data-value"]) for td in _soup(by_duration).select("#runs tbody td.num")]
-    assert seconds == sorted(seconds, reverse=True) and len(seconds) == 4
-
-    failed = listed[2]
-    pages = sorted((out / "runs").glob(f"*_{failed['run_id']}.html"))
-    assert len(pages) == 1 and f'href="runs/{pages[0].name}"' in index
-    page = _rendered(pages[0], tmp_path)
-    assert _soup(page).find(id="outcome").get_text() == "failed" and _status(page, "integrity") == "intact"
-    assert "failed (exit 1)" in page and "b003" in page
-    # Facts before the notebook, every code cell of the notebook folded behind a <details>.
-    soup = _soup(page)
-    first_cell = soup.select_one("div.jp-Cell")
-    assert first_cell is not None and first_cell in soup.find(id="facts").find_all_next("div")
-    notebook = json.loads(next((work / "records").glob(f"*_{failed['run_id']}.ipynb")).read_text())
-    code_cells = [c for c in notebook["cells"] if c["cell_type"] == "code"]
-    assert len(_soup(page).select("details.opslib-code")) == len(code_cells) > 5
-    assert "<script" not in pages[0].read_text()
-    assert "Content-Security-Policy" in pages[0].read_text()
-
-
-def test_report_shows_each_changed_record_in_red(history, tmp_path):
-    copy = _tampered(history, tmp_path)
-    records = copy / "records"
-    entries = audit.read_ledger(records)
-    notebook = records / entries[0]["notebook"]
-    notebook.write_text(notebook.read_text().replace("succeeded", "SUCCEEDED", 1))
-    (records / entries[2]["sidecar"]).write_text("{ not json")
-    (records / entries[3]["sidecar"]).unlink()
-    out = copy / "report"
-    made = _report(copy, "--out", str(out))
-    assert made.returncode == 3, made.stdout + made.stderr
-    assert "3 problem(s)" in made.stdout + made.stderr and (out / "index.html").is_file()
-
-    index = _rendered(out / "index.html", tmp_path)
-    assert _status(index, "verify") == "failed" and "Ledger check failed: 3 problem(s)" in index
-    assert f"notebook {entries[0]['notebook']} was modified" in index
-    assert index.count("does not match the ledger</span>") == 3
-    first = _rendered(next((out / "runs").glob("0001-*.html")), tmp_path)
-    assert _status(first, "integrity") == "failed" and "was modified" in first
-    third = _rendered(next((out / "runs").glob("0003-*.html")), tmp_path)
-    assert "is not readable (JSONDecodeError" in third and "these facts come from the ledger entry alone" in third
-    last = _rendered(next((out / "runs").glob("0004-*.html")), tmp_path)
-    assert "is missing; these facts come from the ledger entry alone" in last
-    assert _soup(last).find(id="outcome").get_text() == "refused"
-
-
-def test_report_refuses_a_folder_that_is_not_a_report(history, tmp_path):
-    work, _ = history
-    out = tmp_path / "mine"
-    out.mkdir()
-    (out / "notes.txt").write_text("keep me")
-    refused = _report(work, "--out", str(out))
-    assert refused.returncode == 2 and "not an opslib report" in refused.stderr
-    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine"]  # no scratch folder left either
-    # A report folder is replaced whole: a run page from an earlier report does not linger.
-    again = tmp_path / "report"
-    assert _report(work, "--out", str(again)).returncode == 0
-    (again / "runs" / "0099-stale.html").write_text("old")
-    assert _report(work, "--out", str(again)).returncode == 0
-    assert len(list((again / "runs").glob("*.html"))) == 4
-
-
-def test_report_of_an_empty_records_folder(tmp_path):
-    (tmp_path / "records").mkdir()
-    made = _report(tmp_path)
-    assert made.returncode == 0, made.stderr
-    dom = _rendered(tmp_path / "records" / "report" / "index.html", tmp_path)
-    assert _soup(dom).find(id="no-runs") is not None and _status(dom, "verify") == "intact"
-    assert audit.verify_ledger(tmp_path / "records") == []  # the report folder is not a record
-
-
-def test_no_password_in_the_ledger_sidecars_notebooks_or_report(history, tmp_path):
-    work, _ = history
-    out = tmp_path / "report"
-    assert _report(work, "--out", str(out)).returncode == 0
-    files = [p for p in (work / "records").rglob("*") if p.is_file()] + [p for p in out.rglob("*") if p.is_file()]
-    assert any(p.name == "ledger.jsonl" for p in files) and any(p.suffix == ".html" for p in files)
-    assert [p.name for p in files if PASSWORD.encode() in p.read_bytes()] == []
-
-
-def test_make_audit_report_writes_the_site_and_a_screenshot(history, tmp_path):
-    work, _ = history
-    out = tmp_path / "site"
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("OPSLIB_", "MAKE"))}
-    env["OPSLIB_RECORDS_DIR"] = str(work / "records")
-    done = subprocess.run(
-        ["make", "-s", "-C", str(ROOT), "audit-report", f"out={out}"], env=env, capture_output=True, text=True
-    )
-    assert done.returncode == 0, done.stdout + done.stderr
-    png = out / "index.png"
-    data = png.read_bytes()
-    assert data[:8] == b"\x89PNG\r\n\x1a\n"
-    width, height = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
-    assert (width, height) == (1400, 1000)
-    # A blank page compresses to a few kB; the rendered table, badges and text take far more.
-    assert len(data) > 30_000
-    assert f"screenshot: {png}" in done.stdout

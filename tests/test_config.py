@@ -39,7 +39,9 @@ def test_repr_and_redaction_hide_the_password():
     assert "hunter2" not in repr(s) and "app:***@db.example:5432/shop" in repr(s)
     assert db.redact_url("postgresql://app:hunter2@h/d") == "postgresql://app:***@h/d"
     assert "hunter2" not in db.scrub("password hunter2 rejected", db.parse_url("postgresql://a:hunter2@h/d"))
-    text = "from postgresql+psycopg2://app:hunter2@h:5/d and redis://:hunter2@r/0, not https://docs.example/a@b"
+    text = (
+        "from postgresql+psycopg2://app:hunter2@h:5/d and redis://:hunter2@r/0, not https://docs.example/a@b"
+    )
     assert db.redact_urls_in(text) == (
         "from postgresql+psycopg2://app:***@h:5/d and redis://:***@r/0, not https://docs.example/a@b"
     )

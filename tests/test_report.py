@@ -1,0 +1,187 @@
+"""`opslib audit report`: the static HTML site of the records, read as headless Chromium renders it."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from opslib import audit
+
+from .conftest import RECORDS_PASSWORD, ROOT, audit_cli, copy_of_records
+
+
+CHROMIUM_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--no-first-run",
+]
+
+
+def _chromium() -> str:
+    found = shutil.which("chromium") or shutil.which("chromium-browser")
+    if not found:
+        pytest.fail(
+            "the report tests need Debian's chromium: `make browser` installs it (apt-get install chromium)"
+        )
+    return found
+
+
+def _rendered(page: Path, tmp_path: Path, fragment: str = "") -> str:
+    """The DOM of ``page`` after Chromium loaded it and ran its scripts."""
+    done = subprocess.run(
+        [_chromium(), *CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'chromium'}", "--dump-dom",
+         page.resolve().as_uri() + fragment],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout
+
+
+def _soup(dom: str):
+    from bs4 import BeautifulSoup  # nbconvert's own HTML parser
+
+    return BeautifulSoup(dom, "html.parser")
+
+
+def _rows(dom: str) -> list[tuple[str, str]]:
+    """(run id, outcome) of each row of the runs table, in the order the browser shows them."""
+    table = _soup(dom).find("table", id="runs")
+    return [(tr["data-run-id"], tr.find(class_="outcome").get_text()) for tr in table.tbody.find_all("tr")]
+
+
+def _status(dom: str, element_id: str) -> str:
+    return _soup(dom).find(id=element_id)["data-status"]
+
+
+def _report(records_root: Path, *args: str) -> subprocess.CompletedProcess:
+    return audit_cli(records_root, "report", *args)
+
+
+def test_report_index_and_run_pages_in_headless_chromium(recorded_runs, tmp_path):
+    work, _ = recorded_runs
+    out = tmp_path / "report"
+    made = _report(work, "--out", str(out))
+    assert made.returncode == 0, made.stderr
+    assert "4 run page(s)" in made.stdout and "the ledger check passed" in made.stdout
+    listed = json.loads(audit_cli(work, "list", "--json").stdout)
+
+    index = _rendered(out / "index.html", tmp_path)
+    assert _status(index, "verify") == "intact" and "4 run(s)" in index
+    newest_first = [(r["run_id"], r["outcome"]) for r in reversed(listed)]
+    assert _rows(index) == newest_first
+    assert _soup(index).find(id="runs")["data-sorted-by"] == "-started"
+    # The browser runs the sorting script (the page's Content-Security-Policy allows it by hash).
+    by_outcome = _rows(_rendered(out / "index.html", tmp_path, "#sort=outcome"))
+    assert [o for _, o in by_outcome] == ["failed", "refused", "succeeded", "succeeded"]
+    by_duration = _rendered(out / "index.html", tmp_path, "#sort=-duration")
+    assert _soup(by_duration).find(id="runs")["data-sorted-by"] == "-duration"
+    seconds = [float(td["data-value"]) for td in _soup(by_duration).select("#runs tbody td.num")]
+    assert seconds == sorted(seconds, reverse=True) and len(seconds) == 4
+
+    failed = listed[2]
+    pages = sorted((out / "runs").glob(f"*_{failed['run_id']}.html"))
+    assert len(pages) == 1 and f'href="runs/{pages[0].name}"' in index
+    page = _rendered(pages[0], tmp_path)
+    assert _soup(page).find(id="outcome").get_text() == "failed" and _status(page, "integrity") == "intact"
+    assert "failed (exit 1)" in page and "b003" in page
+    # Facts before the notebook, every code cell of the notebook folded behind a <details>.
+    soup = _soup(page)
+    first_cell = soup.select_one("div.jp-Cell")
+    assert first_cell is not None and first_cell in soup.find(id="facts").find_all_next("div")
+    notebook = json.loads(next((work / "records").glob(f"*_{failed['run_id']}.ipynb")).read_text())
+    code_cells = [c for c in notebook["cells"] if c["cell_type"] == "code"]
+    assert len(_soup(page).select("details.opslib-code")) == len(code_cells) > 5
+    assert "<script" not in pages[0].read_text()
+    assert "Content-Security-Policy" in pages[0].read_text()
+
+
+def test_report_shows_each_changed_record_in_red(recorded_runs, tmp_path):
+    copy = copy_of_records(recorded_runs, tmp_path)
+    records = copy / "records"
+    entries = audit.read_ledger(records)
+    notebook = records / entries[0]["notebook"]
+    notebook.write_text(notebook.read_text().replace("succeeded", "SUCCEEDED", 1))
+    (records / entries[2]["sidecar"]).write_text("{ not json")
+    (records / entries[3]["sidecar"]).unlink()
+    out = copy / "report"
+    made = _report(copy, "--out", str(out))
+    assert made.returncode == 3, made.stdout + made.stderr
+    assert "3 problem(s)" in made.stdout + made.stderr and (out / "index.html").is_file()
+
+    index = _rendered(out / "index.html", tmp_path)
+    assert _status(index, "verify") == "failed" and "Ledger check failed: 3 problem(s)" in index
+    assert f"notebook {entries[0]['notebook']} was modified" in index
+    assert index.count("does not match the ledger</span>") == 3
+    first = _rendered(next((out / "runs").glob("0001-*.html")), tmp_path)
+    assert _status(first, "integrity") == "failed" and "was modified" in first
+    third = _rendered(next((out / "runs").glob("0003-*.html")), tmp_path)
+    assert (
+        "is not readable (JSONDecodeError" in third
+        and "these facts come from the ledger entry alone" in third
+    )
+    last = _rendered(next((out / "runs").glob("0004-*.html")), tmp_path)
+    assert "is missing; these facts come from the ledger entry alone" in last
+    assert _soup(last).find(id="outcome").get_text() == "refused"
+
+
+def test_report_refuses_a_folder_that_is_not_a_report(recorded_runs, tmp_path):
+    work, _ = recorded_runs
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep me")
+    refused = _report(work, "--out", str(out))
+    assert refused.returncode == 2 and "not an opslib report" in refused.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine"]  # no scratch folder left either
+    # A report folder is replaced whole: a run page from an earlier report does not linger.
+    again = tmp_path / "report"
+    assert _report(work, "--out", str(again)).returncode == 0
+    (again / "runs" / "0099-stale.html").write_text("old")
+    assert _report(work, "--out", str(again)).returncode == 0
+    assert len(list((again / "runs").glob("*.html"))) == 4
+
+
+def test_report_of_an_empty_records_folder(tmp_path):
+    (tmp_path / "records").mkdir()
+    made = _report(tmp_path)
+    assert made.returncode == 0, made.stderr
+    dom = _rendered(tmp_path / "records" / "report" / "index.html", tmp_path)
+    assert _soup(dom).find(id="no-runs") is not None and _status(dom, "verify") == "intact"
+    assert audit.verify_ledger(tmp_path / "records") == []  # the report folder is not a record
+
+
+def test_no_password_in_the_ledger_sidecars_notebooks_or_report(recorded_runs, tmp_path):
+    work, _ = recorded_runs
+    out = tmp_path / "report"
+    assert _report(work, "--out", str(out)).returncode == 0
+    files = [p for p in (work / "records").rglob("*") if p.is_file()] + [
+        p for p in out.rglob("*") if p.is_file()
+    ]
+    assert any(p.name == "ledger.jsonl" for p in files) and any(p.suffix == ".html" for p in files)
+    assert [p.name for p in files if RECORDS_PASSWORD.encode() in p.read_bytes()] == []
+
+
+def test_make_audit_report_writes_the_site_and_a_screenshot(recorded_runs, tmp_path):
+    work, _ = recorded_runs
+    out = tmp_path / "site"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OPSLIB_", "MAKE"))}
+    env["OPSLIB_RECORDS_DIR"] = str(work / "records")
+    done = subprocess.run(
+        ["make", "-s", "-C", str(ROOT), "audit-report", f"out={out}"], env=env, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    png = out / "index.png"
+    data = png.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    width, height = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+    assert (width, height) == (1400, 1000)
+    # A blank page compresses to a few kB; the rendered table, badges and text take far more.
+    assert len(data) > 30_000
+    assert f"screenshot: {png}" in done.stdout
