@@ -337,7 +337,7 @@ def database_history_text(runs: Sequence[dict], events: Sequence[dict]) -> str:
     out += ["", "revision events"]
     out.append(
         text_table(
-            ["#", "recorded", "run id", "direction", "revision", "from", "message"],
+            ["#", "recorded", "run id", "direction", "revision", "database moved", "message"],
             [
                 (
                     e["id"],
@@ -345,7 +345,7 @@ def database_history_text(runs: Sequence[dict], events: Sequence[dict]) -> str:
                     e["run_id"] or "-",
                     e["direction"],
                     e["revision"],
-                    "+".join(e["from_revisions"]) or "base",
+                    f"{_revs(e['from_revisions'])} -> {_revs(e.get('to_revisions'))}",
                     e["message"],
                 )
                 for e in events

@@ -27,10 +27,13 @@ CREATE TABLE IF NOT EXISTS opslib.revision_events (
     run_id text,
     revision text NOT NULL,
     from_revisions text[] NOT NULL,
+    to_revisions text[],
     direction text NOT NULL,
     message text,
     recorded_at timestamptz NOT NULL DEFAULT clock_timestamp()
 );
+-- Added after the first release of this table; NULL in the rows written before.
+ALTER TABLE opslib.revision_events ADD COLUMN IF NOT EXISTS to_revisions text[];
 CREATE TABLE IF NOT EXISTS opslib.runs (
     run_id text PRIMARY KEY,
     runbook text NOT NULL,
@@ -56,8 +59,13 @@ CREATE TRIGGER append_only BEFORE UPDATE OR DELETE ON opslib.runs
 
 
 def ensure_schema(conn: Connection) -> None:
-    """Create the opslib schema and its tables if they are missing (committed at once)."""
-    if conn.execute(sa.text("SELECT to_regclass('opslib.runs') IS NOT NULL")).scalar():
+    """Create the opslib schema and its tables if they are missing, or add what an older one lacks
+    (committed at once)."""
+    current = (
+        "SELECT to_regclass('opslib.runs') IS NOT NULL AND EXISTS (SELECT 1 FROM information_schema.columns "
+        "WHERE table_schema = 'opslib' AND table_name = 'revision_events' AND column_name = 'to_revisions')"
+    )
+    if conn.execute(sa.text(current)).scalar():
         if conn.in_transaction():
             conn.commit()
         return
@@ -66,18 +74,26 @@ def ensure_schema(conn: Connection) -> None:
 
 
 def record_event(
-    conn: Connection, run_id: str | None, revision: str, from_revisions, direction: str, message: str
+    conn: Connection,
+    run_id: str | None,
+    revision: str,
+    from_revisions,
+    to_revisions,
+    direction: str,
+    message: str,
 ) -> None:
-    """Insert one revision event on ``conn`` (inside whatever transaction it is in)."""
+    """Insert one revision event on ``conn`` (inside whatever transaction it is in): ``revision``
+    was applied, reversed or stamped, moving the database from ``from_revisions`` to ``to_revisions``."""
     conn.execute(
         sa.text(
-            "INSERT INTO opslib.revision_events (run_id, revision, from_revisions, direction, message) "
-            "VALUES (:run_id, :revision, :from_revisions, :direction, :message)"
+            "INSERT INTO opslib.revision_events (run_id, revision, from_revisions, to_revisions, direction, message) "
+            "VALUES (:run_id, :revision, :from_revisions, :to_revisions, :direction, :message)"
         ),
         {
             "run_id": run_id,
             "revision": revision,
             "from_revisions": list(from_revisions),
+            "to_revisions": list(to_revisions),
             "direction": direction,
             "message": message,
         },
@@ -96,7 +112,15 @@ def on_version_apply(run_id: str | None, counter: list[int] | None = None):
         revision = step.up_revision_id
         script = step.up_revision
         message = (getattr(script, "doc", "") or "").strip()
-        record_event(ctx.connection, run_id, revision, step.source_revision_ids, direction, message)
+        record_event(
+            ctx.connection,
+            run_id,
+            revision,
+            step.source_revision_ids,
+            step.destination_revision_ids,
+            direction,
+            message,
+        )
         if counter is not None:
             counter[0] += 1
 

@@ -377,10 +377,17 @@ def _write_events_after(conn: Connection, script, action, steps, before, after) 
         for step in steps:
             if (step.revision in applied) != (action == "upgrade"):
                 break
+            reached = (step.revision,) if action == "upgrade" else _info(step, set()).down_revisions
             db_history.record_event(
-                conn, db_history.current_run_id(), step.revision, previous, action, (step.doc or "").strip()
+                conn,
+                db_history.current_run_id(),
+                step.revision,
+                previous,
+                reached,
+                action,
+                (step.doc or "").strip(),
             )
-            previous = (step.revision,)
+            previous = reached
         conn.commit()
     except DBAPIError:
         pass  # the history is a convenience: the run's own record says what happened

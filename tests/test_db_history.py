@@ -39,8 +39,12 @@ def test_deploy_writes_a_row_per_revision_and_reset_keeps_them(database_url, tmp
     assert [d for _, d, _ in after[7:14]] == ["downgrade"] * 7 and [d for _, d, _ in after[14:]] == [
         "upgrade"
     ] * 7
+    moves = query(database_url, "SELECT from_revisions, to_revisions FROM opslib.revision_events ORDER BY id")
+    assert moves[0] == ([], ["0001"]) and moves[6] == (["0006"], ["0007"])
+    assert moves[7] == (["0007"], ["0006"]) and moves[13] == (["0001"], [])  # the reset's reversals
     shown = run_cli("history", "--runs")
     assert shown.returncode == 0 and deploy_id in shown.stdout and "reset" in shown.stdout
+    assert "0007 -> 0006" in shown.stdout and "0001 -> base" in shown.stdout
 
 
 @pytest.mark.parametrize("scenario", ["broken_revision", "broken_generic"])
@@ -48,6 +52,8 @@ def test_no_row_for_the_revision_that_failed(database_url, tmp_path, project, sc
     """Rows come from on_version_apply inside each revision's transaction (or right after it, for an env.py without it)."""
     assert _run(database_url, tmp_path / "w", "deploy", alembic_ini=project(scenario)) == 1
     assert [r for _, _, r in _events(database_url)] == ["b001", "b002"]
+    moves = query(database_url, "SELECT from_revisions, to_revisions FROM opslib.revision_events ORDER BY id")
+    assert moves == [([], ["b001"]), (["b001"], ["b002"])]  # the same from both paths
     assert query(database_url, "SELECT outcome, revisions_after FROM opslib.runs") == [("failed", ["b002"])]
 
 
@@ -65,3 +71,15 @@ def test_the_history_is_append_only(database_url, tmp_path):
         runs, events = history.read(conn)
     engine.dispose()
     assert len(runs) == 1 and len(events) == 1
+
+
+def test_a_history_written_before_to_revisions_existed_gains_the_column(database_url, tmp_path):
+    """A database whose opslib schema predates the column keeps its rows and gets the column on the next run."""
+    assert _run(database_url, tmp_path / "w", "deploy", "-p", "target_revision", "0001") == 0
+    engine = sa.create_engine(db.parse_url(database_url), poolclass=sa.pool.NullPool)
+    with engine.begin() as conn:
+        conn.execute(sa.text("ALTER TABLE opslib.revision_events DROP COLUMN to_revisions"))
+    engine.dispose()
+    assert _run(database_url, tmp_path / "w", "deploy") == 0
+    moves = query(database_url, "SELECT revision, to_revisions FROM opslib.revision_events ORDER BY id")
+    assert moves[0] == ("0001", None) and moves[1:] == [(f"000{i}", [f"000{i}"]) for i in range(2, 8)]
