@@ -282,29 +282,29 @@ def _duration(record: dict) -> float | None:
     return round((end - start).total_seconds(), 3)
 
 
+def run_row(entry: dict) -> dict:
+    """A ledger entry as one row of `opslib audit list`: when, runbook, env, operator, database,
+    revisions, outcome, duration (an edited entry missing a field shows it empty)."""
+    database = entry.get("database") or {}
+    before = "+".join(entry.get("revisions_before") or []) or "base"
+    after = "+".join(entry.get("revisions_after") or []) or "base"
+    return {
+        "run_id": entry.get("run_id"),
+        "started_at": entry.get("started_at"),
+        "runbook": entry.get("runbook"),
+        "env": entry.get("env"),
+        "operator": entry.get("operator"),
+        "database": database.get("name"),
+        "revisions": f"{before} -> {after}" if database else "",
+        "outcome": entry.get("outcome"),
+        "exit_code": entry.get("exit_code"),
+        "duration_s": _duration(entry),
+    }
+
+
 def list_runs(records_dir: Path) -> list[dict]:
-    """One row per run in the ledger, oldest first: when, runbook, env, operator, database, revisions, outcome, duration."""
-    rows = []
-    for entry in read_ledger(records_dir):
-        database = entry.get("database") or {}
-        rows.append(
-            {
-                "run_id": entry["run_id"],
-                "started_at": entry["started_at"],
-                "runbook": entry["runbook"],
-                "env": entry["env"],
-                "operator": entry["operator"],
-                "database": database.get("name"),
-                "revisions": f"{'+'.join(entry.get('revisions_before') or []) or 'base'} -> "
-                f"{'+'.join(entry.get('revisions_after') or []) or 'base'}"
-                if database
-                else "",
-                "outcome": entry["outcome"],
-                "exit_code": entry["exit_code"],
-                "duration_s": _duration(entry),
-            }
-        )
-    return rows
+    """One row per run in the ledger (:func:`run_row`), oldest first."""
+    return [run_row(entry) for entry in read_ledger(records_dir)]
 
 
 def find_run(records_dir: Path, run_id: str) -> dict:

@@ -287,6 +287,12 @@ def _audit(settings, args: argparse.Namespace) -> int:
     from opslib.errors import ChecksFailed, InvalidInput
 
     records = settings.records_dir
+    if args.action != "report" and (args.out or args.screenshot):
+        raise InvalidInput(
+            f"--out and --screenshot belong to `opslib audit report`, not `audit {args.action}`"
+        )
+    if args.action in ("report", "verify", "list") and args.run_id:
+        raise InvalidInput(f"`opslib audit {args.action}` takes no RUN_ID (only `audit show` does)")
     if args.action == "list":
         runs = audit.list_runs(records)
         print(json.dumps(runs, indent=2, default=str) if args.json else display.runs_text(runs))
@@ -298,14 +304,15 @@ def _audit(settings, args: argparse.Namespace) -> int:
     elif args.action == "report":
         return _audit_report(records, args)
     else:
-        problems = audit.verify_ledger(records)
-        entries = len(audit.read_ledger(records))
-        if problems:
-            print("\n".join(problems))
+        check = audit.check_ledger(records)
+        if check.problems:
+            print("\n".join(check.problems))
             raise ChecksFailed(
-                f"audit verify: {len(problems)} problem(s) in {records}; the first: {problems[0]}"
+                f"audit verify: {len(check.problems)} problem(s) in {records}; the first: {check.problems[0]}"
             )
-        print(f"audit verify: {entries} run(s), every record matches the ledger and the chain is intact")
+        print(
+            f"audit verify: {len(check.entries)} run(s), every record matches the ledger and the chain is intact"
+        )
     return EXIT_OK
 
 

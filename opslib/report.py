@@ -228,14 +228,12 @@ def _write_site(records_dir: Path, site: Path, check: audit.LedgerCheck) -> Repo
     (site / "notebook.css").write_text(_notebook_css(exporter))
     (site / "runs").mkdir()
     pages, runs = [], []
-    for line, (entry, row, problems) in enumerate(
-        zip(check.entries, audit.list_runs(records_dir), check.by_entry, strict=True), start=1
-    ):
+    for line, (entry, problems) in enumerate(zip(check.entries, check.by_entry, strict=True), start=1):
         name = _page_name(line, entry)
         html = _run_page(exporter, env, records_dir, line, entry, problems, common)
         (site / "runs" / name).write_text(redact_urls_in(html), encoding="utf-8")
         pages.append(site / "runs" / name)
-        runs.append({**row, "page": f"runs/{name}", "problems": problems})
+        runs.append({**audit.run_row(entry), "page": f"runs/{name}", "problems": problems})
     runs.reverse()  # newest first, as an auditor reads a log
     outcomes = Counter(r["outcome"] for r in runs)
     index = env.get_template("report_index.html.j2").render(

@@ -185,3 +185,19 @@ def test_make_audit_report_writes_the_site_and_a_screenshot(recorded_runs, tmp_p
     # A blank page compresses to a few kB; the rendered table, badges and text take far more.
     assert len(data) > 30_000
     assert f"screenshot: {png}" in done.stdout
+
+
+def test_report_arguments_and_a_broken_ledger_are_refused_clearly(recorded_runs, tmp_path):
+    work, _ = recorded_runs
+    wrong = audit_cli(work, "list", "--out", str(tmp_path / "x"))
+    assert wrong.returncode == 2 and "belong to `opslib audit report`" in wrong.stderr
+    wrong = audit_cli(work, "report", "abc123")
+    assert wrong.returncode == 2 and "takes no RUN_ID" in wrong.stderr
+    assert not (tmp_path / "x").exists()
+    copy = copy_of_records(recorded_runs, tmp_path)
+    with open(copy / "records" / audit.LEDGER, "a") as ledger:
+        ledger.write("not json\n")
+    for action in ("verify", "report"):
+        done = audit_cli(copy, action)
+        assert done.returncode == 3 and "ledger.jsonl is not valid JSON lines" in done.stderr
+    assert not (copy / "records" / "report").exists()
