@@ -207,19 +207,19 @@ def build_report(records_dir: Path, out: Path) -> Report:
     check = audit.check_ledger(records_dir)
     scratch = _prepare_out(out)
     try:
-        report = _write_site(records_dir, scratch, check)
+        pages = _write_site(records_dir, scratch, check)
         (scratch / MARKER).write_text("written by `opslib audit report`; rebuilding replaces this folder\n")
         _swap_in(scratch, out)
     except BaseException:
         shutil.rmtree(scratch, ignore_errors=True)
         raise
-    report.out = out
-    report.index = out / "index.html"
-    report.pages = [out / "runs" / p.name for p in report.pages]
-    return report
+    return Report(
+        out=out, index=out / "index.html", pages=[out / "runs" / p for p in pages], problems=check.problems
+    )
 
 
-def _write_site(records_dir: Path, site: Path, check: audit.LedgerCheck) -> Report:
+def _write_site(records_dir: Path, site: Path, check: audit.LedgerCheck) -> list[str]:
+    """Write the index, the run pages and the two stylesheets into ``site``; returns the pages' names."""
     env = _jinja()
     script = (TEMPLATES / "report_sort.js").read_text()
     common = {"generated_at": audit.iso(audit.now())}
@@ -232,7 +232,7 @@ def _write_site(records_dir: Path, site: Path, check: audit.LedgerCheck) -> Repo
         name = _page_name(line, entry)
         html = _run_page(exporter, env, records_dir, line, entry, problems, common)
         (site / "runs" / name).write_text(redact_urls_in(html), encoding="utf-8")
-        pages.append(site / "runs" / name)
+        pages.append(name)
         runs.append({**audit.run_row(entry), "page": f"runs/{name}", "problems": problems})
     runs.reverse()  # newest first, as an auditor reads a log
     outcomes = Counter(r["outcome"] for r in runs)
@@ -248,7 +248,7 @@ def _write_site(records_dir: Path, site: Path, check: audit.LedgerCheck) -> Repo
         **common,
     )
     (site / "index.html").write_text(redact_urls_in(index), encoding="utf-8")
-    return Report(out=site, index=site / "index.html", pages=pages, problems=check.problems)
+    return pages
 
 
 def find_chromium() -> str:
