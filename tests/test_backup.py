@@ -203,8 +203,8 @@ def test_backup_killed_part_way_leaves_no_file_under_a_final_name(seeded, tmp_pa
         text=True,
     )
     try:
-        dump = _wait_for_child(proc.pid, "pg_dump")
         _wait_for_lock_wait(seeded.database_url)
+        dump = _wait_for_child(proc.pid, "pg_dump")
         assert list(out.glob(".*.dump.partial"))  # pg_dump is writing, under a temporary name
         os.kill(dump.pid, signal.SIGKILL)
     finally:
@@ -217,11 +217,15 @@ def test_backup_killed_part_way_leaves_no_file_under_a_final_name(seeded, tmp_pa
 
 
 def _wait_for_child(pid: int, name: str) -> psutil.Process:
+    """The child ``name`` doing the work: not one of the short ``--version`` probes that pick the client."""
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         for child in psutil.Process(pid).children(recursive=True):
-            if child.name() == name:
-                return child
+            try:
+                if child.name() == name and "--version" not in child.cmdline():
+                    return child
+            except psutil.NoSuchProcess:
+                continue  # a probe that ended while we looked
         time.sleep(0.05)
     raise AssertionError(f"{name} never started")
 
