@@ -44,8 +44,6 @@ def _configure(**kwargs) -> None:
         target_metadata=target_metadata,
         transaction_per_migration=True,
         compare_type=True,
-        # A caller (opslib) may record each revision inside that revision's own transaction.
-        on_version_apply=config.attributes.get("on_version_apply"),
         **kwargs,
     )
 

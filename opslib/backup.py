@@ -27,7 +27,7 @@ from sqlalchemy.engine import URL, Connection
 from sqlalchemy.exc import DBAPIError
 
 from opslib import __version__, db, pgtools
-from opslib.checks import FAIL, PASS, SKIP, CheckReport
+from opslib.checkreport import FAIL, PASS, SKIP, CheckReport
 from opslib.config import Settings
 from opslib.errors import BackupFailed, InvalidInput, OpsError, PreconditionFailed
 

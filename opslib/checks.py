@@ -1,81 +1,27 @@
-"""Checks that return results instead of raising: each a :class:`CheckResult`, gathered in a :class:`CheckReport`.
+"""The pre-deploy checks (the guide's checklist) and the setup check, one function per check.
 
-A report is data for the CLI and notebooks to render; ``raise_for_failure`` turns a failed report
-into :class:`~opslib.errors.ChecksFailed` (exit 3) for callers that must stop.
+Each check returns a :class:`~opslib.checkreport.CheckResult`; :func:`pre_deploy` runs them in the
+guide's order over one :class:`~opslib.migrate.DeployPlan`, which the deploy then reuses, so the
+plan, its offline SQL and the revision map are worked out once per run.
 """
 
 from __future__ import annotations
 
-import re
 import tempfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 
+from sqlalchemy.engine import URL
+
+from opslib import backup, db, lint, migrate, pgtools, policy
+from opslib.checkreport import FAIL, PASS, SKIP, WARN, CheckReport, CheckResult
 from opslib.config import Settings
-from opslib.errors import ChecksFailed, OpsError
-
-PASS, WARN, FAIL, SKIP = "pass", "warn", "fail", "skip"
-
-
-@dataclass(frozen=True)
-class CheckResult:
-    """One check: its name, ``pass``/``warn``/``fail``/``skip``, and what was seen."""
-
-    name: str
-    status: str
-    detail: str = ""
-
-    def to_dict(self) -> dict:
-        """A JSON-ready dict."""
-        return asdict(self)
-
-
-@dataclass
-class CheckReport:
-    """The results of a series of checks about one subject."""
-
-    subject: str
-    checks: list[CheckResult] = field(default_factory=list)
-    findings: list = field(default_factory=list)
-    # What a pre-deploy check found, for the deploy that follows it (so it is not worked out twice).
-    pending: list = field(default_factory=list)
-    sql: str = ""
-
-    @property
-    def ok(self) -> bool:
-        """True when no check failed (warnings are advice)."""
-        return all(c.status != FAIL for c in self.checks)
-
-    def first_failure(self) -> CheckResult | None:
-        """The first failed check, if any."""
-        return next((c for c in self.checks if c.status == FAIL), None)
-
-    def add(self, name: str, status: str, detail: str = "") -> CheckResult:
-        """Append a result and return it."""
-        result = CheckResult(name, status, detail)
-        self.checks.append(result)
-        return result
-
-    def raise_for_failure(self) -> None:
-        """Raise :class:`ChecksFailed` naming the first failed check, if any failed."""
-        failed = self.first_failure()
-        if failed is not None:
-            raise ChecksFailed(f"{self.subject}: {failed.name} failed: {failed.detail}")
-
-    def to_dict(self) -> dict:
-        """A JSON-ready dict."""
-        return {
-            "subject": self.subject,
-            "ok": self.ok,
-            "checks": [c.to_dict() for c in self.checks],
-            "findings": [f.to_dict() for f in self.findings],
-        }
-
+from opslib.errors import OpsError
+from opslib.naming import vague_message
 
 def verify_setup(settings: Settings) -> CheckReport:
     """The guide's `make verify-setup`: can opslib reach, migrate and back up this database?"""
-    from opslib import db, migrate, pgtools
-
     report = CheckReport("verify-setup")
     major = None
     try:
@@ -123,23 +69,208 @@ def _writable(folder: Path) -> tuple[str, str]:
         return FAIL, f"{folder}: {err.strerror or err}"
 
 
-# The guide's "avoid vague names": messages made only of these words say nothing about the change.
-_VAGUE = {
-    "update", "updates", "fix", "fixes", "change", "changes", "stuff", "misc", "database", "db", "schema",
-    "tables", "table", "things", "wip", "temp", "tmp", "test", "migration", "migrations", "new", "more", "some",
-}  # fmt: skip
+@dataclass(frozen=True)
+class Reached:
+    """The target as the checks found it."""
+
+    url: URL
+    version: str
+    major: int
+    fingerprint: str
+    blockers: list
 
 
-def vague_message(message: str) -> str | None:
-    """Why a revision message is too vague to name a migration (the guide's `update_database`, `fix_stuff`), or None."""
-    words = [w for w in re.split(r"[^a-z0-9]+", message.lower()) if w]
-    if not words:
-        return "it is empty"
-    if all(w in _VAGUE for w in words):
-        return f"{message!r} says nothing about the change: name what it does, e.g. add_user_profile_table"
-    if len(words) < 2:
-        return f"{message!r} is one word: say what changes and where, e.g. add_indexes_for_search_performance"
-    return None
+def check_reachable(settings: Settings) -> tuple[CheckResult, Reached | None]:
+    """Connect, and read the server's version, the database's fingerprint and long transactions."""
+    try:
+        url = db.target_url(settings)
+        with db.connect(url) as conn:
+            version, major = db.server_version(conn)
+            fingerprint = db.fingerprint(conn)
+            blockers = db.blocking_sessions(conn, older_than_s=settings.ddl_lock_timeout_s)
+    except OpsError as err:
+        return CheckResult("database reachable", FAIL, err.message), None
+    reached = Reached(url, version, major, fingerprint, blockers)
+    return CheckResult("database reachable", PASS, f"{fingerprint}, PostgreSQL {version}"), reached
+
+
+def check_blocking_sessions(settings: Settings, reached: Reached) -> CheckResult:
+    """Sessions in long transactions holding table locks, which migrations would queue behind."""
+    if not reached.blockers:
+        return CheckResult("sessions that would block DDL", PASS, "no long transaction holds a table lock")
+    return CheckResult(
+        "sessions that would block DDL",
+        WARN,
+        "; ".join(
+            f"pid {b['pid']} ({b['application_name'] or 'no name'}, {b['state']}, in a transaction for "
+            f"{b['seconds']} s, locking {b['tables']})"
+            for b in reached.blockers[:5]
+        )
+        + f": migrations wait at most {settings.ddl_lock_timeout_s:g} s per attempt for them, then retry",
+    )
+
+
+def check_environment(settings: Settings, expect_env: str | None) -> CheckResult:
+    """OPSLIB_ENV is the label the caller expects."""
+    if expect_env and expect_env != settings.env:
+        return CheckResult("environment label", FAIL, f"OPSLIB_ENV is {settings.env!r}, expected {expect_env!r}")
+    return CheckResult("environment label", PASS, settings.env)
+
+
+def check_single_head(settings: Settings) -> CheckResult:
+    """The Alembic project loads and has one head (several need a merge first)."""
+    try:
+        heads = migrate.script_directory(settings).get_heads()
+    except OpsError as err:
+        return CheckResult("Alembic project", FAIL, err.message)
+    if len(heads) > 1:
+        return CheckResult(
+            "single head",
+            FAIL,
+            f'{len(heads)} heads: {", ".join(heads)}; join them with `opslib merge -m "merge heads" {" ".join(heads)}`',
+        )
+    return CheckResult("single head", PASS, heads[0] if heads else "no revisions")
+
+
+def check_plan(settings: Settings, target: str) -> tuple[list[CheckResult], migrate.DeployPlan | None]:
+    """The database's revision is one the code knows, and what the deploy to ``target`` applies."""
+    try:
+        plan = migrate.deploy_plan(settings, target)
+    except OpsError as err:
+        name = "database revision known" if "does not contain" in err.message else "target revision"
+        detail = err.message
+        if name == "database revision known":
+            detail += (
+                ". Out of sync: deploy the code that has this revision, or check the schema by hand and "
+                "`opslib stamp` the revision it matches, or (development) run the reset runbook"
+            )
+        return [CheckResult(name, FAIL, detail)], None
+    pending = plan.pending
+    return [
+        CheckResult("database revision known", PASS, ", ".join(plan.current) or "base"),
+        CheckResult(
+            "pending revisions",
+            PASS,
+            _listed(pending, lambda r: f"{r.revision} ({r.message})") if pending else "none: at the target",
+        ),
+    ], plan
+
+
+def _listed(items, text, limit: int = 12) -> str:
+    shown = ", ".join(text(i) for i in list(items)[:limit])
+    more = f", and {len(items) - limit} more" if len(items) > limit else ""
+    return f"{len(items)}: {shown}{more}"
+
+
+def check_downgrades(plan: migrate.DeployPlan) -> CheckResult:
+    """Every pending revision can be reversed (a ``pass`` downgrade cannot)."""
+    irreversible = [r.revision for r in plan.pending if not migrate.has_real_downgrade(r)]
+    if irreversible:
+        return CheckResult(
+            "downgrades", WARN, f"no real downgrade in {', '.join(irreversible)}: rolling back needs a backup"
+        )
+    return CheckResult("downgrades", PASS, "every pending revision has one")
+
+
+def check_rendering(plan: migrate.DeployPlan) -> CheckResult:
+    """The pending SQL renders offline, so it can be shown and linted (a revision that reads data cannot)."""
+    unrendered = plan.sql.unrendered
+    if unrendered:
+        return CheckResult(
+            "SQL renders offline",
+            WARN,
+            "; ".join(f"cannot render {rev} ({why})" for rev, why in unrendered) + ": linted without it",
+        )
+    return CheckResult("SQL renders offline", PASS, f"{len(plan.pending)} revision(s)")
+
+
+def check_lint(
+    settings: Settings, plan: migrate.DeployPlan, reached: Reached, baseline_reason: str | None = None
+) -> tuple[CheckResult, list[lint.Finding]]:
+    """squawk over the pending SQL, each finding judged against the target and the project's policy.
+
+    With ``baseline_reason``, today's blocking findings are first written to the project's policy
+    as accepted, with that reason (``opslib check --write-baseline``).
+    """
+    if not plan.sql.sql:
+        return CheckResult("squawk lint", SKIP, "nothing to lint"), []
+    files = {r.revision: r.path for r in plan.pending}
+
+    def judged() -> list[lint.Finding]:
+        with db.connect(reached.url) as conn:
+            return lint.lint(
+                plan.sql.sql,
+                files,
+                pg_version=reached.version.split()[0],
+                policy=policy.load_policy(settings.alembic_ini),
+                read_tables=lambda names: db.table_facts(conn, names, settings.ddl_lock_timeout_s),
+            )
+
+    findings = judged()
+    written = ""
+    if baseline_reason is not None:
+        blocking = [(f.revision, f.rule) for f in findings if f.severity is lint.Severity.BLOCK]
+        path, added = policy.write_baseline(settings.alembic_ini, blocking, baseline_reason)
+        written = f"baseline: {added} finding(s) accepted in {path}"
+        if added:
+            findings = judged()
+    return _lint_result(findings, written), findings
+
+
+def _lint_result(findings: list[lint.Finding], written: str) -> CheckResult:
+    by = {s: [f for f in findings if f.severity is s] for s in lint.Severity}
+    parts = [written] if written else []
+    if by[lint.Severity.BLOCK]:
+        unique = list(
+            dict.fromkeys(f"{f.revision}: {f.rule} on {f.context or 'no table'}: {f.message}" for f in by[lint.Severity.BLOCK])
+        )
+        detail = "; ".join(unique[:5]) + (f"; and {len(unique) - 5} more" if len(unique) > 5 else "")
+        return CheckResult(
+            "squawk lint",
+            FAIL,
+            "; ".join(parts + [detail])
+            + "; accept in the project's opslib.toml ([[lint.accept]] revision, rule, reason; "
+            "`opslib check --write-baseline --reason TEXT` writes today's), or with "
+            "`# opslib-accept: RULE -- reason` in the revision",
+        )
+    accepted = sorted({f"{f.revision} {f.rule} ({f.reason})" for f in by[lint.Severity.ACCEPTED]})
+    warned = sorted({f"{f.revision} {f.rule}" for f in by[lint.Severity.WARN]})
+    info = by[lint.Severity.INFO]
+    parts += [f"accepted: {', '.join(accepted)}"] if accepted else []
+    parts += [f"advice: {', '.join(warned[:12])}" + (f" and {len(warned) - 12} more" if len(warned) > 12 else "")] if warned else []
+    if info:
+        parts.append(f"information: {len(info)} finding(s) on tables new or empty in the target, none can hold up traffic")
+    return CheckResult("squawk lint", WARN if warned else PASS, "; ".join(parts) or "no findings")
+
+
+def check_naming(plan: migrate.DeployPlan) -> CheckResult:
+    """Every pending revision's message says what it does (the guide's naming rule)."""
+    vague = [(r.revision, vague_message(r.message)) for r in plan.pending if not r.is_merge]
+    vague = [(rev, why) for rev, why in vague if why]
+    if vague:
+        return CheckResult("migration naming", FAIL, "; ".join(f"{rev}: {why}" for rev, why in vague))
+    return CheckResult("migration naming", PASS, "every pending revision says what it does")
+
+
+def check_drift(settings: Settings, plan: migrate.DeployPlan) -> CheckResult:
+    """At head with nothing pending, the database matches the project's models."""
+    if plan.pending:
+        return CheckResult("drift", SKIP, "compared with the models after the deploy (its verify step), at head")
+    if set(plan.current) != set(plan.heads):
+        return CheckResult("drift", SKIP, "not at head")
+    status, detail = migrate.compare_models(settings)
+    return CheckResult("drift", FAIL if status == "fail" else status, detail)
+
+
+def check_backup(
+    settings: Settings, reached: Reached, backup_planned: bool, max_backup_age_h: float
+) -> CheckResult:
+    """Production: a recent verified backup exists, or the deploy will take one (and can)."""
+    if settings.env != "production":
+        return CheckResult("backup", SKIP, f"required in production only (environment {settings.env})")
+    return CheckResult(
+        "backup", *_backup_state(settings, reached.url.database, backup_planned, max_backup_age_h, reached.major)
+    )
 
 
 def pre_deploy(
@@ -149,161 +280,39 @@ def pre_deploy(
     expect_env: str | None = None,
     backup_planned: bool = True,
     max_backup_age_h: float = 24.0,
+    baseline_reason: str | None = None,
 ) -> CheckReport:
-    """The guide's pre-deployment checklist as named checks; a failed one stops a deploy (exit 3)."""
-    from opslib import backup, db, lint, migrate, pgtools
+    """The guide's pre-deployment checklist as named checks; a failed one stops a deploy (exit 3).
 
+    The report keeps the deploy plan it judged (``report.plan``) for the deploy that follows.
+    """
     report = CheckReport("pre-deploy check")
-    try:
-        url = db.target_url(settings)
-        with db.connect(url) as conn:
-            version, major = db.server_version(conn)
-            fingerprint = db.fingerprint(conn)
-            blockers = db.blocking_sessions(conn, older_than_s=settings.ddl_lock_timeout_s)
-        report.add("database reachable", PASS, f"{fingerprint}, PostgreSQL {version}")
-    except OpsError as err:
-        report.add("database reachable", FAIL, err.message)
+    reachable, reached = check_reachable(settings)
+    report.checks.append(reachable)
+    if reached is None:
         return report
-    if blockers:
-        report.add(
-            "sessions that would block DDL",
-            WARN,
-            "; ".join(
-                f"pid {b['pid']} ({b['application_name'] or 'no name'}, {b['state']}, in a transaction for "
-                f"{b['seconds']} s, locking {b['tables']})"
-                for b in blockers[:5]
-            )
-            + f": migrations wait at most {settings.ddl_lock_timeout_s:g} s per attempt for them, then retry",
-        )
-    else:
-        report.add("sessions that would block DDL", PASS, "no long transaction holds a table lock")
-    if expect_env and expect_env != settings.env:
-        report.add("environment label", FAIL, f"OPSLIB_ENV is {settings.env!r}, expected {expect_env!r}")
-    else:
-        report.add("environment label", PASS, settings.env)
-    try:
-        script = migrate.script_directory(settings)
-    except OpsError as err:
-        report.add("Alembic project", FAIL, err.message)
+    report.checks.append(check_blocking_sessions(settings, reached))
+    report.checks.append(check_environment(settings, expect_env))
+    head = check_single_head(settings)
+    report.checks.append(head)
+    if head.status == FAIL:
         return report
-    heads = script.get_heads()
-    if len(heads) > 1:
-        report.add(
-            "single head",
-            FAIL,
-            f'{len(heads)} heads: {", ".join(heads)}; join them with `opslib merge -m "merge heads" {" ".join(heads)}`',
-        )
+    planned, plan = check_plan(settings, target)
+    report.checks.extend(planned)
+    if plan is None:
         return report
-    report.add("single head", PASS, heads[0] if heads else "no revisions")
-    try:
-        current, pending = migrate.plan(settings, "upgrade", target)
-        report.pending = pending
-    except OpsError as err:
-        name = "database revision known" if "does not contain" in err.message else "target revision"
-        detail = err.message
-        if name == "database revision known":
-            detail += (
-                ". Out of sync: deploy the code that has this revision, or check the schema by hand and "
-                "`opslib stamp` the revision it matches, or (development) run the reset runbook"
-            )
-        report.add(name, FAIL, detail)
-        return report
-    report.add("database revision known", PASS, ", ".join(current) or "base")
-    report.add(
-        "pending revisions",
-        PASS,
-        f"{len(pending)}: " + ", ".join(f"{r.revision} ({r.message})" for r in pending)
-        if pending
-        else "none: at the target",
-    )
-    irreversible = [r.revision for r in pending if not migrate.has_real_downgrade(r)]
-    report.add(
-        "downgrades",
-        WARN if irreversible else PASS,
-        f"no real downgrade in {', '.join(irreversible)}: rolling back needs a backup"
-        if irreversible
-        else "every pending revision has one",
-    )
-    sql, unrendered = _render(settings, current, pending)
-    report.sql = sql
-    report.add(
-        "SQL renders offline",
-        WARN if unrendered else PASS,
-        f"cannot render {', '.join(unrendered)} (it reads data): linted without it"
-        if unrendered
-        else f"{len(pending)} revision(s)",
-    )
-    if sql:
-        findings = lint.lint(sql, {r.revision: r.path for r in pending}, pg_version=version.split()[0])
-        report.findings = findings
-        failing = [f for f in findings if f.severity == "fail"]
-        warned = sorted({f"{f.revision} {f.rule}" for f in findings if f.severity == "warn"})
-        accepted = sorted(
-            {f"{f.revision} {f.rule} ({f.reason})" for f in findings if f.severity == "accepted"}
-        )
-        if failing:
-            unique = list(dict.fromkeys(f"{f.revision}: {f.rule}: {f.message}" for f in failing))
-            detail = "; ".join(unique[:5]) + (f"; and {len(unique) - 5} more" if len(unique) > 5 else "")
-            report.add(
-                "squawk lint",
-                FAIL,
-                detail + "; accept with `# opslib-accept: RULE -- reason` in the revision",
-            )
-        else:
-            parts = [f"advice: {', '.join(warned)}"] if warned else []
-            parts += [f"accepted: {', '.join(accepted)}"] if accepted else []
-            report.add("squawk lint", WARN if warned else PASS, "; ".join(parts) or "no findings")
-    else:
-        report.add("squawk lint", SKIP, "nothing to lint")
-    vague = [(r.revision, vague_message(r.message)) for r in pending if not r.is_merge]
-    vague = [(rev, why) for rev, why in vague if why]
-    report.add(
-        "migration naming",
-        FAIL if vague else PASS,
-        "; ".join(f"{rev}: {why}" for rev, why in vague)
-        if vague
-        else "every pending revision says what it does",
-    )
-    if pending:
-        report.add("drift", SKIP, "compared with the models after the deploy (its verify step), at head")
-    else:
-        status, detail = (
-            migrate.compare_models(settings) if set(current) == set(heads) else (SKIP, "not at head")
-        )
-        report.add("drift", FAIL if status == "fail" else status, detail)
-    if settings.env == "production":
-        report.add(
-            "backup",
-            *_backup_state(settings, url.database, backup_planned, max_backup_age_h, major, backup, pgtools),
-        )
-    else:
-        report.add("backup", SKIP, f"required in production only (environment {settings.env})")
+    report.plan = plan
+    report.checks.append(check_downgrades(plan))
+    report.checks.append(check_rendering(plan))
+    linted, report.findings = check_lint(settings, plan, reached, baseline_reason)
+    report.checks.append(linted)
+    report.checks.append(check_naming(plan))
+    report.checks.append(check_drift(settings, plan))
+    report.checks.append(check_backup(settings, reached, backup_planned, max_backup_age_h))
     return report
 
 
-def _render(settings: Settings, current, pending) -> tuple[str, list[str]]:
-    from opslib import migrate
-
-    if not pending:
-        return "", []
-    start = current[0] if current else "base"
-    try:
-        return migrate.offline_sql(settings, f"{start}:{pending[-1].revision}"), []
-    except OpsError:
-        pass
-    parts, unrendered = [], []
-    for r in pending:
-        below = r.down_revisions[0] if r.down_revisions else "base"
-        try:
-            parts.append(migrate.offline_sql(settings, f"{below}:{r.revision}"))
-        except OpsError:
-            unrendered.append(r.revision)
-    return "\n".join(parts), unrendered
-
-
-def _backup_state(settings, database, planned, max_age_h, major, backup, pgtools) -> tuple[str, str]:
-    from datetime import datetime, timezone
-
+def _backup_state(settings, database, planned, max_age_h, major) -> tuple[str, str]:
     for info in backup.list_backups(settings):
         if info.database == database and info.verified:
             taken = datetime.fromisoformat(info.started_at.replace("Z", "+00:00"))

@@ -123,6 +123,12 @@ def _parser() -> argparse.ArgumentParser:
         metavar="HOURS",
         help="production: a verified backup younger than this counts (default 24)",
     )
+    s.add_argument(
+        "--write-baseline",
+        action="store_true",
+        help="accept today's blocking lint findings in the project's opslib.toml (needs --reason)",
+    )
+    s.add_argument("--reason", metavar="TEXT", help="for --write-baseline: why these findings are accepted")
     s.add_argument("--json", action="store_true")
 
     s = sub.add_parser("run", help="execute a runbook with papermill and keep its record")
@@ -226,6 +232,7 @@ def _backups(settings, args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from opslib import backup, checks, display
+    from opslib.errors import InvalidInput
 
     if args.command == "backup":
         made = backup.backup(settings, out_dir=Path(args.out) if args.out else None, label=args.label)
@@ -259,8 +266,17 @@ def _backups(settings, args: argparse.Namespace) -> int:
         print(display.checks_text(report))
         report.raise_for_failure()
     elif args.command == "check":
+        if args.reason is not None and not args.write_baseline:
+            raise InvalidInput("--reason goes with --write-baseline")
+        baseline = (args.reason or "") if args.write_baseline else None
+        if baseline is not None and not baseline.strip():
+            raise InvalidInput('--write-baseline needs a reason: --reason "accepted when adopting opslib"')
         report = checks.pre_deploy(
-            settings, args.target, expect_env=args.expect_env, max_backup_age_h=args.max_backup_age
+            settings,
+            args.target,
+            expect_env=args.expect_env,
+            max_backup_age_h=args.max_backup_age,
+            baseline_reason=baseline,
         )
         print(json.dumps(report.to_dict(), indent=2) if args.json else display.checks_text(report))
         report.raise_for_failure()

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from opslib.errors import ConfigError
+from opslib.redact import redact_url
 
 ENVIRONMENTS = ("development", "staging", "production")
 
@@ -34,8 +35,6 @@ class Settings:
         return not self.database_url
 
     def __repr__(self) -> str:
-        from opslib.db import redact_url  # late import: db imports this module
-
         target = redact_url(self.database_url) if self.database_url else "embedded server"
         return (
             f"Settings(database={target}, env={self.env!r}, alembic_ini={str(self.alembic_ini)!r}, "

@@ -10,14 +10,15 @@ import hashlib
 import re
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Iterator
-from urllib.parse import unquote
 
 import sqlalchemy as sa
 from sqlalchemy.engine import URL, Connection, Engine
 from sqlalchemy.exc import ArgumentError, DBAPIError
 
 from opslib.config import Settings
+from opslib.redact import redact_url, redact_urls_in, scrub  # noqa: F401 - part of this module's API
 from opslib.errors import ConfigError, DatabaseUnreachable, InvalidInput, LockHeld
 
 # One advisory-lock key for every opslib run on a database (Sqitch's lock_destination idea):
@@ -47,35 +48,6 @@ def parse_url(raw: str, *, source: str = "DATABASE_URL") -> URL:
     if not url.database:
         raise ConfigError(f"{source} names no database: add /DATABASE to the URL")
     return url.set(drivername="postgresql+psycopg2")
-
-
-def redact_url(url: str | URL) -> str:
-    """The URL as it may be shown: the password replaced by ``***``, the query left readable."""
-    if isinstance(url, str):
-        try:
-            url = sa.make_url(url)
-        except (ArgumentError, ValueError):
-            return "<unparseable URL>"
-    if not url.password:
-        url = url._replace(password=None)  # "user:@" (an empty password) shows as plain "user@"
-    # Unquoted so a socket path reads as ?host=/path; the password is already masked.
-    return unquote(url.render_as_string(hide_password=True))
-
-
-def scrub(text: str, url: URL | None) -> str:
-    """Remove the URL's password from ``text`` wherever it appears."""
-    if url is not None and url.password:
-        text = text.replace(str(url.password), "***")
-    return text
-
-
-# scheme://user:password@ in free text (an error message, a notebook output): the password part.
-_URL_PASSWORD = re.compile(r"(\b[a-zA-Z][a-zA-Z0-9+.-]*://[^\s/:@]*:)[^\s/@]+@")
-
-
-def redact_urls_in(text: str) -> str:
-    """``text`` with the password of every ``scheme://user:password@host`` URL in it replaced by ``***``."""
-    return _URL_PASSWORD.sub(r"\1***@", text)
 
 
 def target_url(settings: Settings) -> URL:
@@ -355,3 +327,82 @@ def fingerprint(conn: Connection) -> str:
         conn.commit()
     where = f"{row[1]}:{row[2]}" if row[1] else f"socket in {row[3]}"
     return f"database {row[0]} on {where}, system identifier {system_id}"
+
+
+@dataclass(frozen=True)
+class TableFacts:
+    """What the target holds in one table, as a lint finding on it needs to be judged."""
+
+    name: str
+    exists: bool
+    rows: int | None = None  # counted up to COUNT_LIMIT; None: could not be read (locked past the timeout)
+    row_estimate: int | None = None  # pg_class.reltuples; None before the first ANALYZE
+    total_bytes: int | None = None
+
+    @property
+    def has_rows(self) -> bool | None:
+        """Whether the table holds any row; None when it could not be read."""
+        return None if self.rows is None else self.rows > 0
+
+    def describe(self) -> str:
+        """``orders: ~120,000 rows, 18.0 MB`` as a person reads it."""
+        if not self.exists:
+            return f"{self.name}: not in the target"
+        if self.rows is None:
+            rows = "rows not readable now (locked)"
+        elif self.rows < COUNT_LIMIT:
+            rows = f"{self.rows:,} row" + ("" if self.rows == 1 else "s")
+        elif self.row_estimate and self.row_estimate > COUNT_LIMIT:
+            rows = f"~{self.row_estimate:,} rows (estimate)"
+        else:
+            rows = f"over {COUNT_LIMIT:,} rows"
+        size = _size_text(self.total_bytes) if self.total_bytes is not None else "size unknown"
+        return f"{self.name}: {rows}, {size}"
+
+
+# Rows are counted exactly up to this many (a bounded scan); past it the planner's estimate is shown.
+COUNT_LIMIT = 10_000
+
+
+def _size_text(n: float) -> str:
+    for unit in ("bytes", "kB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{int(n):,} {unit}" if unit == "bytes" else f"{n:,.1f} {unit}"
+        n /= 1024
+    return f"{n:,.1f} TB"
+
+
+def table_facts(conn: Connection, names: list[str], lock_wait_s: float = 2.0) -> dict[str, TableFacts]:
+    """Existence, rows, row estimate and size of each table named (as SQL writes it, on the search_path).
+
+    Rows are counted with a bounded scan under a short lock_timeout, so a table locked by someone
+    else is reported as unreadable rather than waited for.
+    """
+    found: dict[str, TableFacts] = {}
+    conn.execute(sa.text("SELECT set_config('lock_timeout', :v, true)"), {"v": f"{int(lock_wait_s * 1000)}ms"})
+    for name in dict.fromkeys(names):
+        row = conn.execute(
+            sa.text(
+                "SELECT c.oid::regclass::text AS qualified, "
+                "CASE WHEN c.reltuples < 0 THEN NULL ELSE c.reltuples::bigint END AS estimate, "
+                "pg_total_relation_size(c.oid) AS bytes "
+                "FROM pg_class c WHERE c.oid = to_regclass(:n) AND c.relkind IN ('r', 'p', 'm')"
+            ),
+            {"n": name},
+        ).mappings().first()
+        if row is None:
+            found[name] = TableFacts(name, exists=False)
+            continue
+        try:
+            with conn.begin_nested():
+                rows = conn.execute(
+                    sa.text(f"SELECT count(*) FROM (SELECT 1 FROM {row['qualified']} LIMIT {COUNT_LIMIT}) AS t")
+                ).scalar()
+        except DBAPIError as err:
+            if not is_lock_timeout(err):
+                raise
+            rows = None
+        found[name] = TableFacts(name, True, rows, row["estimate"], row["bytes"])
+    if conn.in_transaction():
+        conn.commit()
+    return found

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Iterable, Sequence
 
 if TYPE_CHECKING:  # types only: rendering backups must not import Alembic
     from opslib.backup import BackupInfo, BackupResult, RestoreResult
-    from opslib.checks import CheckReport
+    from opslib.checkreport import CheckReport
     from opslib.migrate import MigrationResult, RevisionInfo, Status
 
 

@@ -5,8 +5,8 @@ UPDATE and DELETE):
 
 - ``opslib.revision_events``: one row per revision applied, reversed or stamped, written from
   Alembic's ``on_version_apply`` inside that revision's own transaction, so a row exists exactly
-  when its revision committed (the sample env.py forwards ``config.attributes["on_version_apply"]``;
-  for an env.py that does not, opslib writes the row right after the revision committed);
+  when its revision committed (opslib supplies the callback to whatever env.py the project has,
+  see :mod:`opslib.migrate`);
 - ``opslib.runs``: one row per runbook run that reached the database, written when it ends.
 
 The schema is outside ``public``, so a reset (downgrade to base, or dropping ``public``) keeps it;
@@ -100,31 +100,19 @@ def record_event(
     )
 
 
-def on_version_apply(run_id: str | None, counter: list[int] | None = None):
-    """A callback for Alembic's ``on_version_apply``: writes the event in the revision's own transaction.
-
-    ``counter`` (a one-item list) counts the calls, so opslib can tell an env.py that does not
-    forward the callback, and write the events itself after each revision commits.
-    """
-
-    def callback(ctx, step, heads, run_args) -> None:
-        direction = "stamp" if step.is_stamp else ("upgrade" if step.is_upgrade else "downgrade")
-        revision = step.up_revision_id
-        script = step.up_revision
-        message = (getattr(script, "doc", "") or "").strip()
-        record_event(
-            ctx.connection,
-            run_id,
-            revision,
-            step.source_revision_ids,
-            step.destination_revision_ids,
-            direction,
-            message,
-        )
-        if counter is not None:
-            counter[0] += 1
-
-    return callback
+def record_step(conn: Connection, run_id: str | None, step) -> None:
+    """Insert the event of one Alembic step (``on_version_apply``'s ``step``) on ``conn``, in its transaction."""
+    direction = "stamp" if step.is_stamp else ("upgrade" if step.is_upgrade else "downgrade")
+    message = (getattr(step.up_revision, "doc", "") or "").strip()
+    record_event(
+        conn,
+        run_id,
+        step.up_revision_id,
+        step.source_revision_ids,
+        step.destination_revision_ids,
+        direction,
+        message,
+    )
 
 
 def record_run(conn: Connection, record: dict) -> None:

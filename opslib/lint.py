@@ -1,8 +1,14 @@
-"""Lint the SQL a deploy will run with squawk, and tie each finding to its revision.
+"""Lint the SQL a deploy will run with squawk, tie each finding to its revision and table, and
+judge it against the target database.
 
-squawk (the ``squawk-cli`` package) owns the rules; opslib only decides which of them stop a deploy
-and which are advice, and lets a revision accept a finding with a reason, in a comment of its own
-file::
+squawk (the ``squawk-cli`` package) owns the rules; opslib decides what each finding means here:
+
+- a statement on a table that the same deploy creates, or on a table absent or empty in the
+  target, cannot hold up traffic: it is information and never blocks (a 150-revision history
+  deployed to an empty database is all information);
+- on a table holding rows, a blocking rule's finding blocks, showing the table's rows and size,
+  unless the project accepted it: in its policy file (:mod:`opslib.policy`), or in a comment of
+  the revision file itself::
 
     # opslib-accept: ban-drop-column -- step 3 of the email change; every address is in email_new
 
@@ -18,10 +24,15 @@ import shutil
 import subprocess
 import sys
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
+from enum import Enum
 from pathlib import Path
+from typing import Callable
 
+from opslib.db import TableFacts
 from opslib.errors import PreconditionFailed
+from opslib.migrate import RUNNING_MARKER
+from opslib.policy import Policy
 
 # Rules whose findings stop a deploy: they take locks that stall traffic, or lose data.
 BLOCKING_RULES = frozenset(
@@ -53,24 +64,53 @@ HANDLED_RULES = {
     "require-statement-timeout": "opslib bounds waiting with lock_timeout; long data migrations are expected",
 }
 
-_MARKER = re.compile(r"^-- Running (?:upgrade|downgrade) (\S*) -> (\S+)", re.M)
 _ACCEPT = re.compile(r"#\s*opslib-accept:\s*([a-z0-9-]+)\s*(?:--|:)?\s*(.*)$", re.M)
+
+
+class Severity(Enum):
+    """What a finding means for the deploy."""
+
+    BLOCK = "block"  # stops the deploy (exit 3) until fixed or accepted
+    WARN = "warn"  # advice, shown
+    INFO = "info"  # cannot hold up traffic here (a new, absent or empty table)
+    ACCEPTED = "accepted"  # would block, but the project accepted it, with a reason
 
 
 @dataclass(frozen=True)
 class Finding:
-    """One squawk finding, with its revision and what opslib makes of it."""
+    """One squawk finding, with its revision, the table it concerns, and what opslib makes of it."""
 
     revision: str
     rule: str
     message: str
-    line: int
-    severity: str  # "fail", "warn" or "accepted"
-    reason: str = ""
+    line: int  # 1-based line of the rendered SQL
+    severity: Severity
+    reason: str = ""  # why it was accepted, when it was
+    table: str | None = None
+    context: str = ""  # what the target says about the table: new, empty, or its rows and size
 
     def to_dict(self) -> dict:
         """A JSON-ready dict."""
-        return asdict(self)
+        return {
+            "revision": self.revision,
+            "rule": self.rule,
+            "message": self.message,
+            "line": self.line,
+            "severity": self.severity.value,
+            "reason": self.reason,
+            "table": self.table,
+            "context": self.context,
+        }
+
+
+@dataclass(frozen=True)
+class Statement:
+    """One statement of the rendered SQL: where it is, which revision it belongs to, what it touches."""
+
+    first_line: int  # 0-based, as squawk counts
+    last_line: int
+    revision: str
+    text: str
 
 
 def squawk_path() -> str:
@@ -95,16 +135,8 @@ def accepted_rules(revision_file: str | Path) -> dict[str, str]:
     return {rule: reason.strip() for rule, reason in _ACCEPT.findall(text)}
 
 
-def _revision_at(sql: str) -> list[tuple[int, str]]:
-    """(first line, revision) of each revision's part of an offline SQL script."""
-    spans = []
-    for match in _MARKER.finditer(sql):
-        spans.append((sql.count("\n", 0, match.start()) + 1, match.group(2)))
-    return spans
-
-
-def lint(sql: str, revision_files: dict[str, str], pg_version: str | None = None) -> list[Finding]:
-    """Run squawk on ``sql`` and return its findings, each tied to a revision and judged."""
+def run_squawk(sql: str, pg_version: str | None = None) -> list[dict]:
+    """squawk's findings on ``sql``, one process for the whole script."""
     with tempfile.NamedTemporaryFile("w", suffix=".sql", delete=False) as f:
         f.write(sql)
         path = f.name
@@ -116,24 +148,205 @@ def lint(sql: str, revision_files: dict[str, str], pg_version: str | None = None
     finally:
         Path(path).unlink(missing_ok=True)
     try:
-        raw = json.loads(done.stdout or "[]")
+        return json.loads(done.stdout or "[]")
     except ValueError:
         raise PreconditionFailed(
             f"squawk gave no report: {(done.stderr or done.stdout).strip()[:200]}"
         ) from None
-    spans = _revision_at(sql)
-    accepted = {rev: accepted_rules(path) for rev, path in revision_files.items()}
-    findings = []
+
+
+def statements(sql: str) -> list[Statement]:
+    """Split rendered SQL into statements (quotes, dollar quotes and comments respected), each with its revision."""
+    found: list[Statement] = []
+    revision = "(version table)"  # before the first marker, Alembic creates its version table
+    start = None
+    line = 0
+    i, n = 0, len(sql)
+    quote: str | None = None
+    while i < n:
+        ch = sql[i]
+        if quote is not None:
+            if sql.startswith(quote, i):
+                i += len(quote)
+                quote = None
+                continue
+            if ch == "\n":
+                line += 1
+            i += 1
+            continue
+        if sql.startswith("--", i):
+            end = sql.find("\n", i)
+            end = n if end < 0 else end
+            marker = RUNNING_MARKER.match(sql, i)
+            if marker and start is None:
+                revision = marker.group(3)
+            i = end
+            continue
+        if ch == "\n":
+            line += 1
+            i += 1
+            continue
+        if ch.isspace():
+            i += 1
+            continue
+        if start is None:
+            start = (i, line)
+        if ch in "'\"":
+            quote = ch
+        elif ch == "$":
+            tag = re.match(r"\$[A-Za-z_0-9]*\$", sql[i:])
+            if tag:
+                quote = tag.group(0)
+                i += len(quote)
+                continue
+        elif ch == ";":
+            found.append(Statement(start[1], line, revision, sql[start[0] : i]))
+            start = None
+        i += 1
+    if start is not None:
+        found.append(Statement(start[1], line, revision, sql[start[0] :]))
+    return found
+
+
+_NAME = r'((?:"[^"]+"|[A-Za-z_][\w$]*)(?:\.(?:"[^"]+"|[A-Za-z_][\w$]*))?)'
+_TOUCHES = [
+    re.compile(r"^ALTER\s+TABLE\s+(?:IF\s+EXISTS\s+)?(?:ONLY\s+)?" + _NAME, re.I),
+    re.compile(r"^CREATE\s+(?:UNIQUE\s+)?INDEX\s+(?:CONCURRENTLY\s+)?(?:IF\s+NOT\s+EXISTS\s+)?(?:\S+\s+)?ON\s+(?:ONLY\s+)?" + _NAME, re.I),
+    re.compile(r"^CREATE\s+(?:UNLOGGED\s+)?TABLE\s+(?:IF\s+NOT\s+EXISTS\s+)?" + _NAME, re.I),
+    re.compile(r"^DROP\s+TABLE\s+(?:IF\s+EXISTS\s+)?" + _NAME, re.I),
+    re.compile(r"^TRUNCATE\s+(?:TABLE\s+)?(?:ONLY\s+)?" + _NAME, re.I),
+    re.compile(r"^(?:UPDATE|DELETE\s+FROM|INSERT\s+INTO)\s+(?:ONLY\s+)?" + _NAME, re.I),
+]
+_CREATE_TABLE = re.compile(r"^CREATE\s+(?:UNLOGGED\s+)?TABLE\s+(?:IF\s+NOT\s+EXISTS\s+)?" + _NAME, re.I)
+_RENAME_TABLE = re.compile(r"^ALTER\s+TABLE\s+(?:IF\s+EXISTS\s+)?(?:ONLY\s+)?" + _NAME + r"\s+RENAME\s+TO\s+" + _NAME, re.I)
+_CREATE_INDEX = re.compile(r"^CREATE\s+(?:UNIQUE\s+)?INDEX\s+(?:CONCURRENTLY\s+)?(?:IF\s+NOT\s+EXISTS\s+)?(\S+)\s+ON\s+(?:ONLY\s+)?" + _NAME, re.I)
+_DROP_INDEX = re.compile(r"^DROP\s+INDEX\s+(?:CONCURRENTLY\s+)?(?:IF\s+EXISTS\s+)?" + _NAME, re.I)
+
+
+def _norm(name: str) -> str:
+    """A table name as written, without quotes, lower-cased unless it was quoted."""
+    return ".".join(p[1:-1] if p.startswith('"') else p.lower() for p in re.findall(r'"[^"]+"|[^.]+', name))
+
+
+def _bare(name: str) -> str:
+    return name.rsplit(".", 1)[-1]
+
+
+class _Walk:
+    """The plan's statements in order, tracking which tables it creates (and renames) before each."""
+
+    def __init__(self, stmts: list[Statement]):
+        self.created_at: dict[int, set[str]] = {}  # statement index -> tables the plan created by then
+        self.table_of: dict[int, str | None] = {}
+        created: set[str] = set()
+        index_table: dict[str, str] = {}
+        for k, st in enumerate(stmts):
+            text = st.text.strip()
+            table = None
+            rename = _RENAME_TABLE.match(text)
+            drop_index = _DROP_INDEX.match(text)
+            make_index = _CREATE_INDEX.match(text)
+            if make_index:
+                index_table[_bare(_norm(make_index.group(1)))] = _norm(make_index.group(2))
+            if drop_index:
+                idx = _bare(_norm(drop_index.group(1)))
+                table = index_table.get(idx, f"index:{_norm(drop_index.group(1))}")
+            else:
+                table = next((_norm(m.group(1)) for m in (p.match(text) for p in _TOUCHES) if m), None)
+            made = _CREATE_TABLE.match(text)
+            if made:
+                created.add(_bare(_norm(made.group(1))))
+            self.created_at[k] = set(created)
+            self.table_of[k] = table
+            if rename and _bare(_norm(rename.group(1))) in created:
+                created.add(_bare(_norm(rename.group(2))))
+
+
+def lint(
+    sql: str,
+    revision_files: dict[str, str],
+    *,
+    pg_version: str | None = None,
+    policy: Policy | None = None,
+    read_tables: Callable[[list[str]], dict[str, TableFacts]] | None = None,
+) -> list[Finding]:
+    """Run squawk on ``sql`` and return its findings, each tied to a revision and a table, and judged.
+
+    ``read_tables(names)`` reads the target's tables (see :func:`opslib.db.table_facts`); without
+    it every table is taken to hold rows, which is the cautious reading.
+    """
+    policy = policy or Policy()
+    raw = run_squawk(sql, pg_version)
+    stmts = statements(sql)
+    walk = _Walk(stmts)
+    starts = [st.first_line for st in stmts]
+    located = []
     for item in raw:
         rule = item.get("rule_name", "")
         if rule in HANDLED_RULES:
             continue
         line = int(item.get("line", 0))
-        # Before the first revision marker Alembic creates its version table.
-        revision = next((rev for start, rev in reversed(spans) if start <= line), "(version table)")
-        severity = "fail" if rule in BLOCKING_RULES else "warn"
-        reason = accepted.get(revision, {}).get(rule, "")
-        if reason:
-            severity = "accepted"
-        findings.append(Finding(revision, rule, item.get("message", ""), line, severity, reason))
+        k = _statement_at(starts, line)
+        st = stmts[k] if k is not None else None
+        located.append((item, rule, line, k, st))
+    names = sorted(
+        {
+            walk.table_of[k]
+            for _, _, _, k, _ in located
+            if k is not None and walk.table_of[k] and _bare(walk.table_of[k]) not in walk.created_at[k]
+            and not walk.table_of[k].startswith("index:")
+        }
+    )
+    facts = read_tables(names) if read_tables and names else {}
+    accepted_in_files = {rev: accepted_rules(path) for rev, path in revision_files.items()}
+    findings = []
+    for item, rule, line, k, st in located:
+        default = "block" if rule in BLOCKING_RULES else "warn"
+        action = policy.action(rule, default)
+        if action == "ignore":
+            continue
+        revision = st.revision if st else "(version table)"
+        table = walk.table_of.get(k) if k is not None else None
+        severity, context, reason = _judge(table, walk.created_at.get(k, set()), facts, action)
+        if severity is not Severity.INFO and action == "block":
+            in_policy = policy.acceptance(revision, rule)
+            in_file = accepted_in_files.get(revision, {}).get(rule, "")
+            if in_policy or in_file:
+                severity = Severity.ACCEPTED
+                reason = in_policy.reason if in_policy else in_file
+                reason += f" (accepted in {policy.source.name})" if in_policy and policy.source else (
+                    "" if in_policy else " (accepted in the revision file)"
+                )
+        findings.append(
+            Finding(revision, rule, item.get("message", ""), line + 1, severity, reason, table, context)
+        )
     return findings
+
+
+def _statement_at(starts: list[int], line: int) -> int | None:
+    """The index of the statement a 0-based line belongs to (the last one starting at or before it)."""
+    import bisect
+
+    k = bisect.bisect_right(starts, line) - 1
+    return k if k >= 0 else None
+
+
+def _judge(
+    table: str | None, created: set[str], facts: dict[str, TableFacts], action: str
+) -> tuple[Severity, str, str]:
+    """(severity, what the target says about the table, reason) for one finding."""
+    base = Severity.BLOCK if action == "block" else Severity.WARN
+    if table is None:
+        return base, "", ""
+    if table.startswith("index:"):
+        return base, f"index {table[6:]}", ""
+    if _bare(table) in created:
+        return Severity.INFO, f"table {table} is created by this deploy", ""
+    fact = facts.get(table)
+    if fact is None:
+        return base, f"table {table}: not read", ""
+    if not fact.exists:
+        return Severity.INFO, f"table {table} does not exist in the target", ""
+    if fact.has_rows is False:
+        return Severity.INFO, f"table {table} is empty in the target", ""
+    return base, f"table {fact.describe()}", ""

@@ -23,7 +23,7 @@ from typing import Any, Callable, Mapping
 
 import sqlalchemy as sa
 
-from opslib import audit, backup, checks, db, migrate, params
+from opslib import audit, backup, checks, db, lint, migrate, params
 from opslib import history as run_history
 from opslib.config import Settings, load_settings
 from opslib.display import Section
@@ -358,6 +358,7 @@ class Deploy(Run):
 
     runbook = "deploy"
     pending: list = []
+    plan: migrate.DeployPlan | None = None
 
     @step("preflight")
     def preflight(self) -> Section:
@@ -369,18 +370,23 @@ class Deploy(Run):
             self.settings, self.params["target_revision"], backup_planned=self.params["backup"]
         )
         self.record["checks"] = report.to_dict()["checks"]
+        # The findings that mattered (blocking, accepted with their reasons, advice); information is counted in the check.
+        self.record["findings"] = [
+            f.to_dict() for f in report.findings if f.severity is not lint.Severity.INFO
+        ]
         self._save()
         check_rows = [{"check": c.name, "result": c.status, "detail": c.detail} for c in report.checks]
         if not report.ok:
             _show(Section("Preflight", "pre-deploy checks failed", facts, check_rows))
             report.raise_for_failure()
-        self.pending = report.pending  # the checks planned the deploy and rendered its SQL already
+        self.plan = report.plan  # the checks planned the deploy and rendered its SQL already
+        self.pending = list(self.plan.pending)
         facts.append(("target revision", self.params["target_revision"]))
         if not self.pending:
             return Section(
                 "Preflight", "nothing to do: the database is already at the target", facts, check_rows
             )
-        sql = report.sql or "-- the SQL cannot be rendered offline (see the checks above)"
+        sql = self.plan.sql.sql or "-- the SQL cannot be rendered offline (see the checks above)"
         rows = check_rows + [
             {"check": f"pending {r.revision}", "result": "", "detail": r.message} for r in self.pending
         ]
@@ -404,7 +410,6 @@ class Deploy(Run):
             result = migrate.upgrade(
                 self.settings,
                 self.pending[-1].revision,
-                one_at_a_time=True,
                 on_attempt=self._attempt_recorder(),
                 on_step=self._steps_recorder("upgrade"),
             )
@@ -491,7 +496,6 @@ class Rollback(Run):
         result = migrate.downgrade(
             self.settings,
             self.target,
-            one_at_a_time=True,
             on_step=self._steps_recorder("downgrade"),
             on_attempt=self._attempt_recorder(),
         )
@@ -596,7 +600,6 @@ class Recovery(Run):
         result = migrate.upgrade(
             self.settings,
             pending[-1].revision,
-            one_at_a_time=True,
             on_step=self._steps_recorder("upgrade"),
             on_attempt=self._attempt_recorder(),
         )
@@ -667,7 +670,6 @@ class Reset(Run):
             result = migrate.downgrade(
                 self.settings,
                 "base",
-                one_at_a_time=True,
                 on_step=self._steps_recorder("downgrade"),
                 on_attempt=self._attempt_recorder(),
             )
@@ -689,7 +691,6 @@ class Reset(Run):
             self.settings,
             "head",
             x_args=x_args,
-            one_at_a_time=True,
             on_step=self._steps_recorder("upgrade"),
             on_attempt=self._attempt_recorder(),
         )

@@ -6,23 +6,36 @@ import os
 import subprocess
 from dataclasses import replace
 
-from opslib import checks, migrate
+from opslib import checks, migrate, naming
+from opslib.lint import Severity
 
-from .conftest import ROOT
+from .conftest import ROOT, query
 
 
 def _by_name(report) -> dict:
     return {c.name: c for c in report.checks}
 
 
-def test_sample_chain_passes_with_its_accepted_findings(settings):
+def test_a_deploy_from_empty_is_information_only(settings):
+    """Every table the sample touches is created by the same deploy: nothing can hold up traffic."""
     report = checks.pre_deploy(settings)
     assert report.ok, report.to_dict()
-    got = _by_name(report)
-    assert got["squawk lint"].status == "warn"  # style advice only
-    accepted = {(f.revision, f.rule) for f in report.findings if f.severity == "accepted"}
+    assert report.findings and {f.severity for f in report.findings} == {Severity.INFO}
+    assert "information: " in _by_name(report)["squawk lint"].detail
+    by_rev = {f.revision: f for f in report.findings}
+    assert by_rev["0004"].context == "table products is created by this deploy"
+
+
+def test_sample_chain_over_rows_passes_with_its_accepted_findings(settings):
+    migrate.upgrade(settings, "0003", x_args=["dev_data=true"])  # users and products hold rows
+    report = checks.pre_deploy(settings)
+    assert report.ok, report.to_dict()
+    accepted = {(f.revision, f.rule): f for f in report.findings if f.severity is Severity.ACCEPTED}
     assert ("0007", "ban-drop-column") in accepted and ("0004", "adding-not-nullable-field") in accepted
-    assert all(f.reason for f in report.findings if f.severity == "accepted")
+    assert all("(accepted in the revision file)" in f.reason for f in accepted.values())
+    assert accepted[("0004", "adding-not-nullable-field")].context.startswith("table products: ")
+    assert " rows, " in accepted[("0004", "adding-not-nullable-field")].context
+    assert "accepted: 0004 adding-not-nullable-field" in _by_name(report)["squawk lint"].detail
     assert not [f for f in report.findings if f.revision == "0003"]  # its indexes are built CONCURRENTLY
 
 
@@ -36,11 +49,12 @@ def test_two_heads_fail_naming_both_and_the_merge(settings, project):
 def test_unsafe_vague_and_unrenderable_revisions(settings, project):
     scenario = replace(settings, alembic_ini=project("unsafe_ddl"))
     migrate.upgrade(scenario, "u001")
+    query(settings.database_url, "INSERT INTO accounts (name) VALUES ('first customer')")
     report = checks.pre_deploy(scenario)
     got = _by_name(report)
     assert not report.ok
     assert got["squawk lint"].status == "fail"
-    assert "u002: adding-required-field" in got["squawk lint"].detail
+    assert "u002: adding-required-field on table accounts: 1 row, " in got["squawk lint"].detail
     assert got["migration naming"].status == "fail" and "u003: 'fix stuff'" in got["migration naming"].detail
     assert got["SQL renders offline"].status == "warn" and "u004" in got["SQL renders offline"].detail
     assert {f.revision for f in report.findings} >= {"u002"}  # the rest was still linted
@@ -57,6 +71,7 @@ def test_an_accepted_finding_passes_with_its_reason(settings, project):
     )
     scenario = replace(settings, alembic_ini=ini)
     migrate.upgrade(scenario, "u001")
+    query(settings.database_url, "INSERT INTO accounts (name) VALUES ('first customer')")
     report = checks.pre_deploy(scenario, "u002")
     assert _by_name(report)["squawk lint"].status in ("pass", "warn")
     assert "accounts is empty in every environment" in _by_name(report)["squawk lint"].detail
@@ -89,7 +104,7 @@ def test_vague_messages_are_refused_when_a_revision_is_created(run_cli, tmp_path
         assert done.returncode == 2 and "says nothing about the change" in done.stderr
     assert len(list((tmp_path / "migrations" / "versions").glob("*.py"))) == 7
     assert run_cli("revision", "-m", "add_user_profile_table", env=env).returncode == 0
-    assert checks.vague_message("remove_deprecated_product_fields") is None
+    assert naming.vague_message("remove_deprecated_product_fields") is None
 
 
 def test_the_deploy_runbook_stops_when_a_check_fails(database_url, project, tmp_path):
@@ -99,6 +114,7 @@ def test_the_deploy_runbook_stops_when_a_check_fails(database_url, project, tmp_
 
     ini = project("unsafe_ddl")
     migrate.upgrade(settings_for(database_url, tmp_path, ini), "u001")
+    query(database_url, "INSERT INTO accounts (name) VALUES ('first customer')")
     before = schema_snapshot(database_url)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("OPSLIB_", "DATABASE_URL"))}
     env.update(DATABASE_URL=database_url, OPSLIB_ALEMBIC_INI=str(ini))

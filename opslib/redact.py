@@ -1,0 +1,44 @@
+"""Passwords kept out of everything shown: URLs redacted, driver messages and free text scrubbed.
+
+Every URL shown to a person goes through :func:`redact_url`; every driver error that reaches a
+message goes through :func:`scrub`. This module sits at the bottom, so settings, connections and
+records can all use it.
+"""
+
+from __future__ import annotations
+
+import re
+from urllib.parse import unquote
+
+import sqlalchemy as sa
+from sqlalchemy.engine import URL
+from sqlalchemy.exc import ArgumentError
+
+
+def redact_url(url: str | URL) -> str:
+    """The URL as it may be shown: the password replaced by ``***``, the query left readable."""
+    if isinstance(url, str):
+        try:
+            url = sa.make_url(url)
+        except (ArgumentError, ValueError):
+            return "<unparseable URL>"
+    if not url.password:
+        url = url._replace(password=None)  # "user:@" (an empty password) shows as plain "user@"
+    # Unquoted so a socket path reads as ?host=/path; the password is already masked.
+    return unquote(url.render_as_string(hide_password=True))
+
+
+def scrub(text: str, url: URL | None) -> str:
+    """Remove the URL's password from ``text`` wherever it appears."""
+    if url is not None and url.password:
+        text = text.replace(str(url.password), "***")
+    return text
+
+
+# scheme://user:password@ in free text (an error message, a notebook output): the password part.
+_URL_PASSWORD = re.compile(r"(\b[a-zA-Z][a-zA-Z0-9+.-]*://[^\s/:@]*:)[^\s/@]+@")
+
+
+def redact_urls_in(text: str) -> str:
+    """``text`` with the password of every ``scheme://user:password@host`` URL in it replaced by ``***``."""
+    return _URL_PASSWORD.sub(r"\1***@", text)

@@ -1,0 +1,77 @@
+"""The lint's reading of rendered SQL (statements, revisions, tables the plan creates), with the real squawk; no server."""
+
+from __future__ import annotations
+
+from opslib import lint
+
+SQL = """BEGIN;
+
+CREATE TABLE alembic_version (
+    version_num VARCHAR(32) NOT NULL
+);
+
+-- Running upgrade  -> a1
+CREATE TABLE orders (id SERIAL NOT NULL, note TEXT DEFAULT 'a;b', PRIMARY KEY (id));
+
+CREATE FUNCTION touch() RETURNS trigger LANGUAGE plpgsql AS $body$
+BEGIN NEW.note := 'x;y'; RETURN NEW; END $body$;
+
+-- Running upgrade a1 -> b2
+ALTER TABLE orders ADD COLUMN region TEXT NOT NULL;
+
+CREATE INDEX ix_orders_region ON orders (region);
+
+ALTER TABLE "Customers" ADD COLUMN vip BOOLEAN NOT NULL;
+
+CREATE INDEX ix_vip ON "Customers" (vip);
+
+-- Running upgrade b2 -> c3
+ALTER TABLE orders RENAME TO purchases;
+
+DROP INDEX ix_orders_region;
+
+ALTER TABLE public.purchases ALTER COLUMN region TYPE VARCHAR(20);
+
+COMMIT;
+"""
+
+
+def test_statements_split_on_semicolons_outside_quotes_and_carry_their_revision():
+    found = lint.statements(SQL)
+    texts = [s.text.split()[0:3] for s in found]
+    assert texts[0] == ["BEGIN"]
+    assert [s.revision for s in found] == [
+        "(version table)", "(version table)", "a1", "a1", "b2", "b2", "b2", "b2", "c3", "c3", "c3", "c3",
+    ]  # fmt: skip
+    function = found[3]
+    assert function.text.startswith("CREATE FUNCTION") and "'x;y'; RETURN NEW; END $body$" in function.text
+    assert found[2].first_line == 7  # 0-based, as squawk counts
+
+
+def test_the_walk_knows_which_tables_the_plan_created_before_each_statement():
+    stmts = lint.statements(SQL)
+    walk = lint._Walk(stmts)
+
+    def at(start: str) -> int:
+        return next(k for k, s in enumerate(stmts) if s.text.startswith(start))
+
+    add = at("ALTER TABLE orders ADD COLUMN region")
+    assert walk.table_of[add] == "orders" and "orders" in walk.created_at[add]
+    index = at("CREATE INDEX ix_orders_region")
+    assert walk.table_of[index] == "orders"
+    quoted = at('ALTER TABLE "Customers"')
+    assert walk.table_of[quoted] == "Customers" and "Customers" not in walk.created_at[quoted]
+    drop = at("DROP INDEX ix_orders_region")
+    assert walk.table_of[drop] == "orders"  # the index the plan built, on the table it built
+    retyped = at("ALTER TABLE public.purchases")
+    assert walk.table_of[retyped] == "public.purchases" and "purchases" in walk.created_at[retyped]
+
+
+def test_squawk_findings_land_on_their_statement():
+    raw = lint.run_squawk(SQL)
+    stmts = lint.statements(SQL)
+    starts = [s.first_line for s in stmts]
+    rules = {(stmts[lint._statement_at(starts, int(i["line"]))].revision, i["rule_name"]) for i in raw}
+    assert ("b2", "adding-required-field") in rules
+    assert ("b2", "require-concurrent-index-creation") in rules
+    assert ("c3", "renaming-table") in rules

@@ -1,0 +1,87 @@
+"""The project's lint policy (opslib.toml or [tool.opslib] in pyproject.toml); no server needed."""
+
+from __future__ import annotations
+
+import pytest
+
+from opslib import policy
+from opslib.errors import ConfigError, InvalidInput
+
+
+def _project(tmp_path):
+    ini = tmp_path / "alembic.ini"
+    ini.write_text("[alembic]\nscript_location = %(here)s\n")
+    return ini
+
+
+def test_no_file_is_an_empty_policy(tmp_path):
+    got = policy.load_policy(_project(tmp_path))
+    assert got.source is None and got.rules == {} and got.accepted == ()
+    assert got.action("ban-drop-column", "block") == "block"
+
+
+def test_opslib_toml_rules_and_acceptances(tmp_path):
+    ini = _project(tmp_path)
+    (tmp_path / "opslib.toml").write_text(
+        '[lint.rules]\nprefer-robust-stmts = "ignore"\nchanging-column-type = "warn"\n\n'
+        '[[lint.accept]]\nrevision = "1f0c2b9e4d7a"\nrule = "ban-drop-column"\nreason = "column unused since 2023"\n'
+    )
+    got = policy.load_policy(ini)
+    assert got.action("prefer-robust-stmts", "warn") == "ignore"
+    assert got.action("changing-column-type", "block") == "warn"
+    assert got.acceptance("1f0c2b9e4d7a", "ban-drop-column").reason == "column unused since 2023"
+    assert got.acceptance("1f0c2b9e4d7a", "renaming-table") is None
+
+
+def test_pyproject_tool_opslib_is_read_when_there_is_no_opslib_toml(tmp_path):
+    ini = _project(tmp_path)
+    (tmp_path / "pyproject.toml").write_text(
+        '[project]\nname = "shop"\n\n[tool.opslib.lint.rules]\nban-char-field = "warn"\n'
+    )
+    got = policy.load_policy(ini)
+    assert got.action("ban-char-field", "block") == "warn" and got.source.name == "pyproject.toml"
+
+
+@pytest.mark.parametrize(
+    "text, words",
+    [
+        ("[lint\n", "is not valid TOML"),
+        ('[lint.rules]\nban-drop-column = "maybe"\n', "use one of block, warn, ignore"),
+        ('[[lint.accept]]\nrevision = "a1"\nrule = "ban-drop-column"\n', "needs reason"),
+        ("[lint]\nrulez = 1\n", "unknown key(s) in [lint]: rulez"),
+    ],
+)
+def test_a_malformed_policy_is_a_configuration_error(tmp_path, text, words):
+    ini = _project(tmp_path)
+    (tmp_path / "opslib.toml").write_text(text)
+    with pytest.raises(ConfigError) as err:
+        policy.load_policy(ini)
+    assert words in err.value.message and "opslib.toml" in err.value.message
+    assert err.value.exit_code == 2
+
+
+def test_write_baseline_keeps_comments_and_adds_each_pair_once(tmp_path):
+    ini = _project(tmp_path)
+    (tmp_path / "opslib.toml").write_text('# our policy\n[lint.rules]\nban-char-field = "warn"  # legacy tables\n')
+    path, added = policy.write_baseline(ini, [("a1", "ban-drop-column"), ("a1", "ban-drop-column")], "adopted")
+    assert added == 1 and path == tmp_path / "opslib.toml"
+    path, added = policy.write_baseline(ini, [("a1", "ban-drop-column"), ("b2", "renaming-table")], "adopted")
+    assert added == 1
+    text = path.read_text()
+    assert text.startswith("# our policy") and "# legacy tables" in text
+    got = policy.load_policy(ini)
+    assert [(a.revision, a.rule, a.reason) for a in got.accepted] == [
+        ("a1", "ban-drop-column", "adopted"),
+        ("b2", "renaming-table", "adopted"),
+    ]
+    with pytest.raises(InvalidInput):
+        policy.write_baseline(ini, [("c3", "ban-drop-table")], "  ")
+
+
+def test_write_baseline_into_pyproject_tool_opslib(tmp_path):
+    ini = _project(tmp_path)
+    (tmp_path / "pyproject.toml").write_text('[project]\nname = "shop"\n\n[tool.opslib]\n')
+    path, added = policy.write_baseline(ini, [("a1", "ban-drop-column")], "adopted")
+    assert path.name == "pyproject.toml" and added == 1
+    assert policy.load_policy(ini).acceptance("a1", "ban-drop-column").reason == "adopted"
+    assert not (tmp_path / "opslib.toml").exists()
