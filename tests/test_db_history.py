@@ -49,11 +49,11 @@ def test_deploy_writes_a_row_per_revision_and_reset_keeps_them(database_url, tmp
 
 @pytest.mark.parametrize("scenario", ["broken_revision", "broken_generic"])
 def test_no_row_for_the_revision_that_failed(database_url, tmp_path, project, scenario):
-    """Rows come from on_version_apply inside each revision's transaction (or right after it, for an env.py without it)."""
+    """Rows come from on_version_apply inside each revision's transaction, also for a one-transaction env.py."""
     assert _run(database_url, tmp_path / "w", "deploy", alembic_ini=project(scenario)) == 1
     assert [r for _, _, r in _events(database_url)] == ["b001", "b002"]
     moves = query(database_url, "SELECT from_revisions, to_revisions FROM opslib.revision_events ORDER BY id")
-    assert moves == [([], ["b001"]), (["b001"], ["b002"])]  # the same from both paths
+    assert moves == [([], ["b001"]), (["b001"], ["b002"])]  # the same whatever the env.py
     assert query(database_url, "SELECT outcome, revisions_after FROM opslib.runs") == [("failed", ["b002"])]
 
 

@@ -12,7 +12,7 @@ import psycopg2
 
 from opslib import migrate
 
-from .conftest import OPSLIB, ROOT, libpq, settings_for
+from .conftest import OPSLIB, ROOT, libpq, query, settings_for
 
 
 def _start(url: str, workdir: Path, *args: str, alembic_ini: Path, env=None) -> subprocess.Popen:
@@ -126,3 +126,37 @@ def test_the_check_names_a_long_transaction_holding_a_table_lock(database_url, r
     line = next(x for x in done.stdout.splitlines() if x.startswith("sessions that would block DDL"))
     assert "WARN" in line and "idle in transaction" in line and "users" in line
     assert done.returncode == 0  # a warning, not a failure
+
+
+def test_a_retry_resumes_at_the_revision_that_timed_out(database_url, project, tmp_path):
+    """One Alembic run commits each revision: the ones before the blocked table stay, the retry resumes at it."""
+    ini = project("longlived")
+    settings = settings_for(database_url, tmp_path, ini)
+    chain = [r.revision for r in reversed(migrate.history(settings))]
+    migrate.upgrade(settings, chain[0])  # creates users (and customers)
+    # The first later revision that touches users, read from the chain itself.
+    touching = next(rev for rev in chain[1:] if "users" in migrate.show(settings, rev).message)
+    blocker = _hold_users_lock(database_url)
+    work = tmp_path / "work"
+    run = _start(
+        database_url, work, "deploy", "-p", "target_revision", touching, alembic_ini=ini,
+        env={"OPSLIB_DDL_LOCK_TIMEOUT": "0.5", "OPSLIB_DDL_RETRIES": "4"},
+    )  # fmt: skip
+    try:
+        _wait_for_attempt(work)
+    finally:
+        blocker.rollback()
+        blocker.close()
+    out, err = run.communicate(timeout=300)
+    assert run.returncode == 0, out + err
+    (record,) = _records(work)
+    names = [s["name"] for s in record["steps"] if s["name"].startswith("upgrade ")]
+    expected = chain[1 : chain.index(touching) + 1]
+    # In the order it happened: the revisions before it committed, then the attempt that waited, then it.
+    assert names == [f"upgrade {r}" for r in expected[:-1]] + [
+        f"upgrade {touching} attempt 1",
+        f"upgrade {touching}",
+    ]
+    assert record["revisions_after"] == [touching]
+    events = query(database_url, "SELECT revision FROM opslib.revision_events WHERE direction = 'upgrade'")
+    assert [e.revision for e in events][1:] == expected

@@ -1,0 +1,155 @@
+"""A long-lived project (tests/fixtures/longlived: 160 revisions, Alembic's generic one-transaction env.py
+with fileConfig at INFO, printing and logging revisions, a revision that reads data, `pass` downgrades and
+a downgrade that fails halfway), operated as a new user would: no file of it edited."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from opslib import migrate
+
+from .conftest import OPSLIB, query, schema_snapshot, settings_for
+
+
+@pytest.fixture
+def longlived(project, database_url, tmp_path):
+    """(settings, landmarks, revisions oldest first) for a copy of the long-lived project."""
+    ini = project("longlived")
+    settings = settings_for(database_url, tmp_path, ini)
+    landmarks = json.loads((ini.parent / "landmarks.json").read_text())
+    chain = [r.revision for r in reversed(migrate.history(settings))]
+    assert len(chain) == landmarks["revisions"] >= 150
+    return settings, landmarks, chain
+
+
+def _files(folder: Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and "__pycache__" not in p.parts
+    }
+
+
+def _opslib(settings, cwd: Path, *args: str) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OPSLIB_", "DATABASE_URL"))}
+    env.update(DATABASE_URL=settings.database_url, OPSLIB_ALEMBIC_INI=str(settings.alembic_ini))
+    cwd.mkdir(exist_ok=True)
+    return subprocess.run([OPSLIB, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+
+
+def _record(cwd: Path) -> dict:
+    (path,) = sorted((cwd / "records").glob("*.json"))[-1:]
+    return json.loads(path.read_text())
+
+
+def test_the_chain_deploys_from_an_empty_database_without_edits(longlived, tmp_path):
+    settings, landmarks, chain = longlived
+    folder = settings.alembic_ini.parent
+    before = _files(folder)
+    done = _opslib(settings, tmp_path / "work", "run", "deploy")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert _files(folder) == before  # the project's files are untouched
+    assert "INFO  [alembic" not in done.stdout + done.stderr  # env.py's logging stays out of the terminal
+    record = _record(tmp_path / "work")
+    assert record["outcome"] == "succeeded" and record["revisions_after"] == [landmarks["head"]]
+    checks = {c["name"]: c for c in record["checks"]}
+    assert checks["squawk lint"]["status"] == "pass" and "information: " in checks["squawk lint"]["detail"]
+    assert landmarks["reads_data"] in checks["SQL renders offline"]["detail"]
+    # One step per revision, in chain order, each with its duration.
+    per_revision = [s for s in record["steps"] if s["name"].startswith("upgrade ")]
+    assert [s["name"].split()[1] for s in per_revision] == chain
+    assert all(s["outcome"] == "succeeded" and s["duration_s"] >= 0 for s in per_revision)
+    printed = record["migration_output"]["upgrade"]
+    assert "Running upgrade" in printed and len(printed.splitlines()) > len(chain)
+    # History rows commit with their revisions: one per revision, their commit times spread over the run.
+    rows = query(
+        settings.database_url,
+        "SELECT revision, recorded_at FROM opslib.revision_events WHERE direction = 'upgrade' ORDER BY id",
+    )
+    assert [r.revision for r in rows] == chain
+    times = [r.recorded_at for r in rows]
+    assert times == sorted(times) and len(set(times)) == len(times)
+    assert (times[-1] - times[0]).total_seconds() > 0.2
+
+
+def test_findings_over_rows_block_until_accepted_in_opslib_toml(longlived, tmp_path):
+    settings, landmarks, chain = longlived
+    migrate.upgrade(settings, landmarks["tables_created"]["users"])
+    query(settings.database_url, "INSERT INTO users (email, password_hash) VALUES ('ada@example.com', 'x')")
+    check = _opslib(settings, tmp_path / "a", "check", "--json")
+    blocking = [f for f in json.loads(check.stdout)["findings"] if f["severity"] == "block"]
+    assert blocking and {f["context"].split(":")[0] for f in blocking} == {"table users"}
+    first = blocking[0]["revision"]
+
+    refused = _opslib(settings, tmp_path / "a", "run", "deploy", "-p", "target_revision", first)
+    assert refused.returncode == 3, refused.stdout + refused.stderr
+    assert f"{first}: {blocking[0]['rule']} on table users: 1 row, " in refused.stdout
+    baseline = _opslib(
+        settings, tmp_path / "a", "check", "--target", first, "--write-baseline", "--reason", "users is tiny"
+    )
+    assert baseline.returncode == 0, baseline.stdout + baseline.stderr
+    policy_file = settings.alembic_ini.parent / "opslib.toml"
+    assert "users is tiny" in policy_file.read_text() and "baseline: 1 finding(s) accepted" in baseline.stdout
+
+    accepted = _opslib(settings, tmp_path / "b", "run", "deploy", "-p", "target_revision", first)
+    assert accepted.returncode == 0, accepted.stdout + accepted.stderr
+    record = _record(tmp_path / "b")
+    (finding,) = [f for f in record["findings"] if f["severity"] == "accepted"]
+    assert finding["revision"] == first and finding["reason"] == "users is tiny (accepted in opslib.toml)"
+    assert finding["context"].startswith("table users: 1 row, ")
+    lint_check = next(c for c in record["checks"] if c["name"] == "squawk lint")
+    assert f"accepted: {first} {blocking[0]['rule']} (users is tiny" in lint_check["detail"]
+
+
+def test_a_not_null_column_over_rows_is_refused_naming_the_table_size(longlived, tmp_path):
+    settings, landmarks, chain = longlived
+    not_null = next(n for n in landmarks["not_null_without_default"] if n["table"] == "users")
+    migrate.upgrade(settings, chain[chain.index(not_null["revision"]) - 1])
+    query(settings.database_url, not_null["insert_row"])  # the table holds a row now
+    snapshot = schema_snapshot(settings.database_url)
+    done = _opslib(settings, tmp_path / "a", "run", "deploy")
+    assert done.returncode == 3, done.stdout + done.stderr
+    assert f"{not_null['revision']}: adding-required-field on table users: 1 row, " in done.stdout
+    assert schema_snapshot(settings.database_url) == snapshot
+    assert _record(tmp_path / "a")["outcome"] == "refused"
+
+    # Accepted in the project's policy, with its reason, it no longer blocks the check.
+    (settings.alembic_ini.parent / "opslib.toml").write_text(
+        f'[[lint.accept]]\nrevision = "{not_null["revision"]}"\nrule = "adding-required-field"\n'
+        'reason = "phone is backfilled by the application first"\n'
+    )
+    check = _opslib(settings, tmp_path / "a", "check", "--json")
+    got = {(f["revision"], f["rule"]): f for f in json.loads(check.stdout)["findings"]}
+    assert got[(not_null["revision"], "adding-required-field")]["severity"] == "accepted"
+    assert "phone is backfilled" in got[(not_null["revision"], "adding-required-field")]["reason"]
+
+
+def test_a_downgrade_that_fails_halfway_stops_at_the_revision_that_raised(longlived, tmp_path):
+    settings, landmarks, chain = longlived
+    migrate.upgrade(settings)
+    done = _opslib(settings, tmp_path / "work", "downgrade", "base")
+    assert done.returncode == 1, done.stdout + done.stderr
+    failing = landmarks["failing_downgrade"]
+    assert f"failed at revision {failing} " in done.stderr and f"is now at {failing};" in done.stderr
+    assert done.stdout == "" and len(done.stderr.splitlines()) == 1  # one line, no log flood
+    assert migrate.status(settings).current == (failing,)  # each revision above it committed on its own
+    reversed_rows = query(
+        settings.database_url, "SELECT revision FROM opslib.revision_events WHERE direction = 'downgrade'"
+    )
+    assert [r.revision for r in reversed_rows] == list(reversed(chain[chain.index(failing) + 1 :]))
+
+
+def test_a_malformed_policy_is_exit_2_and_changes_nothing(longlived, tmp_path):
+    settings, _, _ = longlived
+    (settings.alembic_ini.parent / "opslib.toml").write_text('[lint.rules]\nban-drop-column = "sometimes"\n')
+    done = _opslib(settings, tmp_path / "work", "check")
+    assert done.returncode == 2 and "use one of block, warn, ignore" in done.stderr
+    missing = _opslib(settings, tmp_path / "work", "check", "--write-baseline")
+    assert missing.returncode == 2 and "needs a reason" in missing.stderr
+    assert query(settings.database_url, "SELECT to_regclass('alembic_version') IS NULL")[0][0]
