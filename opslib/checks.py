@@ -20,6 +20,7 @@ from opslib.config import Settings
 from opslib.errors import OpsError
 from opslib.naming import vague_message
 
+
 def verify_setup(settings: Settings) -> CheckReport:
     """The guide's `make verify-setup`: can opslib reach, migrate and back up this database?"""
     report = CheckReport("verify-setup")
@@ -113,7 +114,9 @@ def check_blocking_sessions(settings: Settings, reached: Reached) -> CheckResult
 def check_environment(settings: Settings, expect_env: str | None) -> CheckResult:
     """OPSLIB_ENV is the label the caller expects."""
     if expect_env and expect_env != settings.env:
-        return CheckResult("environment label", FAIL, f"OPSLIB_ENV is {settings.env!r}, expected {expect_env!r}")
+        return CheckResult(
+            "environment label", FAIL, f"OPSLIB_ENV is {settings.env!r}, expected {expect_env!r}"
+        )
     return CheckResult("environment label", PASS, settings.env)
 
 
@@ -222,7 +225,10 @@ def _lint_result(findings: list[lint.Finding], written: str) -> CheckResult:
     parts = [written] if written else []
     if by[lint.Severity.BLOCK]:
         unique = list(
-            dict.fromkeys(f"{f.revision}: {f.rule} on {f.context or 'no table'}: {f.message}" for f in by[lint.Severity.BLOCK])
+            dict.fromkeys(
+                f"{f.revision}: {f.rule} on {f.context or 'no table'}: {f.message}"
+                for f in by[lint.Severity.BLOCK]
+            )
         )
         detail = "; ".join(unique[:5]) + (f"; and {len(unique) - 5} more" if len(unique) > 5 else "")
         return CheckResult(
@@ -237,9 +243,15 @@ def _lint_result(findings: list[lint.Finding], written: str) -> CheckResult:
     warned = sorted({f"{f.revision} {f.rule}" for f in by[lint.Severity.WARN]})
     info = by[lint.Severity.INFO]
     parts += [f"accepted: {', '.join(accepted)}"] if accepted else []
-    parts += [f"advice: {', '.join(warned[:12])}" + (f" and {len(warned) - 12} more" if len(warned) > 12 else "")] if warned else []
+    parts += (
+        [f"advice: {', '.join(warned[:12])}" + (f" and {len(warned) - 12} more" if len(warned) > 12 else "")]
+        if warned
+        else []
+    )
     if info:
-        parts.append(f"information: {len(info)} finding(s) on tables new or empty in the target, none can hold up traffic")
+        parts.append(
+            f"information: {len(info)} finding(s) on tables new or empty in the target, none can hold up traffic"
+        )
     return CheckResult("squawk lint", WARN if warned else PASS, "; ".join(parts) or "no findings")
 
 
@@ -255,7 +267,9 @@ def check_naming(plan: migrate.DeployPlan) -> CheckResult:
 def check_drift(settings: Settings, plan: migrate.DeployPlan) -> CheckResult:
     """At head with nothing pending, the database matches the project's models."""
     if plan.pending:
-        return CheckResult("drift", SKIP, "compared with the models after the deploy (its verify step), at head")
+        return CheckResult(
+            "drift", SKIP, "compared with the models after the deploy (its verify step), at head"
+        )
     if set(plan.current) != set(plan.heads):
         return CheckResult("drift", SKIP, "not at head")
     status, detail = migrate.compare_models(settings)
@@ -269,7 +283,8 @@ def check_backup(
     if settings.env != "production":
         return CheckResult("backup", SKIP, f"required in production only (environment {settings.env})")
     return CheckResult(
-        "backup", *_backup_state(settings, reached.url.database, backup_planned, max_backup_age_h, reached.major)
+        "backup",
+        *_backup_state(settings, reached.url.database, backup_planned, max_backup_age_h, reached.major),
     )
 
 

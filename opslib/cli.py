@@ -7,6 +7,7 @@ This is the only place where an :class:`~opslib.errors.OpsError` becomes an exit
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import logging
 import os
@@ -29,7 +30,7 @@ def _parser() -> argparse.ArgumentParser:
         "Alembic project: OPSLIB_ALEMBIC_INI (default ./alembic.ini).",
     )
     p.add_argument("--version", action="version", version=f"opslib {__version__}")
-    p.add_argument("-v", "--verbose", action="store_true", help="show Alembic's progress lines")
+    p.add_argument("-v", "--verbose", action="store_true", help="show what the migrations printed or logged")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     s = sub.add_parser("status", help="current revision, heads, pending revisions, at head or not")
@@ -196,15 +197,20 @@ def _run(args: argparse.Namespace) -> int:
 def _migrations(settings, args: argparse.Namespace) -> int:
     from opslib import display, migrate
 
+    def shown(result):
+        if args.verbose and result.output:  # what the migrations printed or logged, kept off stdout
+            sys.stderr.write(result.output)
+        return display.result_text(result)
+
     if args.command == "status":
         st = migrate.status(settings)
         print(json.dumps(st.to_dict(), indent=2) if args.json else display.status_text(st))
     elif args.command == "upgrade":
-        print(display.result_text(migrate.upgrade(settings, args.revision, x_args=args.x_args)))
+        print(shown(migrate.upgrade(settings, args.revision, x_args=args.x_args)))
     elif args.command == "downgrade":
-        print(display.result_text(migrate.downgrade(settings, args.revision, x_args=args.x_args)))
+        print(shown(migrate.downgrade(settings, args.revision, x_args=args.x_args)))
     elif args.command == "stamp":
-        print(display.result_text(migrate.stamp(settings, args.revision)))
+        print(shown(migrate.stamp(settings, args.revision)))
     elif args.command == "history" and args.runs:
         from opslib import db
         from opslib import history as run_history
@@ -387,6 +393,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:  # `opslib status | head`: the reader left, which is not an error of ours
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - keeps Python's exit-time flush quiet
         return EXIT_OK
+    finally:
+        # The process ends next: freezing what it made spares the exit a last full collection (0.1 s).
+        gc.freeze()
 
 
 if __name__ == "__main__":

@@ -379,24 +379,32 @@ def table_facts(conn: Connection, names: list[str], lock_wait_s: float = 2.0) ->
     else is reported as unreadable rather than waited for.
     """
     found: dict[str, TableFacts] = {}
-    conn.execute(sa.text("SELECT set_config('lock_timeout', :v, true)"), {"v": f"{int(lock_wait_s * 1000)}ms"})
+    conn.execute(
+        sa.text("SELECT set_config('lock_timeout', :v, true)"), {"v": f"{int(lock_wait_s * 1000)}ms"}
+    )
     for name in dict.fromkeys(names):
-        row = conn.execute(
-            sa.text(
-                "SELECT c.oid::regclass::text AS qualified, "
-                "CASE WHEN c.reltuples < 0 THEN NULL ELSE c.reltuples::bigint END AS estimate, "
-                "pg_total_relation_size(c.oid) AS bytes "
-                "FROM pg_class c WHERE c.oid = to_regclass(:n) AND c.relkind IN ('r', 'p', 'm')"
-            ),
-            {"n": name},
-        ).mappings().first()
+        row = (
+            conn.execute(
+                sa.text(
+                    "SELECT c.oid::regclass::text AS qualified, "
+                    "CASE WHEN c.reltuples < 0 THEN NULL ELSE c.reltuples::bigint END AS estimate, "
+                    "pg_total_relation_size(c.oid) AS bytes "
+                    "FROM pg_class c WHERE c.oid = to_regclass(:n) AND c.relkind IN ('r', 'p', 'm')"
+                ),
+                {"n": name},
+            )
+            .mappings()
+            .first()
+        )
         if row is None:
             found[name] = TableFacts(name, exists=False)
             continue
         try:
             with conn.begin_nested():
                 rows = conn.execute(
-                    sa.text(f"SELECT count(*) FROM (SELECT 1 FROM {row['qualified']} LIMIT {COUNT_LIMIT}) AS t")
+                    sa.text(
+                        f"SELECT count(*) FROM (SELECT 1 FROM {row['qualified']} LIMIT {COUNT_LIMIT}) AS t"
+                    )
                 ).scalar()
         except DBAPIError as err:
             if not is_lock_timeout(err):

@@ -1,7 +1,8 @@
-"""Rendering of opslib results: text for the terminal, pandas tables for notebooks. No logic here."""
+"""Rendering of opslib results: text for the terminal, HTML tables for notebooks. No logic here."""
 
 from __future__ import annotations
 
+import html
 import json
 from typing import TYPE_CHECKING, Iterable, Sequence
 
@@ -208,10 +209,6 @@ class Section:
         return "\n".join(out)
 
     def _repr_html_(self) -> str:
-        import html
-
-        import pandas as pd  # late import: only notebooks render HTML
-
         parts = [f"<h4>{html.escape(self.title)}: {html.escape(self.status)}</h4>"]
         if self.facts:
             cells = "".join(
@@ -221,10 +218,22 @@ class Section:
             )
             parts.append(f"<table>{cells}</table>")
         if self.rows:
-            parts.append(pd.DataFrame(self.rows).to_html(index=False))
+            parts.append(html_table(self.rows))
         if self.text:
             parts.append(f"<pre>{html.escape(self.text.rstrip())}</pre>")
         return "\n".join(parts)
+
+
+def html_table(rows: Sequence[dict]) -> str:
+    """Rows as an HTML table, written directly: a step's table costs no pandas import in the kernel."""
+    headers = list(rows[0])
+    cell = lambda v: "" if v is None else html.escape(str(v))  # noqa: E731
+    head = "".join(f"<th style='text-align:left'>{cell(h)}</th>" for h in headers)
+    body = "".join(
+        "<tr>" + "".join(f"<td style='text-align:left'>{cell(r.get(h))}</td>" for h in headers) + "</tr>"
+        for r in rows
+    )
+    return f"<table class='dataframe'><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
 def runbooks_text(folder) -> str:

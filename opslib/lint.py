@@ -211,15 +211,25 @@ def statements(sql: str) -> list[Statement]:
 _NAME = r'((?:"[^"]+"|[A-Za-z_][\w$]*)(?:\.(?:"[^"]+"|[A-Za-z_][\w$]*))?)'
 _TOUCHES = [
     re.compile(r"^ALTER\s+TABLE\s+(?:IF\s+EXISTS\s+)?(?:ONLY\s+)?" + _NAME, re.I),
-    re.compile(r"^CREATE\s+(?:UNIQUE\s+)?INDEX\s+(?:CONCURRENTLY\s+)?(?:IF\s+NOT\s+EXISTS\s+)?(?:\S+\s+)?ON\s+(?:ONLY\s+)?" + _NAME, re.I),
+    re.compile(
+        r"^CREATE\s+(?:UNIQUE\s+)?INDEX\s+(?:CONCURRENTLY\s+)?(?:IF\s+NOT\s+EXISTS\s+)?(?:\S+\s+)?ON\s+(?:ONLY\s+)?"
+        + _NAME,
+        re.I,
+    ),
     re.compile(r"^CREATE\s+(?:UNLOGGED\s+)?TABLE\s+(?:IF\s+NOT\s+EXISTS\s+)?" + _NAME, re.I),
     re.compile(r"^DROP\s+TABLE\s+(?:IF\s+EXISTS\s+)?" + _NAME, re.I),
     re.compile(r"^TRUNCATE\s+(?:TABLE\s+)?(?:ONLY\s+)?" + _NAME, re.I),
     re.compile(r"^(?:UPDATE|DELETE\s+FROM|INSERT\s+INTO)\s+(?:ONLY\s+)?" + _NAME, re.I),
 ]
 _CREATE_TABLE = re.compile(r"^CREATE\s+(?:UNLOGGED\s+)?TABLE\s+(?:IF\s+NOT\s+EXISTS\s+)?" + _NAME, re.I)
-_RENAME_TABLE = re.compile(r"^ALTER\s+TABLE\s+(?:IF\s+EXISTS\s+)?(?:ONLY\s+)?" + _NAME + r"\s+RENAME\s+TO\s+" + _NAME, re.I)
-_CREATE_INDEX = re.compile(r"^CREATE\s+(?:UNIQUE\s+)?INDEX\s+(?:CONCURRENTLY\s+)?(?:IF\s+NOT\s+EXISTS\s+)?(\S+)\s+ON\s+(?:ONLY\s+)?" + _NAME, re.I)
+_RENAME_TABLE = re.compile(
+    r"^ALTER\s+TABLE\s+(?:IF\s+EXISTS\s+)?(?:ONLY\s+)?" + _NAME + r"\s+RENAME\s+TO\s+" + _NAME, re.I
+)
+_CREATE_INDEX = re.compile(
+    r"^CREATE\s+(?:UNIQUE\s+)?INDEX\s+(?:CONCURRENTLY\s+)?(?:IF\s+NOT\s+EXISTS\s+)?(\S+)\s+ON\s+(?:ONLY\s+)?"
+    + _NAME,
+    re.I,
+)
 _DROP_INDEX = re.compile(r"^DROP\s+INDEX\s+(?:CONCURRENTLY\s+)?(?:IF\s+EXISTS\s+)?" + _NAME, re.I)
 
 
@@ -293,7 +303,9 @@ def lint(
         {
             walk.table_of[k]
             for _, _, _, k, _ in located
-            if k is not None and walk.table_of[k] and _bare(walk.table_of[k]) not in walk.created_at[k]
+            if k is not None
+            and walk.table_of[k]
+            and _bare(walk.table_of[k]) not in walk.created_at[k]
             and not walk.table_of[k].startswith("index:")
         }
     )
@@ -314,8 +326,10 @@ def lint(
             if in_policy or in_file:
                 severity = Severity.ACCEPTED
                 reason = in_policy.reason if in_policy else in_file
-                reason += f" (accepted in {policy.source.name})" if in_policy and policy.source else (
-                    "" if in_policy else " (accepted in the revision file)"
+                reason += (
+                    f" (accepted in {policy.source.name})"
+                    if in_policy and policy.source
+                    else ("" if in_policy else " (accepted in the revision file)")
                 )
         findings.append(
             Finding(revision, rule, item.get("message", ""), line + 1, severity, reason, table, context)

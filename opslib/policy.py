@@ -83,7 +83,9 @@ def load_policy(alembic_ini: Path) -> Policy:
         raise ConfigError(f"{where}: [lint] must be a table")
     unknown = set(lint) - {"rules", "accept"}
     if unknown:
-        raise ConfigError(f"{where}: unknown key(s) in [lint]: {', '.join(sorted(unknown))}; expected rules, accept")
+        raise ConfigError(
+            f"{where}: unknown key(s) in [lint]: {', '.join(sorted(unknown))}; expected rules, accept"
+        )
     rules = dict(lint.get("rules", {}))
     for rule, action in rules.items():
         if action not in ACTIONS:
@@ -93,8 +95,12 @@ def load_policy(alembic_ini: Path) -> Policy:
         values = {k: item.get(k) if isinstance(item, dict) else None for k in ("revision", "rule", "reason")}
         missing = [k for k, v in values.items() if not isinstance(v, str) or not v.strip()]
         if missing:
-            raise ConfigError(f"{where}: [[lint.accept]] entry {n} needs {', '.join(missing)} (non-empty text)")
-        accepted.append(Acceptance(values["revision"].strip(), values["rule"].strip(), values["reason"].strip()))
+            raise ConfigError(
+                f"{where}: [[lint.accept]] entry {n} needs {', '.join(missing)} (non-empty text)"
+            )
+        accepted.append(
+            Acceptance(values["revision"].strip(), values["rule"].strip(), values["reason"].strip())
+        )
     return Policy(source=path, rules={str(k): str(v) for k, v in rules.items()}, accepted=tuple(accepted))
 
 
@@ -119,7 +125,9 @@ def write_baseline(alembic_ini: Path, findings: Iterable[tuple[str, str]], reaso
     if in_pyproject:
         root = doc["tool"]["opslib"]
     elif not path.is_file():
-        doc.add(tomlkit.comment("opslib project policy: lint rules and accepted findings (see opslib's README)"))
+        doc.add(
+            tomlkit.comment("opslib project policy: lint rules and accepted findings (see opslib's README)")
+        )
     if "lint" not in root:
         root["lint"] = tomlkit.table()
     lint = root["lint"]

@@ -62,8 +62,12 @@ def test_a_malformed_policy_is_a_configuration_error(tmp_path, text, words):
 
 def test_write_baseline_keeps_comments_and_adds_each_pair_once(tmp_path):
     ini = _project(tmp_path)
-    (tmp_path / "opslib.toml").write_text('# our policy\n[lint.rules]\nban-char-field = "warn"  # legacy tables\n')
-    path, added = policy.write_baseline(ini, [("a1", "ban-drop-column"), ("a1", "ban-drop-column")], "adopted")
+    (tmp_path / "opslib.toml").write_text(
+        '# our policy\n[lint.rules]\nban-char-field = "warn"  # legacy tables\n'
+    )
+    path, added = policy.write_baseline(
+        ini, [("a1", "ban-drop-column"), ("a1", "ban-drop-column")], "adopted"
+    )
     assert added == 1 and path == tmp_path / "opslib.toml"
     path, added = policy.write_baseline(ini, [("a1", "ban-drop-column"), ("b2", "renaming-table")], "adopted")
     assert added == 1
