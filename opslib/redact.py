@@ -8,15 +8,20 @@ records can all use it.
 from __future__ import annotations
 
 import re
+from typing import TYPE_CHECKING
 from urllib.parse import unquote
 
-import sqlalchemy as sa
-from sqlalchemy.engine import URL
-from sqlalchemy.exc import ArgumentError
+if TYPE_CHECKING:
+    from sqlalchemy.engine import URL
 
 
 def redact_url(url: str | URL) -> str:
     """The URL as it may be shown: the password replaced by ``***``, the query left readable."""
+    # SQLAlchemy parses URLs; imported here so that reading settings (every command's start, `opslib run`
+    # included, which never connects itself) does not pay 0.2 s for it.
+    import sqlalchemy as sa
+    from sqlalchemy.exc import ArgumentError
+
     if isinstance(url, str):
         try:
             url = sa.make_url(url)
