@@ -243,16 +243,20 @@ def _bare(name: str) -> str:
 
 
 class _Walk:
-    """The plan's statements in order, tracking which tables it creates (and renames) before each."""
+    """The plan's statements in order, tracking which tables it creates (and renames) before each.
+
+    A ``CREATE TABLE IF NOT EXISTS`` creates nothing when the table is already there: such tables
+    are also listed in ``if_absent``, and count as created only when the target lacks them.
+    """
 
     def __init__(self, stmts: list[Statement]):
         self.created_at: dict[int, set[str]] = {}  # statement index -> tables the plan created by then
         self.table_of: dict[int, str | None] = {}
+        self.if_absent: dict[str, str] = {}  # bare name -> the name as written, for IF NOT EXISTS creations
         created: set[str] = set()
         index_table: dict[str, str] = {}
         for k, st in enumerate(stmts):
             text = st.text.strip()
-            table = None
             rename = _RENAME_TABLE.match(text)
             drop_index = _DROP_INDEX.match(text)
             make_index = _CREATE_INDEX.match(text)
@@ -266,10 +270,17 @@ class _Walk:
             made = _CREATE_TABLE.match(text)
             if made:
                 created.add(_bare(_norm(made.group(1))))
+                if re.search(r"\bIF\s+NOT\s+EXISTS\b", text[: made.end()], re.I):
+                    self.if_absent[_bare(_norm(made.group(1)))] = _norm(made.group(1))
             self.created_at[k] = set(created)
             self.table_of[k] = table
             if rename and _bare(_norm(rename.group(1))) in created:
                 created.add(_bare(_norm(rename.group(2))))
+
+    def created_by_plan(self, k: int, facts: dict[str, TableFacts]) -> set[str]:
+        """Tables the plan has created before statement ``k``, given what the target holds."""
+        already = {bare for bare, name in self.if_absent.items() if facts.get(name) and facts[name].exists}
+        return self.created_at.get(k, set()) - already
 
 
 def lint(
@@ -305,9 +316,12 @@ def lint(
             for _, _, _, k, _ in located
             if k is not None
             and walk.table_of[k]
-            and _bare(walk.table_of[k]) not in walk.created_at[k]
+            and (
+                _bare(walk.table_of[k]) not in walk.created_at[k] or _bare(walk.table_of[k]) in walk.if_absent
+            )
             and not walk.table_of[k].startswith("index:")
         }
+        | set(walk.if_absent.values())
     )
     facts = read_tables(names) if read_tables and names else {}
     accepted_in_files = {rev: accepted_rules(path) for rev, path in revision_files.items()}
@@ -319,7 +333,8 @@ def lint(
             continue
         revision = st.revision if st else "(version table)"
         table = walk.table_of.get(k) if k is not None else None
-        severity, context, reason = _judge(table, walk.created_at.get(k, set()), facts, action)
+        created = walk.created_by_plan(k, facts) if k is not None else set()
+        severity, context, reason = _judge(table, created, facts, action)
         if severity is not Severity.INFO and action == "block":
             in_policy = policy.acceptance(revision, rule)
             in_file = accepted_in_files.get(revision, {}).get(rule, "")

@@ -813,7 +813,8 @@ def render_pending(
     """
     start = current[0] if len(current) == 1 else ("base" if not current else None)
     if start is None:  # several heads applied: Alembic renders from one starting point only
-        return OfflineSQL("", tuple((r, "the database is at several heads") for r in current))
+        why = f"the database is at several heads ({', '.join(current)}); Alembic renders from one only"
+        return OfflineSQL("", (("the pending revisions", why),))
     return _render(settings, script_directory(settings), start, last, False, x_args, resume=True)
 
 

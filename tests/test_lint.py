@@ -75,3 +75,18 @@ def test_squawk_findings_land_on_their_statement():
     assert ("b2", "adding-required-field") in rules
     assert ("b2", "require-concurrent-index-creation") in rules
     assert ("c3", "renaming-table") in rules
+
+
+def test_create_table_if_not_exists_creates_nothing_over_an_existing_table():
+    from opslib.db import TableFacts
+
+    sql = (
+        "-- Running upgrade  -> a1\nCREATE TABLE IF NOT EXISTS orders (id BIGINT PRIMARY KEY);\n\n"
+        "ALTER TABLE orders ADD COLUMN region TEXT NOT NULL;\n"
+    )
+    walk = lint._Walk(lint.statements(sql))
+    assert walk.if_absent == {"orders": "orders"}
+    assert walk.created_by_plan(1, {}) == {"orders"}
+    assert walk.created_by_plan(1, {"orders": TableFacts("orders", exists=False)}) == {"orders"}
+    there = {"orders": TableFacts("orders", exists=True, rows=3, row_estimate=None, total_bytes=8192)}
+    assert walk.created_by_plan(1, there) == set()  # the ALTER then concerns a table holding rows

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from dataclasses import replace
@@ -173,3 +174,31 @@ def _copy_sample_project(tmp_path: Path) -> Path:
     shutil.copytree(ROOT / "migrations", dest / "migrations", ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy(ROOT / "alembic.ini", dest / "alembic.ini")
     return dest / "alembic.ini"
+
+
+def test_the_revision_map_is_built_once_per_process_while_the_files_are_unchanged(
+    settings, project, monkeypatch
+):
+    from alembic.script import ScriptDirectory
+
+    from opslib import checks
+
+    built = []
+    load = ScriptDirectory._load_revisions
+
+    def counted(self):
+        built.append(self.dir)
+        return load(self)
+
+    monkeypatch.setattr(ScriptDirectory, "_load_revisions", counted)
+    settings = replace(
+        settings, alembic_ini=project("longlived")
+    )  # a copy: one of its files is touched below
+    report = checks.pre_deploy(settings)  # status, plan, offline SQL, lint, naming...
+    migrate.upgrade(settings, report.plan.last)
+    migrate.status(settings)
+    assert len(built) == 1
+    revision_file = Path(report.plan.pending[0].path)
+    os.utime(revision_file, ns=(revision_file.stat().st_atime_ns, revision_file.stat().st_mtime_ns + 10**9))
+    migrate.status(settings)  # an edited revision file is read again
+    assert len(built) == 2
