@@ -375,7 +375,8 @@ def _size_text(n: float) -> str:
 def table_facts(conn: Connection, names: list[str], lock_wait_s: float = 2.0) -> dict[str, TableFacts]:
     """Existence, rows, row estimate and size of each table named (as SQL writes it, on the search_path).
 
-    Rows are counted with a bounded scan under a short lock_timeout, so a table locked by someone
+    A name that is an index gets the facts of the table it is on (a ``DROP INDEX`` concerns that
+    table's traffic). Rows are counted with a bounded scan under a short lock_timeout, so a table locked by someone
     else is reported as unreadable rather than waited for.
     """
     found: dict[str, TableFacts] = {}
@@ -383,13 +384,15 @@ def table_facts(conn: Connection, names: list[str], lock_wait_s: float = 2.0) ->
         sa.text("SELECT set_config('lock_timeout', :v, true)"), {"v": f"{int(lock_wait_s * 1000)}ms"}
     )
     for name in dict.fromkeys(names):
+        # The catalog is read without locking the table; sizes and rows need its lock, asked for below.
         row = (
             conn.execute(
                 sa.text(
-                    "SELECT c.oid::regclass::text AS qualified, "
+                    "SELECT c.oid, c.oid::regclass::text AS qualified, "
                     "CASE WHEN c.reltuples < 0 THEN NULL ELSE c.reltuples::bigint END AS estimate, "
-                    "pg_total_relation_size(c.oid) AS bytes "
-                    "FROM pg_class c WHERE c.oid = to_regclass(:n) AND c.relkind IN ('r', 'p', 'm')"
+                    "c.relpages::bigint * current_setting('block_size')::bigint AS catalog_bytes "
+                    "FROM pg_class c WHERE c.relkind IN ('r', 'p', 'm') AND c.oid = coalesce("
+                    "(SELECT i.indrelid FROM pg_index i WHERE i.indexrelid = to_regclass(:n)), to_regclass(:n))"
                 ),
                 {"n": name},
             )
@@ -401,6 +404,9 @@ def table_facts(conn: Connection, names: list[str], lock_wait_s: float = 2.0) ->
             continue
         try:
             with conn.begin_nested():
+                size = conn.execute(
+                    sa.text("SELECT pg_total_relation_size(:oid)"), {"oid": row["oid"]}
+                ).scalar()
                 rows = conn.execute(
                     sa.text(
                         f"SELECT count(*) FROM (SELECT 1 FROM {row['qualified']} LIMIT {COUNT_LIMIT}) AS t"
@@ -409,8 +415,8 @@ def table_facts(conn: Connection, names: list[str], lock_wait_s: float = 2.0) ->
         except DBAPIError as err:
             if not is_lock_timeout(err):
                 raise
-            rows = None
-        found[name] = TableFacts(name, True, rows, row["estimate"], row["bytes"])
+            size, rows = row["catalog_bytes"], None  # the catalog's figure, as of the last VACUUM or ANALYZE
+        found[name] = TableFacts(row["qualified"], True, rows, row["estimate"], size)
     if conn.in_transaction():
         conn.commit()
     return found

@@ -319,11 +319,11 @@ def lint(
             and (
                 _bare(walk.table_of[k]) not in walk.created_at[k] or _bare(walk.table_of[k]) in walk.if_absent
             )
-            and not walk.table_of[k].startswith("index:")
         }
         | set(walk.if_absent.values())
     )
-    facts = read_tables(names) if read_tables and names else {}
+    raw_facts = read_tables([n.removeprefix("index:") for n in names]) if read_tables and names else {}
+    facts = {n: raw_facts[n.removeprefix("index:")] for n in names if n.removeprefix("index:") in raw_facts}
     accepted_in_files = {rev: accepted_rules(path) for rev, path in revision_files.items()}
     findings = []
     for item, rule, line, k, st in located:
@@ -367,8 +367,15 @@ def _judge(
     base = Severity.BLOCK if action == "block" else Severity.WARN
     if table is None:
         return base, "", ""
-    if table.startswith("index:"):
-        return base, f"index {table[6:]}", ""
+    if table.startswith("index:"):  # an index the plan did not build: judged by the table it is on
+        fact = facts.get(table)
+        if fact is None:
+            return base, f"index {table[6:]}: not read", ""
+        if not fact.exists:
+            return Severity.INFO, f"index {table[6:]} does not exist in the target", ""
+        if fact.has_rows is False:
+            return Severity.INFO, f"index {table[6:]} is on table {fact.name}, empty in the target", ""
+        return base, f"index {table[6:]} on table {fact.describe()}", ""
     if _bare(table) in created:
         return Severity.INFO, f"table {table} is created by this deploy", ""
     fact = facts.get(table)

@@ -140,3 +140,27 @@ def test_production_backup_check(settings, run_cli):
     assert got.status == "pass" and made.path.name in got.detail
     stale = _by_name(checks.pre_deploy(production, backup_planned=False, max_backup_age_h=0))["backup"]
     assert stale.status == "fail" and "newer than 0 h" in stale.detail
+
+
+def test_table_facts_count_rows_resolve_indexes_and_never_wait_on_a_lock(database_url):
+    import psycopg2
+
+    from opslib import db
+
+    from .conftest import libpq
+
+    query(database_url, "CREATE TABLE t (id int); CREATE INDEX ix_t ON t (id); INSERT INTO t VALUES (1), (2)")
+    with db.connect(db.parse_url(database_url)) as conn:
+        got = db.table_facts(conn, ["t", "ix_t", "missing"])
+    assert got["t"].rows == 2 and got["t"].describe().startswith("t: 2 rows, ")
+    assert got["ix_t"].name == "t" and got["ix_t"].rows == 2  # an index: the facts of its table
+    assert not got["missing"].exists and got["missing"].has_rows is None
+    holder = psycopg2.connect(libpq(database_url))
+    holder.cursor().execute("BEGIN; LOCK TABLE t IN ACCESS EXCLUSIVE MODE")
+    try:
+        with db.connect(db.parse_url(database_url)) as conn:
+            locked = db.table_facts(conn, ["t"], lock_wait_s=0.2)["t"]
+    finally:
+        holder.rollback()
+        holder.close()
+    assert locked.exists and locked.rows is None and "not readable now (locked)" in locked.describe()
