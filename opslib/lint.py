@@ -18,6 +18,7 @@ lines say which revision each statement belongs to.
 
 from __future__ import annotations
 
+import bisect
 import json
 import re
 import shutil
@@ -156,19 +157,45 @@ def run_squawk(sql: str, pg_version: str | None = None) -> list[dict]:
 
 
 def statements(sql: str) -> list[Statement]:
-    """Split rendered SQL into statements (quotes, dollar quotes and comments respected), each with its revision."""
+    """Split rendered SQL into statements, each with its revision.
+
+    Quotes (with ``E'...'`` backslash escapes), dollar quotes and both kinds of comment are
+    respected. Alembic writes its ``-- Running upgrade A -> B`` markers only between statements,
+    so a marker always ends the statement before it: a quote the splitter misread cannot carry one
+    revision's statements into another's.
+    """
     found: list[Statement] = []
     revision = "(version table)"  # before the first marker, Alembic creates its version table
     start = None
     line = 0
     i, n = 0, len(sql)
     quote: str | None = None
+    escapes = False  # inside E'...', where a backslash escapes the next character
+
+    def close(end: int) -> None:
+        nonlocal start
+        if start is not None and sql[start[0] : end].strip():
+            found.append(Statement(start[1], line, revision, sql[start[0] : end].rstrip()))
+        start = None
+
     while i < n:
         ch = sql[i]
+        if ch == "\n" or i == 0:
+            marker = RUNNING_MARKER.match(sql, i + 1 if ch == "\n" else i)
+            if marker:
+                close(i)
+                quote, escapes = None, False
+                revision = marker.group(3).split(", ")[-1]
+                line += 1 if ch == "\n" else 0
+                i = marker.end()
+                continue
         if quote is not None:
+            if escapes and ch == "\\":
+                i += 2
+                continue
             if sql.startswith(quote, i):
                 i += len(quote)
-                quote = None
+                quote, escapes = None, False
                 continue
             if ch == "\n":
                 line += 1
@@ -176,10 +203,12 @@ def statements(sql: str) -> list[Statement]:
             continue
         if sql.startswith("--", i):
             end = sql.find("\n", i)
-            end = n if end < 0 else end
-            marker = RUNNING_MARKER.match(sql, i)
-            if marker and start is None:
-                revision = marker.group(3)
+            i = n if end < 0 else end
+            continue
+        if sql.startswith("/*", i):
+            end = sql.find("*/", i + 2)
+            end = n if end < 0 else end + 2
+            line += sql.count("\n", i, end)
             i = end
             continue
         if ch == "\n":
@@ -193,6 +222,7 @@ def statements(sql: str) -> list[Statement]:
             start = (i, line)
         if ch in "'\"":
             quote = ch
+            escapes = ch == "'" and i > 0 and sql[i - 1] in "eE" and (i < 2 or not sql[i - 2].isalnum())
         elif ch == "$":
             tag = re.match(r"\$[A-Za-z_0-9]*\$", sql[i:])
             if tag:
@@ -200,11 +230,9 @@ def statements(sql: str) -> list[Statement]:
                 i += len(quote)
                 continue
         elif ch == ";":
-            found.append(Statement(start[1], line, revision, sql[start[0] : i]))
-            start = None
+            close(i)
         i += 1
-    if start is not None:
-        found.append(Statement(start[1], line, revision, sql[start[0] :]))
+    close(n)
     return found
 
 
@@ -234,25 +262,34 @@ _DROP_INDEX = re.compile(r"^DROP\s+INDEX\s+(?:CONCURRENTLY\s+)?(?:IF\s+EXISTS\s+
 
 
 def _norm(name: str) -> str:
-    """A table name as written, without quotes, lower-cased unless it was quoted."""
-    return ".".join(p[1:-1] if p.startswith('"') else p.lower() for p in re.findall(r'"[^"]+"|[^.]+', name))
+    """A table name as PostgreSQL resolves it: unquoted parts folded to lower case, ``public.`` when unqualified."""
+    parts = [p[1:-1] if p.startswith('"') else p.lower() for p in re.findall(r'"[^"]+"|[^.]+', name)]
+    return ".".join(parts if len(parts) > 1 else ["public", *parts])
 
 
-def _bare(name: str) -> str:
-    return name.rsplit(".", 1)[-1]
+def _quoted(name: str) -> str:
+    """A normalised name as SQL text, each part quoted, for ``to_regclass``."""
+    return ".".join('"' + part.replace('"', '""') + '"' for part in name.split("."))
+
+
+def _shown(name: str) -> str:
+    return name.removeprefix("public.")
 
 
 class _Walk:
-    """The plan's statements in order, tracking which tables it creates (and renames) before each.
+    """The plan's statements in order: the table each concerns, and the tables the plan has created
+    (or renamed from one it created) before it. Names are qualified (``public.orders``).
 
     A ``CREATE TABLE IF NOT EXISTS`` creates nothing when the table is already there: such tables
-    are also listed in ``if_absent``, and count as created only when the target lacks them.
+    are also listed in ``if_absent``, and count as created only when the target lacks them. A table
+    the target already has and the plan renames keeps its facts under its new name (``renamed``).
     """
 
     def __init__(self, stmts: list[Statement]):
         self.created_at: dict[int, set[str]] = {}  # statement index -> tables the plan created by then
         self.table_of: dict[int, str | None] = {}
-        self.if_absent: dict[str, str] = {}  # bare name -> the name as written, for IF NOT EXISTS creations
+        self.if_absent: set[str] = set()
+        self.renamed: dict[str, str] = {}  # new name -> the target's table it was renamed from
         created: set[str] = set()
         index_table: dict[str, str] = {}
         for k, st in enumerate(stmts):
@@ -261,26 +298,35 @@ class _Walk:
             drop_index = _DROP_INDEX.match(text)
             make_index = _CREATE_INDEX.match(text)
             if make_index:
-                index_table[_bare(_norm(make_index.group(1)))] = _norm(make_index.group(2))
+                index_table[_norm(make_index.group(1)).rsplit(".", 1)[-1]] = _norm(make_index.group(2))
             if drop_index:
-                idx = _bare(_norm(drop_index.group(1)))
-                table = index_table.get(idx, f"index:{_norm(drop_index.group(1))}")
+                idx = _norm(drop_index.group(1))
+                table = index_table.get(idx.rsplit(".", 1)[-1], f"index:{idx}")
             else:
                 table = next((_norm(m.group(1)) for m in (p.match(text) for p in _TOUCHES) if m), None)
             made = _CREATE_TABLE.match(text)
             if made:
-                created.add(_bare(_norm(made.group(1))))
+                created.add(_norm(made.group(1)))
                 if re.search(r"\bIF\s+NOT\s+EXISTS\b", text[: made.end()], re.I):
-                    self.if_absent[_bare(_norm(made.group(1)))] = _norm(made.group(1))
+                    self.if_absent.add(_norm(made.group(1)))
             self.created_at[k] = set(created)
             self.table_of[k] = table
-            if rename and _bare(_norm(rename.group(1))) in created:
-                created.add(_bare(_norm(rename.group(2))))
+            if rename:
+                old = _norm(rename.group(1))
+                new = old.rsplit(".", 1)[0] + "." + _norm(rename.group(2)).rsplit(".", 1)[-1]
+                if old in created:
+                    created.add(new)
+                else:
+                    self.renamed[new] = self.renamed.get(old, old)
 
     def created_by_plan(self, k: int, facts: dict[str, TableFacts]) -> set[str]:
         """Tables the plan has created before statement ``k``, given what the target holds."""
-        already = {bare for bare, name in self.if_absent.items() if facts.get(name) and facts[name].exists}
+        already = {name for name in self.if_absent if facts.get(name) and facts[name].exists}
         return self.created_at.get(k, set()) - already
+
+    def target_table(self, table: str) -> str:
+        """The target's table whose facts ``table`` stands for (itself, or what the plan renamed)."""
+        return self.renamed.get(table, table)
 
 
 def lint(
@@ -308,22 +354,12 @@ def lint(
             continue
         line = int(item.get("line", 0))
         k = _statement_at(starts, line)
-        st = stmts[k] if k is not None else None
-        located.append((item, rule, line, k, st))
-    names = sorted(
-        {
-            walk.table_of[k]
-            for _, _, _, k, _ in located
-            if k is not None
-            and walk.table_of[k]
-            and (
-                _bare(walk.table_of[k]) not in walk.created_at[k] or _bare(walk.table_of[k]) in walk.if_absent
-            )
-        }
-        | set(walk.if_absent.values())
-    )
-    raw_facts = read_tables([n.removeprefix("index:") for n in names]) if read_tables and names else {}
-    facts = {n: raw_facts[n.removeprefix("index:")] for n in names if n.removeprefix("index:") in raw_facts}
+        located.append((item, rule, line, k, stmts[k] if k is not None else None))
+    wanted = {
+        walk.target_table(walk.table_of[k]) for *_, k, _ in located if k is not None and walk.table_of[k]
+    }
+    wanted |= walk.if_absent
+    facts = _read(wanted, read_tables)
     accepted_in_files = {rev: accepted_rules(path) for rev, path in revision_files.items()}
     findings = []
     for item, rule, line, k, st in located:
@@ -334,55 +370,60 @@ def lint(
         revision = st.revision if st else "(version table)"
         table = walk.table_of.get(k) if k is not None else None
         created = walk.created_by_plan(k, facts) if k is not None else set()
-        severity, context, reason = _judge(table, created, facts, action)
+        fact = facts.get(walk.target_table(table)) if table else None
+        severity, context = _judge(table, created, fact, action)
+        reason = ""
         if severity is not Severity.INFO and action == "block":
             in_policy = policy.acceptance(revision, rule)
             in_file = accepted_in_files.get(revision, {}).get(rule, "")
             if in_policy or in_file:
                 severity = Severity.ACCEPTED
-                reason = in_policy.reason if in_policy else in_file
-                reason += (
-                    f" (accepted in {policy.source.name})"
-                    if in_policy and policy.source
-                    else ("" if in_policy else " (accepted in the revision file)")
-                )
+                where = policy.source.name if in_policy and policy.source else "the revision file"
+                reason = f"{in_policy.reason if in_policy else in_file} (accepted in {where})"
+        shown = _shown(table.removeprefix("index:")) if table else None
         findings.append(
-            Finding(revision, rule, item.get("message", ""), line + 1, severity, reason, table, context)
+            Finding(revision, rule, item.get("message", ""), line + 1, severity, reason, shown, context)
         )
     return findings
 
 
+def _read(names: set[str], read_tables) -> dict[str, TableFacts]:
+    """The target's facts of each normalised name (``index:NAME`` for an index: its table's)."""
+    if not read_tables or not names:
+        return {}
+    asked = {name: _quoted(name.removeprefix("index:")) for name in names}
+    got = read_tables(sorted(set(asked.values())))
+    return {name: got[q] for name, q in asked.items() if q in got}
+
+
 def _statement_at(starts: list[int], line: int) -> int | None:
     """The index of the statement a 0-based line belongs to (the last one starting at or before it)."""
-    import bisect
-
     k = bisect.bisect_right(starts, line) - 1
     return k if k >= 0 else None
 
 
 def _judge(
-    table: str | None, created: set[str], facts: dict[str, TableFacts], action: str
-) -> tuple[Severity, str, str]:
-    """(severity, what the target says about the table, reason) for one finding."""
+    table: str | None, created: set[str], fact: TableFacts | None, action: str
+) -> tuple[Severity, str]:
+    """(severity, what the target says about the table) for one finding."""
     base = Severity.BLOCK if action == "block" else Severity.WARN
     if table is None:
-        return base, "", ""
+        return base, ""
     if table.startswith("index:"):  # an index the plan did not build: judged by the table it is on
-        fact = facts.get(table)
+        index = _shown(table[6:])
         if fact is None:
-            return base, f"index {table[6:]}: not read", ""
+            return base, f"index {index}: not read"
         if not fact.exists:
-            return Severity.INFO, f"index {table[6:]} does not exist in the target", ""
+            return Severity.INFO, f"index {index} does not exist in the target"
         if fact.has_rows is False:
-            return Severity.INFO, f"index {table[6:]} is on table {fact.name}, empty in the target", ""
-        return base, f"index {table[6:]} on table {fact.describe()}", ""
-    if _bare(table) in created:
-        return Severity.INFO, f"table {table} is created by this deploy", ""
-    fact = facts.get(table)
+            return Severity.INFO, f"index {index} is on table {fact.name}, empty in the target"
+        return base, f"index {index} on table {fact.describe()}"
+    if table in created:
+        return Severity.INFO, f"table {_shown(table)} is created by this deploy"
     if fact is None:
-        return base, f"table {table}: not read", ""
+        return base, f"table {_shown(table)}: not read"
     if not fact.exists:
-        return Severity.INFO, f"table {table} does not exist in the target", ""
+        return Severity.INFO, f"table {_shown(table)} does not exist in the target"
     if fact.has_rows is False:
-        return Severity.INFO, f"table {table} is empty in the target", ""
-    return base, f"table {fact.describe()}", ""
+        return Severity.INFO, f"table {_shown(table)} is empty in the target"
+    return base, f"table {fact.describe()}"

@@ -450,7 +450,7 @@ def _run_change(
     target: str,
     x_args: Sequence[str],
     plan: Callable[[ScriptDirectory, tuple[str, ...]], list[Script]],
-    destination: Callable[[list[Script]], object],
+    destination: Callable[[ScriptDirectory, tuple[str, ...], list[Script]], object],
     on_step: StepCallback | None = None,
     on_attempt: AttemptCallback | None = None,
 ) -> MigrationResult:
@@ -458,7 +458,8 @@ def _run_change(
     raise saying where the database stands.
 
     ``plan(script, current)`` validates the request and returns the revisions it will pass through
-    (raising before any change); ``destination(steps)`` is the absolute target handed to Alembic, so
+    (raising before any change); ``destination(script, current, steps)`` is the target handed to Alembic,
+    absolute where it can be, so
     that a retry after a lock timeout resumes at the revision that timed out.
     """
     script = script_directory(settings)
@@ -470,7 +471,7 @@ def _run_change(
         cfg = alembic_config(settings, url=url, connection=conn, x_args=x_args)
         db_history.ensure_schema(conn)
         progress = _Progress(script, action, on_step)
-        dest = destination(steps)
+        dest = destination(script, before, steps)
         if action == "stamp":
             work = lambda rev, context: script._stamp_revs(dest, rev)  # noqa: E731
         elif action == "upgrade":
@@ -644,11 +645,22 @@ def upgrade(
         target,
         x_args,
         lambda script, current: _plan_upgrade(script, current, target),
-        # A relative target is made absolute, so that a retry does not go N further.
-        lambda steps: steps[-1].revision if target.startswith("+") and steps else target,
+        lambda script, current, steps: _absolute_upgrade(script, current, steps, target),
         on_step,
         on_attempt,
     )
+
+
+def _absolute_upgrade(
+    script: ScriptDirectory, current: tuple[str, ...], steps: list[Script], target: str
+) -> str:
+    """``+N`` made absolute, so that a retry does not go N further; only where the absolute target
+    applies exactly the planned revisions (not across branches)."""
+    if not target.startswith("+") or not steps:
+        return target
+    if {s.revision for s in _between(script, steps[-1].revision, current)} != {s.revision for s in steps}:
+        return target
+    return steps[-1].revision
 
 
 def _steps(rel: str) -> int:
@@ -672,12 +684,19 @@ def downgrade(
     """Roll back to ``target``: ``-N`` steps, a revision id, or ``base``; each revision commits on its own."""
     target = _check_revision_text(target, "target revision")
 
-    def destination(steps: list[Script]) -> str:
+    def destination(script: ScriptDirectory, current: tuple[str, ...], steps: list[Script]) -> str:
         if not target.startswith("-") or not steps:
             return target
-        # A relative target is made absolute, so that a retry does not go N further back.
+        # A relative target is made absolute, so that a retry does not go N further back; only where
+        # the absolute one reverses exactly the planned revisions (across a merge it would reverse
+        # the other branch too, and Alembic itself refuses the relative walk as ambiguous).
         downs = _info(steps[-1], set()).down_revisions
-        return downs[0] if len(downs) == 1 else ("base" if not downs else target)
+        if len(downs) > 1:
+            return target
+        lower = tuple(downs)
+        if {s.revision for s in _between(script, current, lower)} != {s.revision for s in steps}:
+            return target
+        return downs[0] if downs else "base"
 
     return _run_change(
         settings,
@@ -699,7 +718,7 @@ def stamp(settings: Settings, target: str) -> MigrationResult:
         resolve(script, target)
         return []
 
-    return _run_change(settings, "stamp", target, (), plan, lambda steps: (target,))
+    return _run_change(settings, "stamp", target, (), plan, lambda script, current, steps: (target,))
 
 
 def _created(result: Script | list[Script] | None, settings: Settings) -> RevisionInfo:
@@ -772,8 +791,9 @@ def revision(settings: Settings, message: str, *, autogenerate: bool = False) ->
     return _created(made, settings)
 
 
-# Alembic's offline output marks where each revision's SQL begins.
-RUNNING_MARKER = re.compile(r"^-- Running (upgrade|downgrade) (\S*) -> (\S+)", re.M)
+# Alembic's offline output marks where each revision's SQL begins: "-- Running upgrade A -> B", where a
+# merge names several revisions ("b1, c1 -> m").
+RUNNING_MARKER = re.compile(r"^-- Running (upgrade|downgrade) (.*?) -> (.+?)[ \t]*$", re.M)
 
 
 @dataclass(frozen=True)

@@ -56,15 +56,15 @@ def test_the_walk_knows_which_tables_the_plan_created_before_each_statement():
         return next(k for k, s in enumerate(stmts) if s.text.startswith(start))
 
     add = at("ALTER TABLE orders ADD COLUMN region")
-    assert walk.table_of[add] == "orders" and "orders" in walk.created_at[add]
+    assert walk.table_of[add] == "public.orders" and "public.orders" in walk.created_at[add]
     index = at("CREATE INDEX ix_orders_region")
-    assert walk.table_of[index] == "orders"
+    assert walk.table_of[index] == "public.orders"
     quoted = at('ALTER TABLE "Customers"')
-    assert walk.table_of[quoted] == "Customers" and "Customers" not in walk.created_at[quoted]
+    assert walk.table_of[quoted] == "public.Customers" and "public.Customers" not in walk.created_at[quoted]
     drop = at("DROP INDEX ix_orders_region")
-    assert walk.table_of[drop] == "orders"  # the index the plan built, on the table it built
+    assert walk.table_of[drop] == "public.orders"  # the index the plan built, on the table it built
     retyped = at("ALTER TABLE public.purchases")
-    assert walk.table_of[retyped] == "public.purchases" and "purchases" in walk.created_at[retyped]
+    assert walk.table_of[retyped] == "public.purchases" and "public.purchases" in walk.created_at[retyped]
 
 
 def test_squawk_findings_land_on_their_statement():
@@ -85,8 +85,38 @@ def test_create_table_if_not_exists_creates_nothing_over_an_existing_table():
         "ALTER TABLE orders ADD COLUMN region TEXT NOT NULL;\n"
     )
     walk = lint._Walk(lint.statements(sql))
-    assert walk.if_absent == {"orders": "orders"}
-    assert walk.created_by_plan(1, {}) == {"orders"}
-    assert walk.created_by_plan(1, {"orders": TableFacts("orders", exists=False)}) == {"orders"}
-    there = {"orders": TableFacts("orders", exists=True, rows=3, row_estimate=None, total_bytes=8192)}
+    assert walk.if_absent == {"public.orders"}
+    assert walk.created_by_plan(1, {}) == {"public.orders"}
+    assert walk.created_by_plan(1, {"public.orders": TableFacts("orders", exists=False)}) == {"public.orders"}
+    there = {"public.orders": TableFacts("orders", exists=True, rows=3, row_estimate=None, total_bytes=8192)}
     assert walk.created_by_plan(1, there) == set()  # the ALTER then concerns a table holding rows
+
+
+def test_a_misread_quote_never_carries_statements_into_the_next_revision():
+    sql = (
+        "-- Running upgrade  -> r1\n/* don't */\nINSERT INTO t VALUES (1, E'it\\'s');\n\n"
+        "-- Running upgrade r1 -> r2\nALTER TABLE big ADD COLUMN y int NOT NULL;\n\n"
+        "-- Running upgrade r2, r3 -> m4\nALTER TABLE big ADD COLUMN z int;\n"
+    )
+    found = lint.statements(sql)
+    assert [(s.revision, s.text.split()[0]) for s in found] == [
+        ("r1", "INSERT"),
+        ("r2", "ALTER"),
+        ("m4", "ALTER"),
+    ]
+    assert found[1].first_line == 5  # 0-based
+
+
+def test_names_are_resolved_as_postgresql_does():
+    sql = (
+        "-- Running upgrade  -> a1\nCREATE TABLE other.users (id BIGINT);\n\n"
+        'ALTER TABLE users ADD COLUMN x INT NOT NULL;\n\nALTER TABLE "UserAccount" ADD COLUMN y INT;\n\n'
+        "ALTER TABLE orders RENAME TO purchases;\n\nALTER TABLE purchases ADD COLUMN z INT NOT NULL;\n"
+    )
+    walk = lint._Walk(lint.statements(sql))
+    assert walk.table_of[1] == "public.users" and "public.users" not in walk.created_at[1]  # not other.users
+    assert (
+        walk.table_of[2] == "public.UserAccount"
+        and lint._quoted(walk.table_of[2]) == '"public"."UserAccount"'
+    )
+    assert walk.target_table(walk.table_of[4]) == "public.orders"  # renamed from a table the target has

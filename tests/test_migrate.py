@@ -76,6 +76,11 @@ def test_two_heads_need_a_merge(settings, project):
     assert made.is_merge and set(made.down_revisions) == {"abcd1111", "abcd2222"}
     assert [h.revision for h in migrate.heads(branched)] == [made.revision]
     assert migrate.upgrade(branched).after == (made.revision,)
+    # -2 across the merge: Alembic finds the walk ambiguous; opslib never turns it into a target that
+    # would reverse both branches.
+    with pytest.raises(InvalidInput, match="unchanged"):
+        migrate.downgrade(branched, "-2")
+    assert migrate.status(branched).current == (made.revision,)
 
 
 def test_merge_with_a_single_head_is_refused(settings):
