@@ -385,6 +385,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return _run(args)
     except OpsError as err:
+        if args.verbose and err.output:  # what the migrations printed or logged before they failed
+            sys.stderr.write(err.output)
         print(f"opslib: {err.message}", file=sys.stderr)
         return err.exit_code
     except KeyboardInterrupt:

@@ -335,9 +335,10 @@ class TableFacts:
 
     name: str
     exists: bool
-    rows: int | None = None  # counted up to COUNT_LIMIT; None: could not be read (locked past the timeout)
+    rows: int | None = None  # counted up to COUNT_LIMIT; None: could not be read (see unread)
     row_estimate: int | None = None  # pg_class.reltuples; None before the first ANALYZE
     total_bytes: int | None = None
+    unread: str = ""  # why the rows could not be read: locked past the timeout, or no permission
 
     @property
     def has_rows(self) -> bool | None:
@@ -349,7 +350,7 @@ class TableFacts:
         if not self.exists:
             return f"{self.name}: not in the target"
         if self.rows is None:
-            rows = "rows not readable now (locked)"
+            rows = f"rows not readable now ({self.unread or 'unknown reason'})"
         elif self.rows < COUNT_LIMIT:
             rows = f"{self.rows:,} row" + ("" if self.rows == 1 else "s")
         elif self.row_estimate and self.row_estimate > COUNT_LIMIT:
@@ -413,9 +414,12 @@ def table_facts(conn: Connection, names: list[str], lock_wait_s: float = 2.0) ->
                     )
                 ).scalar()
         except DBAPIError as err:
-            if not is_lock_timeout(err):
-                raise
-            size, rows = row["catalog_bytes"], None  # the catalog's figure, as of the last VACUUM or ANALYZE
+            # Locked by someone else past the timeout, or not readable by this role: the finding then
+            # blocks, as for a table with rows, showing the catalog's figures (as of the last ANALYZE).
+            size, rows = row["catalog_bytes"], None
+            unread = "locked" if is_lock_timeout(err) else driver_message(err)
+            found[name] = TableFacts(row["qualified"], True, rows, row["estimate"], size, unread)
+            continue
         found[name] = TableFacts(row["qualified"], True, rows, row["estimate"], size)
     if conn.in_transaction():
         conn.commit()

@@ -13,11 +13,19 @@ class OpsError(Exception):
 
     exit_code = 1
 
-    def __init__(self, message: str, *, changed: bool = False, revisions: tuple[str, ...] | None = None):
+    def __init__(
+        self,
+        message: str,
+        *,
+        changed: bool = False,
+        revisions: tuple[str, ...] | None = None,
+        output: str = "",
+    ):
         super().__init__(message)
         self.message = message
         self.changed = changed
         self.revisions = revisions
+        self.output = output  # what the project's migrations printed or logged before the failure
 
     def _render_traceback_(self) -> list[str]:
         # IPython shows this instead of a traceback: an operator sees the message, not opslib's internals.

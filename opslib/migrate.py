@@ -351,14 +351,14 @@ def _locked_connection(settings: Settings) -> Iterator[tuple[URL, Connection]]:
 
 
 @contextmanager
-def _capture_alembic_output() -> Iterator[io.StringIO]:
+def _capture_alembic_output(buf: io.StringIO | None = None) -> Iterator[io.StringIO]:
     """Collect what Alembic, env.py and the revisions print or log while opslib runs them.
 
     opslib returns data instead: the collected text is the result's ``output``. Kept out of
     stdout, it cannot break ``opslib sql``'s SQL or ``--json``; kept out of stderr, an env.py that
     configures logging at INFO (``fileConfig``) cannot flood a terminal or a notebook, line by line.
     """
-    buf = io.StringIO()
+    buf = io.StringIO() if buf is None else buf
     with redirect_stdout(buf), redirect_stderr(buf):
         yield buf
 
@@ -414,6 +414,7 @@ class _Progress:
         self.on_step = on_step
         self.mark = time.perf_counter()
         self.unconfirmed: list[tuple[str, float]] = []  # (revision, seconds), not yet known committed
+        self.last_called: str | None = None  # the last revision whose transaction reached its end
 
     def __call__(self, ctx, step, heads, run_args) -> None:
         db_history.record_step(ctx.connection, db_history.current_run_id(), step)
@@ -423,6 +424,7 @@ class _Progress:
             self.unconfirmed = []
         now = time.perf_counter()
         self.unconfirmed.append((step.up_revision_id, now - self.mark))
+        self.last_called = step.up_revision_id
         self.mark = now
 
     def settle(self, applied: set[str]) -> None:
@@ -491,13 +493,18 @@ def _run_change(
             )
             return f"{action} {waiting}"
 
+        captured = io.StringIO()
         try:
-            with _capture_alembic_output() as output, _ddl_lock_timeout(conn, settings.ddl_lock_timeout_s):
+            with _capture_alembic_output(captured), _ddl_lock_timeout(conn, settings.ddl_lock_timeout_s):
                 _retrying(settings, attempt, after_timeout, on_attempt)
         except BaseException as err:  # noqa: BLE001 - any failure, Ctrl-C included, says where the database stands
             after = _revisions_after_failure(conn, url, database)
             progress.settle(_applied_set(script, after))
-            raise _failure(action, target, database, script, before, after, steps, err, url) from err
+            failure = _failure(
+                action, target, database, script, before, after, steps, err, url, progress.last_called
+            )
+            failure.output = captured.getvalue()
+            raise failure from err
         after = current_revisions(conn)
         progress.settle(_applied_set(script, after))
     head_ids = set(script.get_heads())
@@ -508,7 +515,7 @@ def _run_change(
         before=before,
         after=after,
         steps=tuple(_info(s, head_ids) for s in steps),
-        output=output.getvalue(),
+        output=captured.getvalue(),
     )
 
 
@@ -596,8 +603,13 @@ def _describe(revs: tuple[str, ...]) -> str:
     return ", ".join(revs) if revs else "base (no revision applied)"
 
 
-def _failure(action, target, database, script, before, after, steps, err, url) -> OpsError:
-    """The error for a failed change: which revision failed, why, and where the database stands."""
+def _failure(action, target, database, script, before, after, steps, err, url, last_called=None) -> OpsError:
+    """The error for a failed change: which revision failed, why, and where the database stands.
+
+    The database says which revisions committed; when none did although some ran to their end
+    (``last_called``: an env.py running everything inside a transaction of its own, rolled back
+    whole), the revision after the last one that ran to its end is the one that failed.
+    """
     if isinstance(err, (CommandError, RevisionError)) and set(before) == set(after):
         return InvalidInput(
             f"{action} {target}: {db.scrub(str(err), url)}; the database is unchanged at {_describe(after)}"
@@ -607,6 +619,9 @@ def _failure(action, target, database, script, before, after, steps, err, url) -
         failed = next((s for s in steps if s.revision in applied_now), None)
     else:  # steps oldest first: the failing one is the first not yet applied
         failed = next((s for s in steps if s.revision not in applied_now), None)
+    ids = [s.revision for s in steps]
+    if set(before) == set(after) and last_called in ids and ids.index(last_called) + 1 < len(ids):
+        failed = steps[ids.index(last_called) + 1]
     where = f" at revision {failed.revision} ({failed.doc})" if failed else ""
     if isinstance(err, KeyboardInterrupt):
         cause = "interrupted"
@@ -873,7 +888,8 @@ def _render(
             text = buf.getvalue()
             markers = list(RUNNING_MARKER.finditer(text))
             lines = str(err).strip().splitlines()
-            why = f"{type(err).__name__}: {lines[0]}" if lines else type(err).__name__
+            # A revision's own message may quote a URL from the environment: never its password.
+            why = db.redact_urls_in(f"{type(err).__name__}: {lines[0]}" if lines else type(err).__name__)
             if not markers:  # before any revision: the project's env.py itself failed
                 raise PreconditionFailed(
                     f"sql {start}:{end}: the project's env.py failed offline: {why}"

@@ -65,7 +65,8 @@ def policy_file(alembic_ini: Path) -> tuple[Path, bool]:
     if own.is_file():
         return own, False
     pyproject = folder / "pyproject.toml"
-    if pyproject.is_file() and "tool" in _read(pyproject) and "opslib" in _read(pyproject)["tool"]:
+    tool = _read(pyproject).get("tool") if pyproject.is_file() else None
+    if isinstance(tool, dict) and "opslib" in tool:
         return pyproject, True
     return own, False
 
@@ -76,8 +77,10 @@ def load_policy(alembic_ini: Path) -> Policy:
     if not path.is_file():
         return Policy()
     doc = _read(path)
-    section = doc.get("tool", {}).get("opslib", {}) if in_pyproject else doc
     where = f"{path} [tool.opslib]" if in_pyproject else str(path)
+    section = doc.get("tool", {}).get("opslib", {}) if in_pyproject else doc
+    if not isinstance(section, dict):
+        raise ConfigError(f"{where} must be a table")
     lint = section.get("lint", {})
     if not isinstance(lint, dict):
         raise ConfigError(f"{where}: [lint] must be a table")
@@ -86,6 +89,10 @@ def load_policy(alembic_ini: Path) -> Policy:
         raise ConfigError(
             f"{where}: unknown key(s) in [lint]: {', '.join(sorted(unknown))}; expected rules, accept"
         )
+    if not isinstance(lint.get("rules", {}), dict):
+        raise ConfigError(f'{where}: [lint.rules] must be a table of rule = "block" | "warn" | "ignore"')
+    if not isinstance(lint.get("accept", []), list):
+        raise ConfigError(f"{where}: lint.accept must be an array of tables ([[lint.accept]])")
     rules = dict(lint.get("rules", {}))
     for rule, action in rules.items():
         if action not in ACTIONS:

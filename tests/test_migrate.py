@@ -14,7 +14,7 @@ import pytest
 from opslib import db, migrate
 from opslib.errors import InvalidInput, LockHeld, MigrationFailed, PreconditionFailed, UnknownRevision
 
-from .conftest import libpq, query, schema_snapshot
+from .conftest import libpq, query, schema_snapshot, settings_for
 
 
 def test_status_reports_current_heads_and_pending(settings):
@@ -207,3 +207,32 @@ def test_the_revision_map_is_built_once_per_process_while_the_files_are_unchange
     os.utime(revision_file, ns=(revision_file.stat().st_atime_ns, revision_file.stat().st_mtime_ns + 10**9))
     migrate.status(settings)  # an edited revision file is read again
     assert len(built) == 2
+
+
+def test_an_env_py_with_its_own_outer_transaction_names_the_revision_that_failed(database_url, tmp_path):
+    """`with engine.begin() as conn:` keeps all or nothing; the failure still names the revision that raised."""
+    (tmp_path / "versions").mkdir()
+    (tmp_path / "alembic.ini").write_text("[alembic]\nscript_location = %(here)s\npath_separator = os\n")
+    (tmp_path / "env.py").write_text(
+        "from alembic import context\nfrom sqlalchemy import create_engine, pool\n"
+        "engine = create_engine(context.config.get_main_option('sqlalchemy.url'), poolclass=pool.NullPool)\n"
+        "with engine.begin() as connection:\n"
+        "    context.configure(connection=connection)\n"
+        "    with context.begin_transaction():\n"
+        "        context.run_migrations()\n"
+    )
+    for n, body in (
+        (1, "op.execute('CREATE TABLE t1 (id int)')"),
+        (2, "print('dividing'); op.execute('SELECT 1/0')"),
+    ):
+        down = f"'r{n - 1}'" if n > 1 else "None"
+        (tmp_path / "versions" / f"r{n}.py").write_text(
+            f'"""step number {n} of two"""\nfrom alembic import op\nrevision = "r{n}"\ndown_revision = {down}\n\n'
+            f"def upgrade():\n    {body}\n\ndef downgrade():\n    pass\n"
+        )
+    settings = replace(settings_for(database_url, tmp_path), alembic_ini=tmp_path / "alembic.ini")
+    with pytest.raises(MigrationFailed) as failed:
+        migrate.upgrade(settings)
+    assert "failed at revision r2 (" in failed.value.message and "is now at base" in failed.value.message
+    assert "dividing" in failed.value.output  # what the revision printed, kept for the record
+    assert migrate.status(settings).current == ()

@@ -49,6 +49,9 @@ def test_pyproject_tool_opslib_is_read_when_there_is_no_opslib_toml(tmp_path):
         ('[lint.rules]\nban-drop-column = "maybe"\n', "use one of block, warn, ignore"),
         ('[[lint.accept]]\nrevision = "a1"\nrule = "ban-drop-column"\n', "needs reason"),
         ("[lint]\nrulez = 1\n", "unknown key(s) in [lint]: rulez"),
+        ('[lint]\nrules = "x"\n', "[lint.rules] must be a table"),
+        ("[lint]\naccept = 5\n", "must be an array of tables"),
+        ("lint = 3\n", "[lint] must be a table"),
     ],
 )
 def test_a_malformed_policy_is_a_configuration_error(tmp_path, text, words):
@@ -89,3 +92,12 @@ def test_write_baseline_into_pyproject_tool_opslib(tmp_path):
     assert path.name == "pyproject.toml" and added == 1
     assert policy.load_policy(ini).acceptance("a1", "ban-drop-column").reason == "adopted"
     assert not (tmp_path / "opslib.toml").exists()
+
+
+def test_a_pyproject_whose_tool_opslib_is_not_a_table_is_a_configuration_error(tmp_path):
+    ini = _project(tmp_path)
+    (tmp_path / "pyproject.toml").write_text("[tool]\nopslib = 3\n")
+    with pytest.raises(ConfigError, match="must be a table"):
+        policy.load_policy(ini)
+    (tmp_path / "pyproject.toml").write_text("tool = 3\n")
+    assert policy.load_policy(ini).source is None  # no [tool.opslib]: no policy
