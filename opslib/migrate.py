@@ -846,17 +846,18 @@ def render_pending(
     A revision that cannot be rendered offline (it reads data, say) is left out and named; the
     rendering resumes after it, so one such revision costs one more run, not one run per revision.
     """
-    start = current[0] if len(current) == 1 else ("base" if not current else None)
-    if start is None:  # several heads applied: Alembic renders from one starting point only
-        why = f"the database is at several heads ({', '.join(current)}); Alembic renders from one only"
-        return OfflineSQL("", (("the pending revisions", why),))
-    return _render(settings, script_directory(settings), start, last, False, x_args, resume=True)
+    script = script_directory(settings)
+    if len(current) > 1:
+        # Several heads applied: rendered from all of them at once. Resuming after a revision that cannot
+        # render would render a sibling branch again, so such a revision ends the rendering here.
+        return _render(settings, script, tuple(current), last, False, x_args, resume=False)
+    return _render(settings, script, current[0] if current else "base", last, False, x_args, resume=True)
 
 
 def _render(
     settings: Settings,
     script: ScriptDirectory,
-    start: str,
+    start: str | tuple[str, ...],
     end: str,
     downgrade_: bool,
     x_args: Sequence[str],

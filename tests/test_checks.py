@@ -164,3 +164,14 @@ def test_table_facts_count_rows_resolve_indexes_and_never_wait_on_a_lock(databas
         holder.rollback()
         holder.close()
     assert locked.exists and locked.rows is None and "not readable now (locked)" in locked.describe()
+
+
+def test_a_database_at_two_heads_is_rendered_and_linted_from_both(settings, project):
+    branched = replace(settings, alembic_ini=project("two_heads"))
+    migrate.upgrade(branched, "heads")
+    migrate.merge(branched, "merge title and body branches")
+    report = checks.pre_deploy(branched)
+    got = _by_name(report)
+    assert report.ok, report.to_dict()
+    assert got["SQL renders offline"].status == "pass" and got["squawk lint"].status != "skip"
+    assert "-- Running upgrade abcd1111, abcd2222 -> " in report.plan.sql.sql
