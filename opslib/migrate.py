@@ -866,7 +866,9 @@ def _render(
 ) -> OfflineSQL:
     parts: list[str] = []
     unrendered: list[tuple[str, str]] = []
+    reached: set[str] = set() if start == "base" else ({start} if isinstance(start, str) else set(start))
     while True:
+        shown = start if isinstance(start, str) else ",".join(start)
         buf = io.StringIO()
         cfg = alembic_config(settings, url=OFFLINE_URL, x_args=x_args, output=buf)
         if downgrade_:
@@ -884,7 +886,7 @@ def _render(
                     destination_rev=end,
                 )
         except (CommandError, RevisionError) as err:
-            raise InvalidInput(f"sql {start}:{end}: {err}") from err
+            raise InvalidInput(f"sql {shown}:{end}: {err}") from err
         except Exception as err:  # noqa: BLE001 - a revision's own code failed without a database to read
             text = buf.getvalue()
             markers = list(RUNNING_MARKER.finditer(text))
@@ -893,7 +895,7 @@ def _render(
             why = db.redact_urls_in(f"{type(err).__name__}: {lines[0]}" if lines else type(err).__name__)
             if not markers:  # before any revision: the project's env.py itself failed
                 raise PreconditionFailed(
-                    f"sql {start}:{end}: the project's env.py failed offline: {why}"
+                    f"sql {shown}:{end}: the project's env.py failed offline: {why}"
                 ) from err
             failed = markers[-1].group(3)
             unrendered.append((failed, why))
@@ -904,10 +906,20 @@ def _render(
             parts.append(part)
             if not resume or failed == end or _resolves_to(script, end, failed):
                 return OfflineSQL("".join(parts), tuple(unrendered))
-            start = failed
+            # Resume from every head reached so far (the failed revision counted as passed), so that a
+            # sibling branch already rendered is not rendered again.
+            reached |= {mk.group(3).split(", ")[-1] for mk in markers}
+            start = _heads_of(script, reached)
             continue
         parts.append(buf.getvalue())
         return OfflineSQL("".join(parts), tuple(unrendered))
+
+
+def _heads_of(script: ScriptDirectory, revisions: set[str]) -> str | tuple[str, ...]:
+    """The heads of the history made of ``revisions`` and all their ancestors."""
+    passed = {s.revision for r in revisions for s in _between(script, r, ())}
+    heads = tuple(sorted(r for r in passed if not (script.get_revision(r).nextrev & passed)))
+    return heads[0] if len(heads) == 1 else heads
 
 
 def _resolves_to(script: ScriptDirectory, name: str, revision: str) -> bool:

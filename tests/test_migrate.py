@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from dataclasses import replace
@@ -12,6 +13,7 @@ import psycopg2
 import pytest
 
 from opslib import db, migrate
+from opslib.config import Settings
 from opslib.errors import InvalidInput, LockHeld, MigrationFailed, PreconditionFailed, UnknownRevision
 
 from .conftest import libpq, query, schema_snapshot, settings_for
@@ -236,3 +238,29 @@ def test_an_env_py_with_its_own_outer_transaction_names_the_revision_that_failed
     assert "failed at revision r2 (" in failed.value.message and "is now at base" in failed.value.message
     assert "dividing" in failed.value.output  # what the revision printed, kept for the record
     assert migrate.status(settings).current == ()
+
+
+def test_offline_rendering_resumes_after_an_unrenderable_revision_without_repeating_a_branch(tmp_path):
+    """r0 -> (a1 -> a2, which reads data) and (b1) -> m3 -> r4: every other revision rendered exactly once."""
+    (tmp_path / "versions").mkdir()
+    shutil.copytree(Path(__file__).parent / "fixtures" / "_shared", tmp_path / "fixtures" / "_shared")
+    (tmp_path / "alembic.ini").write_text(
+        "[alembic]\nscript_location = %(here)s/fixtures/_shared\nversion_locations = %(here)s/versions\n"
+        "path_separator = os\n"
+    )
+    chain = {"r0": None, "a1": "'r0'", "a2": "'a1'", "b1": "'r0'", "m3": "('a2', 'b1')", "r4": "'m3'"}
+    for rev, down in chain.items():
+        body = (
+            "op.get_bind().execute(sa.text('SELECT 1')).fetchall()"
+            if rev == "a2"
+            else f"op.execute('CREATE TABLE t_{rev} (id int)')"
+        )
+        (tmp_path / "versions" / f"{rev}.py").write_text(
+            f'"""revision {rev} of the branched chain"""\nimport sqlalchemy as sa\nfrom alembic import op\n'
+            f'revision = "{rev}"\ndown_revision = {down}\n\ndef upgrade():\n    {body}\n\ndef downgrade():\n    pass\n'
+        )
+    settings = Settings(alembic_ini=tmp_path / "alembic.ini")
+    rendered = migrate.render_pending(settings, (), "r4")
+    assert [rev for rev, _ in rendered.unrendered] == ["a2"]
+    for rev in ("r0", "a1", "b1", "m3", "r4"):
+        assert rendered.sql.count(f"CREATE TABLE t_{rev} ") == 1, rev
