@@ -60,6 +60,12 @@ RUNBOOKS: dict[str, tuple[Param, ...]] = {
         Param("steps", int, 1, "how many revisions to roll back (ignored when target_revision is set)"),
         Param("target_revision", str, "", "revision to roll back to (empty: use steps)", revision=True),
         Param("backup", bool, True, "take and verify a backup first (cannot be turned off in production)"),
+        Param(
+            "acknowledge_irreversible",
+            str,
+            "",
+            "ids of revisions whose downgrade does nothing, comma-separated: their changes stay in the database",
+        ),
         _CONFIRM,
     ),
     "recovery": (
@@ -182,6 +188,13 @@ def _check_combinations(runbook: str, values: dict[str, Any]) -> None:
         )
     if runbook == "rollback" and not values["target_revision"] and values["steps"] < 1:
         raise InvalidInput(f"rollback: steps must be at least 1, not {values['steps']}")
+    if runbook == "rollback":
+        ids = [r.strip() for r in values["acknowledge_irreversible"].split(",") if r.strip()]
+        bad = [r for r in ids if not _REVISION.match(r)]
+        if bad:
+            raise InvalidInput(
+                f"rollback: acknowledge_irreversible lists revision ids separated by commas; {bad[0]!r} is not one"
+            )
     if runbook == "recovery" and values["mode"] == "stamp":
         if not values["stamp_revision"]:
             raise InvalidInput(

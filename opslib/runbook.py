@@ -504,11 +504,25 @@ class Rollback(Run):
         if not self.reversing:
             return Section("Preflight", "nothing to do: the database is already at the target", facts)
         irreversible = [r.revision for r in self.reversing if not migrate.has_real_downgrade(r)]
-        if irreversible:
-            raise PreconditionFailed(
-                f"revision {', '.join(irreversible)} has no real downgrade (it does nothing or raises): "
-                "roll back with the recovery runbook, restoring a backup taken before it"
+        acknowledged = [r.strip() for r in self.params["acknowledge_irreversible"].split(",") if r.strip()]
+        stray = [r for r in acknowledged if r not in irreversible]
+        if stray:
+            raise InvalidInput(
+                f"rollback: acknowledge_irreversible names {', '.join(stray)}, which this rollback does not "
+                f"reverse without a real downgrade (those are: {', '.join(irreversible) or 'none'})"
             )
+        missing = [r for r in irreversible if r not in acknowledged]
+        if missing:
+            raise PreconditionFailed(
+                f"revision {', '.join(missing)} has no real downgrade (it does nothing or raises): roll back "
+                "with the recovery runbook, restoring a backup taken before it, or acknowledge that its changes "
+                f"stay with acknowledge_irreversible={','.join(irreversible)!r}"
+            )
+        if acknowledged:
+            # Kept in the record: the database's revision moves back, these revisions' changes stay.
+            self.record["acknowledged_irreversible"] = acknowledged
+            self._save()
+            facts.append(("acknowledged irreversible", ", ".join(acknowledged) + " (their changes stay)"))
         last = self.reversing[-1]
         below = last.down_revisions[0] if len(last.down_revisions) == 1 else "base"
         sql = _offline(self.settings, f"{current[0]}:{below}") if len(current) == 1 else ""

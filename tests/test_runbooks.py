@@ -290,6 +290,26 @@ def test_rollback_refuses_an_irreversible_revision(database_url, workdir, projec
     done = opslib_run(database_url, workdir, "rollback", alembic_ini=ini)
     assert done.returncode == 3 and "b002 has no real downgrade" in done.stdout and "recovery" in done.stdout
     assert migrate.status(settings_for(database_url, workdir, ini)).current == ("b002",)
+    # Acknowledging another revision is invalid input; acknowledging it lets the rollback through, recorded.
+    done = opslib_run(
+        database_url, workdir, "rollback", "-p", "acknowledge_irreversible", "b001", alembic_ini=ini
+    )
+    assert done.returncode == 2 and "names b001, which this rollback does not reverse" in done.stdout
+    done = opslib_run(
+        database_url, workdir, "rollback", "-p", "acknowledge_irreversible", "b002", alembic_ini=ini
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert migrate.status(settings_for(database_url, workdir, ini)).current == ("b001",)
+    assert (
+        query(database_url, "SELECT count(*) FROM information_schema.columns WHERE column_name = 'email'")[0][
+            0
+        ]
+        == 1
+    )
+    record = ledger(workdir)[-1]
+    assert record["outcome"] == "succeeded"
+    sidecar = json.loads(next((workdir / "records").glob(f"*{record['run_id']}*.json")).read_text())
+    assert sidecar["acknowledged_irreversible"] == ["b002"]
 
 
 # --- secrets ------------------------------------------------------------------------------------------
