@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import secrets
 import socket
 import subprocess
@@ -463,6 +464,8 @@ def restore(
                     f"the restored data does not match the manifest of {path.name}; "
                     + _untouched(over, target, into)
                 )
+            if over:
+                _carry_over_properties(admin, target, staging)
             kept_as = _swap_in(admin, staging, target, stamp, terminate_connections) if over else None
         except BaseException:
             admin.execute(sa.text(f"DROP DATABASE IF EXISTS {db.quote_ident(admin, staging)} WITH (FORCE)"))
@@ -487,6 +490,39 @@ def _check_may_replace(admin: Connection, target: str, confirm: str | None, term
             f"{len(sessions)} other session(s) are connected to {target!r} (pids {', '.join(map(str, sessions[:5]))}): "
             "stop them, or pass --terminate-connections"
         )
+
+
+_SETTING_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]*$")
+
+
+def _carry_over_properties(admin: Connection, source: str, dest: str) -> None:
+    """Give ``dest`` the owner and the database-level settings of ``source``.
+
+    The restored database was created by the connecting role; the database it replaces may belong to
+    another (the application's) and carry settings of its own (``ALTER DATABASE … SET``, also per role).
+    """
+    q = lambda name: db.quote_ident(admin, name)  # noqa: E731
+    owner = admin.execute(
+        sa.text("SELECT pg_get_userbyid(datdba) FROM pg_database WHERE datname = :n"), {"n": source}
+    ).scalar()
+    admin.execute(sa.text(f"ALTER DATABASE {q(dest)} OWNER TO {q(owner)}"))
+    rows = admin.execute(
+        sa.text(
+            "SELECT CASE WHEN s.setrole = 0 THEN NULL ELSE pg_get_userbyid(s.setrole) END AS role, s.setconfig "
+            "FROM pg_db_role_setting s JOIN pg_database d ON d.oid = s.setdatabase WHERE d.datname = :n"
+        ),
+        {"n": source},
+    ).all()
+    for role, config in rows:
+        for item in config or []:
+            name, _, value = item.partition("=")
+            if not _SETTING_NAME.match(name):
+                continue
+            # A list (search_path) is kept as PostgreSQL wrote it; a single value is quoted.
+            text = value if "," in value else "'" + value.replace("'", "''") + "'"
+            where = f"ROLE {q(role)} IN DATABASE {q(dest)}" if role else f"DATABASE {q(dest)}"
+            # sa.text reads ":name" as a parameter: a colon in a value (a path, a time) is escaped.
+            admin.execute(sa.text(f"ALTER {where} SET {name} = {text}".replace(":", "\\:")))
 
 
 def _swap_in(admin: Connection, staging: str, target: str, stamp: str, terminate: bool) -> str:

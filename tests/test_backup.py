@@ -366,3 +366,42 @@ def test_backup_behind_a_held_lock_gives_up_after_the_lock_timeout(seeded, run_c
     assert done.returncode == 1 and "no backup was written" in done.stderr
     assert "lock" in done.stderr and len(done.stderr.strip().splitlines()) == 1
     assert list((tmp_path / "out").iterdir()) == []
+
+
+def test_restore_over_the_target_keeps_its_owner_and_settings(seeded, server_url):
+    """The restored database is made by the connecting role; it takes the replaced one's owner and settings."""
+    target = db.parse_url(seeded.database_url).database
+    role = f"{target}_owner"[:63]
+    admin = psycopg2.connect(libpq(server_url.render_as_string(hide_password=False)))
+    admin.autocommit = True
+    cur = admin.cursor()
+    cur.execute(f'CREATE ROLE "{role}"')
+    try:
+        cur.execute(f'ALTER DATABASE "{target}" OWNER TO "{role}"')
+        cur.execute(f"ALTER DATABASE \"{target}\" SET work_mem = '8MB'")
+        cur.execute(f'ALTER DATABASE "{target}" SET search_path = "$user", public, app')
+        cur.execute(f'ALTER ROLE "{role}" IN DATABASE "{target}" SET statement_timeout = \'5min\'')
+        settings_sql = (
+            "SELECT pg_get_userbyid(d.datdba), (SELECT array_agg(c ORDER BY c) FROM pg_db_role_setting s, "
+            "unnest(s.setconfig) c WHERE s.setdatabase = d.oid) FROM pg_database d WHERE d.datname = %s"
+        )
+        cur.execute(settings_sql, (target,))
+        before = cur.fetchone()
+        made = backup.backup(seeded).path
+        done = backup.restore(seeded, made, confirm=target, terminate_connections=True)
+        assert done.matches_manifest
+        cur.execute(settings_sql, (target,))
+        assert (
+            cur.fetchone()
+            == before
+            == (role, ['search_path="$user", public, app', "statement_timeout=5min", "work_mem=8MB"])
+        )
+    finally:
+        cur.execute(
+            "SELECT datname FROM pg_database WHERE datdba = (SELECT oid FROM pg_roles WHERE rolname = %s)",
+            (role,),
+        )
+        for (name,) in cur.fetchall():
+            cur.execute(f'ALTER DATABASE "{name}" OWNER TO CURRENT_USER')
+        cur.execute(f'DROP ROLE "{role}"')
+        admin.close()
