@@ -628,7 +628,8 @@ def _failure(action, target, database, script, before, after, steps, err, url, l
     elif isinstance(err, OpsError):
         cause = err.message
     elif isinstance(err, SQLAlchemyError):
-        cause = db.driver_message(err, url)
+        # The driver's exception class says what kind of failure (DivisionByZero, UndefinedColumn, ...).
+        cause = f"{type(getattr(err, 'orig', None) or err).__name__}: {db.driver_message(err, url)}"
     else:
         lines = str(err).strip().splitlines()
         cause = db.scrub(f"{type(err).__name__}: {lines[0]}" if lines else type(err).__name__, url)
