@@ -434,7 +434,7 @@ class Deploy(Run):
 
     @step("upgrade")
     def upgrade(self) -> Section:
-        """Apply the pending revisions one at a time under the lock; on failure stop, or restore the backup."""
+        """Apply the pending revisions under the lock, each committing on its own; on failure stop, or restore the backup."""
         if not self.pending:
             return Section("Upgrade", "skipped: nothing to deploy")
         try:
@@ -538,7 +538,7 @@ class Rollback(Run):
 
     @step("downgrade")
     def downgrade(self) -> Section:
-        """Reverse the revisions one at a time under the lock."""
+        """Reverse the revisions under the lock, each committing on its own."""
         if not self.reversing:
             return Section("Downgrade", "skipped: nothing to roll back")
         result = migrate.downgrade(
