@@ -152,6 +152,7 @@ def backup(settings: Settings, *, out_dir: Path | None = None, label: str | None
     The dump and the row counts come from one snapshot. pg_dump runs while the counts are taken,
     both inside that snapshot, so counting costs no extra wall time on a multi-core machine.
     """
+    where = _project_version_table(settings)
     folder = Path(out_dir or settings.backups_dir)
     try:
         folder.mkdir(parents=True, exist_ok=True)
@@ -168,7 +169,7 @@ def backup(settings: Settings, *, out_dir: Path | None = None, label: str | None
             # Counting waits behind the same locks pg_dump does, and gives up as pg_dump does.
             snap.execute(sa.text(f"SET LOCAL lock_timeout = '{int(settings.lock_timeout_s * 1000)}ms'"))
             snapshot = snap.execute(sa.text("SELECT pg_export_snapshot()")).scalar()
-            revisions = list(db.version_revisions(snap))
+            revisions = list(db.version_revisions(snap, where))
             stem = _free_stem(folder, url.database, started, "+".join(revisions) or "base")
             final = folder / f"{stem}.dump"
             partial = folder / f".{stem}.dump.partial"
@@ -217,6 +218,7 @@ def backup(settings: Settings, *, out_dir: Path | None = None, label: str | None
             "pg_dump": {"path": tool.path, "version": tool.version, "major": tool.major},
             "compression": settings.backup_compression,
             "revisions": revisions,
+            "version_table": {"schema": where[0], "table": where[1]},
             "row_counts": counts,
             "env": settings.env,
             "label": label,
@@ -246,6 +248,26 @@ def _last_line(stderr: str, url: URL) -> str:
 
 
 # --- verify ----------------------------------------------------------------------------------------
+
+
+def _project_version_table(settings: Settings) -> tuple[str | None, str]:
+    """Where the project keeps its revision (its env.py's ``version_table``), for the manifest.
+
+    Learning it loads the Alembic project (a backup otherwise reads revisions with plain SQL); a
+    database backed up without its project uses Alembic's default table.
+    """
+    from opslib import migrate  # same layer; Alembic is imported only here, for backups
+
+    try:
+        return migrate.version_table(settings)
+    except OpsError:
+        return db.DEFAULT_VERSION_TABLE
+
+
+def _manifest_version_table(manifest: dict) -> tuple[str | None, str]:
+    """The version table a backup was read from (manifests before it was recorded: Alembic's default)."""
+    where = manifest.get("version_table") or {}
+    return (where.get("schema"), where.get("table") or db.DEFAULT_VERSION_TABLE[1])
 
 
 def _backup_file(file: Path | str) -> Path:
@@ -338,7 +360,7 @@ def _restore_test(settings: Settings, path: Path, manifest: dict) -> tuple[str, 
                 return FAIL, f"restore into a scratch database failed: {failure}"
             with db.connect(url.set(database=scratch)) as conn:
                 counts = row_counts(conn)
-                revisions = list(db.version_revisions(conn))
+                revisions = list(db.version_revisions(conn, _manifest_version_table(manifest)))
         finally:
             admin.execute(sa.text(f"DROP DATABASE IF EXISTS {db.quote_ident(admin, scratch)} WITH (FORCE)"))
     diff = _count_differences(manifest.get("row_counts", {}), counts)
@@ -455,7 +477,7 @@ def restore(
                 )
             with db.connect(url.set(database=staging)) as conn:
                 counts = row_counts(conn)
-                revisions = db.version_revisions(conn)
+                revisions = db.version_revisions(conn, _manifest_version_table(manifest))
             matches = not _count_differences(manifest["row_counts"], counts) and sorted(revisions) == sorted(
                 manifest["revisions"]
             )

@@ -294,16 +294,25 @@ def other_sessions(conn: Connection, name: str) -> list[int]:
     return [r[0] for r in rows]
 
 
-def version_revisions(conn: Connection, version_table: str = "alembic_version") -> tuple[str, ...]:
-    """The revision(s) in Alembic's version table (found on the search_path, as Alembic does); () if none.
+# Where a project keeps its revision: (schema or None for the search_path, table), Alembic's default.
+DEFAULT_VERSION_TABLE: tuple[str | None, str] = (None, "alembic_version")
+
+
+def version_revisions(
+    conn: Connection, where: tuple[str | None, str] = DEFAULT_VERSION_TABLE
+) -> tuple[str, ...]:
+    """The revision(s) in the project's version table (``where``: schema, table, as its env.py
+    configures them; without a schema it is found on the search_path, as Alembic does); () if none.
 
     Plain SQL rather than Alembic's MigrationContext, so reading a revision (for a backup's
     manifest, say) does not pay for importing Alembic.
     """
-    exists = conn.execute(sa.text("SELECT to_regclass(:t) IS NOT NULL"), {"t": version_table}).scalar()
+    schema, table = where
+    name = f"{quote_ident(conn, schema)}.{quote_ident(conn, table)}" if schema else quote_ident(conn, table)
+    exists = conn.execute(sa.text("SELECT to_regclass(:t) IS NOT NULL"), {"t": name}).scalar()
     if not exists:
         return ()
-    rows = conn.execute(sa.text(f"SELECT version_num FROM {quote_ident(conn, version_table)}"))
+    rows = conn.execute(sa.text(f"SELECT version_num FROM {name}"))
     return tuple(sorted(r[0] for r in rows))
 
 

@@ -296,13 +296,15 @@ def _between(script: ScriptDirectory, upper: Sequence[str] | str, lower: Sequenc
 # --- the database ----------------------------------------------------------------------------
 
 
-def current_revisions(conn: Connection) -> tuple[str, ...]:
-    """The revision(s) recorded in the database's version table; () when at base.
+def current_revisions(
+    conn: Connection, where: tuple[str | None, str] = db.DEFAULT_VERSION_TABLE
+) -> tuple[str, ...]:
+    """The revision(s) recorded in the project's version table (see :func:`version_table`); () when at base.
 
     The read's implicit transaction is committed: the connection may be handed to Alembic next,
     which must find it outside a transaction to run one transaction per revision.
     """
-    revs = db.version_revisions(conn)
+    revs = db.version_revisions(conn, where)
     if conn.in_transaction():
         conn.commit()
     return revs
@@ -331,7 +333,7 @@ def status(settings: Settings) -> Status:
     script = script_directory(settings)
     url = db.target_url(settings)
     with db.connect(url) as conn:
-        current = current_revisions(conn)
+        current = current_revisions(conn, version_table(settings))
     head_ids = tuple(sorted(script.get_heads()))
     pending = _pending(script, current, db.redact_url(url))
     return Status(
@@ -385,19 +387,48 @@ def _run_env(
     env = EnvironmentContext(
         cfg, script, fn=fn, as_sql=as_sql, starting_rev=starting_rev, destination_rev=destination_rev
     )
-    if on_version_apply is not None:
-        configure = env.configure
+    configure = env.configure
 
-        def configure_with_opslib_terms(*args, **kwargs):
+    def configure_with_opslib_terms(*args, **kwargs):
+        # Where the project keeps its revision, as env.py says: opslib's own reads use the same table.
+        _VERSION_TABLES[str(script.dir)] = (
+            kwargs.get("version_table_schema") or None,
+            kwargs.get("version_table") or "alembic_version",
+        )
+        if on_version_apply is not None:
             given = kwargs.get("on_version_apply") or ()
             kwargs["on_version_apply"] = [*([given] if callable(given) else given), on_version_apply]
             kwargs["transaction_per_migration"] = True
-            return configure(*args, **kwargs)
+        return configure(*args, **kwargs)
 
-        # env.py calls `context.configure`, which Alembic's module proxy sends to this instance.
-        env.configure = configure_with_opslib_terms
+    # env.py calls `context.configure`, which Alembic's module proxy sends to this instance.
+    env.configure = configure_with_opslib_terms
     with env:
         script.run_env()
+
+
+# Where each project (by its scripts folder) keeps its revision, as its env.py configures it.
+_VERSION_TABLES: dict[str, tuple[str | None, str]] = {}
+
+
+def version_table(settings: Settings) -> tuple[str | None, str]:
+    """(schema, table) of the project's version table: what its env.py passes to ``context.configure``
+    (``version_table_schema``, ``version_table``), else Alembic's ``alembic_version`` on the search_path.
+
+    Learned from the first run of env.py in this process; before any, env.py is run offline with no
+    work at all, which only configures.
+    """
+    script = script_directory(settings)
+    known = _VERSION_TABLES.get(str(script.dir))
+    if known is not None:
+        return known
+    cfg = alembic_config(settings, url=OFFLINE_URL, output=io.StringIO())
+    try:
+        with _capture_alembic_output():
+            _run_env(cfg, script, lambda rev, context: [], as_sql=True)
+    except Exception:  # noqa: BLE001 - an env.py that cannot run offline: Alembic's default is the answer
+        pass
+    return _VERSION_TABLES.setdefault(str(script.dir), db.DEFAULT_VERSION_TABLE)
 
 
 class _Progress:
@@ -467,7 +498,8 @@ def _run_change(
     script = script_directory(settings)
     with _locked_connection(settings) as (url, conn):
         database = db.redact_url(url)
-        before = current_revisions(conn)
+        where = version_table(settings)
+        before = current_revisions(conn, where)
         _pending(script, before, database)  # refuses a database at a revision the code lacks
         steps = plan(script, before)
         cfg = alembic_config(settings, url=url, connection=conn, x_args=x_args)
@@ -486,7 +518,7 @@ def _run_change(
 
         def after_timeout() -> str:
             # Revisions before the one that timed out have committed; say which one is retried.
-            now = _applied_set(script, current_revisions(conn))
+            now = _applied_set(script, current_revisions(conn, where))
             progress.settle(now)
             waiting = next(
                 (s.revision for s in steps if (s.revision in now) != (action == "upgrade")), target
@@ -498,14 +530,14 @@ def _run_change(
             with _capture_alembic_output(captured), _ddl_lock_timeout(conn, settings.ddl_lock_timeout_s):
                 _retrying(settings, attempt, after_timeout, on_attempt)
         except BaseException as err:  # noqa: BLE001 - any failure, Ctrl-C included, says where the database stands
-            after = _revisions_after_failure(conn, url, database)
+            after = _revisions_after_failure(conn, url, database, where)
             progress.settle(_applied_set(script, after))
             failure = _failure(
                 action, target, database, script, before, after, steps, err, url, progress.last_called
             )
             failure.output = captured.getvalue()
             raise failure from err
-        after = current_revisions(conn)
+        after = current_revisions(conn, where)
         progress.settle(_applied_set(script, after))
     head_ids = set(script.get_heads())
     return MigrationResult(
@@ -580,17 +612,17 @@ def _retrying(
             time.sleep(min(settings.ddl_lock_timeout_s * 2 ** (attempt - 1), 30))
 
 
-def _revisions_after_failure(conn: Connection, url: URL, database: str) -> tuple[str, ...]:
+def _revisions_after_failure(conn: Connection, url: URL, database: str, where) -> tuple[str, ...]:
     """Where the database stands after a failure, read on the same connection or, if that died, a new one."""
     try:
         if conn.in_transaction():
             conn.rollback()
-        return current_revisions(conn)
+        return current_revisions(conn, where)
     except DBAPIError:
         pass
     try:
         with db.connect(url) as fresh:
-            return current_revisions(fresh)
+            return current_revisions(fresh, where)
     except (DBAPIError, OpsError):
         raise MigrationFailed(
             f"the migration failed and {database} cannot be reached to read its revision: "
@@ -789,7 +821,7 @@ def revision(settings: Settings, message: str, *, autogenerate: bool = False) ->
         return _created(made, settings)
     url = db.target_url(settings)
     with db.connect(url) as conn:
-        current = current_revisions(conn)
+        current = current_revisions(conn, version_table(settings))
         pending = _pending(script, current, db.redact_url(url))
         if pending:
             raise PreconditionFailed(
@@ -1000,7 +1032,7 @@ def plan(settings: Settings, action: str, target: str) -> tuple[tuple[str, ...],
     script = script_directory(settings)
     url = db.target_url(settings)
     with db.connect(url) as conn:
-        current = current_revisions(conn)
+        current = current_revisions(conn, version_table(settings))
     _pending(script, current, db.redact_url(url))
     steps = (_plan_upgrade if action == "upgrade" else _plan_downgrade)(script, current, target)
     head_ids = set(script.get_heads())
@@ -1033,7 +1065,7 @@ def deploy_plan(settings: Settings, target: str = "head", *, x_args: Sequence[st
     script = script_directory(settings)
     url = db.target_url(settings)
     with db.connect(url) as conn:
-        current = current_revisions(conn)
+        current = current_revisions(conn, version_table(settings))
     database = db.redact_url(url)
     _pending(script, current, database)
     head_ids = set(script.get_heads())

@@ -132,7 +132,7 @@ class Run:
     def _revisions_now(self) -> list[str] | None:
         try:
             with db.connect(db.target_url(self.settings)) as conn:
-                return list(migrate.current_revisions(conn))
+                return list(migrate.current_revisions(conn, migrate.version_table(self.settings)))
         except OpsError:
             return None
 
@@ -166,7 +166,7 @@ class Run:
         self._save()
         self._take_lock()  # one run at a time on a database: a second one stops here, exit 4
         with db.connect(self.url) as conn:
-            current = list(migrate.current_revisions(conn))
+            current = list(migrate.current_revisions(conn, migrate.version_table(self.settings)))
         self.record["revisions_before"] = current
         self.record["fingerprint"] = fingerprint
         self._save()

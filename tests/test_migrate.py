@@ -235,7 +235,10 @@ def test_an_env_py_with_its_own_outer_transaction_names_the_revision_that_failed
     settings = replace(settings_for(database_url, tmp_path), alembic_ini=tmp_path / "alembic.ini")
     with pytest.raises(MigrationFailed) as failed:
         migrate.upgrade(settings)
-    assert "failed at revision r2 (step number 2 of two): DivisionByZero: division by zero" in failed.value.message
+    assert (
+        "failed at revision r2 (step number 2 of two): DivisionByZero: division by zero"
+        in failed.value.message
+    )
     assert "is now at base" in failed.value.message
     assert "dividing" in failed.value.output  # what the revision printed, kept for the record
     assert migrate.status(settings).current == ()
