@@ -433,3 +433,63 @@ def table_facts(conn: Connection, names: list[str], lock_wait_s: float = 2.0) ->
     if conn.in_transaction():
         conn.commit()
     return found
+
+
+@dataclass(frozen=True)
+class RecreatedSchema:
+    """What recreating a schema did: what it dropped, and the owner, grants and comment it kept."""
+
+    schema: str
+    dropped: tuple[str, ...]
+    owner: str
+    grants: tuple[str, ...]
+    comment: str | None
+
+
+def recreate_schema(conn: Connection, schema: str = "public") -> RecreatedSchema:
+    """Drop ``schema`` with everything in it and create it again, as it was: same owner, grants and comment.
+
+    Runs in one transaction on ``conn`` (committed): it happens entirely or not at all.
+    """
+    q = lambda name: quote_ident(conn, name)  # noqa: E731
+    row = conn.execute(
+        sa.text(
+            "SELECT oid, pg_get_userbyid(nspowner) AS owner, obj_description(oid, 'pg_namespace') AS comment "
+            "FROM pg_namespace WHERE nspname = :s"
+        ),
+        {"s": schema},
+    ).one()
+    grants = conn.execute(
+        sa.text(
+            "SELECT CASE WHEN a.grantee = 0 THEN 'PUBLIC' ELSE pg_get_userbyid(a.grantee) END AS grantee, "
+            "a.privilege_type, a.is_grantable FROM pg_namespace n, aclexplode(n.nspacl) a "
+            "WHERE n.nspname = :s ORDER BY 1, 2"
+        ),
+        {"s": schema},
+    ).all()
+    dropped = [
+        f"{kind} {name}"
+        for kind, name in conn.execute(
+            sa.text(
+                "SELECT CASE c.relkind WHEN 'r' THEN 'table' WHEN 'p' THEN 'table' WHEN 'v' THEN 'view' "
+                "WHEN 'm' THEN 'materialized view' WHEN 'S' THEN 'sequence' ELSE 'foreign table' END, c.relname "
+                "FROM pg_class c WHERE c.relnamespace = :oid AND c.relkind IN ('r', 'p', 'v', 'm', 'S', 'f') "
+                "UNION ALL SELECT 'function', p.proname FROM pg_proc p WHERE p.pronamespace = :oid "
+                "UNION ALL SELECT 'type', t.typname FROM pg_type t WHERE t.typnamespace = :oid AND t.typtype = 'e' "
+                "ORDER BY 1, 2"
+            ),
+            {"oid": row.oid},
+        )
+    ]
+    conn.execute(sa.text(f"DROP SCHEMA {q(schema)} CASCADE"))
+    conn.execute(sa.text(f"CREATE SCHEMA {q(schema)}"))
+    conn.execute(sa.text(f"ALTER SCHEMA {q(schema)} OWNER TO {q(row.owner)}"))
+    for grantee, privilege, grantable in grants:
+        to = "PUBLIC" if grantee == "PUBLIC" else q(grantee)
+        option = " WITH GRANT OPTION" if grantable else ""
+        conn.execute(sa.text(f"GRANT {privilege} ON SCHEMA {q(schema)} TO {to}{option}"))
+    if row.comment is not None:
+        conn.execute(sa.text(f"COMMENT ON SCHEMA {q(schema)} IS :c"), {"c": row.comment})
+    conn.commit()
+    shown = tuple(f"{g} {p}{' (with grant option)' if o else ''}" for g, p, o in grants)
+    return RecreatedSchema(schema, tuple(dropped), row.owner, shown, row.comment)

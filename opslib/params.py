@@ -98,6 +98,14 @@ RUNBOOKS: dict[str, tuple[Param, ...]] = {
         _URL_ENV,
         Param("backup", bool, False, "take and verify a backup first"),
         Param("reseed", bool, True, "load the development sample data again (the -x dev_data flag)"),
+        Param(
+            "recreate_schema",
+            str,
+            "on_failure",
+            "on_failure: downgrade, recreate schema public only if a downgrade fails; always: skip the "
+            "downgrades; never: stop at a failed downgrade",
+            ("on_failure", "always", "never"),
+        ),
         _CONFIRM,
     ),
 }

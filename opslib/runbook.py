@@ -356,6 +356,8 @@ class Run:
             ("backup", Path(r["backup"]["path"]).name if r["backup"] else "none"),
             ("record", self.record_path.name),
         ]
+        if r.get("schema_recreated"):
+            facts.insert(4, ("schema public", f"recreated: {r['schema_recreated']['reason']}"))
         rows = [
             {"step": s["name"], "outcome": s["outcome"], "seconds": s["duration_s"]}
             for s in r["steps"]
@@ -684,7 +686,7 @@ class Reset(Run):
     """The guide's `make db-reset`: everything down, everything up, sample data again."""
 
     runbook = "reset"
-    schema_recreated = False
+    downgrade_failure: MigrationFailed | None = None
 
     @step("preflight")
     def preflight(self) -> Section:
@@ -702,7 +704,10 @@ class Reset(Run):
 
     @step("teardown")
     def teardown(self) -> Section:
-        """Downgrade to base; when a downgrade fails, drop and recreate the public schema instead, saying so."""
+        """Downgrade to base (unless recreate_schema=always). A failed downgrade is recorded as a failed step of
+        its own; with recreate_schema=never it ends the run, else the schema is recreated in the next step."""
+        if self.params["recreate_schema"] == "always":
+            return Section("Teardown", "skipped: recreate_schema=always (the next step recreates the schema)")
         if not self.record["revisions_before"]:
             return Section("Teardown", "nothing to do: the database is at base")
         try:
@@ -713,14 +718,63 @@ class Reset(Run):
                 on_attempt=self._attempt_recorder(),
             )
         except MigrationFailed as err:
-            _recreate_public_schema(self.settings)
-            self.schema_recreated = True
+            if self.params["recreate_schema"] == "never":
+                raise
+            self.downgrade_failure = err
+            self.record["steps"].append(
+                {
+                    "name": "downgrade base",
+                    "started_at": audit.iso(audit.now()),
+                    "duration_s": None,
+                    "outcome": FAILED,
+                    "error": err.message,
+                    "revisions": list(err.revisions or ()),
+                }
+            )
+            self._save()
             return Section(
                 "Teardown",
-                "downgrade failed: dropped and recreated schema public instead",
-                [("downgrade error", err.message)],
+                "downgrade failed: schema public is recreated in the next step (recreate_schema=on_failure)",
+                [("downgrade error", err.message), ("database at", ", ".join(err.revisions or ()) or "base")],
             )
         return self._migrated("Teardown", f"downgraded {len(result.steps)} revision(s) to base", result)
+
+    @step("recreate schema")
+    def recreate_schema(self) -> Section:
+        """Drop and recreate schema public, keeping its owner, grants and comment; say what was dropped and why."""
+        mode = self.params["recreate_schema"]
+        if mode == "never" or (mode == "on_failure" and self.downgrade_failure is None):
+            return Section(
+                "Recreate schema",
+                "skipped: " + ("recreate_schema=never" if mode == "never" else "every downgrade ran"),
+            )
+        why = (
+            "recreate_schema=always"
+            if mode == "always"
+            else f"a downgrade failed: {self.downgrade_failure.message}"
+        )
+        url = db.target_url(self.settings)
+        with db.connect(url) as conn:
+            before = migrate.current_revisions(conn, migrate.version_table(self.settings))
+            done = db.recreate_schema(conn, "public")
+            run_history.record_event(
+                conn, self.record["run_id"], "(schema public)", before, (), "recreate schema",
+                f"dropped {len(done.dropped)} object(s): {why}",
+            )  # fmt: skip
+            conn.commit()
+        self.record["schema_recreated"] = {"schema": "public", "reason": why, "dropped": list(done.dropped)}
+        self._save()
+        facts = [
+            ("why", why),
+            ("dropped", f"{len(done.dropped)} object(s)"),
+            (
+                "kept",
+                f"owner {done.owner}; grants {', '.join(done.grants) or 'none'}; comment {done.comment!r}",
+            ),
+        ]
+        return Section(
+            "Recreate schema", "recreated schema public", facts, [{"dropped": d} for d in done.dropped]
+        )
 
     @step("rebuild")
     def rebuild(self) -> Section:
@@ -741,15 +795,6 @@ class Reset(Run):
         facts = [self._expect_revisions(tuple(h.revision for h in migrate.heads(self.settings)))]
         facts.append(self._models_fact())
         return Section("Verify", "passed", facts)
-
-
-def _recreate_public_schema(settings: Settings) -> None:
-    url = db.target_url(settings)
-    with db.connect(url) as conn:
-        with db.advisory_lock(conn, settings.lock_timeout_s):
-            conn.execute(sa.text("DROP SCHEMA public CASCADE"))
-            conn.execute(sa.text("CREATE SCHEMA public"))
-            conn.commit()
 
 
 def _show(section: Section) -> None:

@@ -41,6 +41,8 @@ class RunOutcome:
         text = f"{r['runbook']} {r['outcome']} (exit {self.exit_code})"
         if r.get("database"):
             text += f" on {r['database']['name']}, now at {where}"
+        if r.get("schema_recreated"):
+            text += f"; schema public was recreated ({r['schema_recreated']['reason']})"
         if r.get("error"):
             text += f": {r['error']}"
         return text

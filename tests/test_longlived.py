@@ -153,3 +153,46 @@ def test_a_malformed_policy_is_exit_2_and_changes_nothing(longlived, tmp_path):
     missing = _opslib(settings, tmp_path / "work", "check", "--write-baseline")
     assert missing.returncode == 2 and "needs a reason" in missing.stderr
     assert query(settings.database_url, "SELECT to_regclass('alembic_version') IS NULL")[0][0]
+
+
+def _schema_state(url: str) -> list:
+    return query(
+        url,
+        "SELECT pg_get_userbyid(n.nspowner), obj_description(n.oid, 'pg_namespace'), "
+        "(SELECT array_agg(a::text ORDER BY a::text) FROM unnest(n.nspacl) a) FROM pg_namespace n "
+        "WHERE n.nspname = 'public'",
+    )
+
+
+def test_reset_stops_at_a_failed_downgrade_or_recreates_the_schema_visibly(longlived, tmp_path):
+    settings, landmarks, chain = longlived
+    failing = landmarks["failing_downgrade"]
+    migrate.upgrade(settings)
+    query(settings.database_url, "COMMENT ON SCHEMA public IS 'the shop application'")
+    before = _schema_state(settings.database_url)
+
+    never = _opslib(settings, tmp_path / "a", "run", "reset", "-p", "recreate_schema", "never")
+    assert never.returncode == 1, never.stdout + never.stderr
+    assert f"failed at revision {failing} " in never.stdout.splitlines()[-1]
+    assert migrate.status(settings).current == (failing,)
+
+    done = _opslib(settings, tmp_path / "b", "run", "reset")
+    assert done.returncode == 0, done.stdout + done.stderr
+    last = done.stdout.splitlines()[-1]
+    assert "reset succeeded" in last and "schema public was recreated (a downgrade failed: " in last
+    record = _record(tmp_path / "b")
+    steps = {s["name"]: s for s in record["steps"]}
+    assert (
+        steps["downgrade base"]["outcome"] == "failed"
+        and f"at revision {failing} " in steps["downgrade base"]["error"]
+    )
+    assert steps["recreate schema"]["outcome"] == "succeeded"
+    recreated = record["schema_recreated"]
+    assert recreated["reason"].startswith("a downgrade failed: ") and "table users" in recreated["dropped"]
+    assert record["revisions_after"] == [landmarks["head"]]
+    assert _schema_state(settings.database_url) == before  # owner, comment and grants as they were
+    events = query(
+        settings.database_url,
+        "SELECT revision, direction FROM opslib.revision_events WHERE direction = 'recreate schema'",
+    )
+    assert [tuple(e) for e in events] == [("(schema public)", "recreate schema")]
