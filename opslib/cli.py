@@ -230,7 +230,10 @@ def _migrations(settings, args: argparse.Namespace) -> int:
         made = migrate.revision(settings, args.message, autogenerate=args.autogenerate)
         print(f"created revision {made.revision}: {made.path}\nreview it before `opslib upgrade`")
     elif args.command == "sql":
-        sys.stdout.write(migrate.offline_sql(settings, args.range, x_args=args.x_args))
+        rendered = migrate.script_sql(settings, args.range, x_args=args.x_args)
+        sys.stdout.write(rendered.sql)
+        for revision, why in rendered.unrendered:
+            print(f"opslib: warning: revision {revision} is only partly in this SQL: {why}", file=sys.stderr)
     return EXIT_OK
 
 

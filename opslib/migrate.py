@@ -888,8 +888,8 @@ class OfflineSQL:
     unrendered: tuple[tuple[str, str], ...] = ()
 
 
-def offline_sql(settings: Settings, revision_range: str, *, x_args: Sequence[str] = ()) -> str:
-    """The SQL that would run for ``FROM:TO`` (an upgrade, or a downgrade when TO is older), without connecting."""
+def _parse_range(settings: Settings, revision_range: str):
+    """(script, FROM, TO, is a downgrade) of a ``FROM:TO`` range, refused when malformed or unknown."""
     revision_range = _check_revision_text(revision_range, "revision range")
     if revision_range.count(":") != 1:
         raise InvalidInput(f"give a revision range FROM:TO (e.g. 0003:head), not {revision_range!r}")
@@ -900,11 +900,32 @@ def offline_sql(settings: Settings, revision_range: str, *, x_args: Sequence[str
     start_ids = tuple(s.revision for s in resolve(script, start))
     end_ids = tuple(s.revision for s in resolve(script, end))
     downgrade_ = _is_downgrade(script, start_ids, end_ids, revision_range)
+    return script, start, end, downgrade_
+
+
+def offline_sql(settings: Settings, revision_range: str, *, x_args: Sequence[str] = ()) -> str:
+    """The SQL that would run for ``FROM:TO`` (an upgrade, or a downgrade when TO is older), without
+    connecting; a revision that cannot be rendered offline is refused, naming it."""
+    script, start, end, downgrade_ = _parse_range(settings, revision_range)
     rendered = _render(settings, script, start, end, downgrade_, x_args, resume=False)
     if rendered.unrendered:
         rev, why = rendered.unrendered[0]
         raise PreconditionFailed(f"sql {revision_range}: revision {rev} cannot be rendered offline: {why}")
     return rendered.sql
+
+
+def script_sql(settings: Settings, revision_range: str, *, x_args: Sequence[str] = ()) -> OfflineSQL:
+    """What ``opslib sql`` prints: a script ``psql -v ON_ERROR_STOP=1`` runs whole.
+
+    An upgrade through a revision that reads data (which offline mode cannot) keeps that revision's
+    statements up to the read, says so in a comment, and moves the version table on, so the rest of
+    the script applies; the revision is named in ``unrendered`` for the caller to warn about. Its
+    remaining statements change data only; on an empty database there is none.
+    """
+    script, start, end, downgrade_ = _parse_range(settings, revision_range)
+    if downgrade_:
+        return OfflineSQL(offline_sql(settings, revision_range, x_args=x_args))
+    return _render(settings, script, start, end, False, x_args, resume=True, bump=version_table(settings))
 
 
 def render_pending(
@@ -932,6 +953,7 @@ def _render(
     x_args: Sequence[str],
     *,
     resume: bool,
+    bump: tuple[str | None, str] | None = None,
 ) -> OfflineSQL:
     parts: list[str] = []
     unrendered: list[tuple[str, str]] = []
@@ -967,8 +989,12 @@ def _render(
                     f"sql {shown}:{end}: the project's env.py failed offline: {why}"
                 ) from err
             failed = markers[-1].group(3)
+            if isinstance(err, AttributeError) and "NoneType" in str(err):
+                why += " (it reads data, which offline mode does not have)"
             unrendered.append((failed, why))
             part = text[: markers[-1].start()]
+            if bump is not None:  # keep what it rendered, and move the version on past it
+                part = text + _past_unrendered(failed, markers[-1].group(2), why, bump)
             # env.py's one transaction was left open at the failure: close it, as the rest is rendered apart.
             if len(re.findall(r"^BEGIN;$", part, re.M)) > len(re.findall(r"^COMMIT;$", part, re.M)):
                 part += "COMMIT;\n\n"
@@ -982,6 +1008,23 @@ def _render(
             continue
         parts.append(buf.getvalue())
         return OfflineSQL("".join(parts), tuple(unrendered))
+
+
+def _past_unrendered(revision: str, previous: str, why: str, where: tuple[str | None, str]) -> str:
+    """SQL comments saying where a revision stopped rendering, then its version table update."""
+    schema, table = where
+    name = f"{schema}.{table}" if schema else table
+    if previous and "," in previous:  # a merge: the version rows are Alembic's to rewrite
+        move = f"-- (the version table is left to Alembic: {revision} merges {previous})\n"
+    elif previous:
+        move = f"UPDATE {name} SET version_num='{revision}' WHERE {name}.version_num = '{previous}';\n"
+    else:
+        move = f"INSERT INTO {name} (version_num) VALUES ('{revision}');\n"
+    return (
+        f"\n-- opslib: revision {revision} stops here offline: {why}.\n"
+        "-- Its remaining statements only change data, and are not in this script: run it online\n"
+        f"-- (opslib upgrade {revision}) where there is data to change.\n{move}\n"
+    )
 
 
 def _heads_of(script: ScriptDirectory, revisions: set[str]) -> str | tuple[str, ...]:

@@ -196,3 +196,29 @@ def test_reset_stops_at_a_failed_downgrade_or_recreates_the_schema_visibly(longl
         "SELECT revision, direction FROM opslib.revision_events WHERE direction = 'recreate schema'",
     )
     assert [tuple(e) for e in events] == [("(schema public)", "recreate schema")]
+
+
+def test_sql_of_the_whole_chain_runs_in_psql_with_on_error_stop(longlived, tmp_path):
+    """`opslib sql base:head | psql -v ON_ERROR_STOP=1` on an empty database, the revision that reads data included."""
+    from opslib import pgtools
+
+    from .conftest import libpq
+
+    settings, landmarks, _ = longlived
+    done = _opslib(settings, tmp_path / "w", "sql", "base:head")
+    assert done.returncode == 0, done.stderr
+    (warning,) = done.stderr.splitlines()
+    assert (
+        f"revision {landmarks['reads_data']} is only partly in this SQL" in warning
+        and "reads data" in warning
+    )
+    assert "Running upgrade" not in done.stderr and not any(
+        line.startswith(("INFO", "print")) for line in done.stdout.splitlines()
+    )
+    psql = pgtools.find_all("psql")[0].path
+    ran = subprocess.run(
+        [psql, "-X", "-q", "-v", "ON_ERROR_STOP=1", libpq(settings.database_url)],
+        input=done.stdout, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert ran.returncode == 0, ran.stderr
+    assert query(settings.database_url, "SELECT version_num FROM alembic_version") == [(landmarks["head"],)]
