@@ -268,3 +268,31 @@ def test_offline_rendering_resumes_after_an_unrenderable_revision_without_repeat
     assert [rev for rev, _ in rendered.unrendered] == ["a2"]
     for rev in ("r0", "a1", "b1", "m3", "r4"):
         assert rendered.sql.count(f"CREATE TABLE t_{rev} ") == 1, rev
+
+
+def test_a_failed_downgrade_names_the_revision_that_raised_with_a_per_revision_env(database_url, tmp_path):
+    """The scenario env.py commits each revision itself; the error names the revision whose downgrade raised."""
+    shutil.copytree(Path(__file__).parent / "fixtures" / "_shared", tmp_path / "fixtures" / "_shared")
+    (tmp_path / "versions").mkdir()
+    (tmp_path / "alembic.ini").write_text(
+        "[alembic]\nscript_location = %(here)s/fixtures/_shared\nversion_locations = %(here)s/versions\n"
+        "path_separator = os\n"
+    )
+    bodies = {
+        "d1": ("op.execute('CREATE TABLE d1 (id int)')", "op.execute('DROP TABLE d1')"),
+        "d2": ("op.execute('CREATE TABLE d2 (id int)')", "op.execute('DROP TABLE no_such_table')"),
+        "d3": ("op.execute('CREATE TABLE d3 (id int)')", "op.execute('DROP TABLE d3')"),
+    }
+    for n, (rev, (up, down)) in enumerate(bodies.items()):
+        parent = f"'d{n}'" if n else "None"
+        (tmp_path / "versions" / f"{rev}.py").write_text(
+            f'"""table {rev} for the downgrade test"""\nfrom alembic import op\nrevision = "{rev}"\n'
+            f"down_revision = {parent}\n\ndef upgrade():\n    {up}\n\ndef downgrade():\n    {down}\n"
+        )
+    settings = replace(settings_for(database_url, tmp_path), alembic_ini=tmp_path / "alembic.ini")
+    migrate.upgrade(settings)
+    with pytest.raises(MigrationFailed) as failed:
+        migrate.downgrade(settings, "base")
+    message = failed.value.message
+    assert "failed at revision d2 (table d2 for the downgrade test): UndefinedTable: " in message
+    assert "is now at d2" in message and migrate.status(settings).current == ("d2",)
