@@ -17,6 +17,7 @@ import argparse
 import asyncio
 import contextvars
 import io
+import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, redirect_stderr, redirect_stdout
@@ -393,8 +394,18 @@ def _capture_alembic_output(buf: io.StringIO | None = None) -> Iterator[io.Strin
     configures logging at INFO (``fileConfig``) cannot flood a terminal or a notebook, line by line.
     """
     buf = io.StringIO() if buf is None else buf
-    with redirect_stdout(buf), redirect_stderr(buf):
-        yield buf
+    # Logging handlers hold the stream they were made with (the command's own basicConfig holds the real
+    # stderr): for the run, the root logger writes to the buffer instead, whatever env.py configures.
+    root = logging.getLogger()
+    saved = root.handlers[:]
+    capture = logging.StreamHandler(buf)
+    capture.setFormatter(logging.Formatter("%(levelname)-5.5s [%(name)s] %(message)s"))
+    root.handlers = [capture]
+    try:
+        with redirect_stdout(buf), redirect_stderr(buf):
+            yield buf
+    finally:
+        root.handlers = saved
 
 
 def _run_env(

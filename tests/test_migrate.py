@@ -296,3 +296,33 @@ def test_a_failed_downgrade_names_the_revision_that_raised_with_a_per_revision_e
     message = failed.value.message
     assert "failed at revision d2 (table d2 for the downgrade test): UndefinedTable: " in message
     assert "is now at d2" in message and migrate.status(settings).current == ("d2",)
+
+
+def test_what_revisions_print_and_log_stays_off_the_commands_output(run_cli, tmp_path):
+    """print, logging and structlog from a revision: kept out of stdout (and stderr), shown with -v."""
+    shutil.copytree(Path(__file__).parent / "fixtures" / "_shared", tmp_path / "fixtures" / "_shared")
+    (tmp_path / "versions").mkdir()
+    (tmp_path / "alembic.ini").write_text(
+        "[alembic]\nscript_location = %(here)s/fixtures/_shared\nversion_locations = %(here)s/versions\n"
+        "path_separator = os\n"
+    )
+    (tmp_path / "versions" / "c1.py").write_text(
+        '"""chatty table creation"""\nimport logging\nimport structlog\nfrom alembic import op\n'
+        'revision = "c1"\ndown_revision = None\n\n'
+        "def upgrade():\n    print('PRINTED-LINE')\n    logging.getLogger('app').warning('LOGGED-LINE')\n"
+        "    structlog.get_logger().info('STRUCTLOG-LINE')\n    op.execute('CREATE TABLE c1 (id int)')\n\n"
+        "def downgrade():\n    op.execute('DROP TABLE c1')\n"
+    )
+    env = {"OPSLIB_ALEMBIC_INI": str(tmp_path / "alembic.ini")}
+    sql = run_cli("sql", "base:c1", env=env)
+    assert sql.returncode == 0 and sql.stdout.lstrip().startswith(("BEGIN", "CREATE TABLE alembic_version"))
+    assert not any(s in sql.stdout + sql.stderr for s in ("PRINTED-LINE", "LOGGED-LINE", "STRUCTLOG-LINE"))
+    quiet = run_cli("upgrade", env=env)
+    assert quiet.returncode == 0, quiet.stderr
+    assert not any(
+        s in quiet.stdout + quiet.stderr for s in ("PRINTED-LINE", "LOGGED-LINE", "STRUCTLOG-LINE")
+    )
+    run_cli("downgrade", "base", env=env)
+    loud = run_cli("-v", "upgrade", env=env)
+    assert all(s in loud.stderr for s in ("PRINTED-LINE", "LOGGED-LINE", "STRUCTLOG-LINE"))
+    assert "PRINTED-LINE" not in loud.stdout
