@@ -417,8 +417,12 @@ def _run_env(
     starting_rev: str | None = None,
     destination_rev=None,
     on_version_apply: Callable | None = None,
+    lock_timeout_ms: int | None = None,
 ) -> None:
     """Run the project's env.py once with ``fn`` as the work, as ``alembic.command`` does, on our loaded script.
+
+    ``lock_timeout_ms`` is set on the connection env.py configures when its driver does not read
+    ``PGOPTIONS`` (asyncpg): libpq's connections get it from there.
 
     With ``on_version_apply`` (a change to the database), opslib's terms are added to whatever
     env.py passes to ``context.configure``: each revision commits on its own
@@ -438,6 +442,13 @@ def _run_env(
             kwargs.get("version_table_schema") or None,
             kwargs.get("version_table") or "alembic_version",
         )
+        connection = kwargs.get("connection")
+        if lock_timeout_ms and connection is not None and connection.dialect.driver != "psycopg2":
+            if not connection.in_transaction():  # never inside a transaction env.py began itself
+                connection.execute(
+                    sa.text("SELECT set_config('lock_timeout', :v, false)"), {"v": f"{lock_timeout_ms}ms"}
+                )
+                connection.commit()
         if on_version_apply is not None:
             given = kwargs.get("on_version_apply") or ()
             kwargs["on_version_apply"] = [*([given] if callable(given) else given), on_version_apply]
@@ -561,7 +572,14 @@ def _run_change(
             work = lambda rev, context: script._downgrade_revs(dest, rev)  # noqa: E731
 
         def attempt() -> None:
-            _run_env(cfg, script, work, destination_rev=dest, on_version_apply=progress)
+            _run_env(
+                cfg,
+                script,
+                work,
+                destination_rev=dest,
+                on_version_apply=progress,
+                lock_timeout_ms=max(int(settings.ddl_lock_timeout_s * 1000), 1),
+            )
 
         def after_timeout() -> str:
             # Revisions before the one that timed out have committed; say which one is retried.

@@ -73,3 +73,34 @@ def test_an_async_project_upgrades_and_deploys_unchanged(async_project, make_dat
     assert [s["name"] for s in record["steps"] if s["name"].startswith("upgrade ")] == ["upgrade n001"]
     assert query(second, "SELECT to_regclass('public.notes') IS NOT NULL")[0][0]
     assert (async_project.parent / "migrations" / "env.py").read_text() == env_py  # untouched
+
+
+def test_an_async_projects_migrations_give_up_on_a_held_lock_like_any_other(
+    async_project, database_url, tmp_path
+):
+    """asyncpg does not read PGOPTIONS: opslib sets lock_timeout on the connection env.py configures."""
+    import psycopg2
+
+    from .conftest import libpq
+
+    (async_project.parent / "migrations" / "versions" / "n002_add_note_author.py").write_text(
+        '"""add author to notes"""\nimport sqlalchemy as sa\nfrom alembic import op\n'
+        'revision = "n002"\ndown_revision = "n001"\n\n'
+        "def upgrade():\n    op.add_column('notes', sa.Column('author', sa.Text))\n\n"
+        "def downgrade():\n    op.drop_column('notes', 'author')\n"
+    )
+    assert _opslib(database_url, async_project, tmp_path / "cli", "upgrade", "n001").returncode == 0
+    blocker = psycopg2.connect(libpq(database_url))
+    blocker.cursor().execute("BEGIN; LOCK TABLE notes IN ACCESS SHARE MODE")
+    try:
+        env_extra = {"OPSLIB_DDL_LOCK_TIMEOUT": "0.3", "OPSLIB_DDL_RETRIES": "1"}
+        full = {k: v for k, v in os.environ.items() if not k.startswith(("OPSLIB_", "DATABASE_URL"))}
+        full.update(DATABASE_URL=database_url, OPSLIB_ALEMBIC_INI=str(async_project), **env_extra)
+        done = subprocess.run(
+            [OPSLIB, "upgrade"], cwd=tmp_path, env=full, capture_output=True, text=True, timeout=60
+        )
+    finally:
+        blocker.rollback()
+        blocker.close()
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "could not get its locks within lock_timeout 0.3 s in 2 attempts" in done.stderr
