@@ -152,6 +152,16 @@ def run_cli(database_url):
     return run
 
 
+def opslib_cli(
+    url: str, alembic_ini: Path, cwd: Path, *args: str, env: dict | None = None
+) -> subprocess.CompletedProcess:
+    """The real ``opslib`` command on ``url`` and the project of ``alembic_ini``, run in ``cwd`` (made if missing)."""
+    full = {k: v for k, v in os.environ.items() if not k.startswith(("OPSLIB_", "DATABASE_URL"))}
+    full.update(DATABASE_URL=url, OPSLIB_ALEMBIC_INI=str(alembic_ini), **(env or {}))
+    cwd.mkdir(parents=True, exist_ok=True)
+    return subprocess.run([OPSLIB, *args], cwd=cwd, env=full, capture_output=True, text=True, timeout=300)
+
+
 def libpq(url: str) -> str:
     """The URL in the form libpq (psycopg2.connect, psql) accepts: no +driver in the scheme."""
     return db.parse_url(url).set(drivername="postgresql").render_as_string(hide_password=False)

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from .conftest import OPSLIB, query
+from .conftest import opslib_cli, query
 
 REVISION = '''"""create notes table"""
 
@@ -48,25 +47,18 @@ def async_project(tmp_path) -> Path:
     return ini
 
 
-def _opslib(url: str, ini: Path, cwd: Path, *args: str) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("OPSLIB_", "DATABASE_URL"))}
-    env.update(DATABASE_URL=url, OPSLIB_ALEMBIC_INI=str(ini))
-    cwd.mkdir(exist_ok=True)
-    return subprocess.run([OPSLIB, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
-
-
 def test_an_async_project_upgrades_and_deploys_unchanged(async_project, make_database, tmp_path):
     env_py = (async_project.parent / "migrations" / "env.py").read_text()
     assert "asyncio.run(" in env_py and "async_engine_from_config" in env_py
 
     first = make_database()
-    up = _opslib(first, async_project, tmp_path / "cli", "upgrade")
+    up = opslib_cli(first, async_project, tmp_path / "cli", "upgrade")
     assert up.returncode == 0, up.stdout + up.stderr
     assert "after : n001" in up.stdout
     assert query(first, "SELECT revision FROM opslib.revision_events") == [("n001",)]
 
     second = make_database()
-    deploy = _opslib(second, async_project, tmp_path / "run", "run", "deploy")
+    deploy = opslib_cli(second, async_project, tmp_path / "run", "run", "deploy")
     assert deploy.returncode == 0, deploy.stdout + deploy.stderr
     (record,) = [json.loads(p.read_text()) for p in (tmp_path / "run" / "records").glob("*.json")]
     assert record["revisions_after"] == ["n001"]
@@ -89,16 +81,14 @@ def test_an_async_projects_migrations_give_up_on_a_held_lock_like_any_other(
         "def upgrade():\n    op.add_column('notes', sa.Column('author', sa.Text))\n\n"
         "def downgrade():\n    op.drop_column('notes', 'author')\n"
     )
-    assert _opslib(database_url, async_project, tmp_path / "cli", "upgrade", "n001").returncode == 0
+    assert opslib_cli(database_url, async_project, tmp_path / "cli", "upgrade", "n001").returncode == 0
     blocker = psycopg2.connect(libpq(database_url))
     blocker.cursor().execute("BEGIN; LOCK TABLE notes IN ACCESS SHARE MODE")
     try:
-        env_extra = {"OPSLIB_DDL_LOCK_TIMEOUT": "0.3", "OPSLIB_DDL_RETRIES": "1"}
-        full = {k: v for k, v in os.environ.items() if not k.startswith(("OPSLIB_", "DATABASE_URL"))}
-        full.update(DATABASE_URL=database_url, OPSLIB_ALEMBIC_INI=str(async_project), **env_extra)
-        done = subprocess.run(
-            [OPSLIB, "upgrade"], cwd=tmp_path, env=full, capture_output=True, text=True, timeout=60
-        )
+        done = opslib_cli(
+            database_url, async_project, tmp_path, "upgrade",
+            env={"OPSLIB_DDL_LOCK_TIMEOUT": "0.3", "OPSLIB_DDL_RETRIES": "1"},
+        )  # fmt: skip
     finally:
         blocker.rollback()
         blocker.close()

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import subprocess
 from pathlib import Path
 
@@ -14,7 +13,7 @@ import pytest
 
 from opslib import migrate
 
-from .conftest import OPSLIB, query, schema_snapshot, settings_for
+from .conftest import opslib_cli, query, schema_snapshot, settings_for
 
 
 @pytest.fixture
@@ -37,10 +36,7 @@ def _files(folder: Path) -> dict[str, str]:
 
 
 def _opslib(settings, cwd: Path, *args: str) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("OPSLIB_", "DATABASE_URL"))}
-    env.update(DATABASE_URL=settings.database_url, OPSLIB_ALEMBIC_INI=str(settings.alembic_ini))
-    cwd.mkdir(exist_ok=True)
-    return subprocess.run([OPSLIB, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    return opslib_cli(settings.database_url, settings.alembic_ini, cwd, *args)
 
 
 def _record(cwd: Path) -> dict:

@@ -3,19 +3,10 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 
 from opslib import backup, migrate
 
-from .conftest import OPSLIB, query, settings_for
-
-
-def _run(url, ini, cwd, *args) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("OPSLIB_", "DATABASE_URL"))}
-    env.update(DATABASE_URL=url, OPSLIB_ALEMBIC_INI=str(ini))
-    cwd.mkdir(exist_ok=True)
-    return subprocess.run([OPSLIB, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+from .conftest import opslib_cli, query, settings_for
 
 
 def test_the_revision_is_read_where_the_project_keeps_it(database_url, project, tmp_path):
@@ -27,11 +18,11 @@ def test_the_revision_is_read_where_the_project_keeps_it(database_url, project, 
     assert query(database_url, "SELECT to_regclass('public.alembic_version') IS NULL")[0][0]
     assert migrate.status(settings).current == ("v001",)
 
-    deploy = _run(database_url, ini, tmp_path / "work", "run", "deploy")
+    deploy = opslib_cli(database_url, ini, tmp_path / "work", "run", "deploy")
     assert deploy.returncode == 0, deploy.stdout + deploy.stderr
-    status = _run(database_url, ini, tmp_path / "work", "status", "--json")
+    status = opslib_cli(database_url, ini, tmp_path / "work", "status", "--json")
     assert json.loads(status.stdout)["current"] == ["v002"]
-    rollback = _run(database_url, ini, tmp_path / "work", "run", "rollback")
+    rollback = opslib_cli(database_url, ini, tmp_path / "work", "run", "rollback")
     assert rollback.returncode == 0, rollback.stdout + rollback.stderr
     records = [json.loads(p.read_text()) for p in sorted((tmp_path / "work" / "records").glob("*.json"))]
     assert [(r["runbook"], r["revisions_before"], r["revisions_after"]) for r in records] == [
