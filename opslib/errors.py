@@ -88,3 +88,18 @@ class ReportFailed(OpsError):
     """The audit report or its screenshot could not be made; the records are untouched (exit 1)."""
 
     exit_code = 1
+
+
+class BackupNotTaken(PreconditionFailed):
+    """A backup could not be taken (disk full, pg_dump failed); the database was not touched (exit 3)."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """The run was stopped by a signal: SIGINT (Ctrl-C, exit 130) or SIGTERM (a cancelled job, exit 143).
+
+    A KeyboardInterrupt, so that code which already stops cleanly on Ctrl-C stops the same way on SIGTERM.
+    """
+
+    def __init__(self, signum: int = 2):
+        super().__init__(f"interrupted by signal {signum}")
+        self.signum = signum
