@@ -8,6 +8,13 @@ BIN    := $(VENV)/bin
 OPSLIB := $(BIN)/opslib
 STAMP  := $(VENV)/.installed
 
+# What users pass (make migrate-create message="fix users' emails") never reaches the shell as text:
+# each variable is taken unexpanded ($(value ...), so make expands no $(...) in it either), exported,
+# and recipes read it as "$$name". Add any new user variable to this list and quote it the same way.
+USER_VARS := message revision label confirm out
+$(foreach v,$(USER_VARS),$(if $(filter undefined,$(origin $(v))),,$(eval override $(v) := $$(value $(v)))))
+export $(USER_VARS)
+
 .DEFAULT_GOAL := help
 .PHONY: help install demo test lab migrate-create migrate-create-manual migrate-up migrate-down \
         migrate-down-to migrate-status migrate-show bench backup-db verify-setup \
@@ -85,17 +92,18 @@ lab: $(STAMP)
 
 # --- the guide's migration targets ---------------------------------------------------------------
 
-define require
-	@test -n "$($(1))" || { echo "make $@: give $(1)=..., e.g. make $@ $(1)=$(2)" >&2; exit 2; }
-endef
+# $(call require,VAR,EXAMPLE): stop with one line (exit 2) when VAR is unset or blank.
+require = $(if $(value $(1)),,$(error make $@: give $(1)=..., e.g. make $@ $(1)=$(2)))
+# $(call opt,FLAG,VAR): the shell words FLAG "$VAR" when VAR is given and not blank, else nothing.
+opt = $(if $(value $(2)),$(1) "$$$(2)")
 
 migrate-create: $(STAMP)
 	$(call require,message,add_user_profile_table)
-	$(OPSLIB) revision --autogenerate -m '$(message)'
+	$(OPSLIB) revision --autogenerate -m "$$message"
 
 migrate-create-manual: $(STAMP)
 	$(call require,message,add_custom_indexes)
-	$(OPSLIB) revision -m '$(message)'
+	$(OPSLIB) revision -m "$$message"
 
 migrate-up: $(STAMP)
 	$(OPSLIB) upgrade head
@@ -105,7 +113,7 @@ migrate-down: $(STAMP)
 
 migrate-down-to: $(STAMP)
 	$(call require,revision,abc123)
-	$(OPSLIB) downgrade '$(revision)'
+	$(OPSLIB) downgrade "$$revision"
 
 migrate-status: $(STAMP)
 	$(OPSLIB) status
@@ -114,31 +122,31 @@ migrate-status: $(STAMP)
 
 migrate-show: $(STAMP)
 	$(call require,revision,abc123)
-	$(OPSLIB) show '$(revision)'
+	$(OPSLIB) show "$$revision"
 
 # --- backups (the guide's "Backup and Safety") --------------------------------------------------------
 
 backup-db: $(STAMP)
-	$(OPSLIB) backup $(if $(label),--label '$(label)')
+	$(OPSLIB) backup $(call opt,--label,label)
 
 verify-setup: $(STAMP)
 	$(OPSLIB) verify-setup
 
 pre-deploy-check: $(STAMP)
-	$(OPSLIB) check $(if $(revision),--target '$(revision)')
+	$(OPSLIB) check $(call opt,--target,revision)
 
 # --- the guide's production workflows, as runbooks (records in records/) -------------------------------
 
 deploy-prod: $(STAMP)
-	$(OPSLIB) run deploy --env production -p confirm '$(confirm)' $(if $(revision),-p target_revision '$(revision)')
+	$(OPSLIB) run deploy --env production -p confirm "$$confirm" $(call opt,-p target_revision,revision)
 
 rollback-prod: $(STAMP)
-	$(OPSLIB) run rollback --env production -p confirm '$(confirm)' $(if $(revision),-p target_revision '$(revision)')
+	$(OPSLIB) run rollback --env production -p confirm "$$confirm" $(call opt,-p target_revision,revision)
 
 db-reset: $(STAMP)
-	$(OPSLIB) run reset $(if $(confirm),-p confirm '$(confirm)')
+	$(OPSLIB) run reset $(call opt,-p confirm,confirm)
 
 # --- records, for auditors --------------------------------------------------------------------------
 
 audit-report: $(STAMP) browser
-	$(OPSLIB) audit report --screenshot $(if $(out),--out '$(out)')
+	$(OPSLIB) audit report --screenshot $(call opt,--out,out)

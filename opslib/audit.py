@@ -10,6 +10,7 @@ Nothing here ever holds a password: databases are recorded as host, port and nam
 
 from __future__ import annotations
 
+import dataclasses
 import fcntl
 import hashlib
 import json
@@ -17,19 +18,23 @@ import os
 import secrets
 import socket
 import subprocess
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Iterator
 
-from opslib import __version__
+from opslib.errors import ConfigError, InvalidInput, PreconditionFailed
+from opslib.record import RunRecord
+from opslib.redact import redact_urls_in, scrub_password
 
 STAMP = "%Y%m%dT%H%M%SZ"
 LEDGER = "ledger.jsonl"
-OUTCOMES = ("succeeded", "failed", "refused", "interrupted")
 
-# Set by `opslib run` for the kernel it starts: the record's run id and file stem.
+# Set by `opslib run` for the kernel it starts: the record's run id and file stem, and the runner's pid.
 RUN_ID_ENV = "OPSLIB_RUN_ID"
 RUN_STEM_ENV = "OPSLIB_RUN_STEM"
+RUNNER_PID_ENV = "OPSLIB_RUNNER_PID"
 
 
 def now() -> datetime:
@@ -61,29 +66,67 @@ def git_commit(cwd: Path | None = None) -> str | None:
     return out.stdout.strip() if out.returncode == 0 else None
 
 
-def new_record(runbook: str, run_id: str, started: datetime, *, operator: str, env: str) -> dict:
-    """A sidecar for a run that has just started."""
-    return {
-        "run_id": run_id,
-        "runbook": runbook,
-        "parameters": None,
-        "operator": operator,
-        "host": socket.gethostname(),
-        "opslib_version": __version__,
-        "git_commit": git_commit(),
-        "env": env,
-        "database": None,
-        "revisions_before": None,
-        "revisions_after": None,
-        "backup": None,
-        "steps": [],
-        "outcome": "running",
-        "exit_code": None,
-        "error": None,
-        "notebook": None,
-        "started_at": iso(started),
-        "finished_at": None,
-    }
+def new_record(runbook: str, run_id: str, started: datetime, *, operator: str, env: str) -> RunRecord:
+    """The record of a run that has just started."""
+    return RunRecord(
+        run_id=run_id,
+        runbook=runbook,
+        operator=operator,
+        env=env,
+        started_at=iso(started),
+        git_commit=git_commit(),
+        pids=_run_pids(),
+    )
+
+
+def _run_pids() -> list[int]:
+    # Under `opslib run` the kernel writes the record and the runner seals it: both are the run's.
+    runner = os.environ.get(RUNNER_PID_ENV, "")
+    return [os.getpid()] + ([int(runner)] if runner.isdigit() and int(runner) != os.getpid() else [])
+
+
+def application_name(runbook: str, run_id: str) -> str:
+    """The application_name of every session a run opens: names the run, so a dead run's sessions can be found."""
+    return f"opslib {runbook} run {run_id}"
+
+
+def ensure_records_dir(records_dir: Path) -> Path:
+    """The records folder, created if missing; one that cannot hold records is a :class:`ConfigError`."""
+    records_dir = Path(records_dir)
+    try:
+        records_dir.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise ConfigError(
+            f"the records folder {records_dir} is a file, not a folder: set OPSLIB_RECORDS_DIR to a folder"
+        ) from None
+    except OSError as err:
+        raise ConfigError(f"cannot create the records folder {records_dir}: {err.strerror}") from None
+    if not os.access(records_dir, os.W_OK | os.X_OK):
+        raise ConfigError(
+            f"the records folder {records_dir} is not writable by this user: set OPSLIB_RECORDS_DIR to one that is"
+        )
+    return records_dir
+
+
+def require_records_dir(records_dir: Path) -> Path:
+    """The records folder to read: missing is fine (no runs yet), anything else but a folder is a :class:`ConfigError`."""
+    records_dir = Path(records_dir)
+    if records_dir.exists() and not records_dir.is_dir():
+        raise ConfigError(
+            f"the records folder {records_dir} is a file, not a folder: set OPSLIB_RECORDS_DIR to a folder"
+        )
+    return records_dir
+
+
+def scrub_notebook(path: Path, database_url: str | None) -> None:
+    """Remove passwords from an executed notebook before it is sealed: every ``scheme://user:password@``
+    in it, and the target URL's password in raw and percent-encoded forms (a traceback may show either)."""
+    text = path.read_text(encoding="utf-8")
+    clean = redact_urls_in(text)
+    if database_url:
+        clean = scrub_password(clean, database_url)
+    if clean != text:
+        path.write_text(clean, encoding="utf-8")
 
 
 def sidecar_path(records_dir: Path, stem: str) -> Path:
@@ -91,22 +134,31 @@ def sidecar_path(records_dir: Path, stem: str) -> Path:
     return Path(records_dir) / f"{stem}.json"
 
 
-def write_sidecar(records_dir: Path, stem: str, record: dict) -> Path:
-    """Write (or rewrite) a run's sidecar atomically."""
+def write_sidecar(records_dir: Path, stem: str, record: RunRecord) -> Path:
+    """Write (or rewrite) a run's sidecar atomically (a kill while writing leaves the previous one whole)."""
     path = sidecar_path(records_dir, stem)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.partial")
-    tmp.write_text(json.dumps(record, indent=2, default=str) + "\n")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    tmp.write_text(json.dumps(record.to_dict(), indent=2, default=str) + "\n")
     os.replace(tmp, path)
     return path
 
 
 def read_sidecar(records_dir: Path, stem: str) -> dict | None:
-    """A run's sidecar, or None when the run never wrote one."""
+    """A run's sidecar as written (JSON), or None when the run never wrote one."""
     path = sidecar_path(records_dir, stem)
     if not path.is_file():
         return None
     return json.loads(path.read_text())
+
+
+def load_record(records_dir: Path, stem: str) -> RunRecord | None:
+    """A run's sidecar as a :class:`RunRecord`, to continue it; None when there is none (or it is not JSON)."""
+    try:
+        data = read_sidecar(records_dir, stem)
+    except ValueError:
+        return None
+    return RunRecord.from_dict(data) if isinstance(data, dict) else None
 
 
 GENESIS = "0" * 64
@@ -128,7 +180,7 @@ def entry_hash(entry: dict) -> str:
     return hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def append_ledger(records_dir: Path, stem: str, record: dict) -> Path:
+def append_ledger(records_dir: Path, stem: str, record: RunRecord) -> Path:
     """Append the run's entry to ``ledger.jsonl``, chained to the entry before it.
 
     The entry holds the sha256 of the sidecar and of the executed notebook (when there is one) and
@@ -139,19 +191,19 @@ def append_ledger(records_dir: Path, stem: str, record: dict) -> Path:
     records_dir = Path(records_dir)
     path = records_dir / LEDGER
     path.parent.mkdir(parents=True, exist_ok=True)
-    notebook = record.get("notebook")
+    notebook = record.notebook
     entry = {
-        "run_id": record["run_id"],
-        "runbook": record["runbook"],
-        "outcome": record["outcome"],
-        "exit_code": record["exit_code"],
-        "env": record["env"],
-        "operator": record["operator"],
-        "database": record["database"],
-        "revisions_before": record["revisions_before"],
-        "revisions_after": record["revisions_after"],
-        "started_at": record["started_at"],
-        "finished_at": record["finished_at"],
+        "run_id": record.run_id,
+        "runbook": record.runbook,
+        "outcome": str(record.outcome),
+        "exit_code": record.exit_code,
+        "env": record.env,
+        "operator": record.operator,
+        "database": dataclasses.asdict(record.database) if record.database else None,
+        "revisions_before": record.revisions_before,
+        "revisions_after": record.revisions_after,
+        "started_at": record.started_at,
+        "finished_at": record.finished_at,
         "sidecar": f"{stem}.json",
         "sidecar_sha256": _sha256(records_dir / f"{stem}.json"),
         "notebook": notebook,
@@ -202,8 +254,6 @@ def check_ledger(records_dir: Path) -> LedgerCheck:
 
     Raises :class:`~opslib.errors.PreconditionFailed` when ``ledger.jsonl`` is not JSON lines.
     """
-    from opslib.errors import PreconditionFailed
-
     records_dir = Path(records_dir)
     try:
         entries = read_ledger(records_dir)
@@ -240,18 +290,90 @@ def check_ledger(records_dir: Path) -> LedgerCheck:
     return LedgerCheck(entries, by_entry, _unvouched(records_dir, entries))
 
 
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{int(pid)}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie has ended
+    except FileNotFoundError:
+        return False
+    except OSError:  # no /proc: ask the kernel
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return True
+
+
+def run_is_live(record: dict) -> bool:
+    """True while a record's run may still write it: one of its processes is alive on this host, or
+    it is a running record from another host (whose processes cannot be seen from here)."""
+    pids = record.get("pids") or []
+    if not pids or record.get("host") != socket.gethostname():
+        return record.get("outcome") == "running"
+    return any(_alive(pid) for pid in pids)
+
+
+def _unsealed(records_dir: Path, vouched: set) -> list[tuple[Path, dict | None]]:
+    """Sidecars no ledger entry vouches for, with their JSON (None when it is not JSON)."""
+    found = []
+    for path in sorted(records_dir.glob("*.json")):
+        if path.name in vouched or path.name.startswith("."):
+            continue
+        try:
+            data = json.loads(path.read_text())
+        except ValueError:
+            data = None
+        found.append((path, data if isinstance(data, dict) else None))
+    return found
+
+
+def abandoned_stems(records_dir: Path) -> list[str]:
+    """The runs whose processes ended (on this host) without sealing their record: killed with SIGKILL,
+    a kernel that died, a machine that lost power. Their sidecars are not in the ledger yet."""
+    records_dir = Path(records_dir)
+    try:
+        vouched = {e.get("sidecar") for e in read_ledger(records_dir)}
+    except ValueError:
+        return []  # a ledger that is not JSON lines: nothing is sealed onto it (`audit verify` names it)
+    return [
+        path.stem
+        for path, data in _unsealed(records_dir, vouched)
+        if data is not None and data.get("pids") and data.get("run_id") and not run_is_live(data)
+        and data.get("host") == socket.gethostname()
+    ]
+
+
+@contextmanager
+def sealing_lock(records_dir: Path) -> Iterator[None]:
+    """Held while abandoned runs are sealed, so that two commands never seal the same run twice."""
+    path = Path(records_dir) / ".sealing.lock"
+    with open(path, "a+") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def _unvouched(records_dir: Path, entries: list[dict]) -> list[str]:
     vouched = {e.get("sidecar") for e in entries} | {e.get("notebook") for e in entries}
     problems = []
-    for path in sorted(records_dir.glob("*.json")) + sorted(records_dir.glob("*.ipynb")):
-        if path.name in vouched or path.name.startswith("."):
+    live_stems = set()
+    for path, data in _unsealed(records_dir, vouched):
+        if data is not None and run_is_live(data):
+            live_stems.add(path.stem)  # a run in progress: its ledger entry comes when it ends
             continue
-        if path.suffix == ".json":
-            try:
-                if json.loads(path.read_text()).get("outcome") == "running":
-                    continue  # a run in progress: its ledger entry comes when it ends
-            except ValueError:
-                pass
+        problems.append(
+            f"{path.name} is not in the ledger (added outside it, or its ledger line was removed)"
+            if data is None or not data.get("pids")
+            else f"{path.name} was not sealed: its run ended without sealing it (the next `opslib audit` or "
+            "`opslib run` seals it as abandoned)"
+        )
+    for path in sorted(records_dir.glob("*.ipynb")):
+        if path.name in vouched or path.name.startswith(".") or path.stem in live_stems:
+            continue
         problems.append(
             f"{path.name} is not in the ledger (added outside it, or its ledger line was removed)"
         )
@@ -265,8 +387,6 @@ def verify_ledger(records_dir: Path) -> list[str]:
     changed or deleted (their sha256), and a record added outside the ledger. A ledger that is
     not JSON lines is one problem, named.
     """
-    from opslib.errors import PreconditionFailed
-
     try:
         return check_ledger(records_dir).problems
     except PreconditionFailed as err:
@@ -309,8 +429,6 @@ def list_runs(records_dir: Path) -> list[dict]:
 
 def find_run(records_dir: Path, run_id: str) -> dict:
     """The sidecar of the run whose id is (or starts with) ``run_id``."""
-    from opslib.errors import InvalidInput
-
     matches = [e for e in read_ledger(records_dir) if str(e["run_id"]).startswith(run_id)]
     if len(matches) != 1:
         what = "no run" if not matches else f"{len(matches)} runs"

@@ -7,15 +7,23 @@ final name. Per-table row counts and the Alembic revision are read in the very s
 dumps (``pg_export_snapshot`` + ``pg_dump --snapshot``), so a restore can be checked against them.
 
 A verification's outcome is kept in ``<stem>.verify.json``: the manifest itself is never rewritten.
+
+What a killed run leaves is cleaned up by the next one: a backup removes the partial dumps no live
+writer holds (each writer holds an ``flock`` on its partial file, and its pg_dump inherits it), and a
+restore over the target drops the staging databases no running restore holds (each holds an advisory
+lock named after its staging database). Client programs die with opslib (:func:`pgtools.child_options`).
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
 import re
 import secrets
+import signal
 import socket
 import subprocess
 import time
@@ -30,7 +38,7 @@ from sqlalchemy.exc import DBAPIError
 from opslib import __version__, db, pgtools
 from opslib.checkreport import FAIL, PASS, SKIP, CheckReport
 from opslib.config import Settings
-from opslib.errors import BackupFailed, InvalidInput, OpsError, PreconditionFailed
+from opslib.errors import BackupFailed, BackupNotTaken, InvalidInput, OpsError, PreconditionFailed
 
 MANIFEST_FORMAT = "opslib-backup/1"
 STAMP = "%Y%m%dT%H%M%SZ"
@@ -74,8 +82,13 @@ def _safe(text: str) -> str:
 def _write_json(path: Path, data: dict) -> None:
     """Write JSON under a temporary name, then rename: a reader never sees half a file."""
     tmp = path.with_name(f".{path.name}.partial")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)  # a full disk must not also leave half a file behind
+        raise
 
 
 def read_manifest(dump: Path) -> dict:
@@ -137,13 +150,93 @@ class BackupResult:
         return {"path": str(self.path), "manifest_path": str(manifest_path(self.path)), **self.manifest}
 
 
-def _free_stem(folder: Path, database: str, moment: datetime, revision: str) -> str:
-    """A name no backup in ``folder`` has yet: two backups in one second get consecutive stamps."""
+def _partial_of(folder: Path, stem: str) -> Path:
+    """The hidden name a dump is written under until it is complete."""
+    return folder / f".{stem}.dump.partial"
+
+
+def _same_file(path: Path, fd: int) -> bool:
+    """True when ``path`` still names the file open as ``fd`` (not removed, not replaced)."""
+    try:
+        on_disk, held = os.stat(path, follow_symlinks=False), os.fstat(fd)
+    except OSError:
+        return False
+    return (on_disk.st_dev, on_disk.st_ino) == (held.st_dev, held.st_ino)
+
+
+def _claim_partial(folder: Path, database: str, moment: datetime, revision: str) -> tuple[str, int]:
+    """A stem no backup in ``folder`` has yet, and its partial file, created and locked by this process.
+
+    Two backups in one second get consecutive stamps. The exclusive ``flock`` on the partial file is
+    what tells a live writer from a dead one: it is held by opslib and by the pg_dump writing the file
+    (which inherits it), and the kernel drops it when both are gone, however they ended. Returns the
+    stem and the descriptor holding the lock; a folder that cannot be written is :class:`BackupNotTaken`.
+    """
     while True:
         stem = f"{_safe(database)}_{moment.strftime(STAMP)}_{_safe(revision)}"
+        partial = _partial_of(folder, stem)
         if not (folder / f"{stem}.dump").exists() and not (folder / f"{stem}.json").exists():
-            return stem
+            try:
+                fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+            except FileExistsError:
+                fd = None  # another backup of this second is writing it
+            except OSError as err:
+                raise BackupNotTaken(
+                    f"cannot write in the backups folder {folder}: {err.strerror or err}; no backup was taken: "
+                    "make it writable, or choose another with --out or OPSLIB_BACKUPS_DIR"
+                ) from None
+            if fd is not None:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                # A clean-up may have taken the file between its creation and the lock (it takes only
+                # unlocked files): then it is gone, or another one is there, and the claim starts again.
+                if _same_file(partial, fd):
+                    return stem, fd
+                os.close(fd)
+                continue
         moment += timedelta(seconds=1)
+
+
+# A manifest or verification is written under a temporary name for milliseconds; older ones are debris.
+_STALE_JSON_S = 60.0
+
+
+def remove_stale_partials(folder: Path, before: datetime | None = None) -> list[Path]:
+    """Remove what killed backups left in ``folder``; returns the files removed.
+
+    A partial dump is removed only when no live writer holds its lock (see :func:`_claim_partial`)
+    and it is older than ``before`` (default now): a concurrent backup's partial file is never touched.
+    A partial manifest is removed when older than a minute. What cannot be removed is left as it is.
+    """
+    cutoff = (before or _now()).timestamp()
+    removed = []
+    for path in sorted(folder.glob(".*.partial")):
+        try:
+            if path.name.endswith(".dump.partial"):
+                if _remove_if_unlocked(path, cutoff):
+                    removed.append(path)
+            elif path.stat(follow_symlinks=False).st_mtime < cutoff - _STALE_JSON_S:
+                path.unlink()
+                removed.append(path)
+        except OSError:
+            continue  # gone meanwhile, or not ours to remove: the backup goes on without it
+    return removed
+
+
+def _remove_if_unlocked(path: Path, cutoff: float) -> bool:
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+    try:
+        if os.fstat(fd).st_mtime >= cutoff:
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False  # a live backup (opslib, or the pg_dump it started) is writing it
+        if not _same_file(path, fd):
+            return False  # replaced since it was opened: the new file is someone else's
+        path.unlink()
+        return True
+    finally:
+        os.close(fd)
 
 
 def backup(settings: Settings, *, out_dir: Path | None = None, label: str | None = None) -> BackupResult:
@@ -151,15 +244,22 @@ def backup(settings: Settings, *, out_dir: Path | None = None, label: str | None
 
     The dump and the row counts come from one snapshot. pg_dump runs while the counts are taken,
     both inside that snapshot, so counting costs no extra wall time on a multi-core machine.
+    A backup that cannot be taken (pg_dump fails, a full disk, a folder that cannot be written) is
+    :class:`BackupNotTaken` (exit 3): the database was only read, and no file is left under a
+    final name. Partial dumps of killed backups in the folder are removed first.
     """
     where = _project_version_table(settings)
     folder = Path(out_dir or settings.backups_dir)
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as err:
-        raise InvalidInput(f"cannot create the backups folder {folder}: {err.strerror or err}") from None
+        raise BackupNotTaken(
+            f"cannot create the backups folder {folder}: {err.strerror or err}; no backup was taken: "
+            "choose a writable folder with --out or OPSLIB_BACKUPS_DIR"
+        ) from None
     url = db.target_url(settings)
     started = _now()
+    remove_stale_partials(folder, started)
     with db.connect(url) as conn:
         version, major = db.server_version(conn)
         tool = pgtools.pg_dump_for(major)
@@ -170,76 +270,98 @@ def backup(settings: Settings, *, out_dir: Path | None = None, label: str | None
             snap.execute(sa.text(f"SET LOCAL lock_timeout = '{int(settings.lock_timeout_s * 1000)}ms'"))
             snapshot = snap.execute(sa.text("SELECT pg_export_snapshot()")).scalar()
             revisions = list(db.version_revisions(snap, where))
-            stem = _free_stem(folder, url.database, started, "+".join(revisions) or "base")
-            final = folder / f"{stem}.dump"
-            partial = folder / f".{stem}.dump.partial"
-            proc = subprocess.Popen(
-                [
-                    tool.path,
-                    "--format=custom",
-                    f"--compress={settings.backup_compression}",
-                    f"--snapshot={snapshot}",
-                    f"--lock-wait-timeout={int(settings.lock_timeout_s * 1000)}",
-                    "--no-password",
-                    f"--file={partial}",
-                ],
-                env=pgtools.libpq_env(url),
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.PIPE,
-                text=True,
-            )
+            stem, lock = _claim_partial(folder, url.database, started, "+".join(revisions) or "base")
+            final, partial = folder / f"{stem}.dump", _partial_of(folder, stem)
+            proc = None
             try:
+                proc = subprocess.Popen(
+                    [
+                        tool.path,
+                        "--format=custom",
+                        f"--compress={settings.backup_compression}",
+                        f"--snapshot={snapshot}",
+                        f"--lock-wait-timeout={int(settings.lock_timeout_s * 1000)}",
+                        "--no-password",
+                        f"--file={partial}",
+                    ],
+                    env=pgtools.libpq_env(url),
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.PIPE,
+                    text=True,
+                    pass_fds=(lock,),  # pg_dump holds the partial file's lock too, while it writes
+                    **pgtools.child_options(),
+                )
                 counts = row_counts(snap)
                 _, stderr = proc.communicate()
             except BaseException as err:
-                proc.kill()
-                proc.wait()
+                if proc is not None:
+                    proc.kill()
+                    proc.wait()
                 partial.unlink(missing_ok=True)
+                os.close(lock)
                 if isinstance(err, DBAPIError):
-                    raise BackupFailed(
+                    raise BackupNotTaken(
                         f"counting rows for the manifest failed: {db.driver_message(err, url)}; no backup was written"
                     ) from None
+                if isinstance(err, OSError):
+                    raise BackupNotTaken(
+                        f"cannot run {tool.path}: {err.strerror or err}; no backup was written"
+                    ) from None
                 raise
-    if proc.returncode != 0:
-        partial.unlink(missing_ok=True)
-        raise BackupFailed(
-            f"pg_dump {_exit_text(proc.returncode)}: {_last_line(stderr, url)}; no backup was written"
-        )
-    finished = _now()
     try:
-        manifest = {
-            "format": MANIFEST_FORMAT,
-            "file": final.name,
-            "sha256": sha256_of(partial),
-            "size_bytes": partial.stat().st_size,
-            "database": _endpoint(url),
-            "server_version": version,
-            "server_major": major,
-            "pg_dump": {"path": tool.path, "version": tool.version, "major": tool.major},
-            "compression": settings.backup_compression,
-            "revisions": revisions,
-            "version_table": {"schema": where[0], "table": where[1]},
-            "row_counts": counts,
-            "env": settings.env,
-            "label": label,
-            "operator": settings.operator,
-            "host": socket.gethostname(),
-            "opslib_version": __version__,
-            "started_at": _iso(started),
-            "finished_at": _iso(finished),
-            "duration_s": round((finished - started).total_seconds(), 3),
-        }
-        _write_json(manifest_path(final), manifest)
-        os.replace(partial, final)
+        if proc.returncode != 0:
+            raise BackupNotTaken(
+                f"pg_dump {_exit_text(proc.returncode)}: {_last_line(stderr, url)}; no backup was written"
+            )
+        finished = _now()
+        try:
+            manifest = {
+                "format": MANIFEST_FORMAT,
+                "file": final.name,
+                "sha256": sha256_of(partial),
+                "size_bytes": partial.stat().st_size,
+                "database": _endpoint(url),
+                "server_version": version,
+                "server_major": major,
+                "pg_dump": {"path": tool.path, "version": tool.version, "major": tool.major},
+                "compression": settings.backup_compression,
+                "revisions": revisions,
+                "version_table": {"schema": where[0], "table": where[1]},
+                "row_counts": counts,
+                "env": settings.env,
+                "label": label,
+                "operator": settings.operator,
+                "host": socket.gethostname(),
+                "opslib_version": __version__,
+                "started_at": _iso(started),
+                "finished_at": _iso(finished),
+                "duration_s": round((finished - started).total_seconds(), 3),
+            }
+            _write_json(manifest_path(final), manifest)
+            os.replace(partial, final)
+        except OSError as err:
+            raise BackupNotTaken(
+                f"cannot write the backup {final.name} in {folder}: {err.strerror or err}; no backup was written"
+            ) from None
     except BaseException:
         partial.unlink(missing_ok=True)
         manifest_path(final).unlink(missing_ok=True)
         raise
+    finally:
+        os.close(lock)
     return BackupResult(final, manifest)
 
 
 def _exit_text(code: int) -> str:
-    return f"was killed by signal {-code}" if code < 0 else f"exited with status {code}"
+    if code >= 0:
+        return f"exited with status {code}"
+    try:
+        name = signal.Signals(-code).name
+    except ValueError:
+        return f"was killed by signal {-code}"
+    # SIGXFSZ: the file grew past the size limit (ulimit -f); say so, pg_dump itself says nothing.
+    why = ", the file size limit (ulimit -f) was reached" if name == "SIGXFSZ" else ""
+    return f"was killed by signal {-code} ({name}{why})"
 
 
 def _last_line(stderr: str, url: URL) -> str:
@@ -337,7 +459,9 @@ def _verify(settings: Settings, path: Path, report: CheckReport, restore_test: b
         return
     report.add("sha256", PASS, digest[:16] + "…")
     reader = pgtools.pg_restore_for(int(manifest["pg_dump"]["major"]))
-    listed = subprocess.run([reader.path, "--list", str(path)], capture_output=True, text=True)
+    listed = subprocess.run(
+        [reader.path, "--list", str(path)], capture_output=True, text=True, **pgtools.child_options()
+    )
     if listed.returncode != 0:
         report.add("archive readable", FAIL, f"unreadable archive: {_last_line(listed.stderr, None)}")
         return
@@ -395,6 +519,7 @@ def _pg_restore(url: URL, server_major: int, path: Path, extra: list[str]) -> st
         env=pgtools.libpq_env(url),
         capture_output=True,
         text=True,
+        **pgtools.child_options(),
     )
     return (
         None
@@ -416,6 +541,8 @@ class RestoreResult:
     row_counts: dict
     matches_manifest: bool
     replaced_database_kept_as: str | None = None
+    # Staging databases that killed restores over the target left, dropped before this restore.
+    removed_leftovers: tuple[str, ...] = ()
 
     def to_dict(self) -> dict:
         """A JSON-ready dict."""
@@ -425,6 +552,7 @@ class RestoreResult:
             "revisions": list(self.revisions),
             "matches_manifest": self.matches_manifest,
             "replaced_database_kept_as": self.replaced_database_kept_as,
+            "removed_leftovers": list(self.removed_leftovers),
         }
 
 
@@ -435,12 +563,16 @@ def restore(
     into: str | None = None,
     confirm: str | None = None,
     terminate_connections: bool = False,
+    allow_other_database: bool = False,
 ) -> RestoreResult:
     """Restore a verified backup into a new database, or over the target database when confirmed.
 
     Over the target, the backup is first restored into a staging database and checked; only then
     is the target renamed aside (kept, never dropped) and the staging database renamed into its
-    place. A failure at any point leaves the target as it was.
+    place, both renames in one transaction. A failure at any point, or a kill, leaves the target as
+    it was. A backup of another database is restored over the target only with
+    ``allow_other_database``. Staging databases that killed restores of the target left are dropped
+    first (see :func:`cleanup_restores`).
     """
     path = _backup_file(file)
     # The archive is checked first (not recorded: a restore-tested verification stays on record).
@@ -465,10 +597,28 @@ def restore(
                 f"database {into!r} already exists: restore into a new name with --into, "
                 f"or over the target database {target!r} with --confirm {target}"
             )
+        removed: tuple[str, ...] = ()
         if over:
-            _check_may_replace(admin, target, confirm, terminate_connections)
-        staging = f"{into}_restoring_{secrets.token_hex(3)}"[:63] if over else into
-        admin.execute(sa.text(f"CREATE DATABASE {db.quote_ident(admin, staging)}"))
+            _check_confirmed(target, confirm)
+            _check_same_database(manifest, path, target, allow_other_database)
+            _check_sessions(admin, target, terminate_connections)
+            try:
+                removed = _drop_leftovers(admin, target).dropped
+            except DBAPIError:
+                pass  # the clean-up is a courtesy: it never stops a restore (`opslib check` names leftovers)
+        staging = _staging_name(into) if over else into
+        # Held from before the staging database exists until it is renamed or dropped: a clean-up
+        # (another restore's, or `restore --cleanup`) never drops a staging database in use.
+        if over and not _lock_staging(admin, staging):
+            raise PreconditionFailed(
+                f"staging database name {staging!r} is in use by another restore: try again"
+            )
+        try:
+            admin.execute(sa.text(f"CREATE DATABASE {db.quote_ident(admin, staging)}"))
+        except BaseException:
+            if over:
+                _unlock_staging(admin, staging)
+            raise
         try:
             failure = _pg_restore(url.set(database=staging), major, path, [])
             if failure:
@@ -488,29 +638,48 @@ def restore(
                 )
             if over:
                 _carry_over_properties(admin, target, staging)
-            kept_as = _swap_in(admin, staging, target, stamp, terminate_connections) if over else None
+            kept_as = _swap_in(url, admin, staging, target, stamp, terminate_connections) if over else None
         except BaseException:
             admin.execute(sa.text(f"DROP DATABASE IF EXISTS {db.quote_ident(admin, staging)} WITH (FORCE)"))
             raise
-    return RestoreResult(path, into, revisions, counts, matches, kept_as)
+        finally:
+            if over:
+                _unlock_staging(admin, staging)
+    return RestoreResult(path, into, revisions, counts, matches, kept_as, removed)
 
 
 def _untouched(over: bool, target: str, into: str) -> str:
     return f"the target database {target!r} is unchanged" if over else f"database {into!r} was not created"
 
 
-def _check_may_replace(admin: Connection, target: str, confirm: str | None, terminate: bool) -> None:
+def _check_confirmed(target: str, confirm: str | None) -> None:
+    """Replacing the target needs its name given back as ``confirm``."""
     if confirm != target:
         given = "without --confirm" if confirm is None else f"with --confirm {confirm!r}"
         raise PreconditionFailed(
             f"refusing to restore over database {target!r} {given}: pass --confirm {target} to replace it "
             "(it is kept under another name), or restore into a new database with --into NAME"
         )
+
+
+def _check_sessions(admin: Connection, target: str, terminate: bool) -> None:
+    """Other sessions on the target block the swap, unless they are to be terminated."""
     sessions = db.other_sessions(admin, target)
     if sessions and not terminate:
         raise PreconditionFailed(
             f"{len(sessions)} other session(s) are connected to {target!r} (pids {', '.join(map(str, sessions[:5]))}): "
             "stop them, or pass --terminate-connections"
+        )
+
+
+def _check_same_database(manifest: dict, path: Path, target: str, allow_other: bool) -> None:
+    """Refuse to replace the target with a backup of another database, unless asked to."""
+    source = (manifest.get("database") or {}).get("name")
+    if source != target and not allow_other:
+        raise PreconditionFailed(
+            f"{path.name} is a backup of database {source!r}, not of the target {target!r}: pass "
+            f"--allow-other-database to restore it over {target!r} anyway, or restore it into a new "
+            "database with --into NAME"
         )
 
 
@@ -547,32 +716,188 @@ def _carry_over_properties(admin: Connection, source: str, dest: str) -> None:
             admin.execute(sa.text(f"ALTER {where} SET {name} = {text}".replace(":", "\\:")))
 
 
-def _swap_in(admin: Connection, staging: str, target: str, stamp: str, terminate: bool) -> str:
-    """Rename the target aside and the staging database into its place; returns the name the old one has now."""
+def _swap_in(url: URL, admin: Connection, staging: str, target: str, stamp: str, terminate: bool) -> str:
+    """Rename the target aside and the staging database into its place; returns the name the old one has now.
+
+    Both renames run in one transaction (PostgreSQL allows ``ALTER DATABASE … RENAME`` in a
+    transaction block) and commit together or not at all: a failure of the second, or opslib killed
+    between them, leaves the target under its name, never no database there at all.
+    """
     kept = f"{target}_before_restore_{stamp}"[:63]
-    if terminate:
-        admin.execute(
-            sa.text(
-                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = :n AND pid <> pg_backend_pid()"
-            ),
-            {"n": target},
-        )
     q = lambda name: db.quote_ident(admin, name)  # noqa: E731
-    try:
-        admin.execute(sa.text(f"ALTER DATABASE {q(target)} RENAME TO {q(kept)}"))
-    except DBAPIError as err:
-        raise PreconditionFailed(
-            f"cannot set {target!r} aside: {db.driver_message(err)}; the target database is unchanged"
-        ) from None
-    try:
-        admin.execute(sa.text(f"ALTER DATABASE {q(staging)} RENAME TO {q(target)}"))
-    except DBAPIError as err:
-        admin.execute(sa.text(f"ALTER DATABASE {q(kept)} RENAME TO {q(target)}"))
-        raise BackupFailed(
-            f"cannot rename the restored database into place: {db.driver_message(err)}; "
-            f"the target database {target!r} is unchanged"
-        ) from None
+    # Not on ``admin``: it is in autocommit, where each ALTER would commit on its own.
+    with db.connect(db.maintenance_url(url)) as swap:
+        if swap.connection.dbapi_connection.autocommit:
+            raise BackupFailed(
+                "cannot swap the restored database in: the connection for the swap is in autocommit; "
+                f"the target database {target!r} is unchanged"
+            )
+        if terminate:
+            admin.execute(
+                sa.text(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = :n AND pid <> pg_backend_pid()"
+                ),
+                {"n": target},
+            )
+        with swap.begin():
+            try:
+                swap.execute(sa.text(f"ALTER DATABASE {q(target)} RENAME TO {q(kept)}"))
+            except DBAPIError as err:
+                raise PreconditionFailed(
+                    f"cannot set {target!r} aside: {db.driver_message(err)}; the target database is unchanged"
+                ) from None
+            try:
+                swap.execute(sa.text(f"ALTER DATABASE {q(staging)} RENAME TO {q(target)}"))
+            except DBAPIError as err:
+                # Leaving the block rolls back the first rename with it.
+                raise BackupFailed(
+                    f"cannot rename the restored database into place: {db.driver_message(err)}; "
+                    f"the target database {target!r} is unchanged"
+                ) from None
     return kept
+
+
+# --- leftovers of killed restores -------------------------------------------------------------------
+
+_RESTORING = "_restoring_"
+# The random part of a staging name; the target's name is cut so that the whole fits in 63 characters.
+_STAGING_HEX = 6
+_STAGING_KEEP = 63 - len(_RESTORING) - _STAGING_HEX
+
+
+def staging_prefix(target: str) -> str:
+    """How the staging databases of restores over ``target`` begin: ``<target>_restoring_``.
+
+    A name longer than 46 characters is cut, so the random suffix survives PostgreSQL's 63-character
+    limit and a leftover is still recognised.
+    """
+    return target[:_STAGING_KEEP] + _RESTORING
+
+
+def _staging_name(target: str) -> str:
+    return staging_prefix(target) + secrets.token_hex(_STAGING_HEX // 2)
+
+
+def _staging_key(name: str) -> int:
+    """The advisory-lock key a restore holds on its staging database's name, on the maintenance database."""
+    digest = hashlib.sha256(f"opslib restore staging {name}".encode()).digest()
+    return int.from_bytes(digest[:8], "big", signed=True)
+
+
+def _lock_staging(admin: Connection, name: str) -> bool:
+    """Take the staging database's lock on ``admin`` (a session lock, so a killed process lets it go)."""
+    got = admin.execute(sa.text("SELECT pg_try_advisory_lock(:k)"), {"k": _staging_key(name)}).scalar()
+    return bool(got)
+
+
+def _unlock_staging(admin: Connection, name: str) -> None:
+    try:
+        admin.execute(sa.text("SELECT pg_advisory_unlock(:k)"), {"k": _staging_key(name)})
+    except DBAPIError:
+        pass  # the connection is gone, and its session lock with it
+
+
+@dataclass(frozen=True)
+class StagingDatabase:
+    """A staging database of a restore over the target: one running now, or one a killed restore left."""
+
+    name: str
+    in_use: bool  # a restore running now holds it
+    sessions: int  # sessions connected to it now
+
+    def to_dict(self) -> dict:
+        """A JSON-ready dict."""
+        return dict(self.__dict__)
+
+
+def staging_databases(conn: Connection, target: str) -> list[StagingDatabase]:
+    """The staging databases of restores over ``target`` on ``conn``'s server, oldest name first.
+
+    ``conn`` may be on any database of the server: the catalogs read are shared, and the locks are
+    looked for in the maintenance database, where restores take them.
+    """
+    prefix = staging_prefix(target)
+    maintenance = db.maintenance_url(conn.engine.url.set(database=target)).database
+    rows = conn.execute(
+        sa.text(
+            "SELECT d.datname, "
+            "(SELECT count(*) FROM pg_stat_activity a WHERE a.datname = d.datname) AS sessions "
+            "FROM pg_database d WHERE left(d.datname, length(:p)) = :p ORDER BY d.oid"
+        ),
+        {"p": prefix},
+    ).all()
+    pattern = re.compile(re.escape(prefix) + f"[0-9a-f]{{{_STAGING_HEX}}}")
+    found = []
+    for name, sessions in rows:
+        if not pattern.fullmatch(name):
+            continue  # a database that merely looks alike: not opslib's to judge
+        key = _staging_key(name)
+        held = conn.execute(
+            sa.text(
+                "SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND granted AND objsubid = 1 "
+                "AND classid = (:key >> 32)::int::oid AND objid = (:key & 4294967295)::oid "
+                "AND database = (SELECT oid FROM pg_database WHERE datname = :m)"
+            ),
+            {"key": key, "m": maintenance},
+        ).first()
+        found.append(StagingDatabase(name, held is not None, int(sessions)))
+    if conn.in_transaction():
+        conn.commit()
+    return found
+
+
+def leftover_restores(settings: Settings) -> list[StagingDatabase]:
+    """The staging databases of restores over the target that no running restore holds (killed ones' debris)."""
+    url = db.target_url(settings)
+    with db.connect(url) as conn:
+        try:
+            return [s for s in staging_databases(conn, url.database) if not s.in_use]
+        except DBAPIError as err:
+            raise PreconditionFailed(
+                f"cannot list the staging databases of {url.database!r}: {db.driver_message(err, url)}"
+            ) from None
+
+
+@dataclass(frozen=True)
+class CleanupResult:
+    """What `opslib restore --cleanup` did: the leftovers dropped, and those left, with why."""
+
+    target: str
+    dropped: tuple[str, ...]
+    left: tuple[str, ...]  # "name (why)"
+
+    def to_dict(self) -> dict:
+        """A JSON-ready dict."""
+        return {"target": self.target, "dropped": list(self.dropped), "left": list(self.left)}
+
+
+def cleanup_restores(settings: Settings) -> CleanupResult:
+    """Drop the staging databases that killed restores over the target left behind.
+
+    One that a restore running now is using is never dropped: each restore holds an advisory lock
+    named after its staging database from before creating it until it is renamed or dropped, a
+    leftover is dropped only under that lock, and only when no session is connected to it (no
+    ``FORCE``: someone looking into it is not cut off).
+    """
+    url = db.target_url(settings)
+    with db.connect_autocommit(db.maintenance_url(url)) as admin:
+        return _drop_leftovers(admin, url.database)
+
+
+def _drop_leftovers(admin: Connection, target: str) -> CleanupResult:
+    dropped, left = [], []
+    for staging in staging_databases(admin, target):
+        if staging.in_use or not _lock_staging(admin, staging.name):
+            left.append(f"{staging.name} (a restore running now is using it)")
+            continue
+        try:
+            admin.execute(sa.text(f"DROP DATABASE IF EXISTS {db.quote_ident(admin, staging.name)}"))
+            dropped.append(staging.name)
+        except DBAPIError as err:
+            left.append(f"{staging.name} ({db.driver_message(err)})")
+        finally:
+            _unlock_staging(admin, staging.name)
+    return CleanupResult(target, tuple(dropped), tuple(left))
 
 
 # --- clone -------------------------------------------------------------------------------------------

@@ -13,11 +13,12 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from sqlalchemy.engine import URL
+from sqlalchemy.exc import DBAPIError
 
 from opslib import backup, db, lint, migrate, pgtools, policy
 from opslib.checkreport import FAIL, PASS, SKIP, WARN, CheckReport, CheckResult
 from opslib.config import Settings
-from opslib.errors import OpsError
+from opslib.errors import InvalidInput, OpsError
 from opslib.naming import vague_message
 
 
@@ -34,6 +35,8 @@ def verify_setup(settings: Settings) -> CheckReport:
     except OpsError as err:
         report.add("connectivity", FAIL, err.message)
         report.add("server version", SKIP, "server not reached")
+    if major is not None:
+        report.checks.append(check_restore_leftovers(settings))
     for name, finder in (("pg_dump", pgtools.pg_dump_for), ("pg_restore", pgtools.pg_restore_for)):
         if major is None:
             report.add(f"{name} matching the server", SKIP, "server version unknown")
@@ -111,6 +114,61 @@ def check_blocking_sessions(settings: Settings, reached: Reached) -> CheckResult
     )
 
 
+def check_restore_leftovers(settings: Settings) -> CheckResult:
+    """Staging databases that killed restores over the target left (``<target>_restoring_<hex>``).
+
+    A warning, not a failure: they hold a full copy's disk space but do not make a deploy unsafe.
+    Staging databases of restores running now are not leftovers and are not named.
+    """
+    try:
+        left = backup.leftover_restores(settings)
+    except OpsError as err:
+        return CheckResult("leftover restores", SKIP, f"not read: {err.message}")
+    if not left:
+        return CheckResult("leftover restores", PASS, "no staging database left by a killed restore")
+    names = ", ".join(s.name + (f" ({s.sessions} session(s) connected)" if s.sessions else "") for s in left)
+    return CheckResult(
+        "leftover restores",
+        WARN,
+        f"{len(left)} staging database(s) left by killed restores: {names}; each holds a full copy: "
+        "drop them with `opslib restore --cleanup`",
+    )
+
+
+def check_invalid_indexes(reached: Reached) -> CheckResult:
+    """No invalid index (``pg_index.indisvalid`` false) in the target: what a cancelled or failed
+    ``CREATE INDEX CONCURRENTLY`` leaves. PostgreSQL never uses it but still maintains it on every
+    write, and a revision's ``IF NOT EXISTS`` would skip it. One being built right now is a warning."""
+    try:
+        with db.connect(reached.url) as conn:
+            found = db.invalid_indexes(conn)
+            conn.rollback()
+    except (OpsError, DBAPIError) as err:
+        why = err.message if isinstance(err, OpsError) else db.driver_message(err, reached.url)
+        return CheckResult("invalid indexes", FAIL, f"pg_index could not be read: {why}")
+    broken = [i for i in found if i.building_pid is None]
+    building = [i for i in found if i.building_pid is not None]
+    if broken:
+        names = ", ".join(f"{i.name} on {i.table}" for i in broken[:10])
+        more = f" and {len(broken) - 10} more" if len(broken) > 10 else ""
+        return CheckResult(
+            "invalid indexes",
+            FAIL,
+            f"{len(broken)} invalid index(es) (a cancelled or failed concurrent build): {names}{more}; "
+            f"drop with DROP INDEX CONCURRENTLY {broken[0].name} and run the revision that builds it again "
+            f"(`opslib downgrade` / `opslib upgrade`), or rebuild it with REINDEX INDEX CONCURRENTLY {broken[0].name}",
+        )
+    if building:
+        return CheckResult(
+            "invalid indexes",
+            WARN,
+            "being built concurrently right now: "
+            + ", ".join(f"{i.name} (pid {i.building_pid})" for i in building)
+            + "; check again once the build has finished",
+        )
+    return CheckResult("invalid indexes", PASS, "every index is valid")
+
+
 def check_environment(settings: Settings, expect_env: str | None) -> CheckResult:
     """OPSLIB_ENV is the label the caller expects."""
     if expect_env and expect_env != settings.env:
@@ -139,6 +197,8 @@ def check_plan(settings: Settings, target: str) -> tuple[list[CheckResult], migr
     """The database's revision is one the code knows, and what the deploy to ``target`` applies."""
     try:
         plan = migrate.deploy_plan(settings, target)
+    except InvalidInput:
+        raise  # a target that names no revision is bad input (exit 2) on every path, not a failed check
     except OpsError as err:
         name = "database revision known" if "does not contain" in err.message else "target revision"
         detail = err.message
@@ -307,6 +367,8 @@ def pre_deploy(
     if reached is None:
         return report
     report.checks.append(check_blocking_sessions(settings, reached))
+    report.checks.append(check_invalid_indexes(reached))
+    report.checks.append(check_restore_leftovers(settings))
     report.checks.append(check_environment(settings, expect_env))
     head = check_single_head(settings)
     report.checks.append(head)

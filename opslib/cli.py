@@ -11,15 +11,19 @@ import gc
 import json
 import logging
 import os
+import signal
 import sys
+import traceback
 from pathlib import Path
 from typing import Sequence
 
 from opslib import __version__
 from opslib.config import load_settings
-from opslib.errors import OpsError
+from opslib.errors import Interrupted, OpsError
+from opslib.outcome import outcome_of
+from opslib.redact import redact_urls_in
 
-EXIT_OK, EXIT_FAILED, EXIT_INVALID = 0, 1, 2
+EXIT_OK = 0
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -86,11 +90,21 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--restore-test", action="store_true", help="restore into a scratch database and compare")
 
     s = sub.add_parser("restore", help="restore a backup into a new database (or over the target, confirmed)")
-    s.add_argument("file", metavar="FILE")
+    s.add_argument("file", metavar="FILE", nargs="?", help="the backup (.dump); not with --cleanup")
     s.add_argument("--into", metavar="NAME", help="database to create (default: <database>_restored_<time>)")
     s.add_argument("--confirm", metavar="NAME", help="the target database's name: restore over it")
     s.add_argument(
         "--terminate-connections", action="store_true", help="end other sessions on the target first"
+    )
+    s.add_argument(
+        "--allow-other-database",
+        action="store_true",
+        help="with --confirm: replace the target with a backup of another database",
+    )
+    s.add_argument(
+        "--cleanup",
+        action="store_true",
+        help="only drop the staging databases killed restores over the target left (no FILE)",
     )
 
     s = sub.add_parser("clone", help="copy the target database on its server (CREATE DATABASE ... TEMPLATE)")
@@ -243,6 +257,18 @@ def _backups(settings, args: argparse.Namespace) -> int:
     from opslib import backup, checks, display
     from opslib.errors import InvalidInput
 
+    def given_folder(raw: str | None) -> Path | None:
+        # A folder named by --dir must exist: a typo must not read as "no backups" or "nothing to delete".
+        if raw is None:
+            return None
+        folder = Path(raw)
+        if not folder.is_dir():
+            what = "is not a folder" if folder.exists() else "does not exist"
+            raise InvalidInput(
+                f"--dir {folder} {what}: name the backups folder (default: OPSLIB_BACKUPS_DIR)"
+            )
+        return folder
+
     if args.command == "backup":
         made = backup.backup(settings, out_dir=Path(args.out) if args.out else None, label=args.label)
         print(display.backup_text(made))
@@ -250,25 +276,37 @@ def _backups(settings, args: argparse.Namespace) -> int:
         report = backup.verify_backup(settings, args.file, restore_test=args.restore_test)
         print(display.checks_text(report))
         report.raise_for_failure()
+    elif args.command == "restore" and args.cleanup:
+        flags = (("FILE", args.file), ("--into", args.into), ("--confirm", args.confirm))
+        given = [flag for flag, value in flags if value]
+        if given:
+            raise InvalidInput(f"restore --cleanup takes no {', '.join(given)}: run it on its own")
+        print(display.cleanup_text(backup.cleanup_restores(settings)))
     elif args.command == "restore":
+        if not args.file:
+            raise InvalidInput(
+                "restore needs a FILE (a .dump in the backups folder; `opslib backups` lists them), "
+                "or --cleanup to drop what killed restores left"
+            )
         done = backup.restore(
             settings,
             args.file,
             into=args.into,
             confirm=args.confirm,
             terminate_connections=args.terminate_connections,
+            allow_other_database=args.allow_other_database,
         )
         print(display.restore_text(done))
     elif args.command == "clone":
         made = backup.clone(settings, args.into)
         print(f"cloned {made.source!r} into {made.database!r} in {made.duration_s:.2f} s")
     elif args.command == "backups":
-        found = backup.list_backups(settings, Path(args.dir) if args.dir else None)
+        found = backup.list_backups(settings, given_folder(args.dir))
         print(
             json.dumps([b.to_dict() for b in found], indent=2) if args.json else display.backups_text(found)
         )
     elif args.command == "prune-backups":
-        deleted = backup.prune_backups(settings, args.keep, Path(args.dir) if args.dir else None)
+        deleted = backup.prune_backups(settings, args.keep, given_folder(args.dir))
         print("\n".join(f"deleted {p}" for p in deleted) or "nothing to delete")
     elif args.command == "verify-setup":
         report = checks.verify_setup(settings)
@@ -298,26 +336,42 @@ def _runbooks(settings, args: argparse.Namespace) -> int:
     if args.command == "runbooks":
         print(display.runbooks_text(runner.runbooks_dir()))
         return EXIT_OK
+    _seal_abandoned(settings, "run")
     outcome = runner.run(settings, args.runbook, [tuple(p) for p in args.parameter], env=args.env)
-    print(display.record_text(outcome.record))
+    print(display.record_text(outcome.record.to_dict()))
     print(f"record  : {outcome.sidecar}")
     if outcome.notebook.exists():
         print(f"notebook: {outcome.notebook}")
-    print(outcome.line())
+    # The outcome line is the command's last word: on stderr when the run did not succeed, as every error is.
+    print(outcome.line(), file=sys.stdout if outcome.exit_code == 0 else sys.stderr)
     return outcome.exit_code
+
+
+def _seal_abandoned(settings, command: str) -> None:
+    """Seal the records of runs killed before they could (SIGKILL), and say so on stderr."""
+    from opslib import sealing
+
+    for record in sealing.seal_abandoned(settings, command):
+        where = "not read" if record.revisions_after is None else ", ".join(record.revisions_after) or "base"
+        print(
+            f"opslib: sealed run {record.run_id} ({record.runbook}, started {record.started_at}) as abandoned: "
+            f"its processes ended without sealing it; the database is at {where}",
+            file=sys.stderr,
+        )
 
 
 def _audit(settings, args: argparse.Namespace) -> int:
     from opslib import audit, display
     from opslib.errors import ChecksFailed, InvalidInput
 
-    records = settings.records_dir
+    records = audit.require_records_dir(settings.records_dir)
     if args.action != "report" and (args.out or args.screenshot):
         raise InvalidInput(
             f"--out and --screenshot belong to `opslib audit report`, not `audit {args.action}`"
         )
     if args.action in ("report", "verify", "list") and args.run_id:
         raise InvalidInput(f"`opslib audit {args.action}` takes no RUN_ID (only `audit show` does)")
+    _seal_abandoned(settings, f"audit {args.action}")
     if args.action == "list":
         runs = audit.list_runs(records)
         print(json.dumps(runs, indent=2, default=str) if args.json else display.runs_text(runs))
@@ -379,25 +433,35 @@ def _db(settings, action: str) -> int:
     return EXIT_OK
 
 
+def _on_sigterm(signum, frame) -> None:
+    # A cancelled job or a stopped container ends the command as Ctrl-C does: cleanly, saying where things stand.
+    raise Interrupted(signum)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``opslib`` console script; returns the exit code."""
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stderr)
     if args.verbose:
         logging.getLogger("alembic").setLevel(logging.INFO)
+    signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         return _run(args)
-    except OpsError as err:
-        if args.verbose and err.output:  # what the migrations printed or logged before they failed
+    except (OpsError, KeyboardInterrupt) as err:
+        if args.verbose and getattr(err, "output", ""):  # what the migrations printed or logged before
             sys.stderr.write(err.output)
-        print(f"opslib: {err.message}", file=sys.stderr)
-        return err.exit_code
-    except KeyboardInterrupt:
-        print("opslib: interrupted", file=sys.stderr)
-        return 130
+        message = getattr(err, "message", "") or "interrupted (Ctrl-C)"
+        print(f"opslib: {redact_urls_in(message)}", file=sys.stderr)
+        return outcome_of(err)[1]
     except BrokenPipeError:  # `opslib status | head`: the reader left, which is not an error of ours
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - keeps Python's exit-time flush quiet
         return EXIT_OK
+    except Exception as err:  # noqa: BLE001 - an error opslib did not foresee: one line, the traceback on -v
+        if args.verbose:
+            traceback.print_exc()
+        text = redact_urls_in(str(err).strip().splitlines()[0] if str(err).strip() else "")
+        print(f"opslib: unexpected error: {type(err).__name__}: {text} (run with -v for the traceback)", file=sys.stderr)
+        return outcome_of(err)[1]
     finally:
         # The process ends next: freezing what it made spares the exit a last full collection (0.1 s).
         gc.freeze()

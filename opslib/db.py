@@ -7,6 +7,7 @@ message goes through :func:`scrub`, so a password never lands in an output, a re
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 import time
 from contextlib import contextmanager
@@ -64,7 +65,8 @@ def make_engine(url: URL) -> Engine:
     return sa.create_engine(
         url,
         poolclass=sa.pool.NullPool,
-        connect_args={"connect_timeout": CONNECT_TIMEOUT_S, "application_name": "opslib"},
+        # A run sets PGAPPNAME to its own name, so that its sessions can be told apart (and ended if it dies).
+        connect_args={"connect_timeout": CONNECT_TIMEOUT_S, "application_name": os.environ.get("PGAPPNAME") or "opslib"},
     )
 
 
@@ -493,3 +495,67 @@ def recreate_schema(conn: Connection, schema: str = "public") -> RecreatedSchema
     conn.commit()
     shown = tuple(f"{g} {p}{' (with grant option)' if o else ''}" for g, p, o in grants)
     return RecreatedSchema(schema, tuple(dropped), row.owner, shown, row.comment)
+
+
+@dataclass(frozen=True)
+class InvalidIndex:
+    """An index PostgreSQL does not use (``pg_index.indisvalid`` false): what a cancelled or failed
+    ``CREATE INDEX CONCURRENTLY`` / ``REINDEX CONCURRENTLY`` leaves behind, or one being built right now."""
+
+    oid: int
+    name: str  # schema-qualified, quoted where SQL needs it: usable as is in DROP INDEX
+    relname: str  # the bare name, as a revision's source writes it
+    table: str  # schema-qualified
+    building_pid: int | None = None  # a backend building it at this moment (its build is not over)
+
+
+def invalid_indexes(conn: Connection) -> list[InvalidIndex]:
+    """The invalid indexes of the database, by name; read in the caller's transaction, which is left open.
+
+    An index another session is still building concurrently is invalid until its build ends: it is
+    listed with that session's pid (``pg_stat_progress_create_index``), so callers can tell it apart.
+    """
+    rows = conn.execute(
+        sa.text(
+            "SELECT i.indexrelid::bigint AS oid, format('%I.%I', n.nspname, c.relname) AS name, "
+            "c.relname, format('%I.%I', tn.nspname, t.relname) AS tbl "
+            "FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid "
+            "JOIN pg_namespace n ON n.oid = c.relnamespace "
+            "JOIN pg_class t ON t.oid = i.indrelid JOIN pg_namespace tn ON tn.oid = t.relnamespace "
+            "WHERE NOT i.indisvalid ORDER BY 2"
+        )
+    ).all()
+    if not rows:  # the usual answer, in one cheap query (it runs after revisions that may build indexes)
+        return []
+    building = dict(
+        conn.execute(
+            sa.text(
+                "SELECT index_relid::bigint, pid FROM pg_stat_progress_create_index "
+                "WHERE datid = (SELECT oid FROM pg_database WHERE datname = current_database()) "
+                "AND pid <> pg_backend_pid() AND index_relid::bigint = ANY(CAST(:oids AS bigint[]))"
+            ),
+            {"oids": [r.oid for r in rows]},
+        ).all()
+    )
+    return [InvalidIndex(r.oid, r.name, r.relname, r.tbl, building.get(r.oid)) for r in rows]
+
+
+def drop_index_concurrently(conn: Connection, name: str) -> None:
+    """``DROP INDEX CONCURRENTLY IF EXISTS name`` (``name`` as :func:`invalid_indexes` gives it).
+
+    It must run outside a transaction: ``conn``'s open transaction is committed first, the statement
+    runs in autocommit, and the connection's isolation level is put back after it. It waits for the
+    sessions using the table under the session's ``lock_timeout``, and a timeout raises (55P03); a
+    cancelled drop leaves the index invalid, as it was.
+    """
+    if conn.in_transaction():
+        conn.commit()
+    level = conn.get_isolation_level()
+    if conn.in_transaction():  # reading the level may have begun one
+        conn.commit()
+    auto = conn.execution_options(isolation_level="AUTOCOMMIT")
+    try:
+        with auto.begin():
+            auto.execute(sa.text(f"DROP INDEX CONCURRENTLY IF EXISTS {name}"))
+    finally:
+        conn.execution_options(isolation_level=level)

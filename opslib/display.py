@@ -7,7 +7,7 @@ import json
 from typing import TYPE_CHECKING, Iterable, Sequence
 
 if TYPE_CHECKING:  # types only: rendering backups must not import Alembic
-    from opslib.backup import BackupInfo, BackupResult, RestoreResult
+    from opslib.backup import BackupInfo, BackupResult, CleanupResult, RestoreResult
     from opslib.checkreport import CheckReport
     from opslib.migrate import MigrationResult, RevisionInfo, Status
 
@@ -148,7 +148,15 @@ def restore_text(done: "RestoreResult") -> str:
         out.append(
             f"  the database it replaced is kept as {done.replaced_database_kept_as!r}; drop it when satisfied"
         )
+    if done.removed_leftovers:
+        out.append(f"  dropped first, left by killed restores: {', '.join(done.removed_leftovers)}")
     return "\n".join(out)
+
+
+def cleanup_text(done: "CleanupResult") -> str:
+    """What `opslib restore --cleanup` prints."""
+    out = [f"dropped {name}" for name in done.dropped] + [f"left {what}" for what in done.left]
+    return "\n".join(out) or f"no staging databases of {done.target!r} left by killed restores"
 
 
 def backups_text(found: Sequence["BackupInfo"]) -> str:

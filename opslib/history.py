@@ -20,6 +20,8 @@ import contextvars
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
+from opslib.record import RunRecord
+
 SCHEMA_DDL = """
 CREATE SCHEMA IF NOT EXISTS opslib;
 CREATE TABLE IF NOT EXISTS opslib.revision_events (
@@ -120,7 +122,7 @@ def record_step(conn: Connection, run_id: str | None, step) -> None:
     )
 
 
-def record_run(conn: Connection, record: dict) -> None:
+def record_run(conn: Connection, record: RunRecord) -> None:
     """Insert a finished run's row."""
     ensure_schema(conn)
     conn.execute(
@@ -130,15 +132,15 @@ def record_run(conn: Connection, record: dict) -> None:
             ":started, :finished) ON CONFLICT (run_id) DO NOTHING"
         ),
         {
-            "run_id": record["run_id"],
-            "runbook": record["runbook"],
-            "operator": record["operator"],
-            "env": record["env"],
-            "outcome": record["outcome"],
-            "before": record.get("revisions_before"),
-            "after": record.get("revisions_after"),
-            "started": record["started_at"],
-            "finished": record["finished_at"],
+            "run_id": record.run_id,
+            "runbook": record.runbook,
+            "operator": record.operator,
+            "env": record.env,
+            "outcome": str(record.outcome),
+            "before": record.revisions_before,
+            "after": record.revisions_after,
+            "started": record.started_at,
+            "finished": record.finished_at,
         },
     )
     conn.commit()

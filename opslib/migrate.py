@@ -14,12 +14,15 @@ the database now stands.
 from __future__ import annotations
 
 import argparse
-import asyncio
+import configparser
 import contextvars
+import ctypes
 import io
 import logging
 import os
-from concurrent.futures import ThreadPoolExecutor
+import signal
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from contextlib import contextmanager, redirect_stderr, redirect_stdout
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -43,6 +46,7 @@ from opslib import history as db_history
 from opslib.config import Settings
 from opslib.errors import (
     ConfigError,
+    Interrupted,
     InvalidInput,
     MigrationFailed,
     OpsError,
@@ -158,6 +162,16 @@ def alembic_config(
         if not sep or not key.strip():
             raise InvalidInput(f"-x takes KEY=VALUE, not {value!r}")
     cfg = Config(str(ini), output_buffer=output, stdout=io.StringIO())
+    try:
+        cfg.get_main_option("script_location")  # read now: a file that is not an ini file is named
+    except CommandError as err:  # no [alembic] section
+        raise ConfigError(f"{err}: set OPSLIB_ALEMBIC_INI to your project's alembic.ini") from None
+    except (UnicodeDecodeError, configparser.Error) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ConfigError(
+            f"{ini} is not an ini file Alembic can read ({type(err).__name__}: {first}): set OPSLIB_ALEMBIC_INI "
+            "to your project's alembic.ini"
+        ) from None
     cfg.cmd_opts = argparse.Namespace(x=list(x_args))
     cfg.attributes["configure_logger"] = False
     if connection is not None:
@@ -181,20 +195,97 @@ def _project_driver(cfg: Config, ours: str) -> str:
     return scheme if scheme.startswith("postgresql+") else ours
 
 
-def _outside_event_loop(fn: Callable[[], object]) -> object:
-    """Call ``fn`` where no asyncio event loop runs in the thread.
+def _outside_event_loop(fn: Callable[[], object], canceller: "_Canceller | None" = None) -> object:
+    """Call ``fn`` in a worker thread, where no asyncio event loop runs, and wait for it interruptibly.
 
     A Jupyter kernel runs its cells inside a running loop, and an env.py made from Alembic's async
-    template calls ``asyncio.run()``, which refuses to run there: such calls go to a worker thread
-    (with this context's variables, such as the run id the history rows carry).
+    template calls ``asyncio.run()``, which refuses to run there; the worker carries this context's
+    variables (such as the run id the history rows carry). Waiting here rather than inside the
+    driver lets Ctrl-C and SIGTERM arrive at once: the work is then stopped through ``canceller``
+    (its statement cancelled on the server, no further revision begun), and only once the worker has
+    ended, with the database at a revision that committed, is the interruption raised.
     """
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        return fn()
     context = contextvars.copy_context()
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="opslib-alembic") as worker:
-        return worker.submit(context.run, fn).result()
+
+    def in_worker() -> object:
+        if canceller is not None:
+            canceller.thread_id = threading.get_ident()
+        return context.run(fn)
+
+    worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="opslib-alembic")
+    future = worker.submit(in_worker)
+    try:
+        # Woken every tenth of a second: a signal the OS delivered to another thread (a kernel has
+        # several) only runs its Python handler when this thread runs Python code.
+        while not future.done():
+            wait([future], timeout=0.1)
+        return future.result()
+    except KeyboardInterrupt:
+        while not future.done():
+            try:
+                if canceller is not None:
+                    canceller.stop_until_done(future)
+                wait([future])
+            except KeyboardInterrupt:
+                continue  # a second signal while stopping (Ctrl-C pressed again, SIGTERM after SIGINT): keep stopping
+        raise
+    finally:
+        worker.shutdown(wait=True)
+
+
+class _Canceller:
+    """Stops a migration under way: cancels what its sessions run on the server, and has the next
+    revision boundary raise instead of beginning another revision."""
+
+    def __init__(self, url: URL):
+        self.url = url
+        self.pids: set[int] = set()
+        self.stopping: Interrupted | None = None
+        self.thread_id: int | None = None
+
+    def watch(self, connection) -> None:
+        """Note the server session behind a connection env.py configured."""
+        pid = _backend_pid(connection)
+        if pid:
+            self.pids.add(pid)
+
+    def check(self, **_kw) -> None:
+        """An ``on_version_apply`` callback: once stopping, the revision in progress is rolled back."""
+        if self.stopping is not None:
+            raise self.stopping
+
+    def stop_until_done(self, future: Future) -> None:
+        """Cancel the sessions' statements until the worker has ended (a statement that begins after a
+        cancel is cancelled in turn); a server out of reach leaves only the wait."""
+        self.stopping = Interrupted(signal.SIGINT)
+        if self.thread_id is not None:
+            # Python work between statements (a batched data migration's loop) stops at its next line,
+            # as Ctrl-C stops code in the main thread; SQLAlchemy then drops the connection it was using.
+            ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(self.thread_id), ctypes.py_object(Interrupted))
+        try:
+            with db.connect(self.url) as conn:
+                while not future.done():
+                    for pid in sorted(self.pids):
+                        conn.execute(sa.text("SELECT pg_cancel_backend(:pid)"), {"pid": pid})
+                    conn.commit()
+                    wait([future], timeout=0.2)
+        except (OpsError, DBAPIError):
+            pass
+
+
+def _backend_pid(connection) -> int | None:
+    """The server process behind a SQLAlchemy connection, read from the driver without a query."""
+    try:
+        raw = connection.connection.dbapi_connection
+    except Exception:  # noqa: BLE001 - a closed or unusual connection: nothing to cancel then
+        return None
+    info = getattr(raw, "info", None)  # psycopg2, psycopg 3
+    if info is not None and getattr(info, "backend_pid", None):
+        return int(info.backend_pid)
+    inner = getattr(raw, "_connection", None)  # SQLAlchemy's asyncpg adapter
+    if inner is not None and hasattr(inner, "get_server_pid"):
+        return int(inner.get_server_pid())
+    return None
 
 
 # Loaded projects by alembic.ini, with the state of their revision files when loaded. Building
@@ -418,6 +509,7 @@ def _run_env(
     destination_rev=None,
     on_version_apply: Callable | None = None,
     lock_timeout_ms: int | None = None,
+    canceller: _Canceller | None = None,
 ) -> None:
     """Run the project's env.py once with ``fn`` as the work, as ``alembic.command`` does, on our loaded script.
 
@@ -443,6 +535,8 @@ def _run_env(
             kwargs.get("version_table") or "alembic_version",
         )
         connection = kwargs.get("connection")
+        if canceller is not None and connection is not None:
+            canceller.watch(connection)
         if lock_timeout_ms and connection is not None and connection.dialect.driver != "psycopg2":
             if not connection.in_transaction():  # never inside a transaction env.py began itself
                 connection.execute(
@@ -451,7 +545,8 @@ def _run_env(
                 connection.commit()
         if on_version_apply is not None:
             given = kwargs.get("on_version_apply") or ()
-            kwargs["on_version_apply"] = [*([given] if callable(given) else given), on_version_apply]
+            stop = [canceller.check] if canceller is not None else []
+            kwargs["on_version_apply"] = [*stop, *([given] if callable(given) else given), on_version_apply]
             kwargs["transaction_per_migration"] = True
         return configure(*args, **kwargs)
 
@@ -462,7 +557,7 @@ def _run_env(
         with env:
             script.run_env()
 
-    _outside_event_loop(run)
+    _outside_event_loop(run, canceller)
 
 
 # Where each project (by its scripts folder) keeps its revision, as its env.py configures it.
@@ -484,9 +579,174 @@ def version_table(settings: Settings) -> tuple[str | None, str]:
     try:
         with _capture_alembic_output():
             _run_env(cfg, script, lambda rev, context: [], as_sql=True)
+    except (ImportError, SyntaxError, NameError) as err:
+        # env.py cannot even be imported: nothing will run, so say so now, before any backup or change.
+        lines = str(err).strip().splitlines()
+        raise ConfigError(
+            f"the project's env.py ({script.env_py_location}) cannot be imported: {type(err).__name__}: "
+            f"{lines[0] if lines else ''}; fix it (or OPSLIB_ALEMBIC_INI) first"
+        ) from err
     except Exception:  # noqa: BLE001 - an env.py that cannot run offline: Alembic's default is the answer
         pass
     return _VERSION_TABLES.setdefault(str(script.dir), db.DEFAULT_VERSION_TABLE)
+
+
+# Only some revisions can leave an invalid index: a concurrent build or drop (CREATE INDEX / REINDEX /
+# DROP INDEX CONCURRENTLY, postgresql_concurrently=True), an index ON ONLY a partitioned table, or
+# any index statement while the database already holds an invalid index (IF NOT EXISTS skips it).
+# A transactional CREATE INDEX that fails rolls back whole. Other revisions are not checked one by
+# one, which keeps long chains free of a query per revision; an index built through a helper whose
+# revision says none of this is still caught, by the check at the end of the command.
+_ON_ONLY = re.compile(r"\bon\s+only\b")
+
+
+def _may_leave_invalid(source: str) -> bool:
+    """Whether a revision's lower-cased source says something that can leave an invalid index by itself."""
+    return "concurrent" in source or ("only" in source and _ON_ONLY.search(source) is not None)
+
+
+class _InvalidIndexLeft(OpsError):
+    """A revision ran to its end but an index it built (or skipped with IF NOT EXISTS) is invalid.
+
+    Raised from ``on_version_apply``, inside the revision's last transaction, so the version row
+    written there is rolled back with it; retried like a lock timeout, the invalid index dropped first.
+    """
+
+    def __init__(self, revision: str, indexes: Sequence[db.InvalidIndex]):
+        names = ", ".join(i.name for i in indexes)
+        super().__init__(
+            f"index {names} is INVALID (pg_index.indisvalid is false) after revision {revision} ran, "
+            "so the revision is not recorded as applied"
+        )
+        self.revision = revision
+        self.indexes = tuple(indexes)
+
+
+class _IndexGuard:
+    """Keeps a change from recording a revision whose index build left an invalid index.
+
+    ``pg_index.indisvalid`` is read when the command starts (those are not this run's doing), after
+    each revision that can leave an invalid index (see ``_may_leave_invalid``; before its version row
+    commits), and when the command ends. A culprit is an invalid index that is new since the start,
+    or that the revision names (an ``IF NOT EXISTS`` that skipped an invalid index of that name); an
+    index another session is building right now is not one. Before a retry, culprits are dropped
+    (``DROP INDEX CONCURRENTLY``) so that the revision builds them again.
+    """
+
+    def __init__(self, script: ScriptDirectory, conn: Connection, action: str, steps: Sequence[Script] = ()):
+        self.script = script
+        self.action = action
+        self.steps = steps  # the planned revisions, whose sources are read together when the command starts
+        self.conn = conn  # opslib's own session (env.py may run the revisions on another)
+        self.before: set[int] = set()  # invalid when the command started
+        self.flagged: set[int] = set()  # pre-existing ones a revision of this run named, still invalid
+        self._sources: dict[str, str] = {}
+
+    def source(self, revision: str, path: str | None = None) -> str:
+        """The text of a revision's file, lower-cased (read once per command); empty if it cannot be read."""
+        if revision not in self._sources:
+            try:
+                with open(path or self.script.get_revision(revision).path, "rb") as file:
+                    self._sources[revision] = file.read().decode("utf-8", "replace").lower()
+            except (OSError, RevisionError, CommandError, AttributeError, TypeError):
+                self._sources[revision] = ""
+        return self._sources[revision]
+
+    def _read(self) -> list[db.InvalidIndex]:
+        """Invalid indexes now, read on opslib's session outside any transaction."""
+        if self.conn.in_transaction():
+            self.conn.rollback()  # between attempts nothing is pending on it: this only ends the read's
+        found = db.invalid_indexes(self.conn)
+        if self.conn.in_transaction():
+            self.conn.commit()
+        return found
+
+    def start(self) -> None:
+        self.before = {i.oid for i in self._read()}
+        for step in self.steps:  # in one go, not one file between two revisions' transactions
+            self.source(step.revision, step.path)
+
+    def _culprits(self, found: Sequence[db.InvalidIndex], text: str = "") -> list[db.InvalidIndex]:
+        return [
+            i
+            for i in found
+            if i.building_pid is None
+            and (
+                i.oid not in self.before
+                or i.oid in self.flagged
+                or (text and re.search(rf"(?<![\w$]){re.escape(i.relname.lower())}(?![\w$])", text))
+            )
+        ]
+
+    def check(self, connection: Connection, step) -> None:
+        """From ``on_version_apply``, in the revision's transaction: raise if it left an invalid index."""
+        if getattr(step, "is_stamp", False):
+            return
+        revision = step.up_revision_id
+        text = self.source(revision)
+        if "index" not in text:
+            return
+        if not (self.before or self.flagged) and not _may_leave_invalid(text):
+            return
+        left = self._culprits(db.invalid_indexes(connection), text)
+        if left:
+            self.flagged.update(i.oid for i in left)
+            raise _InvalidIndexLeft(revision, left)
+
+    def leftovers(self) -> list[db.InvalidIndex]:
+        """This run's culprits still invalid now; an empty list when they cannot be read."""
+        try:
+            return self._culprits(self._read())
+        except SQLAlchemyError:  # the session is gone: the failure is told without them
+            return []
+
+    def drop_leftovers(self, dropping: list[str]) -> None:
+        """``DROP INDEX CONCURRENTLY`` each leftover, outside a transaction, under the lock timeout; the
+        name being dropped is kept in ``dropping`` for the caller's message if the drop times out."""
+        for index in self.leftovers():
+            dropping[:] = [index.name]
+            db.drop_index_concurrently(self.conn, index.name)
+            self.flagged.discard(index.oid)
+        dropping.clear()
+
+    def after_command(self) -> None:
+        """At the end of a command that succeeded: an invalid index new since its start fails it."""
+        left = self.leftovers()
+        if left:
+            names = ", ".join(i.name for i in left)
+            raise OpsError(
+                f"index {names} became INVALID during this {self.action}, built by a revision whose own text "
+                f"does not say CONCURRENTLY (through a helper?); drop it with DROP INDEX CONCURRENTLY "
+                f"{left[0].name} and run that revision again, or REINDEX INDEX CONCURRENTLY {left[0].name}"
+            )
+
+    def kept_note(self, revision: str) -> str:
+        """What stays of a revision that failed after its autocommit block committed part of it."""
+        if "autocommit_block" not in self.source(revision):
+            return ""
+        return " (the version row is not advanced; what it ran in or before its autocommit_block stays committed)"
+
+    def final_message(self, what: str, attempts: int, err: BaseException, settings: Settings) -> str | None:
+        """The failure of the last attempt, when it leaves an invalid index: the index, the revision, the way out."""
+        left = self.leftovers()
+        if not left:
+            return None
+        names = ", ".join(i.name for i in left)
+        tables = ", ".join(dict.fromkeys(i.table for i in left))
+        revision = what.partition(" ")[2]
+        if isinstance(err, _InvalidIndexLeft):
+            why = f"it is still invalid after {attempts} attempt(s)"
+        else:
+            why = (
+                f"its concurrent build could not get its locks within lock_timeout "
+                f"{settings.ddl_lock_timeout_s:g} s in {attempts} attempts: another session holds a lock on "
+                f"{tables} or an old snapshot (see `opslib check`)"
+            )
+        return (
+            f"revision {revision} left index {names} INVALID: {why}; it is not recorded as applied"
+            f"{self.kept_note(revision)}; "
+            f"drop the index with DROP INDEX CONCURRENTLY {left[0].name} before running the revision again"
+        )
 
 
 class _Progress:
@@ -497,15 +757,24 @@ class _Progress:
     begun, or, for the last one, when the database says so.
     """
 
-    def __init__(self, script: ScriptDirectory, action: str, on_step: StepCallback | None):
+    def __init__(
+        self,
+        script: ScriptDirectory,
+        action: str,
+        on_step: StepCallback | None,
+        guard: _IndexGuard | None = None,
+    ):
         self.script = script
         self.action = action
         self.on_step = on_step
+        self.guard = guard  # checks the revision's indexes before its version row commits
         self.mark = time.perf_counter()
         self.unconfirmed: list[tuple[str, float]] = []  # (revision, seconds), not yet known committed
         self.last_called: str | None = None  # the last revision whose transaction reached its end
 
     def __call__(self, ctx, step, heads, run_args) -> None:
+        if self.guard is not None:  # raising here rolls the revision's version row back
+            self.guard.check(ctx.connection, step)
         db_history.record_step(ctx.connection, db_history.current_run_id(), step)
         # An env.py that runs everything inside a transaction of its own commits nothing early.
         if not getattr(ctx, "_in_external_transaction", False):
@@ -562,7 +831,9 @@ def _run_change(
         steps = plan(script, before)
         cfg = alembic_config(settings, url=url, connection=conn, x_args=x_args)
         db_history.ensure_schema(conn)
-        progress = _Progress(script, action, on_step)
+        guard = _IndexGuard(script, conn, action, steps) if action != "stamp" else None
+        progress = _Progress(script, action, on_step, guard)
+        canceller = _Canceller(url)
         dest = destination(script, before, steps)
         if action == "stamp":
             work = lambda rev, context: script._stamp_revs(dest, rev)  # noqa: E731
@@ -579,6 +850,7 @@ def _run_change(
                 destination_rev=dest,
                 on_version_apply=progress,
                 lock_timeout_ms=max(int(settings.ddl_lock_timeout_s * 1000), 1),
+                canceller=canceller,
             )
 
         def after_timeout() -> str:
@@ -593,7 +865,7 @@ def _run_change(
         captured = io.StringIO()
         try:
             with _capture_alembic_output(captured), _ddl_lock_timeout(conn, settings.ddl_lock_timeout_s):
-                _retrying(settings, attempt, after_timeout, on_attempt)
+                _retrying(settings, attempt, after_timeout, on_attempt, guard)
         except BaseException as err:  # noqa: BLE001 - any failure, Ctrl-C included, says where the database stands
             after = _revisions_after_failure(conn, url, database, where)
             progress.settle(_applied_set(script, after))
@@ -651,30 +923,66 @@ def _retrying(
     action: Callable[[], None],
     after_timeout: Callable[[], str],
     on_attempt: AttemptCallback | None,
+    guard: _IndexGuard | None = None,
 ) -> None:
     """Run the Alembic command; when it hits the lock timeout, run it again with backoff.
 
     Each revision commits on its own, so the command run again resumes at the revision that timed
     out. The waits double from the lock timeout itself (2 s, 4 s, 8 s at the default), so a blocker
     gets time to finish while traffic on the table is never held up for longer than one lock timeout.
+
+    With ``guard``, a revision that leaves an invalid index (a ``CREATE INDEX CONCURRENTLY`` the lock
+    timeout cancelled, or one an ``IF NOT EXISTS`` skipped) is retried too: before the next attempt
+    the invalid index is dropped with ``DROP INDEX CONCURRENTLY`` (itself under the lock timeout, a
+    drop that times out counting as an attempt), so the revision builds it again. After the last
+    attempt the failure names the invalid index and the revision, which is not recorded as applied.
     """
     attempts = settings.ddl_retries + 1
+    if guard is not None:
+        guard.start()
     for attempt in range(1, attempts + 1):
+        dropping: list[str] = []
         try:
+            if guard is not None and attempt > 1:
+                guard.drop_leftovers(dropping)
             action()
+            if guard is not None:
+                guard.after_command()
             return
-        except DBAPIError as err:
-            if not db.is_lock_timeout(err):
+        except (DBAPIError, _InvalidIndexLeft) as err:
+            if isinstance(err, DBAPIError) and not db.is_lock_timeout(err):
+                left = guard.leftovers() if guard is not None else []
+                if left:  # a build that failed otherwise (a duplicate in a unique index, say) left it
+                    raise OpsError(
+                        f"{type(getattr(err, 'orig', None) or err).__name__}: {db.driver_message(err)}; "
+                        f"it left index {', '.join(i.name for i in left)} INVALID"
+                        f"{guard.kept_note(after_timeout().partition(' ')[2])}: drop it with "
+                        f"DROP INDEX CONCURRENTLY {left[0].name} before running the revision again"
+                    ) from err
                 raise
             what = after_timeout()
+            if isinstance(err, _InvalidIndexLeft):
+                why = err.message
+            elif dropping:
+                why = f"DROP INDEX CONCURRENTLY {dropping[0]}: {db.driver_message(err)}"
+            else:
+                why = db.driver_message(err)
             if on_attempt is not None:
-                on_attempt(what, attempt, db.driver_message(err))
+                on_attempt(what, attempt, why)
             if attempt == attempts:
+                message = guard.final_message(what, attempts, err, settings) if guard is not None else None
+                if message is None and isinstance(err, _InvalidIndexLeft):
+                    message = f"{what}: {err.message}"
+                if message is not None:
+                    raise OpsError(message) from err
                 raise OpsError(
                     f"{what} could not get its locks within lock_timeout {settings.ddl_lock_timeout_s:g} s in "
                     f"{attempts} attempts: another session holds a lock on the table (see `opslib check`)"
                 ) from err
             time.sleep(min(settings.ddl_lock_timeout_s * 2 ** (attempt - 1), 30))
+
+
+RECONNECT_S = 20.0  # how long a failed change keeps asking a server that went away where the database stands
 
 
 def _revisions_after_failure(conn: Connection, url: URL, database: str, where) -> tuple[str, ...]:
@@ -685,10 +993,16 @@ def _revisions_after_failure(conn: Connection, url: URL, database: str, where) -
         return current_revisions(conn, where)
     except DBAPIError:
         pass
-    try:
-        with db.connect(url) as fresh:
-            return current_revisions(fresh, where)
-    except (DBAPIError, OpsError):
+    # The server may be restarting (the failure may be that restart): ask again for a while.
+    deadline = time.monotonic() + RECONNECT_S
+    while True:
+        try:
+            with db.connect(url) as fresh:
+                return current_revisions(fresh, where)
+        except (DBAPIError, OpsError):
+            if time.monotonic() < deadline:
+                time.sleep(0.5)
+                continue
         raise MigrationFailed(
             f"the migration failed and {database} cannot be reached to read its revision: "
             "run `opslib status` once it is back",
@@ -721,8 +1035,15 @@ def _failure(action, target, database, script, before, after, steps, err, url, l
         failed = steps[ids.index(last_called) + 1]
     where = f" at revision {failed.revision} ({failed.doc})" if failed else ""
     if isinstance(err, KeyboardInterrupt):
-        cause = "interrupted"
-    elif isinstance(err, OpsError):
+        signum = getattr(err, "signum", signal.SIGINT)
+        return Interrupted(
+            signum,
+            f"{action} to {target} was interrupted ({signal.Signals(signum).name})"
+            + (f"{where}, which was rolled back" if failed else "")
+            + f": {database} is now at {_describe(after)}; run `opslib {action}` again to continue",
+            revisions=after,
+        )
+    if isinstance(err, OpsError):
         cause = err.message
     elif isinstance(err, SQLAlchemyError):
         # The driver's exception class says what kind of failure (DivisionByZero, UndefinedColumn, ...).

@@ -142,6 +142,7 @@ def from_namespace(runbook: str, namespace: Mapping[str, Any]) -> dict[str, Any]
 def validate(runbook: str, values: Mapping[str, Any]) -> dict[str, Any]:
     """Check every value against the runbook's declaration; returns the complete parameter dict."""
     params = spec(runbook)
+    refuse_secrets(runbook, values)
     known = {p.name: p for p in params}
     unknown = sorted(set(values) - set(known))
     if unknown:
@@ -153,6 +154,34 @@ def validate(runbook: str, values: Mapping[str, Any]) -> dict[str, Any]:
         result[p.name] = _check(runbook, p, values.get(p.name, p.default))
     _check_combinations(runbook, result)
     return result
+
+
+# scheme://user:password@ or user:password@host: a value that carries a password.
+_SECRET = re.compile(r"(://[^\s/@:]*:[^\s/@]+@)|(^[^\s/@:]+:[^\s/@]+@[^\s/@]+)")
+
+
+def holds_secret(value: Any) -> bool:
+    """True when ``value`` is text holding a URL (or ``user:password@host``) with a password."""
+    return isinstance(value, str) and bool(_SECRET.search(value))
+
+
+def shown_value(value: Any) -> Any:
+    """A parameter's value as a record may keep it: one that holds a password is replaced."""
+    return "(not kept: it holds a password)" if holds_secret(value) else value
+
+
+def refuse_secrets(runbook: str, values: Mapping[str, Any]) -> None:
+    """Refuse any parameter value that holds a URL with a password, naming the parameter, never the value.
+
+    Parameters are written into the executed notebook and the record; a URL belongs in the
+    environment variable that ``database_url_env`` names.
+    """
+    for name, value in values.items():
+        if holds_secret(value):
+            raise InvalidInput(
+                f"{runbook}: parameter {name} holds a URL with a password, which would be written into the "
+                "notebook and the record: put the URL in an environment variable and name it with database_url_env"
+            )
 
 
 def _check(runbook: str, p: Param, value: Any) -> Any:

@@ -14,12 +14,15 @@ only saves time: when it cannot be read or written, the programs are asked as wi
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import glob
 import json
 import os
 import re
+import signal
 import subprocess
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -125,7 +128,9 @@ def _write_cache(file: Path | None, programs: dict[str, dict]) -> None:
 
 def _probe(path: str) -> tuple[str, int] | None:
     try:
-        out = subprocess.run([path, "--version"], capture_output=True, text=True, timeout=10)
+        out = subprocess.run(
+            [path, "--version"], capture_output=True, text=True, timeout=10, **child_options()
+        )
     except (OSError, subprocess.TimeoutExpired):
         return None
     match = _VERSION.search(out.stdout)
@@ -207,6 +212,49 @@ def pg_restore_for(server_major: int) -> ClientTool:
             "pg_restore", server_major, found, "pg_restore should match the server's major version"
         )
     return newer[0]
+
+
+_PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
+
+
+@functools.lru_cache(maxsize=1)
+def _prctl():
+    """libc's prctl on Linux, loaded once in the parent (a forked child should only call it); else None."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):  # a libc without prctl (unusual builds): no parent-death signal
+        return None
+
+
+def child_options() -> dict:
+    """Keyword arguments for ``subprocess.Popen``/``run`` of a client program so that it dies with opslib.
+
+    On Linux the child asks the kernel (``prctl(PR_SET_PDEATHSIG, SIGKILL)``) to be killed when its
+    parent dies: a ``kill -9`` of opslib then cannot leave a pg_dump writing a partial file, or a
+    pg_restore loading a staging database, for nobody. Elsewhere (no such call) this is ``{}``.
+    The signal follows the *thread* that started the child; opslib waits for its client programs
+    in the thread that started them, so the child never outlives a running call.
+    """
+    prctl = _prctl()
+    if prctl is None:
+        return {}
+    parent = os.getpid()
+
+    def die_with_parent() -> None:
+        prctl(
+            ctypes.c_int(_PR_SET_PDEATHSIG),
+            ctypes.c_ulong(int(signal.SIGKILL)),
+            ctypes.c_ulong(0),
+            ctypes.c_ulong(0),
+            ctypes.c_ulong(0),
+        )
+        # The parent may have died between fork and prctl; the signal would then never come.
+        if os.getppid() != parent:
+            os._exit(1)
+
+    return {"preexec_fn": die_with_parent}
 
 
 def libpq_env(url: URL) -> dict[str, str]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 from typing import TYPE_CHECKING
-from urllib.parse import unquote
+from urllib.parse import quote, quote_plus, unquote
 
 if TYPE_CHECKING:
     from sqlalchemy.engine import URL
@@ -34,9 +34,25 @@ def redact_url(url: str | URL) -> str:
 
 
 def scrub(text: str, url: URL | None) -> str:
-    """Remove the URL's password from ``text`` wherever it appears."""
+    """Remove the URL's password from ``text`` wherever it appears, raw or percent-encoded."""
     if url is not None and url.password:
-        text = text.replace(str(url.password), "***")
+        text = _without(text, str(url.password))
+    return text
+
+
+def scrub_password(text: str, url: str) -> str:
+    """Remove the password of ``url`` (a URL string) from ``text``, raw or percent-encoded."""
+    match = re.match(r"[a-zA-Z][a-zA-Z0-9+.-]*://[^\s/:@]*:([^\s/@]+)@", url)
+    if not match:
+        return text
+    return _without(_without(text, match.group(1)), unquote(match.group(1)))
+
+
+def _without(text: str, secret: str) -> str:
+    # A password shows as written, decoded (%40 as @) or encoded again (an error quoting a URL).
+    for form in sorted({secret, unquote(secret), quote(secret, safe=""), quote_plus(secret)}, key=len, reverse=True):
+        if form:
+            text = text.replace(form, "***")
     return text
 
 

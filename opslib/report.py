@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from opslib import __version__, audit, display
+from opslib.outcome import Outcome
 from opslib.db import redact_urls_in
 from opslib.errors import ConfigError, InvalidInput, ReportFailed
 
@@ -191,6 +192,11 @@ def _swap_in(scratch: Path, out: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def _outcome_order(value: str) -> int:
+    order = [o.value for o in Outcome]
+    return order.index(value) if value in order else len(order)
+
+
 def build_report(records_dir: Path, out: Path) -> Report:
     """Write the audit report of ``records_dir`` into ``out`` (replacing an earlier report there).
 
@@ -238,7 +244,8 @@ def _write_site(records_dir: Path, site: Path, check: audit.LedgerCheck) -> list
     outcomes = Counter(r["outcome"] for r in runs)
     index = env.get_template("report_index.html.j2").render(
         runs=runs,
-        outcomes=[(o, outcomes[o]) for o in (*audit.OUTCOMES, "running") if outcomes[o]],
+        # Every outcome found, in the contract's order; one a newer opslib wrote comes last, as written.
+        outcomes=[(o, n) for o, n in sorted(outcomes.items(), key=lambda item: _outcome_order(item[0]))],
         columns=INDEX_COLUMNS,
         problems=check.problems,
         records_dir=str(records_dir.resolve()),

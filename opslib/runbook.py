@@ -16,6 +16,8 @@ from __future__ import annotations
 import functools
 import gc
 import os
+import signal
+import threading
 import time
 from dataclasses import replace
 from datetime import timedelta
@@ -28,7 +30,10 @@ from opslib import audit, backup, checks, db, lint, migrate, params
 from opslib import history as run_history
 from opslib.config import Settings, load_settings
 from opslib.display import Section
+from opslib.outcome import Outcome, outcome_of
+from opslib.record import BackupRef, Database
 from opslib.errors import (
+    Interrupted,
     InvalidInput,
     MigrationFailed,
     OpsError,
@@ -36,25 +41,65 @@ from opslib.errors import (
     VerificationFailed,
 )
 
-SUCCEEDED, FAILED, REFUSED, INTERRUPTED, SKIPPED = "succeeded", "failed", "refused", "interrupted", "skipped"
 OUTPUT_TAIL = 20  # lines of the migrations' own output shown in a step's section
 SAVE_EVERY_S = 0.5  # how often the sidecar is rewritten while revisions are being applied
 
 
-def _outcome_of(err: BaseException) -> tuple[str, int]:
-    if isinstance(err, KeyboardInterrupt):
-        return INTERRUPTED, 1
-    if isinstance(err, OpsError):
-        return (REFUSED if err.exit_code in (2, 3, 4) else FAILED), err.exit_code
-    return FAILED, 1
-
-
 def _message_of(err: BaseException) -> str:
-    if isinstance(err, OpsError):
+    if isinstance(err, (OpsError, Interrupted)):
         return err.message
     if isinstance(err, KeyboardInterrupt):
-        return "interrupted"
+        return "interrupted (Ctrl-C)"
     return f"unexpected error: {type(err).__name__}: {err}"
+
+
+def _revisions_text(revisions: list[str] | None) -> str:
+    """Revisions as shown: "base" when none is applied, "not read" when they could not be read."""
+    if revisions is None:
+        return "not read"
+    return ", ".join(revisions) or "base"
+
+
+class _Signals:
+    """SIGTERM (a cancelled job, a stopped container) ends a run like Ctrl-C does, as ``interrupted``.
+
+    During a step the signal raises :class:`Interrupted` at once: the step stops, and the record is
+    sealed with where the database stands. Between steps (an operator reading a cell's output) it is
+    kept, and the next step raises it before doing anything.
+    """
+
+    in_step = 0
+    stopping = False
+    pending: int | None = None
+    saved: object = None
+
+    @classmethod
+    def stop_on_sigterm(cls) -> None:
+        """Install the handler (in the main thread only: Python allows signal handlers nowhere else)."""
+        cls.pending, cls.stopping = None, False
+        if threading.current_thread() is threading.main_thread() and cls.saved is None:
+            cls.saved = signal.signal(signal.SIGTERM, cls._on_sigterm)
+
+    @classmethod
+    def restore(cls) -> None:
+        """Give SIGTERM back its handler from before the run."""
+        if cls.saved is not None and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, cls.saved)
+            cls.saved = None
+
+    @classmethod
+    def _on_sigterm(cls, signum, frame) -> None:
+        if cls.in_step and not cls.stopping:
+            cls.stopping = True  # once: a second signal must not break off the stopping of the first
+            raise Interrupted(signum)
+        cls.pending = signum
+
+    @classmethod
+    def raise_pending(cls) -> None:
+        """Raise the signal that arrived between steps, if one did."""
+        if cls.pending is not None:
+            signum, cls.pending = cls.pending, None
+            raise Interrupted(signum)
 
 
 def step(name: str) -> Callable:
@@ -64,29 +109,26 @@ def step(name: str) -> Callable:
         @functools.wraps(fn)
         def wrapper(self: "Run", *args, **kwargs):
             self._require_open(name)
-            entry = {
-                "name": name,
-                "started_at": audit.iso(audit.now()),
-                "duration_s": None,
-                "outcome": "running",
-            }
-            self.record["steps"].append(entry)
+            entry = self.record.step(name, audit.iso(audit.now()))
             self._save()
             started = time.perf_counter()
+            _Signals.in_step += 1
             try:
+                _Signals.raise_pending()
                 result = fn(self, *args, **kwargs)
             except BaseException as err:
+                _Signals.in_step -= 1
                 if getattr(err, "output", ""):  # what the migrations printed or logged before the failure
-                    self.record.setdefault("migration_output", {})[name] = err.output
-                entry["outcome"] = _outcome_of(err)[0]
-                entry["duration_s"] = round(time.perf_counter() - started, 3)
+                    self._keep_output(name, err.output)
+                entry.outcome = outcome_of(err)[0]
+                entry.duration_s = round(time.perf_counter() - started, 3)
                 self._finish(err)
                 self._close()
                 raise
-            entry["outcome"] = (
-                SKIPPED if isinstance(result, Section) and result.status.startswith("skipped") else SUCCEEDED
-            )
-            entry["duration_s"] = round(time.perf_counter() - started, 3)
+            _Signals.in_step -= 1
+            skipped = isinstance(result, Section) and result.status.startswith("skipped")
+            entry.outcome = Outcome.SKIPPED if skipped else Outcome.SUCCEEDED
+            entry.duration_s = round(time.perf_counter() - started, 3)
             self._save()
             if self.ended:
                 self._close()
@@ -126,7 +168,7 @@ class Run:
     def _require_open(self, name: str) -> None:
         if self.ended:
             raise PreconditionFailed(
-                f"this run has ended ({self.record['outcome']}); start a new run to {name} (re-run the first cell)"
+                f"this run has ended ({self.record.outcome}); start a new run to {name} (re-run the first cell)"
             )
 
     def _revisions_now(self) -> list[str] | None:
@@ -137,17 +179,16 @@ class Run:
             return None
 
     def _finish(self, err: BaseException | None = None) -> None:
-        outcome, code = (SUCCEEDED, 0) if err is None else _outcome_of(err)
-        self.record["outcome"] = outcome
-        self.record["exit_code"] = code
-        self.record["error"] = None if err is None else _message_of(err)
-        self.record["finished_at"] = audit.iso(audit.now())
-        if self.record["database"] is not None:
-            self.record["revisions_after"] = self._revisions_now()
-            self._record_run_in_database()
+        outcome, code = outcome_of(err)
+        self.record.end(outcome, code, None if err is None else _message_of(err), audit.iso(audit.now()))
+        if self.record.database is not None:
+            self.record.revisions_after = self._revisions_now()
+            if outcome is not Outcome.INVALID:  # bad input concerns no database: none is written to
+                self._record_run_in_database()
         self.ended = True
         self._release_lock()
         self._save()
+        _Signals.restore()
 
     def _close(self) -> None:
         """Seal an ended run: its ledger entry vouches for the sidecar as it is now, so nothing may change after."""
@@ -162,13 +203,13 @@ class Run:
             fingerprint = db.fingerprint(conn)
         host = self.url.host or self.url.query.get("host")
         self.database = self.url.database
-        self.record["database"] = {"host": host, "port": self.url.port, "name": self.url.database}
+        self.record.database = Database(host, self.url.port, self.url.database)
         self._save()
         self._take_lock()  # one run at a time on a database: a second one stops here, exit 4
         with db.connect(self.url) as conn:
             current = list(migrate.current_revisions(conn, migrate.version_table(self.settings)))
-        self.record["revisions_before"] = current
-        self.record["fingerprint"] = fingerprint
+        self.record.revisions_before = current
+        self.record.fingerprint = fingerprint
         self._save()
         return [
             ("fingerprint", fingerprint),
@@ -182,18 +223,18 @@ class Run:
 
     def _record_run_in_database(self) -> None:
         """Append this run's row to the database's own history; a database out of reach keeps the files' record."""
-        finished = dict(self.record, finished_at=self.record["finished_at"] or audit.iso(audit.now()))
+        finished = replace(self.record, finished_at=self.record.finished_at or audit.iso(audit.now()))
         try:
             with db.connect(db.target_url(self.settings)) as conn:
                 run_history.record_run(conn, finished)
         except (OpsError, sa.exc.DBAPIError) as err:
-            self.record["database_history"] = f"not written: {_message_of(err)}"
+            self.record.database_history = f"not written: {_message_of(err)}"
         run_history.set_current_run_id(None)
 
     def _take_lock(self) -> None:
         """Hold the opslib lock on the target until the run ends, without waiting for it."""
-        self.run_lock = db.hold_run_lock(self.url, f"opslib {self.runbook} run {self.record['run_id']}")
-        run_history.set_current_run_id(self.record["run_id"])  # revision events in the database name this run
+        self.run_lock = db.hold_run_lock(self.url, f"opslib {self.runbook} run {self.record.run_id}")
+        run_history.set_current_run_id(self.record.run_id)  # revision events in the database name this run
 
     def _release_lock(self) -> None:
         if self.run_lock is not None:
@@ -204,14 +245,12 @@ class Run:
         """Record each attempt that gave up on the lock timeout, as a step of its own."""
 
         def on_attempt(what: str, attempt: int, error: str) -> None:
-            self.record["steps"].append(
-                {
-                    "name": f"{what} attempt {attempt}",
-                    "started_at": audit.iso(audit.now()),
-                    "duration_s": self.settings.ddl_lock_timeout_s,
-                    "outcome": "lock timeout",
-                    "error": error,
-                }
+            self.record.step(
+                f"{what} attempt {attempt}",
+                audit.iso(audit.now()),
+                duration_s=self.settings.ddl_lock_timeout_s,
+                outcome=Outcome.LOCK_TIMEOUT,
+                error=error,
             )
             self._save()
 
@@ -240,7 +279,7 @@ class Run:
             self.settings, made.path, restore_test=self.params.get("restore_test", False)
         )
         report.raise_for_failure()
-        self.record["backup"] = {"path": str(made.path.resolve()), "sha256": made.manifest["sha256"]}
+        self.record.backup = BackupRef(str(made.path.resolve()), made.manifest["sha256"])
         self._save()
         m = made.manifest
         app = {k: v for k, v in m["row_counts"].items() if not k.startswith("opslib.")}
@@ -269,13 +308,11 @@ class Run:
         saved = [time.monotonic()]
 
         def on_step(info: migrate.RevisionInfo, seconds: float) -> None:
-            self.record["steps"].append(
-                {
-                    "name": f"{verb} {info.revision}",
-                    "started_at": audit.iso(audit.now() - timedelta(seconds=seconds)),
-                    "duration_s": round(seconds, 3),
-                    "outcome": SUCCEEDED,
-                }
+            self.record.step(
+                f"{verb} {info.revision}",
+                audit.iso(audit.now() - timedelta(seconds=seconds)),
+                duration_s=round(seconds, 3),
+                outcome=Outcome.SUCCEEDED,
             )
             if time.monotonic() - saved[0] >= SAVE_EVERY_S:
                 self._save()
@@ -289,7 +326,7 @@ class Run:
         rows = [{"revision": s.revision, "message": s.message} for s in result.steps]
         text = ""
         if result.output.strip():
-            self.record.setdefault("migration_output", {})[title.lower()] = result.output
+            self._keep_output(title.lower(), result.output)
             self._save()
             lines = result.output.rstrip().splitlines()
             shown = lines[-OUTPUT_TAIL:]
@@ -297,6 +334,10 @@ class Run:
             head += f", the last {len(shown)} here; all in the record)" if len(shown) < len(lines) else ")"
             text = "\n".join([head, *shown])
         return Section(title, status, [("now at", ", ".join(result.after) or "base")], rows, text)
+
+    def _keep_output(self, step_name: str, output: str) -> None:
+        """Keep what the migrations printed or logged during a step, in full, in the record."""
+        self.record.migration_output = {**(self.record.migration_output or {}), step_name: output}
 
     def _expect_revisions(self, expected: tuple[str, ...]) -> tuple[str, object]:
         now = tuple(sorted(self._revisions_now() or ()))
@@ -313,7 +354,7 @@ class Run:
             load_settings()  # raises the configuration error, now recorded as this step's failure
         values = params.validate(runbook, params.from_namespace(runbook, namespace))
         self.params = values
-        self.record["parameters"] = values
+        self.record.parameters = values
         env_name = values["database_url_env"]
         url = os.environ.get(env_name)
         if not url and env_name != "DATABASE_URL":
@@ -349,21 +390,21 @@ class Run:
         self._finish()
         r = self.record
         facts = [
-            ("outcome", r["outcome"]),
+            ("outcome", str(r.outcome)),
             ("database", self.database),
-            ("revision before", ", ".join(r["revisions_before"] or []) or "base"),
-            ("revision after", ", ".join(r["revisions_after"] or []) or "base"),
-            ("backup", Path(r["backup"]["path"]).name if r["backup"] else "none"),
+            ("revision before", _revisions_text(r.revisions_before)),
+            ("revision after", _revisions_text(r.revisions_after)),
+            ("backup", Path(r.backup.path).name if r.backup else "none"),
             ("record", self.record_path.name),
         ]
-        if r.get("schema_recreated"):
-            facts.insert(4, ("schema public", f"recreated: {r['schema_recreated']['reason']}"))
+        if r.schema_recreated:
+            facts.insert(4, ("schema public", f"recreated: {r.schema_recreated['reason']}"))
         rows = [
-            {"step": s["name"], "outcome": s["outcome"], "seconds": s["duration_s"]}
-            for s in r["steps"]
-            if s["name"] != "summary"
+            {"step": s.name, "outcome": str(s.outcome), "seconds": s.duration_s}
+            for s in r.steps
+            if s.name != "summary"
         ]
-        return Section(f"{self.runbook.capitalize()} summary", r["outcome"], facts, rows)
+        return Section(f"{self.runbook.capitalize()} summary", str(r.outcome), facts, rows)
 
     def __repr__(self) -> str:
         return repr(self._parameters_section())
@@ -374,7 +415,7 @@ class Run:
     def _parameters_section(self) -> Section:
         rows = [{"parameter": k, "value": v} for k, v in self.params.items()]
         facts = [
-            ("run id", self.record["run_id"]),
+            ("run id", self.record.run_id),
             ("environment", self.settings.env),
             ("record", self.record_path.name),
         ]
@@ -401,9 +442,9 @@ class Deploy(Run):
         report = checks.pre_deploy(
             self.settings, self.params["target_revision"], backup_planned=self.params["backup"]
         )
-        self.record["checks"] = report.to_dict()["checks"]
+        self.record.checks = report.to_dict()["checks"]
         # The findings that mattered (blocking, accepted with their reasons, advice); information is counted in the check.
-        self.record["findings"] = [
+        self.record.findings = [
             f.to_dict() for f in report.findings if f.severity is not lint.Severity.INFO
         ]
         self._save()
@@ -432,7 +473,7 @@ class Deploy(Run):
         """Back up and verify before changing anything (skipped when nothing is pending)."""
         if not self.pending:
             return Section("Backup", "skipped: nothing to deploy")
-        return self._take_backup(f"before deploy {self.record['run_id']}")
+        return self._take_backup(f"before deploy {self.record.run_id}")
 
     @step("upgrade")
     def upgrade(self) -> Section:
@@ -451,7 +492,7 @@ class Deploy(Run):
                 raise
             restored = backup.restore(
                 self.settings,
-                self.record["backup"]["path"],
+                self.record.backup.path,
                 confirm=self.database,
                 terminate_connections=True,
             )
@@ -469,7 +510,7 @@ class Deploy(Run):
         """The database is at the target, and matches the project's models where it has them."""
         facts = [
             self._expect_revisions(
-                tuple(r.revision for r in self.pending[-1:]) or tuple(self.record["revisions_before"])
+                tuple(r.revision for r in self.pending[-1:]) or tuple(self.record.revisions_before)
             )
         ]
         drift = self.drift
@@ -522,7 +563,7 @@ class Rollback(Run):
             )
         if acknowledged:
             # Kept in the record: the database's revision moves back, these revisions' changes stay.
-            self.record["acknowledged_irreversible"] = acknowledged
+            self.record.acknowledged_irreversible = acknowledged
             self._save()
             facts.append(("acknowledged irreversible", ", ".join(acknowledged) + " (their changes stay)"))
         last = self.reversing[-1]
@@ -536,7 +577,7 @@ class Rollback(Run):
         """Back up and verify before reversing anything."""
         if not self.reversing:
             return Section("Backup", "skipped: nothing to roll back")
-        return self._take_backup(f"before rollback {self.record['run_id']}")
+        return self._take_backup(f"before rollback {self.record.run_id}")
 
     @step("downgrade")
     def downgrade(self) -> Section:
@@ -554,7 +595,7 @@ class Rollback(Run):
     @step("verify")
     def verify(self) -> Section:
         """The database is where the rollback was to leave it."""
-        before = self.record["revisions_before"]
+        before = self.record.revisions_before
         if not self.reversing:
             return Section("Verify", "passed", [self._expect_revisions(tuple(before))])
         last = self.reversing[-1]
@@ -616,8 +657,8 @@ class Recovery(Run):
         if self.params["mode"] != "restore":
             return Section("Restore", "skipped: mode=stamp")
         done = self._restore_over_target(self.backup_file, terminate=self.params["terminate_connections"])
-        self.record["backup"] = {"path": str(self.backup_file.resolve()), "sha256": self.manifest["sha256"]}
-        self.record["database_history"] = (
+        self.record.backup = BackupRef(str(self.backup_file.resolve()), self.manifest["sha256"])
+        self.record.database_history = (
             f"the database's opslib history now ends where the backup was taken ({self.manifest['started_at']}); "
             "this run's rows follow it"
         )
@@ -700,7 +741,7 @@ class Reset(Run):
     @step("backup")
     def backup(self) -> Section:
         """Optionally back up first (backup=True)."""
-        return self._take_backup(f"before reset {self.record['run_id']}")
+        return self._take_backup(f"before reset {self.record.run_id}")
 
     @step("teardown")
     def teardown(self) -> Section:
@@ -708,7 +749,7 @@ class Reset(Run):
         its own; with recreate_schema=never it ends the run, else the schema is recreated in the next step."""
         if self.params["recreate_schema"] == "always":
             return Section("Teardown", "skipped: recreate_schema=always (the next step recreates the schema)")
-        if not self.record["revisions_before"]:
+        if not self.record.revisions_before:
             return Section("Teardown", "nothing to do: the database is at base")
         try:
             result = migrate.downgrade(
@@ -721,15 +762,12 @@ class Reset(Run):
             if self.params["recreate_schema"] == "never":
                 raise
             self.downgrade_failure = err
-            self.record["steps"].append(
-                {
-                    "name": "downgrade base",
-                    "started_at": audit.iso(audit.now()),
-                    "duration_s": None,
-                    "outcome": FAILED,
-                    "error": err.message,
-                    "revisions": list(err.revisions or ()),
-                }
+            self.record.step(
+                "downgrade base",
+                audit.iso(audit.now()),
+                outcome=Outcome.FAILED,
+                error=err.message,
+                revisions=list(err.revisions or ()),
             )
             self._save()
             return Section(
@@ -758,11 +796,11 @@ class Reset(Run):
             before = migrate.current_revisions(conn, migrate.version_table(self.settings))
             done = db.recreate_schema(conn, "public")
             run_history.record_event(
-                conn, self.record["run_id"], "(schema public)", before, (), "recreate schema",
+                conn, self.record.run_id, "(schema public)", before, (), "recreate schema",
                 f"dropped {len(done.dropped)} object(s): {why}",
             )  # fmt: skip
             conn.commit()
-        self.record["schema_recreated"] = {"schema": "public", "reason": why, "dropped": list(done.dropped)}
+        self.record.schema_recreated = {"schema": "public", "reason": why, "dropped": list(done.dropped)}
         self._save()
         facts = [
             ("why", why),
@@ -838,6 +876,10 @@ def start(runbook: str, namespace: Mapping[str, Any]) -> Run:
     run_id = os.environ.get(audit.RUN_ID_ENV) or audit.new_run_id()
     stem = os.environ.get(audit.RUN_STEM_ENV) or audit.record_stem(runbook, run_id, started)
     under_runner = audit.RUN_STEM_ENV in os.environ
+    # Every session the run opens (its lock, the migrations, pg_dump) carries its name: the sessions of a
+    # run that died can be found and ended before its record is sealed.
+    os.environ["PGAPPNAME"] = audit.application_name(runbook, run_id)
+    _Signals.stop_on_sigterm()
     try:
         settings = load_settings()
     except OpsError:

@@ -10,41 +10,49 @@ code come from the sidecar the run wrote, or, when the kernel never got that far
 
 from __future__ import annotations
 
+import glob
+import logging
 import os
+import signal
+import socket
+import tempfile
+import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
-from opslib import audit, params
+from opslib import audit, params, sealing
 from opslib.config import Settings
-from opslib.errors import InvalidInput
+from opslib.errors import Interrupted, InvalidInput
+from opslib.outcome import Outcome, outcome_of, signal_exit_code
+from opslib.record import RunRecord
 
 
 @dataclass(frozen=True)
 class RunOutcome:
     """What `opslib run` reports: the record's files and what it says."""
 
-    record: dict
+    record: RunRecord
     sidecar: Path
     notebook: Path
 
     @property
     def exit_code(self) -> int:
         """The contract's exit code for this run."""
-        return int(self.record.get("exit_code") or 0)
+        return int(self.record.exit_code or 0)
 
     def line(self) -> str:
         """A one-line outcome for the terminal."""
         r = self.record
-        where = ", ".join(r.get("revisions_after") or []) or "base"
-        text = f"{r['runbook']} {r['outcome']} (exit {self.exit_code})"
-        if r.get("database"):
-            text += f" on {r['database']['name']}, now at {where}"
-        if r.get("schema_recreated"):
-            text += f"; schema public was recreated ({r['schema_recreated']['reason']})"
-        if r.get("error"):
-            text += f": {r['error']}"
+        text = f"{r.runbook} {r.outcome} (exit {self.exit_code})"
+        if r.database:
+            where = "not read" if r.revisions_after is None else ", ".join(r.revisions_after) or "base"
+            text += f" on {r.database.name}, now at {where}"
+        if r.schema_recreated:
+            text += f"; schema public was recreated ({r.schema_recreated['reason']})"
+        if r.error:
+            text += f": {r.error}"
         return text
 
 
@@ -87,13 +95,58 @@ def coerce(name: str, pairs: Sequence[tuple[str, str]]) -> dict:
     return values
 
 
+class _Kernels:
+    """The kernels this process started for runs, so that a signal can be passed on and their
+    socket files removed when the run ends."""
+
+    managers: list = []
+
+    @classmethod
+    def interrupt(cls, signum: int) -> None:
+        """Pass ``signum`` (SIGINT or SIGTERM) on to each live kernel: the runbook step under way stops and
+        seals the record as interrupted by it (a kernel that has not started the run yet just ends)."""
+        for km in cls.managers:
+            pid = getattr(getattr(km, "provisioner", None), "pid", None)
+            if pid:
+                try:
+                    os.kill(pid, signum)
+                except ProcessLookupError:
+                    pass
+
+    @classmethod
+    def remove_stale(cls) -> None:
+        """Remove the socket files of kernels that are gone (a run killed with SIGKILL cannot remove its own):
+        nothing listens on them any more."""
+        for leftover in glob.glob(os.path.join(glob.escape(tempfile.gettempdir()), "opslib-kernel-*-ipc-*")):
+            probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            probe.settimeout(0.2)
+            try:
+                probe.connect(leftover)
+            except (ConnectionRefusedError, FileNotFoundError):
+                Path(leftover).unlink(missing_ok=True)
+            except OSError:
+                pass  # not a socket we can judge: left alone
+            finally:
+                probe.close()
+
+    @classmethod
+    def clean_up(cls) -> None:
+        """Remove the Unix socket files the kernels leave (jupyter_client does not on an immediate shutdown)."""
+        for km in cls.managers:
+            for leftover in glob.glob(f"{glob.escape(km.ip)}-*"):
+                Path(leftover).unlink(missing_ok=True)
+            connection_file = getattr(km, "connection_file", "")
+            if connection_file:
+                Path(connection_file).unlink(missing_ok=True)
+        cls.managers = []
+
+
 def _ipc_kernel_manager() -> type:
     """A kernel manager talking to the kernel over Unix sockets instead of unencrypted local TCP.
 
     Besides keeping the channel off the network stack, this spares every run ipykernel's warning
     about unencrypted TCP.
     """
-    import tempfile
     import uuid
 
     from jupyter_client.manager import AsyncKernelManager
@@ -102,6 +155,10 @@ def _ipc_kernel_manager() -> type:
     class IPCKernelManager(AsyncKernelManager):
         transport = CaselessStrEnum(["tcp", "ipc"], default_value="ipc")
 
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            _Kernels.managers.append(self)
+
         @default("ip")
         def _unique_socket_prefix(self) -> str:
             # jupyter_client's default prefix is "kernel-ipc" in the working folder: two runs started
@@ -109,6 +166,50 @@ def _ipc_kernel_manager() -> type:
             return str(Path(tempfile.gettempdir()) / f"opslib-kernel-{uuid.uuid4().hex[:12]}-ipc")
 
     return IPCKernelManager
+
+
+class _Stop:
+    """The signal (SIGINT or SIGTERM) that asked this run to stop, if one did."""
+
+    signum: int | None = None
+
+
+@contextmanager
+def _signals_passed_to_the_kernel(stop: _Stop) -> Iterator[None]:
+    """While the notebook runs, SIGINT and SIGTERM stop the run cleanly instead of killing this process.
+
+    The kernel is interrupted (the step under way stops, reads where the database stands and seals
+    the record as interrupted) and no further cell starts; a second signal changes nothing more.
+    Outside the main thread (no signal handlers there) nothing is installed.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def on_signal(signum, frame) -> None:
+        if stop.signum is None:
+            stop.signum = signum
+            _Kernels.interrupt(signum)
+
+    saved = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
+
+
+def _no_cell_after_a_signal(stop: _Stop) -> Callable:
+    """An nbclient hook run before each cell: once a signal asked the run to stop, no cell starts."""
+
+    def on_cell_start(cell, cell_index) -> None:
+        if stop.signum is not None:
+            from nbclient.exceptions import CellExecutionError
+
+            name = signal.Signals(stop.signum).name
+            raise CellExecutionError(f"not run: the run was stopped by {name}", "Interrupted", name)
+
+    return on_cell_start
 
 
 @contextmanager
@@ -126,20 +227,40 @@ def _environment(updates: dict[str, str]) -> Iterator[None]:
 
 
 def run(
-    settings: Settings, name: str, pairs: Sequence[tuple[str, str]] = (), env: str | None = None
+    settings: Settings,
+    name: str,
+    pairs: Sequence[tuple[str, str]] = (),
+    env: str | None = None,
 ) -> RunOutcome:
-    """Execute runbook ``name`` with papermill and return its finished record."""
+    """Execute runbook ``name`` with papermill and return its sealed record.
+
+    A record the kernel could not finish (it died, or a signal stopped the run between cells) is
+    ended here, with where the database stands read afresh, and sealed like any other.
+    """
     notebook_in = runbook_path(name)
     values = coerce(name, pairs)
     records = Path(settings.records_dir).resolve()
-    records.mkdir(parents=True, exist_ok=True)
+    audit.ensure_records_dir(records)
     started = audit.now()
     run_id = audit.new_run_id()
     stem = audit.record_stem(name, run_id, started)
     notebook_out = records / f"{stem}.ipynb"
+    try:
+        # Checked here, before papermill writes the values into the notebook's injected cell.
+        params.refuse_secrets(name, values)
+    except InvalidInput as err:
+        record = audit.new_record(name, run_id, started, operator=settings.operator, env=env or settings.env)
+        record.parameters = {k: params.shown_value(v) for k, v in values.items()}
+        record.end(*outcome_of(err), err.message, audit.iso(audit.now()))
+        sidecar = audit.write_sidecar(records, stem, record)
+        audit.append_ledger(records, stem, record)
+        return RunOutcome(record, sidecar, notebook_out)
     kernel_env = {
+        # Every connection the run opens carries its id: a run that dies can have its sessions ended.
+        "PGAPPNAME": audit.application_name(name, run_id),
         audit.RUN_ID_ENV: run_id,
         audit.RUN_STEM_ENV: stem,
+        audit.RUNNER_PID_ENV: str(os.getpid()),
         "OPSLIB_RECORDS_DIR": str(records),
         "OPSLIB_BACKUPS_DIR": str(Path(settings.backups_dir).resolve()),
         "OPSLIB_ALEMBIC_INI": str(Path(settings.alembic_ini).resolve()),
@@ -149,8 +270,13 @@ def run(
     if env:
         kernel_env["OPSLIB_ENV"] = env
     error: BaseException | None = None
-    with _environment(kernel_env):
+    stop = _Stop()
+    _Kernels.remove_stale()
+    with _environment(kernel_env), _signals_passed_to_the_kernel(stop):
         import papermill  # late import: about a second, paid only by `opslib run`
+
+        # papermill warns of parameters the notebook does not declare; the runbook refuses them itself, in one line.
+        logging.getLogger("papermill").setLevel(logging.ERROR)
         from papermill.exceptions import PapermillExecutionError
 
         try:
@@ -165,26 +291,42 @@ def run(
                 # The run has sealed its record and released its connections by the last cell; a
                 # graceful shutdown only waits (0.5 s, at times 3 s) for a kernel with nothing left to do.
                 shutdown_kernel="immediate",
+                on_cell_start=_no_cell_after_a_signal(stop),
             )
         except PapermillExecutionError:
             pass  # the run recorded its own failure in the sidecar
-        except (Exception, KeyboardInterrupt) as err:  # noqa: BLE001 - a dead kernel, Ctrl-C: recorded below
+        except (Exception, KeyboardInterrupt) as err:  # noqa: BLE001 - a dead kernel: recorded below
             error = err
-    record = audit.read_sidecar(records, stem)
+        finally:
+            _Kernels.clean_up()
+    record = audit.load_record(records, stem)
     if record is None:
         record = audit.new_record(name, run_id, started, operator=settings.operator, env=env or settings.env)
-        record["parameters"] = values
-    if record["outcome"] == "running":
-        interrupted = isinstance(error, KeyboardInterrupt)
-        record["outcome"] = "interrupted" if interrupted else "failed"
-        record["exit_code"] = 1
-        record["error"] = record.get("error") or (
-            "interrupted"
-            if interrupted
-            else f"the notebook stopped outside an opslib step: {error or 'see the notebook'}"
-        )
-        record["finished_at"] = audit.iso(audit.now())
-    record["notebook"] = notebook_out.name if notebook_out.exists() else None
+        record.parameters = values
+    record.pids = sorted(set(record.pids) | {os.getpid()})
+    if not (isinstance(record.outcome, Outcome) and record.outcome.sealed):
+        _end_unfinished(settings, record, stop.signum, error)
+    elif record.outcome is Outcome.INTERRUPTED and stop.signum is not None:
+        # The kernel may have seen another signal than this process (Ctrl-C in a terminal reaches only this one).
+        record.exit_code = signal_exit_code(stop.signum)
+    if notebook_out.exists():
+        audit.scrub_notebook(notebook_out, settings.database_url)
+        record.notebook = notebook_out.name
     sidecar = audit.write_sidecar(records, stem, record)
     audit.append_ledger(records, stem, record)
     return RunOutcome(record, sidecar, notebook_out)
+
+
+def _end_unfinished(settings: Settings, record: RunRecord, signum: int | None, error: BaseException | None) -> None:
+    """End a record the kernel left unfinished: stopped by a signal between cells, or the kernel died."""
+    if signum is not None:
+        outcome, code = outcome_of(Interrupted(signum))
+        why = f"interrupted by {signal.Signals(signum).name}"
+    else:
+        outcome, code = outcome_of(error or RuntimeError())
+        why = f"the notebook stopped outside an opslib step: {error or 'see the notebook'}"
+    for entry in record.steps:
+        if entry.outcome is Outcome.RUNNING:
+            entry.outcome = outcome
+    record.end(outcome, code, record.error or why, audit.iso(audit.now()))
+    sealing.settle(settings, record)

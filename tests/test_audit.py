@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from opslib.outcome import Outcome
 from opslib import audit
 
 from .conftest import audit_cli, copy_of_records
@@ -80,7 +81,7 @@ def _append_many(args) -> None:
     for i in range(25):
         stem = f"20260101T000000Z_deploy_{worker}{i:03d}"
         record = audit.new_record("deploy", f"{worker}{i:03d}", audit.now(), operator="t", env="development")
-        record.update(outcome="succeeded", exit_code=0, finished_at=record["started_at"])
+        record.end(Outcome.SUCCEEDED, 0, None, record.started_at)
         audit.write_sidecar(Path(folder), stem, record)
         audit.append_ledger(Path(folder), stem, record)
 

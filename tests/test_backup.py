@@ -17,7 +17,7 @@ import pytest
 from opslib import backup, db, migrate, pgtools
 from opslib.errors import ChecksFailed, InvalidInput, PreconditionFailed
 
-from .conftest import OPSLIB, ROOT, libpq, query, schema_snapshot, settings_for
+from .conftest import OPSLIB, ROOT, databases_named, libpq, query, schema_snapshot, settings_for
 
 PASSWORD = "Backup-S3cret-pw"
 
@@ -36,13 +36,6 @@ def _data(url: str) -> list:
         r[0] for r in query(url, "SELECT tablename FROM pg_tables WHERE schemaname = 'public' ORDER BY 1")
     ]
     return [(t, query(url, f'SELECT count(*) FROM "{t}"')[0][0]) for t in tables]
-
-
-def _databases(server_url) -> set[str]:
-    return {
-        r[0]
-        for r in query(server_url.render_as_string(hide_password=False), "SELECT datname FROM pg_database")
-    }
 
 
 @pytest.fixture
@@ -132,13 +125,13 @@ def test_an_unreadable_archive_of_the_right_size_and_checksum(seeded):
 
 
 def test_restore_over_the_target_needs_the_right_confirm_and_changes_nothing_otherwise(
-    seeded, run_cli, server_url
+    seeded, run_cli, server_url, make_database
 ):
     made = backup.backup(seeded).path
     query(seeded.database_url, "DELETE FROM users WHERE id > 2")  # the target now differs from the backup
     before, databases = (
         (_data(seeded.database_url), schema_snapshot(seeded.database_url)),
-        _databases(server_url),
+        databases_named(server_url, make_database.prefix),
     )
     target = db.parse_url(seeded.database_url).database
     for extra in (["--into", target], ["--confirm", "not-" + target], ["--into", target, "--confirm", "x"]):
@@ -146,7 +139,7 @@ def test_restore_over_the_target_needs_the_right_confirm_and_changes_nothing_oth
         assert done.returncode == 3, done.stderr
         assert f"refusing to restore over database '{target}'" in done.stderr
         assert (_data(seeded.database_url), schema_snapshot(seeded.database_url)) == before
-        assert _databases(server_url) == databases
+        assert databases_named(server_url, make_database.prefix) == databases
     # The default (no flags) restores into a new database and leaves the target alone.
     done = run_cli("restore", str(made))
     assert done.returncode == 0 and "_restored_" in done.stdout
@@ -211,7 +204,7 @@ def test_backup_killed_part_way_leaves_no_file_under_a_final_name(seeded, tmp_pa
         holder.rollback()
         holder.close()
     _, stderr = proc.communicate(timeout=60)
-    assert proc.returncode == 1
+    assert proc.returncode == 3  # BackupNotTaken: the database was only read
     assert "pg_dump was killed by signal 9" in stderr and "no backup was written" in stderr
     assert [p.name for p in out.iterdir()] == []
 
@@ -363,7 +356,7 @@ def test_backup_behind_a_held_lock_gives_up_after_the_lock_timeout(seeded, run_c
     finally:
         holder.rollback()
         holder.close()
-    assert done.returncode == 1 and "no backup was written" in done.stderr
+    assert done.returncode == 3 and "no backup was written" in done.stderr  # BackupNotTaken
     assert "lock" in done.stderr and len(done.stderr.strip().splitlines()) == 1
     assert list((tmp_path / "out").iterdir()) == []
 

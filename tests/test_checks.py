@@ -120,7 +120,7 @@ def test_the_deploy_runbook_stops_when_a_check_fails(database_url, project, tmp_
     env.update(DATABASE_URL=database_url, OPSLIB_ALEMBIC_INI=str(ini))
     done = subprocess.run([OPSLIB, "run", "deploy"], cwd=tmp_path, env=env, capture_output=True, text=True)
     assert done.returncode == 3, done.stdout + done.stderr
-    assert "squawk lint failed" in done.stdout and "u002: adding-required-field" in done.stdout
+    assert "squawk lint failed" in done.stdout + done.stderr and "u002: adding-required-field" in done.stdout + done.stderr
     (record,) = [json.loads(p.read_text()) for p in (tmp_path / "records").glob("*.json")]
     assert record["outcome"] == "refused" and record["backup"] is None
     assert {c["name"]: c["status"] for c in record["checks"]}["squawk lint"] == "fail"

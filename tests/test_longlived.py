@@ -85,7 +85,7 @@ def test_findings_over_rows_block_until_accepted_in_opslib_toml(longlived, tmp_p
 
     refused = _opslib(settings, tmp_path / "a", "run", "deploy", "-p", "target_revision", first)
     assert refused.returncode == 3, refused.stdout + refused.stderr
-    assert f"{first}: {blocking[0]['rule']} on table users: 1 row, " in refused.stdout
+    assert f"{first}: {blocking[0]['rule']} on table users: 1 row, " in refused.stdout + refused.stderr
     baseline = _opslib(
         settings, tmp_path / "a", "check", "--target", first, "--write-baseline", "--reason", "users is tiny"
     )
@@ -111,7 +111,7 @@ def test_a_not_null_column_over_rows_is_refused_naming_the_table_size(longlived,
     snapshot = schema_snapshot(settings.database_url)
     done = _opslib(settings, tmp_path / "a", "run", "deploy")
     assert done.returncode == 3, done.stdout + done.stderr
-    assert f"{not_null['revision']}: adding-required-field on table users: 1 row, " in done.stdout
+    assert f"{not_null['revision']}: adding-required-field on table users: 1 row, " in done.stdout + done.stderr
     assert schema_snapshot(settings.database_url) == snapshot
     assert _record(tmp_path / "a")["outcome"] == "refused"
 
@@ -169,7 +169,7 @@ def test_reset_stops_at_a_failed_downgrade_or_recreates_the_schema_visibly(longl
 
     never = _opslib(settings, tmp_path / "a", "run", "reset", "-p", "recreate_schema", "never")
     assert never.returncode == 1, never.stdout + never.stderr
-    assert f"failed at revision {failing} " in never.stdout.splitlines()[-1]
+    assert f"failed at revision {failing} " in never.stderr.splitlines()[-1]
     assert migrate.status(settings).current == (failing,)
 
     done = _opslib(settings, tmp_path / "b", "run", "reset")

@@ -101,7 +101,7 @@ def test_opslib_runbooks_lists_each_with_its_parameters():
 def test_the_guide_workflows_through_opslib_run(database_url, workdir):
     done = opslib_run(database_url, workdir, "deploy")
     assert done.returncode == 0, done.stdout + done.stderr
-    assert "deploy succeeded (exit 0)" in done.stdout and "now at 0007" in done.stdout
+    assert "deploy succeeded (exit 0)" in done.stdout and "now at 0007" in done.stdout + done.stderr
     (deploy,) = records(workdir)
     assert_complete(deploy, "deploy", "succeeded", 0)
     assert deploy["revisions_before"] == [] and deploy["revisions_after"] == ["0007"]
@@ -216,7 +216,8 @@ def test_on_failure_restore_puts_the_database_back(database_url, project, workdi
         (["deploy", "-p", "stepz", "1"], "unknown parameter stepz"),
         (["rollback", "-p", "steps", "many"], "steps must be a whole number"),
         (["deploy", "-p", "on_failure", "explode"], "on_failure must be one of stop, restore"),
-        (["deploy", "-p", "database_url_env", "postgresql://u:p@h/d"], "names the environment variable"),
+        (["deploy", "-p", "database_url_env", "postgresql://u:p@h/d"], "holds a URL with a password"),
+        (["deploy", "-p", "database_url_env", "postgresql://h/d"], "names the environment variable"),
         (
             ["deploy", "-p", "database_url_env", "NOT_SET_ANYWHERE"],
             "NOT_SET_ANYWHERE (database_url_env) is not set",
@@ -236,7 +237,7 @@ def test_bad_parameters_exit_2_and_change_nothing(database_url, workdir, args, m
     assert schema_snapshot(database_url) == before
     if args[0] != "nosuch":
         (record,) = records(workdir)
-        assert_complete(record, args[0], "refused", 2)
+        assert_complete(record, args[0], "invalid", 2)
         assert record["database"] is None  # refused before any connection
 
 
@@ -271,12 +272,12 @@ def test_reset_is_refused_in_production_and_destructive_steps_need_confirm(datab
         "--env",
         "production",
     )
-    assert done.returncode == 3 and "reset is refused in production" in done.stdout
+    assert done.returncode == 3 and "reset is refused in production" in done.stdout + done.stderr
     for args in (["reset", "--env", "staging"], ["rollback", "--env", "production"], ["recovery"]):
         done = opslib_run(database_url, workdir, *args)
-        assert done.returncode == 3 and "needs confirm=" in done.stdout, done.stdout
+        assert done.returncode == 3 and "needs confirm=" in done.stdout + done.stderr, done.stdout
     done = opslib_run(database_url, workdir, "deploy", "-p", "backup", "false", "--env", "production")
-    assert done.returncode == 3 and "backup=False is not allowed in production" in done.stdout
+    assert done.returncode == 3 and "backup=False is not allowed in production" in done.stdout + done.stderr
     assert schema_snapshot(database_url) == before
     assert [r["outcome"] for r in ledger(workdir)] == ["refused"] * 5
 
@@ -288,13 +289,13 @@ def test_rollback_refuses_an_irreversible_revision(database_url, workdir, projec
     rev.write_text(rev.read_text().replace('    op.drop_column("accounts", "email")', "    pass"))
     assert opslib_run(database_url, workdir, "deploy", alembic_ini=ini).returncode == 0
     done = opslib_run(database_url, workdir, "rollback", alembic_ini=ini)
-    assert done.returncode == 3 and "b002 has no real downgrade" in done.stdout and "recovery" in done.stdout
+    assert done.returncode == 3 and "b002 has no real downgrade" in done.stdout + done.stderr and "recovery" in done.stdout + done.stderr
     assert migrate.status(settings_for(database_url, workdir, ini)).current == ("b002",)
     # Acknowledging another revision is invalid input; acknowledging it lets the rollback through, recorded.
     done = opslib_run(
         database_url, workdir, "rollback", "-p", "acknowledge_irreversible", "b001", alembic_ini=ini
     )
-    assert done.returncode == 2 and "names b001, which this rollback does not reverse" in done.stdout
+    assert done.returncode == 2 and "names b001, which this rollback does not reverse" in done.stdout + done.stderr
     done = opslib_run(
         database_url, workdir, "rollback", "-p", "acknowledge_irreversible", "b002", alembic_ini=ini
     )
@@ -329,7 +330,7 @@ def test_the_password_reaches_no_record_and_no_output(database_url, workdir):
     ):
         done = opslib_run(url, workdir, *args, extra_env=env)
         outputs.append(done.stdout + done.stderr)
-    assert [r["outcome"] for r in ledger(workdir)] == ["succeeded"] * 4 + ["refused"]
+    assert [r["outcome"] for r in ledger(workdir)] == ["succeeded"] * 4 + ["invalid"]
     files = [p for p in (workdir / "records").rglob("*") if p.is_file()] + list(
         (workdir / "backups").glob("*")
     )

@@ -1,0 +1,120 @@
+"""Ending the records of runs that could not end them themselves.
+
+A run seals its own record on every ending it lives through (success, failure, refusal, SIGINT,
+SIGTERM). Two endings it does not live through are sealed here: a record the runner finishes for a
+kernel that died or was stopped between cells (:func:`settle`), and a run whose processes are gone
+without any sealing, killed with SIGKILL (:func:`seal_abandoned`, called by the next `opslib audit`
+or `opslib run`). Either way the run's leftover sessions are ended, where the database stands is read
+afresh, and the run's row is written in the database's own history.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+
+import sqlalchemy as sa
+from sqlalchemy.engine import URL
+
+from opslib import audit, db
+from opslib import history as run_history
+from opslib.config import Settings
+from opslib.errors import OpsError
+from opslib.outcome import Outcome
+from opslib.record import RunRecord
+
+SESSIONS_GONE_S = 10.0  # how long to wait for a dead run's sessions to end once told to
+
+
+def _target_of(settings: Settings, record: RunRecord) -> URL | None:
+    """The URL of the record's database, from the environment variable its parameters name, if it is
+    that database; None when it cannot be known from here (nothing is ever guessed)."""
+    env_name = (record.parameters or {}).get("database_url_env") or "DATABASE_URL"
+    text = os.environ.get(str(env_name)) or settings.database_url
+    try:
+        url = db.parse_url(text) if text else db.parse_url(_embedded_if_running(settings) or "")
+    except OpsError:
+        return None
+    database = record.database
+    if database is None or url.database != database.name:
+        return None
+    same_host = (url.host or url.query.get("host")) == database.host
+    same_port = (url.port or 5432) == (database.port or 5432)
+    return url if same_host and same_port else None
+
+
+def _embedded_if_running(settings: Settings) -> str | None:
+    from opslib import embedded  # only when no URL is configured
+
+    state = embedded.status(settings)
+    return state.url if state.running else None
+
+
+def _end_sessions(conn, record: RunRecord) -> None:
+    """End the sessions the run left (its lock, a statement still running) and wait until they are gone."""
+    name = audit.application_name(record.runbook, record.run_id)
+    query = "SELECT pid FROM pg_stat_activity WHERE application_name = :name AND pid <> pg_backend_pid()"
+    for pid in conn.execute(sa.text(query), {"name": name}).scalars():
+        conn.execute(sa.text("SELECT pg_terminate_backend(:pid)"), {"pid": pid})
+    deadline = time.monotonic() + SESSIONS_GONE_S
+    while conn.execute(sa.text(query), {"name": name}).first() and time.monotonic() < deadline:
+        time.sleep(0.1)
+
+
+def settle(settings: Settings, record: RunRecord) -> None:
+    """For a run that ended without reading where its database stands: end the sessions it left, read
+    the revision afresh into ``revisions_after`` (None, "not read", when the database is out of reach or
+    cannot be known), and write the run's row in the database's history."""
+    record.revisions_after = None
+    from opslib import migrate  # Alembic's import is paid only when there is a record to settle
+
+    url = _target_of(settings, record)
+    if url is None:
+        record.database_history = "not written: the database could not be identified from here"
+        return
+    try:
+        with db.connect(url) as conn:
+            _end_sessions(conn, record)
+            record.revisions_after = list(migrate.current_revisions(conn, migrate.version_table(settings)))
+            run_history.record_run(conn, record)
+    except (OpsError, sa.exc.DBAPIError) as err:
+        message = err.message if isinstance(err, OpsError) else db.driver_message(err, url)
+        record.database_history = f"not written: {message}"
+
+
+def seal_abandoned(settings: Settings, command: str) -> list[RunRecord]:
+    """Seal, as ``abandoned``, every run in the records folder whose processes ended (on this host)
+    without sealing it; ``command`` names the command doing it, for the record. Returns them."""
+    records = settings.records_dir
+    if not os.path.isdir(records) or not audit.abandoned_stems(records):
+        return []
+    sealed = []
+    with audit.sealing_lock(records):
+        for stem in audit.abandoned_stems(records):  # again, under the lock: another command may have sealed
+            record = audit.load_record(records, stem)
+            if record is None:
+                continue
+            now = audit.iso(audit.now())
+            record.last_outcome = str(record.outcome)
+            for entry in record.steps:
+                if entry.outcome is Outcome.RUNNING:
+                    entry.outcome = Outcome.ABANDONED
+            record.end(
+                Outcome.ABANDONED,
+                None,
+                f"the run's processes ({', '.join(map(str, record.pids))}) ended without sealing its record "
+                f"(killed with SIGKILL, or its kernel died), last seen {record.last_outcome}"
+                + (f": {record.error}" if record.error else ""),
+                now,
+            )
+            record.sealed_by = f"`opslib {command}` on {socket.gethostname()} at {now}"
+            settle(settings, record)
+            notebook = audit.sidecar_path(records, stem).with_suffix(".ipynb")
+            if notebook.is_file():
+                audit.scrub_notebook(notebook, os.environ.get("DATABASE_URL") or settings.database_url)
+                record.notebook = notebook.name
+            audit.write_sidecar(records, stem, record)
+            audit.append_ledger(records, stem, record)
+            sealed.append(record)
+    return sealed

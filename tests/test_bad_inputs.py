@@ -1,0 +1,179 @@
+"""Bad input, table-driven, across the CLI, the runbooks (`opslib run`) and the make targets.
+
+Each case must give one line on stderr (make adds its own "Error" line after it), the contract's
+exit code (2 invalid, 3 refused), no traceback, no change to the database, and never the
+password, raw or percent-encoded, in the output, the records or the backups folder. The target's
+URL carries a password for that purpose (the test server's trust authentication ignores it).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+from urllib.parse import quote
+
+import pytest
+
+from .conftest import ROOT, opslib_cli, query, schema_snapshot
+
+SECRET = "Bad-Input@S3cret/pw"  # percent-encoded in the URL: Bad-Input%40S3cret%2Fpw
+ENCODED = quote(SECRET, safe="")
+
+
+def _with_password(url: str) -> str:
+    scheme, rest = url.split("://", 1)
+    user, host = rest.split("@", 1) if "@" in rest else ("postgres", rest)
+    return f"{scheme}://{user.split(':')[0]}:{ENCODED}@{host}"
+
+
+def _files(folder: Path) -> dict[str, str]:
+    """Every file the run wrote, as text (they are all JSON, notebooks or dumps)."""
+    found = {}
+    for path in folder.rglob("*"):
+        if path.is_file():
+            found[str(path.relative_to(folder))] = path.read_bytes().decode("utf-8", "replace")
+    return found
+
+
+def _state(url: str) -> list:
+    """What a bad input must not change: the schema, the revision, the rows, opslib's own history."""
+    history = query(url, "SELECT to_regclass('opslib.runs') IS NOT NULL")[0][0]
+    runs = query(url, "SELECT count(*) FROM opslib.runs")[0][0] if history else None
+    return [schema_snapshot(url), query(url, "SELECT count(*) FROM users")[0][0], runs]
+
+
+@pytest.fixture
+def broken_env_project(tmp_path) -> Path:
+    """A copy of the sample project whose env.py cannot be imported (a model module that is gone)."""
+    import shutil
+
+    dest = tmp_path / "broken_env"
+    shutil.copytree(ROOT / "migrations", dest / "migrations", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(ROOT / "alembic.ini", dest / "alembic.ini")
+    env_py = dest / "migrations" / "env.py"
+    env_py.write_text("from app_models_renamed import Base  # the module was renamed\n" + env_py.read_text())
+    return dest / "alembic.ini"
+
+
+# (id, how, arguments, environment, exit code, what the one line says)
+CASES = [
+    ("upgrade unknown", "cli", ["upgrade", "zzzz"], {}, 2, "unknown revision 'zzzz'"),
+    ("downgrade unknown", "cli", ["downgrade", "zzzz"], {}, 2, "unknown revision 'zzzz'"),
+    ("stamp unknown", "cli", ["stamp", "zzzz"], {}, 2, "unknown revision 'zzzz'"),
+    ("show unknown", "cli", ["show", "zzzz"], {}, 2, "unknown revision 'zzzz'"),
+    ("upgrade backwards", "cli", ["upgrade", "0002"], {}, 2, "is not ahead of the database's revision 0003"),
+    ("downgrade forwards", "cli", ["downgrade", "0005"], {}, 2, "is not behind the database's revision 0003"),
+    ("downgrade too far", "cli", ["downgrade", "-9"], {}, 3, "only 3 revision(s) applied"),
+    ("upgrade too far", "cli", ["upgrade", "+9"], {}, 3, "only 4 revision(s) pending"),
+    ("-x without value", "cli", ["upgrade", "-x", "dev_data"], {}, 2, "-x takes KEY=VALUE"),
+    ("sql without range", "cli", ["sql", "0003"], {}, 2, "give a revision range FROM:TO"),
+    ("blank message", "cli", ["revision", "-m", " "], {}, 2, "a message is required"),
+    ("check unknown target", "cli", ["check", "--target", "zzzz"], {}, 2, "unknown revision 'zzzz'"),
+    ("check reason alone", "cli", ["check", "--reason", "x"], {}, 2, "--reason goes with --write-baseline"),
+    ("baseline without reason", "cli", ["check", "--write-baseline"], {}, 2, "needs a reason"),
+    ("audit show without id", "cli", ["audit", "show"], {}, 2, "audit show needs a RUN_ID"),
+    ("audit verify with id", "cli", ["audit", "verify", "abc"], {}, 2, "takes no RUN_ID"),
+    ("audit show unknown id", "cli", ["audit", "show", "nosuch"], {}, 2, "no run with id 'nosuch'"),
+    ("audit list --out", "cli", ["audit", "list", "--out", "x"], {}, 2, "belong to `opslib audit report`"),
+    ("prune keep 0", "cli", ["prune-backups", "--keep", "0"], {}, 2, "--keep"),
+    ("prune missing dir", "cli", ["prune-backups", "--keep", "1", "--dir", "/nonexistent/b"], {}, 2, "/nonexistent/b"),
+    ("backups missing dir", "cli", ["backups", "--dir", "/nonexistent/b"], {}, 2, "/nonexistent/b"),
+    ("verify missing file", "cli", ["verify-backup", "/nonexistent/x.dump"], {}, 2, "/nonexistent/x.dump"),
+    ("restore missing file", "cli", ["restore", "/nonexistent/x.dump"], {}, 2, "/nonexistent/x.dump"),
+    ("restore without file", "cli", ["restore"], {}, 2, "FILE"),
+    ("cleanup with file", "cli", ["restore", "--cleanup", "x.dump"], {}, 2, "--cleanup"),
+    ("ini missing", "cli", ["status"], {"OPSLIB_ALEMBIC_INI": "/nonexistent/alembic.ini"}, 2, "/nonexistent/alembic.ini"),
+    ("ini not an ini", "cli", ["status"], {"OPSLIB_ALEMBIC_INI": "@binary"}, 2, "alembic.ini"),
+    ("ini without section", "cli", ["status"], {"OPSLIB_ALEMBIC_INI": "@nosection"}, 2, "alembic"),
+    ("env label", "cli", ["status"], {"OPSLIB_ENV": "prod"}, 2, "OPSLIB_ENV must be one of"),
+    ("url malformed", "cli", ["status"], {"DATABASE_URL": "postgres//nowhere"}, 2, "DATABASE_URL"),
+    ("url not postgres", "cli", ["status"], {"DATABASE_URL": f"mysql://u:{ENCODED}@h/d"}, 2, "DATABASE_URL"),
+    ("url unreachable", "cli", ["status"], {"DATABASE_URL": "@port1"}, 2, "cannot connect"),
+    ("url unknown database", "cli", ["status"], {"DATABASE_URL": "@nodb"}, 2, "cannot connect"),
+    ("lock timeout text", "cli", ["status"], {"OPSLIB_LOCK_TIMEOUT": "abc"}, 2, "OPSLIB_LOCK_TIMEOUT"),
+    ("compression 12", "cli", ["backup"], {"OPSLIB_BACKUP_COMPRESSION": "12"}, 2, "OPSLIB_BACKUP_COMPRESSION"),
+    ("records folder a file", "cli", ["audit", "list"], {"OPSLIB_RECORDS_DIR": "@file"}, 2, "is a file"),
+    ("env.py not importable", "cli", ["upgrade"], {"OPSLIB_ALEMBIC_INI": "@brokenenv"}, 2, "env.py"),
+    ("run unknown parameter", "run", ["deploy", "-p", "stepz", "1"], {}, 2, "unknown parameter stepz"),
+    ("run steps not a number", "run", ["rollback", "-p", "steps", "many"], {}, 2, "must be a whole number"),
+    ("run bad choice", "run", ["deploy", "-p", "on_failure", "explode"], {}, 2, "must be one of stop, restore"),
+    ("run bad boolean", "run", ["deploy", "-p", "backup", "maybe"], {}, 2, "must be true or false"),
+    (
+        "run URL with password as parameter",
+        "run",
+        ["deploy", "-p", "database_url_env", f"postgresql://u:{ENCODED}@h/d"],
+        {},
+        2,
+        "holds a URL with a password",
+    ),
+    ("run unset url variable", "run", ["deploy", "-p", "database_url_env", "NOT_SET_X"], {}, 2, "NOT_SET_X"),
+    ("run unknown target", "run", ["deploy", "-p", "target_revision", "zzzz"], {}, 2, "unknown revision 'zzzz'"),
+    ("run rollback unknown", "run", ["rollback", "-p", "target_revision", "zzzz"], {}, 2, "unknown revision 'zzzz'"),
+    ("run revision injection", "run", ["deploy", "-p", "target_revision", "0003; drop"], {}, 2, "is not a revision id"),
+    ("run unknown runbook", "run", ["nosuch"], {}, 2, "no runbook 'nosuch'"),
+    ("run production without confirm", "run", ["deploy", "--env", "production"], {}, 3, "needs confirm="),
+    ("run reset in production", "run", ["reset", "--env", "production"], {}, 3, "reset is refused in production"),
+    ("run stamp without revision", "run", ["recovery", "-p", "mode", "stamp"], {}, 2, "needs stamp_revision"),
+    ("run acknowledge not ids", "run", ["rollback", "-p", "acknowledge_irreversible", "a b"], {}, 2, "is not one"),
+    ("run records folder a file", "run", ["deploy"], {"OPSLIB_RECORDS_DIR": "@file"}, 2, "is a file"),
+    ("run env.py not importable", "run", ["deploy"], {"OPSLIB_ALEMBIC_INI": "@brokenenv"}, 2, "env.py"),
+    ("make show without revision", "make", ["migrate-show"], {}, 2, "give revision=..."),
+    ("make down-to without revision", "make", ["migrate-down-to"], {}, 2, "give revision=..."),
+    ("make show unknown", "make", ["migrate-show", "revision=zzzz"], {}, 2, "unknown revision 'zzzz'"),
+    ("make down-to unknown", "make", ["migrate-down-to", "revision=$(touch PWNED)"], {}, 2, "revision"),
+]
+
+
+@pytest.mark.parametrize("how, args, env, code, says", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_bad_input_is_one_line_with_its_exit_code_and_changes_nothing(
+    how, args, env, code, says, database_url, tmp_path, broken_env_project
+):
+    url = _with_password(database_url)
+    work = tmp_path / "work"
+    assert opslib_cli(url, ROOT / "alembic.ini", work, "upgrade", "0003").returncode == 0
+    before = _state(database_url)
+    special = {
+        "@binary": lambda: _write(tmp_path / "garbage.ini", b"\x00\xff\xfe not an ini \x00[["),
+        "@nosection": lambda: _write(tmp_path / "other.ini", b"[logging]\nlevel = INFO\n"),
+        "@file": lambda: _write(tmp_path / "records-file", b"not a folder"),
+        "@brokenenv": lambda: str(broken_env_project),
+        "@port1": lambda: _with_password(database_url.replace(":5432", ":1").replace("127.0.0.1", "127.0.0.1")),
+        "@nodb": lambda: url.rsplit("/", 1)[0] + "/opslib_no_such_database",
+    }
+    env = {k: (special[v]() if v in special else v) for k, v in env.items()}
+    if how == "make":
+        full = {k: v for k, v in os.environ.items() if not k.startswith(("OPSLIB_", "DATABASE_URL", "MAKE"))}
+        full.update(DATABASE_URL=url, **env)
+        done = subprocess.run(
+            ["make", "-s", "-C", str(ROOT), *args], cwd=work, env=full, capture_output=True, text=True, timeout=300
+        )
+        lines = [line for line in done.stderr.strip().splitlines() if not line.startswith("make: ***")]
+        assert not (ROOT / "PWNED").exists() and not (work / "PWNED").exists()
+    else:
+        command = ["run", *args] if how == "run" else args
+        ini = Path(env.pop("OPSLIB_ALEMBIC_INI", ROOT / "alembic.ini"))
+        done = opslib_cli(env.pop("DATABASE_URL", url), ini, work, *command, env=env)
+        lines = done.stderr.strip().splitlines()
+    output = done.stdout + done.stderr
+    assert done.returncode == code, output
+    assert len(lines) == 1, done.stderr
+    assert says in lines[0], lines[0]
+    assert "Traceback" not in output
+    assert SECRET not in output and ENCODED not in output
+    after = _state(database_url)
+    if code == 3 and how == "run" and after[2] == (before[2] or 0) + 1:
+        # A refused run is kept in the database's own history (opslib.runs), as every run that reached it.
+        assert query(database_url, "SELECT outcome FROM opslib.runs ORDER BY finished_at DESC LIMIT 1") == [
+            ("refused",)
+        ]
+        after[2] = before[2]
+    assert after == before
+    for name, text in _files(work).items():
+        assert SECRET not in text and ENCODED not in text, name
+    assert not list(work.glob("backups/*.dump"))  # nothing was backed up for a run that could not start
+
+
+def _write(path: Path, content: bytes) -> str:
+    path.write_bytes(content)
+    return str(path)

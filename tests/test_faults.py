@@ -1,0 +1,278 @@
+"""Fault injection: a deploy stopped by SIGKILL, SIGTERM or SIGINT at five points, and a server restart.
+
+The scenario project (tests/fixtures/faults) is a billing service with data: 5,000 accounts and
+20,000 invoices, a slow backfill (f003), a revision that pauses before its first statement (f004),
+and Alembic's generic env.py, which opens its own engine. A deploy from f002 is stopped at each
+point, the signal sent to both the runner (`opslib run`) and its kernel, as a cancelled CI job, an
+operator's Ctrl-C or the OOM killer would. After each: the database is at a revision that exists
+with exactly that revision's schema, no row is lost, no partial backup has a final name, `opslib
+audit verify` exits 0 with the run shown as interrupted or abandoned, and a second deploy completes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import psycopg2
+import pytest
+
+from opslib import audit, embedded
+from opslib.config import Settings
+
+from .conftest import FIXTURES, OPSLIB, libpq, opslib_cli, query
+
+REVISIONS = ["f001", "f002", "f003", "f004", "f005"]
+POINTS = ["backup", "before-first-revision", "inside-a-revision", "between-revisions", "record"]
+SIGNALS = {"SIGKILL": signal.SIGKILL, "SIGTERM": signal.SIGTERM, "SIGINT": signal.SIGINT}
+
+
+def snapshot(url: str) -> list:
+    """The schema of the public tables (columns, indexes, constraints): what a revision decides."""
+    columns = query(
+        url,
+        "SELECT table_name, column_name, data_type, is_nullable, column_default FROM information_schema.columns "
+        "WHERE table_schema = 'public' AND table_name <> 'alembic_version' ORDER BY 1, 2",
+    )
+    indexes = query(
+        url,
+        "SELECT indexname, indexdef FROM pg_indexes WHERE schemaname = 'public' "
+        "AND tablename <> 'alembic_version' ORDER BY 1",
+    )
+    constraints = query(
+        url,
+        "SELECT conname, pg_get_constraintdef(oid) FROM pg_constraint "
+        "WHERE connamespace = 'public'::regnamespace ORDER BY 1",
+    )
+    return [columns, indexes, constraints]
+
+
+def revision_of(url: str) -> list[str]:
+    return [r[0] for r in query(url, "SELECT version_num FROM alembic_version")]
+
+
+def data_digest(url: str) -> tuple:
+    """The rows that existed before the run, as counts and checksums."""
+    return tuple(
+        query(
+            url,
+            f"SELECT count(*), md5(string_agg({cols}, ',' ORDER BY id)) FROM {table}",
+        )[0]
+        for table, cols in (
+            ("accounts", "id || ':' || email || ':' || balance_cents"),
+            ("invoices", "id || ':' || account_id || ':' || amount_cents"),
+        )
+    )
+
+
+@pytest.fixture(scope="module")
+def reference_schemas(tmp_path_factory, server_url) -> dict[str, list]:
+    """The schema after each revision, from a clean upgrade one revision at a time."""
+    name = f"opslib_test_faultref_{os.getpid()}"
+    admin = psycopg2.connect(libpq(server_url.render_as_string(hide_password=False)))
+    admin.autocommit = True
+    with admin.cursor() as cur:
+        cur.execute(f'DROP DATABASE IF EXISTS "{name}"')
+        cur.execute(f'CREATE DATABASE "{name}"')
+    url = server_url.set(database=name).render_as_string(hide_password=False)
+    work = tmp_path_factory.mktemp("faultref")
+    schemas = {}
+    try:
+        for rev in REVISIONS:
+            done = opslib_cli(url, FIXTURES / "faults" / "alembic.ini", work, "upgrade", rev)
+            assert done.returncode == 0, done.stderr
+            schemas[rev] = snapshot(url)
+    finally:
+        with admin.cursor() as cur:
+            cur.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        admin.close()
+    return schemas
+
+
+def _env(url: str, work: Path, **extra: str) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OPSLIB_", "DATABASE_URL", "FAULT_"))}
+    env.update(
+        DATABASE_URL=url,
+        OPSLIB_ALEMBIC_INI=str(FIXTURES / "faults" / "alembic.ini"),
+        OPSLIB_RECORDS_DIR=str(work / "records"),
+        OPSLIB_BACKUPS_DIR=str(work / "backups"),
+        FAULT_MARKS=str(work / "marks"),
+        **extra,
+    )
+    return env
+
+
+def _wait_for(condition, what: str, timeout: float = 60.0, proc: subprocess.Popen | None = None):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = condition()
+        if found:
+            return found
+        if proc is not None and proc.poll() is not None:
+            pytest.fail(f"the run ended (exit {proc.returncode}) before {what}: {proc.stderr.read()}")
+        time.sleep(0.02)
+    pytest.fail(f"timed out waiting for {what}")
+
+
+def _sidecar(work: Path) -> dict | None:
+    for path in (work / "records").glob("*.json"):
+        try:
+            return json.loads(path.read_text())
+        except ValueError:
+            return None  # being replaced right now
+    return None
+
+
+def _run_pids(work: Path, runner: subprocess.Popen) -> list[int]:
+    record = _sidecar(work) or {}
+    return sorted(set(record.get("pids") or []) | {runner.pid})
+
+
+def _reached(point: str, url: str, work: Path):
+    """A function telling when the run is at ``point``."""
+    database = url.rsplit("/", 1)[1]
+    if point == "backup":
+        return lambda: query(
+            url,
+            "SELECT 1 FROM pg_stat_activity WHERE datname = :d AND wait_event_type = 'Lock' "
+            "AND application_name LIKE 'opslib deploy run %'",
+            d=database,
+        )
+    if point == "inside-a-revision":
+        return lambda: query(
+            url,
+            "SELECT 1 FROM pg_stat_activity WHERE datname = :d AND state = 'active' AND query LIKE 'SELECT pg_sleep%'",
+            d=database,
+        )
+    if point == "record":
+        return lambda: any(
+            s["name"] == "summary" and s["outcome"] == "running" for s in (_sidecar(work) or {}).get("steps", [])
+        )
+    return lambda: (work / "marks" / point).exists()
+
+
+@pytest.mark.parametrize("signame", list(SIGNALS))
+@pytest.mark.parametrize("point", POINTS)
+def test_a_deploy_stopped_at_any_point_ends_sealed_and_safe(
+    point, signame, database_url, tmp_path, reference_schemas
+):
+    work = tmp_path / "work"
+    (work / "marks").mkdir(parents=True)
+    ini = FIXTURES / "faults" / "alembic.ini"
+    assert opslib_cli(database_url, ini, work, "upgrade", "f002").returncode == 0
+    rows_before = data_digest(database_url)
+    pause = {
+        "backup": {},
+        "before-first-revision": {"FAULT_PAUSE_AT": "before-first-revision"},
+        "inside-a-revision": {"FAULT_SLOW_S": "30"},
+        "between-revisions": {"FAULT_PAUSE_AT": "between-revisions"},
+        "record": {},
+    }[point]
+    holder = None
+    if point == "backup":
+        # pg_dump waits for this lock (a table no pending revision touches): the run is inside its backup.
+        holder = psycopg2.connect(libpq(database_url))
+        holder.cursor().execute("LOCK TABLE attachments IN ACCESS EXCLUSIVE MODE")
+    runner = subprocess.Popen(
+        [OPSLIB, "run", "deploy"],
+        cwd=work,
+        env=_env(database_url, work, **pause),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        _wait_for(_reached(point, database_url, work), point, proc=runner)
+        for pid in _run_pids(work, runner):
+            try:
+                os.kill(pid, SIGNALS[signame])
+            except ProcessLookupError:
+                pass
+        if holder is not None:
+            holder.rollback()
+        out, err = runner.communicate(timeout=120)
+    finally:
+        if holder is not None:
+            holder.close()
+        if runner.poll() is None:
+            runner.kill()
+            runner.wait()
+    code = runner.returncode
+    late = point == "record" and code == 0  # the run sealed itself before the signal landed
+
+    # The database is at a revision that exists, with exactly that revision's schema, and no row was lost.
+    (now,) = revision_of(database_url)
+    assert now in REVISIONS[1:]
+    assert snapshot(database_url) == reference_schemas[now]
+    assert data_digest(database_url) == rows_before
+    # No partial backup under a final name: every dump has its manifest and matches its checksum.
+    for dump in (work / "backups").glob("*.dump"):
+        manifest = json.loads(dump.with_suffix(".json").read_text())
+        assert manifest["sha256"] == audit._sha256(dump), dump
+
+    # The records: sealed, and shown as what happened, never as tampering.
+    verify = subprocess.run(
+        [OPSLIB, "audit", "verify"], cwd=work, env=_env(database_url, work), capture_output=True, text=True
+    )
+    assert verify.returncode == 0, verify.stdout + verify.stderr
+    (entry,) = audit.read_ledger(work / "records")
+    if signame == "SIGKILL":
+        assert code == -signal.SIGKILL
+        assert entry["outcome"] == "abandoned" or (point == "record" and entry["outcome"] == "succeeded")
+        if entry["outcome"] == "abandoned":
+            assert "sealed run" in verify.stderr
+    elif not late:
+        assert code == 128 + SIGNALS[signame], out + err
+        assert entry["outcome"] == "interrupted" and entry["exit_code"] == code
+        assert err.strip().splitlines()[-1].startswith("deploy interrupted"), err
+        assert "Traceback" not in err
+    if entry["outcome"] != "succeeded":
+        # The recorded revision is the true one (or "not read", never a guess).
+        assert entry["revisions_after"] in ([now], None)
+    # The lock was released: a second deploy completes.
+    again = subprocess.run(
+        [OPSLIB, "run", "deploy"], cwd=work, env=_env(database_url, work), capture_output=True, text=True
+    )
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert revision_of(database_url) == ["f005"]
+    assert data_digest(database_url)[0] == rows_before[0]
+
+
+def test_a_server_restart_mid_deploy_names_the_revision_and_a_rerun_completes(tmp_path):
+    state = Settings(state_dir=tmp_path / "state")
+    url = embedded.ensure_running(state)
+    try:
+        work = tmp_path / "work"
+        (work / "marks").mkdir(parents=True)
+        ini = FIXTURES / "faults" / "alembic.ini"
+        assert opslib_cli(url, ini, work, "upgrade", "f002").returncode == 0
+        runner = subprocess.Popen(
+            [OPSLIB, "upgrade"],
+            cwd=work,
+            env=_env(url, work, FAULT_SLOW_S="30"),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        _wait_for(
+            lambda: query(url, "SELECT 1 FROM pg_stat_activity WHERE query LIKE 'SELECT pg_sleep%'"),
+            "the slow revision",
+            proc=runner,
+        )
+        embedded.stop(state)
+        embedded.start(state)
+        out, err = runner.communicate(timeout=120)
+        assert runner.returncode == 1, out + err
+        lines = err.strip().splitlines()
+        assert len(lines) == 1 and "Traceback" not in err
+        assert "failed at revision f003" in lines[0] and "is now at f002" in lines[0], lines[0]
+        assert revision_of(url) == ["f002"]
+        again = opslib_cli(url, ini, work, "upgrade")
+        assert again.returncode == 0, again.stderr
+        assert revision_of(url) == ["f005"]
+    finally:
+        embedded.stop(state)
