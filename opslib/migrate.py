@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import configparser
 import contextvars
-import ctypes
 import io
 import logging
 import os
@@ -258,10 +257,8 @@ class _Canceller:
         """Cancel the sessions' statements until the worker has ended (a statement that begins after a
         cancel is cancelled in turn); a server out of reach leaves only the wait."""
         self.stopping = Interrupted(signal.SIGINT)
-        if self.thread_id is not None:
-            # Python work between statements (a batched data migration's loop) stops at its next line,
-            # as Ctrl-C stops code in the main thread; SQLAlchemy then drops the connection it was using.
-            ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(self.thread_id), ctypes.py_object(Interrupted))
+        # Python work between statements stops at the next revision boundary (``check``): an exception
+        # injected into the worker could land inside the thread pool's own locking.
         try:
             with db.connect(self.url) as conn:
                 while not future.done():

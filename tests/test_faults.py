@@ -101,6 +101,7 @@ def _env(url: str, work: Path, **extra: str) -> dict:
         OPSLIB_RECORDS_DIR=str(work / "records"),
         OPSLIB_BACKUPS_DIR=str(work / "backups"),
         FAULT_MARKS=str(work / "marks"),
+        FAULT_PAUSE_S="4",  # long enough to be signalled in; the stop waits for the pause to end
         **extra,
     )
     return env
