@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Iterator
 
 from opslib.errors import ConfigError, InvalidInput, PreconditionFailed
-from opslib.record import RunRecord
+from opslib.record import RunRecord, revisions_text
 from opslib.redact import redact_urls_in, scrub_password
 
 STAMP = "%Y%m%dT%H%M%SZ"
@@ -180,8 +180,9 @@ def entry_hash(entry: dict) -> str:
     return hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def append_ledger(records_dir: Path, stem: str, record: RunRecord) -> Path:
-    """Append the run's entry to ``ledger.jsonl``, chained to the entry before it.
+def append_ledger(records_dir: Path, stem: str, record: RunRecord) -> bool:
+    """Append the run's entry to ``ledger.jsonl``, chained to the entry before it; False (nothing
+    appended) when the ledger already vouches for this run: a run is sealed once.
 
     The entry holds the sha256 of the sidecar and of the executed notebook (when there is one) and
     the hash of the previous entry, so editing, removing or reordering anything shows in
@@ -214,6 +215,8 @@ def append_ledger(records_dir: Path, stem: str, record: RunRecord) -> Path:
         try:
             f.seek(0)
             lines = [line for line in f.read().splitlines() if line.strip()]
+            if any(_vouches_for(line, entry["sidecar"]) for line in lines):
+                return False
             entry["prev_hash"] = json.loads(lines[-1]).get("hash", GENESIS) if lines else GENESIS
             entry["hash"] = entry_hash(entry)
             f.seek(0, os.SEEK_END)
@@ -222,7 +225,32 @@ def append_ledger(records_dir: Path, stem: str, record: RunRecord) -> Path:
             os.fsync(f.fileno())
         finally:
             fcntl.flock(f, fcntl.LOCK_UN)
-    return path
+    return True
+
+
+def _vouches_for(line: str, sidecar: str) -> bool:
+    if sidecar not in line:  # most lines: no JSON parsing needed
+        return False
+    try:
+        return json.loads(line).get("sidecar") == sidecar
+    except (ValueError, AttributeError):
+        return False
+
+
+@contextmanager
+def _ledger_held(records_dir: Path) -> Iterator[None]:
+    """A shared lock on the ledger while it is compared with the folder: no run seals (appends its
+    entry) between the reading of the ledger and the scan of the sidecars."""
+    try:
+        fd = os.open(Path(records_dir) / LEDGER, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        yield
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH)
+        yield
+    finally:
+        os.close(fd)
 
 
 def read_ledger(records_dir: Path) -> list[dict]:
@@ -255,10 +283,15 @@ def check_ledger(records_dir: Path) -> LedgerCheck:
     Raises :class:`~opslib.errors.PreconditionFailed` when ``ledger.jsonl`` is not JSON lines.
     """
     records_dir = Path(records_dir)
-    try:
-        entries = read_ledger(records_dir)
-    except ValueError as err:
-        raise PreconditionFailed(f"{records_dir / LEDGER} is not valid JSON lines: {err}") from err
+    with _ledger_held(records_dir):
+        try:
+            entries = read_ledger(records_dir)
+        except ValueError as err:
+            raise PreconditionFailed(f"{records_dir / LEDGER} is not valid JSON lines: {err}") from err
+        return LedgerCheck(entries, _check_entries(records_dir, entries), _unvouched(records_dir, entries))
+
+
+def _check_entries(records_dir: Path, entries: list[dict]) -> list[list[str]]:
     hashes = {e.get("hash"): i for i, e in enumerate(entries)}
     by_entry = []
     previous = GENESIS
@@ -287,16 +320,45 @@ def check_ledger(records_dir: Path) -> LedgerCheck:
             elif actual != entry.get(f"{kind}_sha256"):
                 found.append(f"{label}: {kind} {name} was modified")
         by_entry.append(found)
-    return LedgerCheck(entries, by_entry, _unvouched(records_dir, entries))
+    return by_entry
+
+
+def live_mark_path(records_dir: Path, stem: str) -> Path:
+    """The run's live mark: every process of a run holds a shared lock on it for the run's life."""
+    return Path(records_dir) / f".{stem}.live"
+
+
+class LiveMark:
+    """A process's hold on its run's live mark (a shared ``flock``). The kernel, the runner and any
+    process writing the record each hold one, so "nobody holds the mark" means the run has ended,
+    whatever the host, container or pid namespace sharing the folder."""
+
+    def __init__(self, path: Path, fd: int):
+        self.path, self._fd = path, fd
+
+    def release(self, remove: bool = False) -> None:
+        """Let go; ``remove`` the file too once the run is sealed (the last holder does)."""
+        if self._fd is None:
+            return
+        if remove:
+            self.path.unlink(missing_ok=True)
+        os.close(self._fd)
+        self._fd = None
+
+
+def hold_live_mark(records_dir: Path, stem: str) -> LiveMark:
+    """Take this process's hold on the run's live mark, before the run writes its first sidecar."""
+    path = live_mark_path(records_dir, stem)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)  # not inherited by pg_dump & co.
+    fcntl.flock(fd, fcntl.LOCK_SH)
+    return LiveMark(path, fd)
 
 
 def _alive(pid: int) -> bool:
     try:
         with open(f"/proc/{int(pid)}/stat") as f:
             return f.read().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie has ended
-    except FileNotFoundError:
-        return False
-    except OSError:  # no /proc: ask the kernel
+    except OSError:  # no /proc, or one that hides other users' processes: ask the kernel
         try:
             os.kill(int(pid), 0)
         except ProcessLookupError:
@@ -306,13 +368,40 @@ def _alive(pid: int) -> bool:
         return True
 
 
-def run_is_live(record: dict) -> bool:
-    """True while a record's run may still write it: one of its processes is alive on this host, or
-    it is a running record from another host (whose processes cannot be seen from here)."""
+def _pids_ended(record: dict) -> bool:
+    """For a record without a live mark (written by an opslib before marks): its processes are gone.
+    Only a record from this host can be judged; anything else is never taken for ended."""
     pids = record.get("pids") or []
     if not pids or record.get("host") != socket.gethostname():
-        return record.get("outcome") == "running"
-    return any(_alive(pid) for pid in pids)
+        return False
+    return not any(_alive(pid) for pid in pids)
+
+
+@contextmanager
+def ended_run(records_dir: Path, stem: str, record: dict) -> Iterator[bool]:
+    """True when the run has ended: nobody holds its live mark, which this process then holds
+    exclusively until the block ends (so the run cannot be sealed twice). Unsure is False."""
+    try:
+        fd = os.open(live_mark_path(records_dir, stem), os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        yield _pids_ended(record)
+        return
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            ended = False
+        else:
+            ended = True
+        yield ended
+    finally:
+        os.close(fd)
+
+
+def run_is_live(records_dir: Path, stem: str, record: dict) -> bool:
+    """True while a run may still write its record (or when that cannot be told from here)."""
+    with ended_run(records_dir, stem, record) as ended:
+        return not ended
 
 
 def _unsealed(records_dir: Path, vouched: set) -> list[tuple[Path, dict | None]]:
@@ -329,9 +418,14 @@ def _unsealed(records_dir: Path, vouched: set) -> list[tuple[Path, dict | None]]
     return found
 
 
+def vouched_stems(records_dir: Path) -> set[str]:
+    """The runs the ledger vouches for (sealed), by file stem."""
+    return {str(e.get("sidecar", "")).removesuffix(".json") for e in read_ledger(records_dir)}
+
+
 def abandoned_stems(records_dir: Path) -> list[str]:
-    """The runs whose processes ended (on this host) without sealing their record: killed with SIGKILL,
-    a kernel that died, a machine that lost power. Their sidecars are not in the ledger yet."""
+    """The runs that ended without sealing their record (killed with SIGKILL, a kernel that died, a
+    machine that lost power): their sidecars are not in the ledger, and nobody holds their live mark."""
     records_dir = Path(records_dir)
     try:
         vouched = {e.get("sidecar") for e in read_ledger(records_dir)}
@@ -340,8 +434,7 @@ def abandoned_stems(records_dir: Path) -> list[str]:
     return [
         path.stem
         for path, data in _unsealed(records_dir, vouched)
-        if data is not None and data.get("pids") and data.get("run_id") and not run_is_live(data)
-        and data.get("host") == socket.gethostname()
+        if data is not None and data.get("run_id") and not run_is_live(records_dir, path.stem, data)
     ]
 
 
@@ -362,18 +455,20 @@ def _unvouched(records_dir: Path, entries: list[dict]) -> list[str]:
     problems = []
     live_stems = set()
     for path, data in _unsealed(records_dir, vouched):
-        if data is not None and run_is_live(data):
+        if data is not None and run_is_live(records_dir, path.stem, data):
             live_stems.add(path.stem)  # a run in progress: its ledger entry comes when it ends
             continue
         problems.append(
             f"{path.name} is not in the ledger (added outside it, or its ledger line was removed)"
-            if data is None or not data.get("pids")
+            if data is None or not data.get("run_id")
             else f"{path.name} was not sealed: its run ended without sealing it (the next `opslib audit` or "
             "`opslib run` seals it as abandoned)"
         )
     for path in sorted(records_dir.glob("*.ipynb")):
         if path.name in vouched or path.name.startswith(".") or path.stem in live_stems:
             continue
+        if live_mark_path(records_dir, path.stem).exists() and run_is_live(records_dir, path.stem, {}):
+            continue  # its run has not written its sidecar yet
         problems.append(
             f"{path.name} is not in the ledger (added outside it, or its ledger line was removed)"
         )
@@ -406,8 +501,8 @@ def run_row(entry: dict) -> dict:
     """A ledger entry as one row of `opslib audit list`: when, runbook, env, operator, database,
     revisions, outcome, duration (an edited entry missing a field shows it empty)."""
     database = entry.get("database") or {}
-    before = "+".join(entry.get("revisions_before") or []) or "base"
-    after = "+".join(entry.get("revisions_after") or []) or "base"
+    before = revisions_text(entry.get("revisions_before"), "+")
+    after = revisions_text(entry.get("revisions_after"), "+")
     return {
         "run_id": entry.get("run_id"),
         "started_at": entry.get("started_at"),

@@ -21,6 +21,7 @@ from opslib import __version__
 from opslib.config import load_settings
 from opslib.errors import Interrupted, OpsError
 from opslib.outcome import outcome_of
+from opslib.record import revisions_text
 from opslib.redact import redact_urls_in
 
 EXIT_OK = 0
@@ -352,7 +353,7 @@ def _seal_abandoned(settings, command: str) -> None:
     from opslib import sealing
 
     for record in sealing.seal_abandoned(settings, command):
-        where = "not read" if record.revisions_after is None else ", ".join(record.revisions_after) or "base"
+        where = revisions_text(record.revisions_after)
         print(
             f"opslib: sealed run {record.run_id} ({record.runbook}, started {record.started_at}) as abandoned: "
             f"its processes ended without sealing it; the database is at {where}",

@@ -6,6 +6,8 @@ import html
 import json
 from typing import TYPE_CHECKING, Iterable, Sequence
 
+from opslib.record import revisions_text
+
 if TYPE_CHECKING:  # types only: rendering backups must not import Alembic
     from opslib.backup import BackupInfo, BackupResult, CleanupResult, RestoreResult
     from opslib.checkreport import CheckReport
@@ -293,9 +295,7 @@ def _where(database: dict) -> str:
 
 
 def _revs(revisions: Sequence[str] | None) -> str:
-    if revisions is None:
-        return "unknown"
-    return "+".join(revisions) or "base"
+    return revisions_text(revisions, "+")
 
 
 def run_facts(record: dict) -> list[tuple[str, str]]:
@@ -343,8 +343,8 @@ def database_history_text(runs: Sequence[dict], events: Sequence[dict]) -> str:
                     r["outcome"],
                     r["operator"],
                     r["env"],
-                    "+".join(r["revisions_before"] or []) or "base",
-                    "+".join(r["revisions_after"] or []) or "base",
+                    revisions_text(r["revisions_before"], "+"),
+                    revisions_text(r["revisions_after"], "+"),
                     r["finished_at"],
                 )
                 for r in runs

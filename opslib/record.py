@@ -12,7 +12,7 @@ import dataclasses
 import os
 import socket
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Sequence
 
 from opslib import __version__
 from opslib.outcome import Outcome
@@ -58,6 +58,8 @@ _OPTIONAL = (
     "fingerprint",
     "last_outcome",
     "sealed_by",
+    "alembic_ini",
+    "version_table",
 )
 
 
@@ -96,6 +98,10 @@ class RunRecord:
     fingerprint: str | None = None
     last_outcome: str | None = None  # an abandoned run: the outcome its sidecar held when it was found
     sealed_by: str | None = None  # an abandoned run: the command that sealed it, and when
+    # The Alembic project the run worked with, and its version table [schema, table]: whoever seals the
+    # run later (its runner, the next command) reads the revision from this table, not its own project's.
+    alembic_ini: str | None = None
+    version_table: list[str | None] | None = None
 
     def step(self, name: str, started_at: str, **facts: Any) -> Step:
         """Append a step and return it."""
@@ -142,3 +148,11 @@ def _outcome(value: str) -> Outcome | str:
         return Outcome(value)
     except ValueError:
         return value  # an outcome this opslib does not know (a newer version's): kept as written
+
+
+def revisions_text(revisions: Sequence[str] | None, sep: str = ", ") -> str:
+    """Revisions as shown everywhere: "base" when none is applied, "not read" when they were not read
+    (None): a fact not read is never shown as base."""
+    if revisions is None:
+        return "not read"
+    return sep.join(revisions) or "base"

@@ -21,8 +21,9 @@ import threading
 import time
 from dataclasses import replace
 from datetime import timedelta
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 import sqlalchemy as sa
 
@@ -31,7 +32,7 @@ from opslib import history as run_history
 from opslib.config import Settings, load_settings
 from opslib.display import Section
 from opslib.outcome import Outcome, outcome_of
-from opslib.record import BackupRef, Database
+from opslib.record import BackupRef, Database, revisions_text
 from opslib.errors import (
     Interrupted,
     InvalidInput,
@@ -53,30 +54,25 @@ def _message_of(err: BaseException) -> str:
     return f"unexpected error: {type(err).__name__}: {err}"
 
 
-def _revisions_text(revisions: list[str] | None) -> str:
-    """Revisions as shown: "base" when none is applied, "not read" when they could not be read."""
-    if revisions is None:
-        return "not read"
-    return ", ".join(revisions) or "base"
-
-
 class _Signals:
     """SIGTERM (a cancelled job, a stopped container) ends a run like Ctrl-C does, as ``interrupted``.
 
     During a step the signal raises :class:`Interrupted` at once: the step stops, and the record is
-    sealed with where the database stands. Between steps (an operator reading a cell's output) it is
-    kept, and the next step raises it before doing anything.
+    sealed with where the database stands. Between steps (an operator reading a cell's output, a
+    kernel told to stop) the run is sealed as interrupted there and then, and the signal is passed on
+    to the handler from before the run (by default, the process ends). While a record is being sealed,
+    SIGINT and SIGTERM wait (:meth:`held`): a second Ctrl-C cannot leave it half-sealed.
     """
 
     in_step = 0
     stopping = False
-    pending: int | None = None
+    run: "Run | None" = None
     saved: object = None
 
     @classmethod
     def stop_on_sigterm(cls) -> None:
         """Install the handler (in the main thread only: Python allows signal handlers nowhere else)."""
-        cls.pending, cls.stopping = None, False
+        cls.stopping, cls.run = False, None
         if threading.current_thread() is threading.main_thread() and cls.saved is None:
             cls.saved = signal.signal(signal.SIGTERM, cls._on_sigterm)
 
@@ -89,17 +85,34 @@ class _Signals:
 
     @classmethod
     def _on_sigterm(cls, signum, frame) -> None:
-        if cls.in_step and not cls.stopping:
-            cls.stopping = True  # once: a second signal must not break off the stopping of the first
-            raise Interrupted(signum)
-        cls.pending = signum
+        if cls.in_step:
+            if not cls.stopping:
+                cls.stopping = True  # once: a second signal must not break off the stopping of the first
+                raise Interrupted(signum)
+            return
+        if cls.run is not None and not cls.run.ended:
+            cls.run._end(Interrupted(signum))  # nobody may be there to run another step: seal now
+        cls.restore()
+        signal.raise_signal(signum)
 
     @classmethod
-    def raise_pending(cls) -> None:
-        """Raise the signal that arrived between steps, if one did."""
-        if cls.pending is not None:
-            signum, cls.pending = cls.pending, None
-            raise Interrupted(signum)
+    @contextmanager
+    def held(cls) -> Iterator[list[int]]:
+        """SIGINT and SIGTERM wait while the block runs; the list holds those that arrived."""
+        caught: list[int] = []
+        if threading.current_thread() is not threading.main_thread():
+            yield caught
+            return
+
+        def hold(signum, frame) -> None:
+            caught.append(signum)
+
+        saved = {sig: signal.signal(sig, hold) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield caught
+        finally:
+            for sig, handler in saved.items():
+                signal.signal(sig, handler)
 
 
 def step(name: str) -> Callable:
@@ -114,24 +127,27 @@ def step(name: str) -> Callable:
             started = time.perf_counter()
             _Signals.in_step += 1
             try:
-                _Signals.raise_pending()
                 result = fn(self, *args, **kwargs)
             except BaseException as err:
                 _Signals.in_step -= 1
+                if self.ended:  # sealed already (a signal passed on after the summary): nothing to add
+                    raise
                 if getattr(err, "output", ""):  # what the migrations printed or logged before the failure
                     self._keep_output(name, err.output)
                 entry.outcome = outcome_of(err)[0]
                 entry.duration_s = round(time.perf_counter() - started, 3)
-                self._finish(err)
-                self._close()
+                self._end(err)
                 raise
             _Signals.in_step -= 1
+            if self.ended:  # the summary sealed the run, its own step included
+                held, self.held_signal = self.held_signal, None
+                if held is not None:
+                    signal.raise_signal(held)  # the signal that waited for the seal now takes effect
+                return result
             skipped = isinstance(result, Section) and result.status.startswith("skipped")
             entry.outcome = Outcome.SKIPPED if skipped else Outcome.SUCCEEDED
             entry.duration_s = round(time.perf_counter() - started, 3)
             self._save()
-            if self.ended:
-                self._close()
             return result
 
         return wrapper
@@ -151,6 +167,8 @@ class Run:
         self.stem = stem
         self.under_runner = under_runner
         self.ended = False
+        self.held_signal: int | None = None
+        self.live: audit.LiveMark | None = None
         self.url = None
         self.database = None
         self.run_lock: db.RunLock | None = None
@@ -172,9 +190,10 @@ class Run:
             )
 
     def _revisions_now(self) -> list[str] | None:
+        table = tuple(self.record.version_table) if self.record.version_table else None
         try:
             with db.connect(db.target_url(self.settings)) as conn:
-                return list(migrate.current_revisions(conn, migrate.version_table(self.settings)))
+                return list(migrate.current_revisions(conn, table or migrate.version_table(self.settings)))
         except OpsError:
             return None
 
@@ -188,12 +207,22 @@ class Run:
         self.ended = True
         self._release_lock()
         self._save()
-        _Signals.restore()
 
     def _close(self) -> None:
         """Seal an ended run: its ledger entry vouches for the sidecar as it is now, so nothing may change after."""
         if not self.under_runner:  # `opslib run` appends the ledger line itself, with the notebook's name
             audit.append_ledger(self.settings.records_dir, self.stem, self.record)
+        if self.live is not None:
+            self.live.release(remove=not self.under_runner)
+
+    def _end(self, err: BaseException | None = None) -> int | None:
+        """End and seal the run with SIGINT and SIGTERM held off; return the first signal that waited."""
+        with _Signals.held() as caught:
+            self._finish(err)
+            self._close()
+        _Signals.restore()
+        _Signals.run = None
+        return caught[0] if caught else None
 
     def _identify(self) -> list[tuple[str, object]]:
         """Connect, record which database this is, and return its identity as facts to show."""
@@ -204,10 +233,14 @@ class Run:
         host = self.url.host or self.url.query.get("host")
         self.database = self.url.database
         self.record.database = Database(host, self.url.port, self.url.database)
+        # Recorded before the lock: whoever seals this run if it dies reads the revision from this table.
+        table = migrate.version_table(self.settings)
+        self.record.alembic_ini = str(Path(self.settings.alembic_ini).resolve())
+        self.record.version_table = list(table)
         self._save()
         self._take_lock()  # one run at a time on a database: a second one stops here, exit 4
         with db.connect(self.url) as conn:
-            current = list(migrate.current_revisions(conn, migrate.version_table(self.settings)))
+            current = list(migrate.current_revisions(conn, table))
         self.record.revisions_before = current
         self.record.fingerprint = fingerprint
         self._save()
@@ -218,7 +251,7 @@ class Run:
             ("PostgreSQL", version),
             ("environment", self.settings.env),
             ("operator", self.settings.operator),
-            ("current revision", ", ".join(current) or "base"),
+            ("current revision", revisions_text(current)),
         ]
 
     def _record_run_in_database(self) -> None:
@@ -288,7 +321,7 @@ class Run:
             "taken and verified",
             [
                 ("file", made.path.name),
-                ("revision", ", ".join(m["revisions"]) or "base"),
+                ("revision", revisions_text(m["revisions"])),
                 # The application's tables; the opslib history (which grows with every run) is in the manifest too.
                 ("tables / rows", f"{len(app)} / {sum(app.values())}"),
                 ("sha256", m["sha256"][:16] + "…"),
@@ -333,19 +366,22 @@ class Run:
             head = f"# what the migrations printed or logged ({len(lines)} lines"
             head += f", the last {len(shown)} here; all in the record)" if len(shown) < len(lines) else ")"
             text = "\n".join([head, *shown])
-        return Section(title, status, [("now at", ", ".join(result.after) or "base")], rows, text)
+        return Section(title, status, [("now at", revisions_text(result.after))], rows, text)
 
     def _keep_output(self, step_name: str, output: str) -> None:
         """Keep what the migrations printed or logged during a step, in full, in the record."""
         self.record.migration_output = {**(self.record.migration_output or {}), step_name: output}
 
     def _expect_revisions(self, expected: tuple[str, ...]) -> tuple[str, object]:
-        now = tuple(sorted(self._revisions_now() or ()))
-        if now != tuple(sorted(expected)):
+        read = self._revisions_now()
+        if read is None:
             raise VerificationFailed(
-                f"the database is at {', '.join(now) or 'base'}, expected {', '.join(expected) or 'base'}"
+                f"the database's revision could not be read (expected {revisions_text(expected)})"
             )
-        return ("revision", ", ".join(now) or "base")
+        now = tuple(sorted(read))
+        if now != tuple(sorted(expected)):
+            raise VerificationFailed(f"the database is at {revisions_text(now)}, expected {revisions_text(expected)}")
+        return ("revision", revisions_text(now))
 
     @step("parameters")
     def validate(self, runbook: str, namespace: Mapping[str, Any], reload_settings: bool = False) -> None:
@@ -377,7 +413,10 @@ class Run:
     def _models_fact(self) -> tuple[str, object]:
         """Compare the database with the project's models; only meaningful at head, where the models are."""
         heads = {h.revision for h in migrate.heads(self.settings)}
-        if set(self._revisions_now() or ()) != heads:
+        now = self._revisions_now()
+        if now is None:
+            return ("models", "skip: the database's revision could not be read")
+        if set(now) != heads:
             return ("models", "skip: compared only when the database is at head")
         status, detail = migrate.compare_models(self.settings)
         if status == "fail":
@@ -386,14 +425,15 @@ class Run:
 
     @step("summary")
     def summary(self) -> Section:
-        """End the run as succeeded and show what it did."""
-        self._finish()
+        """End the run as succeeded, seal it, and show what it did."""
         r = self.record
+        r.steps[-1].outcome = Outcome.SUCCEEDED  # this step seals the run: it is written as done
+        self.held_signal = self._end()
         facts = [
             ("outcome", str(r.outcome)),
             ("database", self.database),
-            ("revision before", _revisions_text(r.revisions_before)),
-            ("revision after", _revisions_text(r.revisions_after)),
+            ("revision before", revisions_text(r.revisions_before)),
+            ("revision after", revisions_text(r.revisions_after)),
             ("backup", Path(r.backup.path).name if r.backup else "none"),
             ("record", self.record_path.name),
         ]
@@ -498,7 +538,7 @@ class Deploy(Run):
             )
             raise MigrationFailed(
                 f"{err.message} on_failure=restore: the pre-deploy backup was restored, the database is back at "
-                f"{', '.join(restored.revisions) or 'base'} (the failed state is kept as {restored.replaced_database_kept_as})",
+                f"{revisions_text(restored.revisions)} (the failed state is kept as {restored.replaced_database_kept_as})",
                 changed=True,
                 revisions=restored.revisions,
                 output=err.output,
@@ -630,7 +670,7 @@ class Recovery(Run):
         facts += [
             ("backup", self.backup_file.name),
             ("taken at", m["started_at"]),
-            ("backup revision", ", ".join(m["revisions"]) or "base"),
+            ("backup revision", revisions_text(m["revisions"])),
             ("then replay to", self.params["target_revision"] or "no replay"),
         ]
         return Section("Preflight", "restore a backup, then replay migrations", facts)
@@ -664,7 +704,7 @@ class Recovery(Run):
         )
         self._save()
         facts = [
-            ("restored revision", ", ".join(done.revisions) or "base"),
+            ("restored revision", revisions_text(done.revisions)),
             ("matches the manifest", "yes" if done.matches_manifest else "NO"),
             ("replaced database kept as", done.replaced_database_kept_as),
             ("history in the database", f"as of the backup ({self.manifest['started_at']}), then this run"),
@@ -697,8 +737,8 @@ class Recovery(Run):
             return Section("Stamp", "skipped: mode=restore")
         result = migrate.stamp(self.settings, self.params["stamp_revision"])
         facts = [
-            ("before", ", ".join(result.before) or "base"),
-            ("after", ", ".join(result.after)),
+            ("before", revisions_text(result.before)),
+            ("after", revisions_text(result.after)),
             ("reason", self.params["reason"]),
         ]
         return Section("Stamp", "stamped", facts)
@@ -712,9 +752,7 @@ class Recovery(Run):
             _, pending = migrate.plan(self.settings, "upgrade", self.params["target_revision"])
             if pending:
                 raise VerificationFailed(f"{len(pending)} revision(s) still pending after the replay")
-            return Section(
-                "Verify", "passed", [("revision", ", ".join(self._revisions_now() or []) or "base")]
-            )
+            return Section("Verify", "passed", [("revision", revisions_text(self._revisions_now()))])
         else:
             expected = tuple(self.manifest["revisions"])
         return Section("Verify", "passed", [self._expect_revisions(expected)])
@@ -767,13 +805,13 @@ class Reset(Run):
                 audit.iso(audit.now()),
                 outcome=Outcome.FAILED,
                 error=err.message,
-                revisions=list(err.revisions or ()),
+                revisions=None if err.revisions is None else list(err.revisions),
             )
             self._save()
             return Section(
                 "Teardown",
                 "downgrade failed: schema public is recreated in the next step (recreate_schema=on_failure)",
-                [("downgrade error", err.message), ("database at", ", ".join(err.revisions or ()) or "base")],
+                [("downgrade error", err.message), ("database at", revisions_text(err.revisions))],
             )
         return self._migrated("Teardown", f"downgraded {len(result.steps)} revision(s) to base", result)
 
@@ -887,8 +925,12 @@ def start(runbook: str, namespace: Mapping[str, Any]) -> Run:
         bad = True
     else:
         bad = False
+    audit.ensure_records_dir(settings.records_dir)  # no folder to record in: one line, nothing done
     record = audit.new_record(runbook, run_id, started, operator=settings.operator, env=settings.env)
     workflow = WORKFLOWS.get(runbook, Run)
     run = workflow(settings, {}, record, stem, under_runner)
+    # Held for the run's life, before its first sidecar: a record whose mark nobody holds was abandoned.
+    run.live = audit.hold_live_mark(settings.records_dir, stem)
+    _Signals.run = run
     run.validate(runbook, namespace, reload_settings=bad)
     return run

@@ -26,7 +26,7 @@ from opslib import audit, params, sealing
 from opslib.config import Settings
 from opslib.errors import Interrupted, InvalidInput
 from opslib.outcome import Outcome, outcome_of, signal_exit_code
-from opslib.record import RunRecord
+from opslib.record import RunRecord, revisions_text
 
 
 @dataclass(frozen=True)
@@ -39,15 +39,17 @@ class RunOutcome:
 
     @property
     def exit_code(self) -> int:
-        """The contract's exit code for this run."""
-        return int(self.record.exit_code or 0)
+        """The contract's exit code for this run; 1 for a run with none (abandoned by a kernel that died)."""
+        if self.record.exit_code is None:
+            return 0 if self.record.outcome is Outcome.SUCCEEDED else 1
+        return int(self.record.exit_code)
 
     def line(self) -> str:
         """A one-line outcome for the terminal."""
         r = self.record
         text = f"{r.runbook} {r.outcome} (exit {self.exit_code})"
         if r.database:
-            where = "not read" if r.revisions_after is None else ", ".join(r.revisions_after) or "base"
+            where = revisions_text(r.revisions_after)
             text += f" on {r.database.name}, now at {where}"
         if r.schema_recreated:
             text += f"; schema public was recreated ({r.schema_recreated['reason']})"
@@ -269,6 +271,12 @@ def run(
     }
     if env:
         kernel_env["OPSLIB_ENV"] = env
+    # The run's live mark and first sidecar exist before papermill writes the notebook: from the first
+    # instant, `audit verify` sees a run in progress, and a runner killed now leaves a record to seal.
+    live = audit.hold_live_mark(records, stem)
+    first = audit.new_record(name, run_id, started, operator=settings.operator, env=env or settings.env)
+    first.parameters = values
+    audit.write_sidecar(records, stem, first)
     error: BaseException | None = None
     stop = _Stop()
     _Kernels.remove_stale()
@@ -293,16 +301,13 @@ def run(
                 shutdown_kernel="immediate",
                 on_cell_start=_no_cell_after_a_signal(stop),
             )
-        except PapermillExecutionError:
-            pass  # the run recorded its own failure in the sidecar
+        except PapermillExecutionError as failed_cell:
+            error = failed_cell  # the run recorded its own failure in the sidecar, unless it never got to
         except (Exception, KeyboardInterrupt) as err:  # noqa: BLE001 - a dead kernel: recorded below
             error = err
         finally:
             _Kernels.clean_up()
-    record = audit.load_record(records, stem)
-    if record is None:
-        record = audit.new_record(name, run_id, started, operator=settings.operator, env=env or settings.env)
-        record.parameters = values
+    record = audit.load_record(records, stem) or first
     record.pids = sorted(set(record.pids) | {os.getpid()})
     if not (isinstance(record.outcome, Outcome) and record.outcome.sealed):
         _end_unfinished(settings, record, stop.signum, error)
@@ -313,15 +318,31 @@ def run(
         audit.scrub_notebook(notebook_out, settings.database_url)
         record.notebook = notebook_out.name
     sidecar = audit.write_sidecar(records, stem, record)
-    audit.append_ledger(records, stem, record)
+    audit.append_ledger(records, stem, record)  # False when another command sealed it meanwhile: kept as is
+    live.release(remove=True)
     return RunOutcome(record, sidecar, notebook_out)
 
 
+_INTERRUPTS = ("KeyboardInterrupt", "Interrupted")  # a cell stopped by a signal, as papermill names it
+
+
 def _end_unfinished(settings: Settings, record: RunRecord, signum: int | None, error: BaseException | None) -> None:
-    """End a record the kernel left unfinished: stopped by a signal between cells, or the kernel died."""
+    """End a record the kernel left unfinished: stopped by a signal between cells or outside a step, a
+    cell that failed outside any opslib step, or a kernel that died (``abandoned``: nothing sealed it)."""
+    from nbclient.exceptions import DeadKernelError
+
+    ename = getattr(error, "ename", None)
+    if signum is None and ename in _INTERRUPTS:
+        signum = signal.SIGINT  # interrupted where this process did not see the signal (the kernel's own)
     if signum is not None:
         outcome, code = outcome_of(Interrupted(signum))
         why = f"interrupted by {signal.Signals(signum).name}"
+    elif isinstance(error, DeadKernelError):
+        outcome, code = Outcome.ABANDONED, None
+        why = f"the kernel died before the run was sealed: {error}"
+    elif ename is not None:
+        outcome, code = Outcome.FAILED, 1
+        why = f"the notebook stopped outside an opslib step: {ename}: {getattr(error, 'evalue', '')}"
     else:
         outcome, code = outcome_of(error or RuntimeError())
         why = f"the notebook stopped outside an opslib step: {error or 'see the notebook'}"

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 import time
 
 import sqlalchemy as sa
@@ -65,7 +66,11 @@ def _end_sessions(conn, record: RunRecord) -> None:
 def settle(settings: Settings, record: RunRecord) -> None:
     """For a run that ended without reading where its database stands: end the sessions it left, read
     the revision afresh into ``revisions_after`` (None, "not read", when the database is out of reach or
-    cannot be known), and write the run's row in the database's history."""
+    cannot be known), and write the run's row in the database's history.
+
+    The revision is read from the version table the run recorded (its own Alembic project's, which need
+    not be the project of the command doing this); a run that never recorded one leaves it not read.
+    """
     record.revisions_after = None
     from opslib import migrate  # Alembic's import is paid only when there is a record to settle
 
@@ -73,10 +78,12 @@ def settle(settings: Settings, record: RunRecord) -> None:
     if url is None:
         record.database_history = "not written: the database could not be identified from here"
         return
+    table = tuple(record.version_table) if record.version_table else None
     try:
         with db.connect(url) as conn:
             _end_sessions(conn, record)
-            record.revisions_after = list(migrate.current_revisions(conn, migrate.version_table(settings)))
+            if table is not None:
+                record.revisions_after = list(migrate.current_revisions(conn, table))
             run_history.record_run(conn, record)
     except (OpsError, sa.exc.DBAPIError) as err:
         message = err.message if isinstance(err, OpsError) else db.driver_message(err, url)
@@ -84,37 +91,61 @@ def settle(settings: Settings, record: RunRecord) -> None:
 
 
 def seal_abandoned(settings: Settings, command: str) -> list[RunRecord]:
-    """Seal, as ``abandoned``, every run in the records folder whose processes ended (on this host)
-    without sealing it; ``command`` names the command doing it, for the record. Returns them."""
+    """Seal, as ``abandoned``, every run in the records folder that ended without sealing its record
+    (nobody holds its live mark); ``command`` names the command doing it, for the record. Returns them.
+
+    A folder this user cannot write is only read: its runs are left for a command that can seal them.
+    """
     records = settings.records_dir
-    if not os.path.isdir(records) or not audit.abandoned_stems(records):
+    if not os.path.isdir(records) or not os.access(records, os.W_OK | os.X_OK):
+        return []
+    if not audit.abandoned_stems(records):
         return []
     sealed = []
     with audit.sealing_lock(records):
         for stem in audit.abandoned_stems(records):  # again, under the lock: another command may have sealed
-            record = audit.load_record(records, stem)
-            if record is None:
+            try:
+                record = _seal_one(settings, records, stem, command)
+            except OSError as err:  # one record that cannot be written does not stop the command
+                print(f"opslib: could not seal the record {stem}: {err.strerror or err}", file=sys.stderr)
                 continue
-            now = audit.iso(audit.now())
-            record.last_outcome = str(record.outcome)
-            for entry in record.steps:
-                if entry.outcome is Outcome.RUNNING:
-                    entry.outcome = Outcome.ABANDONED
-            record.end(
-                Outcome.ABANDONED,
-                None,
-                f"the run's processes ({', '.join(map(str, record.pids))}) ended without sealing its record "
-                f"(killed with SIGKILL, or its kernel died), last seen {record.last_outcome}"
-                + (f": {record.error}" if record.error else ""),
-                now,
-            )
-            record.sealed_by = f"`opslib {command}` on {socket.gethostname()} at {now}"
-            settle(settings, record)
-            notebook = audit.sidecar_path(records, stem).with_suffix(".ipynb")
-            if notebook.is_file():
-                audit.scrub_notebook(notebook, os.environ.get("DATABASE_URL") or settings.database_url)
-                record.notebook = notebook.name
-            audit.write_sidecar(records, stem, record)
-            audit.append_ledger(records, stem, record)
-            sealed.append(record)
+            if record is not None:
+                sealed.append(record)
     return sealed
+
+
+def _seal_one(settings: Settings, records, stem: str, command: str) -> RunRecord | None:
+    record = audit.load_record(records, stem)
+    if record is None:
+        return None
+    with audit.ended_run(records, stem, {"host": record.host, "pids": record.pids}) as ended:
+        # Held exclusively now; the run may have sealed itself between the scan and the hold.
+        if not ended or stem in audit.vouched_stems(records):
+            return None
+        record = audit.load_record(records, stem)  # as it is now, the run's last write included
+        if record is None:
+            return None
+        now = audit.iso(audit.now())
+        record.last_outcome = str(record.outcome)
+        for entry in record.steps:
+            if entry.outcome is Outcome.RUNNING:
+                entry.outcome = Outcome.ABANDONED
+        record.end(
+            Outcome.ABANDONED,
+            None,
+            f"the run's processes ({', '.join(map(str, record.pids))}) ended without sealing its record "
+            f"(killed with SIGKILL, or its kernel died), last seen {record.last_outcome}"
+            + (f": {record.error}" if record.error else ""),
+            now,
+        )
+        record.sealed_by = f"`opslib {command}` on {socket.gethostname()} at {now}"
+        settle(settings, record)
+        notebook = audit.sidecar_path(records, stem).with_suffix(".ipynb")
+        if notebook.is_file():
+            audit.scrub_notebook(notebook, os.environ.get("DATABASE_URL") or settings.database_url)
+            record.notebook = notebook.name
+        audit.write_sidecar(records, stem, record)
+        if not audit.append_ledger(records, stem, record):
+            return None
+        audit.live_mark_path(records, stem).unlink(missing_ok=True)
+    return record

@@ -1,0 +1,175 @@
+"""Telling a run in progress from one that ended without sealing its record (no PostgreSQL needed).
+
+A run's processes hold a shared lock on its live mark for the run's life; whether its pids exist, or
+which host wrote it, decides nothing while the mark is there. These tests hold and drop marks from
+real processes, as a kernel, a runner or a container sharing the records folder would.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from opslib import audit, runbook
+from opslib.outcome import Outcome
+from opslib.record import RunRecord, revisions_text
+
+from .conftest import OPSLIB
+
+HOLDER = """
+import fcntl, os, sys
+fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT, 0o644)
+fcntl.flock(fd, fcntl.LOCK_SH)
+print("held", flush=True)
+sys.stdin.read()
+"""
+
+
+def dead_pid() -> int:
+    """The pid of a process that has ended."""
+    done = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    return int(done.stdout)
+
+
+def running_record(folder: Path, stem: str, *, host: str, pids: list[int]) -> RunRecord:
+    record = RunRecord(
+        run_id=stem.rsplit("_", 1)[1], runbook="deploy", operator="pytest", env="development",
+        started_at="2026-11-26T10:00:00.000Z", host=host, pids=pids,
+    )  # fmt: skip
+    audit.write_sidecar(folder, stem, record)
+    return record
+
+
+class Holder:
+    """Another process holding a run's live mark (a kernel, or a runner in another container)."""
+
+    def __init__(self, path: Path):
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", HOLDER, str(path)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+        )
+        assert self.proc.stdout.readline().strip() == "held"
+
+    def end(self) -> None:
+        self.proc.stdin.close()
+        self.proc.wait(timeout=10)
+
+
+def test_a_held_mark_keeps_a_run_live_whatever_its_host_and_pids(tmp_path):
+    stem = "20261126T100000Z_deploy_aaaa1111"
+    running_record(tmp_path, stem, host="another-container", pids=[dead_pid()])
+    holder = Holder(audit.live_mark_path(tmp_path, stem))
+    try:
+        assert audit.abandoned_stems(tmp_path) == []
+        assert audit.verify_ledger(tmp_path) == []  # a run in progress is not a problem
+    finally:
+        holder.end()
+    assert audit.abandoned_stems(tmp_path) == [stem]
+    assert any("was not sealed" in p for p in audit.verify_ledger(tmp_path))
+
+
+def test_a_reused_pid_does_not_hide_an_ended_run(tmp_path):
+    stem = "20261126T100000Z_deploy_bbbb2222"
+    # Its pid now belongs to another live process (this one): the mark, held by nobody, decides.
+    running_record(tmp_path, stem, host=socket.gethostname(), pids=[os.getpid()])
+    audit.live_mark_path(tmp_path, stem).touch()
+    assert audit.abandoned_stems(tmp_path) == [stem]
+
+
+def test_without_a_mark_a_run_from_another_host_is_never_taken_for_ended(tmp_path):
+    stem = "20261126T100000Z_deploy_cccc3333"
+    running_record(tmp_path, stem, host="another-host", pids=[dead_pid()])
+    assert audit.abandoned_stems(tmp_path) == []
+    running_record(tmp_path, stem, host=socket.gethostname(), pids=[dead_pid()])
+    assert audit.abandoned_stems(tmp_path) == [stem]  # on this host its pids can be judged
+
+
+def test_a_run_is_sealed_into_the_ledger_once(tmp_path):
+    stem = "20261126T100000Z_deploy_dddd4444"
+    record = running_record(tmp_path, stem, host=socket.gethostname(), pids=[os.getpid()])
+    record.end(Outcome.SUCCEEDED, 0, None, "2026-11-26T10:00:01.000Z")
+    audit.write_sidecar(tmp_path, stem, record)
+    assert audit.append_ledger(tmp_path, stem, record) is True
+    assert audit.append_ledger(tmp_path, stem, record) is False
+    assert len(audit.read_ledger(tmp_path)) == 1
+    assert audit.verify_ledger(tmp_path) == []
+
+
+def test_a_notebook_written_before_its_sidecar_is_a_run_in_progress(tmp_path):
+    stem = "20261126T100000Z_deploy_eeee5555"
+    (tmp_path / f"{stem}.ipynb").write_text("{}")
+    holder = Holder(audit.live_mark_path(tmp_path, stem))
+    try:
+        assert audit.verify_ledger(tmp_path) == []
+    finally:
+        holder.end()
+    assert audit.verify_ledger(tmp_path) == [
+        f"{stem}.ipynb is not in the ledger (added outside it, or its ledger line was removed)"
+    ]
+
+
+def test_signals_wait_while_a_record_is_sealed():
+    before = signal.getsignal(signal.SIGINT)
+    with runbook._Signals.held() as caught:
+        os.kill(os.getpid(), signal.SIGINT)
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.1)  # a Python handler runs at the next bytecode: it has run by now
+    assert caught == [signal.SIGINT, signal.SIGTERM]
+    assert signal.getsignal(signal.SIGINT) is before
+
+
+def test_a_revision_not_read_is_never_shown_as_base():
+    assert revisions_text(None) == "not read"
+    assert revisions_text([]) == "base"
+    assert revisions_text(["a", "b"], "+") == "a+b"
+    row = audit.run_row({"database": {"name": "d"}, "revisions_before": None, "revisions_after": []})
+    assert row["revisions"] == "not read -> base"
+
+
+def test_audit_commands_read_a_folder_they_cannot_write():
+    """An auditor with read-only access: `audit verify` names the unsealed run and seals nothing."""
+    folder = Path(tempfile.mkdtemp(prefix="opslib-readonly-"))
+    try:
+        records = folder / "records"
+        records.mkdir()
+        stem = "20261126T100000Z_deploy_ffff6666"
+        running_record(records, stem, host=socket.gethostname(), pids=[dead_pid()])
+        audit.live_mark_path(records, stem).touch()
+        before = sorted(p.name for p in records.iterdir())
+        for path in [folder, records, *records.iterdir()]:
+            path.chmod(0o755 if path.is_dir() else 0o644)
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("OPSLIB_", "DATABASE_URL"))}
+        command = [OPSLIB, "audit", "verify"]
+        if os.geteuid() == 0:  # root may write anywhere: the auditor is an unprivileged user
+            command = ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups", *command]
+        else:
+            records.chmod(0o555)
+        done = subprocess.run(command, cwd=folder, env={**env, "HOME": "/tmp"}, capture_output=True, text=True)
+        assert done.returncode == 3, done.stderr  # a ledger check that fails is a refusal
+        assert "Traceback" not in done.stderr
+        assert f"{stem}.json was not sealed" in done.stdout + done.stderr
+        assert sorted(p.name for p in records.iterdir()) == before
+        assert json.loads((records / f"{stem}.json").read_text())["outcome"] == "running"
+    finally:
+        records.chmod(0o755)
+        shutil.rmtree(folder)
+
+
+def test_live_mark_is_not_inherited_by_child_processes(tmp_path):
+    """pg_dump and pg_restore, started by a run, must not keep its mark held after the run is gone."""
+    mark = audit.hold_live_mark(tmp_path, "stem")
+    child = subprocess.Popen(["sleep", "30"])
+    try:
+        mark.release()
+        with audit.ended_run(tmp_path, "stem", {}) as ended:
+            assert ended
+    finally:
+        child.kill()
+        child.wait()
