@@ -294,6 +294,12 @@ def _where(database: dict) -> str:
     return f"{database.get('name')} on {place}"
 
 
+def _outcome_text(record: dict) -> str:
+    """The outcome and its exit code; an abandoned run has none (no process was left to exit)."""
+    code = record.get("exit_code")
+    return f"{record.get('outcome')} (exit {code})" if code is not None else f"{record.get('outcome')} (no exit code)"
+
+
 def _revs(revisions: Sequence[str] | None) -> str:
     return revisions_text(revisions, "+")
 
@@ -304,7 +310,7 @@ def run_facts(record: dict) -> list[tuple[str, str]]:
     database = record.get("database") or {}
     return [
         ("run", f"{record.get('run_id')} ({record.get('runbook')})"),
-        ("outcome", f"{record.get('outcome')} (exit {record.get('exit_code')})"),
+        ("outcome", _outcome_text(record)),
         ("error", record.get("error") or ""),
         ("when", f"{record.get('started_at')} -> {record.get('finished_at')}"),
         ("who", f"{record.get('operator')} on {record.get('host')}"),

@@ -221,6 +221,12 @@ def opslib_cli(
     return subprocess.run([OPSLIB, *args], cwd=cwd, env=full, capture_output=True, text=True, timeout=300)
 
 
+def dead_pid() -> int:
+    """The pid of a process that has ended (what a killed run's record holds)."""
+    done = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    return int(done.stdout)
+
+
 def libpq(url: str) -> str:
     """The URL in the form libpq (psycopg2.connect, psql) accepts: no +driver in the scheme."""
     return db.parse_url(url).set(drivername="postgresql").render_as_string(hide_password=False)

@@ -22,7 +22,7 @@ from opslib import audit, runbook
 from opslib.outcome import Outcome
 from opslib.record import RunRecord, revisions_text
 
-from .conftest import OPSLIB
+from .conftest import OPSLIB, dead_pid
 
 HOLDER = """
 import fcntl, os, sys
@@ -33,10 +33,6 @@ sys.stdin.read()
 """
 
 
-def dead_pid() -> int:
-    """The pid of a process that has ended."""
-    done = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    return int(done.stdout)
 
 
 def running_record(folder: Path, stem: str, *, host: str, pids: list[int]) -> RunRecord:

@@ -18,12 +18,9 @@ from pathlib import Path
 from opslib import audit, db
 from opslib.record import Database, RunRecord
 
-from .conftest import ROOT, opslib_cli, query
+from .conftest import ROOT, dead_pid, opslib_cli, query
 
 
-def dead_pid() -> int:
-    done = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    return int(done.stdout)
 
 
 def killed_run(records: Path, url: str, stem: str, version_table: list | None) -> None:
