@@ -26,7 +26,7 @@ from typing import Iterator
 
 from opslib.errors import ConfigError, InvalidInput, PreconditionFailed
 from opslib.record import RunRecord, revisions_text
-from opslib.redact import redact_urls_in, scrub_password
+from opslib.redact import redact_urls_in, scrub_json, scrub_password
 
 STAMP = "%Y%m%dT%H%M%SZ"
 LEDGER = "ledger.jsonl"
@@ -118,13 +118,29 @@ def require_records_dir(records_dir: Path) -> Path:
     return records_dir
 
 
+# A notebook's structural strings: never scrubbed, whatever the password (nbformat must still read it).
+_NOTEBOOK_STRUCTURE = frozenset(
+    {"cell_type", "output_type", "name", "id", "mimetype", "language", "file_extension", "pygments_lexer",
+     "nbconvert_exporter", "display_name", "version", "codemirror_mode"}
+)  # fmt: skip
+
+
 def scrub_notebook(path: Path, database_url: str | None) -> None:
-    """Remove passwords from an executed notebook before it is sealed: every ``scheme://user:password@``
-    in it, and the target URL's password in raw and percent-encoded forms (a traceback may show either)."""
+    """Remove passwords from an executed notebook before it is sealed: in its text (sources, outputs,
+    tracebacks, parameters), every ``scheme://user:password@`` and ``password=``, and the target URL's
+    password in raw and percent-encoded forms (a traceback may show either). The JSON is walked, not
+    edited as text, so the notebook stays valid whatever the password."""
     text = path.read_text(encoding="utf-8")
-    clean = redact_urls_in(text)
-    if database_url:
-        clean = scrub_password(clean, database_url)
+    try:
+        notebook = json.loads(text)
+    except ValueError:  # not JSON (a notebook cut off by a kill): scrubbed as text, it is no notebook anyway
+        clean = scrub_password(redact_urls_in(text), database_url) if database_url else redact_urls_in(text)
+    else:
+        scrubbed = scrub_json(notebook, database_url, _NOTEBOOK_STRUCTURE)
+        if scrubbed == notebook:
+            return
+        # nbformat's own layout, so that a scrubbed notebook reads as any other.
+        clean = json.dumps(scrubbed, sort_keys=True, indent=1, ensure_ascii=False) + "\n"
     if clean != text:
         path.write_text(clean, encoding="utf-8")
 

@@ -157,11 +157,16 @@ def validate(runbook: str, values: Mapping[str, Any]) -> dict[str, Any]:
 
 
 # scheme://user:password@ or user:password@host: a value that carries a password.
-_SECRET = re.compile(r"(://[^\s/@:]*:[^\s/@]+@)|(^[^\s/@:]+:[^\s/@]+@[^\s/@]+)")
+_SECRET = re.compile(
+    r"(://[^\s/@:]*:[^\s/@]+@)|(^[^\s/@:]+:[^\s/@]+@[^\s/@]+)"  # user:password@ in a URL, or on its own
+    r"|((?:^|[?&;\s])password\s*=\s*[^\s&])",  # ?password= in a URL's query, or password= in a libpq conninfo
+    re.IGNORECASE,
+)
 
 
 def holds_secret(value: Any) -> bool:
-    """True when ``value`` is text holding a URL (or ``user:password@host``) with a password."""
+    """True when ``value`` is text holding a password: a URL with one (in its user part or its
+    ``?password=`` query), ``user:password@host``, or a libpq conninfo's ``password=``."""
     return isinstance(value, str) and bool(_SECRET.search(value))
 
 

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from opslib import __version__, audit, display
 from opslib.outcome import Outcome
-from opslib.db import redact_urls_in
+from opslib.redact import redact_urls_in
 from opslib.errors import ConfigError, InvalidInput, ReportFailed
 
 TEMPLATES = Path(__file__).parent / "templates"
