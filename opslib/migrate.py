@@ -21,7 +21,6 @@ import logging
 import os
 import signal
 import threading
-from concurrent.futures import Future, ThreadPoolExecutor, wait
 from contextlib import contextmanager, redirect_stderr, redirect_stdout
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -194,6 +193,44 @@ def _project_driver(cfg: Config, ours: str) -> str:
     return scheme if scheme.startswith("postgresql+") else ours
 
 
+class _Worker:
+    """Alembic's work in a thread of its own, watched without locks.
+
+    The waiting thread only sleeps and reads ``done``, a plain attribute: a signal's exception (raised
+    wherever the waiting thread happens to be) can then never land inside a lock's acquire/release
+    pair, which would leave that lock broken ("release unlocked lock") and the migration unstopped.
+    """
+
+    def __init__(self, fn: Callable[[], object]):
+        self.done = False
+        self.result: object = None
+        self.error: BaseException | None = None
+        context = contextvars.copy_context()  # the run id the history rows carry, and the like
+
+        def work() -> None:
+            try:
+                self.result = context.run(fn)
+            except BaseException as err:  # noqa: BLE001 - handed to the waiting thread as it is
+                self.error = err
+            finally:
+                self.done = True
+
+        self.thread = threading.Thread(target=work, name="opslib-alembic", daemon=True)
+        self.thread.start()
+
+    def sleep_until_done(self, seconds: float | None = None) -> None:
+        """Sleep in tenths of a second until the work is done (or ``seconds`` have passed)."""
+        deadline = None if seconds is None else time.monotonic() + seconds
+        while not self.done and (deadline is None or time.monotonic() < deadline):
+            time.sleep(0.1)
+
+    def outcome(self) -> object:
+        """The work's return value, or its exception raised."""
+        if self.error is not None:
+            raise self.error
+        return self.result
+
+
 def _outside_event_loop(fn: Callable[[], object], canceller: "_Canceller | None" = None) -> object:
     """Call ``fn`` in a worker thread, where no asyncio event loop runs, and wait for it interruptibly.
 
@@ -204,43 +241,31 @@ def _outside_event_loop(fn: Callable[[], object], canceller: "_Canceller | None"
     (its statement cancelled on the server, no further revision begun), and only once the worker has
     ended, with the database at a revision that committed, is the interruption raised.
     """
-    context = contextvars.copy_context()
-
-    def in_worker() -> object:
-        if canceller is not None:
-            canceller.thread_id = threading.get_ident()
-        return context.run(fn)
-
-    worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="opslib-alembic")
-    future = worker.submit(in_worker)
+    worker = _Worker(fn)
     try:
         # Woken every tenth of a second: a signal the OS delivered to another thread (a kernel has
         # several) only runs its Python handler when this thread runs Python code.
-        while not future.done():
-            wait([future], timeout=0.1)
-        return future.result()
+        worker.sleep_until_done()
     except KeyboardInterrupt:
-        while not future.done():
+        while not worker.done:
             try:
                 if canceller is not None:
-                    canceller.stop_until_done(future)
-                wait([future])
+                    canceller.stop_until_done(worker)
+                worker.sleep_until_done()
             except KeyboardInterrupt:
                 continue  # a second signal while stopping (Ctrl-C pressed again, SIGTERM after SIGINT): keep stopping
         raise
-    finally:
-        worker.shutdown(wait=True)
+    return worker.outcome()
 
 
 class _Canceller:
     """Stops a migration under way: cancels what its sessions run on the server, and has the next
     revision boundary raise instead of beginning another revision."""
 
-    def __init__(self, url: URL):
-        self.url = url
+    def __init__(self, url: URL | None):
+        self.url = url  # None: offline rendering, with no session to cancel (only the boundary check)
         self.pids: set[int] = set()
         self.stopping: Interrupted | None = None
-        self.thread_id: int | None = None
 
     def watch(self, connection) -> None:
         """Note the server session behind a connection env.py configured."""
@@ -253,19 +278,22 @@ class _Canceller:
         if self.stopping is not None:
             raise self.stopping
 
-    def stop_until_done(self, future: Future) -> None:
+    def stop_until_done(self, worker: _Worker) -> None:
         """Cancel the sessions' statements until the worker has ended (a statement that begins after a
         cancel is cancelled in turn); a server out of reach leaves only the wait."""
         self.stopping = Interrupted(signal.SIGINT)
         # Python work between statements stops at the next revision boundary (``check``): an exception
         # injected into the worker could land inside the thread pool's own locking.
+        if self.url is None:
+            worker.sleep_until_done()
+            return
         try:
             with db.connect(self.url) as conn:
-                while not future.done():
+                while not worker.done:
                     for pid in sorted(self.pids):
                         conn.execute(sa.text("SELECT pg_cancel_backend(:pid)"), {"pid": pid})
                     conn.commit()
-                    wait([future], timeout=0.2)
+                    worker.sleep_until_done(0.2)
         except (OpsError, DBAPIError):
             pass
 
@@ -534,16 +562,14 @@ def _run_env(
         connection = kwargs.get("connection")
         if canceller is not None and connection is not None:
             canceller.watch(connection)
-        if lock_timeout_ms and connection is not None and connection.dialect.driver != "psycopg2":
-            if not connection.in_transaction():  # never inside a transaction env.py began itself
-                connection.execute(
-                    sa.text("SELECT set_config('lock_timeout', :v, false)"), {"v": f"{lock_timeout_ms}ms"}
-                )
-                connection.commit()
-        if on_version_apply is not None:
+        if connection is not None and connection.dialect.driver != "psycopg2":
+            _set_session_terms(connection, lock_timeout_ms)
+        stop = [canceller.check] if canceller is not None else []  # a signal stops at the next revision
+        ours = [on_version_apply] if on_version_apply is not None else []
+        if stop or ours:
             given = kwargs.get("on_version_apply") or ()
-            stop = [canceller.check] if canceller is not None else []
-            kwargs["on_version_apply"] = [*stop, *([given] if callable(given) else given), on_version_apply]
+            kwargs["on_version_apply"] = [*stop, *([given] if callable(given) else given), *ours]
+        if on_version_apply is not None:
             kwargs["transaction_per_migration"] = True
         return configure(*args, **kwargs)
 
@@ -555,6 +581,21 @@ def _run_env(
             script.run_env()
 
     _outside_event_loop(run, canceller)
+
+
+def _set_session_terms(connection, lock_timeout_ms: int | None) -> None:
+    """What libpq's connections take from the environment, set on a connection whose driver does not
+    read it (asyncpg, pg8000): the lock timeout (PGOPTIONS) and the run's name (PGAPPNAME), by which
+    the sessions of a run that died are found and ended."""
+    terms = {"application_name": os.environ.get("PGAPPNAME")}
+    if lock_timeout_ms:
+        terms["lock_timeout"] = f"{lock_timeout_ms}ms"
+    terms = {k: v for k, v in terms.items() if v}
+    if not terms or connection.in_transaction():  # never inside a transaction env.py began itself
+        return
+    for name, value in terms.items():
+        connection.execute(sa.text("SELECT set_config(:name, :v, false)"), {"name": name, "v": value})
+    connection.commit()
 
 
 # Where each project (by its scripts folder) keeps its revision, as its env.py configures it.
@@ -1322,6 +1363,7 @@ def _render(
                     as_sql=True,
                     starting_rev=None if start == "base" else start,
                     destination_rev=end,
+                    canceller=_Canceller(None),  # Ctrl-C stops a long chain's rendering at the next revision
                 )
         except (CommandError, RevisionError) as err:
             raise InvalidInput(f"sql {shown}:{end}: {err}") from err

@@ -94,3 +94,29 @@ def test_an_async_projects_migrations_give_up_on_a_held_lock_like_any_other(
         blocker.close()
     assert done.returncode == 1, done.stdout + done.stderr
     assert "could not get its locks within lock_timeout 0.3 s in 2 attempts" in done.stderr
+
+
+SEEN_AS = '''"""record the session's name"""
+
+from alembic import op
+
+revision = "n002"
+down_revision = "n001"
+
+
+def upgrade():
+    op.execute("CREATE TABLE seen_as AS SELECT current_setting('application_name') AS name")
+
+
+def downgrade():
+    op.execute("DROP TABLE seen_as")
+'''
+
+
+def test_an_async_projects_sessions_carry_the_runs_name(async_project, database_url, tmp_path):
+    """asyncpg does not read PGAPPNAME: opslib names the session itself, so a dead run's sessions can be found."""
+    (async_project.parent / "migrations" / "versions" / "n002_seen_as.py").write_text(SEEN_AS)
+    name = "opslib deploy run 0badf00d"
+    up = opslib_cli(database_url, async_project, tmp_path / "cli", "upgrade", env={"PGAPPNAME": name})
+    assert up.returncode == 0, up.stdout + up.stderr
+    assert query(database_url, "SELECT name FROM seen_as") == [(name,)]
