@@ -353,10 +353,14 @@ def _seal_abandoned(settings, command: str) -> None:
     from opslib import sealing
 
     for record in sealing.seal_abandoned(settings, command):
-        where = revisions_text(record.revisions_after)
+        where = (
+            "its revision could not be read"
+            if record.revisions_after is None
+            else f"the database is at {revisions_text(record.revisions_after)}"
+        )
         print(
             f"opslib: sealed run {record.run_id} ({record.runbook}, started {record.started_at}) as abandoned: "
-            f"its processes ended without sealing it; the database is at {where}",
+            f"its processes ended without sealing it; {where}",
             file=sys.stderr,
         )
 

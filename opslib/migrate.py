@@ -1052,6 +1052,18 @@ def _describe(revs: tuple[str, ...]) -> str:
     return ", ".join(revs) if revs else "base (no revision applied)"
 
 
+def _rolled_back(revision: Script) -> str:
+    """What became of a revision stopped part-way: its transaction rolled back, except what it ran in an
+    ``autocommit_block`` (committed statement by statement, as CONCURRENTLY needs)."""
+    try:
+        source = Path(revision.path).read_text(encoding="utf-8")
+    except OSError:
+        source = ""
+    if "autocommit_block" in source:
+        return "whose transaction was rolled back (what it ran in its autocommit_block stays committed)"
+    return "which was rolled back"
+
+
 def _failure(action, target, database, script, before, after, steps, err, url, last_called=None) -> OpsError:
     """The error for a failed change: which revision failed, why, and where the database stands.
 
@@ -1077,7 +1089,7 @@ def _failure(action, target, database, script, before, after, steps, err, url, l
         return Interrupted(
             signum,
             f"{action} to {target} was interrupted ({signal.Signals(signum).name})"
-            + (f"{where}, which was rolled back" if failed else "")
+            + (f"{where}, {_rolled_back(failed)}" if failed else "")
             + f": {database} is now at {_describe(after)}; run `opslib {action}` again to continue",
             revisions=after,
         )

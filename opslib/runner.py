@@ -49,8 +49,10 @@ class RunOutcome:
         r = self.record
         text = f"{r.runbook} {r.outcome} (exit {self.exit_code})"
         if r.database:
-            where = revisions_text(r.revisions_after)
-            text += f" on {r.database.name}, now at {where}"
+            if r.revisions_after is None:
+                text += f" on {r.database.name} (its revision not read)"
+            else:
+                text += f" on {r.database.name}, now at {revisions_text(r.revisions_after)}"
         if r.schema_recreated:
             text += f"; schema public was recreated ({r.schema_recreated['reason']})"
         if r.error:

@@ -53,7 +53,7 @@ def test_a_killed_run_is_sealed_with_the_revision_of_its_own_version_table(datab
 
     assert done.returncode == 0, done.stderr
     assert "sealed run 1111aaaa (deploy" in done.stderr and "the database is at x7" in done.stderr
-    assert "sealed run 2222bbbb (deploy" in done.stderr and "the database is at not read" in done.stderr
+    assert "sealed run 2222bbbb (deploy" in done.stderr and "its revision could not be read" in done.stderr
     entries = {e["run_id"]: e for e in audit.read_ledger(records)}
     assert entries["1111aaaa"]["outcome"] == "abandoned" and entries["1111aaaa"]["revisions_after"] == ["x7"]
     assert entries["2222bbbb"]["outcome"] == "abandoned" and entries["2222bbbb"]["revisions_after"] is None
