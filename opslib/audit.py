@@ -118,13 +118,6 @@ def require_records_dir(records_dir: Path) -> Path:
     return records_dir
 
 
-# A notebook's structural strings: never scrubbed, whatever the password (nbformat must still read it).
-_NOTEBOOK_STRUCTURE = frozenset(
-    {"cell_type", "output_type", "name", "id", "mimetype", "language", "file_extension", "pygments_lexer",
-     "nbconvert_exporter", "display_name", "version", "codemirror_mode"}
-)  # fmt: skip
-
-
 def scrub_notebook(path: Path, database_url: str | None) -> None:
     """Remove passwords from an executed notebook before it is sealed: in its text (sources, outputs,
     tracebacks, parameters), every ``scheme://user:password@`` and ``password=``, and the target URL's
@@ -136,7 +129,7 @@ def scrub_notebook(path: Path, database_url: str | None) -> None:
     except ValueError:  # not JSON (a notebook cut off by a kill): scrubbed as text, it is no notebook anyway
         clean = scrub_password(redact_urls_in(text), database_url) if database_url else redact_urls_in(text)
     else:
-        scrubbed = scrub_json(notebook, database_url, _NOTEBOOK_STRUCTURE)
+        scrubbed = scrub_json(notebook, database_url)
         if scrubbed == notebook:
             return
         # nbformat's own layout, so that a scrubbed notebook reads as any other.

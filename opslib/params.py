@@ -156,18 +156,26 @@ def validate(runbook: str, values: Mapping[str, Any]) -> dict[str, Any]:
     return result
 
 
-# scheme://user:password@ or user:password@host: a value that carries a password.
+# scheme://user:password@ or user:password@host: a value that carries a password. A password= (or
+# sslpassword=) with a value: in a URL's query (?password=, &password=) or a libpq conninfo.
 _SECRET = re.compile(
-    r"(://[^\s/@:]*:[^\s/@]+@)|(^[^\s/@:]+:[^\s/@]+@[^\s/@]+)"  # user:password@ in a URL, or on its own
-    r"|((?:^|[?&;\s])password\s*=\s*[^\s&])",  # ?password= in a URL's query, or password= in a libpq conninfo
+    r"(://[^\s/@:]*:[^\s@]+@)|(^[^\s/@:]+:[^\s/@]+@[^\s/@]+)"  # user:password@ in a URL, or on its own
+    r"|((?:^|[?&;,(\s])(?:ssl)?password\s*=\s*[^\s&=])",  # ?password= in a URL's query, or a conninfo's
     re.IGNORECASE,
 )
 
 
 def holds_secret(value: Any) -> bool:
     """True when ``value`` is text holding a password: a URL with one (in its user part or its
-    ``?password=`` query), ``user:password@host``, or a libpq conninfo's ``password=``."""
-    return isinstance(value, str) and bool(_SECRET.search(value))
+    ``?password=`` query), ``user:password@host``, or a libpq conninfo's ``password=``; or a list,
+    tuple or dict (a parameter may be any plain value) holding such text, as a key or a value."""
+    if isinstance(value, str):
+        return bool(_SECRET.search(value))
+    if isinstance(value, (list, tuple)):
+        return any(holds_secret(v) for v in value)
+    if isinstance(value, dict):
+        return any(holds_secret(k) or holds_secret(v) for k, v in value.items())
+    return False
 
 
 def shown_value(value: Any) -> Any:

@@ -266,14 +266,18 @@ def libpq_env(url: URL) -> dict[str, str]:
     host = url.host or url.query.get("host")
     if isinstance(host, tuple):
         host = host[0]
+    password = url.password or url.query.get("password")  # libpq takes ?password= too
+    if isinstance(password, tuple):
+        password = password[0]
     pairs = {
         "PGHOST": host,
         "PGPORT": str(url.port) if url.port else url.query.get("port"),
         "PGUSER": url.username,
-        "PGPASSWORD": url.password,
+        "PGPASSWORD": password,
         "PGDATABASE": url.database,
         "PGSSLMODE": url.query.get("sslmode"),
-        "PGAPPNAME": "opslib",
+        # A run's name (set for its sessions), so that the sessions of a run that died can be found.
+        "PGAPPNAME": os.environ.get("PGAPPNAME") or "opslib",
     }
     for key, value in pairs.items():
         env.pop(key, None)

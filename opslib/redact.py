@@ -1,8 +1,13 @@
 """Passwords kept out of everything shown: URLs redacted, driver messages and free text scrubbed.
 
 Every URL shown to a person goes through :func:`redact_url`; every driver error that reaches a
-message goes through :func:`scrub`. This module sits at the bottom, so settings, connections and
-records can all use it.
+message goes through :func:`scrub`; free text that may quote a URL or a libpq conninfo (a report
+page, a notebook output) goes through :func:`redact_urls_in`, and a notebook's JSON through
+:func:`scrub_json`. This module sits at the bottom, so settings, connections and records can all use it.
+
+A URL carries a password in two places: its user part (``postgresql://user:pw@host/db``) and its
+query (``postgresql://user@host/db?password=pw``, as libpq and psycopg2 take it); ``sslpassword``
+(the client key's passphrase) is treated the same. Both are handled everywhere below.
 """
 
 from __future__ import annotations
@@ -14,9 +19,13 @@ from urllib.parse import parse_qs, quote, quote_plus, unquote, urlsplit
 if TYPE_CHECKING:
     from sqlalchemy.engine import URL
 
+# The query parameters (and libpq conninfo keywords) whose value is a secret.
+_SECRET_KEYS = ("password", "sslpassword")
+
 
 def redact_url(url: str | URL) -> str:
-    """The URL as it may be shown: the password replaced by ``***``, the query left readable."""
+    """The URL as it may be shown: the password replaced by ``***``, in the user part and in a
+    ``?password=`` query value, the rest of the query left readable."""
     # SQLAlchemy parses URLs; imported here so that reading settings (every command's start, `opslib run`
     # included, which never connects itself) does not pay 0.2 s for it.
     import sqlalchemy as sa
@@ -29,76 +38,153 @@ def redact_url(url: str | URL) -> str:
             return "<unparseable URL>"
     if not url.password:
         url = url._replace(password=None)  # "user:@" (an empty password) shows as plain "user@"
-    if "password" in url.query:  # libpq also takes the password as a query parameter
-        url = url.update_query_dict({"password": "***"})
+    masked = {key: "***" for key in _SECRET_KEYS if key in url.query}  # libpq also takes ?password=
+    if masked:
+        url = url.update_query_dict(masked)
     # Unquoted so a socket path reads as ?host=/path; the passwords are already masked.
     return unquote(url.render_as_string(hide_password=True))
 
 
 def scrub(text: str, url: URL | str | None) -> str:
-    """Remove the password of ``url`` (a SQLAlchemy URL or a URL string) from ``text`` wherever it
-    appears, raw or percent-encoded: the one in ``user:password@`` and a ``?password=`` query value."""
+    """Remove the passwords of ``url`` (a SQLAlchemy URL or a URL string) from ``text`` wherever they
+    appear, raw or percent-encoded: the one in ``user:password@`` and a ``?password=`` query value.
+
+    The one implementation; :func:`scrub_password` is the same for a URL string. A very short password
+    (``a``, ``1``) is replaced wherever that substring appears in ``text``: right for a message, wrong
+    for structured text such as a notebook's JSON, which goes through :func:`scrub_json` instead.
+    """
     for secret in _passwords(url):
         text = _without(text, secret)
     return text
 
 
 def scrub_password(text: str, url: str) -> str:
-    """Remove the password of ``url`` (a URL string) from ``text``, raw or percent-encoded (:func:`scrub`)."""
+    """:func:`scrub` for a URL given as a string (the database URL of settings or the environment)."""
     return scrub(text, url)
 
 
 def _passwords(url: URL | str | None) -> list[str]:
-    """The passwords a URL carries: in its user part and in its query (``?password=``, as libpq takes)."""
+    """The passwords a URL carries: in its user part and in its query (``?password=``, as libpq takes).
+
+    A string is read both as SQLAlchemy reads it (what the connection uses: ``user:a/b@host`` has the
+    password ``a/b``) and as :func:`urllib.parse.urlsplit` does (as libpq and most messages see it), so
+    that whichever way a message shows the URL, its password is found.
+    """
     if url is None:
         return []
+    found: list[str] = []
     if isinstance(url, str):
+        import sqlalchemy as sa  # late, as in redact_url
+        from sqlalchemy.exc import ArgumentError
+
         try:
-            parts = urlsplit(url)
-            found = [parts.password] if parts.password else []
-        except ValueError:  # not a URL (a bad port, say): nothing can be taken from it
-            return []
-        return found + [v for v in parse_qs(parts.query).get("password", []) if v]
+            found += _sqlalchemy_passwords(sa.make_url(url.strip()))
+        except (ArgumentError, ValueError):  # not a URL SQLAlchemy reads: urlsplit may still find one
+            pass
+        try:
+            parts = urlsplit(url.strip())
+            found += [parts.password or ""]
+        except ValueError:  # not a URL (a bad IPv6 host, say): nothing more can be taken from it
+            pass
+        else:
+            query = parse_qs(parts.query)
+            found += [v for key in _SECRET_KEYS for v in query.get(key, [])]
+    else:
+        found += _sqlalchemy_passwords(url)
+    return list(dict.fromkeys(v for v in found if v))
+
+
+def _sqlalchemy_passwords(url: URL) -> list[str]:
     found = [str(url.password)] if url.password else []
-    query = url.query.get("password")
-    return found + [v for v in ((query,) if isinstance(query, str) else query or ()) if v]
+    for key in _SECRET_KEYS:
+        value = url.query.get(key)
+        found += (value,) if isinstance(value, str) else value or ()
+    return found
 
 
 def _without(text: str, secret: str) -> str:
     # A password shows as written, decoded (%40 as @) or encoded again (an error quoting a URL).
-    for form in sorted({secret, unquote(secret), quote(secret, safe=""), quote_plus(secret)}, key=len, reverse=True):
+    for form in sorted(
+        {secret, unquote(secret), quote(secret, safe=""), quote_plus(secret)}, key=len, reverse=True
+    ):
         if form:
             text = text.replace(form, "***")
     return text
 
 
-# scheme://user:password@ in free text (an error message, a notebook output): the password part.
-_URL_PASSWORD = re.compile(r"(\b[a-zA-Z][a-zA-Z0-9+.-]*://[^\s/:@]*:)[^\s/@]+@")
-# password=... as a URL query parameter (?password=, &password=) or a libpq conninfo keyword
-# (host=h password=x, quoted or not): the value.
-_KEYWORD_PASSWORD = re.compile(r"""((?:^|[?&;\s])password\s*=\s*)('(?:[^'\\]|\\.)*'|[^\s&'"]+)""", re.IGNORECASE)
+# scheme://user:password@ in free text (an error message, a notebook output, a report page): the
+# password part, up to the last @ before a space, so that a password shown decoded (p@ss/w?rd) is
+# masked whole; an @ later in the same word (a query's e-mail) only hides more. It stops at quotes
+# and angle brackets, so HTML stays HTML.
+_URL_PASSWORD = re.compile(r"""(\b[a-zA-Z][a-zA-Z0-9+.-]*://[^\s/:@<>"']*:)[^\s<>"']+@""")
+# password=... as a URL query parameter (?password=, &password=, &amp;password= in HTML) or a libpq
+# conninfo keyword (host=h password=x, quoted or not): the value. sslpassword likewise.
+_KEYWORD_PASSWORD = re.compile(
+    r"""((?:^|[?&;,(>"'\s])(?:ssl)?password\s*=\s*)"""
+    r"""('(?:[^'\\]|\\.)*'|"(?:[^"\\]|\\.)*"|[^\s&'"<=][^\s&'"<]*)""",
+    re.IGNORECASE,
+)
 
 
 def redact_urls_in(text: str) -> str:
     """``text`` with every password shown in it replaced by ``***``: that of each
-    ``scheme://user:password@host`` URL, and each ``password=`` in a URL's query or a libpq conninfo."""
+    ``scheme://user:password@host`` URL, each ``password=`` in a URL's query (raw or percent-encoded
+    alike: the whole value goes), and each ``password=`` of a libpq conninfo (``host=h password=x``).
+
+    It needs no URL: it goes by the text's shape, so it never touches words that merely equal a password.
+    """
     return _KEYWORD_PASSWORD.sub(r"\1***", _URL_PASSWORD.sub(r"\1***@", text))
 
 
-def scrub_json(value: Any, database_url: str | None = None, keep: frozenset[str] = frozenset()) -> Any:
-    """A copy of a JSON value (an executed notebook, say) with every string value in it passed through
-    :func:`redact_urls_in` and, given ``database_url``, :func:`scrub`; keys, and the values of the keys
-    in ``keep`` (a notebook's ``cell_type``, ``output_type``…), are left as they are.
+# A notebook's structural strings (nbformat's enumerations, ids and names, the kernel and language
+# details nbconvert reads, papermill's tags and status): never scrubbed for the literal password,
+# whatever it is, so that nbformat and nbconvert still read the notebook.
+NOTEBOOK_STRUCTURE = frozenset(
+    {"cell_type", "output_type", "name", "id", "mimetype", "language", "file_extension", "pygments_lexer",
+     "nbconvert_exporter", "display_name", "version", "codemirror_mode", "scrolled", "format", "tags",
+     "status"}
+)  # fmt: skip
 
-    Only text is changed, never the structure: replacing a short password in the raw JSON would also
-    replace it inside keys and syntax (a password ``e`` in ``"cell_type"``) and break the file. Inside
-    text, a very short password is still replaced wherever it appears, as in any message.
+
+def scrub_json(
+    value: Any, database_url: str | URL | None = None, keep: frozenset[str] = NOTEBOOK_STRUCTURE
+) -> Any:
+    """A copy of a JSON value (a parsed notebook, say) with its passwords masked: every string in it
+    (values and dict keys) passed through :func:`redact_urls_in` and, given ``database_url``, every
+    string value also through :func:`scrub_password` (its password removed, raw or percent-encoded).
+
+    Only strings are changed, never the structure: dicts stay dicts with the same keys, lists keep
+    their length, numbers, booleans and ``None`` stay as they are. This is why a notebook is scrubbed
+    here and not as raw JSON text: replacing a short password (``a``, ``1``, ``e``) or one equal to a
+    key (``source``) in the raw text would also replace it inside keys and syntax and break the file.
+
+    Within a string value, a very short password is still replaced wherever that substring appears
+    (``e`` turns "deploy done" into "d***ploy don***"): the same as for any message, and accepted.
+    Dict keys, and the values under the keys in ``keep`` (by default :data:`NOTEBOOK_STRUCTURE`: a
+    notebook's ``cell_type``, ``output_type``, stream ``name``…, whose values nbformat checks), are
+    never searched for the literal password; they still go through :func:`redact_urls_in`, which
+    changes only text shaped like a password (``user:pw@``, ``password=``) and so never a structural
+    name. Two keys that redact to the same text keep the later value. For JSON that is not a notebook,
+    pass ``keep=frozenset()``.
     """
+    secrets = _passwords(database_url) if database_url else []
+    return _scrub_tree(value, secrets, keep, True)
+
+
+def _scrub_tree(value: Any, secrets: list[str], keep: frozenset[str], literal: bool) -> Any:
     if isinstance(value, str):
         clean = redact_urls_in(value)
-        return scrub(clean, database_url) if database_url else clean
-    if isinstance(value, list):
-        return [scrub_json(v, database_url, keep) for v in value]
+        if literal:
+            for secret in secrets:
+                clean = _without(clean, secret)
+        return clean
+    if isinstance(value, (list, tuple)):
+        return [_scrub_tree(v, secrets, keep, literal) for v in value]
     if isinstance(value, dict):
-        return {k: v if k in keep else scrub_json(v, database_url, keep) for k, v in value.items()}
+        return {
+            redact_urls_in(k) if isinstance(k, str) else k: _scrub_tree(
+                v, secrets, keep, literal and k not in keep
+            )
+            for k, v in value.items()
+        }
     return value

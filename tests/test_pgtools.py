@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import sqlalchemy as sa
 
 from opslib import pgtools
 
@@ -204,3 +205,12 @@ def test_cache_location(monkeypatch, tmp_path):
 
     monkeypatch.setenv("OPSLIB_CACHE_DIR", str(tmp_path / "mine"))
     assert pgtools._cache_file() == tmp_path / "mine" / "client-versions.json"
+
+
+def test_client_programs_get_a_query_password_and_the_runs_name(monkeypatch):
+    """pg_dump runs with --no-password: a password given as ?password= must reach it through PGPASSWORD;
+    and its session carries the run's application_name, so a dead run's pg_dump session can be found."""
+    monkeypatch.setenv("PGAPPNAME", "opslib deploy run 1234abcd")
+    env = pgtools.libpq_env(sa.make_url("postgresql://app@db.example/orders?password=s3cr%40t&sslmode=require"))
+    assert env["PGPASSWORD"] == "s3cr@t" and env["PGSSLMODE"] == "require"
+    assert env["PGAPPNAME"] == "opslib deploy run 1234abcd"
