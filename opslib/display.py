@@ -201,12 +201,19 @@ class Section:
         facts: Sequence[tuple[str, object]] = (),
         rows: Sequence[dict] = (),
         text: str = "",
+        skipped: bool = False,
     ):
         self.title = title
         self.status = status
+        self.skipped = skipped  # the step had nothing to do: recorded as skipped, not succeeded
         self.facts = list(facts)
         self.rows = list(rows)
         self.text = text
+
+    @classmethod
+    def skip(cls, title: str, why: str) -> "Section":
+        """The section of a step that had nothing to do, and why."""
+        return cls(title, f"skipped: {why}", skipped=True)
 
     def __repr__(self) -> str:
         out = [f"{self.title}: {self.status}"]

@@ -63,6 +63,10 @@ class PreconditionFailed(OpsError):
     outcome = Outcome.REFUSED
 
 
+class StepOutOfOrder(PreconditionFailed):
+    """A runbook step run before the step it follows, or run twice: refused, nothing changed (exit 3)."""
+
+
 class LockHeld(OpsError):
     """Another run holds the opslib lock on this database (exit 4)."""
 

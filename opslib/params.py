@@ -13,7 +13,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-from opslib.errors import InvalidInput
+from opslib.errors import InvalidInput, PreconditionFailed
 
 
 @dataclass(frozen=True)
@@ -163,6 +163,17 @@ _SECRET = re.compile(
     r"|((?:^|[?&;,(\s])(?:ssl)?password\s*=\s*[^\s&=])",  # ?password= in a URL's query, or a conninfo's
     re.IGNORECASE,
 )
+
+
+def check_environment(runbook: str, values: Mapping[str, Any], env: str) -> None:
+    """The environment's rules for a runbook's parameters: in production, reset is refused and no
+    backup may be turned off, whatever the parameters say (:class:`PreconditionFailed`, exit 3)."""
+    if env != "production":
+        return
+    if runbook == "reset":
+        raise PreconditionFailed("reset is refused in production, whatever the parameters")
+    if "backup" in values and not values["backup"]:
+        raise PreconditionFailed(f"{runbook}: backup=False is not allowed in production")
 
 
 def holds_secret(value: Any) -> bool:

@@ -18,7 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from opslib import audit, runbook
+from opslib import audit, steps
 from opslib.outcome import Outcome
 from opslib.record import RunRecord, revisions_text
 
@@ -113,7 +113,7 @@ def test_a_notebook_written_before_its_sidecar_is_a_run_in_progress(tmp_path):
 
 def test_signals_wait_while_a_record_is_sealed():
     before = signal.getsignal(signal.SIGINT)
-    with runbook._Signals.held() as caught:
+    with steps._Signals.held() as caught:
         os.kill(os.getpid(), signal.SIGINT)
         os.kill(os.getpid(), signal.SIGTERM)
         time.sleep(0.1)  # a Python handler runs at the next bytecode: it has run by now

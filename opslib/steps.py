@@ -1,0 +1,423 @@
+"""The recorder behind every runbook: steps, their order, and the run's record.
+
+A runbook's first code cell is ``run = runbook.start("deploy", globals())`` (see
+:mod:`opslib.runbook`, where the four workflows' steps live); the run it returns is a :class:`Run`,
+and each of its steps is a method decorated with :func:`step`. A step is recorded (name, start,
+duration, outcome) in the run's sidecar, rewritten after every step; a step declares the step it
+follows, so the order holds in every mode (headless, papermill, JupyterLab, plain Python); when a
+step fails or is out of order, the run ends there: the record is finished with the outcome and the
+database's revision, sealed, and the error raised so the notebook (and papermill) stops.
+
+The same code runs cell by cell in JupyterLab, under plain papermill, and under ``opslib run``
+(which also keeps the executed notebook and writes the ledger line, see :mod:`opslib.runner`).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import signal
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import replace
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, Callable, Iterator, Mapping
+
+import sqlalchemy as sa
+
+from opslib import audit, db, migrate, params
+from opslib import history as run_history
+from opslib.config import Settings, load_settings
+from opslib.display import Section
+from opslib.errors import Interrupted, InvalidInput, OpsError, PreconditionFailed, StepOutOfOrder
+from opslib.outcome import Outcome, outcome_of
+from opslib.record import Database, Step, revisions_text
+
+SAVE_EVERY_S = 0.5  # how often the sidecar is rewritten while revisions are being applied
+
+
+def _message_of(err: BaseException) -> str:
+    if isinstance(err, (OpsError, Interrupted)):
+        return err.message
+    if isinstance(err, KeyboardInterrupt):
+        return "interrupted (Ctrl-C)"
+    return f"unexpected error: {type(err).__name__}: {err}"
+
+
+class _Signals:
+    """SIGTERM (a cancelled job, a stopped container) ends a run like Ctrl-C does, as ``interrupted``.
+
+    During a step the signal raises :class:`Interrupted` at once: the step stops, and the record is
+    sealed with where the database stands. Between steps (an operator reading a cell's output, a
+    kernel told to stop) the run is sealed as interrupted there and then, and the signal is passed on
+    to the handler from before the run (by default, the process ends). While a record is being sealed,
+    SIGINT and SIGTERM wait (:meth:`held`): a second Ctrl-C cannot leave it half-sealed.
+    """
+
+    in_step = 0
+    stopping = False
+    run: "Run | None" = None
+    saved: object = None
+
+    @classmethod
+    def stop_on_sigterm(cls) -> None:
+        """Install the handler (in the main thread only: Python allows signal handlers nowhere else)."""
+        cls.stopping, cls.run = False, None
+        if threading.current_thread() is threading.main_thread() and cls.saved is None:
+            cls.saved = signal.signal(signal.SIGTERM, cls._on_sigterm)
+
+    @classmethod
+    def restore(cls) -> None:
+        """Give SIGTERM back its handler from before the run."""
+        if cls.saved is not None and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, cls.saved)
+            cls.saved = None
+
+    @classmethod
+    def _on_sigterm(cls, signum, frame) -> None:
+        if cls.in_step:
+            if not cls.stopping:
+                cls.stopping = True  # once: a second signal must not break off the stopping of the first
+                raise Interrupted(signum)
+            return
+        if cls.run is not None and not cls.run.ended:
+            cls.run._end(Interrupted(signum))  # nobody may be there to run another step: seal now
+        cls.restore()
+        signal.raise_signal(signum)
+
+    @classmethod
+    @contextmanager
+    def held(cls) -> Iterator[list[int]]:
+        """SIGINT and SIGTERM wait while the block runs; the list holds those that arrived."""
+        caught: list[int] = []
+        if threading.current_thread() is not threading.main_thread():
+            yield caught
+            return
+
+        def hold(signum, frame) -> None:
+            caught.append(signum)
+
+        saved = {sig: signal.signal(sig, hold) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield caught
+        finally:
+            for sig, handler in saved.items():
+                signal.signal(sig, handler)
+
+
+def step(name: str, after: str | None = None, repeatable: bool = False) -> Callable:
+    """Decorate a Run method as a recorded step; a failure ends the run and is re-raised.
+
+    ``after`` names the step that must have run (succeeded, or skipped as not needed) before this one;
+    as each step names its own, the whole order holds. A step runs once unless ``repeatable`` (a step
+    that only reads). A step out of order, or run again, refuses: the run ends there as ``refused``
+    (exit 3) having changed nothing, and the message names the step to run first. No parameter and no
+    environment lifts this.
+    """
+
+    def decorate(fn: Callable) -> Callable:
+        @functools.wraps(fn)
+        def wrapper(self: "Run", *args, **kwargs):
+            self._require_open(name)
+            entry = self.record.step(name, audit.iso(audit.now()))
+            started = time.perf_counter()
+            _Signals.in_step += 1
+            try:
+                self._require_order(name, after, repeatable, entry)
+                self._save()
+                result = fn(self, *args, **kwargs)
+            except BaseException as err:
+                _Signals.in_step -= 1
+                if self.ended:  # sealed already (a signal passed on after the summary): nothing to add
+                    raise
+                if getattr(err, "output", ""):  # what the migrations printed or logged before the failure
+                    self._keep_output(name, err.output)
+                entry.outcome = outcome_of(err)[0]
+                entry.duration_s = round(time.perf_counter() - started, 3)
+                self._end(err)
+                raise
+            _Signals.in_step -= 1
+            if self.ended:  # the summary sealed the run, its own step included
+                held, self.held_signal = self.held_signal, None
+                if held is not None:
+                    signal.raise_signal(held)  # the signal that waited for the seal now takes effect
+                return result
+            skipped = isinstance(result, Section) and result.skipped
+            entry.outcome = Outcome.SKIPPED if skipped else Outcome.SUCCEEDED
+            entry.duration_s = round(time.perf_counter() - started, 3)
+            self._save()
+            return result
+
+        wrapper.step_name = name
+        return wrapper
+
+    return decorate
+
+
+class Run:
+    """One execution of a runbook: its settings, validated parameters and record."""
+
+    runbook = ""
+
+    def __init__(self, settings: Settings, values: dict, record: dict, stem: str, under_runner: bool):
+        self.settings = settings
+        self.params = values
+        self.record = record
+        self.stem = stem
+        self.under_runner = under_runner
+        self.ended = False
+        self.held_signal: int | None = None
+        self.live: audit.LiveMark | None = None
+        self.url = None
+        self.database = None
+        self.run_lock: db.RunLock | None = None
+
+    # --- bookkeeping ------------------------------------------------------------------------------
+
+    @property
+    def record_path(self) -> Path:
+        """The run's sidecar JSON."""
+        return audit.sidecar_path(self.settings.records_dir, self.stem)
+
+    def _save(self) -> None:
+        audit.write_sidecar(self.settings.records_dir, self.stem, self.record)
+
+    def _require_open(self, name: str) -> None:
+        if self.ended:
+            raise PreconditionFailed(
+                f"this run has ended ({self.record.outcome}); to {name} again, start a new run: run the cells "
+                f"again from the one that calls runbook.start(\"{self.runbook}\", …)"
+            )
+
+    def _require_order(self, name: str, after: str | None, repeatable: bool, entry: Step) -> None:
+        """Refuse a step run before the one it follows, or run again (see :func:`step`)."""
+        done = {s.name: s.outcome for s in self.record.steps if s is not entry}
+        if name in done and not repeatable:
+            raise StepOutOfOrder(
+                f"{self.runbook}: the {name} step has already run in this run and does not run twice; "
+                f"start a new run to {name} again"
+            )
+        if after is not None and done.get(after) not in (Outcome.SUCCEEDED, Outcome.SKIPPED):
+            raise StepOutOfOrder(
+                f"{self.runbook}: {name} needs the {after} step first ({self._cell_of(after)}); "
+                "nothing was changed, and this run ends here: start a new run and run its cells in order"
+            )
+
+    def _cell_of(self, step_name: str) -> str:
+        """The cell that runs a step, as an operator finds it in the notebook."""
+        for attr in dir(type(self)):
+            if getattr(getattr(type(self), attr, None), "step_name", None) == step_name:
+                return f"the cell `run.{attr}()`" if attr != "validate" else "the cell that calls runbook.start"
+        return f"the {step_name} section"
+
+    def _revisions_now(self) -> list[str] | None:
+        table = tuple(self.record.version_table) if self.record.version_table else None
+        try:
+            with db.connect(db.target_url(self.settings)) as conn:
+                return list(migrate.current_revisions(conn, table or migrate.version_table(self.settings)))
+        except OpsError:
+            return None
+
+    def _finish(self, err: BaseException | None = None) -> None:
+        outcome, code = outcome_of(err)
+        self.record.end(outcome, code, None if err is None else _message_of(err), audit.iso(audit.now()))
+        if self.record.database is not None:
+            self.record.revisions_after = self._revisions_now()
+            if outcome is not Outcome.INVALID:  # bad input concerns no database: none is written to
+                self._record_run_in_database()
+        self.ended = True
+        self._release_lock()
+        self._save()
+
+    def _close(self) -> None:
+        """Seal an ended run: its ledger entry vouches for the sidecar as it is now, so nothing may change after."""
+        if not self.under_runner:  # `opslib run` appends the ledger line itself, with the notebook's name
+            audit.append_ledger(self.settings.records_dir, self.stem, self.record)
+        if self.live is not None:
+            self.live.release(remove=not self.under_runner)
+
+    def _end(self, err: BaseException | None = None) -> int | None:
+        """End and seal the run with SIGINT and SIGTERM held off; return the first signal that waited."""
+        with _Signals.held() as caught:
+            self._finish(err)
+            self._close()
+        _Signals.restore()
+        _Signals.run = None
+        return caught[0] if caught else None
+
+    def _identify(self) -> list[tuple[str, object]]:
+        """Connect, record which database this is, and return its identity as facts to show."""
+        self.url = db.target_url(self.settings)
+        with db.connect(self.url) as conn:
+            version, _ = db.server_version(conn)
+            fingerprint = db.fingerprint(conn)
+        host = self.url.host or self.url.query.get("host")
+        self.database = self.url.database
+        self.record.database = Database(host, self.url.port, self.url.database)
+        # Recorded before the lock: whoever seals this run if it dies reads the revision from this table.
+        table = migrate.version_table(self.settings)
+        self.record.alembic_ini = str(Path(self.settings.alembic_ini).resolve())
+        self.record.version_table = list(table)
+        self._save()
+        self._take_lock()  # one run at a time on a database: a second one stops here, exit 4
+        with db.connect(self.url) as conn:
+            current = list(migrate.current_revisions(conn, table))
+        self.record.revisions_before = current
+        self.record.fingerprint = fingerprint
+        self._save()
+        return [
+            ("fingerprint", fingerprint),
+            ("database", self.url.database),
+            ("server", f"{host}:{self.url.port or 5432}" if self.url.host else f"socket {host}"),
+            ("PostgreSQL", version),
+            ("environment", self.settings.env),
+            ("operator", self.settings.operator),
+            ("current revision", revisions_text(current)),
+        ]
+
+    def _record_run_in_database(self) -> None:
+        """Append this run's row to the database's own history; a database out of reach keeps the files' record."""
+        finished = replace(self.record, finished_at=self.record.finished_at or audit.iso(audit.now()))
+        try:
+            with db.connect(db.target_url(self.settings)) as conn:
+                run_history.record_run(conn, finished)
+        except (OpsError, sa.exc.DBAPIError) as err:
+            self.record.database_history = f"not written: {_message_of(err)}"
+        run_history.set_current_run_id(None)
+
+    def _take_lock(self) -> None:
+        """Hold the opslib lock on the target until the run ends, without waiting for it."""
+        self.run_lock = db.hold_run_lock(self.url, f"opslib {self.runbook} run {self.record.run_id}")
+        run_history.set_current_run_id(self.record.run_id)  # revision events in the database name this run
+
+    def _release_lock(self) -> None:
+        if self.run_lock is not None:
+            self.run_lock.release()
+            self.run_lock = None
+
+    def _attempt_recorder(self) -> Callable:
+        """Record each attempt that gave up on the lock timeout, as a step of its own."""
+
+        def on_attempt(what: str, attempt: int, error: str) -> None:
+            self.record.step(
+                f"{what} attempt {attempt}",
+                audit.iso(audit.now()),
+                duration_s=self.settings.ddl_lock_timeout_s,
+                outcome=Outcome.LOCK_TIMEOUT,
+                error=error,
+            )
+            self._save()
+
+        return on_attempt
+
+    def _steps_recorder(self, verb: str) -> Callable:
+        """Record each revision as a step of its own, as it commits.
+
+        The sidecar is rewritten at most every SAVE_EVERY_S seconds here (and always when the step
+        ends): rewriting it for each of 200 quick revisions would cost more than applying them.
+        """
+        saved = [time.monotonic()]
+
+        def on_step(info: migrate.RevisionInfo, seconds: float) -> None:
+            self.record.step(
+                f"{verb} {info.revision}",
+                audit.iso(audit.now() - timedelta(seconds=seconds)),
+                duration_s=round(seconds, 3),
+                outcome=Outcome.SUCCEEDED,
+            )
+            if time.monotonic() - saved[0] >= SAVE_EVERY_S:
+                self._save()
+                saved[0] = time.monotonic()
+
+        return on_step
+
+    def _keep_output(self, step_name: str, output: str) -> None:
+        """Keep what the migrations printed or logged during a step, in full, in the record."""
+        self.record.migration_output = {**(self.record.migration_output or {}), step_name: output}
+
+    @step("parameters")
+    def validate(self, runbook: str, namespace: Mapping[str, Any], reload_settings: bool = False) -> None:
+        """Validate the parameters and the environment's rules for this runbook (the run's first step)."""
+        if reload_settings:
+            load_settings()  # raises the configuration error, now recorded as this step's failure
+        values = params.validate(runbook, params.from_namespace(runbook, namespace))
+        self.params = values
+        self.record.parameters = values
+        env_name = values["database_url_env"]
+        url = os.environ.get(env_name)
+        if not url and env_name != "DATABASE_URL":
+            raise InvalidInput(
+                f"{runbook}: the environment variable {env_name} (database_url_env) is not set"
+            )
+        if url:
+            db.parse_url(url, source=env_name)  # a malformed URL is refused here, before any connection
+        self.settings = replace(self.settings, database_url=url or None)
+        params.check_environment(runbook, values, self.settings.env)
+
+    @step("summary", after="verify")
+    def summary(self) -> Section:
+        """End the run as succeeded, seal it, and show what it did."""
+        r = self.record
+        r.steps[-1].outcome = Outcome.SUCCEEDED  # this step seals the run: it is written as done
+        self.held_signal = self._end()
+        facts = [
+            ("outcome", str(r.outcome)),
+            ("database", self.database),
+            ("revision before", revisions_text(r.revisions_before)),
+            ("revision after", revisions_text(r.revisions_after)),
+            ("backup", Path(r.backup.path).name if r.backup else "none"),
+            ("record", self.record_path.name),
+        ]
+        if r.schema_recreated:
+            facts.insert(4, ("schema public", f"recreated: {r.schema_recreated['reason']}"))
+        rows = [
+            {"step": s.name, "outcome": str(s.outcome), "seconds": s.duration_s}
+            for s in r.steps
+            if s.name != "summary"
+        ]
+        return Section(f"{self.runbook.capitalize()} summary", str(r.outcome), facts, rows)
+
+    def __repr__(self) -> str:
+        return repr(self._parameters_section())
+
+    def _repr_html_(self) -> str:
+        return self._parameters_section()._repr_html_()
+
+    def _parameters_section(self) -> Section:
+        rows = [{"parameter": k, "value": v} for k, v in self.params.items()]
+        facts = [
+            ("run id", self.record.run_id),
+            ("environment", self.settings.env),
+            ("record", self.record_path.name),
+        ]
+        return Section(f"{self.runbook.capitalize()} run", "parameters valid", facts, rows)
+
+
+def begin(runbook: str, namespace: Mapping[str, Any], workflow: type[Run]) -> Run:
+    """Begin a run of ``workflow``: validate the parameters found in the notebook's namespace, before
+    any connection (invalid ones end the run at once, with its record written)."""
+    started = audit.now()
+    run_id = os.environ.get(audit.RUN_ID_ENV) or audit.new_run_id()
+    stem = os.environ.get(audit.RUN_STEM_ENV) or audit.record_stem(runbook, run_id, started)
+    under_runner = audit.RUN_STEM_ENV in os.environ
+    # Every session the run opens (its lock, the migrations, pg_dump) carries its name: the sessions of a
+    # run that died can be found and ended before its record is sealed.
+    os.environ["PGAPPNAME"] = audit.application_name(runbook, run_id)
+    _Signals.stop_on_sigterm()
+    try:
+        settings = load_settings()
+    except OpsError:
+        settings = Settings()  # to record the refusal in the default folders
+        bad = True
+    else:
+        bad = False
+    audit.ensure_records_dir(settings.records_dir)  # no folder to record in: one line, nothing done
+    record = audit.new_record(runbook, run_id, started, operator=settings.operator, env=settings.env)
+    run = workflow(settings, {}, record, stem, under_runner)
+    # Held for the run's life, before its first sidecar: a record whose mark nobody holds was abandoned.
+    run.live = audit.hold_live_mark(settings.records_dir, stem)
+    _Signals.run = run
+    run.validate(runbook, namespace, reload_settings=bad)
+    return run
