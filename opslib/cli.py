@@ -147,8 +147,11 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--reason", metavar="TEXT", help="for --write-baseline: why these findings are accepted")
     s.add_argument("--json", action="store_true")
 
-    s = sub.add_parser("run", help="execute a runbook with papermill and keep its record")
-    s.add_argument("runbook", help="deploy, rollback, recovery or reset")
+    s = sub.add_parser("run", help="execute a runbook with papermill and keep its record", add_help=False)
+    s.add_argument("runbook", nargs="?", help="deploy, rollback, recovery or reset")
+    # `opslib run deploy --help` shows the deploy's own parameters, not only this usage.
+    s.add_argument("-h", "--help", action="store_true", help="show this help, or RUNBOOK's parameters")
+    s.set_defaults(usage=s.format_help)
     s.add_argument(
         "-p",
         "--parameter",
@@ -333,9 +336,19 @@ def _backups(settings, args: argparse.Namespace) -> int:
 
 def _runbooks(settings, args: argparse.Namespace) -> int:
     from opslib import display, runner
+    from opslib.errors import InvalidInput
 
     if args.command == "runbooks":
         print(display.runbooks_text(runner.runbooks_dir()))
+        return EXIT_OK
+    if args.help or not args.runbook:
+        if not args.runbook and args.help:
+            print(args.usage())
+            return EXIT_OK
+        if not args.runbook:
+            raise InvalidInput("run needs a RUNBOOK: `opslib runbooks` lists them")
+        declared = display.runbooks_text(runner.runbooks_dir(), only=args.runbook)  # refuses an unknown one
+        print(f"usage: opslib run {args.runbook} [-p NAME VALUE]... [--env ENV]\n\n{declared}")
         return EXIT_OK
     _seal_abandoned(settings, "run")
     outcome = runner.run(settings, args.runbook, [tuple(p) for p in args.parameter], env=args.env)

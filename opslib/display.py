@@ -253,15 +253,17 @@ def html_table(rows: Sequence[dict]) -> str:
     return f"<table class='dataframe'><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
-def runbooks_text(folder) -> str:
-    """What `opslib runbooks` prints: each runbook's purpose and parameters."""
+def runbooks_text(folder, only: str | None = None) -> str:
+    """What `opslib runbooks` prints: each runbook's purpose and parameters (``only`` one runbook's,
+    for `opslib run RUNBOOK --help`)."""
     import json
     from pathlib import Path
 
-    from opslib.params import RUNBOOKS
+    from opslib.params import RUNBOOKS, spec
 
+    chosen = {only: spec(only)} if only else RUNBOOKS  # spec() refuses an unknown runbook, naming them
     out = []
-    for name, declared in RUNBOOKS.items():
+    for name, declared in chosen.items():
         path = Path(folder) / f"{name}.ipynb"
         purpose = ""
         if path.is_file():

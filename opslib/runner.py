@@ -61,9 +61,14 @@ class RunOutcome:
 
 
 def runbooks_dir() -> Path:
-    """The folder of the runbook notebooks: OPSLIB_RUNBOOKS_DIR, else ``runbooks/`` beside the opslib package."""
+    """The folder of the runbook notebooks: OPSLIB_RUNBOOKS_DIR, else the ones opslib ships: inside
+    the installed package (a wheel: ``opslib/runbooks/``), or ``runbooks/`` of a source checkout."""
     configured = os.environ.get("OPSLIB_RUNBOOKS_DIR")
-    return Path(configured) if configured else Path(__file__).resolve().parents[1] / "runbooks"
+    if configured:
+        return Path(configured)
+    package = Path(__file__).resolve().parent
+    shipped = package / "runbooks"
+    return shipped if shipped.is_dir() else package.parent / "runbooks"
 
 
 def runbook_path(name: str) -> Path:
