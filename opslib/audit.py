@@ -35,6 +35,9 @@ LEDGER = "ledger.jsonl"
 RUN_ID_ENV = "OPSLIB_RUN_ID"
 RUN_STEM_ENV = "OPSLIB_RUN_STEM"
 RUNNER_PID_ENV = "OPSLIB_RUNNER_PID"
+# Set by `opslib run` (and `opslib open`): how the run is driven, and the sha256 of the runbook template.
+RUN_MODE_ENV = "OPSLIB_RUN_MODE"
+RUNBOOK_SHA256_ENV = "OPSLIB_RUNBOOK_SHA256"
 
 
 def now() -> datetime:
@@ -66,8 +69,23 @@ def git_commit(cwd: Path | None = None) -> str | None:
     return out.stdout.strip() if out.returncode == 0 else None
 
 
-def new_record(runbook: str, run_id: str, started: datetime, *, operator: str, env: str) -> RunRecord:
-    """The record of a run that has just started."""
+def git_dirty(cwd: Path | None = None) -> bool | None:
+    """True when tracked files of the project's checkout differ from its commit (None: not a checkout)."""
+    try:
+        out = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=cwd, capture_output=True, text=True, timeout=5
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return bool(out.stdout.strip()) if out.returncode == 0 else None
+
+
+def new_record(
+    runbook: str, run_id: str, started: datetime, *, operator: str, env: str, mode: str | None = None,
+    runbook_sha256: str | None = None,
+) -> RunRecord:  # fmt: skip
+    """The record of a run that has just started; ``mode`` and ``runbook_sha256`` default to what the
+    process that drives the run (`opslib run`, `opslib open`) set in the environment."""
     return RunRecord(
         run_id=run_id,
         runbook=runbook,
@@ -75,6 +93,9 @@ def new_record(runbook: str, run_id: str, started: datetime, *, operator: str, e
         env=env,
         started_at=iso(started),
         git_commit=git_commit(),
+        git_dirty=git_dirty(),
+        mode=mode or os.environ.get(RUN_MODE_ENV) or "direct",
+        runbook_sha256=runbook_sha256 or os.environ.get(RUNBOOK_SHA256_ENV),
         pids=_run_pids(),
     )
 
@@ -173,7 +194,8 @@ def load_record(records_dir: Path, stem: str) -> RunRecord | None:
 GENESIS = "0" * 64
 
 
-def _sha256(path: Path) -> str | None:
+def file_sha256(path: Path) -> str | None:
+    """The sha256 of a file's bytes; None when there is no such file."""
     if not path.is_file():
         return None
     digest = hashlib.sha256()
@@ -215,9 +237,9 @@ def append_ledger(records_dir: Path, stem: str, record: RunRecord) -> bool:
         "started_at": record.started_at,
         "finished_at": record.finished_at,
         "sidecar": f"{stem}.json",
-        "sidecar_sha256": _sha256(records_dir / f"{stem}.json"),
+        "sidecar_sha256": file_sha256(records_dir / f"{stem}.json"),
         "notebook": notebook,
-        "notebook_sha256": _sha256(records_dir / notebook) if notebook else None,
+        "notebook_sha256": file_sha256(records_dir / notebook) if notebook else None,
     }
     with open(path, "a+", encoding="utf-8") as f:
         fcntl.flock(f, fcntl.LOCK_EX)
@@ -323,7 +345,7 @@ def _check_entries(records_dir: Path, entries: list[dict]) -> list[list[str]]:
             name = entry.get(kind)
             if not name:
                 continue
-            actual = _sha256(records_dir / name)
+            actual = file_sha256(records_dir / name)
             if actual is None:
                 found.append(f"{label}: {kind} {name} was deleted")
             elif actual != entry.get(f"{kind}_sha256"):

@@ -76,6 +76,11 @@ class RunRecord:
     host: str = field(default_factory=socket.gethostname)
     opslib_version: str = __version__
     git_commit: str | None = None
+    git_dirty: bool | None = None  # the checkout had uncommitted changes (to tracked files) when the run began
+    # How the run was driven: "headless" (`opslib run`), "interactive" (`opslib open`), or "direct" (the
+    # template run in Lab, papermill or Python without opslib around it); and the template's sha256.
+    mode: str | None = None
+    runbook_sha256: str | None = None
     database: Database | None = None
     revisions_before: list[str] | None = None
     revisions_after: list[str] | None = None

@@ -254,11 +254,12 @@ def run(
     run_id = audit.new_run_id()
     stem = audit.record_stem(name, run_id, started)
     notebook_out = records / f"{stem}.ipynb"
+    driven = {"mode": "headless", "runbook_sha256": audit.file_sha256(notebook_in)}  # the template, as run
     try:
         # Checked here, before papermill writes the values into the notebook's injected cell.
         params.refuse_secrets(name, values)
     except InvalidInput as err:
-        record = audit.new_record(name, run_id, started, operator=settings.operator, env=env or settings.env)
+        record = audit.new_record(name, run_id, started, operator=settings.operator, env=env or settings.env, **driven)
         record.parameters = {k: params.shown_value(v) for k, v in values.items()}
         record.end(*outcome_of(err), err.message, audit.iso(audit.now()))
         sidecar = audit.write_sidecar(records, stem, record)
@@ -270,6 +271,8 @@ def run(
         audit.RUN_ID_ENV: run_id,
         audit.RUN_STEM_ENV: stem,
         audit.RUNNER_PID_ENV: str(os.getpid()),
+        audit.RUN_MODE_ENV: driven["mode"],
+        audit.RUNBOOK_SHA256_ENV: driven["runbook_sha256"],
         "OPSLIB_RECORDS_DIR": str(records),
         "OPSLIB_BACKUPS_DIR": str(Path(settings.backups_dir).resolve()),
         "OPSLIB_ALEMBIC_INI": str(Path(settings.alembic_ini).resolve()),
@@ -281,7 +284,7 @@ def run(
     # The run's live mark and first sidecar exist before papermill writes the notebook: from the first
     # instant, `audit verify` sees a run in progress, and a runner killed now leaves a record to seal.
     live = audit.hold_live_mark(records, stem)
-    first = audit.new_record(name, run_id, started, operator=settings.operator, env=env or settings.env)
+    first = audit.new_record(name, run_id, started, operator=settings.operator, env=env or settings.env, **driven)
     first.parameters = values
     audit.write_sidecar(records, stem, first)
     error: BaseException | None = None

@@ -213,7 +213,7 @@ def test_a_deploy_stopped_at_any_point_ends_sealed_and_safe(
     # No partial backup under a final name: every dump has its manifest and matches its checksum.
     for dump in (work / "backups").glob("*.dump"):
         manifest = json.loads(dump.with_suffix(".json").read_text())
-        assert manifest["sha256"] == audit._sha256(dump), dump
+        assert manifest["sha256"] == audit.file_sha256(dump), dump
 
     # The records: sealed, and shown as what happened, never as tampering.
     verify = subprocess.run(

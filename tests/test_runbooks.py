@@ -51,9 +51,15 @@ def ledger(workdir: Path) -> list[dict]:
     return [json.loads(line) for line in (workdir / "records" / "ledger.jsonl").read_text().splitlines()]
 
 
-def assert_complete(record: dict, runbook: str, outcome: str, exit_code: int) -> None:
+def assert_complete(record: dict, runbook: str, outcome: str, exit_code: int, mode: str = "headless") -> None:
     assert SIDECAR_KEYS <= record.keys()
     assert (record["runbook"], record["outcome"], record["exit_code"]) == (runbook, outcome, exit_code)
+    # Driven by `opslib run` from the template as committed here (this test does not change it); run by
+    # papermill alone, opslib does not know which template it was.
+    assert record["mode"] == mode
+    sha = audit.file_sha256(ROOT / "runbooks" / f"{runbook}.ipynb") if mode == "headless" else None
+    assert record["runbook_sha256"] == sha
+    assert record["git_dirty"] is None and record["git_commit"] is None  # run from a folder that is no checkout
     assert record["finished_at"] and record["started_at"] <= record["finished_at"]
     for s in record["steps"]:
         assert {"name", "started_at", "duration_s", "outcome"} <= s.keys() and s["outcome"] != "running"
@@ -76,6 +82,11 @@ def test_notebook_shape_and_parameters(name):
         assert inferred[p.name]["inferred_type_name"] == p.type.__name__
         assert inferred[p.name]["default"] == repr(p.default)
         assert inferred[p.name]["help"] == p.help
+    # Canonical: as nbformat writes it, with no metadata but the kernel's and the parameters tag, so
+    # that a runbook saved from an editor (outputs, widget state, a moved key) shows in review and fails here.
+    assert path.read_text() == nbformat.writes(nb) + "\n", f"{path} is not in canonical form: re-save it with nbformat"
+    assert set(nb.metadata) <= {"kernelspec", "language_info"}
+    assert all(set(c.metadata) <= {"tags"} for c in cells)
     body = cells[2:]
     assert [c.cell_type for c in body] == ["markdown", "code"] * (len(body) // 2)
     for c in body:
@@ -171,7 +182,7 @@ def test_plain_papermill_runs_the_same_runbooks(database_url, workdir, name, ext
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
     (record,) = records(workdir)
-    assert_complete(record, name, "succeeded", 0)
+    assert_complete(record, name, "succeeded", 0, mode="direct")
     assert [line["runbook"] for line in ledger(workdir)] == [name]
     assert audit.verify_ledger(workdir / "records") == []  # the ledger vouches for the sidecar as it ended
     expected = {"deploy": ("0007",), "rollback": ("0005",), "reset": ("0007",)}[name]
