@@ -105,7 +105,11 @@ down_revision = "n001"
 
 
 def upgrade():
-    op.execute("CREATE TABLE seen_as AS SELECT current_setting('application_name') AS name")
+    # As the session says, and as pg_stat_activity lists it (where a later run looks for a dead run's sessions).
+    op.execute(
+        "CREATE TABLE seen_as AS SELECT current_setting('application_name') AS name, "
+        "(SELECT application_name FROM pg_stat_activity WHERE pid = pg_backend_pid()) AS listed"
+    )
 
 
 def downgrade():
@@ -116,7 +120,7 @@ def downgrade():
 def test_an_async_projects_sessions_carry_the_runs_name(async_project, database_url, tmp_path):
     """asyncpg does not read PGAPPNAME: opslib names the session itself, so a dead run's sessions can be found."""
     (async_project.parent / "migrations" / "versions" / "n002_seen_as.py").write_text(SEEN_AS)
-    name = "opslib deploy run 0badf00d"
+    name = "opslib deploy run 0badf00d (o'brien's)"  # a quote: sent bound, never spliced into SQL
     up = opslib_cli(database_url, async_project, tmp_path / "cli", "upgrade", env={"PGAPPNAME": name})
     assert up.returncode == 0, up.stdout + up.stderr
-    assert query(database_url, "SELECT name FROM seen_as") == [(name,)]
+    assert query(database_url, "SELECT name, listed FROM seen_as") == [(name, name)]
