@@ -155,8 +155,10 @@ def scrub_notebook(path: Path, database_url: str | None) -> None:
             return
         # nbformat's own layout, so that a scrubbed notebook reads as any other.
         clean = json.dumps(scrubbed, sort_keys=True, indent=1, ensure_ascii=False) + "\n"
-    if clean != text:
-        path.write_text(clean, encoding="utf-8")
+    if clean != text:  # replaced whole: a kill while writing leaves the notebook as it was, never cut off
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
+        tmp.write_text(clean, encoding="utf-8")
+        os.replace(tmp, path)
 
 
 def sidecar_path(records_dir: Path, stem: str) -> Path:
@@ -412,15 +414,22 @@ def _pids_ended(record: dict) -> bool:
 def ended_run(records_dir: Path, stem: str, record: dict) -> Iterator[bool]:
     """True when the run has ended: nobody holds its live mark, which this process then holds
     exclusively until the block ends (so the run cannot be sealed twice). Unsure is False."""
+    path = live_mark_path(records_dir, stem)
     try:
-        fd = os.open(live_mark_path(records_dir, stem), os.O_RDONLY | os.O_CLOEXEC)
+        try:  # read-write where it can (NFS emulates flock with POSIX locks: an exclusive one needs it)
+            fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        except PermissionError:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except FileNotFoundError:
         yield _pids_ended(record)
+        return
+    except OSError:  # cannot be told from here
+        yield False
         return
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        except OSError:  # held by the run (BlockingIOError), or a lock this file system refuses: unsure
             ended = False
         else:
             ended = True

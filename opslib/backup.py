@@ -26,6 +26,7 @@ import secrets
 import signal
 import socket
 import subprocess
+import tempfile
 import time
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
@@ -38,7 +39,8 @@ from sqlalchemy.exc import DBAPIError
 from opslib import __version__, db, pgtools
 from opslib.checkreport import FAIL, PASS, SKIP, CheckReport
 from opslib.config import Settings
-from opslib.errors import BackupFailed, BackupNotTaken, InvalidInput, OpsError, PreconditionFailed
+from opslib.errors import BackupFailed, BackupNotTaken, Interrupted, InvalidInput, OpsError, PreconditionFailed
+from opslib.signals import signals_noted
 
 MANIFEST_FORMAT = "opslib-backup/1"
 STAMP = "%Y%m%dT%H%M%SZ"
@@ -273,6 +275,7 @@ def backup(settings: Settings, *, out_dir: Path | None = None, label: str | None
             stem, lock = _claim_partial(folder, url.database, started, "+".join(revisions) or "base")
             final, partial = folder / f"{stem}.dump", _partial_of(folder, stem)
             proc = None
+            errors = tempfile.TemporaryFile(mode="w+")  # pg_dump's stderr: read once it has ended
             try:
                 proc = subprocess.Popen(
                     [
@@ -286,19 +289,23 @@ def backup(settings: Settings, *, out_dir: Path | None = None, label: str | None
                     ],
                     env=pgtools.libpq_env(url),
                     stdout=subprocess.DEVNULL,
-                    stderr=subprocess.PIPE,
+                    stderr=errors,
                     text=True,
                     pass_fds=(lock,),  # pg_dump holds the partial file's lock too, while it writes
                     **pgtools.child_options(),
                 )
                 counts = row_counts(snap)
-                _, stderr = proc.communicate()
+                _wait_for_dump(proc)
+                errors.seek(0)
+                stderr = errors.read()
+                errors.close()
             except BaseException as err:
                 if proc is not None:
                     proc.kill()
                     proc.wait()
                 partial.unlink(missing_ok=True)
                 os.close(lock)
+                errors.close()
                 if isinstance(err, DBAPIError):
                     raise BackupNotTaken(
                         f"counting rows for the manifest failed: {db.driver_message(err, url)}; no backup was written"
@@ -350,6 +357,17 @@ def backup(settings: Settings, *, out_dir: Path | None = None, label: str | None
     finally:
         os.close(lock)
     return BackupResult(final, manifest)
+
+
+def _wait_for_dump(proc: subprocess.Popen) -> None:
+    """Wait for pg_dump; SIGINT or SIGTERM stops the backup (:class:`Interrupted`, pg_dump then killed by
+    the caller). The signal is only noted while waiting: raised inside ``subprocess``'s own bookkeeping,
+    it could leave that broken."""
+    with signals_noted() as caught:
+        while proc.poll() is None and not caught:
+            time.sleep(0.05)
+    if caught:
+        raise Interrupted(caught[0])
 
 
 def _exit_text(code: int) -> str:

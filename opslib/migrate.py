@@ -20,6 +20,7 @@ import io
 import logging
 import os
 import signal
+import sys
 import threading
 from contextlib import contextmanager, redirect_stderr, redirect_stdout
 from dataclasses import asdict, dataclass, field, replace
@@ -52,6 +53,7 @@ from opslib.errors import (
     UnknownRevision,
 )
 from opslib.naming import vague_message
+from opslib.signals import signals_noted
 
 StepCallback = Callable[["RevisionInfo", float], None]
 # (what was being done, attempt number, why it gave up): one call per attempt that hit the lock timeout.
@@ -214,6 +216,10 @@ class _Worker:
                 self.error = err
             finally:
                 self.done = True
+                if _ABANDONED.pop(threading.get_ident(), None) is not None:
+                    # Nobody reads them: dropped, with what they hold. The streams are given back by the
+                    # waiting side (``_mute_abandoned``): only it replaces them, never racing a capture.
+                    self.result = self.error = None
 
         self.thread = threading.Thread(target=work, name="opslib-alembic", daemon=True)
         self.thread.start()
@@ -230,31 +236,132 @@ class _Worker:
             raise self.error
         return self.result
 
+    def abandon(self) -> None:
+        """Leave the work to end on its own: its result is dropped, and whatever it prints or logs from
+        now on is dropped too (the caller's own output is back on the terminal by then)."""
+        ident = self.thread.ident
+        if ident is not None and not self.done:
+            _ABANDONED[ident] = self
+            if self.done:  # ended meanwhile: its own ``finally`` may have looked before the entry was there
+                _ABANDONED.pop(ident, None)
+        _mute_abandoned()
+
+
+# Workers left running after an interruption, by thread id (only offline work, which has no session to
+# cancel, is left so): dict operations are atomic, so neither side takes a lock.
+_ABANDONED: dict[int, _Worker] = {}
+# How long an interrupted offline rendering may take to reach its next revision before it is left behind.
+ABANDON_AFTER_S = 0.5
+
+
+class _MutedForAbandoned:
+    """``sys.stdout``/``sys.stderr`` while an abandoned worker runs: its writes are dropped, every other
+    thread's go to the stream as before."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def write(self, text):
+        if threading.get_ident() in _ABANDONED:
+            return len(text)
+        return self.stream.write(text)
+
+    def writelines(self, lines):
+        for line in lines:
+            self.write(line)
+
+    def flush(self):
+        if threading.get_ident() not in _ABANDONED:
+            self.stream.flush()
+
+    def __getattr__(self, name):  # encoding, fileno, isatty, buffer, ...: the stream's own
+        if name == "stream":
+            raise AttributeError(name)
+        return getattr(self.stream, name)
+
+
+class _DropAbandoned(logging.Filter):
+    """Drops the log records of abandoned workers at the handlers they would reach."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.thread not in _ABANDONED
+
+
+_DROP_ABANDONED = _DropAbandoned()
+
+
+def _mute_abandoned() -> None:
+    """While an abandoned worker runs, its prints and logs are dropped; once none runs, the streams are
+    given back as they were (the wrapper only passes writes on meanwhile). Called by the waiting side
+    only: when it abandons a worker, when a capture ends (which puts back the streams it replaced), and
+    before Alembic runs again."""
+    for ident, worker in list(_ABANDONED.items()):
+        if worker.done:
+            _ABANDONED.pop(ident, None)
+    for name in ("stdout", "stderr"):
+        stream = getattr(sys, name)
+        if _ABANDONED and stream is not None and not isinstance(stream, _MutedForAbandoned):
+            setattr(sys, name, _MutedForAbandoned(stream))
+        elif not _ABANDONED and isinstance(stream, _MutedForAbandoned):
+            setattr(sys, name, stream.stream)
+    if _ABANDONED:
+        for handler in [*logging.getLogger().handlers, logging.lastResort]:
+            if handler is not None:
+                handler.addFilter(_DROP_ABANDONED)  # a no-op when there; harmless once none is abandoned
+
+
+def _wait_for_abandoned() -> None:
+    """Wait for abandoned workers to end before Alembic runs again: Alembic's ``context`` and ``op`` are
+    process-wide, and an abandoned revision's next operation would otherwise land in the new run. They
+    stop at their next revision boundary (a Ctrl-C meanwhile raises, nothing having started)."""
+    for worker in list(_ABANDONED.values()):
+        worker.sleep_until_done()
+    _mute_abandoned()
+
 
 def _outside_event_loop(fn: Callable[[], object], canceller: "_Canceller | None" = None) -> object:
     """Call ``fn`` in a worker thread, where no asyncio event loop runs, and wait for it interruptibly.
 
     A Jupyter kernel runs its cells inside a running loop, and an env.py made from Alembic's async
     template calls ``asyncio.run()``, which refuses to run there; the worker carries this context's
-    variables (such as the run id the history rows carry). Waiting here rather than inside the
-    driver lets Ctrl-C and SIGTERM arrive at once: the work is then stopped through ``canceller``
-    (its statement cancelled on the server, no further revision begun), and only once the worker has
-    ended, with the database at a revision that committed, is the interruption raised.
+    variables (such as the run id the history rows carry).
+
+    While the worker runs, SIGINT and SIGTERM only note themselves (in the main thread, where Python
+    runs signal handlers): no exception can land mid-way through starting the thread or waiting for
+    it. A signal noted has the work stopped through ``canceller`` (its statement cancelled on the
+    server, no further revision begun); only once the worker has ended, with the database at a
+    revision that committed, is :class:`Interrupted` raised. The call never returns while its worker
+    runs, but for offline work:
+
+    Offline work (a ``canceller`` without a URL: rendering SQL, which opens no session to cancel) is
+    asked to stop at its next revision boundary, given ``ABANDON_AFTER_S`` to get there, and else left
+    behind (see :meth:`_Worker.abandon`): :class:`Interrupted` is raised at once, and the work, which
+    changes nothing, can no longer print, log or hand back anything. Without a ``canceller`` the work
+    is only waited for: it may use a session the caller closes next.
     """
-    worker = _Worker(fn)
-    try:
-        # Woken every tenth of a second: a signal the OS delivered to another thread (a kernel has
-        # several) only runs its Python handler when this thread runs Python code.
-        worker.sleep_until_done()
-    except KeyboardInterrupt:
+    _wait_for_abandoned()
+    with signals_noted() as caught:
+        worker = _Worker(fn)
+        cancelling, abandon_at = False, None
         while not worker.done:
-            try:
-                if canceller is not None:
-                    canceller.stop_until_done(worker)
-                worker.sleep_until_done()
-            except KeyboardInterrupt:
-                continue  # a second signal while stopping (Ctrl-C pressed again, SIGTERM after SIGINT): keep stopping
-        raise
+            if caught and canceller is not None:
+                if canceller.url is not None:  # a session to cancel: wait for the database to settle
+                    if not cancelling:
+                        cancelling = True
+                        canceller.stop_until_done(worker, caught[0])
+                else:
+                    canceller.stopping = canceller.stopping or Interrupted(caught[0])
+                    abandon_at = abandon_at or time.monotonic() + ABANDON_AFTER_S
+                    if time.monotonic() >= abandon_at:
+                        worker.abandon()
+                        break
+            # Woken every tenth of a second: a signal the OS delivered to another thread (a kernel has
+            # several) only runs its Python handler when this thread runs Python code.
+            time.sleep(0.1)
+        if worker.done:
+            worker.thread.join()
+    if caught:
+        raise Interrupted(caught[0])
     return worker.outcome()
 
 
@@ -263,7 +370,9 @@ class _Canceller:
     revision boundary raise instead of beginning another revision."""
 
     def __init__(self, url: URL | None):
-        self.url = url  # None: offline rendering, with no session to cancel (only the boundary check)
+        # None: offline work, with no session to cancel (only the boundary check), unless env.py connects
+        # anyway: its server is then the one asked (see ``watch``).
+        self.url = url
         self.pids: set[int] = set()
         self.stopping: Interrupted | None = None
 
@@ -272,16 +381,18 @@ class _Canceller:
         pid = _backend_pid(connection)
         if pid:
             self.pids.add(pid)
+            if self.url is None:
+                self.url = _cancel_url(connection)
 
     def check(self, **_kw) -> None:
         """An ``on_version_apply`` callback: once stopping, the revision in progress is rolled back."""
         if self.stopping is not None:
             raise self.stopping
 
-    def stop_until_done(self, worker: _Worker) -> None:
+    def stop_until_done(self, worker: _Worker, signum: int = signal.SIGINT) -> None:
         """Cancel the sessions' statements until the worker has ended (a statement that begins after a
         cancel is cancelled in turn); a server out of reach leaves only the wait."""
-        self.stopping = Interrupted(signal.SIGINT)
+        self.stopping = self.stopping or Interrupted(signum)
         # Python work between statements stops at the next revision boundary (``check``): an exception
         # injected into the worker could land inside the thread pool's own locking.
         if self.url is None:
@@ -296,6 +407,25 @@ class _Canceller:
                     worker.sleep_until_done(0.2)
         except (OpsError, DBAPIError):
             pass
+
+
+def _watching(url: URL, conn: Connection) -> _Canceller:
+    """A canceller of reads Alembic makes on opslib's own session (``check``, autogenerate): a Ctrl-C
+    cancels the statement under way, so the command ends before opslib closes the session under it."""
+    canceller = _Canceller(url)
+    canceller.watch(conn)
+    return canceller
+
+
+def _cancel_url(connection) -> URL | None:
+    """A URL opslib's own driver can reach the server of ``connection`` with, to cancel its statements."""
+    try:
+        url = connection.engine.url
+        driver = connection.dialect.driver
+    except Exception:  # noqa: BLE001 - no engine to ask: nothing to cancel with
+        return None
+    # Another driver's query options (asyncpg's ssl=, prepared_statement_cache_size=) mean nothing to libpq.
+    return url.set(drivername="postgresql+psycopg2", query=url.query if driver in _LIBPQ_DRIVERS else {})
 
 
 def _backend_pid(connection) -> int | None:
@@ -522,6 +652,7 @@ def _capture_alembic_output(buf: io.StringIO | None = None) -> Iterator[io.Strin
             yield buf
     finally:
         root.handlers = saved
+        _mute_abandoned()  # the streams just put back: an abandoned worker's writes are kept off them
 
 
 def _run_env(
@@ -562,7 +693,7 @@ def _run_env(
         connection = kwargs.get("connection")
         if canceller is not None and connection is not None:
             canceller.watch(connection)
-        if connection is not None and connection.dialect.driver != "psycopg2":
+        if connection is not None and connection.dialect.driver not in _LIBPQ_DRIVERS:
             _set_session_terms(connection, lock_timeout_ms)
         stop = [canceller.check] if canceller is not None else []  # a signal stops at the next revision
         ours = [on_version_apply] if on_version_apply is not None else []
@@ -583,10 +714,15 @@ def _run_env(
     _outside_event_loop(run, canceller)
 
 
+# Drivers built on libpq, which read PGAPPNAME and PGOPTIONS themselves (psycopg 3 included): the
+# sessions of every other driver (asyncpg, pg8000) get the run's terms from ``_set_session_terms``.
+_LIBPQ_DRIVERS = frozenset({"psycopg2", "psycopg2cffi", "psycopg", "psycopg_async"})
+
+
 def _set_session_terms(connection, lock_timeout_ms: int | None) -> None:
     """What libpq's connections take from the environment, set on a connection whose driver does not
     read it (asyncpg, pg8000): the lock timeout (PGOPTIONS) and the run's name (PGAPPNAME), by which
-    the sessions of a run that died are found and ended."""
+    the sessions of a run that died are found and ended. Bound parameters: any name is sent as it is."""
     terms = {"application_name": os.environ.get("PGAPPNAME")}
     if lock_timeout_ms:
         terms["lock_timeout"] = f"{lock_timeout_ms}ms"
@@ -616,7 +752,8 @@ def version_table(settings: Settings) -> tuple[str | None, str]:
     cfg = alembic_config(settings, url=OFFLINE_URL, output=io.StringIO())
     try:
         with _capture_alembic_output():
-            _run_env(cfg, script, lambda rev, context: [], as_sql=True)
+            # No session to cancel offline; an env.py that connects anyway is cancelled as an upgrade is.
+            _run_env(cfg, script, lambda rev, context: [], as_sql=True, canceller=_Canceller(None))
     except (ImportError, SyntaxError, NameError) as err:
         # env.py cannot even be imported: nothing will run, so say so now, before any backup or change.
         lines = str(err).strip().splitlines()
@@ -1228,6 +1365,7 @@ def merge(settings: Settings, message: str, revisions: Sequence[str] = ("heads",
     for rev in revisions:
         resolve(script, rev)
     cfg = alembic_config(settings)
+    _wait_for_abandoned()  # Alembic's proxies are process-wide (revision_environment runs env.py here)
     try:
         with _capture_alembic_output():
             made = command.merge(cfg, list(revisions), message=message)
@@ -1252,6 +1390,7 @@ def revision(settings: Settings, message: str, *, autogenerate: bool = False) ->
         )
     if not autogenerate:
         cfg = alembic_config(settings, url=OFFLINE_URL)
+        _wait_for_abandoned()  # Alembic's proxies are process-wide (revision_environment runs env.py here)
         with _capture_alembic_output():
             made = command.revision(cfg, message=message)
         return _created(made, settings)
@@ -1267,7 +1406,9 @@ def revision(settings: Settings, message: str, *, autogenerate: bool = False) ->
         cfg = alembic_config(settings, url=url, connection=conn)
         try:
             with _capture_alembic_output():
-                made = _outside_event_loop(lambda: command.revision(cfg, message=message, autogenerate=True))
+                made = _outside_event_loop(
+                    lambda: command.revision(cfg, message=message, autogenerate=True), _watching(url, conn)
+                )
         except (CommandError, RevisionError) as err:
             raise InvalidInput(f"revision --autogenerate: {db.scrub(str(err), url)}") from err
         except DBAPIError as err:
@@ -1585,7 +1726,7 @@ def compare_models(settings: Settings) -> tuple[str, str]:
         cfg = alembic_config(settings, url=url, connection=conn)
         try:
             with _capture_alembic_output():
-                _outside_event_loop(lambda: command.check(cfg))
+                _outside_event_loop(lambda: command.check(cfg), _watching(url, conn))
         except AutogenerateDiffsDetected as err:
             return "fail", db.scrub(str(err).strip().splitlines()[0], url)
         except CommandError as err:

@@ -27,6 +27,7 @@ from opslib.config import Settings
 from opslib.errors import Interrupted, InvalidInput
 from opslib.outcome import Outcome, outcome_of, signal_exit_code
 from opslib.record import RunRecord, revisions_text
+from opslib.signals import signals_held
 
 
 @dataclass(frozen=True)
@@ -317,19 +318,24 @@ def run(
             error = err
         finally:
             _Kernels.clean_up()
-    record = audit.load_record(records, stem) or first
-    record.pids = sorted(set(record.pids) | {os.getpid()})
-    if not (isinstance(record.outcome, Outcome) and record.outcome.sealed):
-        _end_unfinished(settings, record, stop.signum, error)
-    elif record.outcome is Outcome.INTERRUPTED and stop.signum is not None:
-        # The kernel may have seen another signal than this process (Ctrl-C in a terminal reaches only this one).
-        record.exit_code = signal_exit_code(stop.signum)
-    if notebook_out.exists():
-        audit.scrub_notebook(notebook_out, settings.database_url)
-        record.notebook = notebook_out.name
-    sidecar = audit.write_sidecar(records, stem, record)
-    audit.append_ledger(records, stem, record)  # False when another command sealed it meanwhile: kept as is
-    live.release(remove=True)
+    # Sealed with SIGINT and SIGTERM held off (a cancelled CI job sends one, then another).
+    with signals_held():
+        record = audit.load_record(records, stem) or first
+        record.pids = sorted(set(record.pids) | {os.getpid()})
+        if not (isinstance(record.outcome, Outcome) and record.outcome.sealed):
+            try:
+                _end_unfinished(settings, record, stop.signum, error)
+            except Interrupted:  # signalled twice while the database was slow to answer: sealed without it
+                record.database_history = "not written: the run was interrupted again while it was sealed"
+        elif record.outcome is Outcome.INTERRUPTED and stop.signum is not None:
+            # The kernel may have seen another signal than this process (Ctrl-C in a terminal reaches only this one).
+            record.exit_code = signal_exit_code(stop.signum)
+        if notebook_out.exists():
+            audit.scrub_notebook(notebook_out, settings.database_url)
+            record.notebook = notebook_out.name
+        sidecar = audit.write_sidecar(records, stem, record)
+        audit.append_ledger(records, stem, record)  # False when another command sealed it meanwhile: kept as is
+        live.release(remove=True)
     return RunOutcome(record, sidecar, notebook_out)
 
 

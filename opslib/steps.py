@@ -19,11 +19,10 @@ import os
 import signal
 import threading
 import time
-from contextlib import contextmanager
 from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Mapping
 
 import sqlalchemy as sa
 
@@ -34,6 +33,7 @@ from opslib.display import Section
 from opslib.errors import Interrupted, InvalidInput, OpsError, PreconditionFailed, StepOutOfOrder
 from opslib.outcome import Outcome, outcome_of
 from opslib.record import Database, Step, revisions_text
+from opslib.signals import signals_held
 
 SAVE_EVERY_S = 0.5  # how often the sidecar is rewritten while revisions are being applied
 
@@ -87,25 +87,6 @@ class _Signals:
         cls.restore()
         signal.raise_signal(signum)
 
-    @classmethod
-    @contextmanager
-    def held(cls) -> Iterator[list[int]]:
-        """SIGINT and SIGTERM wait while the block runs; the list holds those that arrived."""
-        caught: list[int] = []
-        if threading.current_thread() is not threading.main_thread():
-            yield caught
-            return
-
-        def hold(signum, frame) -> None:
-            caught.append(signum)
-
-        saved = {sig: signal.signal(sig, hold) for sig in (signal.SIGINT, signal.SIGTERM)}
-        try:
-            yield caught
-        finally:
-            for sig, handler in saved.items():
-                signal.signal(sig, handler)
-
 
 def step(name: str, after: str | None = None, repeatable: bool = False) -> Callable:
     """Decorate a Run method as a recorded step; a failure ends the run and is re-raised.
@@ -136,7 +117,8 @@ def step(name: str, after: str | None = None, repeatable: bool = False) -> Calla
                     self._keep_output(name, err.output)
                 entry.outcome = outcome_of(err)[0]
                 entry.duration_s = round(time.perf_counter() - started, 3)
-                self._end(err)
+                if self._end(err) == signal.SIGTERM:
+                    signal.raise_signal(signal.SIGTERM)  # told to stop while sealing: now it may
                 raise
             _Signals.in_step -= 1
             if self.ended:  # the summary sealed the run, its own step included
@@ -217,12 +199,16 @@ class Run:
         try:
             with db.connect(db.target_url(self.settings)) as conn:
                 return list(migrate.current_revisions(conn, table or migrate.version_table(self.settings)))
-        except OpsError:
+        except (OpsError, sa.exc.DBAPIError):  # out of reach, or lost mid-query (a restart): not read
             return None
 
     def _finish(self, err: BaseException | None = None) -> None:
         outcome, code = outcome_of(err)
         self.record.end(outcome, code, None if err is None else _message_of(err), audit.iso(audit.now()))
+        for entry in self.record.steps:  # a step the signal caught between its end and its bookkeeping
+            if entry.outcome is Outcome.RUNNING:
+                entry.outcome = outcome
+        self._save()  # the outcome is on disk before the database is asked anything
         if self.record.database is not None:
             self.record.revisions_after = self._revisions_now()
             if outcome is not Outcome.INVALID:  # bad input concerns no database: none is written to
@@ -240,8 +226,14 @@ class Run:
 
     def _end(self, err: BaseException | None = None) -> int | None:
         """End and seal the run with SIGINT and SIGTERM held off; return the first signal that waited."""
-        with _Signals.held() as caught:
-            self._finish(err)
+        with signals_held() as caught:
+            try:
+                self._finish(err)
+            except Interrupted:  # signalled twice while the database was slow to answer: sealed without it
+                self.record.revisions_after = None
+                self.record.database_history = "not written: the run was interrupted again while it was sealed"
+                self.ended = True
+                self._save()
             self._close()
         _Signals.restore()
         _Signals.run = None

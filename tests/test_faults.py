@@ -150,8 +150,9 @@ def _reached(point: str, url: str, work: Path):
             d=database,
         )
     if point == "record":
-        return lambda: any(
-            s["name"] == "summary" and s["outcome"] == "running" for s in (_sidecar(work) or {}).get("steps", [])
+        # The summary step has begun sealing the record, and the ledger line is not written yet.
+        return lambda: not (work / "records" / "ledger.jsonl").exists() and any(
+            s["name"] == "summary" for s in (_sidecar(work) or {}).get("steps", [])
         )
     return lambda: (work / "marks" / point).exists()
 

@@ -18,7 +18,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from opslib import audit, steps
+import pytest
+
+from opslib import audit, signals
+from opslib.errors import Interrupted
 from opslib.outcome import Outcome
 from opslib.record import RunRecord, revisions_text
 
@@ -112,12 +115,20 @@ def test_a_notebook_written_before_its_sidecar_is_a_run_in_progress(tmp_path):
 
 
 def test_signals_wait_while_a_record_is_sealed():
+    """One signal waits for the seal; a second one breaks a seal stuck on the database, once."""
     before = signal.getsignal(signal.SIGINT)
-    with steps._Signals.held() as caught:
-        os.kill(os.getpid(), signal.SIGINT)
+    with signals.signals_held() as caught:
         os.kill(os.getpid(), signal.SIGTERM)
         time.sleep(0.1)  # a Python handler runs at the next bytecode: it has run by now
-    assert caught == [signal.SIGINT, signal.SIGTERM]
+        assert caught == [signal.SIGTERM]
+    assert signal.getsignal(signal.SIGINT) is before
+    with pytest.raises(Interrupted):
+        with signals.signals_held() as caught:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.1)
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.1)
+    assert caught == [signal.SIGINT, signal.SIGINT]
     assert signal.getsignal(signal.SIGINT) is before
 
 

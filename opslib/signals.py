@@ -1,0 +1,62 @@
+"""SIGINT and SIGTERM noted instead of raised, where an exception landing anywhere would do harm.
+
+A run's record is sealed in several writes (the sidecar, the database's history, the ledger line); a
+signal raising in the middle of them would leave it half-sealed (:func:`signals_held`). Waiting for a
+worker thread or a child program, an exception raised inside the standard library's locking or
+``subprocess`` bookkeeping can break them (:func:`signals_noted`: the waiter looks at the list and
+stops the work itself). Low in the layers: the verbs, the recorder and the runner all use it.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+from contextlib import contextmanager
+from typing import Iterator
+
+from opslib.errors import Interrupted
+
+
+@contextmanager
+def signals_noted() -> Iterator[list[int]]:
+    """SIGINT and SIGTERM only append themselves to the list yielded while the block runs; the block
+    polls it and stops its work (outside the main thread nothing is installed: no signal runs there)."""
+    caught: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield caught
+        return
+    saved = {sig: signal.signal(sig, lambda signum, frame: caught.append(signum)) for sig in _STOPS}
+    try:
+        yield caught
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
+
+
+_STOPS = (signal.SIGINT, signal.SIGTERM)
+
+
+@contextmanager
+def signals_held() -> Iterator[list[int]]:
+    """SIGINT and SIGTERM wait while the block runs; the list holds those that arrived.
+
+    The second one raises :class:`Interrupted` once, so that an operator can break a seal the
+    database is slow to answer (the caller then seals without it); any further one only waits.
+    Outside the main thread (where Python runs no signal handler) nothing is installed.
+    """
+    caught: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield caught
+        return
+
+    def hold(signum, frame) -> None:
+        caught.append(signum)
+        if len(caught) == 2:
+            raise Interrupted(signum)
+
+    saved = {sig: signal.signal(sig, hold) for sig in _STOPS}
+    try:
+        yield caught
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
