@@ -20,7 +20,6 @@ import io
 import logging
 import os
 import signal
-import sys
 import threading
 from contextlib import contextmanager, redirect_stderr, redirect_stdout
 from dataclasses import asdict, dataclass, field, replace
@@ -216,10 +215,6 @@ class _Worker:
                 self.error = err
             finally:
                 self.done = True
-                if _ABANDONED.pop(threading.get_ident(), None) is not None:
-                    # Nobody reads them: dropped, with what they hold. The streams are given back by the
-                    # waiting side (``_mute_abandoned``): only it replaces them, never racing a capture.
-                    self.result = self.error = None
 
         self.thread = threading.Thread(target=work, name="opslib-alembic", daemon=True)
         self.thread.start()
@@ -236,88 +231,6 @@ class _Worker:
             raise self.error
         return self.result
 
-    def abandon(self) -> None:
-        """Leave the work to end on its own: its result is dropped, and whatever it prints or logs from
-        now on is dropped too (the caller's own output is back on the terminal by then)."""
-        ident = self.thread.ident
-        if ident is not None and not self.done:
-            _ABANDONED[ident] = self
-            if self.done:  # ended meanwhile: its own ``finally`` may have looked before the entry was there
-                _ABANDONED.pop(ident, None)
-        _mute_abandoned()
-
-
-# Workers left running after an interruption, by thread id (only offline work, which has no session to
-# cancel, is left so): dict operations are atomic, so neither side takes a lock.
-_ABANDONED: dict[int, _Worker] = {}
-# How long an interrupted offline rendering may take to reach its next revision before it is left behind.
-ABANDON_AFTER_S = 0.5
-
-
-class _MutedForAbandoned:
-    """``sys.stdout``/``sys.stderr`` while an abandoned worker runs: its writes are dropped, every other
-    thread's go to the stream as before."""
-
-    def __init__(self, stream):
-        self.stream = stream
-
-    def write(self, text):
-        if threading.get_ident() in _ABANDONED:
-            return len(text)
-        return self.stream.write(text)
-
-    def writelines(self, lines):
-        for line in lines:
-            self.write(line)
-
-    def flush(self):
-        if threading.get_ident() not in _ABANDONED:
-            self.stream.flush()
-
-    def __getattr__(self, name):  # encoding, fileno, isatty, buffer, ...: the stream's own
-        if name == "stream":
-            raise AttributeError(name)
-        return getattr(self.stream, name)
-
-
-class _DropAbandoned(logging.Filter):
-    """Drops the log records of abandoned workers at the handlers they would reach."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return record.thread not in _ABANDONED
-
-
-_DROP_ABANDONED = _DropAbandoned()
-
-
-def _mute_abandoned() -> None:
-    """While an abandoned worker runs, its prints and logs are dropped; once none runs, the streams are
-    given back as they were (the wrapper only passes writes on meanwhile). Called by the waiting side
-    only: when it abandons a worker, when a capture ends (which puts back the streams it replaced), and
-    before Alembic runs again."""
-    for ident, worker in list(_ABANDONED.items()):
-        if worker.done:
-            _ABANDONED.pop(ident, None)
-    for name in ("stdout", "stderr"):
-        stream = getattr(sys, name)
-        if _ABANDONED and stream is not None and not isinstance(stream, _MutedForAbandoned):
-            setattr(sys, name, _MutedForAbandoned(stream))
-        elif not _ABANDONED and isinstance(stream, _MutedForAbandoned):
-            setattr(sys, name, stream.stream)
-    if _ABANDONED:
-        for handler in [*logging.getLogger().handlers, logging.lastResort]:
-            if handler is not None:
-                handler.addFilter(_DROP_ABANDONED)  # a no-op when there; harmless once none is abandoned
-
-
-def _wait_for_abandoned() -> None:
-    """Wait for abandoned workers to end before Alembic runs again: Alembic's ``context`` and ``op`` are
-    process-wide, and an abandoned revision's next operation would otherwise land in the new run. They
-    stop at their next revision boundary (a Ctrl-C meanwhile raises, nothing having started)."""
-    for worker in list(_ABANDONED.values()):
-        worker.sleep_until_done()
-    _mute_abandoned()
-
 
 def _outside_event_loop(fn: Callable[[], object], canceller: "_Canceller | None" = None) -> object:
     """Call ``fn`` in a worker thread, where no asyncio event loop runs, and wait for it interruptibly.
@@ -328,38 +241,20 @@ def _outside_event_loop(fn: Callable[[], object], canceller: "_Canceller | None"
 
     While the worker runs, SIGINT and SIGTERM only note themselves (in the main thread, where Python
     runs signal handlers): no exception can land mid-way through starting the thread or waiting for
-    it. A signal noted has the work stopped through ``canceller`` (its statement cancelled on the
-    server, no further revision begun); only once the worker has ended, with the database at a
-    revision that committed, is :class:`Interrupted` raised. The call never returns while its worker
-    runs, but for offline work:
-
-    Offline work (a ``canceller`` without a URL: rendering SQL, which opens no session to cancel) is
-    asked to stop at its next revision boundary, given ``ABANDON_AFTER_S`` to get there, and else left
-    behind (see :meth:`_Worker.abandon`): :class:`Interrupted` is raised at once, and the work, which
-    changes nothing, can no longer print, log or hand back anything. Without a ``canceller`` the work
-    is only waited for: it may use a session the caller closes next.
+    it. A signal noted has the work stopped through ``canceller``: its sessions' statements cancelled
+    on the server, and no further revision begun (offline rendering, which has no session, stops at
+    its next revision). Only once the worker has ended, with the database at a revision that
+    committed, is :class:`Interrupted` raised: the call never returns while its worker runs.
     """
-    _wait_for_abandoned()
     with signals_noted() as caught:
         worker = _Worker(fn)
-        cancelling, abandon_at = False, None
         while not worker.done:
-            if caught and canceller is not None:
-                if canceller.url is not None:  # a session to cancel: wait for the database to settle
-                    if not cancelling:
-                        cancelling = True
-                        canceller.stop_until_done(worker, caught[0])
-                else:
-                    canceller.stopping = canceller.stopping or Interrupted(caught[0])
-                    abandon_at = abandon_at or time.monotonic() + ABANDON_AFTER_S
-                    if time.monotonic() >= abandon_at:
-                        worker.abandon()
-                        break
+            if caught and canceller is not None and canceller.stopping is None:
+                canceller.stop_until_done(worker, caught[0])
             # Woken every tenth of a second: a signal the OS delivered to another thread (a kernel has
             # several) only runs its Python handler when this thread runs Python code.
             time.sleep(0.1)
-        if worker.done:
-            worker.thread.join()
+        worker.thread.join()
     if caught:
         raise Interrupted(caught[0])
     return worker.outcome()
@@ -652,7 +547,6 @@ def _capture_alembic_output(buf: io.StringIO | None = None) -> Iterator[io.Strin
             yield buf
     finally:
         root.handlers = saved
-        _mute_abandoned()  # the streams just put back: an abandoned worker's writes are kept off them
 
 
 def _run_env(
@@ -1365,7 +1259,6 @@ def merge(settings: Settings, message: str, revisions: Sequence[str] = ("heads",
     for rev in revisions:
         resolve(script, rev)
     cfg = alembic_config(settings)
-    _wait_for_abandoned()  # Alembic's proxies are process-wide (revision_environment runs env.py here)
     try:
         with _capture_alembic_output():
             made = command.merge(cfg, list(revisions), message=message)
@@ -1390,7 +1283,6 @@ def revision(settings: Settings, message: str, *, autogenerate: bool = False) ->
         )
     if not autogenerate:
         cfg = alembic_config(settings, url=OFFLINE_URL)
-        _wait_for_abandoned()  # Alembic's proxies are process-wide (revision_environment runs env.py here)
         with _capture_alembic_output():
             made = command.revision(cfg, message=message)
         return _created(made, settings)
