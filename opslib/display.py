@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import html
 import json
+import re
 from typing import TYPE_CHECKING, Iterable, Sequence
 
 from opslib.record import revisions_text
@@ -222,32 +223,58 @@ class Section:
             headers = list(self.rows[0])
             out.append(text_table(headers, [[r.get(h) for h in headers] for r in self.rows]))
         if self.text:
-            out.append(self.text.rstrip())
+            out.append(tidy_sql(self.text))
         return "\n".join(out)
 
     def _repr_html_(self) -> str:
         parts = [f"<h4>{html.escape(self.title)}: {html.escape(self.status)}</h4>"]
         if self.facts:
             cells = "".join(
-                f"<tr><th style='text-align:left'>{html.escape(str(k))}</th><td style='text-align:left'>"
-                f"{html.escape(str(v))}</td></tr>"
+                f"<tr><th style='{_CELL}'>{html.escape(str(k))}</th><td style='{_CELL}'>{_html_value(v)}</td></tr>"
                 for k, v in self.facts
             )
             parts.append(f"<table>{cells}</table>")
         if self.rows:
             parts.append(html_table(self.rows))
         if self.text:
-            parts.append(f"<pre>{html.escape(self.text.rstrip())}</pre>")
+            parts.append(f"<pre style='{_CODE}'>{html.escape(tidy_sql(self.text))}</pre>")
         return "\n".join(parts)
+
+
+# Text left-aligned and wrapped (a squawk finding is a paragraph, not a 900-character line); code monospace.
+_CELL = "text-align:left; vertical-align:top; white-space:pre-wrap; overflow-wrap:anywhere; max-width:80ch"
+_CODE = "font-family:var(--jp-code-font-family, monospace); white-space:pre-wrap; line-height:1.3"
+# Outcomes and check results in colour, the word kept (colour is never the only sign).
+_GREEN, _AMBER, _RED, _GREY = "#1a7f37", "#9a6700", "#cf222e", "#57606a"
+_COLOURS = {
+    "pass": _GREEN, "succeeded": _GREEN, "passed": _GREEN,
+    "warn": _AMBER, "lock timeout": _AMBER, "interrupted": _AMBER, "abandoned": _AMBER,
+    "fail": _RED, "failed": _RED, "refused": _RED, "invalid": _RED, "locked": _RED,
+    "skip": _GREY, "skipped": _GREY,
+}  # fmt: skip
+
+
+def _html_value(value: object) -> str:
+    """A cell's value as HTML: an outcome or check result in its colour, anything else as text."""
+    if value is None:
+        return ""
+    text = html.escape(str(value))
+    colour = _COLOURS.get(str(value).strip().lower())
+    return f"<span style='color:{colour}; font-weight:600'>{text}</span>" if colour else text
+
+
+def tidy_sql(text: str) -> str:
+    """SQL (or any block of text) as shown: at most one blank line between statements, no trailing space."""
+    lines = [line.rstrip() for line in text.rstrip().splitlines()]
+    return re.sub(r"\n{3,}", "\n\n", "\n".join(lines))
 
 
 def html_table(rows: Sequence[dict]) -> str:
     """Rows as an HTML table, written directly: a step's table costs no pandas import in the kernel."""
     headers = list(rows[0])
-    cell = lambda v: "" if v is None else html.escape(str(v))  # noqa: E731
-    head = "".join(f"<th style='text-align:left'>{cell(h)}</th>" for h in headers)
+    head = "".join(f"<th style='{_CELL}'>{html.escape(str(h))}</th>" for h in headers)
     body = "".join(
-        "<tr>" + "".join(f"<td style='text-align:left'>{cell(r.get(h))}</td>" for h in headers) + "</tr>"
+        "<tr>" + "".join(f"<td style='{_CELL}'>{_html_value(r.get(h))}</td>" for h in headers) + "</tr>"
         for r in rows
     )
     return f"<table class='dataframe'><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
