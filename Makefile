@@ -16,7 +16,7 @@ $(foreach v,$(USER_VARS),$(if $(filter undefined,$(origin $(v))),,$(eval overrid
 export $(USER_VARS)
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo test lab migrate-create migrate-create-manual migrate-up migrate-down \
+.PHONY: help install demo test goldens lab migrate-create migrate-create-manual migrate-up migrate-down \
         migrate-down-to migrate-status migrate-show bench backup-db verify-setup \
         deploy-prod rollback-prod db-reset pre-deploy-check browser audit-report
 
@@ -24,6 +24,7 @@ help:
 	@echo "make demo                          bring the sample database to head and show its status"
 	@echo "make test                          run the whole test suite against a real PostgreSQL"
 	@echo "make lab                           open the runbooks in JupyterLab"
+	@echo "make goldens                       make the runbooks' expected outputs (tests/goldens/) again"
 	@echo "make bench                         compare opslib with bare Alembic, pg_dump and pg_restore, as ratios"
 	@echo "make migrate-create message=...    autogenerate a revision from the models"
 	@echo "make migrate-create-manual message=...  create an empty revision"
@@ -82,6 +83,10 @@ bench: $(STAMP)
 
 # The kernels JupyterLab starts inherit these, so a runbook run cell by cell finds the project, and
 # writes its records and backups in the same folders as `opslib run` from here.
+# The runbooks' expected outputs (tests/goldens/*.ipynb), made again on purpose: review their diff like code.
+goldens: $(STAMP)
+	GOLDENS=write .venv/bin/pytest -q -n 0 tests/test_runbooks.py -k golden
+
 lab: $(STAMP)
 	$(BIN)/python -m pip install --quiet -e '.[lab]'
 	OPSLIB_ALEMBIC_INI="$${OPSLIB_ALEMBIC_INI:-$(CURDIR)/alembic.ini}" \
