@@ -20,7 +20,7 @@ import signal
 import threading
 import time
 from dataclasses import replace
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -352,7 +352,9 @@ class Run:
     def summary(self) -> Section:
         """End the run as succeeded, seal it, and show what it did."""
         r = self.record
-        r.steps[-1].outcome = Outcome.SUCCEEDED  # this step seals the run: it is written as done
+        own = r.steps[-1]  # this step seals the run: it is written as done, with its time so far
+        own.outcome = Outcome.SUCCEEDED
+        own.duration_s = round((audit.now() - datetime.fromisoformat(own.started_at.replace("Z", "+00:00"))).total_seconds(), 3)
         self.held_signal = self._end()
         facts = [
             ("outcome", str(r.outcome)),
