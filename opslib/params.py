@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 
 from opslib.errors import InvalidInput, PreconditionFailed
+from opslib.redact import redact_urls_in
 
 
 @dataclass(frozen=True)
@@ -156,13 +157,8 @@ def validate(runbook: str, values: Mapping[str, Any]) -> dict[str, Any]:
     return result
 
 
-# scheme://user:password@ or user:password@host: a value that carries a password. A password= (or
-# sslpassword=) with a value: in a URL's query (?password=, &password=) or a libpq conninfo.
-_SECRET = re.compile(
-    r"(://[^\s/@:]*:[^\s@]+@)|(^[^\s/@:]+:[^\s/@]+@[^\s/@]+)"  # user:password@ in a URL, or on its own
-    r"|((?:^|[?&;,(\s])(?:ssl)?password\s*=\s*[^\s&=])",  # ?password= in a URL's query, or a conninfo's
-    re.IGNORECASE,
-)
+# user:password@host on its own, with no scheme: a password too, though no URL shows it so.
+_BARE_USERINFO = re.compile(r"^[^\s/@:]+:[^\s/@]+@[^\s/@]+")
 
 
 def check_environment(runbook: str, values: Mapping[str, Any], env: str) -> None:
@@ -181,7 +177,8 @@ def holds_secret(value: Any) -> bool:
     ``?password=`` query), ``user:password@host``, or a libpq conninfo's ``password=``; or a list,
     tuple or dict (a parameter may be any plain value) holding such text, as a key or a value."""
     if isinstance(value, str):
-        return bool(_SECRET.search(value))
+        # What redaction would mask is a password (one rule for both): `user:pw@` in a URL, ?password=, password=.
+        return redact_urls_in(value) != value or bool(_BARE_USERINFO.match(value))
     if isinstance(value, (list, tuple)):
         return any(holds_secret(v) for v in value)
     if isinstance(value, dict):

@@ -32,7 +32,7 @@ from opslib.config import Settings, load_settings
 from opslib.display import Section
 from opslib.errors import Interrupted, InvalidInput, OpsError, PreconditionFailed, StepOutOfOrder
 from opslib.outcome import Outcome, outcome_of
-from opslib.record import Database, Step, revisions_text
+from opslib.record import Database, RunRecord, Step, revisions_text
 from opslib.signals import signals_held
 
 SAVE_EVERY_S = 0.5  # how often the sidecar is rewritten while revisions are being applied
@@ -143,7 +143,7 @@ class Run:
 
     runbook = ""
 
-    def __init__(self, settings: Settings, values: dict, record: dict, stem: str, under_runner: bool):
+    def __init__(self, settings: Settings, values: dict, record: RunRecord, stem: str, under_runner: bool):
         self.settings = settings
         self.params = values
         self.record = record
