@@ -16,6 +16,7 @@ a restore brings back the history as it was in the backup, which the recovery ru
 from __future__ import annotations
 
 import contextvars
+import hashlib
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
@@ -59,6 +60,9 @@ CREATE TRIGGER append_only BEFORE UPDATE OR DELETE ON opslib.runs
     FOR EACH ROW EXECUTE FUNCTION opslib.append_only();
 """
 
+# The advisory-lock key held while the schema is created (another than the run lock's, db.LOCK_KEY).
+SCHEMA_LOCK_KEY = int.from_bytes(hashlib.sha256(b"opslib history schema").digest()[:8], "big", signed=True)
+
 
 def ensure_schema(conn: Connection) -> None:
     """Create the opslib schema and its tables if they are missing, or add what an older one lacks
@@ -67,12 +71,15 @@ def ensure_schema(conn: Connection) -> None:
         "SELECT to_regclass('opslib.runs') IS NOT NULL AND EXISTS (SELECT 1 FROM information_schema.columns "
         "WHERE table_schema = 'opslib' AND table_name = 'revision_events' AND column_name = 'to_revisions')"
     )
-    if conn.execute(sa.text(current)).scalar():
-        if conn.in_transaction():
-            conn.commit()
-        return
-    conn.exec_driver_sql(SCHEMA_DDL.replace("%", "%%"))  # the driver formats parameters with %
-    conn.commit()
+    if not conn.execute(sa.text(current)).scalar():
+        # Two sessions creating it at once (a deploy starting its upgrade while the run it locked out
+        # writes its row) would both pass IF NOT EXISTS and one fail on the other's catalog row: the
+        # creation is serialized, and the second one finds it made.
+        conn.execute(sa.text("SELECT pg_advisory_xact_lock(:key)"), {"key": SCHEMA_LOCK_KEY})
+        if not conn.execute(sa.text(current)).scalar():
+            conn.exec_driver_sql(SCHEMA_DDL.replace("%", "%%"))  # the driver formats parameters with %
+    if conn.in_transaction():
+        conn.commit()
 
 
 def record_event(

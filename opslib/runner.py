@@ -17,6 +17,7 @@ import signal
 import socket
 import tempfile
 import threading
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -105,6 +106,9 @@ def coerce(name: str, pairs: Sequence[tuple[str, str]]) -> dict:
     return values
 
 
+STALE_SOCKET_S = 60.0  # a kernel socket nobody listens on, this old, belongs to a run that is gone
+
+
 class _Kernels:
     """The kernels this process started for runs, so that a signal can be passed on and their
     socket files removed when the run ends."""
@@ -124,10 +128,17 @@ class _Kernels:
                     pass
 
     @classmethod
-    def remove_stale(cls) -> None:
+    def remove_stale(cls, older_than_s: float = STALE_SOCKET_S) -> None:
         """Remove the socket files of kernels that are gone (a run killed with SIGKILL cannot remove its own):
-        nothing listens on them any more."""
+        nothing listens on them any more, and they are older than ``older_than_s``. A fresh one refuses
+        connections too for an instant, between the kernel's bind and its listen, in a run starting now."""
+        oldest = time.time() - older_than_s
         for leftover in glob.glob(os.path.join(glob.escape(tempfile.gettempdir()), "opslib-kernel-*-ipc-*")):
+            try:
+                if os.lstat(leftover).st_mtime > oldest:
+                    continue
+            except OSError:
+                continue
             probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             probe.settimeout(0.2)
             try:

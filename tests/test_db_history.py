@@ -83,3 +83,34 @@ def test_a_history_written_before_to_revisions_existed_gains_the_column(database
     assert _run(database_url, tmp_path / "w", "deploy") == 0
     moves = query(database_url, "SELECT revision, to_revisions FROM opslib.revision_events ORDER BY id")
     assert moves[0] == ("0001", None) and moves[1:] == [(f"000{i}", [f"000{i}"]) for i in range(2, 8)]
+
+
+def test_the_history_schema_is_created_once_when_runs_race_to_create_it(database_url):
+    """Two runs ending together on a database without the schema (a deploy starting its upgrade while
+    the run it locked out writes its row) both create it: neither may fail on the other's objects."""
+    import threading
+
+    engine = sa.create_engine(database_url, poolclass=sa.pool.NullPool)
+    racers = 8
+    ready = threading.Barrier(racers)
+    failures: list[BaseException] = []
+
+    def create() -> None:
+        with engine.connect() as conn:
+            ready.wait()
+            try:
+                history.ensure_schema(conn)
+            except BaseException as err:  # noqa: BLE001 - collected for the assertion below
+                failures.append(err)
+
+    for _ in range(3):  # a fresh database each round: the race is only at the first creation
+        query(database_url, "DROP SCHEMA IF EXISTS opslib CASCADE")
+        ready.reset()
+        threads = [threading.Thread(target=create) for _ in range(racers)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert not failures, failures[0]
+        assert query(database_url, "SELECT to_regclass('opslib.runs') IS NOT NULL")[0][0]
+    engine.dispose()

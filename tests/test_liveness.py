@@ -192,3 +192,33 @@ def test_a_checkout_with_uncommitted_changes_is_recorded_as_dirty(tmp_path):
     assert audit.git_dirty(tmp_path) is False
     (tmp_path / "runbook.ipynb").write_text('{"edited": true}')  # a template saved from Lab
     assert audit.git_dirty(tmp_path) is True
+
+
+def _unlistened_socket(path: str, age_s: float) -> socket.socket:
+    """A Unix socket bound at ``path`` that does not listen (a kernel between bind and listen, or one
+    that died), its file ``age_s`` seconds old."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.bind(path)
+    then = time.time() - age_s
+    os.utime(path, (then, then))
+    return sock
+
+
+def test_stale_kernel_sockets_go_but_a_starting_kernels_stay(tmp_path, monkeypatch):
+    from opslib import runner
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    stale = str(tmp_path / "opslib-kernel-aaaaaaaaaaaa-ipc-1")
+    starting = str(tmp_path / "opslib-kernel-bbbbbbbbbbbb-ipc-1")
+    listening = str(tmp_path / "opslib-kernel-cccccccccccc-ipc-1")
+    held = [_unlistened_socket(stale, runner.STALE_SOCKET_S + 5), _unlistened_socket(starting, 0)]
+    live = _unlistened_socket(listening, runner.STALE_SOCKET_S + 5)
+    live.listen(1)
+    try:
+        runner._Kernels.remove_stale()
+        assert not os.path.exists(stale)  # refused and old: its kernel is gone
+        assert os.path.exists(starting)  # refused but fresh: a kernel binding it right now
+        assert os.path.exists(listening)  # old but answering: a long run's kernel
+    finally:
+        for sock in (*held, live):
+            sock.close()

@@ -39,7 +39,7 @@ def test_two_deploys_started_together_one_applies_the_other_exits_4(database_url
     runs = [_start(database_url, work, "deploy", alembic_ini=ini) for _ in range(2)]
     outs = [r.communicate(timeout=300) for r in runs]
     codes = sorted(r.returncode for r in runs)
-    assert codes == [0, 4], outs
+    assert codes == [0, 4], "\n".join(f"exit {r.returncode}:\n{o}\n{e}" for r, (o, e) in zip(runs, outs, strict=True))
     loser = "".join(next(out for r, out in zip(runs, outs, strict=True) if r.returncode == 4))
     assert (
         "another opslib run holds the lock" in loser
