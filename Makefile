@@ -11,7 +11,7 @@ STAMP  := $(VENV)/.installed
 # What users pass (make migrate-create message="fix users' emails") never reaches the shell as text:
 # each variable is taken unexpanded ($(value ...), so make expands no $(...) in it either), exported,
 # and recipes read it as "$$name". Add any new user variable to this list and quote it the same way.
-USER_VARS := message revision label confirm out
+USER_VARS := message revision label confirm out runbook
 $(foreach v,$(USER_VARS),$(if $(filter undefined,$(origin $(v))),,$(eval override $(v) := $$(value $(v)))))
 export $(USER_VARS)
 
@@ -23,7 +23,7 @@ export $(USER_VARS)
 help:
 	@echo "make demo                          bring the sample database to head and show its status"
 	@echo "make test                          run the whole test suite against a real PostgreSQL"
-	@echo "make lab                           open the runbooks in JupyterLab"
+	@echo "make lab [runbook=deploy]          a new run of a runbook, its own notebook opened in JupyterLab (opslib open)"
 	@echo "make goldens                       make the runbooks' expected outputs (tests/goldens/) again"
 	@echo "make bench                         compare opslib with bare Alembic, pg_dump and pg_restore, as ratios"
 	@echo "make migrate-create message=...    autogenerate a revision from the models"
@@ -38,12 +38,12 @@ help:
 	@echo "make audit-report [out=DIR]        the records as a static HTML site, checked against the ledger, + index.png"
 	@echo "make browser                       install Debian's chromium (as root) for the report's screenshot and tests"
 
-# The venv is rebuilt when pyproject.toml changes. JupyterLab is left out (see `lab`): it slows
-# every `import papermill` on the automation path by about a second.
+# The venv is rebuilt when pyproject.toml changes: opslib with its test tools and JupyterLab (the
+# `lab` extra: `opslib open`, and the suite's JupyterLab tests).
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[test]'
+	$(BIN)/python -m pip install --quiet -e '.[test,lab]'
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -81,19 +81,15 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_locks.py
 	$(BIN)/python benchmarks/bench_report.py
 
-# The kernels JupyterLab starts inherit these, so a runbook run cell by cell finds the project, and
-# writes its records and backups in the same folders as `opslib run` from here.
 # The runbooks' expected outputs (tests/goldens/*.ipynb), made again on purpose: review their diff like code.
 goldens: $(STAMP)
 	GOLDENS=write .venv/bin/pytest -q -n 0 tests/test_runbooks.py -k golden
 
+# A new run of a runbook (deploy unless runbook= says), its own notebook in records/ opened in
+# JupyterLab; saving after its summary seals the record. The templates in runbooks/ never change.
 lab: $(STAMP)
-	$(BIN)/python -m pip install --quiet -e '.[lab]'
-	OPSLIB_ALEMBIC_INI="$${OPSLIB_ALEMBIC_INI:-$(CURDIR)/alembic.ini}" \
-	OPSLIB_RECORDS_DIR="$${OPSLIB_RECORDS_DIR:-$(CURDIR)/records}" \
-	OPSLIB_BACKUPS_DIR="$${OPSLIB_BACKUPS_DIR:-$(CURDIR)/backups}" \
-	OPSLIB_STATE_DIR="$${OPSLIB_STATE_DIR:-$(CURDIR)/.opslib}" \
-	$(BIN)/jupyter lab $(if $(filter 0,$(shell id -u)),--allow-root) runbooks/
+	@if [ -z "$$DATABASE_URL" ]; then echo "== DATABASE_URL is unset: using the embedded PostgreSQL kept in .opslib/"; $(OPSLIB) db start; fi
+	$(OPSLIB) open "$${runbook:-deploy}"
 
 # --- the guide's migration targets ---------------------------------------------------------------
 

@@ -17,6 +17,7 @@ import json
 import os
 import secrets
 import socket
+import threading
 import subprocess
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -368,15 +369,22 @@ class LiveMark:
 
     def __init__(self, path: Path, fd: int):
         self.path, self._fd = path, fd
+        self._releasing = threading.Lock()  # `opslib open` may let go from a watcher thread
+
+    @property
+    def held(self) -> bool:
+        """True until :meth:`release`."""
+        return self._fd is not None
 
     def release(self, remove: bool = False) -> None:
         """Let go; ``remove`` the file too once the run is sealed (the last holder does)."""
-        if self._fd is None:
-            return
-        if remove:
-            self.path.unlink(missing_ok=True)
-        os.close(self._fd)
-        self._fd = None
+        with self._releasing:
+            if self._fd is None:
+                return
+            if remove:
+                self.path.unlink(missing_ok=True)
+            os.close(self._fd)
+            self._fd = None
 
 
 def hold_live_mark(records_dir: Path, stem: str) -> LiveMark:

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Sequence
 
 from opslib import __version__
-from opslib.config import load_settings
+from opslib.config import load_settings, runbooks_dir
 from opslib.errors import Interrupted, OpsError
 from opslib.outcome import outcome_of
 from opslib.record import revisions_text
@@ -165,14 +165,36 @@ def _parser() -> argparse.ArgumentParser:
         "--env", choices=["development", "staging", "production"], help="environment label (OPSLIB_ENV)"
     )
 
+    s = sub.add_parser(
+        "open",
+        help="make a run's own notebook from a runbook and open JupyterLab on it (the `lab` extra)",
+        description="Make a run's own notebook in the records folder from the runbook, with the parameters "
+        "injected, and open JupyterLab on it. Run its cells in order; saving after the summary seals the record. "
+        "Arguments after -- go to JupyterLab (e.g. -- --no-browser --port 8890).",
+    )
+    s.add_argument("runbook", help="deploy, rollback, recovery or reset")
+    s.add_argument(
+        "-p",
+        "--parameter",
+        nargs=2,
+        action="append",
+        default=[],
+        metavar=("NAME", "VALUE"),
+        help="a runbook parameter",
+    )
+    s.add_argument(
+        "--env", choices=["development", "staging", "production"], help="environment label (OPSLIB_ENV)"
+    )
+
     sub.add_parser("runbooks", help="list the runbooks with their parameters")
 
     s = sub.add_parser(
         "audit",
-        help="the run records: list, show one, verify them against the ledger, or write an HTML report",
+        help="the run records: list, show one, verify them against the ledger, write an HTML report, "
+        "or seal an interactive run",
     )
-    s.add_argument("action", choices=["list", "show", "verify", "report"])
-    s.add_argument("run_id", nargs="?", metavar="RUN_ID", help="for show: the run's id")
+    s.add_argument("action", choices=["list", "show", "verify", "report", "seal"])
+    s.add_argument("run_id", nargs="?", metavar="RUN_ID", help="for show and seal: the run's id")
     s.add_argument("--json", action="store_true")
     s.add_argument("--out", type=Path, help="for report: the folder to write (default: <records>/report)")
     s.add_argument(
@@ -207,6 +229,8 @@ def _run(args: argparse.Namespace) -> int:
         return _backups(settings, args)
     if args.command in ("run", "runbooks"):
         return _runbooks(settings, args)
+    if args.command == "open":
+        return _open(settings, args)
     if args.command == "audit":
         return _audit(settings, args)
     return _migrations(settings, args)
@@ -339,7 +363,7 @@ def _runbooks(settings, args: argparse.Namespace) -> int:
     from opslib.errors import InvalidInput
 
     if args.command == "runbooks":
-        print(display.runbooks_text(runner.runbooks_dir()))
+        print(display.runbooks_text(runbooks_dir()))
         return EXIT_OK
     if args.help or not args.runbook:
         if not args.runbook and args.help:
@@ -347,7 +371,7 @@ def _runbooks(settings, args: argparse.Namespace) -> int:
             return EXIT_OK
         if not args.runbook:
             raise InvalidInput("run needs a RUNBOOK: `opslib runbooks` lists them")
-        declared = display.runbooks_text(runner.runbooks_dir(), only=args.runbook)  # refuses an unknown one
+        declared = display.runbooks_text(runbooks_dir(), only=args.runbook)  # refuses an unknown one
         print(f"usage: opslib run {args.runbook} [-p NAME VALUE]... [--env ENV]\n\n{declared}")
         return EXIT_OK
     _seal_abandoned(settings, "run")
@@ -388,7 +412,9 @@ def _audit(settings, args: argparse.Namespace) -> int:
             f"--out and --screenshot belong to `opslib audit report`, not `audit {args.action}`"
         )
     if args.action in ("report", "verify", "list") and args.run_id:
-        raise InvalidInput(f"`opslib audit {args.action}` takes no RUN_ID (only `audit show` does)")
+        raise InvalidInput(f"`opslib audit {args.action}` takes no RUN_ID (only `audit show` and `audit seal` do)")
+    if args.action == "seal":
+        return _audit_seal(settings, args.run_id)
     _seal_abandoned(settings, f"audit {args.action}")
     if args.action == "list":
         runs = audit.list_runs(records)
@@ -411,6 +437,36 @@ def _audit(settings, args: argparse.Namespace) -> int:
             f"audit verify: {len(check.entries)} run(s), every record matches the ledger and the chain is intact"
         )
     return EXIT_OK
+
+
+def _audit_seal(settings, run_id: str | None) -> int:
+    from opslib import lab
+    from opslib.errors import InvalidInput
+
+    if not run_id:
+        raise InvalidInput("audit seal needs a RUN_ID: `opslib audit list` shows them")
+    record, now = lab.seal(settings, run_id)
+    what = "sealed" if now else "already sealed"
+    notebook = f", with its notebook {record.notebook}" if record.notebook else ""
+    print(f"audit seal: run {record.run_id} ({record.runbook}) {what} as {record.outcome}{notebook}")
+    return EXIT_OK
+
+
+def _open(settings, args: argparse.Namespace) -> int:
+    from opslib import lab
+    from opslib.outcome import Outcome, process_exit_code
+
+    record = lab.open_run(
+        settings, args.runbook, [tuple(p) for p in args.parameter], env=args.env, lab_args=args.lab_args
+    )
+    code = process_exit_code(record.outcome, record.exit_code)
+    line = f"opslib open: run {record.run_id} ({record.runbook}) {record.outcome}"
+    if record.outcome is Outcome.RUNNING:
+        line += ": a kernel still holds it; the next `opslib audit` seals it once that kernel is gone"
+    elif record.error:
+        line += f": {record.error}"
+    print(line, file=sys.stdout if code == 0 else sys.stderr)
+    return code
 
 
 def _audit_report(records: Path, args: argparse.Namespace) -> int:
@@ -458,7 +514,13 @@ def _on_sigterm(signum, frame) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``opslib`` console script; returns the exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # `opslib open RUNBOOK … -- ARGS`: what follows -- is JupyterLab's, whatever it looks like.
+    lab_args: list[str] = []
+    if argv[:1] == ["open"] and "--" in argv:
+        argv, lab_args = argv[: argv.index("--")], argv[argv.index("--") + 1 :]
     args = _parser().parse_args(argv)
+    args.lab_args = lab_args
     logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stderr)
     if args.verbose:
         logging.getLogger("alembic").setLevel(logging.INFO)

@@ -86,3 +86,14 @@ def _compression(environ: dict) -> int:
     if not raw.isdigit() or not 0 <= int(raw) <= 9:
         raise ConfigError(f"OPSLIB_BACKUP_COMPRESSION must be a gzip level from 0 to 9, not {raw!r}")
     return int(raw)
+
+
+def runbooks_dir() -> Path:
+    """The folder of the runbook notebooks: OPSLIB_RUNBOOKS_DIR, else the ones opslib ships: inside
+    the installed package (a wheel: ``opslib/runbooks/``), or ``runbooks/`` of a source checkout."""
+    configured = os.environ.get("OPSLIB_RUNBOOKS_DIR")
+    if configured:
+        return Path(configured)
+    package = Path(__file__).resolve().parent
+    shipped = package / "runbooks"
+    return shipped if shipped.is_dir() else package.parent / "runbooks"

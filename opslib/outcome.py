@@ -49,6 +49,14 @@ _EXIT_CODES = {
 }
 
 
+def process_exit_code(outcome: "Outcome | str", recorded: int | None) -> int:
+    """The exit code of a command that reports a run: the one its record holds, else 0 for success and
+    1 for a run with none (abandoned, or still running when the command ends)."""
+    if recorded is None:
+        return 0 if outcome is Outcome.SUCCEEDED else 1
+    return int(recorded)
+
+
 def signal_exit_code(signum: int) -> int:
     """The shell's exit code for a process stopped by ``signum``: 130 for SIGINT, 143 for SIGTERM."""
     return 128 + int(signum)

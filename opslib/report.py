@@ -23,7 +23,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from opslib import __version__, audit, display
+from opslib import __version__, audit, display, notebooks
 from opslib.outcome import Outcome
 from opslib.redact import redact_urls_in
 from opslib.errors import ConfigError, InvalidInput, ReportFailed
@@ -89,7 +89,7 @@ def _page_name(line: int, entry: dict) -> str:
 
 def _read_notebook(path: Path):
     """The notebook at ``path`` and None, or None and why it cannot be shown."""
-    import nbformat
+    nbformat = notebooks.nbformat()
 
     if not path.is_file():
         return None, "the file is missing"
@@ -118,7 +118,7 @@ def _read_record(records_dir: Path, entry: dict):
 def _run_page(
     exporter, env, records_dir: Path, line: int, entry: dict, problems: list[str], common: dict
 ) -> str:
-    import nbformat
+    nbformat = notebooks.nbformat()
 
     record, record_error = _read_record(records_dir, entry)
     notebook, notebook_error = None, None
@@ -152,6 +152,7 @@ def _notebook_css(exporter) -> str:
 
 
 def _exporter():
+    notebooks.nbformat()  # first, so that nbconvert finds it loaded without the IRI grammar
     from nbconvert import HTMLExporter
 
     return HTMLExporter(

@@ -23,10 +23,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
-from opslib import audit, params, sealing
-from opslib.config import Settings
+from opslib import audit, notebooks, params, sealing
+from opslib.config import Settings, runbooks_dir
 from opslib.errors import Interrupted, InvalidInput
-from opslib.outcome import Outcome, outcome_of, signal_exit_code
+from opslib.outcome import Outcome, outcome_of, process_exit_code, signal_exit_code
 from opslib.record import RunRecord, revisions_text
 from opslib.signals import signals_held
 
@@ -42,9 +42,7 @@ class RunOutcome:
     @property
     def exit_code(self) -> int:
         """The contract's exit code for this run; 1 for a run with none (abandoned by a kernel that died)."""
-        if self.record.exit_code is None:
-            return 0 if self.record.outcome is Outcome.SUCCEEDED else 1
-        return int(self.record.exit_code)
+        return process_exit_code(self.record.outcome, self.record.exit_code)
 
     def line(self) -> str:
         """A one-line outcome for the terminal."""
@@ -60,17 +58,6 @@ class RunOutcome:
         if r.error:
             text += f": {r.error}"
         return text
-
-
-def runbooks_dir() -> Path:
-    """The folder of the runbook notebooks: OPSLIB_RUNBOOKS_DIR, else the ones opslib ships: inside
-    the installed package (a wheel: ``opslib/runbooks/``), or ``runbooks/`` of a source checkout."""
-    configured = os.environ.get("OPSLIB_RUNBOOKS_DIR")
-    if configured:
-        return Path(configured)
-    package = Path(__file__).resolve().parent
-    shipped = package / "runbooks"
-    return shipped if shipped.is_dir() else package.parent / "runbooks"
 
 
 def runbook_path(name: str) -> Path:
@@ -247,6 +234,74 @@ def _environment(updates: dict[str, str]) -> Iterator[None]:
                 os.environ[key] = value
 
 
+@dataclass
+class Prepared:
+    """A run about to start: its names, its first record (written), and the environment its kernel gets."""
+
+    name: str
+    values: dict
+    records: Path
+    stem: str
+    notebook: Path
+    template: Path
+    first: RunRecord
+    kernel_env: dict[str, str]
+    live: audit.LiveMark | None  # None: refused before it started (its record is sealed already)
+
+
+def prepare(settings: Settings, name: str, pairs: Sequence[tuple[str, str]], env: str | None, mode: str) -> Prepared:
+    """Name a new run of runbook ``name`` (driven ``mode``: headless or interactive), hold its live mark
+    and write its first sidecar; the notebook is the driver's to write.
+
+    Parameters holding a secret are refused here, before anything writes them into a notebook: the run
+    is then recorded and sealed at once as invalid (``live`` is None).
+    """
+    template = runbook_path(name)
+    values = coerce(name, pairs)
+    records = Path(settings.records_dir).resolve()
+    audit.ensure_records_dir(records)
+    started = audit.now()
+    run_id = audit.new_run_id()
+    stem = audit.record_stem(name, run_id, started)
+    notebook = records / f"{stem}.ipynb"
+    sha = audit.file_sha256(template)  # the template, as run
+    first = audit.new_record(
+        name, run_id, started, operator=settings.operator, env=env or settings.env, mode=mode, runbook_sha256=sha
+    )
+    kernel_env = {
+        # Every connection the run opens carries its id: a run that dies can have its sessions ended.
+        "PGAPPNAME": audit.application_name(name, run_id),
+        audit.RUN_ID_ENV: run_id,
+        audit.RUN_STEM_ENV: stem,
+        audit.RUNNER_PID_ENV: str(os.getpid()),
+        audit.RUN_MODE_ENV: mode,
+        audit.RUNBOOK_SHA256_ENV: sha,
+        "OPSLIB_RECORDS_DIR": str(records),
+        "OPSLIB_BACKUPS_DIR": str(Path(settings.backups_dir).resolve()),
+        "OPSLIB_ALEMBIC_INI": str(Path(settings.alembic_ini).resolve()),
+        "OPSLIB_STATE_DIR": str(Path(settings.state_dir).resolve()),
+        "OPSLIB_OPERATOR": settings.operator,
+    }
+    if env:
+        kernel_env["OPSLIB_ENV"] = env
+    prepared = Prepared(name, values, records, stem, notebook, template, first, kernel_env, None)
+    try:
+        # Checked here, before the values are written into the notebook's injected cell.
+        params.refuse_secrets(name, values)
+    except InvalidInput as err:
+        first.parameters = {k: params.shown_value(v) for k, v in values.items()}
+        first.end(*outcome_of(err), err.message, audit.iso(audit.now()))
+        audit.write_sidecar(records, stem, first)
+        audit.append_ledger(records, stem, first)
+        return prepared
+    # The run's live mark and first sidecar exist before the notebook is written: from the first
+    # instant, `audit verify` sees a run in progress, and a driver killed now leaves a record to seal.
+    prepared.live = audit.hold_live_mark(records, stem)
+    first.parameters = values
+    audit.write_sidecar(records, stem, first)
+    return prepared
+
+
 def run(
     settings: Settings,
     name: str,
@@ -258,52 +313,15 @@ def run(
     A record the kernel could not finish (it died, or a signal stopped the run between cells) is
     ended here, with where the database stands read afresh, and sealed like any other.
     """
-    notebook_in = runbook_path(name)
-    values = coerce(name, pairs)
-    records = Path(settings.records_dir).resolve()
-    audit.ensure_records_dir(records)
-    started = audit.now()
-    run_id = audit.new_run_id()
-    stem = audit.record_stem(name, run_id, started)
-    notebook_out = records / f"{stem}.ipynb"
-    driven = {"mode": "headless", "runbook_sha256": audit.file_sha256(notebook_in)}  # the template, as run
-    try:
-        # Checked here, before papermill writes the values into the notebook's injected cell.
-        params.refuse_secrets(name, values)
-    except InvalidInput as err:
-        record = audit.new_record(name, run_id, started, operator=settings.operator, env=env or settings.env, **driven)
-        record.parameters = {k: params.shown_value(v) for k, v in values.items()}
-        record.end(*outcome_of(err), err.message, audit.iso(audit.now()))
-        sidecar = audit.write_sidecar(records, stem, record)
-        audit.append_ledger(records, stem, record)
-        return RunOutcome(record, sidecar, notebook_out)
-    kernel_env = {
-        # Every connection the run opens carries its id: a run that dies can have its sessions ended.
-        "PGAPPNAME": audit.application_name(name, run_id),
-        audit.RUN_ID_ENV: run_id,
-        audit.RUN_STEM_ENV: stem,
-        audit.RUNNER_PID_ENV: str(os.getpid()),
-        audit.RUN_MODE_ENV: driven["mode"],
-        audit.RUNBOOK_SHA256_ENV: driven["runbook_sha256"],
-        "OPSLIB_RECORDS_DIR": str(records),
-        "OPSLIB_BACKUPS_DIR": str(Path(settings.backups_dir).resolve()),
-        "OPSLIB_ALEMBIC_INI": str(Path(settings.alembic_ini).resolve()),
-        "OPSLIB_STATE_DIR": str(Path(settings.state_dir).resolve()),
-        "OPSLIB_OPERATOR": settings.operator,
-    }
-    if env:
-        kernel_env["OPSLIB_ENV"] = env
-    # The run's live mark and first sidecar exist before papermill writes the notebook: from the first
-    # instant, `audit verify` sees a run in progress, and a runner killed now leaves a record to seal.
-    live = audit.hold_live_mark(records, stem)
-    first = audit.new_record(name, run_id, started, operator=settings.operator, env=env or settings.env, **driven)
-    first.parameters = values
-    audit.write_sidecar(records, stem, first)
+    run_ = prepare(settings, name, pairs, env, "headless")
+    records, stem, notebook_out, first, live = run_.records, run_.stem, run_.notebook, run_.first, run_.live
+    if live is None:
+        return RunOutcome(first, audit.sidecar_path(records, stem), notebook_out)
     error: BaseException | None = None
     stop = _Stop()
     _Kernels.remove_stale()
-    with _environment(kernel_env), _signals_passed_to_the_kernel(stop):
-        import papermill  # late import: about a second, paid only by `opslib run`
+    with _environment(run_.kernel_env), _signals_passed_to_the_kernel(stop):
+        papermill = notebooks.papermill()
 
         # papermill warns of parameters the notebook does not declare; the runbook refuses them itself, in one line.
         logging.getLogger("papermill").setLevel(logging.ERROR)
@@ -311,9 +329,9 @@ def run(
 
         try:
             papermill.execute_notebook(
-                str(notebook_in),
+                str(run_.template),
                 str(notebook_out),
-                parameters=values,
+                parameters=run_.values,
                 progress_bar=False,
                 log_output=False,
                 cwd=os.getcwd(),

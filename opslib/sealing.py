@@ -6,6 +6,10 @@ kernel that died or was stopped between cells (:func:`settle`), and a run whose 
 without any sealing, killed with SIGKILL (:func:`seal_abandoned`, called by the next `opslib audit`
 or `opslib run`). Either way the run's leftover sessions are ended, where the database stands is read
 afresh, and the run's row is written in the database's own history.
+
+An interactive run (`opslib open`) is ended by its kernel but sealed when the operator saves its
+notebook, or on `opslib audit seal` (:func:`seal_finished`): the ledger entry then vouches for the
+notebook as it was saved.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import os
 import socket
 import sys
 import time
+from pathlib import Path
 
 import sqlalchemy as sa
 from sqlalchemy.engine import URL
@@ -130,12 +135,15 @@ def _seal_one(settings: Settings, records, stem: str, command: str) -> RunRecord
         for entry in record.steps:
             if entry.outcome is Outcome.RUNNING:
                 entry.outcome = Outcome.ABANDONED
+        if record.mode == "interactive":
+            why = "its JupyterLab session ended (or its kernel died) before the notebook was saved after the summary"
+        else:
+            why = f"the run's processes ({', '.join(map(str, record.pids))}) ended without sealing its record " \
+                "(killed with SIGKILL, or its kernel died)"
         record.end(
             Outcome.ABANDONED,
             None,
-            f"the run's processes ({', '.join(map(str, record.pids))}) ended without sealing its record "
-            f"(killed with SIGKILL, or its kernel died), last seen {record.last_outcome}"
-            + (f": {record.error}" if record.error else ""),
+            f"{why}, last seen {record.last_outcome}" + (f": {record.error}" if record.error else ""),
             now,
         )
         record.sealed_by = f"`opslib {command}` on {socket.gethostname()} at {now}"
@@ -148,4 +156,33 @@ def _seal_one(settings: Settings, records, stem: str, command: str) -> RunRecord
         if not audit.append_ledger(records, stem, record):
             return None
         audit.live_mark_path(records, stem).unlink(missing_ok=True)
+    return record
+
+
+def seal_finished(settings: Settings, stem: str, by: str) -> RunRecord | None:
+    """Seal a run its kernel has ended (an interactive run whose summary ran) with its notebook as saved
+    now, hashed into its ledger entry; ``by`` says what sealed it. The notebook is then made read-only.
+
+    Returns the record, or None when there is nothing to seal: already sealed, or not ended yet.
+    """
+    records = Path(settings.records_dir)
+    with audit.sealing_lock(records):
+        if stem in audit.vouched_stems(records):
+            return None
+        record = audit.load_record(records, stem)
+        if record is None or not (isinstance(record.outcome, Outcome) and record.outcome.sealed):
+            return None
+        now = audit.iso(audit.now())
+        notebook = audit.sidecar_path(records, stem).with_suffix(".ipynb")
+        if notebook.is_file():
+            audit.scrub_notebook(notebook, os.environ.get("DATABASE_URL") or settings.database_url)
+            record.notebook = notebook.name
+        record.sealed_by = f"{by} on {socket.gethostname()} at {now}"
+        audit.write_sidecar(records, stem, record)
+        if not audit.append_ledger(records, stem, record):
+            return None
+        audit.live_mark_path(records, stem).unlink(missing_ok=True)
+        for sealed in (notebook, audit.sidecar_path(records, stem)):
+            if sealed.is_file():
+                sealed.chmod(0o444)  # a reminder to editors; the ledger's hash is what proves it unchanged
     return record

@@ -28,7 +28,7 @@ import sqlalchemy as sa
 
 from opslib import audit, db, migrate, params
 from opslib import history as run_history
-from opslib.config import Settings, load_settings
+from opslib.config import Settings, load_settings, runbooks_dir
 from opslib.display import Section
 from opslib.errors import Interrupted, InvalidInput, OpsError, PreconditionFailed, StepOutOfOrder
 from opslib.outcome import Outcome, outcome_of
@@ -168,10 +168,12 @@ class Run:
 
     def _require_open(self, name: str) -> None:
         if self.ended:
-            raise PreconditionFailed(
-                f"this run has ended ({self.record.outcome}); to {name} again, start a new run: run the cells "
-                f"again from the one that calls runbook.start(\"{self.runbook}\", …)"
+            again = (
+                f"`opslib open {self.runbook}` makes a new run"
+                if self.record.mode == "interactive"
+                else f"run the cells again from the one that calls runbook.start(\"{self.runbook}\", …)"
             )
+            raise PreconditionFailed(f"this run has ended ({self.record.outcome}); to {name} again, start a new run: {again}")
 
     def _require_order(self, name: str, after: str | None, repeatable: bool, entry: Step) -> None:
         """Refuse a step run before the one it follows, or run again (see :func:`step`)."""
@@ -221,8 +223,10 @@ class Run:
         """Seal an ended run: its ledger entry vouches for the sidecar as it is now, so nothing may change after."""
         if not self.under_runner:  # `opslib run` appends the ledger line itself, with the notebook's name
             audit.append_ledger(self.settings.records_dir, self.stem, self.record)
-        if self.live is not None:
+        if self.live is not None and self.record.mode != "interactive":
             self.live.release(remove=not self.under_runner)
+        # An interactive run's kernel keeps its hold until it exits: the run is sealed when the operator
+        # saves the notebook (or `opslib audit seal`), and becomes abandoned only once the kernel is gone.
 
     def _end(self, err: BaseException | None = None) -> int | None:
         """End and seal the run with SIGINT and SIGTERM held off; return the first signal that waited."""
@@ -389,6 +393,30 @@ class Run:
         return Section(f"{self.runbook.capitalize()} run", "parameters valid", facts, rows)
 
 
+def _refuse_a_notebook_that_is_not_the_run(runbook: str, stem: str | None) -> None:
+    """In JupyterLab, a runbook runs only from its run's own notebook (made by `opslib open`), and only once:
+    never from a template in the runbooks folder, never from another notebook of a Lab opened for a run,
+    and never again after a kernel restart (the first kernel's record stays as it was)."""
+    session = os.environ.get("JPY_SESSION_NAME")  # the notebook's path, set by jupyter_server for its kernels
+    again = f"`opslib open {runbook}` makes a new run with its own notebook"
+    if session:
+        notebook = Path(session).resolve()
+        if notebook.parent == runbooks_dir().resolve():
+            raise InvalidInput(
+                f"{notebook.name} is a runbook template: templates never run and never change; {again}"
+            )
+        if stem is not None and os.environ.get(audit.RUN_MODE_ENV) == "interactive" and notebook.name != f"{stem}.ipynb":
+            raise InvalidInput(f"this JupyterLab was opened for run {stem}, not for {notebook.name}; {again}")
+    if stem is None or os.environ.get(audit.RUN_MODE_ENV) != "interactive":
+        return
+    settings = load_settings()
+    earlier = audit.read_sidecar(settings.records_dir, stem)
+    if earlier and (earlier.get("steps") or earlier.get("outcome") != str(Outcome.RUNNING)):
+        raise PreconditionFailed(
+            f"run {stem} has already started in another kernel, and its record stays as that kernel left it; {again}"
+        )
+
+
 def begin(runbook: str, namespace: Mapping[str, Any], workflow: type[Run]) -> Run:
     """Begin a run of ``workflow``: validate the parameters found in the notebook's namespace, before
     any connection (invalid ones end the run at once, with its record written)."""
@@ -396,6 +424,7 @@ def begin(runbook: str, namespace: Mapping[str, Any], workflow: type[Run]) -> Ru
     run_id = os.environ.get(audit.RUN_ID_ENV) or audit.new_run_id()
     stem = os.environ.get(audit.RUN_STEM_ENV) or audit.record_stem(runbook, run_id, started)
     under_runner = audit.RUN_STEM_ENV in os.environ
+    _refuse_a_notebook_that_is_not_the_run(runbook, stem if under_runner else None)
     # Every session the run opens (its lock, the migrations, pg_dump) carries its name: the sessions of a
     # run that died can be found and ended before its record is sealed.
     os.environ["PGAPPNAME"] = audit.application_name(runbook, run_id)

@@ -126,3 +126,14 @@ def test_the_order_holds_in_a_jupyter_kernel(in_process, database_url):
         km.shutdown_kernel(now=True)
     assert schema_snapshot(database_url) == before
     assert sealed(in_process)["outcome"] == "refused"
+
+
+def test_a_template_opened_in_jupyterlab_does_not_run(in_process, monkeypatch):
+    """jupyter_server names the notebook of each kernel it starts (JPY_SESSION_NAME): a runbook started from
+    the template in runbooks/ refuses before anything is recorded; `opslib open` makes the run's copy."""
+    from opslib.errors import InvalidInput
+
+    monkeypatch.setenv("JPY_SESSION_NAME", str(ROOT / "runbooks" / "deploy.ipynb"))
+    with pytest.raises(InvalidInput, match=r"deploy.ipynb is a runbook template.*`opslib open deploy`"):
+        runbook.start("deploy", {"backup": True})
+    assert not in_process.exists() or not list(in_process.glob("*.json"))

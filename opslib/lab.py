@@ -1,0 +1,167 @@
+"""Interactive runs: `opslib open RUNBOOK` and the JupyterLab hooks that seal them.
+
+`opslib open` makes the run's own notebook in the records folder from the template, with the
+parameters injected as papermill injects them, and opens JupyterLab on it. That notebook is the run's
+record; the template is never written. The Lab's kernels inherit the run's id, record stem and mode
+(``interactive``), as a headless run's kernel does under `opslib run`.
+
+The kernel ends the run at its summary step but does not seal it: the notebook is not on disk yet.
+The JupyterLab save after the summary seals it (:func:`after_save`, a ``post_save_hook``), hashing
+the notebook as saved into the ledger; a later save is refused (:func:`before_save`). A session that
+ends unsaved, or a kernel that dies, leaves the run to be sealed as ``abandoned`` once nothing holds
+its live mark: by `opslib open` itself when JupyterLab exits, or by the next `opslib audit`.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import signal
+import subprocess
+import sys
+import threading
+from dataclasses import replace
+from pathlib import Path
+from typing import Sequence
+
+from opslib import audit, notebooks, runner, sealing
+from opslib.config import Settings, load_settings, runbooks_dir
+from opslib.errors import ConfigError, InvalidInput, PreconditionFailed
+from opslib.record import RunRecord
+
+MODE = "interactive"
+_HANDOVER_POLL_S = 0.5
+
+
+def open_run(
+    settings: Settings,
+    name: str,
+    pairs: Sequence[tuple[str, str]] = (),
+    env: str | None = None,
+    lab_args: Sequence[str] = (),
+) -> RunRecord:
+    """Make a run of runbook ``name`` with its own notebook, open JupyterLab on it (``lab_args`` go to
+    JupyterLab: ``--no-browser``, ``--port N``), and return the run's record once JupyterLab has exited.
+
+    The record is then sealed (saved after the summary), abandoned (sealed as such here), or still held
+    by a kernel that outlived JupyterLab (the next `opslib audit` seals it when that kernel is gone).
+    """
+    if importlib.util.find_spec("jupyterlab") is None:
+        raise ConfigError("`opslib open` needs JupyterLab: pip install 'opslib[lab]' (or `make lab`)")
+    run = runner.prepare(settings, name, pairs, env, MODE)
+    if run.live is None:  # refused before it started (a secret in a parameter): sealed as invalid
+        raise InvalidInput(run.first.error or "the parameters were refused")
+    try:
+        notebooks.papermill().execute_notebook(
+            str(run.template),
+            str(run.notebook),
+            parameters=run.values,
+            prepare_only=True,  # injected as papermill does for a headless run, and not executed
+            progress_bar=False,
+            log_output=False,
+        )
+        handover = threading.Thread(target=_hand_over_when_a_kernel_starts, args=(run,), daemon=True)
+        handover.start()
+        _run_lab(run, lab_args)
+    finally:
+        run.live.release()  # whether or not a kernel took the run: nothing of this process writes it now
+    sealing.seal_abandoned(settings, "open")
+    return audit.load_record(run.records, run.stem) or run.first
+
+
+def _hand_over_when_a_kernel_starts(run: runner.Prepared) -> None:
+    """Let go of the live mark once a kernel holds its own (it has written its pid into the sidecar):
+    from then on the run lives exactly as long as its kernel, so a kernel killed mid-run is abandoned
+    at once, even while JupyterLab stays open."""
+    me = os.getpid()
+    while run.live is not None and run.live.held:
+        record = audit.read_sidecar(run.records, run.stem) or {}
+        if any(pid != me for pid in record.get("pids") or []) and record.get("steps"):
+            run.live.release()
+            return
+        threading.Event().wait(_HANDOVER_POLL_S)
+
+
+def _run_lab(run: runner.Prepared, lab_args: Sequence[str]) -> None:
+    """JupyterLab on the run's notebook, its root the records folder (the templates are out of its reach),
+    with the save hooks; waits until it exits. Ctrl-C is JupyterLab's to handle (it asks to confirm)."""
+    command = [
+        sys.executable,
+        "-m",
+        "jupyterlab",
+        str(run.notebook),
+        f"--ServerApp.root_dir={run.records}",
+        "--FileContentsManager.pre_save_hook=opslib.lab.before_save",
+        "--FileContentsManager.post_save_hook=opslib.lab.after_save",
+        *(["--allow-root"] if hasattr(os, "geteuid") and os.geteuid() == 0 else []),
+        *lab_args,
+    ]
+    print(f"opslib open: run {run.first.run_id}, notebook {run.notebook}", file=sys.stderr)
+    print(
+        "opslib open: run the cells in order and save after the summary to seal the record", file=sys.stderr
+    )
+    lab = subprocess.Popen(command, env={**os.environ, **run.kernel_env}, cwd=run.records)
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the terminal sends it to JupyterLab too
+    signal.signal(signal.SIGTERM, lambda signum, frame: lab.terminate())
+    try:
+        lab.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _run_files(os_path: str) -> tuple[Path, str] | None:
+    """(records folder, stem) when ``os_path`` is a run's notebook: a sidecar of the same name is beside it."""
+    path = Path(os_path)
+    if path.suffix != ".ipynb" or not audit.sidecar_path(path.parent, path.stem).is_file():
+        return None
+    return path.parent, path.stem
+
+
+def before_save(model: dict, path: str, contents_manager, **kwargs) -> None:
+    """JupyterLab's ``pre_save_hook``: refuse to write a template, or a run's notebook once it is sealed."""
+    from tornado.web import HTTPError
+
+    os_path = Path(contents_manager._get_os_path(path)).resolve()
+    if os_path.parent == runbooks_dir().resolve():
+        raise HTTPError(403, f"{os_path.name} is a runbook template: runs never change it; `opslib open` makes a copy")
+    found = _run_files(str(os_path))
+    if found and found[1] in audit.vouched_stems(found[0]):
+        raise HTTPError(409, f"run {found[1]} is sealed in the ledger: its notebook no longer changes")
+
+
+def after_save(model: dict, os_path: str, contents_manager) -> None:
+    """JupyterLab's ``post_save_hook``: a save of a run's notebook after its summary seals the run."""
+    found = _run_files(os_path)
+    if found is None:
+        return
+    records, stem = found
+    record = sealing.seal_finished(_settings_for(records), stem, "the JupyterLab save of its notebook")
+    if record is not None:
+        contents_manager.log.info("opslib: run %s sealed (%s), with its notebook", record.run_id, record.outcome)
+
+
+def _settings_for(records: Path) -> Settings:
+    return replace(load_settings(), records_dir=records)
+
+
+def seal(settings: Settings, run_id: str) -> tuple[RunRecord, bool]:
+    """`opslib audit seal RUN_ID`: seal a run its kernel has ended, with its notebook as saved now, or
+    one whose processes are all gone as ``abandoned``. Returns the record and whether this call sealed it."""
+    records = Path(settings.records_dir)
+    stems = sorted(p.stem for p in records.glob(f"*_{run_id}.json"))
+    if not stems:
+        raise InvalidInput(f"no run {run_id} in {records}: `opslib audit list` shows them")
+    stem = stems[0]
+    if stem in audit.vouched_stems(records):
+        return audit.load_record(records, stem), False
+    finished = sealing.seal_finished(settings, stem, "`opslib audit seal`")
+    if finished is not None:
+        return finished, True
+    for record in sealing.seal_abandoned(settings, f"audit seal {run_id}"):
+        if record.run_id == run_id:
+            return record, True
+    raise PreconditionFailed(
+        f"run {run_id} is still in progress (a process holds it): run its summary cell, then save or seal again"
+    )

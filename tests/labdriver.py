@@ -1,0 +1,134 @@
+"""Driving an `opslib open` session as JupyterLab's front end does: through the Jupyter server's REST API
+(sessions, contents) and the kernel the server started (jupyter_client, on its connection file).
+
+Nothing is simulated: the server is the JupyterLab that `opslib open` started, with its save hooks, and
+the kernel is the one it started for the run's notebook, with the run's environment.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import time
+import urllib.request
+from pathlib import Path
+
+import nbformat
+from jupyter_client import BlockingKernelClient
+
+from .conftest import OPSLIB
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class LabSession:
+    """`opslib open RUNBOOK` running in ``work``, with a token and a port of its own."""
+
+    def __init__(self, work: Path, env: dict, runbook: str = "deploy", *params: str):
+        self.work, self.token, self.port = work, secrets.token_hex(8), free_port()
+        self.runtime = work / "jupyter-runtime"
+        work.mkdir(parents=True, exist_ok=True)
+        full = {k: v for k, v in os.environ.items() if not k.startswith(("OPSLIB_", "DATABASE_URL", "JUPYTER"))}
+        full.update(env, JUPYTER_TOKEN=self.token, JUPYTER_RUNTIME_DIR=str(self.runtime))
+        args = [OPSLIB, "open", runbook, *params, "--", "--no-browser", f"--port={self.port}"]
+        self.log = open(work / "opslib-open.log", "w")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(args, cwd=work, env=full, stdout=self.log, stderr=subprocess.STDOUT)
+        self.client: BlockingKernelClient | None = None
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                self.api("GET", "/api/status")
+                break
+            except OSError:
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    raise AssertionError(f"JupyterLab did not start: {self.output()}") from None
+                time.sleep(0.2)
+        (self.notebook,) = (work / "records").glob("*.ipynb")
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def output(self) -> str:
+        if not self.log.closed:
+            self.log.flush()
+        return (self.work / "opslib-open.log").read_text()
+
+    def api(self, method: str, path: str, body: dict | None = None) -> dict:
+        request = urllib.request.Request(
+            f"{self.url}{path}",
+            method=method,
+            data=None if body is None else json.dumps(body).encode(),
+            headers={"Authorization": f"token {self.token}", "Content-Type": "application/json"},
+        )
+        with urllib.request.urlopen(request, timeout=60) as reply:
+            return json.loads(reply.read() or b"{}")
+
+    def start_kernel(self) -> dict:
+        """Open the run's notebook as Lab does: a session, whose kernel the server starts."""
+        session = self.api(
+            "POST", "/api/sessions", {"path": self.notebook.name, "type": "notebook", "kernel": {"name": "python3"}}
+        )
+        connection = self.runtime / f"kernel-{session['kernel']['id']}.json"
+        deadline = time.monotonic() + 30
+        while not connection.exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        self.client = BlockingKernelClient(connection_file=str(connection))
+        self.client.load_connection_file()
+        self.client.start_channels()
+        self.client.wait_for_ready(timeout=60)
+        return session
+
+    def run_cells(self, nb, until: str | None = None, after: str | None = None) -> None:
+        """Execute the notebook's code cells in order, keeping their outputs in ``nb``: all of them, or from
+        the one after the first whose source holds ``after``, up to the first that holds ``until``."""
+        code = [c for c in nb.cells if c.cell_type == "code"]
+        if until is not None:
+            code = code[: next(i for i, c in enumerate(code) if until in c.source) + 1]
+        if after is not None:
+            code = code[next(i for i, c in enumerate(code) if after in c.source) + 1 :]
+        for cell in code:
+            cell.outputs = []
+            msg_id = self.client.execute(cell.source, store_history=True)
+            while True:
+                msg = self.client.get_iopub_msg(timeout=300)
+                if msg["parent_header"].get("msg_id") != msg_id:
+                    continue
+                kind = msg["msg_type"]
+                if kind == "status" and msg["content"]["execution_state"] == "idle":
+                    break
+                if kind in ("stream", "display_data", "execute_result", "error"):
+                    cell.outputs.append(nbformat.v4.output_from_msg(msg))
+            self.client.get_shell_msg(timeout=60)
+
+    def read(self):
+        return nbformat.read(self.notebook, as_version=4)
+
+    def save(self, nb) -> None:
+        """Save as Lab does (PUT /api/contents), which runs the server's save hooks."""
+        self.api("PUT", f"/api/contents/{self.notebook.name}", {"type": "notebook", "format": "json", "content": nb})
+
+    def kernel_pid(self) -> int:
+        msg_id = self.client.execute("import os; print(os.getpid())")
+        while True:
+            msg = self.client.get_iopub_msg(timeout=60)
+            if msg["parent_header"].get("msg_id") == msg_id and msg["msg_type"] == "stream":
+                return int(msg["content"]["text"].strip())
+
+    def stop(self, timeout: float = 60) -> int:
+        """End JupyterLab as an operator does with Ctrl-C twice (here SIGTERM to `opslib open`); its exit code."""
+        if self.client is not None:
+            self.client.stop_channels()
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        code = self.proc.wait(timeout=timeout)
+        self.log.close()
+        return code

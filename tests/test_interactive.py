@@ -1,0 +1,209 @@
+"""Interactive runs (`opslib open`): the run's own notebook, driven as JupyterLab drives it, sealed on save.
+
+The JupyterLab server here is the one `opslib open` starts, with its save hooks; the notebook's kernel
+is the one the server starts for it. tests/labdriver.py drives both through their real interfaces;
+test_lab_in_chromium drives JupyterLab's own page in headless Chromium.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import time
+import urllib.error
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("jupyterlab", reason="the `lab` extra (JupyterLab) is not installed")
+
+from opslib import audit  # noqa: E402
+
+from .conftest import OPSLIB, ROOT, query  # noqa: E402
+from .labdriver import LabSession  # noqa: E402
+
+TEMPLATE = ROOT / "runbooks" / "deploy.ipynb"
+
+
+def _env(database_url: str) -> dict:
+    return {"DATABASE_URL": database_url, "OPSLIB_ALEMBIC_INI": str(ROOT / "alembic.ini")}
+
+
+def _opslib(work: Path, database_url: str, *args: str) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OPSLIB_", "DATABASE_URL"))}
+    return subprocess.run(
+        [OPSLIB, *args], cwd=work, env={**env, **_env(database_url)}, capture_output=True, text=True, timeout=120
+    )
+
+
+def _ledger(work: Path) -> list[dict]:
+    path = work / "records" / "ledger.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def _wait_for(predicate, timeout: float = 30.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.2)
+    raise AssertionError("timed out waiting")
+
+
+def test_a_run_saved_after_its_summary_is_sealed_with_its_notebook(database_url, tmp_path):
+    template_before = audit.file_sha256(TEMPLATE)
+    lab = LabSession(tmp_path / "work", _env(database_url), "deploy", "-p", "target_revision", "head")
+    try:
+        # The run's own notebook, parameters injected as papermill does; its first record is already written.
+        nb = lab.read()
+        assert any("injected-parameters" in c.metadata.get("tags", []) for c in nb.cells)
+        lab.start_kernel()
+        lab.run_cells(nb)
+        errors = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs if o.output_type == "error"]
+        assert not errors, errors
+        assert not _ledger(lab.work)  # ended by the kernel, not sealed until saved
+        lab.save(nb)
+        (entry,) = _ledger(lab.work)
+        assert entry["outcome"] == "succeeded" and entry["notebook"] == lab.notebook.name
+        assert entry["notebook_sha256"] == audit.file_sha256(lab.notebook)
+        saved = lab.read()
+        assert any("Deploy summary" in json.dumps(c.get("outputs", [])) for c in saved.cells)
+        # Sealed: a later save (Lab's autosave, an edit) is refused, and the file is left as sealed.
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            lab.save(saved)
+        assert refused.value.code == 409 and b"sealed" in refused.value.read()
+    finally:
+        code = lab.stop()
+    assert code == 0, lab.output()
+    record = json.loads(lab.notebook.with_suffix(".json").read_text())
+    assert record["mode"] == "interactive" and record["runbook_sha256"] == template_before
+    assert record["sealed_by"].startswith("the JupyterLab save of its notebook")
+    assert query(database_url, "SELECT version_num FROM alembic_version") == [("0007",)]
+    verified = _opslib(lab.work, database_url, "audit", "verify")
+    assert verified.returncode == 0, verified.stdout + verified.stderr
+    assert audit.file_sha256(TEMPLATE) == template_before
+    status = subprocess.run(["git", "status", "--porcelain", "runbooks"], cwd=ROOT, capture_output=True, text=True)
+    assert status.stdout == ""
+
+
+def test_a_session_ended_unsaved_after_the_summary_is_abandoned(database_url, tmp_path):
+    lab = LabSession(tmp_path / "work", _env(database_url))
+    try:
+        lab.start_kernel()
+        nb = lab.read()
+        lab.run_cells(nb, until="run.preflight()")
+        lab.save(nb)  # a save before the summary seals nothing
+        assert not _ledger(lab.work)
+        lab.run_cells(nb, after="run.preflight()")
+    finally:
+        code = lab.stop()  # closed without saving after the summary
+    assert code == 1, lab.output()
+    (entry,) = _ledger(lab.work)
+    assert entry["outcome"] == "abandoned"
+    record = json.loads(lab.notebook.with_suffix(".json").read_text())
+    assert record["last_outcome"] == "succeeded" and "before the notebook was saved" in record["error"]
+    assert record["revisions_after"] == ["0007"]
+    verified = _opslib(lab.work, database_url, "audit", "verify")
+    assert verified.returncode == 0, verified.stdout + verified.stderr
+
+
+def test_a_kernel_killed_after_the_preflight_is_abandoned_at_the_next_audit(database_url, tmp_path):
+    lab = LabSession(tmp_path / "work", _env(database_url))
+    try:
+        lab.start_kernel()
+        nb = lab.read()
+        lab.run_cells(nb, until="run.preflight()")  # the run holds the database's lock now
+        pid = lab.kernel_pid()
+        os.kill(pid, signal.SIGKILL)
+        # JupyterLab is still open: the run lived as long as its kernel, and is abandoned now.
+        listed = _wait_for(
+            lambda: (r := _opslib(lab.work, database_url, "audit", "list")).returncode == 0
+            and "abandoned" in r.stdout
+            and r
+        )
+        assert "opslib: sealed run" in listed.stderr and "the database is at base" in listed.stderr
+        (entry,) = _ledger(lab.work)
+        assert entry["outcome"] == "abandoned"
+        verified = _opslib(lab.work, database_url, "audit", "verify")
+        assert verified.returncode == 0, verified.stdout + verified.stderr
+        # Its lock went with its kernel: a headless deploy runs now.
+        deployed = _opslib(lab.work, database_url, "run", "deploy")
+        assert deployed.returncode == 0, deployed.stderr
+    finally:
+        lab.stop()
+
+
+def test_a_restarted_kernel_cannot_start_the_run_again(database_url, tmp_path):
+    lab = LabSession(tmp_path / "work", _env(database_url))
+    try:
+        session = lab.start_kernel()
+        nb = lab.read()
+        lab.run_cells(nb, until="runbook.start(")
+        lab.api("POST", f"/api/kernels/{session['kernel']['id']}/restart")
+        lab.client.wait_for_ready(timeout=60)
+        lab.run_cells(nb, until="runbook.start(")
+        (error,) = [o for o in nb.cells if o.cell_type == "code" for o in o.outputs if o.output_type == "error"]
+        assert error.ename == "PreconditionFailed" and "has already started in another kernel" in error.evalue
+        assert "opslib open deploy" in error.evalue
+    finally:
+        lab.stop()
+
+
+def test_audit_seal_seals_a_finished_run_and_refuses_one_in_progress(database_url, tmp_path):
+    lab = LabSession(tmp_path / "work", _env(database_url))
+    try:
+        lab.start_kernel()
+        nb = lab.read()
+        lab.run_cells(nb, until="run.preflight()")
+        run_id = json.loads(lab.notebook.with_suffix(".json").read_text())["run_id"]
+        busy = _opslib(lab.work, database_url, "audit", "seal", run_id)
+        assert busy.returncode == 3 and "still in progress" in busy.stderr
+        lab.run_cells(nb, after="run.preflight()")
+        lab.save(nb)  # after the summary: this save seals it
+        again = _opslib(lab.work, database_url, "audit", "seal", run_id)
+        assert again.returncode == 0 and "already sealed as succeeded" in again.stdout
+    finally:
+        lab.stop()
+    unknown = _opslib(lab.work, database_url, "audit", "seal", "nosuchrun")
+    assert unknown.returncode == 2 and "no run nosuchrun" in unknown.stderr
+
+
+def test_lab_in_chromium_runs_all_and_seals_on_save(database_url, tmp_path):
+    """JupyterLab's own page: open the run's notebook, Run All Cells, save; the record is sealed."""
+    sync_api = pytest.importorskip("playwright.sync_api")
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        pytest.skip("no Chromium (make browser installs Debian's)")
+    template_before = audit.file_sha256(TEMPLATE)
+    lab = LabSession(tmp_path / "work", _env(database_url))
+    shots = Path(os.environ.get("OPSLIB_SCREENSHOTS") or tmp_path)
+    try:
+        with sync_api.sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page.goto(f"{lab.url}/lab/tree/{lab.notebook.name}?token={lab.token}")
+            page.wait_for_selector(".jp-Notebook", timeout=60_000)
+            page.wait_for_selector(".jp-Notebook-ExecutionIndicator[data-status='idle']", timeout=60_000)
+            page.click("text=Run", timeout=30_000)  # the menu bar's Run menu
+            page.click("text=Run All Cells")
+            summary = page.locator(".jp-OutputArea-output", has_text="Deploy summary").first
+            summary.wait_for(timeout=180_000)
+            preflight = page.locator(".jp-OutputArea-output", has_text="Preflight:").first
+            preflight.evaluate("element => element.scrollIntoView({block: 'start'})")
+            page.wait_for_timeout(500)  # the notebook renders the cells scrolled into view
+            page.screenshot(path=str(shots / "lab-preflight.png"))
+            page.keyboard.press("Control+s")
+            _wait_for(lambda: _ledger(lab.work), timeout=60)
+            browser.close()
+    finally:
+        lab.stop()
+    (entry,) = _ledger(lab.work)
+    assert entry["outcome"] == "succeeded" and entry["notebook_sha256"] == audit.file_sha256(lab.notebook)
+    assert "Deploy summary" in lab.notebook.read_text()
+    verified = _opslib(lab.work, database_url, "audit", "verify")
+    assert verified.returncode == 0, verified.stdout + verified.stderr
+    assert audit.file_sha256(TEMPLATE) == template_before
