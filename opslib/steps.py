@@ -15,6 +15,7 @@ The same code runs cell by cell in JupyterLab, under plain papermill, and under 
 from __future__ import annotations
 
 import functools
+import json
 import os
 import signal
 import threading
@@ -172,6 +173,7 @@ class Run:
                 f"`opslib open {self.runbook}` makes a new run"
                 if self.record.mode == "interactive"
                 else f"run the cells again from the one that calls runbook.start(\"{self.runbook}\", …)"
+                + (f" in the section “{title}”" if (title := section_title(self.runbook, "runbook.start")) else "")
             )
             raise PreconditionFailed(f"this run has ended ({self.record.outcome}); to {name} again, start a new run: {again}")
 
@@ -190,10 +192,13 @@ class Run:
             )
 
     def _cell_of(self, step_name: str) -> str:
-        """The cell that runs a step, as an operator finds it in the notebook."""
+        """The cell that runs a step, as an operator finds it in the notebook: by its section's title."""
         for attr in dir(type(self)):
             if getattr(getattr(type(self), attr, None), "step_name", None) == step_name:
-                return f"the cell `run.{attr}()`" if attr != "validate" else "the cell that calls runbook.start"
+                call = f"run.{attr}()" if attr != "validate" else "runbook.start"
+                title = section_title(self.runbook, call.removesuffix("()") + ("(" if call.endswith("()") else ""))
+                where = f"the cell `{call}`" if attr != "validate" else "the cell that calls runbook.start"
+                return f"{where} in the section “{title}”" if title else where
         return f"the {step_name} section"
 
     def _revisions_now(self) -> list[str] | None:
@@ -391,6 +396,23 @@ class Run:
             ("record", self.record_path.name),
         ]
         return Section(f"{self.runbook.capitalize()} run", "parameters valid", facts, rows)
+
+
+def section_title(runbook: str, code: str) -> str | None:
+    """The title of the section (its markdown heading) whose code cell holds ``code``, in the runbook's
+    template; None when the template cannot be read or holds no such cell."""
+    try:
+        cells = json.loads((runbooks_dir() / f"{runbook}.ipynb").read_text(encoding="utf-8"))["cells"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    title = None
+    for cell in cells:
+        source = "".join(cell.get("source") or [])
+        if cell.get("cell_type") == "markdown" and source.lstrip().startswith("#"):
+            title = source.lstrip().splitlines()[0].lstrip("#").strip()
+        elif cell.get("cell_type") == "code" and code in source:
+            return title
+    return None
 
 
 def _refuse_a_notebook_that_is_not_the_run(runbook: str, stem: str | None) -> None:

@@ -32,13 +32,14 @@ def free_port() -> int:
 class LabSession:
     """`opslib open RUNBOOK` running in ``work``, with a token and a port of its own."""
 
-    def __init__(self, work: Path, env: dict, runbook: str = "deploy", *params: str):
+    def __init__(self, work: Path, env: dict, runbook: str = "deploy", *params: str, opslib: str = OPSLIB):
         self.work, self.token, self.port = work, secrets.token_hex(8), free_port()
         self.runtime = work / "jupyter-runtime"
         work.mkdir(parents=True, exist_ok=True)
         full = {k: v for k, v in os.environ.items() if not k.startswith(("OPSLIB_", "DATABASE_URL", "JUPYTER"))}
         full.update(env, JUPYTER_TOKEN=self.token, JUPYTER_RUNTIME_DIR=str(self.runtime))
-        args = [OPSLIB, "open", runbook, *params, "--", "--no-browser", f"--port={self.port}"]
+        args = [opslib, "open", runbook, *params, "--", "--no-browser", f"--port={self.port}"]
+        earlier = set((work / "records").glob("*.ipynb"))
         self.log = open(work / "opslib-open.log", "w")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(args, cwd=work, env=full, stdout=self.log, stderr=subprocess.STDOUT)
         self.client: BlockingKernelClient | None = None
@@ -51,7 +52,7 @@ class LabSession:
                 if self.proc.poll() is not None or time.monotonic() > deadline:
                     raise AssertionError(f"JupyterLab did not start: {self.output()}") from None
                 time.sleep(0.2)
-        (self.notebook,) = (work / "records").glob("*.ipynb")
+        (self.notebook,) = set((work / "records").glob("*.ipynb")) - earlier
 
     @property
     def url(self) -> str:

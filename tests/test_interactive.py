@@ -172,6 +172,21 @@ def test_audit_seal_seals_a_finished_run_and_refuses_one_in_progress(database_ur
     assert unknown.returncode == 2 and "no run nosuchrun" in unknown.stderr
 
 
+def _in_lab_until(page, done, timeout_s: float) -> bool:
+    """Wait until ``done()``, answering Lab's kernel dialog as an operator would. On a loaded machine Lab may
+    open the notebook before it has the kernel list, and then asks which kernel to start: the notebook's own,
+    preselected, is chosen."""
+    choose = page.locator(".jp-Dialog button", has_text="Select")
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if choose.count() and choose.first.is_visible():
+            choose.first.click()
+        elif done():
+            return True
+        page.wait_for_timeout(250)
+    return False
+
+
 def test_lab_in_chromium_runs_all_and_seals_on_save(database_url, tmp_path):
     """JupyterLab's own page: open the run's notebook, Run All Cells, save; the record is sealed."""
     sync_api = pytest.importorskip("playwright.sync_api")
@@ -187,11 +202,19 @@ def test_lab_in_chromium_runs_all_and_seals_on_save(database_url, tmp_path):
             page = browser.new_page(viewport={"width": 1400, "height": 1000})
             page.goto(f"{lab.url}/lab/tree/{lab.notebook.name}?token={lab.token}")
             page.wait_for_selector(".jp-Notebook", timeout=60_000)
-            page.wait_for_selector(".jp-Notebook-ExecutionIndicator[data-status='idle']", timeout=60_000)
+            idle = page.locator(".jp-Notebook-ExecutionIndicator[data-status='idle']")
+            for _ in range(2):  # the dialog may come just after the kernel first shows idle
+                assert _in_lab_until(page, lambda: idle.count() > 0, 90), "the notebook's kernel never became idle"
+                page.wait_for_timeout(2000)
             page.click("text=Run", timeout=30_000)  # the menu bar's Run menu
             page.click("text=Run All Cells")
-            summary = page.locator(".jp-OutputArea-output", has_text="Deploy summary").first
-            summary.wait_for(timeout=180_000)
+            summary = page.locator(".jp-OutputArea-output", has_text="Deploy summary")
+            if not _in_lab_until(page, lambda: summary.count() > 0, 180):
+                page.screenshot(path=str(shots / "lab-timeout.png"), full_page=True)
+                raise AssertionError(
+                    f"no summary in Lab (screenshot {shots / 'lab-timeout.png'}): {page.inner_text('body')[-3000:]}"
+                    f"\n{lab.output()[-3000:]}"
+                ) from None
             preflight = page.locator(".jp-OutputArea-output", has_text="Preflight:").first
             preflight.evaluate("element => element.scrollIntoView({block: 'start'})")
             page.wait_for_timeout(500)  # the notebook renders the cells scrolled into view

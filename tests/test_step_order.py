@@ -43,7 +43,7 @@ def test_upgrade_before_the_backup_is_refused_and_changes_nothing(in_process, da
     before = schema_snapshot(database_url)
     run = runbook.start("deploy", {"backup": True})
     run.preflight()
-    with pytest.raises(StepOutOfOrder, match=r"upgrade needs the backup step first \(the cell `run.backup\(\)`\)"):
+    with pytest.raises(StepOutOfOrder, match=r"upgrade needs the backup step first \(the cell `run.backup\(\)` in the section “Backup”\)"):
         run.upgrade()
     assert schema_snapshot(database_url) == before
     record = sealed(in_process)
@@ -66,7 +66,7 @@ def test_upgrade_without_a_preflight_is_refused(in_process, database_url):
 
 def test_backup_without_a_preflight_is_refused(in_process):
     run = runbook.start("deploy", {})
-    with pytest.raises(StepOutOfOrder, match=r"backup needs the preflight step first \(the cell `run.preflight\(\)`\)"):
+    with pytest.raises(StepOutOfOrder, match=r"backup needs the preflight step first \(the cell `run.preflight\(\)` in the section “Preflight”\)"):
         run.backup()
     assert not (in_process.parent / "backups").exists() or not list((in_process.parent / "backups").iterdir())
 

@@ -1,5 +1,6 @@
 """The built wheel, installed (not editable) into a fresh virtualenv, runs the runbooks it ships in a
-project made with `alembic init`: `opslib runbooks`, `opslib run deploy --help` and `opslib run deploy`."""
+project made with `alembic init`: `opslib runbooks`, `opslib run deploy --help`, `opslib run deploy`, and
+`opslib open` (JupyterLab on a run's notebook, sealed when saved)."""
 
 from __future__ import annotations
 
@@ -84,3 +85,20 @@ def test_the_wheel_runs_its_runbooks_in_an_alembic_init_project(installed, datab
     assert "deploy succeeded (exit 0)" in done.stdout and "now at w001" in done.stdout
     [entry] = [json.loads(line) for line in (tmp_path / "records" / "ledger.jsonl").read_text().splitlines()]
     assert entry["outcome"] == "succeeded" and entry["notebook"].endswith(".ipynb")
+
+    # The same project, interactively: JupyterLab from the wheel's environment, on a run of the shipped rollback.
+    pytest.importorskip("jupyterlab", reason="the `lab` extra (JupyterLab) is not installed")
+    from .labdriver import LabSession
+
+    lab = LabSession(tmp_path, env, "rollback", opslib=opslib)
+    try:
+        lab.start_kernel()
+        nb = lab.read()
+        lab.run_cells(nb)
+        lab.save(nb)
+    finally:
+        code = lab.stop()
+    assert code == 0, lab.output()
+    entries = [json.loads(line) for line in (tmp_path / "records" / "ledger.jsonl").read_text().splitlines()]
+    assert [(e["runbook"], e["outcome"]) for e in entries] == [("deploy", "succeeded"), ("rollback", "succeeded")]
+    assert entries[1]["notebook"] == lab.notebook.name
