@@ -31,6 +31,7 @@ from opslib.record import RunRecord
 
 MODE = "interactive"
 _HANDOVER_POLL_S = 0.5
+LAB_STOP_GRACE_S = 15.0  # how long JupyterLab has to stop on SIGTERM before it is killed
 
 
 def open_run(
@@ -93,6 +94,9 @@ def _run_lab(run: runner.Prepared, lab_args: Sequence[str]) -> None:
         f"--ServerApp.root_dir={run.records}",
         "--FileContentsManager.pre_save_hook=opslib.lab.before_save",
         "--FileContentsManager.post_save_hook=opslib.lab.after_save",
+        # An operations session asks nothing of the internet: no news feed, no update check, no prompt.
+        "--LabApp.news_url=None",
+        "--LabApp.check_for_updates_class=jupyterlab.handlers.announcements.NeverCheckForUpdate",
         *(["--allow-root"] if hasattr(os, "geteuid") and os.geteuid() == 0 else []),
         *lab_args,
     ]
@@ -103,10 +107,22 @@ def _run_lab(run: runner.Prepared, lab_args: Sequence[str]) -> None:
     lab = subprocess.Popen(command, env={**os.environ, **run.kernel_env}, cwd=run.records)
     previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the terminal sends it to JupyterLab too
-    signal.signal(signal.SIGTERM, lambda signum, frame: lab.terminate())
+
+    # jupyter_server can hang in its shutdown when a kernel is being restarted (after one died): it is
+    # killed after a grace period. Its kernels then end on their own (they watch their parent's pid).
+    kill_later = threading.Timer(LAB_STOP_GRACE_S, lambda: lab.poll() is None and lab.kill())
+    kill_later.daemon = True
+
+    def stop_lab(signum, frame) -> None:
+        lab.terminate()
+        if not kill_later.is_alive():
+            kill_later.start()
+
+    signal.signal(signal.SIGTERM, stop_lab)
     try:
         lab.wait()
     finally:
+        kill_later.cancel()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
 

@@ -21,6 +21,7 @@ import pytest
 pytest.importorskip("jupyterlab", reason="the `lab` extra (JupyterLab) is not installed")
 
 from opslib import audit  # noqa: E402
+from opslib import lab as opslib_lab  # noqa: E402
 
 from .conftest import OPSLIB, ROOT, query  # noqa: E402
 from .labdriver import LabSession  # noqa: E402
@@ -134,7 +135,9 @@ def test_a_kernel_killed_after_the_preflight_is_abandoned_at_the_next_audit(data
         deployed = _opslib(lab.work, database_url, "run", "deploy")
         assert deployed.returncode == 0, deployed.stderr
     finally:
-        lab.stop()
+        # JupyterLab restarts the dead kernel; stopped meanwhile it can hang, and is then killed after a grace period.
+        code = lab.stop(timeout=opslib_lab.LAB_STOP_GRACE_S + 30)
+    assert code == 1, lab.output()  # the run it opened was abandoned
 
 
 def test_a_restarted_kernel_cannot_start_the_run_again(database_url, tmp_path):
