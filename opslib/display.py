@@ -357,14 +357,32 @@ def run_facts(record: dict) -> list[tuple[str, str]]:
         ("backup", (record.get("backup") or {}).get("path", "none")),
         ("backup sha256", (record.get("backup") or {}).get("sha256", "")),
         ("parameters", json.dumps(record.get("parameters"), sort_keys=True)),
-        ("notebook", record.get("notebook") or "not kept (run outside `opslib run`)"),
-        ("opslib / git", f"{record.get('opslib_version')} / {record.get('git_commit') or 'no git commit'}"),
+        ("notebook", record.get("notebook") or "not kept (run outside `opslib run` and `opslib open`)"),
+        ("driven", _MODES.get(record.get("mode") or "", record.get("mode") or "")),
+        ("sealed by", record.get("sealed_by") or ""),
+        ("template sha256", record.get("runbook_sha256") or ""),
+        ("opslib / git", _version_text(record)),
     ]
+
+
+_MODES = {
+    "headless": "headless (`opslib run`)",
+    "interactive": "interactive (`opslib open`, JupyterLab)",
+    "direct": "directly (papermill or a notebook, without `opslib run` or `opslib open`)",
+}
+
+
+def _version_text(record: dict) -> str:
+    commit = record.get("git_commit") or "no git commit"
+    dirty = {True: " (uncommitted changes)", False: " (clean)"}.get(record.get("git_dirty"), "")
+    return f"{record.get('opslib_version')} / {commit}{dirty}"
 
 
 def run_text(record: dict) -> str:
     """What `opslib audit show` prints: the facts first, then each step."""
-    out = [f"{k:13}: {v}" for k, v in run_facts(record) if v]
+    facts = [(k, v) for k, v in run_facts(record) if v]
+    width = max(len(k) for k, _ in facts)
+    out = [f"{k:{width}}: {v}" for k, v in facts]
     out.append("")
     out.append(record_text(record))
     return "\n".join(out)
