@@ -59,7 +59,7 @@ demo: $(STAMP)
 	@echo; echo "== 3. Where the database stands afterwards"
 	@$(OPSLIB) status
 	@echo; echo "== The executed notebook and its record are in records/ (ledger.jsonl lists every run)."
-	@echo "== Next: make lab (step through runbooks/ in JupyterLab), make audit-report (the records as HTML),"
+	@echo "== Next: make lab (a new deploy run, step by step in JupyterLab), make audit-report (the records as HTML),"
 	@echo "   make rollback-prod confirm=NAME, make test."
 	@if [ -z "$$DATABASE_URL" ]; then echo "== The embedded server keeps running; stop it with: $(OPSLIB) db stop"; fi
 
