@@ -152,18 +152,7 @@ def _parser() -> argparse.ArgumentParser:
     # `opslib run deploy --help` shows the deploy's own parameters, not only this usage.
     s.add_argument("-h", "--help", action="store_true", help="show this help, or RUNBOOK's parameters")
     s.set_defaults(usage=s.format_help)
-    s.add_argument(
-        "-p",
-        "--parameter",
-        nargs=2,
-        action="append",
-        default=[],
-        metavar=("NAME", "VALUE"),
-        help="a runbook parameter",
-    )
-    s.add_argument(
-        "--env", choices=["development", "staging", "production"], help="environment label (OPSLIB_ENV)"
-    )
+    _runbook_parameters(s)
 
     s = sub.add_parser(
         "open",
@@ -173,18 +162,7 @@ def _parser() -> argparse.ArgumentParser:
         "Arguments after -- go to JupyterLab (e.g. -- --no-browser --port 8890).",
     )
     s.add_argument("runbook", help="deploy, rollback, recovery or reset")
-    s.add_argument(
-        "-p",
-        "--parameter",
-        nargs=2,
-        action="append",
-        default=[],
-        metavar=("NAME", "VALUE"),
-        help="a runbook parameter",
-    )
-    s.add_argument(
-        "--env", choices=["development", "staging", "production"], help="environment label (OPSLIB_ENV)"
-    )
+    _runbook_parameters(s)
 
     sub.add_parser("runbooks", help="list the runbooks with their parameters")
 
@@ -206,6 +184,22 @@ def _parser() -> argparse.ArgumentParser:
     s = sub.add_parser("db", help="the embedded PostgreSQL used when DATABASE_URL is unset")
     s.add_argument("action", choices=["start", "stop", "status", "url"])
     return p
+
+
+def _runbook_parameters(s: argparse.ArgumentParser) -> None:
+    """The options `opslib run` and `opslib open` share: a runbook's parameters and the environment label."""
+    s.add_argument(
+        "-p",
+        "--parameter",
+        nargs=2,
+        action="append",
+        default=[],
+        metavar=("NAME", "VALUE"),
+        help="a runbook parameter",
+    )
+    s.add_argument(
+        "--env", choices=["development", "staging", "production"], help="environment label (OPSLIB_ENV)"
+    )
 
 
 _BACKUP_COMMANDS = {

@@ -24,7 +24,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Sequence
 
-from opslib import audit, notebooks, runner, sealing
+from opslib import audit, notebooks, params, runner, sealing
 from opslib.config import Settings, load_settings, runbooks_dir
 from opslib.errors import ConfigError, InvalidInput, PreconditionFailed
 from opslib.record import RunRecord
@@ -49,6 +49,9 @@ def open_run(
     """
     if importlib.util.find_spec("jupyterlab") is None:
         raise ConfigError("`opslib open` needs JupyterLab: pip install 'opslib[lab]' (or `make lab`)")
+    # Bad parameters are refused here, before any notebook, record or JupyterLab exists (exit 2); the
+    # kernel checks them again, with the environment's rules, when the run starts.
+    params.validate(name, runner.coerce(name, pairs))
     run = runner.prepare(settings, name, pairs, env, MODE)
     if run.live is None:  # refused before it started (a secret in a parameter): sealed as invalid
         raise InvalidInput(run.first.error or "the parameters were refused")

@@ -233,3 +233,19 @@ def test_lab_in_chromium_runs_all_and_seals_on_save(database_url, tmp_path):
     verified = _opslib(lab.work, database_url, "audit", "verify")
     assert verified.returncode == 0, verified.stdout + verified.stderr
     assert audit.file_sha256(TEMPLATE) == template_before
+
+
+@pytest.mark.parametrize(
+    ("args", "says"),
+    [
+        (("deploy", "-p", "bogus", "1"), "unknown parameter bogus"),
+        (("deploy", "-p", "database_url_env", "postgresql://u:hunter2@db/app"), "holds a URL with a password"),
+        (("deploy", "-p", "target_revision", "x;y"), "is not a revision id"),
+        (("nosuch",), "no runbook 'nosuch'"),
+    ],
+)
+def test_bad_input_to_open_is_refused_before_anything_exists(database_url, tmp_path, args, says):
+    opened = _opslib(tmp_path, database_url, "open", *args)
+    assert opened.returncode == 2 and says in opened.stderr and len(opened.stderr.splitlines()) == 1, opened.stderr
+    assert "hunter2" not in opened.stderr
+    assert not (tmp_path / "records").exists() or not list((tmp_path / "records").iterdir())
