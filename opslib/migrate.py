@@ -54,7 +54,8 @@ from opslib.errors import (
 from opslib.naming import vague_message
 from opslib.signals import signals_noted
 
-StepCallback = Callable[["RevisionInfo", float], None]
+# (revision, seconds it took, when it started as a Unix time): called once it is known to have committed.
+StepCallback = Callable[["RevisionInfo", float, float], None]
 # (what was being done, attempt number, why it gave up): one call per attempt that hit the lock timeout.
 AttemptCallback = Callable[[str, int, str], None]
 
@@ -838,7 +839,8 @@ class _Progress:
         self.on_step = on_step
         self.guard = guard  # checks the revision's indexes before its version row commits
         self.mark = time.perf_counter()
-        self.unconfirmed: list[tuple[str, float]] = []  # (revision, seconds), not yet known committed
+        self.mark_wall = time.time()  # when the revision under way started: reported later, it is kept
+        self.unconfirmed: list[tuple[str, float, float]] = []  # (revision, seconds, started), not yet committed
         self.last_called: str | None = None  # the last revision whose transaction reached its end
 
     def __call__(self, ctx, step, heads, run_args) -> None:
@@ -850,23 +852,21 @@ class _Progress:
             self._report(self.unconfirmed)  # this transaction began, so the previous one committed
             self.unconfirmed = []
         now = time.perf_counter()
-        self.unconfirmed.append((step.up_revision_id, now - self.mark))
+        self.unconfirmed.append((step.up_revision_id, now - self.mark, self.mark_wall))
         self.last_called = step.up_revision_id
-        self.mark = now
+        self.mark, self.mark_wall = now, time.time()
 
     def settle(self, applied: set[str]) -> None:
         """Report the revisions still unconfirmed that the database shows committed (``applied`` now)."""
-        done = [
-            (rev, secs) for rev, secs in self.unconfirmed if (rev in applied) == (self.action == "upgrade")
-        ]
+        done = [item for item in self.unconfirmed if (item[0] in applied) == (self.action == "upgrade")]
         self._report(done)
         self.unconfirmed = []
-        self.mark = time.perf_counter()
+        self.mark, self.mark_wall = time.perf_counter(), time.time()
 
-    def _report(self, items: list[tuple[str, float]]) -> None:
-        for revision, seconds in items:
+    def _report(self, items: list[tuple[str, float, float]]) -> None:
+        for revision, seconds, started in items:
             if self.on_step is not None:
-                self.on_step(_info(self.script.get_revision(revision), set()), seconds)
+                self.on_step(_info(self.script.get_revision(revision), set()), seconds, started)
 
 
 def _applied_set(script: ScriptDirectory, revs: tuple[str, ...]) -> set[str]:
@@ -1151,7 +1151,7 @@ def upgrade(
     """Apply pending revisions up to ``target`` (default ``head``; ``+N`` for N steps).
 
     One Alembic command, each revision committing on its own whatever the project's env.py says;
-    ``on_step(revision, seconds)`` is called as each revision commits.
+    ``on_step(revision, seconds, started)`` is called as each revision commits.
     """
     target = _check_revision_text(target, "target revision")
     return _run_change(

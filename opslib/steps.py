@@ -21,7 +21,7 @@ import signal
 import threading
 import time
 from dataclasses import replace
-from datetime import datetime, timedelta
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -321,10 +321,10 @@ class Run:
         """
         saved = [time.monotonic()]
 
-        def on_step(info: migrate.RevisionInfo, seconds: float) -> None:
+        def on_step(info: migrate.RevisionInfo, seconds: float, started: float) -> None:
             self.record.step(
                 f"{verb} {info.revision}",
-                audit.iso(audit.now() - timedelta(seconds=seconds)),
+                audit.iso(datetime.fromtimestamp(started, timezone.utc)),
                 duration_s=round(seconds, 3),
                 outcome=Outcome.SUCCEEDED,
             )

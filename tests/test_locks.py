@@ -50,6 +50,9 @@ def test_two_deploys_started_together_one_applies_the_other_exits_4(database_url
     assert sorted(r["outcome"] for r in records) == ["locked", "succeeded"]
     winner = next(r for r in records if r["outcome"] == "succeeded")
     assert winner["revisions_after"] == ["s002"]
+    # Each revision's start is when it started (s002 takes 3 s), not when its commit was confirmed.
+    started = {s["name"]: s["started_at"] for s in winner["steps"]}
+    assert started["upgrade"] <= started["upgrade s001"] < started["upgrade s002"] < started["verify"]
     assert migrate.status(settings_for(database_url, tmp_path, ini)).current == ("s002",)
 
 
