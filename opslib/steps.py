@@ -251,14 +251,16 @@ class Run:
     def _identify(self) -> list[tuple[str, object]]:
         """Connect, record which database this is, and return its identity as facts to show."""
         self.url = db.target_url(self.settings)
+        # Recorded before the lock: whoever seals this run if it dies reads the revision from this table.
+        table = migrate.version_table(self.settings)
         with db.connect(self.url) as conn:
             version, _ = db.server_version(conn)
             fingerprint = db.fingerprint(conn)
+            # Read without the lock too: a run the lock turns away still records where the database stood.
+            self.record.revisions_before = list(migrate.current_revisions(conn, table))
         host = self.url.host or self.url.query.get("host")
         self.database = self.url.database
         self.record.database = Database(host, self.url.port, self.url.database)
-        # Recorded before the lock: whoever seals this run if it dies reads the revision from this table.
-        table = migrate.version_table(self.settings)
         self.record.alembic_ini = str(Path(self.settings.alembic_ini).resolve())
         self.record.version_table = list(table)
         self._save()

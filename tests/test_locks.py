@@ -48,12 +48,35 @@ def test_two_deploys_started_together_one_applies_the_other_exits_4(database_url
     )
     records = _records(work)
     assert sorted(r["outcome"] for r in records) == ["locked", "succeeded"]
+    locked = next(r for r in records if r["outcome"] == "locked")
+    # Read without the lock (where the winner had got to by then), never left unread or invented.
+    assert locked["revisions_before"] in ([], ["s001"]) and locked["revisions_after"] in ([], ["s001"], ["s002"])
     winner = next(r for r in records if r["outcome"] == "succeeded")
     assert winner["revisions_after"] == ["s002"]
     # Each revision's start is when it started (s002 takes 3 s), not when its commit was confirmed.
     started = {s["name"]: s["started_at"] for s in winner["steps"]}
     assert started["upgrade"] <= started["upgrade s001"] < started["upgrade s002"] < started["verify"]
     assert migrate.status(settings_for(database_url, tmp_path, ini)).current == ("s002",)
+
+
+def test_a_run_the_lock_turns_away_records_the_revision_it_read_without_it(database_url, tmp_path):
+    from opslib.db import LOCK_KEY
+
+    assert _start(database_url, tmp_path / "up", "deploy", alembic_ini=ROOT / "alembic.ini").wait(300) == 0
+    holder = psycopg2.connect(libpq(database_url))
+    holder.autocommit = True
+    holder.cursor().execute("SELECT pg_advisory_lock(%s)", (LOCK_KEY,))
+    try:
+        work = tmp_path / "work"
+        turned_away = _start(database_url, work, "deploy", alembic_ini=ROOT / "alembic.ini")
+        assert turned_away.wait(300) == 4, turned_away.communicate()
+    finally:
+        holder.close()
+    (record,) = _records(work)
+    assert record["outcome"] == "locked"
+    assert record["revisions_before"] == record["revisions_after"] == ["0007"]
+    listed = subprocess.run([OPSLIB, "audit", "list"], cwd=work, capture_output=True, text=True)
+    assert "0007 -> 0007" in listed.stdout and "base ->" not in listed.stdout, listed.stdout
 
 
 def _hold_users_lock(url: str) -> psycopg2.extensions.connection:
