@@ -352,9 +352,46 @@ def _check_entries(records_dir: Path, entries: list[dict]) -> list[list[str]]:
             if actual is None:
                 found.append(f"{label}: {kind} {name} was deleted")
             elif actual != entry.get(f"{kind}_sha256"):
-                found.append(f"{label}: {kind} {name} was modified")
+                changes = changed_fields(entry, _json_or_none(records_dir / name)) if kind == "sidecar" else []
+                found.append(f"{label}: {kind} {name} was modified" + (f": {'; '.join(changes)}" if changes else ""))
         by_entry.append(found)
     return by_entry
+
+
+# The facts a ledger entry keeps of its run, which an edited sidecar is compared with.
+LEDGER_FIELDS = (
+    "run_id", "runbook", "outcome", "exit_code", "env", "operator", "database",
+    "revisions_before", "revisions_after", "started_at", "finished_at",
+)  # fmt: skip
+
+
+def field_changes(entry: dict, sidecar: dict) -> list[tuple[str, str, str]]:
+    """(fact, what the ledger says, what the file says) for each fact the ledger keeps that the sidecar
+    no longer says; values as JSON."""
+    return [
+        (name, _shown(entry.get(name)), _shown(sidecar.get(name)))
+        for name in LEDGER_FIELDS
+        if name in entry and entry.get(name) != sidecar.get(name)
+    ]
+
+
+def changed_fields(entry: dict, sidecar: dict | None) -> list[str]:
+    """Each fact the ledger keeps that the sidecar no longer says, as "FIELD: ledger says X, file says Y"
+    (one line when the sidecar is not a JSON object any more)."""
+    if not isinstance(sidecar, dict):
+        return ["the file no longer holds a record"]
+    return [f"{name}: ledger says {ledger}, file says {file}" for name, ledger, file in field_changes(entry, sidecar)]
+
+
+def _shown(value) -> str:
+    return json.dumps(value, sort_keys=True, default=str)
+
+
+def _json_or_none(path: Path):
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
 
 
 def live_mark_path(records_dir: Path, stem: str) -> Path:

@@ -128,6 +128,7 @@ def _run_page(
         entry=entry,
         record=record,
         facts=[(k, v) for k, v in display.run_facts(record) if v] if record else [],
+        changes=audit.field_changes(entry, record) if record else [],
         problems=problems,
         line=line,
         record_error=record_error,

@@ -201,3 +201,24 @@ def test_report_arguments_and_a_broken_ledger_are_refused_clearly(recorded_runs,
         done = audit_cli(copy, action)
         assert done.returncode == 3 and "ledger.jsonl is not valid JSON lines" in done.stderr
     assert not (copy / "records" / "report").exists()
+
+
+def test_an_edited_sidecar_shows_each_changed_fact_against_the_ledger(recorded_runs, tmp_path):
+    copy = copy_of_records(recorded_runs, tmp_path)
+    records = copy / "records"
+    line, entry = next((i, e) for i, e in enumerate(audit.read_ledger(records), 1) if e["outcome"] != "succeeded")
+    path = records / entry["sidecar"]
+    record = json.loads(path.read_text())
+    record.update(operator="mallory", outcome="succeeded", exit_code=0)  # a failed run made to look fine
+    path.write_text(json.dumps(record))
+    verified = audit_cli(copy, "verify")
+    assert verified.returncode == 3
+    assert f'operator: ledger says "{entry["operator"]}", file says "mallory"' in verified.stdout
+    assert f'outcome: ledger says "{entry["outcome"]}", file says "succeeded"' in verified.stdout
+    out = copy / "report"
+    assert _report(copy, "--out", str(out)).returncode == 3
+    page = _soup(_rendered(next((out / "runs").glob(f"{line:04d}-*.html")), tmp_path))
+    rows = [[cell.get_text() for cell in row.find_all(["th", "td"])] for row in page.find(id="changes").find_all("tr")[1:]]
+    assert ["operator", f'"{entry["operator"]}"', '"mallory"'] in rows
+    assert ["outcome", f'"{entry["outcome"]}"', '"succeeded"'] in rows
+    assert page.find(id="outcome").get_text() == entry["outcome"]  # the heading is the ledger's
