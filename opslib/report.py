@@ -36,7 +36,7 @@ SCREENSHOT = "index.png"
 INDEX_COLUMNS = (
     ("started", "started", "text"), ("run_id", "run id", "text"), ("runbook", "runbook", "text"),
     ("env", "env", "text"), ("operator", "operator", "text"), ("database", "database", "text"),
-    ("revisions", "revisions", "text"), ("outcome", "outcome", "text"), ("duration", "seconds", "number"),
+    ("revisions", "revisions", "text"), ("outcome", "outcome", "text"), ("seconds", "seconds", "number"),
     ("record", "record", "text"),
 )  # fmt: skip
 

@@ -80,8 +80,8 @@ def test_report_index_and_run_pages_in_headless_chromium(recorded_runs, tmp_path
     # The browser runs the sorting script (the page's Content-Security-Policy allows it by hash).
     by_outcome = _rows(_rendered(out / "index.html", tmp_path, "#sort=outcome"))
     assert [o for _, o in by_outcome] == ["failed", "refused", "succeeded", "succeeded"]
-    by_duration = _rendered(out / "index.html", tmp_path, "#sort=-duration")
-    assert _soup(by_duration).find(id="runs")["data-sorted-by"] == "-duration"
+    by_duration = _rendered(out / "index.html", tmp_path, "#sort=-seconds")
+    assert _soup(by_duration).find(id="runs")["data-sorted-by"] == "-seconds"
     seconds = [float(td["data-value"]) for td in _soup(by_duration).select("#runs tbody td.num")]
     assert seconds == sorted(seconds, reverse=True) and len(seconds) == 4
 
@@ -222,3 +222,22 @@ def test_an_edited_sidecar_shows_each_changed_fact_against_the_ledger(recorded_r
     assert ["operator", f'"{entry["operator"]}"', '"mallory"'] in rows
     assert ["outcome", f'"{entry["outcome"]}"', '"succeeded"'] in rows
     assert page.find(id="outcome").get_text() == entry["outcome"]  # the heading is the ledger's
+
+
+def test_the_report_never_scrolls_sideways_on_a_narrow_screen(recorded_runs, tmp_path):
+    """At 420 px the index and every run page fit the window: wide tables scroll in their own box."""
+    sync_api = pytest.importorskip("playwright.sync_api")
+    out = tmp_path / "report"
+    assert _report(copy_of_records(recorded_runs, tmp_path), "--out", str(out)).returncode == 0
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=_chromium(), args=["--no-sandbox"])
+        page = browser.new_page(viewport={"width": 420, "height": 900})
+        for html in [out / "index.html", *sorted((out / "runs").glob("*.html"))]:
+            page.goto(html.as_uri())
+            width = page.evaluate("document.documentElement.scrollWidth")
+            wide = page.evaluate(
+                "Array.from(document.querySelectorAll('body *')).filter(e => !e.closest('.scroll')"
+                " && e.getBoundingClientRect().right > 420).map(e => e.tagName + ' ' + e.className).slice(0, 5)"
+            )
+            assert width <= 420, f"{html.name} is {width} px wide at 420 px: {wide}"
+        browser.close()
