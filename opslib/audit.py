@@ -28,6 +28,7 @@ from typing import Iterator
 from opslib.errors import ConfigError, InvalidInput, PreconditionFailed
 from opslib.record import RunRecord, revisions_text
 from opslib.redact import redact_urls_in, scrub_json, scrub_password
+from opslib.safeguards import skipped_safeguards
 
 STAMP = "%Y%m%dT%H%M%SZ"
 LEDGER = "ledger.jsonl"
@@ -243,6 +244,7 @@ def append_ledger(records_dir: Path, stem: str, record: RunRecord) -> bool:
         "sidecar_sha256": file_sha256(records_dir / f"{stem}.json"),
         "notebook": notebook,
         "notebook_sha256": file_sha256(records_dir / notebook) if notebook else None,
+        "warnings": skipped_safeguards(record.to_dict()),  # sealed with the run: an edit cannot hide them
     }
     with open(path, "a+", encoding="utf-8") as f:
         fcntl.flock(f, fcntl.LOCK_EX)
@@ -584,7 +586,8 @@ def _duration(record: dict) -> float | None:
 
 def run_row(entry: dict) -> dict:
     """A ledger entry as one row of `opslib audit list`: when, runbook, env, operator, database,
-    revisions, outcome, duration (an edited entry missing a field shows it empty)."""
+    revisions, outcome, duration, the safeguards it went without (an edited entry missing a field shows
+    it empty)."""
     database = entry.get("database") or {}
     before = revisions_text(entry.get("revisions_before"), "+")
     after = revisions_text(entry.get("revisions_after"), "+")
@@ -599,6 +602,7 @@ def run_row(entry: dict) -> dict:
         "outcome": entry.get("outcome"),
         "exit_code": entry.get("exit_code"),
         "duration_s": _duration(entry),
+        "warnings": list(entry.get("warnings") or []),
     }
 
 

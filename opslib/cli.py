@@ -174,6 +174,9 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("action", choices=["list", "show", "verify", "report", "seal"])
     s.add_argument("run_id", nargs="?", metavar="RUN_ID", help="for show and seal: the run's id")
     s.add_argument("--json", action="store_true")
+    s.add_argument(
+        "--warnings", action="store_true", help="for list: only the runs that went without a safeguard"
+    )
     s.add_argument("--out", type=Path, help="for report: the folder to write (default: <records>/report)")
     s.add_argument(
         "--screenshot",
@@ -401,6 +404,8 @@ def _audit(settings, args: argparse.Namespace) -> int:
     from opslib.errors import ChecksFailed, InvalidInput
 
     records = audit.require_records_dir(settings.records_dir)
+    if args.action != "list" and args.warnings:
+        raise InvalidInput(f"--warnings belongs to `opslib audit list`, not `audit {args.action}`")
     if args.action != "report" and (args.out or args.screenshot):
         raise InvalidInput(
             f"--out and --screenshot belong to `opslib audit report`, not `audit {args.action}`"
@@ -411,7 +416,7 @@ def _audit(settings, args: argparse.Namespace) -> int:
         return _audit_seal(settings, args.run_id)
     _seal_abandoned(settings, f"audit {args.action}")
     if args.action == "list":
-        runs = audit.list_runs(records)
+        runs = [r for r in audit.list_runs(records) if r["warnings"] or not args.warnings]
         print(json.dumps(runs, indent=2, default=str) if args.json else display.runs_text(runs))
     elif args.action == "show":
         if not args.run_id:
@@ -447,18 +452,19 @@ def _audit_seal(settings, run_id: str | None) -> int:
 
 
 def _open(settings, args: argparse.Namespace) -> int:
-    from opslib import lab
-    from opslib.outcome import Outcome, process_exit_code
+    from opslib import audit, lab
+    from opslib.outcome import process_exit_code
 
     record = lab.open_run(
         settings, args.runbook, [tuple(p) for p in args.parameter], env=args.env, lab_args=args.lab_args
     )
-    code = process_exit_code(record.outcome, record.exit_code)
+    sealed = f"{record.run_id}" in {e.get("run_id") for e in audit.read_ledger(settings.records_dir)}
+    code = process_exit_code(record.outcome, record.exit_code) if sealed else 1
     line = f"opslib open: run {record.run_id} ({record.runbook}) {record.outcome}"
-    if record.outcome is Outcome.RUNNING:
-        line += ": a kernel still holds it; the next `opslib audit` seals it once that kernel is gone"
+    if not sealed:
+        line += " but not sealed: a kernel still holds it; the next `opslib audit` seals it once that kernel is gone"
     elif record.error:
-        line += f": {record.error}"
+        line += f": {redact_urls_in(record.error)}"
     print(line, file=sys.stdout if code == 0 else sys.stderr)
     return code
 
@@ -511,7 +517,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     # `opslib open RUNBOOK … -- ARGS`: what follows -- is JupyterLab's, whatever it looks like.
     lab_args: list[str] = []
-    if argv[:1] == ["open"] and "--" in argv:
+    command = next((a for a in argv if not a.startswith("-")), None)
+    if command == "open" and "--" in argv:
         argv, lab_args = argv[: argv.index("--")], argv[argv.index("--") + 1 :]
     args = _parser().parse_args(argv)
     args.lab_args = lab_args

@@ -8,6 +8,7 @@ import re
 from typing import TYPE_CHECKING, Iterable, Sequence
 
 from opslib.record import revisions_text
+from opslib.safeguards import skipped_safeguards
 
 if TYPE_CHECKING:  # types only: rendering backups must not import Alembic
     from opslib.backup import BackupInfo, BackupResult, CleanupResult, RestoreResult
@@ -316,10 +317,11 @@ def runs_text(runs: Sequence[dict]) -> str:
     columns = [
         ("started", "started_at"), ("run id", "run_id"), ("runbook", "runbook"), ("env", "env"),
         ("operator", "operator"), ("database", "database"), ("revisions", "revisions"),
-        ("outcome", "outcome"), ("seconds", "duration_s"),
+        ("outcome", "outcome"), ("seconds", "duration_s"), ("warnings", "warnings"),
     ]  # fmt: skip
     headers, keys = [h for h, _ in columns], [k for _, k in columns]
-    return text_table(headers, [[r.get(k) for k in keys] for r in runs])
+    shown = [{**r, "warnings": ", ".join(r.get("warnings") or [])} for r in runs]
+    return text_table(headers, [[r.get(k) for k in keys] for r in shown])
 
 
 def _where(database: dict) -> str:
@@ -360,6 +362,7 @@ def run_facts(record: dict) -> list[tuple[str, str]]:
         ("notebook", record.get("notebook") or "not kept (run outside `opslib run` and `opslib open`)"),
         ("driven", _MODES.get(record.get("mode") or "", record.get("mode") or "")),
         ("sealed by", record.get("sealed_by") or ""),
+        ("safeguards skipped", ", ".join(skipped_safeguards(record))),
         ("template sha256", record.get("runbook_sha256") or ""),
         ("opslib / git", _version_text(record)),
     ]

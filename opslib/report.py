@@ -37,7 +37,7 @@ INDEX_COLUMNS = (
     ("started", "started", "text"), ("run_id", "run id", "text"), ("runbook", "runbook", "text"),
     ("env", "env", "text"), ("operator", "operator", "text"), ("database", "database", "text"),
     ("revisions", "revisions", "text"), ("outcome", "outcome", "text"), ("seconds", "seconds", "number"),
-    ("record", "record", "text"),
+    ("warnings", "warnings", "text"), ("record", "record", "text"),
 )  # fmt: skip
 
 # Debian's chromium, started as the report's tests do; root needs --no-sandbox, and the rest keep a

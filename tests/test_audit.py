@@ -91,3 +91,44 @@ def test_appends_from_two_processes_at_once_keep_the_chain(tmp_path):
         list(pool.map(_append_many, [(str(tmp_path), "a"), (str(tmp_path), "b")]))
     assert len(audit.read_ledger(tmp_path)) == 50
     assert audit.verify_ledger(tmp_path) == []
+
+
+def _sealed_by_hand(records: Path, run_id: str, env: str, steps: list[str], backup: bool, database: bool) -> None:
+    """A run's record written and sealed by hand, as a run that went without a safeguard would leave it."""
+    from opslib.record import BackupRef, Database
+
+    stem = f"20260101T000000Z_deploy_{run_id}"
+    record = audit.new_record("deploy", run_id, audit.now(), operator="t", env=env)
+    for name in steps:
+        record.step(name, record.started_at, duration_s=0.1, outcome=Outcome.SUCCEEDED)
+    record.backup = BackupRef("/backups/app.dump", "0" * 64) if backup else None
+    record.database = Database("db", 5432, "app") if database else None
+    record.end(Outcome.SUCCEEDED, 0, None, record.started_at)
+    audit.write_sidecar(records, stem, record)
+    audit.append_ledger(records, stem, record)
+
+
+def test_runs_that_went_without_a_safeguard_are_flagged(tmp_path):
+    records = tmp_path / "records"
+    records.mkdir()
+    every = ["parameters", "preflight", "backup", "upgrade", "verify", "summary"]
+    _sealed_by_hand(records, "clean001", "production", every, backup=True, database=True)
+    _sealed_by_hand(records, "nobkp002", "production", [s for s in every if s != "backup"], backup=False, database=True)
+    _sealed_by_hand(records, "novrf003", "production", [s for s in every if s != "verify"], backup=True, database=True)
+    _sealed_by_hand(records, "nodb0004", "development", ["parameters", "summary"], backup=False, database=False)
+    _sealed_by_hand(records, "devnb005", "development", [s for s in every if s != "backup"], backup=False, database=True)
+    flagged = {r["run_id"]: r["warnings"] for r in audit.list_runs(records)}
+    assert flagged == {
+        "clean001": [], "nobkp002": ["no verified backup"], "novrf003": ["no verify step"],
+        "nodb0004": ["no database reached"], "devnb005": [],
+    }  # fmt: skip
+    listed = audit_cli(tmp_path, "list", "--warnings")
+    assert listed.returncode == 0, listed.stderr
+    assert {line.split()[1] for line in listed.stdout.splitlines()[2:]} == {"nobkp002", "novrf003", "nodb0004"}
+    assert "no verified backup" in listed.stdout
+    as_json = json.loads(audit_cli(tmp_path, "list", "--json", "--warnings").stdout)
+    assert [r["run_id"] for r in as_json] == ["nobkp002", "novrf003", "nodb0004"]
+    refused = audit_cli(tmp_path, "verify", "--warnings")
+    assert refused.returncode == 2 and "--warnings belongs to `opslib audit list`" in refused.stderr
+    # The warnings are sealed in the ledger: editing the sidecar to hide them is tampering, shown as such.
+    assert audit_cli(tmp_path, "verify").returncode == 0
