@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -79,7 +80,10 @@ def _hand_over_when_a_kernel_starts(run: runner.Prepared) -> None:
     at once, even while JupyterLab stays open."""
     me = os.getpid()
     while run.live is not None and run.live.held:
-        record = audit.read_sidecar(run.records, run.stem) or {}
+        try:
+            record = audit.read_sidecar(run.records, run.stem) or {}
+        except (OSError, ValueError):  # caught mid-write, or unreadable for a moment: looked at again
+            record = {}
         if any(pid != me for pid in record.get("pids") or []) and record.get("steps"):
             run.live.release()
             return
@@ -95,6 +99,9 @@ def _run_lab(run: runner.Prepared, lab_args: Sequence[str]) -> None:
         "jupyterlab",
         str(run.notebook),
         f"--ServerApp.root_dir={run.records}",
+        # Kernels start in this folder (the project's), as under `opslib run`: an env.py importing the
+        # application (Alembic's prepend_sys_path = .) and the record's git commit both depend on it.
+        f"--MappingKernelManager.root_dir={os.getcwd()}",
         "--FileContentsManager.pre_save_hook=opslib.lab.before_save",
         "--FileContentsManager.post_save_hook=opslib.lab.after_save",
         # An operations session asks nothing of the internet: no news feed, no update check, no prompt.
@@ -107,7 +114,7 @@ def _run_lab(run: runner.Prepared, lab_args: Sequence[str]) -> None:
     print(
         "opslib open: run the cells in order and save after the summary to seal the record", file=sys.stderr
     )
-    lab = subprocess.Popen(command, env={**os.environ, **run.kernel_env}, cwd=run.records)
+    lab = subprocess.Popen(command, env={**os.environ, **run.kernel_env})
     previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the terminal sends it to JupyterLab too
 
@@ -146,7 +153,11 @@ def before_save(model: dict, path: str, contents_manager, **kwargs) -> None:
     if os_path.parent == runbooks_dir().resolve():
         raise HTTPError(403, f"{os_path.name} is a runbook template: runs never change it; `opslib open` makes a copy")
     found = _run_files(str(os_path))
-    if found and found[1] in audit.vouched_stems(found[0]):
+    try:
+        sealed = found is not None and found[1] in audit.vouched_stems(found[0])
+    except (OSError, ValueError) as err:  # jupyter_server saves anyway on any error but an HTTPError
+        raise HTTPError(500, f"cannot tell whether run {found[1]} is sealed ({err}): not saved") from None
+    if sealed:
         raise HTTPError(409, f"run {found[1]} is sealed in the ledger: its notebook no longer changes")
 
 
@@ -169,6 +180,8 @@ def seal(settings: Settings, run_id: str) -> tuple[RunRecord, bool]:
     """`opslib audit seal RUN_ID`: seal a run its kernel has ended, with its notebook as saved now, or
     one whose processes are all gone as ``abandoned``. Returns the record and whether this call sealed it."""
     records = Path(settings.records_dir)
+    if not re.fullmatch(r"[0-9A-Za-z]+", run_id):
+        raise InvalidInput(f"{run_id!r} is not a run id: `opslib audit list` shows them")
     stems = sorted(p.stem for p in records.glob(f"*_{run_id}.json"))
     if not stems:
         raise InvalidInput(f"no run {run_id} in {records}: `opslib audit list` shows them")
@@ -181,6 +194,9 @@ def seal(settings: Settings, run_id: str) -> tuple[RunRecord, bool]:
     for record in sealing.seal_abandoned(settings, f"audit seal {run_id}"):
         if record.run_id == run_id:
             return record, True
+    current = audit.load_record(records, stem)
+    if current is not None and current.mode != "interactive":
+        raise PreconditionFailed(f"run {run_id} is a {current.mode} run still in progress: its runner seals it")
     raise PreconditionFailed(
         f"run {run_id} is still in progress (a process holds it): run its summary cell, then save or seal again"
     )

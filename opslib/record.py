@@ -58,6 +58,7 @@ _OPTIONAL = (
     "fingerprint",
     "last_outcome",
     "sealed_by",
+    "closed_at",
     "alembic_ini",
     "version_table",
 )
@@ -103,6 +104,7 @@ class RunRecord:
     fingerprint: str | None = None
     last_outcome: str | None = None  # an abandoned run: the outcome its sidecar held when it was found
     sealed_by: str | None = None  # an abandoned run: the command that sealed it, and when
+    closed_at: str | None = None  # when the kernel wrote the ended record for the last time (nothing follows)
     # The Alembic project the run worked with, and its version table [schema, table]: whoever seals the
     # run later (its runner, the next command) reads the revision from this table, not its own project's.
     alembic_ini: str | None = None

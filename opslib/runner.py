@@ -28,6 +28,7 @@ from opslib.config import Settings, runbooks_dir
 from opslib.errors import Interrupted, InvalidInput
 from opslib.outcome import Outcome, outcome_of, process_exit_code, signal_exit_code
 from opslib.record import RunRecord, revisions_text
+from opslib.redact import redact_urls_in
 from opslib.signals import signals_held
 
 
@@ -56,7 +57,7 @@ class RunOutcome:
         if r.schema_recreated:
             text += f"; schema public was recreated ({r.schema_recreated['reason']})"
         if r.error:
-            text += f": {r.error}"
+            text += f": {redact_urls_in(r.error)}"
         return text
 
 

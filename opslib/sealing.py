@@ -148,14 +148,8 @@ def _seal_one(settings: Settings, records, stem: str, command: str) -> RunRecord
         )
         record.sealed_by = f"`opslib {command}` on {socket.gethostname()} at {now}"
         settle(settings, record)
-        notebook = audit.sidecar_path(records, stem).with_suffix(".ipynb")
-        if notebook.is_file():
-            audit.scrub_notebook(notebook, os.environ.get("DATABASE_URL") or settings.database_url)
-            record.notebook = notebook.name
-        audit.write_sidecar(records, stem, record)
-        if not audit.append_ledger(records, stem, record):
+        if not _seal_files(settings, records, stem, record):
             return None
-        audit.live_mark_path(records, stem).unlink(missing_ok=True)
     return record
 
 
@@ -170,19 +164,31 @@ def seal_finished(settings: Settings, stem: str, by: str) -> RunRecord | None:
         if stem in audit.vouched_stems(records):
             return None
         record = audit.load_record(records, stem)
-        if record is None or not (isinstance(record.outcome, Outcome) and record.outcome.sealed):
+        # Only an interactive run, and only once its kernel has written its record for the last time.
+        if record is None or record.mode != "interactive" or not record.closed_at:
             return None
-        now = audit.iso(audit.now())
-        notebook = audit.sidecar_path(records, stem).with_suffix(".ipynb")
-        if notebook.is_file():
-            audit.scrub_notebook(notebook, os.environ.get("DATABASE_URL") or settings.database_url)
-            record.notebook = notebook.name
-        record.sealed_by = f"{by} on {socket.gethostname()} at {now}"
-        audit.write_sidecar(records, stem, record)
-        if not audit.append_ledger(records, stem, record):
+        record.sealed_by = f"{by} on {socket.gethostname()} at {audit.iso(audit.now())}"
+        if not _seal_files(settings, records, stem, record):
             return None
-        audit.live_mark_path(records, stem).unlink(missing_ok=True)
-        for sealed in (notebook, audit.sidecar_path(records, stem)):
-            if sealed.is_file():
-                sealed.chmod(0o444)  # a reminder to editors; the ledger's hash is what proves it unchanged
     return record
+
+
+def _seal_files(settings: Settings, records: Path, stem: str, record: RunRecord) -> bool:
+    """Scrub the run's notebook (and drop JupyterLab's unscrubbed checkpoint copy of it), write the sidecar
+    and append the ledger entry vouching for both; False when another command sealed the run first."""
+    notebook = audit.sidecar_path(records, stem).with_suffix(".ipynb")
+    if notebook.is_file():
+        audit.scrub_notebook(notebook, _run_url_text(settings, record))
+        record.notebook = notebook.name
+    (records / ".ipynb_checkpoints" / f"{stem}-checkpoint.ipynb").unlink(missing_ok=True)
+    audit.write_sidecar(records, stem, record)
+    if not audit.append_ledger(records, stem, record):
+        return False
+    audit.live_mark_path(records, stem).unlink(missing_ok=True)
+    return True
+
+
+def _run_url_text(settings: Settings, record: RunRecord) -> str | None:
+    """The URL the run connected with, as its parameters name it (to scrub its password wherever it shows)."""
+    env_name = (record.parameters or {}).get("database_url_env") or "DATABASE_URL"
+    return os.environ.get(str(env_name)) or os.environ.get("DATABASE_URL") or settings.database_url

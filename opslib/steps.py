@@ -226,6 +226,9 @@ class Run:
 
     def _close(self) -> None:
         """Seal an ended run: its ledger entry vouches for the sidecar as it is now, so nothing may change after."""
+        # The last write of this process: a run may be sealed by another (a JupyterLab save) only from now.
+        self.record.closed_at = audit.iso(audit.now())
+        self._save()
         if not self.under_runner:  # `opslib run` appends the ledger line itself, with the notebook's name
             audit.append_ledger(self.settings.records_dir, self.stem, self.record)
         if self.live is not None and self.record.mode != "interactive":
@@ -433,11 +436,15 @@ def _refuse_a_notebook_that_is_not_the_run(runbook: str, stem: str | None) -> No
             raise InvalidInput(f"this JupyterLab was opened for run {stem}, not for {notebook.name}; {again}")
     if stem is None or os.environ.get(audit.RUN_MODE_ENV) != "interactive":
         return
-    settings = load_settings()
+    try:
+        settings = load_settings()
+    except OpsError:
+        return  # begin records the configuration error itself
     earlier = audit.read_sidecar(settings.records_dir, stem)
     if earlier and (earlier.get("steps") or earlier.get("outcome") != str(Outcome.RUNNING)):
         raise PreconditionFailed(
-            f"run {stem} has already started in another kernel, and its record stays as that kernel left it; {again}"
+            f"run {stem} has already started (in this kernel or one before it), and its record stays as it "
+            f"was left; {again}"
         )
 
 

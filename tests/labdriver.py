@@ -24,6 +24,7 @@ from .conftest import OPSLIB
 
 
 def free_port() -> int:
+    """A TCP port nothing listens on now."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -56,14 +57,17 @@ class LabSession:
 
     @property
     def url(self) -> str:
+        """JupyterLab's base URL."""
         return f"http://127.0.0.1:{self.port}"
 
     def output(self) -> str:
+        """What `opslib open` and JupyterLab printed so far."""
         if not self.log.closed:
             self.log.flush()
         return (self.work / "opslib-open.log").read_text()
 
     def api(self, method: str, path: str, body: dict | None = None) -> dict:
+        """One call of the Jupyter server's REST API, with the session's token."""
         request = urllib.request.Request(
             f"{self.url}{path}",
             method=method,
@@ -111,18 +115,24 @@ class LabSession:
             self.client.get_shell_msg(timeout=60)
 
     def read(self):
+        """The run's notebook as it is on disk."""
         return nbformat.read(self.notebook, as_version=4)
 
     def save(self, nb) -> None:
         """Save as Lab does (PUT /api/contents), which runs the server's save hooks."""
         self.api("PUT", f"/api/contents/{self.notebook.name}", {"type": "notebook", "format": "json", "content": nb})
 
-    def kernel_pid(self) -> int:
-        msg_id = self.client.execute("import os; print(os.getpid())")
+    def kernel_says(self, code: str) -> str:
+        """What ``code`` prints in the run's kernel (its first stream output)."""
+        msg_id = self.client.execute(code)
         while True:
             msg = self.client.get_iopub_msg(timeout=60)
             if msg["parent_header"].get("msg_id") == msg_id and msg["msg_type"] == "stream":
-                return int(msg["content"]["text"].strip())
+                return msg["content"]["text"].strip()
+
+    def kernel_pid(self) -> int:
+        """The kernel's process id."""
+        return int(self.kernel_says("import os; print(os.getpid())"))
 
     def stop(self, timeout: float = 60) -> int:
         """End JupyterLab as an operator does with Ctrl-C twice (here SIGTERM to `opslib open`); its exit code."""

@@ -92,16 +92,16 @@ def test_the_history_schema_is_created_once_when_runs_race_to_create_it(database
 
     engine = sa.create_engine(database_url, poolclass=sa.pool.NullPool)
     racers = 8
-    ready = threading.Barrier(racers)
+    ready = threading.Barrier(racers, timeout=30)
     failures: list[BaseException] = []
 
     def create() -> None:
-        with engine.connect() as conn:
-            ready.wait()
-            try:
+        try:
+            with engine.connect() as conn:
+                ready.wait()
                 history.ensure_schema(conn)
-            except BaseException as err:  # noqa: BLE001 - collected for the assertion below
-                failures.append(err)
+        except BaseException as err:  # noqa: BLE001 - collected for the assertion below
+            failures.append(err)
 
     for _ in range(3):  # a fresh database each round: the race is only at the first creation
         query(database_url, "DROP SCHEMA IF EXISTS opslib CASCADE")

@@ -63,6 +63,8 @@ def test_a_run_saved_after_its_summary_is_sealed_with_its_notebook(database_url,
         nb = lab.read()
         assert any("injected-parameters" in c.metadata.get("tags", []) for c in nb.cells)
         lab.start_kernel()
+        # The kernel starts where `opslib open` ran (the project), as `opslib run`'s does, not in records/.
+        assert lab.kernel_says("import os; print(os.getcwd())") == str(lab.work)
         lab.run_cells(nb)
         errors = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs if o.output_type == "error"]
         assert not errors, errors
@@ -146,14 +148,18 @@ def test_a_restarted_kernel_cannot_start_the_run_again(database_url, tmp_path):
         session = lab.start_kernel()
         nb = lab.read()
         lab.run_cells(nb, until="runbook.start(")
+        sidecar = lab.notebook.with_suffix(".json")
+        first = sidecar.read_text()
         lab.api("POST", f"/api/kernels/{session['kernel']['id']}/restart")
         lab.client.wait_for_ready(timeout=60)
         lab.run_cells(nb, until="runbook.start(")
         (error,) = [o for o in nb.cells if o.cell_type == "code" for o in o.outputs if o.output_type == "error"]
-        assert error.ename == "PreconditionFailed" and "has already started in another kernel" in error.evalue
+        assert error.ename == "PreconditionFailed" and "has already started" in error.evalue
         assert "opslib open deploy" in error.evalue
+        assert sidecar.read_text() == first  # the record stays as the first kernel left it
     finally:
-        lab.stop()
+        code = lab.stop(timeout=opslib_lab.LAB_STOP_GRACE_S + 30)
+    assert code == 1  # the run the first kernel started was never finished: abandoned
 
 
 def test_audit_seal_seals_a_finished_run_and_refuses_one_in_progress(database_url, tmp_path):
@@ -173,6 +179,8 @@ def test_audit_seal_seals_a_finished_run_and_refuses_one_in_progress(database_ur
         lab.stop()
     unknown = _opslib(lab.work, database_url, "audit", "seal", "nosuchrun")
     assert unknown.returncode == 2 and "no run nosuchrun" in unknown.stderr
+    pattern = _opslib(lab.work, database_url, "audit", "seal", "*")
+    assert pattern.returncode == 2 and "is not a run id" in pattern.stderr
 
 
 def _in_lab_until(page, done, timeout_s: float) -> bool:

@@ -222,3 +222,34 @@ def test_stale_kernel_sockets_go_but_a_starting_kernels_stay(tmp_path, monkeypat
     finally:
         for sock in (*held, live):
             sock.close()
+
+
+@pytest.mark.parametrize(
+    ("mode", "closed", "sealed"),
+    [("interactive", True, True), ("interactive", False, False), ("headless", True, False), ("direct", True, False)],
+)
+def test_a_save_seals_only_an_interactive_run_its_kernel_has_closed(tmp_path, mode, closed, sealed):
+    """Between the kernel's first write of the outcome and its last (the database still answering), or for
+    a run a runner seals itself, a JupyterLab save or `audit seal` leaves the record alone."""
+    from opslib import sealing
+    from opslib.config import Settings
+
+    records = tmp_path / "records"
+    records.mkdir()
+    stem = "20260101T000000Z_deploy_abcd1234"
+    record = audit.new_record("deploy", "abcd1234", audit.now(), operator="t", env="development", mode=mode)
+    record.end(Outcome.SUCCEEDED, 0, None, record.started_at)
+    record.closed_at = record.started_at if closed else None
+    audit.write_sidecar(records, stem, record)
+    (records / f"{stem}.ipynb").write_text('{"cells": [], "metadata": {}, "nbformat": 4, "nbformat_minor": 5}')
+    checkpoint = records / ".ipynb_checkpoints" / f"{stem}-checkpoint.ipynb"
+    checkpoint.parent.mkdir()
+    checkpoint.write_text("{}")
+    done = sealing.seal_finished(Settings(records_dir=records), stem, "a test")
+    assert (done is not None) is sealed
+    entries = audit.read_ledger(records)
+    assert len(entries) == int(sealed)
+    if sealed:
+        assert entries[0]["notebook_sha256"] == audit.file_sha256(records / f"{stem}.ipynb")
+        assert not checkpoint.exists()  # Lab's unscrubbed copy goes with the seal
+        assert audit.verify_ledger(records) == []
