@@ -106,6 +106,8 @@ def _run_lab(run: runner.Prepared, lab_args: Sequence[str]) -> None:
         "--FileContentsManager.post_save_hook=opslib.lab.after_save",
         # An operations session asks nothing of the internet: no news feed, no update check, no prompt.
         "--LabApp.news_url=None",
+        # No terminals: a shell started there would inherit the run's identity without being its notebook.
+        "--ServerApp.terminals_enabled=False",
         "--LabApp.check_for_updates_class=jupyterlab.handlers.announcements.NeverCheckForUpdate",
         *(["--allow-root"] if hasattr(os, "geteuid") and os.geteuid() == 0 else []),
         *lab_args,

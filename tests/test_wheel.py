@@ -15,6 +15,9 @@ import pytest
 
 from .conftest import ROOT
 
+# One worker builds the wheel for both tests: two builds at once in one source tree collide in its build/.
+pytestmark = pytest.mark.xdist_group("wheel")
+
 REVISION = '''"""create notes"""
 import sqlalchemy as sa
 from alembic import op
@@ -58,12 +61,18 @@ def installed(tmp_path_factory) -> Path:
     return venv
 
 
-def test_the_wheel_runs_its_runbooks_in_an_alembic_init_project(installed, database_url, tmp_path):
+def _alembic_init_project(installed: Path, database_url: str, folder: Path) -> dict:
+    """A project made with `alembic init`, one revision in it; the environment to run the wheel's opslib there."""
     alembic = str(Path(sys.executable).parent / "alembic")
-    subprocess.run([alembic, "init", "migrations"], cwd=tmp_path, check=True, capture_output=True)
-    (tmp_path / "migrations" / "versions" / "w001_create_notes.py").write_text(REVISION)
+    subprocess.run([alembic, "init", "migrations"], cwd=folder, check=True, capture_output=True)
+    (folder / "migrations" / "versions" / "w001_create_notes.py").write_text(REVISION)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("OPSLIB_", "DATABASE_URL", "VIRTUAL_ENV"))}
     env.update(DATABASE_URL=database_url, PATH=f"{installed / 'bin'}:{env['PATH']}")
+    return env
+
+
+def test_the_wheel_runs_its_runbooks_in_an_alembic_init_project(installed, database_url, tmp_path):
+    env = _alembic_init_project(installed, database_url, tmp_path)
     opslib = str(installed / "bin" / "opslib")
 
     where = subprocess.run(
@@ -86,19 +95,23 @@ def test_the_wheel_runs_its_runbooks_in_an_alembic_init_project(installed, datab
     [entry] = [json.loads(line) for line in (tmp_path / "records" / "ledger.jsonl").read_text().splitlines()]
     assert entry["outcome"] == "succeeded" and entry["notebook"].endswith(".ipynb")
 
-    # The same project, interactively: JupyterLab from the wheel's environment, on a run of the shipped rollback.
+
+def test_the_wheel_opens_a_run_in_jupyterlab_and_seals_it_on_save(installed, database_url, tmp_path):
+    """`opslib open` from the wheel's environment: JupyterLab on a run of the shipped deploy, saved after its summary."""
     pytest.importorskip("jupyterlab", reason="the `lab` extra (JupyterLab) is not installed")
     from .labdriver import LabSession
 
-    lab = LabSession(tmp_path, env, "rollback", opslib=opslib)
+    env = _alembic_init_project(installed, database_url, tmp_path)
+    lab = LabSession(tmp_path, env, "deploy", opslib=str(installed / "bin" / "opslib"))
     try:
         lab.start_kernel()
+        assert lab.kernel_says("import opslib; print(opslib.__file__)").startswith(str(installed))
         nb = lab.read()
         lab.run_cells(nb)
         lab.save(nb)
     finally:
         code = lab.stop()
     assert code == 0, lab.output()
-    entries = [json.loads(line) for line in (tmp_path / "records" / "ledger.jsonl").read_text().splitlines()]
-    assert [(e["runbook"], e["outcome"]) for e in entries] == [("deploy", "succeeded"), ("rollback", "succeeded")]
-    assert entries[1]["notebook"] == lab.notebook.name
+    [entry] = [json.loads(line) for line in (tmp_path / "records" / "ledger.jsonl").read_text().splitlines()]
+    assert (entry["runbook"], entry["outcome"], entry["revisions_after"]) == ("deploy", "succeeded", ["w001"])
+    assert entry["notebook"] == lab.notebook.name
