@@ -215,8 +215,16 @@ def entry_hash(entry: dict) -> str:
     return hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def append_ledger(records_dir: Path, stem: str, record: RunRecord) -> bool:
-    """Append the run's entry to ``ledger.jsonl``, chained to the entry before it; False (nothing
+@dataclasses.dataclass(frozen=True)
+class Appended:
+    """A ledger entry just appended, and the ledger's identity: the hash of its first entry."""
+
+    entry: dict
+    ledger_id: str
+
+
+def append_ledger(records_dir: Path, stem: str, record: RunRecord) -> Appended | None:
+    """Append the run's entry to ``ledger.jsonl``, chained to the entry before it; None (nothing
     appended) when the ledger already vouches for this run: a run is sealed once.
 
     The entry holds the sha256 of the sidecar and of the executed notebook (when there is one) and
@@ -252,16 +260,17 @@ def append_ledger(records_dir: Path, stem: str, record: RunRecord) -> bool:
             f.seek(0)
             lines = [line for line in f.read().splitlines() if line.strip()]
             if any(_vouches_for(line, entry["sidecar"]) for line in lines):
-                return False
+                return None
             entry["prev_hash"] = json.loads(lines[-1]).get("hash", GENESIS) if lines else GENESIS
             entry["hash"] = entry_hash(entry)
+            ledger_id = json.loads(lines[0]).get("hash", "") if lines else entry["hash"]
             f.seek(0, os.SEEK_END)
             f.write(json.dumps(entry, sort_keys=True, default=str) + "\n")
             f.flush()
             os.fsync(f.fileno())
         finally:
             fcntl.flock(f, fcntl.LOCK_UN)
-    return True
+    return Appended(entry, ledger_id)
 
 
 def _vouches_for(line: str, sidecar: str) -> bool:

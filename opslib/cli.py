@@ -426,14 +426,17 @@ def _audit(settings, args: argparse.Namespace) -> int:
     elif args.action == "report":
         return _audit_report(records, args)
     else:
+        from opslib import anchors
+
         check = audit.check_ledger(records)
-        if check.problems:
-            print("\n".join(check.problems))
-            raise ChecksFailed(
-                f"audit verify: {len(check.problems)} problem(s) in {records}; the first: {check.problems[0]}"
-            )
+        anchored, against_database = anchors.cross_check(settings, check.entries)
+        problems = check.problems + against_database
+        if problems:
+            print("\n".join(problems))
+            raise ChecksFailed(f"audit verify: {len(problems)} problem(s) in {records}; the first: {problems[0]}")
         print(
-            f"audit verify: {len(check.entries)} run(s), every record matches the ledger and the chain is intact"
+            f"audit verify: {len(check.entries)} run(s), every record matches the ledger and the chain is intact; "
+            f"{anchored}"
         )
     return EXIT_OK
 

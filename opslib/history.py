@@ -48,12 +48,27 @@ CREATE TABLE IF NOT EXISTS opslib.runs (
     started_at timestamptz,
     finished_at timestamptz
 );
+-- Each ledger entry's hash, as the run that sealed it wrote it: the records' ledger is checked
+-- against this copy, which an editor of the records folder cannot reach.
+CREATE TABLE IF NOT EXISTS opslib.ledger_entries (
+    seq bigserial PRIMARY KEY,
+    ledger_id text NOT NULL,
+    run_id text NOT NULL,
+    entry_hash text NOT NULL,
+    prev_hash text NOT NULL,
+    runbook text,
+    outcome text,
+    sealed_at timestamptz NOT NULL DEFAULT clock_timestamp()
+);
 CREATE OR REPLACE FUNCTION opslib.append_only() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
     RAISE EXCEPTION 'opslib history is append-only: % on %.% refused', TG_OP, TG_TABLE_SCHEMA, TG_TABLE_NAME;
 END $$;
 DROP TRIGGER IF EXISTS append_only ON opslib.revision_events;
 CREATE TRIGGER append_only BEFORE UPDATE OR DELETE ON opslib.revision_events
+    FOR EACH ROW EXECUTE FUNCTION opslib.append_only();
+DROP TRIGGER IF EXISTS append_only ON opslib.ledger_entries;
+CREATE TRIGGER append_only BEFORE UPDATE OR DELETE ON opslib.ledger_entries
     FOR EACH ROW EXECUTE FUNCTION opslib.append_only();
 DROP TRIGGER IF EXISTS append_only ON opslib.runs;
 CREATE TRIGGER append_only BEFORE UPDATE OR DELETE ON opslib.runs
@@ -68,7 +83,7 @@ def ensure_schema(conn: Connection) -> None:
     """Create the opslib schema and its tables if they are missing, or add what an older one lacks
     (committed at once)."""
     current = (
-        "SELECT to_regclass('opslib.runs') IS NOT NULL AND EXISTS (SELECT 1 FROM information_schema.columns "
+        "SELECT to_regclass('opslib.runs') IS NOT NULL AND to_regclass('opslib.ledger_entries') IS NOT NULL AND EXISTS (SELECT 1 FROM information_schema.columns "
         "WHERE table_schema = 'opslib' AND table_name = 'revision_events' AND column_name = 'to_revisions')"
     )
     if not conn.execute(sa.text(current)).scalar():
@@ -180,3 +195,36 @@ def current_run_id() -> str | None:
 def set_current_run_id(run_id: str | None) -> None:
     """Mark the run this process executes, so revision events name it."""
     _CURRENT_RUN.set(run_id)
+
+
+def record_ledger_entry(conn: Connection, ledger_id: str, entry: dict) -> None:
+    """Insert the hash of a ledger entry just appended to the records' ledger ``ledger_id`` (committed)."""
+    ensure_schema(conn)
+    conn.execute(
+        sa.text(
+            "INSERT INTO opslib.ledger_entries (ledger_id, run_id, entry_hash, prev_hash, runbook, outcome) "
+            "VALUES (:ledger_id, :run_id, :hash, :prev_hash, :runbook, :outcome)"
+        ),
+        {
+            "ledger_id": ledger_id,
+            "run_id": entry.get("run_id"),
+            "hash": entry.get("hash"),
+            "prev_hash": entry.get("prev_hash"),
+            "runbook": entry.get("runbook"),
+            "outcome": entry.get("outcome"),
+        },
+    )
+    conn.commit()
+
+
+def ledger_entries(conn: Connection) -> list[dict]:
+    """The ledger entry hashes anchored in this database, oldest first; empty when it has none."""
+    if not conn.execute(sa.text("SELECT to_regclass('opslib.ledger_entries') IS NOT NULL")).scalar():
+        return []
+    rows = conn.execute(
+        sa.text(
+            "SELECT seq, ledger_id, run_id, entry_hash, prev_hash, runbook, outcome, sealed_at "
+            "FROM opslib.ledger_entries ORDER BY seq"
+        )
+    )
+    return [dict(r._mapping) for r in rows]

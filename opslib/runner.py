@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
-from opslib import audit, notebooks, params, sealing
+from opslib import anchors, audit, notebooks, params, sealing
 from opslib.config import Settings, runbooks_dir
 from opslib.errors import Interrupted, InvalidInput
 from opslib.outcome import Outcome, outcome_of, process_exit_code, signal_exit_code
@@ -364,7 +364,9 @@ def run(
             audit.scrub_notebook(notebook_out, settings.database_url)
             record.notebook = notebook_out.name
         sidecar = audit.write_sidecar(records, stem, record)
-        audit.append_ledger(records, stem, record)  # False when another command sealed it meanwhile: kept as is
+        appended = audit.append_ledger(records, stem, record)  # None when another command sealed it meanwhile
+        if appended is not None:
+            anchors.anchor(settings, record, appended)
         live.release(remove=True)
     return RunOutcome(record, sidecar, notebook_out)
 

@@ -21,9 +21,8 @@ import time
 from pathlib import Path
 
 import sqlalchemy as sa
-from sqlalchemy.engine import URL
 
-from opslib import audit, db
+from opslib import anchors, audit, db
 from opslib import history as run_history
 from opslib.config import Settings
 from opslib.errors import OpsError
@@ -31,30 +30,6 @@ from opslib.outcome import Outcome
 from opslib.record import RunRecord
 
 SESSIONS_GONE_S = 10.0  # how long to wait for a dead run's sessions to end once told to
-
-
-def _target_of(settings: Settings, record: RunRecord) -> URL | None:
-    """The URL of the record's database, from the environment variable its parameters name, if it is
-    that database; None when it cannot be known from here (nothing is ever guessed)."""
-    env_name = (record.parameters or {}).get("database_url_env") or "DATABASE_URL"
-    text = os.environ.get(str(env_name)) or settings.database_url
-    try:
-        url = db.parse_url(text) if text else db.parse_url(_embedded_if_running(settings) or "")
-    except OpsError:
-        return None
-    database = record.database
-    if database is None or url.database != database.name:
-        return None
-    same_host = (url.host or url.query.get("host")) == database.host
-    same_port = (url.port or 5432) == (database.port or 5432)
-    return url if same_host and same_port else None
-
-
-def _embedded_if_running(settings: Settings) -> str | None:
-    from opslib import embedded  # only when no URL is configured
-
-    state = embedded.status(settings)
-    return state.url if state.running else None
 
 
 def _end_sessions(conn, record: RunRecord) -> None:
@@ -79,7 +54,7 @@ def settle(settings: Settings, record: RunRecord) -> None:
     record.revisions_after = None
     from opslib import migrate  # Alembic's import is paid only when there is a record to settle
 
-    url = _target_of(settings, record)
+    url = anchors.target_of(settings, record)
     if url is None:
         record.database_history = "not written: the database could not be identified from here"
         return
@@ -128,7 +103,7 @@ def _seal_one(settings: Settings, records, stem: str, command: str) -> RunRecord
         if not ended or stem in audit.vouched_stems(records):
             return None
         record = audit.load_record(records, stem)  # as it is now, the run's last write included
-        if record is None:
+        if record is None or anchors.is_anchored(settings, record):  # sealed once: its ledger line was removed
             return None
         now = audit.iso(audit.now())
         record.last_outcome = str(record.outcome)
@@ -182,9 +157,11 @@ def _seal_files(settings: Settings, records: Path, stem: str, record: RunRecord)
         record.notebook = notebook.name
     (records / ".ipynb_checkpoints" / f"{stem}-checkpoint.ipynb").unlink(missing_ok=True)
     audit.write_sidecar(records, stem, record)
-    if not audit.append_ledger(records, stem, record):
+    appended = audit.append_ledger(records, stem, record)
+    if appended is None:
         return False
     audit.live_mark_path(records, stem).unlink(missing_ok=True)
+    anchors.anchor(settings, record, appended)
     return True
 
 

@@ -27,7 +27,7 @@ from typing import Any, Callable, Mapping
 
 import sqlalchemy as sa
 
-from opslib import audit, db, migrate, params
+from opslib import anchors, audit, db, migrate, params
 from opslib import history as run_history
 from opslib.config import Settings, load_settings, runbooks_dir
 from opslib.display import Section
@@ -230,7 +230,9 @@ class Run:
         self.record.closed_at = audit.iso(audit.now())
         self._save()
         if not self.under_runner:  # `opslib run` appends the ledger line itself, with the notebook's name
-            audit.append_ledger(self.settings.records_dir, self.stem, self.record)
+            appended = audit.append_ledger(self.settings.records_dir, self.stem, self.record)
+            if appended is not None:
+                anchors.anchor(self.settings, self.record, appended)
         if self.live is not None and self.record.mode != "interactive":
             self.live.release(remove=not self.under_runner)
         # An interactive run's kernel keeps its hold until it exits: the run is sealed when the operator

@@ -95,8 +95,8 @@ def test_a_run_is_sealed_into_the_ledger_once(tmp_path):
     record = running_record(tmp_path, stem, host=socket.gethostname(), pids=[os.getpid()])
     record.end(Outcome.SUCCEEDED, 0, None, "2026-11-26T10:00:01.000Z")
     audit.write_sidecar(tmp_path, stem, record)
-    assert audit.append_ledger(tmp_path, stem, record) is True
-    assert audit.append_ledger(tmp_path, stem, record) is False
+    assert audit.append_ledger(tmp_path, stem, record) is not None
+    assert audit.append_ledger(tmp_path, stem, record) is None
     assert len(audit.read_ledger(tmp_path)) == 1
     assert audit.verify_ledger(tmp_path) == []
 

@@ -1,0 +1,163 @@
+"""The ledger anchored in the target database, where an editor of the records folder cannot reach.
+
+A hash chain alone cannot see its own tail cut off, nor a ledger replaced by an older copy of itself.
+So each run, once its entry is appended to ``records/ledger.jsonl``, also writes that entry's hash into
+its database's append-only ``opslib.ledger_entries``, with the ledger's identity (the hash of its first
+entry). `opslib audit verify` then cross-checks both ways (:func:`cross_check`): every entry the
+database holds for this ledger is in the ledger, with the same hash, and every ledger entry for that
+database sealed since anchoring began is in the database. Entries of other ledgers (another records
+folder working on the same database) are counted, never taken for this one's.
+"""
+
+from __future__ import annotations
+
+import os
+from datetime import datetime
+
+import sqlalchemy as sa
+from sqlalchemy.engine import URL
+
+from opslib import db
+from opslib import history as run_history
+from opslib.config import Settings
+from opslib.errors import OpsError
+from opslib.record import RunRecord
+
+
+def target_of(settings: Settings, record: RunRecord) -> URL | None:
+    """The URL of the record's database, from the environment variable its parameters name, if it is
+    that database; None when it cannot be known from here (nothing is ever guessed)."""
+    env_name = (record.parameters or {}).get("database_url_env") or "DATABASE_URL"
+    text = os.environ.get(str(env_name)) or settings.database_url
+    try:
+        url = db.parse_url(text) if text else db.parse_url(_embedded_if_running(settings) or "")
+    except OpsError:
+        return None
+    database = record.database
+    if database is None or not _same_database(url, database.host, database.port, database.name):
+        return None
+    return url
+
+
+def _same_database(url: URL, host: str | None, port: int | None, name: str | None) -> bool:
+    return (
+        url.database == name
+        and (url.host or url.query.get("host")) == host
+        and (url.port or 5432) == (port or 5432)
+    )
+
+
+def _embedded_if_running(settings: Settings) -> str | None:
+    from opslib import embedded  # only when no URL is configured
+
+    state = embedded.status(settings)
+    return state.url if state.running else None
+
+
+def anchor(settings: Settings, record: RunRecord, appended) -> bool:
+    """Write the hash of the run's ledger entry (``audit.Appended``) into its database; False when the
+    database cannot be identified or reached from here (`audit verify` then names the entry as not anchored)."""
+    url = target_of(settings, record)
+    if url is None:
+        return False
+    try:
+        with db.connect(url) as conn:
+            run_history.record_ledger_entry(conn, appended.ledger_id, appended.entry)
+    except (OpsError, sa.exc.DBAPIError):
+        return False
+    return True
+
+
+def is_anchored(settings: Settings, record: RunRecord) -> bool:
+    """True when the run's database holds a ledger entry of this run: it was sealed once, whatever the
+    records folder says now (its ledger line removed or replaced), so it is never sealed again."""
+    url = target_of(settings, record)
+    if url is None:
+        return False
+    try:
+        with db.connect(url) as conn:
+            return any(a["run_id"] == record.run_id for a in run_history.ledger_entries(conn))
+    except (OpsError, sa.exc.DBAPIError):
+        return False
+
+
+def _target_url(settings: Settings) -> URL | None:
+    text = settings.database_url or _embedded_if_running(settings)
+    try:
+        return db.parse_url(text) if text else None
+    except OpsError:
+        return None
+
+
+def cross_check(settings: Settings, entries: list[dict]) -> tuple[str, list[str]]:
+    """Check the ledger ``entries`` against the hashes anchored in the target database.
+
+    Returns (what was checked, in one line; the problems found, each naming the run). Nothing is
+    checked when no target is configured or it cannot be reached: the line says so.
+    """
+    url = _target_url(settings)
+    if url is None:
+        return "not cross-checked with a database (none configured)", []
+    shown = db.redact_url(url)
+    try:
+        with db.connect(url) as conn:
+            anchored = run_history.ledger_entries(conn)
+    except (OpsError, sa.exc.DBAPIError) as err:
+        message = err.message if isinstance(err, OpsError) else db.driver_message(err, url)
+        return f"not cross-checked with {shown}: {message}", []
+    # This ledger's anchors: those of its identity, known by a run or an entry it still holds (a ledger
+    # whose first entry was dropped is still itself).
+    runs, hashes = {e.get("run_id") for e in entries}, {e.get("hash") for e in entries}
+    ids = {a["ledger_id"] for a in anchored if a["run_id"] in runs or a["ledger_id"] in hashes}
+    ours = [a for a in anchored if a["ledger_id"] in ids]
+    others = len(anchored) - len(ours)
+    here = [e for e in entries if _same_database(url, *_where(e))]
+    problems = _compare(here, ours, url.database)
+    line = (
+        f"cross-checked with database {url.database}: {len(ours)} entr(ies) of this ledger anchored there"
+        + (f", {others} of other records folders" if others else "")
+    )
+    return line, problems
+
+
+def _where(entry: dict) -> tuple:
+    database = entry.get("database") or {}
+    return database.get("host"), database.get("port"), database.get("name")
+
+
+def _compare(here: list[dict], anchored: list[dict], name: str) -> list[str]:
+    problems = []
+    by_run = {e.get("run_id"): e for e in here}
+    for a in anchored:
+        entry = by_run.get(a["run_id"])
+        sealed = a["sealed_at"].strftime("%Y-%m-%d %H:%M:%S %Z")
+        if entry is None:
+            problems.append(
+                f"run {a['run_id']} ({a['runbook']}, {a['outcome']}, sealed {sealed}) is anchored in database "
+                f"{name} but missing from the ledger: record missing (a cut-off tail, a dropped entry or a "
+                "replaced ledger)"
+            )
+        elif entry.get("hash") != a["entry_hash"]:
+            problems.append(
+                f"run {a['run_id']}: its ledger entry is not the one anchored in database {name} (the ledger was "
+                "edited or replaced)"
+            )
+    if anchored:
+        since = anchored[0]["sealed_at"]
+        known = {a["run_id"] for a in anchored}
+        for entry in here:
+            finished = _moment(entry.get("finished_at"))
+            if entry.get("run_id") not in known and finished is not None and finished >= since:
+                problems.append(
+                    f"run {entry.get('run_id')} is in the ledger but not anchored in database {name} (written "
+                    "outside a run, or sealed while the database could not be reached)"
+                )
+    return problems
+
+
+def _moment(text) -> datetime | None:
+    try:
+        return datetime.fromisoformat(str(text).replace("Z", "+00:00"))
+    except ValueError:
+        return None
+

@@ -1,0 +1,93 @@
+"""The ledger anchored in the database: `audit verify` cross-checks the records' ledger both ways against
+the entry hashes each run wrote into its database, so a cut-off tail, a dropped entry or a ledger replaced
+by an older copy is named, which the hash chain alone cannot see."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from opslib import audit
+
+from .conftest import OPSLIB, _opslib_run, query
+
+
+def _verify(work: Path, url: str) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OPSLIB_", "DATABASE_URL"))}
+    return subprocess.run(
+        [OPSLIB, "audit", "verify"], cwd=work, env={**env, "DATABASE_URL": url}, capture_output=True, text=True
+    )
+
+
+@pytest.fixture
+def three_runs(database_url, tmp_path) -> tuple[Path, str, list[dict]]:
+    """deploy, rollback, deploy in work/, with the ledger as it stood after the second kept aside."""
+    work = tmp_path / "work"
+    work.mkdir()
+    for i, runbook in enumerate(("deploy", "rollback", "deploy")):
+        assert _opslib_run(database_url, work, runbook) == 0
+        if i == 1:
+            shutil.copy(work / "records" / audit.LEDGER, tmp_path / "ledger-after-two.jsonl")
+    return work, database_url, audit.read_ledger(work / "records")
+
+
+def test_every_run_is_anchored_and_verify_says_so(three_runs):
+    work, url, entries = three_runs
+    anchored = query(url, "SELECT run_id, entry_hash FROM opslib.ledger_entries ORDER BY seq")
+    assert anchored == [(e["run_id"], e["hash"]) for e in entries]
+    done = _verify(work, url)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "3 entr(ies) of this ledger anchored there" in done.stdout
+    with pytest.raises(Exception, match="append-only"):
+        query(url, "DELETE FROM opslib.ledger_entries")
+
+
+def _drop_entry(work: Path, index: int) -> dict:
+    records = work / "records"
+    lines = (records / audit.LEDGER).read_text().splitlines()
+    entry = audit.read_ledger(records)[index]
+    del lines[index]
+    (records / audit.LEDGER).write_text("".join(line + "\n" for line in lines))
+    for name in (entry["sidecar"], entry["notebook"]):
+        (records / name).unlink()
+    return entry
+
+
+def test_a_cut_off_tail_is_named(three_runs):
+    work, url, _ = three_runs
+    newest = _drop_entry(work, -1)
+    assert audit.verify_ledger(work / "records") == []  # the chain alone sees nothing wrong
+    done = _verify(work, url)
+    assert done.returncode == 3
+    assert f"run {newest['run_id']} (deploy, succeeded" in done.stdout and "record missing" in done.stdout
+
+
+def test_a_dropped_middle_entry_is_named(three_runs):
+    work, url, _ = three_runs
+    middle = _drop_entry(work, 1)
+    done = _verify(work, url)
+    assert done.returncode == 3
+    assert f"run {middle['run_id']} (rollback, succeeded" in done.stdout and "record missing" in done.stdout
+
+
+def test_a_ledger_replaced_by_an_older_copy_is_named(three_runs, tmp_path):
+    work, url, entries = three_runs
+    shutil.copy(tmp_path / "ledger-after-two.jsonl", work / "records" / audit.LEDGER)
+    done = _verify(work, url)
+    assert done.returncode == 3
+    assert f"run {entries[2]['run_id']} (deploy, succeeded" in done.stdout and "record missing" in done.stdout
+
+
+def test_another_records_folder_on_the_same_database_is_not_taken_for_tampering(three_runs, tmp_path):
+    work, url, _ = three_runs
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    assert _opslib_run(url, elsewhere, "rollback") == 0
+    for folder, ours, others in ((work, 3, 1), (elsewhere, 1, 3)):
+        done = _verify(folder, url)
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert f"{ours} entr(ies) of this ledger anchored there, {others} of other records folders" in done.stdout
