@@ -320,7 +320,14 @@ def runs_text(runs: Sequence[dict]) -> str:
         ("outcome", "outcome"), ("seconds", "duration_s"), ("warnings", "warnings"),
     ]  # fmt: skip
     headers, keys = [h for h, _ in columns], [k for _, k in columns]
-    shown = [{**r, "warnings": ", ".join(r.get("warnings") or [])} for r in runs]
+    shown = [
+        {
+            **r,
+            "warnings": ", ".join(r.get("warnings") or []),
+            "duration_s": "" if r.get("duration_s") is None else f"{r['duration_s']:.3f}",  # one precision throughout
+        }
+        for r in runs
+    ]
     return text_table(headers, [[r.get(k) for k in keys] for r in shown])
 
 

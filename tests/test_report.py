@@ -241,3 +241,39 @@ def test_the_report_never_scrolls_sideways_on_a_narrow_screen(recorded_runs, tmp
             )
             assert width <= 420, f"{html.name} is {width} px wide at 420 px: {wide}"
         browser.close()
+
+
+OUTCOMES = {  # each ending, with the exit code its record holds (an abandoned run has none)
+    "succeeded": 0, "failed": 1, "invalid": 2, "refused": 3, "locked": 4, "interrupted": 130, "abandoned": None,
+}  # fmt: skip
+
+
+def test_each_kind_of_ending_is_listed_and_coloured_as_itself(tmp_path):
+    """One record per outcome, sealed as a run seals it: `audit list --json` gives each its own outcome and
+    exit code, and the report (its DOM as Chromium renders it) gives each its own colour."""
+    sync_api = pytest.importorskip("playwright.sync_api")
+    from opslib.outcome import Outcome
+
+    records = tmp_path / "records"
+    records.mkdir()
+    for i, (outcome, code) in enumerate(OUTCOMES.items()):
+        stem = f"20261127T00000{i}Z_deploy_run{i:05d}"
+        record = audit.new_record("deploy", f"run{i:05d}", audit.now(), operator="t", env="development")
+        record.end(Outcome(outcome), code, None if code == 0 else f"ended {outcome}", record.started_at)
+        audit.write_sidecar(records, stem, record)
+        audit.append_ledger(records, stem, record)
+    listed = json.loads(audit_cli(tmp_path, "list", "--json").stdout)
+    assert {r["outcome"]: r["exit_code"] for r in listed} == OUTCOMES
+    out = tmp_path / "report"
+    assert _report(tmp_path, "--out", str(out)).returncode == 0
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=_chromium(), args=["--no-sandbox"])
+        page = browser.new_page()
+        page.goto((out / "index.html").as_uri())
+        colours = page.evaluate(
+            "Object.fromEntries(Array.from(document.querySelectorAll('#runs span.outcome')).map("
+            "e => [e.textContent, getComputedStyle(e).backgroundColor + ' ' + getComputedStyle(e).color]))"
+        )
+        browser.close()
+    assert set(colours) == set(OUTCOMES)
+    assert len(set(colours.values())) == len(OUTCOMES), colours
