@@ -169,9 +169,9 @@ def _parser() -> argparse.ArgumentParser:
     s = sub.add_parser(
         "audit",
         help="the run records: list, show one, verify them against the ledger, write an HTML report, "
-        "or seal an interactive run",
+        "summarize them for an auditor, or seal an interactive run",
     )
-    s.add_argument("action", choices=["list", "show", "verify", "report", "seal"])
+    s.add_argument("action", choices=["list", "show", "verify", "report", "seal", "summary"])
     s.add_argument("run_id", nargs="?", metavar="RUN_ID", help="for show and seal: the run's id")
     s.add_argument("--json", action="store_true")
     s.add_argument(
@@ -410,7 +410,7 @@ def _audit(settings, args: argparse.Namespace) -> int:
         raise InvalidInput(
             f"--out and --screenshot belong to `opslib audit report`, not `audit {args.action}`"
         )
-    if args.action in ("report", "verify", "list") and args.run_id:
+    if args.action in ("report", "verify", "list", "summary") and args.run_id:
         raise InvalidInput(f"`opslib audit {args.action}` takes no RUN_ID (only `audit show` and `audit seal` do)")
     if args.action == "seal":
         return _audit_seal(settings, args.run_id)
@@ -425,6 +425,14 @@ def _audit(settings, args: argparse.Namespace) -> int:
         print(json.dumps(record, indent=2, default=str) if args.json else display.run_text(record))
     elif args.action == "report":
         return _audit_report(records, args)
+    elif args.action == "summary":
+        from opslib import summary
+
+        found = summary.audit_summary(records)
+        print(json.dumps(found, indent=2, default=str) if args.json else summary.summary_text(found))
+        problems = found["verification"]["problems"]
+        if problems:  # printed whole either way; automation still learns that the records were changed
+            raise ChecksFailed(f"audit summary: {len(problems)} problem(s) in {records}; the first: {problems[0]}")
     else:
         from opslib import anchors
 

@@ -23,7 +23,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from opslib import __version__, audit, display, notebooks
+from opslib import __version__, audit, display, notebooks, summary
 from opslib.outcome import Outcome
 from opslib.redact import redact_urls_in
 from opslib.errors import ConfigError, InvalidInput, ReportFailed
@@ -257,6 +257,13 @@ def _write_site(records_dir: Path, site: Path, check: audit.LedgerCheck) -> list
         **common,
     )
     (site / "index.html").write_text(redact_urls_in(index), encoding="utf-8")
+    page = env.get_template("report_summary.html.j2").render(
+        summary=summary.audit_summary(records_dir, check),
+        records_dir=str(records_dir.resolve()),
+        version=__version__,
+        **common,
+    )
+    (site / "summary.html").write_text(redact_urls_in(page), encoding="utf-8")
     return pages
 
 

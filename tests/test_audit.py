@@ -132,3 +132,29 @@ def test_runs_that_went_without_a_safeguard_are_flagged(tmp_path):
     assert refused.returncode == 2 and "--warnings belongs to `opslib audit list`" in refused.stderr
     # The warnings are sealed in the ledger: editing the sidecar to hide them is tampering, shown as such.
     assert audit_cli(tmp_path, "verify").returncode == 0
+
+
+def test_the_auditors_summary_counts_runs_and_lists_production_changes_with_their_backups(tmp_path):
+    records = tmp_path / "records"
+    records.mkdir()
+    every = ["parameters", "preflight", "backup", "upgrade", "verify", "summary"]
+    _sealed_by_hand(records, "prod0001", "production", every, backup=True, database=True)
+    _sealed_by_hand(records, "prod0002", "production", [s for s in every if s != "backup"], backup=False, database=True)
+    _sealed_by_hand(records, "devl0003", "development", every, backup=True, database=True)
+    done = audit_cli(tmp_path, "summary", "--json")
+    assert done.returncode == 0, done.stderr
+    found = json.loads(done.stdout)
+    assert found["verification"] == {"status": "passed", "runs": 3, "problems": []}
+    assert found["runs"] == {"development": {"succeeded": 1}, "production": {"succeeded": 2}}
+    assert [(c["run_id"], c["backup"], c["warnings"]) for c in found["production_changes"]] == [
+        ("prod0001", "/backups/app.dump", []), ("prod0002", None, ["no verified backup"]),
+    ]  # fmt: skip
+    text = audit_cli(tmp_path, "summary")
+    assert "production changes: 2" in text.stdout and "no backup [no verified backup]" in text.stdout
+    (records / "20260101T000000Z_deploy_prod0001.json").write_text("{}")
+    tampered = audit_cli(tmp_path, "summary", "--json")
+    assert tampered.returncode == 3 and json.loads(tampered.stdout)["verification"]["status"] == "failed"
+    report = audit_cli(tmp_path, "report", "--out", str(tmp_path / "site"))
+    page = (tmp_path / "site" / "summary.html").read_text()
+    assert report.returncode == 3 and 'id="production-changes"' in page and "no verified backup" in page
+    assert 'href="summary.html"' in (tmp_path / "site" / "index.html").read_text()

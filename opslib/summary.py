@@ -1,0 +1,71 @@
+"""An auditor's summary of a records folder: runs per environment and outcome, the production changes
+with their backups and skipped safeguards, and the ledger check. `opslib audit summary [--json]` prints
+it, and the audit report shows it as ``summary.html``."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+from opslib import audit
+
+# The runbooks that change a database: in production, each is listed with its backup.
+CHANGING_RUNBOOKS = ("deploy", "rollback", "recovery", "reset")
+# Endings after which nothing was changed (bad input, a guard, a held lock).
+_UNCHANGED = ("invalid", "refused", "locked")
+
+
+def audit_summary(records_dir: Path, check: audit.LedgerCheck | None = None) -> dict:
+    """The summary as plain data (what ``--json`` prints): ``verification``, ``runs`` (environment ->
+    outcome -> count) and ``production_changes`` (oldest first, each with its backup)."""
+    check = check or audit.check_ledger(records_dir)
+    counts: dict[str, Counter] = {}
+    changes = []
+    for entry in check.entries:
+        env, outcome = str(entry.get("env")), str(entry.get("outcome"))
+        counts.setdefault(env, Counter())[outcome] += 1
+        if env == "production" and entry.get("runbook") in CHANGING_RUNBOOKS and outcome not in _UNCHANGED:
+            sidecar = _sidecar(records_dir, entry)
+            backup = sidecar.get("backup") or {}
+            row = audit.run_row(entry)
+            changes.append(
+                {
+                    "run_id": row["run_id"], "runbook": row["runbook"], "started_at": row["started_at"],
+                    "operator": row["operator"], "database": row["database"], "revisions": row["revisions"],
+                    "outcome": outcome, "backup": backup.get("path"), "backup_sha256": backup.get("sha256"),
+                    "warnings": row["warnings"],
+                }
+            )  # fmt: skip
+    return {
+        "verification": {
+            "status": "failed" if check.problems else "passed",
+            "runs": len(check.entries),
+            "problems": check.problems,
+        },
+        "runs": {env: dict(sorted(c.items())) for env, c in sorted(counts.items())},
+        "production_changes": changes,
+    }
+
+
+def _sidecar(records_dir: Path, entry: dict) -> dict:
+    try:
+        found = audit.read_sidecar(Path(records_dir), str(entry.get("sidecar", "")).removesuffix(".json"))
+    except (OSError, ValueError):
+        return {}
+    return found if isinstance(found, dict) else {}
+
+
+def summary_text(summary: dict) -> str:
+    """What `opslib audit summary` prints."""
+    v = summary["verification"]
+    lines = [f"ledger check: {v['status']} ({v['runs']} run(s), {len(v['problems'])} problem(s))", ""]
+    lines.append("runs per environment and outcome:")
+    for env, counts in summary["runs"].items():
+        lines.append(f"  {env}: " + ", ".join(f"{n} {o}" for o, n in counts.items()))
+    lines.append("")
+    lines.append(f"production changes: {len(summary['production_changes'])}")
+    for c in summary["production_changes"]:
+        backup = c["backup"] or "no backup"
+        flags = f" [{', '.join(c['warnings'])}]" if c["warnings"] else ""
+        lines.append(f"  {c['started_at']} {c['run_id']} {c['runbook']} {c['outcome']} {c['revisions']}; {backup}{flags}")
+    return "\n".join(lines)
