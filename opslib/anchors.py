@@ -11,8 +11,12 @@ folder working on the same database) are counted, never taken for this one's.
 
 from __future__ import annotations
 
+import fcntl
+import json
 import os
-from datetime import datetime
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
 
 import sqlalchemy as sa
 from sqlalchemy.engine import URL
@@ -54,9 +58,15 @@ def _embedded_if_running(settings: Settings) -> str | None:
     return state.url if state.running else None
 
 
+WITNESS_FILE = "ledger-witness.jsonl"
+
+
 def anchor(settings: Settings, record: RunRecord, appended) -> bool:
-    """Write the hash of the run's ledger entry (``audit.Appended``) into its database; False when the
-    database cannot be identified or reached from here (`audit verify` then names the entry as not anchored)."""
+    """Write the hash of the run's ledger entry (``audit.Appended``) into its database, and into the witness
+    folder when one is set; False when the database cannot be identified or reached from here (`audit verify`
+    then names the entry as not anchored)."""
+    if settings.ledger_witness is not None:
+        _witness(settings.ledger_witness, appended)
     url = target_of(settings, record)
     if url is None:
         return False
@@ -66,6 +76,41 @@ def anchor(settings: Settings, record: RunRecord, appended) -> bool:
     except (OpsError, sa.exc.DBAPIError):
         return False
     return True
+
+
+def _witness(folder: Path, appended) -> None:
+    """Append the entry's hash to the witness file (for a ledger whose database is gone), under a lock."""
+    entry = appended.entry
+    line = {
+        "ledger_id": appended.ledger_id, "run_id": entry.get("run_id"), "entry_hash": entry.get("hash"),
+        "prev_hash": entry.get("prev_hash"), "runbook": entry.get("runbook"), "outcome": entry.get("outcome"),
+        "sealed_at": datetime.now(timezone.utc).isoformat(),
+    }  # fmt: skip
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with open(folder / WITNESS_FILE, "a", encoding="utf-8") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            f.write(json.dumps(line, sort_keys=True) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as err:  # the run is sealed in its ledger either way; `audit verify` names what is missing
+        print(f"opslib: could not write the ledger witness in {folder}: {err.strerror or err}", file=sys.stderr)
+
+
+def _witnessed(folder: Path) -> list[dict]:
+    try:
+        lines = (folder / WITNESS_FILE).read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        return []
+    rows = []
+    for text in lines:
+        try:
+            row = json.loads(text)
+            row["sealed_at"] = datetime.fromisoformat(row["sealed_at"])
+        except (ValueError, KeyError, TypeError):
+            continue
+        rows.append(row)
+    return rows
 
 
 def is_anchored(settings: Settings, record: RunRecord) -> bool:
@@ -95,29 +140,43 @@ def cross_check(settings: Settings, entries: list[dict]) -> tuple[str, list[str]
     Returns (what was checked, in one line; the problems found, each naming the run). Nothing is
     checked when no target is configured or it cannot be reached: the line says so.
     """
+    lines, problems = [], []
+    if settings.ledger_witness is not None:
+        ours, others = _this_ledgers(_witnessed(settings.ledger_witness), entries)
+        problems += _compare(entries, ours, f"the witness {settings.ledger_witness}")
+        lines.append(f"cross-checked with the witness: {len(ours)} entr(ies) of this ledger" + _others(others))
     url = _target_url(settings)
     if url is None:
-        return "not cross-checked with a database (none configured)", []
-    shown = db.redact_url(url)
+        lines.append("not cross-checked with a database (none configured)")
+        return "; ".join(lines), problems
     try:
         with db.connect(url) as conn:
             anchored = run_history.ledger_entries(conn)
     except (OpsError, sa.exc.DBAPIError) as err:
         message = err.message if isinstance(err, OpsError) else db.driver_message(err, url)
-        return f"not cross-checked with {shown}: {message}", []
-    # This ledger's anchors: those of its identity, known by a run or an entry it still holds (a ledger
-    # whose first entry was dropped is still itself).
+        lines.append(f"not cross-checked with {db.redact_url(url)}: {message}")
+        return "; ".join(lines), problems
+    ours, others = _this_ledgers(anchored, entries)
+    here = [e for e in entries if _same_database(url, *_where(e))]
+    problems += _compare(here, ours, f"database {url.database}")
+    lines.append(
+        f"cross-checked with database {url.database}: {len(ours)} entr(ies) of this ledger anchored there"
+        + _others(others)
+    )
+    return "; ".join(lines), problems
+
+
+def _this_ledgers(anchored: list[dict], entries: list[dict]) -> tuple[list[dict], int]:
+    """The anchored rows of this ledger (its identity, known by a run or an entry it still holds: a ledger
+    whose first entry was dropped is still itself), and how many belong to others."""
     runs, hashes = {e.get("run_id") for e in entries}, {e.get("hash") for e in entries}
     ids = {a["ledger_id"] for a in anchored if a["run_id"] in runs or a["ledger_id"] in hashes}
     ours = [a for a in anchored if a["ledger_id"] in ids]
-    others = len(anchored) - len(ours)
-    here = [e for e in entries if _same_database(url, *_where(e))]
-    problems = _compare(here, ours, url.database)
-    line = (
-        f"cross-checked with database {url.database}: {len(ours)} entr(ies) of this ledger anchored there"
-        + (f", {others} of other records folders" if others else "")
-    )
-    return line, problems
+    return ours, len(anchored) - len(ours)
+
+
+def _others(count: int) -> str:
+    return f", {count} of other records folders" if count else ""
 
 
 def _where(entry: dict) -> tuple:
@@ -126,6 +185,8 @@ def _where(entry: dict) -> tuple:
 
 
 def _compare(here: list[dict], anchored: list[dict], name: str) -> list[str]:
+    """What differs between the ledger entries ``here`` and the hashes anchored in ``name`` (a database or
+    the witness), each naming the run."""
     problems = []
     by_run = {e.get("run_id"): e for e in here}
     for a in anchored:
@@ -133,13 +194,13 @@ def _compare(here: list[dict], anchored: list[dict], name: str) -> list[str]:
         sealed = a["sealed_at"].strftime("%Y-%m-%d %H:%M:%S %Z")
         if entry is None:
             problems.append(
-                f"run {a['run_id']} ({a['runbook']}, {a['outcome']}, sealed {sealed}) is anchored in database "
+                f"run {a['run_id']} ({a['runbook']}, {a['outcome']}, sealed {sealed}) is anchored in "
                 f"{name} but missing from the ledger: record missing (a cut-off tail, a dropped entry or a "
                 "replaced ledger)"
             )
         elif entry.get("hash") != a["entry_hash"]:
             problems.append(
-                f"run {a['run_id']}: its ledger entry is not the one anchored in database {name} (the ledger was "
+                f"run {a['run_id']}: its ledger entry is not the one anchored in {name} (the ledger was "
                 "edited or replaced)"
             )
     if anchored:
@@ -149,7 +210,7 @@ def _compare(here: list[dict], anchored: list[dict], name: str) -> list[str]:
             finished = _moment(entry.get("finished_at"))
             if entry.get("run_id") not in known and finished is not None and finished >= since:
                 problems.append(
-                    f"run {entry.get('run_id')} is in the ledger but not anchored in database {name} (written "
+                    f"run {entry.get('run_id')} is in the ledger but not anchored in {name} (written "
                     "outside a run, or sealed while the database could not be reached)"
                 )
     return problems

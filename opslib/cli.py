@@ -424,7 +424,7 @@ def _audit(settings, args: argparse.Namespace) -> int:
         record = audit.find_run(records, args.run_id)
         print(json.dumps(record, indent=2, default=str) if args.json else display.run_text(record))
     elif args.action == "report":
-        return _audit_report(records, args)
+        return _audit_report(settings, records, args)
     elif args.action == "summary":
         from opslib import summary
 
@@ -480,11 +480,13 @@ def _open(settings, args: argparse.Namespace) -> int:
     return code
 
 
-def _audit_report(records: Path, args: argparse.Namespace) -> int:
-    from opslib import report
+def _audit_report(settings, records: Path, args: argparse.Namespace) -> int:
+    from opslib import anchors, report
     from opslib.errors import ChecksFailed
 
-    written = report.build_report(records, args.out or records / "report")
+    written = report.build_report(
+        records, args.out or records / "report", cross_check=lambda entries: anchors.cross_check(settings, entries)[1]
+    )
     if args.screenshot:
         written.screenshot = report.screenshot(written.index, written.out / report.SCREENSHOT)
         print(f"screenshot: {written.screenshot}")

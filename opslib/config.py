@@ -28,6 +28,7 @@ class Settings:
     backup_compression: int = 1
     ddl_lock_timeout_s: float = 2.0
     ddl_retries: int = 3
+    ledger_witness: Path | None = None  # a second folder keeping each ledger entry's hash (see opslib.anchors)
 
     @property
     def uses_embedded(self) -> bool:
@@ -78,6 +79,7 @@ def load_settings(environ: dict | None = None) -> Settings:
         backup_compression=_compression(environ),
         ddl_lock_timeout_s=_float(environ, "OPSLIB_DDL_LOCK_TIMEOUT", 2.0),
         ddl_retries=int(_float(environ, "OPSLIB_DDL_RETRIES", 3)),
+        ledger_witness=Path(environ["OPSLIB_LEDGER_WITNESS"]) if environ.get("OPSLIB_LEDGER_WITNESS") else None,
     )
 
 

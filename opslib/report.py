@@ -20,8 +20,9 @@ import shutil
 import subprocess
 import tempfile
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Callable
 
 from opslib import __version__, audit, display, notebooks, summary
 from opslib.outcome import Outcome
@@ -199,8 +200,11 @@ def _outcome_order(value: str) -> int:
     return order.index(value) if value in order else len(order)
 
 
-def build_report(records_dir: Path, out: Path) -> Report:
+def build_report(records_dir: Path, out: Path, cross_check: Callable[[list[dict]], list[str]] | None = None) -> Report:
     """Write the audit report of ``records_dir`` into ``out`` (replacing an earlier report there).
+
+    ``cross_check(entries)`` returns what the ledger's anchors (its database, a witness) say is missing or
+    different; those problems head the index with the ledger's own.
 
     Every run in the ledger gets a page, including runs whose sidecar or notebook was changed or
     deleted since: their page says so in red at the top, and so does the index. Raises
@@ -213,6 +217,8 @@ def build_report(records_dir: Path, out: Path) -> Report:
             f"no records folder at {records_dir}: set OPSLIB_RECORDS_DIR to the folder runs write to"
         )
     check = audit.check_ledger(records_dir)
+    if cross_check is not None:
+        check = replace(check, unvouched=check.unvouched + cross_check(check.entries))
     scratch = _prepare_out(out)
     try:
         pages = _write_site(records_dir, scratch, check)

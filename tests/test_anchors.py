@@ -4,6 +4,7 @@ by an older copy is named, which the hash chain alone cannot see."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -13,7 +14,7 @@ import pytest
 
 from opslib import audit
 
-from .conftest import OPSLIB, _opslib_run, query
+from .conftest import OPSLIB, ROOT, _opslib_run, query
 
 
 def _verify(work: Path, url: str) -> subprocess.CompletedProcess:
@@ -91,3 +92,40 @@ def test_another_records_folder_on_the_same_database_is_not_taken_for_tampering(
         done = _verify(folder, url)
         assert done.returncode == 0, done.stdout + done.stderr
         assert f"{ours} entr(ies) of this ledger anchored there, {others} of other records folders" in done.stdout
+
+
+def test_a_witness_folder_names_a_cut_off_tail_when_the_database_is_gone(database_url, tmp_path):
+    """OPSLIB_LEDGER_WITNESS keeps each entry's hash in a second folder too: with no database to ask
+    (dropped, or out of reach), the witness still names the run cut from the ledger."""
+    work, witness = tmp_path / "work", tmp_path / "witness"
+    work.mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OPSLIB_", "DATABASE_URL"))}
+    env.update(OPSLIB_LEDGER_WITNESS=str(witness), OPSLIB_ALEMBIC_INI=str(ROOT / "alembic.ini"))
+    for runbook in ("deploy", "rollback"):
+        done = subprocess.run([OPSLIB, "run", runbook], cwd=work, env={**env, "DATABASE_URL": database_url},
+                              capture_output=True, text=True)  # fmt: skip
+        assert done.returncode == 0, done.stderr
+    entries = audit.read_ledger(work / "records")
+    assert [json.loads(line)["entry_hash"] for line in (witness / "ledger-witness.jsonl").read_text().splitlines()] == [
+        e["hash"] for e in entries
+    ]
+    verified = subprocess.run([OPSLIB, "audit", "verify"], cwd=work, env=env, capture_output=True, text=True)
+    assert verified.returncode == 0 and "cross-checked with the witness: 2 entr(ies)" in verified.stdout
+    newest = _drop_entry(work, -1)
+    verified = subprocess.run([OPSLIB, "audit", "verify"], cwd=work, env=env, capture_output=True, text=True)
+    assert verified.returncode == 3
+    assert f"run {newest['run_id']} (rollback, succeeded" in verified.stdout and "the witness" in verified.stdout
+
+
+def test_the_report_names_a_cut_off_tail_in_its_banner(three_runs, tmp_path):
+    from .test_report import _rendered, _status
+
+    work, url, _ = three_runs
+    newest = _drop_entry(work, -1)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OPSLIB_", "DATABASE_URL"))}
+    made = subprocess.run([OPSLIB, "audit", "report", "--out", str(tmp_path / "site")], cwd=work,
+                          env={**env, "DATABASE_URL": url}, capture_output=True, text=True)  # fmt: skip
+    assert made.returncode == 3, made.stdout + made.stderr
+    index = _rendered(tmp_path / "site" / "index.html", tmp_path)
+    assert _status(index, "verify") == "failed"
+    assert f"run {newest['run_id']} (deploy, succeeded" in index and "record missing" in index
