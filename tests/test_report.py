@@ -277,3 +277,34 @@ def test_each_kind_of_ending_is_listed_and_coloured_as_itself(tmp_path):
         browser.close()
     assert set(colours) == set(OUTCOMES)
     assert len(set(colours.values())) == len(OUTCOMES), colours
+
+
+# Every text colour inside the folded code, against its background: (element, ratio) below 4.5:1.
+_LOW_CONTRAST_JS = """
+() => {
+  function lum(c){const m=c.match(/[\\d.]+/g).map(Number);const [r,g,b]=m.slice(0,3).map(v=>{v/=255;return v<=0.03928?v/12.92:Math.pow((v+0.055)/1.055,2.4)});return 0.2126*r+0.7152*g+0.0722*b}
+  function bg(e){while(e){const c=getComputedStyle(e).backgroundColor; if(c && !c.startsWith('rgba(0, 0, 0, 0)') && c!=='transparent') return c; e=e.parentElement} return 'rgb(255, 255, 255)'}
+  document.querySelectorAll('details').forEach(d => d.open = true);
+  const out = {};
+  for (const e of document.querySelectorAll('details.opslib-code *, details.opslib-code')) {
+    if (!e.childNodes.length || ![...e.childNodes].some(n => n.nodeType===3 && n.textContent.trim())) continue;
+    const fg = getComputedStyle(e).color, b = bg(e);
+    const l1 = lum(fg), l2 = lum(b); const ratio = (Math.max(l1,l2)+0.05)/(Math.min(l1,l2)+0.05);
+    if (ratio < 4.5) { const k = e.tagName+'.'+e.className+' '+fg+' on '+b; out[k] = ratio.toFixed(2); }
+  }
+  return out;
+}
+"""
+
+
+def test_the_folded_code_reads_at_4_5_to_1_or_more(recorded_runs, tmp_path):
+    sync_api = pytest.importorskip("playwright.sync_api")
+    out = tmp_path / "report"
+    assert _report(copy_of_records(recorded_runs, tmp_path), "--out", str(out)).returncode == 0
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=_chromium(), args=["--no-sandbox"])
+        page = browser.new_page()
+        for html in sorted((out / "runs").glob("*.html")):
+            page.goto(html.as_uri())
+            assert page.evaluate(_LOW_CONTRAST_JS) == {}, html.name
+        browser.close()
