@@ -177,6 +177,11 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--warnings", action="store_true", help="for list: only the runs that went without a safeguard"
     )
+    s.add_argument(
+        "--database",
+        action="store_true",
+        help="for verify: fail unless the ledger could be cross-checked with the database (done whenever it is reached)",
+    )
     s.add_argument("--out", type=Path, help="for report: the folder to write (default: <records>/report)")
     s.add_argument(
         "--screenshot",
@@ -404,6 +409,8 @@ def _audit(settings, args: argparse.Namespace) -> int:
     from opslib.errors import ChecksFailed, InvalidInput
 
     records = audit.require_records_dir(settings.records_dir)
+    if args.action != "verify" and args.database:
+        raise InvalidInput(f"--database belongs to `opslib audit verify`, not `audit {args.action}`")
     if args.action != "list" and args.warnings:
         raise InvalidInput(f"--warnings belongs to `opslib audit list`, not `audit {args.action}`")
     if args.action != "report" and (args.out or args.screenshot):
@@ -439,6 +446,8 @@ def _audit(settings, args: argparse.Namespace) -> int:
         check = audit.check_ledger(records)
         anchored, against_database = anchors.cross_check(settings, check.entries)
         problems = check.problems + against_database
+        if args.database and "cross-checked with database" not in anchored:
+            problems.append(f"--database: {anchored}")
         if problems:
             print("\n".join(problems))
             raise ChecksFailed(f"audit verify: {len(problems)} problem(s) in {records}; the first: {problems[0]}")

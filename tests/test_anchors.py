@@ -129,3 +129,15 @@ def test_the_report_names_a_cut_off_tail_in_its_banner(three_runs, tmp_path):
     index = _rendered(tmp_path / "site" / "index.html", tmp_path)
     assert _status(index, "verify") == "failed"
     assert f"run {newest['run_id']} (deploy, succeeded" in index and "record missing" in index
+
+
+def test_verify_database_fails_when_no_database_answers(three_runs):
+    work, url, _ = three_runs
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OPSLIB_", "DATABASE_URL"))}
+    asked = subprocess.run([OPSLIB, "audit", "verify", "--database"], cwd=work, env=env, capture_output=True, text=True)
+    assert asked.returncode == 3 and "not cross-checked with a database (none configured)" in asked.stdout
+    unreachable = url.rsplit("/", 1)[0] + "/no_such_database_here"
+    asked = subprocess.run([OPSLIB, "audit", "verify", "--database"], cwd=work,
+                           env={**env, "DATABASE_URL": unreachable}, capture_output=True, text=True)  # fmt: skip
+    assert asked.returncode == 3 and "not cross-checked with" in asked.stdout
+    assert _verify(work, url).returncode == 0
