@@ -28,11 +28,17 @@ from opslib.errors import OpsError
 from opslib.record import RunRecord
 
 
+def url_text_of(settings: Settings, record: RunRecord) -> str | None:
+    """The URL the run was given, as text: the environment variable its parameters name (database_url_env),
+    else DATABASE_URL; None when neither is set here. Holds the password: for connecting and scrubbing only."""
+    env_name = (record.parameters or {}).get("database_url_env") or "DATABASE_URL"
+    return os.environ.get(str(env_name)) or settings.database_url
+
+
 def target_of(settings: Settings, record: RunRecord) -> URL | None:
     """The URL of the record's database, from the environment variable its parameters name, if it is
     that database; None when it cannot be known from here (nothing is ever guessed)."""
-    env_name = (record.parameters or {}).get("database_url_env") or "DATABASE_URL"
-    text = os.environ.get(str(env_name)) or settings.database_url
+    text = url_text_of(settings, record)
     try:
         url = db.parse_url(text) if text else db.parse_url(_embedded_if_running(settings) or "")
     except OpsError:
@@ -121,7 +127,7 @@ def is_anchored(settings: Settings, record: RunRecord) -> bool:
         return False
     try:
         with db.connect(url) as conn:
-            return any(a["run_id"] == record.run_id for a in run_history.ledger_entries(conn))
+            return run_history.has_ledger_entry(conn, record.run_id)
     except (OpsError, sa.exc.DBAPIError):
         return False
 

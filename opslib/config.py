@@ -90,6 +90,11 @@ def _compression(environ: dict) -> int:
     return int(raw)
 
 
+def is_runbook_template(path: Path) -> bool:
+    """True when ``path`` is a notebook in the runbooks folder: a template, which runs never run or change."""
+    return Path(path).resolve().parent == runbooks_dir().resolve()
+
+
 def runbooks_dir() -> Path:
     """The folder of the runbook notebooks: OPSLIB_RUNBOOKS_DIR, else the ones opslib ships: inside
     the installed package (a wheel: ``opslib/runbooks/``), or ``runbooks/`` of a source checkout."""

@@ -217,6 +217,14 @@ def record_ledger_entry(conn: Connection, ledger_id: str, entry: dict) -> None:
     conn.commit()
 
 
+def has_ledger_entry(conn: Connection, run_id: str) -> bool:
+    """True when this database holds a ledger entry of run ``run_id``."""
+    if not conn.execute(sa.text("SELECT to_regclass('opslib.ledger_entries') IS NOT NULL")).scalar():
+        return False
+    found = conn.execute(sa.text("SELECT 1 FROM opslib.ledger_entries WHERE run_id = :r LIMIT 1"), {"r": run_id})
+    return found.first() is not None
+
+
 def ledger_entries(conn: Connection) -> list[dict]:
     """The ledger entry hashes anchored in this database, oldest first; empty when it has none."""
     if not conn.execute(sa.text("SELECT to_regclass('opslib.ledger_entries') IS NOT NULL")).scalar():

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Sequence
 
 from opslib import audit, notebooks, params, runner, sealing
-from opslib.config import Settings, load_settings, runbooks_dir
+from opslib.config import Settings, is_runbook_template, load_settings
 from opslib.errors import ConfigError, InvalidInput, PreconditionFailed
 from opslib.record import RunRecord
 
@@ -152,7 +152,7 @@ def before_save(model: dict, path: str, contents_manager, **kwargs) -> None:
     from tornado.web import HTTPError
 
     os_path = Path(contents_manager._get_os_path(path)).resolve()
-    if os_path.parent == runbooks_dir().resolve():
+    if is_runbook_template(os_path):
         raise HTTPError(403, f"{os_path.name} is a runbook template: runs never change it; `opslib open` makes a copy")
     found = _run_files(str(os_path))
     try:

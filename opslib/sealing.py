@@ -153,7 +153,7 @@ def _seal_files(settings: Settings, records: Path, stem: str, record: RunRecord)
     and append the ledger entry vouching for both; False when another command sealed the run first."""
     notebook = audit.sidecar_path(records, stem).with_suffix(".ipynb")
     if notebook.is_file():
-        audit.scrub_notebook(notebook, _run_url_text(settings, record))
+        audit.scrub_notebook(notebook, anchors.url_text_of(settings, record))
         record.notebook = notebook.name
     (records / ".ipynb_checkpoints" / f"{stem}-checkpoint.ipynb").unlink(missing_ok=True)
     audit.write_sidecar(records, stem, record)
@@ -164,8 +164,3 @@ def _seal_files(settings: Settings, records: Path, stem: str, record: RunRecord)
     anchors.anchor(settings, record, appended)
     return True
 
-
-def _run_url_text(settings: Settings, record: RunRecord) -> str | None:
-    """The URL the run connected with, as its parameters name it (to scrub its password wherever it shows)."""
-    env_name = (record.parameters or {}).get("database_url_env") or "DATABASE_URL"
-    return os.environ.get(str(env_name)) or os.environ.get("DATABASE_URL") or settings.database_url

@@ -29,7 +29,7 @@ import sqlalchemy as sa
 
 from opslib import anchors, audit, db, migrate, params
 from opslib import history as run_history
-from opslib.config import Settings, load_settings, runbooks_dir
+from opslib.config import Settings, is_runbook_template, load_settings, runbooks_dir
 from opslib.display import Section
 from opslib.errors import Interrupted, InvalidInput, OpsError, PreconditionFailed, StepOutOfOrder
 from opslib.outcome import Outcome, outcome_of
@@ -430,7 +430,7 @@ def _refuse_a_notebook_that_is_not_the_run(runbook: str, stem: str | None) -> No
     again = f"`opslib open {runbook}` makes a new run with its own notebook"
     if session:
         notebook = Path(session).resolve()
-        if notebook.parent == runbooks_dir().resolve():
+        if is_runbook_template(notebook):
             raise InvalidInput(
                 f"{notebook.name} is a runbook template: templates never run and never change; {again}"
             )
