@@ -39,7 +39,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import URL, Connection
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 
-from opslib import db
+from opslib import batch, db
 from opslib import history as db_history
 from opslib.config import Settings
 from opslib.errors import (
@@ -543,11 +543,14 @@ def _capture_alembic_output(buf: io.StringIO | None = None) -> Iterator[io.Strin
     capture = logging.StreamHandler(buf)
     capture.setFormatter(logging.Formatter("%(levelname)-5.5s [%(name)s] %(message)s"))
     root.handlers = [capture]
+    # A batched data migration's progress bar still reaches the terminal or the notebook.
+    shown = batch.set_progress_stream(batch.progress_stream())
     try:
         with redirect_stdout(buf), redirect_stderr(buf):
             yield buf
     finally:
         root.handlers = saved
+        batch.set_progress_stream(shown)
 
 
 def _run_env(

@@ -105,7 +105,8 @@ def test_offline_sql_for_a_range_in_both_directions(settings):
         "CREATE INDEX CONCURRENTLY IF NOT EXISTS idx_products_marketplace_shop ON products (marketplace, shop_name)"
         in up
     )
-    assert "ALTER TABLE products ADD COLUMN normalized_price NUMERIC(10, 2)" in up
+    assert "ALTER TABLE products ADD COLUMN IF NOT EXISTS normalized_price NUMERIC(10, 2)" in up
+    assert "-- opslib.batch: 0004 products.normalized_price" in up
     assert "ADD COLUMN profile_image" not in up  # 0002 itself is below the range
     down = migrate.offline_sql(settings, "0004:0002")
     assert "DROP INDEX CONCURRENTLY IF EXISTS idx_products_marketplace_shop" in down
