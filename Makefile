@@ -11,14 +11,14 @@ STAMP  := $(VENV)/.installed
 # What users pass (make migrate-create message="fix users' emails") never reaches the shell as text:
 # each variable is taken unexpanded ($(value ...), so make expands no $(...) in it either), exported,
 # and recipes read it as "$$name". Add any new user variable to this list and quote it the same way.
-USER_VARS := message revision label confirm out runbook
+USER_VARS := message revision label confirm out runbook rows seed
 $(foreach v,$(USER_VARS),$(if $(filter undefined,$(origin $(v))),,$(eval override $(v) := $$(value $(v)))))
 export $(USER_VARS)
 
 .DEFAULT_GOAL := help
 .PHONY: help install demo test goldens lab migrate-create migrate-create-manual migrate-up migrate-down \
         migrate-down-to migrate-status migrate-show bench backup-db verify-setup \
-        deploy-prod rollback-prod db-reset pre-deploy-check browser audit-report
+        deploy-prod rollback-prod db-reset pre-deploy-check browser audit-report init-prod seed-demo db-setup rehearse
 
 help:
 	@echo "make demo                          bring the sample database to head and show its status"
@@ -33,6 +33,10 @@ help:
 	@echo "make deploy-prod confirm=DB [revision=...]    the deploy runbook in production (backup, upgrade, verify)"
 	@echo "make rollback-prod confirm=DB [revision=...]  the rollback runbook in production (one step by default)"
 	@echo "make db-reset [confirm=DB]         the reset runbook (refused in production)"
+	@echo "make init-prod                     schema to head + admin user, settings, CMS pages, email templates (OPSLIB_ADMIN_EMAIL/_PASSWORD)"
+	@echo "make seed-demo [rows=N] [seed=S]   load demo users and products with COPY (refused in production)"
+	@echo "make db-setup                      init-prod, then seed-demo"
+	@echo "make rehearse [revision=...]       upgrade, downgrade, upgrade a copy of the target; compare; drop the copy"
 	@echo "make verify-setup                  check connectivity, versions, client tools, Alembic config, backups folder"
 	@echo "make pre-deploy-check [revision=...]  heads, pending revisions, squawk lint of their SQL, naming, drift, backup"
 	@echo "make audit-report [out=DIR]        the records as a static HTML site, checked against the ledger, + index.png"
@@ -146,6 +150,20 @@ rollback-prod: $(STAMP)
 
 db-reset: $(STAMP)
 	$(OPSLIB) run reset $(call opt,-p confirm,confirm)
+
+# --- the guide's database initialization ----------------------------------------------------------------
+
+init-prod: $(STAMP)
+	$(OPSLIB) init-prod
+
+seed-demo: $(STAMP)
+	$(OPSLIB) seed-demo $(call opt,--rows,rows) $(call opt,--seed,seed)
+
+db-setup: init-prod seed-demo
+
+# The guide's "test migrations on a copy of production data": never changes the target.
+rehearse: $(STAMP)
+	$(OPSLIB) rehearse $(call opt,-p target_revision,revision)
 
 # --- records, for auditors --------------------------------------------------------------------------
 

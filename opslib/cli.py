@@ -155,6 +155,33 @@ def _parser() -> argparse.ArgumentParser:
     _runbook_parameters(s)
 
     s = sub.add_parser(
+        "init-prod",
+        help="the init-prod runbook: schema to head, then the admin user, settings, CMS pages, email templates",
+        description="Same as `opslib run init-prod`. The admin's email and password come from OPSLIB_ADMIN_EMAIL and "
+        "OPSLIB_ADMIN_PASSWORD (or the variables -p admin_email_env/admin_password_env name).",
+    )
+    _runbook_parameters(s)
+    s.set_defaults(runbook="init-prod", help=False)
+
+    s = sub.add_parser(
+        "rehearse",
+        help="the rehearse runbook: upgrade, downgrade and upgrade again a copy of the target, then drop it",
+        description="Same as `opslib run rehearse`: the target is copied and never changed.",
+    )
+    _runbook_parameters(s)
+    s.set_defaults(runbook="rehearse", help=False)
+
+    s = sub.add_parser(
+        "seed-demo",
+        help="load the project's demo data with COPY (refused in production)",
+        description="Load the demo data of the project's demo_data.py (beside its revisions) with COPY; "
+        "the same seed gives the same rows and loads once. Refused in production (exit 3).",
+    )
+    s.add_argument("--rows", type=int, default=10_000, help="how many main rows to generate (default 10000)")
+    s.add_argument("--seed", type=int, default=42, help="the random seed (default 42)")
+    s.add_argument("--json", action="store_true")
+
+    s = sub.add_parser(
         "open",
         help="make a run's own notebook from a runbook and open JupyterLab on it (the `lab` extra)",
         description="Make a run's own notebook in the records folder from the runbook, with the parameters "
@@ -229,8 +256,10 @@ def _run(args: argparse.Namespace) -> int:
         return _db(settings, args.action)
     if args.command in _BACKUP_COMMANDS:
         return _backups(settings, args)
-    if args.command in ("run", "runbooks"):
+    if args.command in ("run", "runbooks", "init-prod", "rehearse"):
         return _runbooks(settings, args)
+    if args.command == "seed-demo":
+        return _seed_demo(settings, args)
     if args.command == "open":
         return _open(settings, args)
     if args.command == "audit":
@@ -385,6 +414,21 @@ def _runbooks(settings, args: argparse.Namespace) -> int:
     # The outcome line is the command's last word: on stderr when the run did not succeed, as every error is.
     print(outcome.line(), file=sys.stdout if outcome.exit_code == 0 else sys.stderr)
     return outcome.exit_code
+
+
+def _seed_demo(settings, args: argparse.Namespace) -> int:
+    from opslib import seed
+
+    result = seed.seed_demo(settings, rows=args.rows, seed=args.seed)
+    if args.json:
+        print(json.dumps(result.to_dict(), indent=2))
+    elif not result.loaded:
+        print(f"seed-demo: the demo data of seed {result.seed} is in {result.database} already; nothing was changed")
+    else:
+        loaded = ", ".join(f"{n} {table}" for table, n in result.rows.items())
+        print(f"seed-demo: loaded {loaded} into {result.database} (seed {result.seed}) in {result.seconds:.2f} s, "
+              f"{result.rows_per_s:,.0f} rows/s")
+    return EXIT_OK
 
 
 def _seal_abandoned(settings, command: str) -> None:

@@ -498,6 +498,62 @@ def recreate_schema(conn: Connection, schema: str = "public") -> RecreatedSchema
 
 
 @dataclass(frozen=True)
+class RelationLock:
+    """A table lock a session holds: which table, in which mode, and whether the table has rows."""
+
+    table: str  # schema.name
+    mode: str  # as PostgreSQL's documentation names it: "ACCESS EXCLUSIVE", "ROW EXCLUSIVE"…
+    has_rows: bool
+
+    @property
+    def blocks_readers(self) -> bool:
+        """ACCESS EXCLUSIVE: not even a SELECT of the table runs until the transaction ends."""
+        return self.mode == "ACCESS EXCLUSIVE"
+
+    def __str__(self) -> str:
+        return f"{self.table}: {self.mode}" + (" (has rows)" if self.blocks_readers and self.has_rows else "")
+
+
+def relation_locks_held(conn: Connection, skip: set[str] = frozenset()) -> list[RelationLock]:
+    """The table locks this session holds now (each table once, in its strongest mode), except the
+    tables and schemas named in ``skip`` (``schema.name`` or ``schema``); system catalogs are left out."""
+    rows = conn.execute(
+        sa.text(
+            "SELECT n.nspname, c.relname, l.mode FROM pg_locks l JOIN pg_class c ON c.oid = l.relation "
+            "JOIN pg_namespace n ON n.oid = c.relnamespace WHERE l.pid = pg_backend_pid() AND l.granted "
+            "AND l.locktype = 'relation' AND c.relkind IN ('r', 'p', 'm') "
+            "AND n.nspname NOT IN ('pg_catalog', 'information_schema') AND n.nspname NOT LIKE 'pg_toast%'"
+        )
+    ).all()
+    strongest: dict[str, str] = {}
+    for schema, name, mode in rows:
+        table = f"{schema}.{name}"
+        if table in skip or schema in skip:
+            continue
+        if table not in strongest or _LOCK_ORDER.index(mode) > _LOCK_ORDER.index(strongest[table]):
+            strongest[table] = mode
+    held = []
+    for table, mode in sorted(strongest.items()):
+        schema, name = table.split(".", 1)
+        quoted = f"{quote_ident(conn, schema)}.{quote_ident(conn, name)}"
+        has_rows = bool(conn.execute(sa.text(f"SELECT EXISTS (SELECT 1 FROM {quoted})")).scalar())
+        held.append(RelationLock(table, _mode_text(mode), has_rows))
+    return held
+
+
+# pg_locks' mode names, weakest first (PostgreSQL's table-level lock modes).
+_LOCK_ORDER = [
+    "AccessShareLock", "RowShareLock", "RowExclusiveLock", "ShareUpdateExclusiveLock", "ShareLock",
+    "ShareRowExclusiveLock", "ExclusiveLock", "AccessExclusiveLock",
+]  # fmt: skip
+
+
+def _mode_text(mode: str) -> str:
+    """``AccessExclusiveLock`` as the documentation writes it: ``ACCESS EXCLUSIVE``."""
+    return re.sub(r"(?<!^)(?=[A-Z])", " ", mode.removesuffix("Lock")).upper()
+
+
+@dataclass(frozen=True)
 class InvalidIndex:
     """An index PostgreSQL does not use (``pg_index.indisvalid`` false): what a cancelled or failed
     ``CREATE INDEX CONCURRENTLY`` / ``REINDEX CONCURRENTLY`` leaves behind, or one being built right now."""

@@ -307,7 +307,14 @@ def runbooks_text(folder, only: str | None = None) -> str:
 def record_text(record: dict) -> str:
     """A run record's steps as a table, as `opslib run` prints them."""
     rows = [(s["name"], s["outcome"], s["duration_s"]) for s in record.get("steps", [])]
-    return text_table(["step", "outcome", "seconds"], rows) if rows else "no step ran"
+    text = text_table(["step", "outcome", "seconds"], rows) if rows else "no step ran"
+    changes = record.get("data_changes")
+    if changes:  # init-prod: what it inserted, and what was there already
+        made = [(c["item"], c["table"], c["created"], c["present"]) for c in changes]
+        text += "\n\n" + text_table(["item", "table", "created", "already there"], made)
+        if not any(c["created"] for c in changes):
+            text += "\nnothing to do: every essential is there already (nothing was changed)"
+    return text
 
 
 def runs_text(runs: Sequence[dict]) -> str:

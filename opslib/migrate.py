@@ -56,6 +56,7 @@ from opslib.signals import signals_noted
 
 # (revision, seconds it took, when it started as a Unix time): called once it is known to have committed.
 StepCallback = Callable[["RevisionInfo", float, float], None]
+LocksCallback = Callable[[str, "list[db.RelationLock]"], None]
 # (what was being done, attempt number, why it gave up): one call per attempt that hit the lock timeout.
 AttemptCallback = Callable[[str, int, str], None]
 
@@ -836,10 +837,12 @@ class _Progress:
         action: str,
         on_step: StepCallback | None,
         guard: _IndexGuard | None = None,
+        on_locks: LocksCallback | None = None,
     ):
         self.script = script
         self.action = action
         self.on_step = on_step
+        self.on_locks = on_locks
         self.guard = guard  # checks the revision's indexes before its version row commits
         self.mark = time.perf_counter()
         self.mark_wall = time.time()  # when the revision under way started: reported later, it is kept
@@ -849,6 +852,12 @@ class _Progress:
     def __call__(self, ctx, step, heads, run_args) -> None:
         if self.guard is not None:  # raising here rolls the revision's version row back
             self.guard.check(ctx.connection, step)
+        if self.on_locks is not None:
+            # Still inside the revision's transaction: it holds every lock it took until it commits.
+            schema, table = _VERSION_TABLES.get(str(self.script.dir), db.DEFAULT_VERSION_TABLE)
+            # Alembic's version row and opslib's history row are the bookkeeping, not the revision's work.
+            skip = {f"{schema or 'public'}.{table}", "opslib"}
+            self.on_locks(step.up_revision_id, db.relation_locks_held(ctx.connection, skip))
         db_history.record_step(ctx.connection, db_history.current_run_id(), step)
         # An env.py that runs everything inside a transaction of its own commits nothing early.
         if not getattr(ctx, "_in_external_transaction", False):
@@ -885,6 +894,7 @@ def _run_change(
     destination: Callable[[ScriptDirectory, tuple[str, ...], list[Script]], object],
     on_step: StepCallback | None = None,
     on_attempt: AttemptCallback | None = None,
+    on_locks: LocksCallback | None = None,
 ) -> MigrationResult:
     """Run one changing verb under the lock, in one Alembic command, and report before/after, or
     raise saying where the database stands.
@@ -904,7 +914,7 @@ def _run_change(
         cfg = alembic_config(settings, url=url, connection=conn, x_args=x_args)
         db_history.ensure_schema(conn)
         guard = _IndexGuard(script, conn, action, steps) if action != "stamp" else None
-        progress = _Progress(script, action, on_step, guard)
+        progress = _Progress(script, action, on_step, guard, on_locks)
         canceller = _Canceller(url)
         dest = destination(script, before, steps)
         if action == "stamp":
@@ -1150,11 +1160,13 @@ def upgrade(
     x_args: Sequence[str] = (),
     on_step: StepCallback | None = None,
     on_attempt: AttemptCallback | None = None,
+    on_locks: LocksCallback | None = None,
 ) -> MigrationResult:
     """Apply pending revisions up to ``target`` (default ``head``; ``+N`` for N steps).
 
     One Alembic command, each revision committing on its own whatever the project's env.py says;
-    ``on_step(revision, seconds, started)`` is called as each revision commits.
+    ``on_step(revision, seconds, started)`` is called as each revision commits, and ``on_locks(revision,
+    locks)`` with the table locks its transaction holds just before it commits.
     """
     target = _check_revision_text(target, "target revision")
     return _run_change(
@@ -1166,6 +1178,7 @@ def upgrade(
         lambda script, current, steps: _absolute_upgrade(script, current, steps, target),
         on_step,
         on_attempt,
+        on_locks,
     )
 
 
@@ -1198,8 +1211,10 @@ def downgrade(
     x_args: Sequence[str] = (),
     on_step: StepCallback | None = None,
     on_attempt: AttemptCallback | None = None,
+    on_locks: LocksCallback | None = None,
 ) -> MigrationResult:
-    """Roll back to ``target``: ``-N`` steps, a revision id, or ``base``; each revision commits on its own."""
+    """Roll back to ``target``: ``-N`` steps, a revision id, or ``base``; each revision commits on its own
+    (``on_step`` and ``on_locks`` as for :func:`upgrade`)."""
     target = _check_revision_text(target, "target revision")
 
     def destination(script: ScriptDirectory, current: tuple[str, ...], steps: list[Script]) -> str:
@@ -1225,6 +1240,7 @@ def downgrade(
         destination,
         on_step,
         on_attempt,
+        on_locks,
     )
 
 

@@ -40,6 +40,9 @@ _URL_ENV = Param(
     "name of the environment variable holding the database URL (never the URL itself)",
 )
 _CONFIRM = Param("confirm", str, "", "the database's name, required in production (staging too for reset)")
+_DEV_DATA = Param(
+    "dev_data", bool, False, "load the development sample data (the -x dev_data flag of Alembic); refused in production"
+)
 
 RUNBOOKS: dict[str, tuple[Param, ...]] = {
     "deploy": (
@@ -54,6 +57,7 @@ RUNBOOKS: dict[str, tuple[Param, ...]] = {
             "stop: stay at the last committed revision; restore: restore the backup",
             ("stop", "restore"),
         ),
+        _DEV_DATA,
         _CONFIRM,
     ),
     "rollback": (
@@ -98,7 +102,7 @@ RUNBOOKS: dict[str, tuple[Param, ...]] = {
     "reset": (
         _URL_ENV,
         Param("backup", bool, False, "take and verify a backup first"),
-        Param("reseed", bool, True, "load the development sample data again (the -x dev_data flag)"),
+        Param("dev_data", bool, True, "load the development sample data again (the -x dev_data flag of Alembic)"),
         Param(
             "recreate_schema",
             str,
@@ -108,6 +112,28 @@ RUNBOOKS: dict[str, tuple[Param, ...]] = {
             ("on_failure", "always", "never"),
         ),
         _CONFIRM,
+    ),
+    "rehearse": (
+        _URL_ENV,
+        Param("target_revision", str, "head", "revision the copy is upgraded to, then downgraded from", revision=True),
+        Param(
+            "from_revision",
+            str,
+            "",
+            "empty: start where the target is; else first downgrade the copy to this revision (to rehearse "
+            "revisions the target already has, on its data)",
+            revision=True,
+        ),
+    ),
+    "init-prod": (
+        _URL_ENV,
+        Param("admin_email_env", str, "OPSLIB_ADMIN_EMAIL", "name of the environment variable holding the admin's email"),
+        Param(
+            "admin_password_env",
+            str,
+            "OPSLIB_ADMIN_PASSWORD",
+            "name of the environment variable holding the admin's password (stored only as a salted hash)",
+        ),
     ),
 }
 
@@ -168,6 +194,8 @@ def check_environment(runbook: str, values: Mapping[str, Any], env: str) -> None
         return
     if runbook == "reset":
         raise PreconditionFailed("reset is refused in production, whatever the parameters")
+    if values.get("dev_data"):
+        raise PreconditionFailed(f"{runbook}: dev_data=True is refused in production: sample data never goes there")
     if "backup" in values and not values["backup"]:
         raise PreconditionFailed(f"{runbook}: backup=False is not allowed in production")
 
@@ -240,6 +268,9 @@ def _check_combinations(runbook: str, values: dict[str, Any]) -> None:
             f"{runbook}: database_url_env names the environment variable that holds the URL "
             f"(e.g. DATABASE_URL), not {'a URL' if '://' in env_name else repr(env_name)}"
         )
+    for name in ("admin_email_env", "admin_password_env"):
+        if name in values and not _ENV_NAME.match(values[name]):
+            raise InvalidInput(f"{runbook}: {name} names an environment variable (e.g. OPSLIB_ADMIN_EMAIL), not {values[name]!r}")
     if runbook == "deploy" and values["on_failure"] == "restore" and not values["backup"]:
         raise InvalidInput(
             "deploy: on_failure='restore' needs backup=True: there is nothing to restore otherwise"

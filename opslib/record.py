@@ -109,6 +109,10 @@ class RunRecord:
     # run later (its runner, the next command) reads the revision from this table, not its own project's.
     alembic_ini: str | None = None
     version_table: list[str | None] | None = None
+    # Data the run inserted or found already there, per item (init-prod): [{item, table, created, present}].
+    data_changes: list[dict] | None = None
+    # A rehearsal's findings (rehearse): the copy, per-revision timings and locks, and what differed.
+    rehearsal: dict | None = None
 
     def step(self, name: str, started_at: str, **facts: Any) -> Step:
         """Append a step and return it."""

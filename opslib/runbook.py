@@ -1,8 +1,8 @@
-"""The four runbooks' workflows: every code cell of ``runbooks/*.ipynb`` is one call into this module.
+"""The runbooks' workflows: every code cell of ``runbooks/*.ipynb`` is one call into this module.
 
 A runbook's first code cell is ``run = runbook.start("deploy", globals())``: it validates the
 parameters (before any connection) and returns the run, whose methods are the runbook's steps:
-:class:`Deploy`, :class:`Rollback`, :class:`Recovery` and :class:`Reset`. How steps are recorded,
+:class:`Deploy`, :class:`Rollback`, :class:`Recovery`, :class:`Reset`, :class:`InitProd` and :class:`Rehearse`. How steps are recorded,
 ordered and sealed is :mod:`opslib.steps`. Nothing here prints a password: the URL comes from the
 environment variable the parameters name.
 """
@@ -13,11 +13,18 @@ import gc
 from pathlib import Path
 from typing import Any, Mapping
 
-from opslib import audit, backup, checks, db, lint, migrate
+from opslib import audit, backup, checks, db, lint, migrate, rehearse, seed
 from opslib import history as run_history
 from opslib.config import Settings
 from opslib.display import Section
-from opslib.errors import InvalidInput, MigrationFailed, OpsError, PreconditionFailed, VerificationFailed
+from opslib.errors import (
+    ChecksFailed,
+    InvalidInput,
+    MigrationFailed,
+    OpsError,
+    PreconditionFailed,
+    VerificationFailed,
+)
 from opslib.outcome import Outcome
 from opslib.record import BackupRef, revisions_text
 from opslib.steps import Run, begin, step
@@ -151,6 +158,8 @@ class Deploy(Workflow):
         self.drift = next((c for c in report.checks if c.name == "drift"), None)
         self.pending = list(self.plan.pending)
         facts.append(("target revision", self.params["target_revision"]))
+        if self.params["dev_data"]:
+            facts.append(("dev_data", "yes (-x dev_data=true): the revisions load the development sample data"))
         if not self.pending:
             return Section(
                 "Preflight", "nothing to do: the database is already at the target", facts, check_rows
@@ -179,6 +188,7 @@ class Deploy(Workflow):
             result = migrate.upgrade(
                 self.settings,
                 self.pending[-1].revision,
+                x_args=["dev_data=true"] if self.params["dev_data"] else [],
                 on_attempt=self._attempt_recorder(),
                 on_step=self._steps_recorder("upgrade"),
             )
@@ -423,7 +433,7 @@ class Reset(Workflow):
         facts = self._identify()
         if self.settings.env == "staging":
             self._require_confirm("in staging")
-        facts.append(("reseed", "yes (-x dev_data=true)" if self.params["reseed"] else "no"))
+        facts.append(("dev_data", "yes (-x dev_data=true)" if self.params["dev_data"] else "no"))
         return Section("Preflight", "reset: downgrade to base, upgrade to head", facts)
 
     @step("backup", after="preflight")
@@ -504,8 +514,8 @@ class Reset(Workflow):
 
     @step("rebuild", after="recreate schema")
     def rebuild(self) -> Section:
-        """Upgrade to head, loading the sample data when reseed is on."""
-        x_args = ["dev_data=true"] if self.params["reseed"] else []
+        """Upgrade to head, loading the sample data when dev_data is on."""
+        x_args = ["dev_data=true"] if self.params["dev_data"] else []
         result = migrate.upgrade(
             self.settings,
             "head",
@@ -521,6 +531,259 @@ class Reset(Workflow):
         facts = [self._expect_revisions(tuple(h.revision for h in migrate.heads(self.settings)))]
         facts.append(self._models_fact())
         return Section("Verify", "passed", facts)
+
+
+# --- init-prod --------------------------------------------------------------------------------------
+
+
+class InitProd(Workflow):
+    """The guide's `make init-prod`: the schema at head, then the production essentials (admin user,
+    settings, CMS pages, email templates), each inserted only when absent."""
+
+    runbook = "init-prod"
+    essentials: seed.Essentials | None = None
+    at_base = False
+
+    def _check_inputs(self) -> None:
+        # Before any connection: a missing admin variable ends the run here (exit 2). The values stay in
+        # this process's environment; neither reaches the record, the notebook or a message.
+        seed.admin_credentials(self.params["admin_email_env"], self.params["admin_password_env"])
+
+    @step("preflight", after="parameters")
+    def preflight(self) -> Section:
+        """Identify the target; it must be empty (at base) or at head: pending revisions are the deploy's."""
+        facts = self._identify()
+        self.essentials = seed.load_essentials(self.settings)
+        heads = tuple(sorted(h.revision for h in migrate.heads(self.settings)))
+        now = tuple(sorted(self.record.revisions_before or ()))
+        if now and now != heads:
+            raise PreconditionFailed(
+                f"init-prod sets up a new database (at base) or completes one at head; this one is at "
+                f"{revisions_text(now)} with revisions pending: deploy them first with the deploy runbook "
+                "(make deploy-prod), which takes a backup"
+            )
+        self.at_base = not now
+        facts.append(("essentials", self.essentials.path.name))
+        status = "new database: upgrade to head, then the essentials" if self.at_base else "at head: the essentials"
+        return Section("Preflight", status, facts)
+
+    @step("schema", after="preflight")
+    def schema(self) -> Section:
+        """Upgrade an empty database to head (skipped when it is at head already)."""
+        if not self.at_base:
+            return Section.skip("Schema", "already at head")
+        result = migrate.upgrade(
+            self.settings, "head", on_step=self._steps_recorder("upgrade"), on_attempt=self._attempt_recorder()
+        )
+        return self._migrated("Schema", f"applied {len(result.steps)} revision(s)", result)
+
+    @step("essentials", after="schema")
+    def insert_essentials(self) -> Section:
+        """Insert the missing essentials in one transaction; present rows are left as they are."""
+        email, password = seed.admin_credentials(self.params["admin_email_env"], self.params["admin_password_env"])
+        with db.connect(db.target_url(self.settings)) as conn:
+            outcomes = seed.apply_essentials(conn, self.essentials, email, password)
+            conn.commit()
+        self.record.data_changes = [o.to_dict() for o in outcomes]
+        self._save()
+        created = sum(o.created for o in outcomes)
+        rows = [{"item": o.item, "table": o.table, "created": o.created, "already there": o.present} for o in outcomes]
+        status = f"created {created} row(s)" if created else "nothing to do: every essential is there already"
+        return Section("Essentials", status, [], rows)
+
+    @step("verify", after="essentials", repeatable=True)
+    def verify(self) -> Section:
+        """The database is at head, every essential row is there, and the admin's password is only a hash."""
+        email, _ = seed.admin_credentials(self.params["admin_email_env"], self.params["admin_password_env"])
+        facts = [self._expect_revisions(tuple(h.revision for h in migrate.heads(self.settings)))]
+        with db.connect(db.target_url(self.settings)) as conn:
+            try:
+                facts += seed.check_essentials(conn, self.essentials, email)
+            except PreconditionFailed as err:
+                raise VerificationFailed(err.message) from None
+        return Section("Verify", "passed", facts)
+
+
+# --- rehearse -------------------------------------------------------------------------------------
+
+
+class Rehearse(Workflow):
+    """The guide's "test migrations on a copy of production data": upgrade, downgrade and upgrade again a
+    scratch copy of the target, timed and compared; the target is only read, and the copy is dropped."""
+
+    runbook = "rehearse"
+    copy: rehearse.Copy | None = None
+    on_copy: Settings | None = None
+    start: tuple[str, ...] = ()
+    pending: list = []
+
+    def _findings(self) -> dict:
+        if self.record.rehearsal is None:
+            self.record.rehearsal = {"copy": None, "revisions": [], "differences": {}, "copy_dropped": None}
+        return self.record.rehearsal
+
+    @step("preflight", after="parameters")
+    def preflight(self) -> Section:
+        """Identify the target (without its run lock: it is only read) and list the revisions to rehearse."""
+        facts = self._identify(lock=False)
+        facts.append(("target revision", self.params["target_revision"]))
+        if self.params["from_revision"]:
+            migrate.show(self.settings, self.params["from_revision"])  # an unknown one is refused here
+            facts.append(("from revision", f"{self.params['from_revision']} (the copy is downgraded to it first)"))
+            self.pending = [None]  # known once the copy is there
+            return Section("Preflight", "the copy is taken back to from_revision, then rehearsed", facts)
+        current, steps = migrate.plan(self.settings, "upgrade", self.params["target_revision"])
+        self._plan(tuple(current), steps)
+        if not self.pending:
+            return Section("Preflight", "nothing to rehearse: the database is at the target already", facts)
+        rows = [{"revision": r.revision, "message": r.message} for r in self.pending]
+        return Section("Preflight", f"{len(self.pending)} revision(s) to rehearse on a copy", facts, rows)
+
+    def _plan(self, current: tuple[str, ...], steps: list) -> None:
+        if len(current) > 1:
+            raise PreconditionFailed(
+                f"the database is at several heads ({revisions_text(current)}): rehearse from one revision"
+            )
+        self.start, self.pending = current, list(steps)
+
+    @step("copy", after="preflight")
+    def make_copy(self) -> Section:
+        """Copy the target into a scratch database: a template clone when idle, else its newest verified backup."""
+        if not self.pending:
+            return Section.skip("Copy", "nothing to rehearse")
+        name = rehearse.scratch_name(self.database, self.record.run_id)
+        self._findings()["copy"] = {"database": name, "method": None, "seconds": None}
+        self._save()  # named before it exists: whoever ends this run drops it
+        self.copy = rehearse.make_copy(self.settings, name)
+        self.on_copy = rehearse.settings_on(self.settings, name)
+        self._findings()["copy"] = self.copy.to_dict()
+        facts = [("copy", name), ("seconds", self.copy.seconds)]
+        if self.params["from_revision"]:
+            taken = migrate.downgrade(self.on_copy, self.params["from_revision"])
+            self._plan(*migrate.plan(self.on_copy, "upgrade", self.params["target_revision"]))
+            facts.append(("taken back to", f"{revisions_text(taken.after)} ({len(taken.steps)} revision(s))"))
+            if not self.pending:
+                raise PreconditionFailed(
+                    f"nothing to rehearse from {self.params['from_revision']} to {self.params['target_revision']}"
+                )
+        self.before = self._snapshot()
+        self._save()
+        rows = [{"revision": r.revision, "message": r.message} for r in self.pending]
+        return Section("Copy", f"copied by {self.copy.method}", facts, rows)
+
+    def _snapshot(self) -> rehearse.Snapshot:
+        with db.connect(db.target_url(self.on_copy)) as conn:
+            return rehearse.snapshot(conn, migrate.version_table(self.on_copy))
+
+    def _pass(self, title: str, passage: str, action: str, target: str) -> Section:
+        recorder = rehearse.PassRecorder(passage)
+        verb = migrate.upgrade if action == "upgrade" else migrate.downgrade
+        verb(self.on_copy, target, on_step=recorder.on_step, on_locks=recorder.on_locks)
+        self._findings()["revisions"] += [r.to_dict() for r in recorder.revisions]
+        self._save()
+        rows = [
+            {
+                "revision": r.revision,
+                "seconds": f"{r.seconds:.3f}",
+                "locks": "; ".join(str(lock) for lock in r.locks) or "none in its transaction",
+                "blocks reads of": ", ".join(r.flagged),
+            }
+            for r in recorder.revisions
+        ]
+        flagged = sum(1 for r in recorder.revisions if r.flagged)
+        status = f"{len(recorder.revisions)} revision(s) in {sum(r.seconds for r in recorder.revisions):.3f} s"
+        if flagged:
+            status += f"; {flagged} took ACCESS EXCLUSIVE on a table with rows"
+        return Section(title, status, [], rows)
+
+    @step("upgrade", after="copy")
+    def upgrade(self) -> Section:
+        """Upgrade the copy to the target revision, timing each revision and reading its table locks."""
+        if not self.pending:
+            return Section.skip("Upgrade", "nothing to rehearse")
+        section = self._pass("Upgrade", "upgrade", "upgrade", self.pending[-1].revision)
+        self.upgraded = self._snapshot()
+        return section
+
+    @step("downgrade", after="upgrade")
+    def downgrade(self) -> Section:
+        """Downgrade the copy back to where the target is."""
+        if not self.pending:
+            return Section.skip("Downgrade", "nothing to rehearse")
+        section = self._pass("Downgrade", "downgrade", "downgrade", self.start[0] if self.start else "base")
+        # Compared at once: the second upgrade may fail on what the downgrade left, and this is why.
+        self.downgrade_diff = rehearse.compare(self.before, self._snapshot())
+        self._findings()["differences"] = {"downgrade_vs_before": self.downgrade_diff.to_dict()}
+        self._save()
+        if not self.downgrade_diff.none:
+            section.status += f"; {len(self.downgrade_diff.lines())} difference(s) from the copy as it was"
+            section.rows += [{"revision": "", "seconds": "", "locks": d, "blocks reads of": ""}
+                             for d in self.downgrade_diff.lines()]
+        return section
+
+    @step("upgrade again", after="downgrade")
+    def upgrade_again(self) -> Section:
+        """Upgrade the copy to the target once more: a chain that cannot be run again shows here."""
+        if not self.pending:
+            return Section.skip("Upgrade again", "nothing to rehearse")
+        try:
+            return self._pass("Upgrade again", "upgrade again", "upgrade", self.pending[-1].revision)
+        except MigrationFailed as err:
+            left = "; ".join(self.downgrade_diff.lines()[:4]) or "nothing the comparison sees"
+            raise ChecksFailed(
+                f"the upgrade cannot run again after its downgrade, on the copy: {err.message.split('. ')[0]}; "
+                f"after the downgrade: {left}"
+            ) from err
+
+    @step("verify", after="upgrade again", repeatable=True)
+    def compare(self) -> Section:
+        """Compare the passes: the downgrade against the copy as it was, the second upgrade against the first."""
+        if not self.pending:
+            return Section.skip("Compare", "nothing to rehearse")
+        downgrade_diff = self.downgrade_diff
+        upgrade_diff = rehearse.compare(self.upgraded, self._snapshot())
+        self._findings()["differences"]["upgrade_again_vs_upgrade"] = upgrade_diff.to_dict()
+        self._save()
+        rows = [{"comparison": "after the downgrade, against the copy as it was", "difference": d}
+                for d in downgrade_diff.lines()]
+        rows += [{"comparison": "after the second upgrade, against the first", "difference": d}
+                 for d in upgrade_diff.lines()]
+        if rows:
+            _show(Section("Compare", f"{len(rows)} difference(s) between the passes", [], rows))
+            raise ChecksFailed(
+                f"the rehearsal found {len(rows)} difference(s) between the passes: "
+                + "; ".join(r["difference"] for r in rows[:4])
+                + (f"; and {len(rows) - 4} more (in the record)" if len(rows) > 4 else "")
+            )
+        facts = [
+            ("schema and data after the downgrade", "as before the upgrade"),
+            ("schema and data after the second upgrade", "as after the first"),
+        ]
+        return Section("Compare", "no difference between the passes", facts)
+
+    @step("drop copy", after="verify")
+    def drop_copy(self) -> Section:
+        """Drop the scratch copy (also done when the run ends any other way)."""
+        dropped = self._drop_copy()
+        return Section("Drop copy", "dropped" if dropped else "no copy to drop",
+                       [("copy", (self._findings().get("copy") or {}).get("database", "none"))])
+
+    def _drop_copy(self) -> bool:
+        kept = (self.record.rehearsal or {}).get("copy") or {}
+        if not kept.get("database"):
+            return False
+        dropped = rehearse.drop_copy(self.settings, kept["database"])
+        self._findings()["copy_dropped"] = True
+        self._save()
+        return dropped
+
+    def _finish(self, err: BaseException | None = None) -> None:
+        # The copy never outlives the run: dropped here whatever ended it (a failed pass, a refusal).
+        try:
+            self._drop_copy()
+        except Exception as drop_err:  # noqa: BLE001 -- the run's own ending comes first, whatever this was
+            self._findings()["copy_dropped"] = f"not dropped: {drop_err}"
+        super()._finish(err)
 
 
 def _show(section: Section) -> None:
@@ -545,6 +808,8 @@ WORKFLOWS: dict[str, type[Run]] = {
     "rollback": Rollback,
     "recovery": Recovery,
     "reset": Reset,
+    "init-prod": InitProd,
+    "rehearse": Rehearse,
 }
 
 

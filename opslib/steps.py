@@ -253,8 +253,9 @@ class Run:
         _Signals.run = None
         return caught[0] if caught else None
 
-    def _identify(self) -> list[tuple[str, object]]:
-        """Connect, record which database this is, and return its identity as facts to show."""
+    def _identify(self, lock: bool = True) -> list[tuple[str, object]]:
+        """Connect, record which database this is, and return its identity as facts to show; with
+        ``lock``, take the run lock on it (a run that only reads the target, a rehearsal, does not)."""
         self.url = db.target_url(self.settings)
         # Recorded before the lock: whoever seals this run if it dies reads the revision from this table.
         table = migrate.version_table(self.settings)
@@ -269,7 +270,8 @@ class Run:
         self.record.alembic_ini = str(Path(self.settings.alembic_ini).resolve())
         self.record.version_table = list(table)
         self._save()
-        self._take_lock()  # one run at a time on a database: a second one stops here, exit 4
+        if lock:
+            self._take_lock()  # one run at a time on a database: a second one stops here, exit 4
         with db.connect(self.url) as conn:
             current = list(migrate.current_revisions(conn, table))
         self.record.revisions_before = current
@@ -363,6 +365,11 @@ class Run:
             db.parse_url(url, source=env_name)  # a malformed URL is refused here, before any connection
         self.settings = replace(self.settings, database_url=url or None)
         params.check_environment(runbook, values, self.settings.env)
+        self._check_inputs()
+
+    def _check_inputs(self) -> None:
+        """What a runbook needs besides its parameters (an environment variable, say), checked before any
+        connection: raise :class:`InvalidInput` (exit 2). None by default."""
 
     @step("summary", after="verify")
     def summary(self) -> Section:

@@ -115,6 +115,9 @@ TARGETS = [
     ("rollback-prod", "confirm", [], lambda v: ["run", "rollback", *PROD, v]),
     ("rollback-prod", "revision", ["confirm=shop"], lambda v: ["run", "rollback", *PROD, "shop", "-p", "target_revision", v]),
     ("db-reset", "confirm", [], lambda v: ["run", "reset", "-p", "confirm", v]),
+    ("seed-demo", "rows", [], lambda v: ["seed-demo", "--rows", v]),
+    ("seed-demo", "seed", [], lambda v: ["seed-demo", "--seed", v]),
+    ("rehearse", "revision", [], lambda v: ["rehearse", "-p", "target_revision", v]),
     # -o browser: the Chromium check is not what is tested here (and would install it as root).
     ("audit-report", "out", ["-o", "browser"], lambda v: ["audit", "report", "--screenshot", "--out", v]),
 ]  # fmt: skip
@@ -194,6 +197,8 @@ def test_a_missing_required_variable_is_one_line_and_exit_2(sandbox, target, var
         ("backup-db", "label", ["backup"]),
         ("pre-deploy-check", "revision", ["check"]),
         ("db-reset", "confirm", ["run", "reset"]),
+        ("seed-demo", "rows", ["seed-demo"]),
+        ("rehearse", "revision", ["rehearse"]),
     ],
 )
 def test_optional_variables_left_out_or_blank_add_no_argument(sandbox, target, var, argv):

@@ -19,6 +19,8 @@ from opslib.config import Settings
 from .conftest import OPSLIB, ROOT, query, schema_snapshot, settings_for
 
 RUNBOOKS = ["deploy", "rollback", "recovery", "reset"]
+# Every runbook shipped, those above and those with tests of their own (test_seed.py, test_rehearse.py).
+ALL_RUNBOOKS = [*RUNBOOKS, "init-prod", "rehearse"]
 PASSWORD = "Runbook-S3cret-pw-7f3a"
 SANITIZE = Path(__file__).resolve().parent / "runbooks.sanitize.cfg"
 SIDECAR_KEYS = {
@@ -68,7 +70,7 @@ def assert_complete(record: dict, runbook: str, outcome: str, exit_code: int, mo
 # --- the notebooks themselves ------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", RUNBOOKS)
+@pytest.mark.parametrize("name", ALL_RUNBOOKS)
 def test_notebook_shape_and_parameters(name):
     path = ROOT / "runbooks" / f"{name}.ipynb"
     nb = nbformat.read(path, as_version=4)
@@ -101,7 +103,7 @@ def test_notebook_shape_and_parameters(name):
 
 def test_opslib_runbooks_lists_each_with_its_parameters():
     done = subprocess.run([OPSLIB, "runbooks"], capture_output=True, text=True, check=True)
-    for name in RUNBOOKS:
+    for name in ALL_RUNBOOKS:
         assert f"{name}: " in done.stdout
     assert "target_revision: str = 'head'" in done.stdout
 

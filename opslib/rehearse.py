@@ -1,0 +1,276 @@
+"""Rehearsals: the guide's "test migrations on a copy of production data", on a scratch copy of the target.
+
+The copy is a template clone when the target is idle (fast, no dump), else the newest verified backup of
+the target restored. On it, a rehearsal upgrades to the target revision, downgrades back, and upgrades
+again, timing each revision and reading the table locks its transaction held; it then compares what
+each pass left:
+
+- after the downgrade against the copy as it was: every object a downgrade left behind or lost (tables,
+  columns, types, sequences, functions, extensions, indexes, constraints, views, triggers), and in the
+  tables that survive, rows gained or lost and columns whose values changed;
+- after the second upgrade against the first: the same, so an upgrade that cannot be run again shows.
+
+The target itself is only read (to copy it): a rehearsal is allowed in production.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection
+
+from opslib import backup, db
+from opslib.config import Settings
+from opslib.errors import PreconditionFailed
+
+# Left out of every comparison: opslib's own history grows with each pass, by design.
+_SKIPPED_SCHEMAS = ("pg_catalog", "information_schema", "opslib")
+
+
+def scratch_name(database: str, run_id: str) -> str:
+    """The scratch database of a rehearsal: the target's name (shortened to fit), then the run id."""
+    return f"{database[:40]}_rehearse_{run_id}"
+
+
+def settings_on(settings: Settings, database: str) -> Settings:
+    """The same settings, aimed at another database of the same server."""
+    url = db.target_url(settings).set(database=database)
+    return replace(settings, database_url=url.render_as_string(hide_password=False))
+
+
+@dataclass(frozen=True)
+class Copy:
+    """How the scratch copy was made."""
+
+    database: str
+    method: str  # "template clone" or "restore of <backup file>"
+    seconds: float
+
+    def to_dict(self) -> dict:
+        """A JSON-ready dict."""
+        return {"database": self.database, "method": self.method, "seconds": self.seconds}
+
+
+def make_copy(settings: Settings, name: str) -> Copy:
+    """Copy the target into ``name``: a template clone when nobody is connected to it, else its newest
+    verified backup restored (refused when it has none)."""
+    started = time.perf_counter()
+    try:
+        backup.clone(settings, name)
+        return Copy(name, "template clone", round(time.perf_counter() - started, 3))
+    except PreconditionFailed as busy:
+        if "already exists" in busy.message:
+            raise
+        newest = _newest_verified_backup(settings)
+        if newest is None:
+            raise PreconditionFailed(
+                f"{busy.message}; and the target has no verified backup to restore instead: take one with "
+                "`opslib backup` and `opslib verify-backup`, or rehearse when the database is idle"
+            ) from None
+    backup.restore(settings, newest, into=name)
+    return Copy(name, f"restore of {newest.name} (the target had other sessions)", round(time.perf_counter() - started, 3))
+
+
+def _newest_verified_backup(settings: Settings) -> Path | None:
+    target = db.target_url(settings).database
+    found = [b for b in backup.list_backups(settings) if b.database == target and b.verified]
+    return max(found, key=lambda b: b.started_at).path if found else None
+
+
+def drop_copy(settings: Settings, name: str) -> bool:
+    """Drop the scratch database ``name`` (its sessions ended first); True when there was one to drop."""
+    with db.connect_autocommit(db.maintenance_url(db.target_url(settings))) as admin:
+        if not db.database_exists(admin, name):
+            return False
+        admin.execute(sa.text(f"DROP DATABASE {db.quote_ident(admin, name)} WITH (FORCE)"))
+        return True
+
+
+# --- what a pass leaves --------------------------------------------------------------------------------
+
+
+@dataclass
+class Snapshot:
+    """A database's objects (kind and name → definition), row counts and per-column value digests."""
+
+    objects: dict[str, str] = field(default_factory=dict)
+    rows: dict[str, int] = field(default_factory=dict)
+    columns: dict[str, str] = field(default_factory=dict)
+
+
+_OBJECTS = {
+    "table": "SELECT n.nspname || '.' || c.relname, c.relkind::text FROM pg_class c "
+    "JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.relkind IN ('r', 'p', 'm', 'v', 'f')",
+    "column": "SELECT n.nspname || '.' || c.relname || '.' || a.attname, format_type(a.atttypid, a.atttypmod) "
+    "|| CASE WHEN a.attnotnull THEN ' NOT NULL' ELSE '' END || coalesce(' DEFAULT ' || pg_get_expr(d.adbin, d.adrelid), '') "
+    "FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid JOIN pg_namespace n ON n.oid = c.relnamespace "
+    "LEFT JOIN pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum "
+    "WHERE a.attnum > 0 AND NOT a.attisdropped AND c.relkind IN ('r', 'p', 'm', 'v', 'f')",
+    "index": "SELECT schemaname || '.' || indexname, indexdef FROM pg_indexes",
+    "constraint": "SELECT n.nspname || '.' || c.relname || '.' || k.conname, pg_get_constraintdef(k.oid) "
+    "FROM pg_constraint k JOIN pg_class c ON c.oid = k.conrelid JOIN pg_namespace n ON n.oid = c.relnamespace",
+    "sequence": "SELECT n.nspname || '.' || c.relname, 'sequence' FROM pg_class c "
+    "JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.relkind = 'S'",
+    "type": "SELECT n.nspname || '.' || t.typname, t.typtype::text || coalesce(': ' || (SELECT string_agg(e.enumlabel, ', ' "
+    "ORDER BY e.enumsortorder) FROM pg_enum e WHERE e.enumtypid = t.oid), '') FROM pg_type t "
+    "JOIN pg_namespace n ON n.oid = t.typnamespace WHERE t.typtype IN ('e', 'd', 'r', 'm') "
+    "OR (t.typtype = 'c' AND (SELECT relkind FROM pg_class WHERE oid = t.typrelid) = 'c')",
+    "function": "SELECT n.nspname || '.' || p.proname || '(' || pg_get_function_identity_arguments(p.oid) || ')', "
+    "md5(pg_get_functiondef(p.oid)) FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace "
+    "WHERE p.prokind IN ('f', 'p') AND NOT EXISTS (SELECT 1 FROM pg_depend d WHERE d.objid = p.oid "
+    "AND d.deptype = 'e')",
+    "trigger": "SELECT n.nspname || '.' || c.relname || '.' || t.tgname, pg_get_triggerdef(t.oid) FROM pg_trigger t "
+    "JOIN pg_class c ON c.oid = t.tgrelid JOIN pg_namespace n ON n.oid = c.relnamespace WHERE NOT t.tgisinternal",
+    "extension": "SELECT 'extension.' || extname, extversion FROM pg_extension",
+}
+
+
+def _schema_of(name: str) -> str:
+    return name.split(".", 1)[0]
+
+
+def snapshot(conn: Connection, version_table: tuple[str | None, str]) -> Snapshot:
+    """What a comparison needs of the database on ``conn``: every object, every table's row count, and a
+    digest of each column's values paired with the row's key (order-independent)."""
+    taken = Snapshot()
+    version = f"{version_table[0] or 'public'}.{version_table[1]}"
+    for kind, query in _OBJECTS.items():
+        for name, definition in conn.execute(sa.text(query)):
+            if kind != "extension" and (_schema_of(name) in _SKIPPED_SCHEMAS or _schema_of(name).startswith("pg_")):
+                continue
+            if name == version or name.startswith(version + "."):
+                continue
+            taken.objects[f"{kind} {name}"] = definition
+    tables = [name.split(" ", 1)[1] for name, kind in taken.objects.items()
+              if name.startswith("table ") and kind in ("r", "p")]
+    for table in tables:
+        taken.rows[table], digests = _table_digests(conn, table, taken.objects)
+        taken.columns.update(digests)
+    conn.rollback()
+    return taken
+
+
+def _table_digests(conn: Connection, table: str, objects: dict[str, str]) -> tuple[int, dict[str, str]]:
+    schema, name = table.split(".", 1)
+    quoted = f"{db.quote_ident(conn, schema)}.{db.quote_ident(conn, name)}"
+    columns = [k.split(" ", 1)[1].rsplit(".", 1)[1] for k in objects
+               if k.startswith(f"column {table}.") and k.count(".") == table.count(".") + 1]
+    key = _primary_key(conn, schema, name)
+    # Each value is digested with the row's key, so a value moved to another row counts as changed; a
+    # table without a primary key is compared as a multiset of values.
+    row_id = "(" + " || '|' || ".join(f"{db.quote_ident(conn, k)}::text" for k in key) + ")" if key else "''"
+    parts = ["count(*)"] + [
+        f"coalesce(sum(hashtextextended(coalesce({db.quote_ident(conn, c)}::text, '<null>') || '|' || {row_id}, 0)::numeric), 0)::text"
+        for c in columns
+    ]
+    row = conn.execute(sa.text(f"SELECT {', '.join(parts)} FROM {quoted}")).one()
+    return int(row[0]), {f"{table}.{c}": digest for c, digest in zip(columns, row[1:], strict=True)}
+
+
+def _primary_key(conn: Connection, schema: str, name: str) -> list[str]:
+    rows = conn.execute(
+        sa.text(
+            "SELECT a.attname FROM pg_index i JOIN pg_attribute a ON a.attrelid = i.indrelid "
+            "AND a.attnum = ANY(i.indkey) WHERE i.indrelid = to_regclass(:t) AND i.indisprimary ORDER BY a.attnum"
+        ),
+        {"t": f'"{schema}"."{name}"'},
+    )
+    return [r[0] for r in rows]
+
+
+@dataclass(frozen=True)
+class Differences:
+    """What differs between two snapshots, each a line a person can act on."""
+
+    left_behind: tuple[str, ...] = ()  # objects in the second and not the first
+    lost: tuple[str, ...] = ()  # objects in the first and not the second
+    changed: tuple[str, ...] = ()  # objects defined otherwise
+    data: tuple[str, ...] = ()  # rows gained or lost, columns whose values differ, in tables in both
+
+    @property
+    def none(self) -> bool:
+        """True when the two snapshots agree."""
+        return not (self.left_behind or self.lost or self.changed or self.data)
+
+    def lines(self) -> list[str]:
+        """Every difference, one line each."""
+        return (
+            [f"left behind: {o}" for o in self.left_behind]
+            + [f"lost: {o}" for o in self.lost]
+            + [f"changed: {o}" for o in self.changed]
+            + [f"data: {d}" for d in self.data]
+        )
+
+    def to_dict(self) -> dict:
+        """A JSON-ready dict."""
+        return {"left_behind": list(self.left_behind), "lost": list(self.lost), "changed": list(self.changed),
+                "data": list(self.data)}
+
+
+def compare(first: Snapshot, second: Snapshot) -> Differences:
+    """What ``second`` has that ``first`` had not, what it lost, and what changed, objects and data."""
+    left = sorted(set(second.objects) - set(first.objects))
+    lost = sorted(set(first.objects) - set(second.objects))
+    changed = sorted(
+        f"{k}: {first.objects[k]} → {second.objects[k]}"
+        for k in set(first.objects) & set(second.objects)
+        if first.objects[k] != second.objects[k]
+    )
+    data = []
+    for table in sorted(set(first.rows) & set(second.rows)):
+        a, b = first.rows[table], second.rows[table]
+        if a != b:
+            data.append(f"{table}: {a} rows before, {b} after ({'lost' if b < a else 'gained'} {abs(a - b)})")
+    for column in sorted(set(first.columns) & set(second.columns)):
+        if first.columns[column] != second.columns[column]:
+            data.append(f"column {column}: its values differ from before")
+    # A column dropped and added back by a downgrade is in both with other values: said above. One that
+    # only the first had, in a table both have, lost its data with it.
+    return Differences(tuple(left), tuple(lost), tuple(changed), tuple(data))
+
+
+@dataclass(frozen=True)
+class RevisionPass:
+    """One revision in one pass: how long it took, and the table locks its transaction held."""
+
+    passage: str  # "upgrade", "downgrade", "upgrade again"
+    revision: str
+    seconds: float
+    locks: tuple[db.RelationLock, ...] = ()
+
+    @property
+    def flagged(self) -> tuple[str, ...]:
+        """The tables with rows it locked ACCESS EXCLUSIVE (no reads nor writes until it committed)."""
+        return tuple(lock.table for lock in self.locks if lock.blocks_readers and lock.has_rows)
+
+    def to_dict(self) -> dict:
+        """A JSON-ready dict."""
+        return {
+            "pass": self.passage,
+            "revision": self.revision,
+            "seconds": self.seconds,
+            "locks": [{"table": lk.table, "mode": lk.mode, "has_rows": lk.has_rows} for lk in self.locks],
+            "access_exclusive_on_rows": list(self.flagged),
+        }
+
+
+class PassRecorder:
+    """Collects one pass's revisions: ``on_step`` and ``on_locks`` of :func:`opslib.migrate.upgrade`."""
+
+    def __init__(self, passage: str):
+        self.passage = passage
+        self.locks: dict[str, tuple[db.RelationLock, ...]] = {}
+        self.revisions: list[RevisionPass] = []
+
+    def on_locks(self, revision: str, locks: list[db.RelationLock]) -> None:
+        """Keep the locks a revision's transaction held."""
+        self.locks[revision] = tuple(locks)
+
+    def on_step(self, info, seconds: float, started: float) -> None:
+        """Keep a committed revision's time, with its locks."""
+        self.revisions.append(
+            RevisionPass(self.passage, info.revision, round(seconds, 4), self.locks.get(info.revision, ()))
+        )

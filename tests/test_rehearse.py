@@ -1,0 +1,178 @@
+"""The rehearse runbook: a scratch copy of the target upgraded, downgraded and upgraded again, then compared."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import psycopg2
+import pytest
+
+from .conftest import ROOT, databases_named, libpq, opslib_cli, query, schema_snapshot
+
+FIRST = '''"""items"""
+from alembic import op
+
+revision = "r001"
+down_revision = None
+
+
+def upgrade():
+    op.execute("CREATE TABLE items (id int PRIMARY KEY, name text NOT NULL)")
+    op.execute("INSERT INTO items SELECT g, 'item ' || g FROM generate_series(1, 500) g")
+
+
+def downgrade():
+    op.execute("DROP TABLE items")
+'''
+
+# A revision as they are found in long-lived projects: its downgrade forgets the enum type its upgrade
+# created, and puts the renamed column back empty (the data went with the column it dropped).
+CARELESS = '''"""mood and title"""
+from alembic import op
+
+revision = "r002"
+down_revision = "r001"
+
+
+def upgrade():
+    print("adding mood and title")
+    op.execute("CREATE TYPE mood AS ENUM ('happy', 'sad')")
+    op.execute("ALTER TABLE items ADD COLUMN mood mood")
+    op.execute("ALTER TABLE items ADD COLUMN title text")
+    op.execute("UPDATE items SET title = name")
+    op.execute("ALTER TABLE items DROP COLUMN name")
+
+
+def downgrade():
+    op.execute("ALTER TABLE items ADD COLUMN name text NOT NULL DEFAULT ''")
+    op.execute("ALTER TABLE items ALTER COLUMN name DROP DEFAULT")
+    op.execute("ALTER TABLE items DROP COLUMN title")
+    op.execute("ALTER TABLE items DROP COLUMN mood")
+'''
+
+
+def _careless_project(folder: Path) -> Path:
+    """``alembic init`` (the generic env.py: one transaction for the whole run) with the two revisions above."""
+    alembic = str(Path(sys.executable).parent / "alembic")
+    subprocess.run([alembic, "init", "migrations"], cwd=folder, check=True, capture_output=True)
+    (folder / "migrations" / "versions" / "r001_items.py").write_text(FIRST)
+    (folder / "migrations" / "versions" / "r002_mood.py").write_text(CARELESS)
+    return folder / "alembic.ini"
+
+
+def _rehearsal(work: Path) -> dict:
+    (sidecar,) = [p for p in (work / "records").glob("*_rehearse_*.json")]
+    return json.loads(sidecar.read_text())
+
+
+def _copies(server_url, database_url: str) -> set[str]:
+    return databases_named(server_url, database_url.rsplit("/", 1)[1] + "_rehearse_")
+
+
+def test_the_sample_with_demo_data_rehearses_with_timings_and_no_difference(database_url, server_url, tmp_path):
+    ini = ROOT / "alembic.ini"
+    assert opslib_cli(database_url, ini, tmp_path, "upgrade", "head").returncode == 0
+    assert opslib_cli(database_url, ini, tmp_path, "seed-demo", "--rows", "3000").returncode == 0
+    before = schema_snapshot(database_url)
+    data = query(database_url, "SELECT count(*), sum(hashtext(email)) FROM users")
+    done = opslib_cli(database_url, ini, tmp_path, "rehearse", "-p", "from_revision", "0003",
+                      env={"OPSLIB_ENV": "production"})  # allowed: the target is only read
+    assert done.returncode == 0, done.stdout + done.stderr
+    found = _rehearsal(tmp_path)["rehearsal"]
+    assert found["copy"]["method"] == "template clone" and found["copy_dropped"] is True
+    passes = [(r["pass"], r["revision"]) for r in found["revisions"]]
+    assert passes == [("upgrade", r) for r in ("0004", "0005", "0006", "0007")] + [
+        ("downgrade", r) for r in ("0007", "0006", "0005", "0004")
+    ] + [("upgrade again", r) for r in ("0004", "0005", "0006", "0007")]
+    assert all(r["seconds"] > 0 for r in found["revisions"])
+    (first,) = [r for r in found["revisions"] if r["pass"] == "upgrade" and r["revision"] == "0004"]
+    assert {"table": "public.products", "mode": "ACCESS EXCLUSIVE", "has_rows": True} in first["locks"]
+    assert first["access_exclusive_on_rows"] == ["public.products"]
+    assert all(not d for diff in found["differences"].values() for d in diff.values())
+    # The target was never touched, and the copy is gone.
+    assert schema_snapshot(database_url) == before
+    assert query(database_url, "SELECT count(*), sum(hashtext(email)) FROM users") == data
+    assert _copies(server_url, database_url) == set()
+    notebook = next((tmp_path / "records").glob("*_rehearse_*.ipynb")).read_text()
+    assert "no difference between the passes" in notebook and "ACCESS EXCLUSIVE" in notebook
+
+
+def test_a_downgrade_that_leaves_a_type_and_loses_a_column_s_data_is_named(database_url, server_url, tmp_path):
+    ini = _careless_project(tmp_path)
+    assert opslib_cli(database_url, ini, tmp_path, "upgrade", "r001").returncode == 0
+    done = opslib_cli(database_url, ini, tmp_path, "rehearse")
+    assert done.returncode == 3, done.stdout + done.stderr
+    assert "left behind: type public.mood" in done.stderr
+    assert "column public.items.name: its values differ from before" in done.stderr
+    diff = _rehearsal(tmp_path)["rehearsal"]["differences"]["downgrade_vs_before"]
+    assert diff["left_behind"] == ["type public.mood"]
+    assert "column public.items.name: its values differ from before" in diff["data"]
+    assert _rehearsal(tmp_path)["outcome"] == "refused"
+    # The upgrade cannot run again either (the type it creates is still there), and the message says so.
+    assert "the upgrade cannot run again after its downgrade" in done.stderr and 'type "mood" already exists' in done.stderr
+    assert _copies(server_url, database_url) == set()
+    assert query(database_url, "SELECT version_num FROM alembic_version") == [("r001",)]
+    assert query(database_url, "SELECT count(*) FROM items WHERE name LIKE 'item %'") == [(500,)]
+
+
+def test_a_busy_target_is_copied_from_its_newest_verified_backup_or_refused_without_one(
+    database_url, server_url, tmp_path
+):
+    ini = ROOT / "alembic.ini"
+    assert opslib_cli(database_url, ini, tmp_path, "upgrade", "0003").returncode == 0
+    other = psycopg2.connect(libpq(database_url))  # an application session: no template clone possible
+    try:
+        refused = opslib_cli(database_url, ini, tmp_path / "a", "rehearse")
+        assert refused.returncode == 3
+        assert "no verified backup to restore instead" in refused.stderr
+        made = opslib_cli(database_url, ini, tmp_path / "b", "backup")
+        assert made.returncode == 0, made.stderr
+        dump = next((tmp_path / "b" / "backups").glob("*.dump"))
+        assert opslib_cli(database_url, ini, tmp_path / "b", "verify-backup", str(dump)).returncode == 0
+        done = opslib_cli(database_url, ini, tmp_path / "b", "rehearse")
+        assert done.returncode == 0, done.stderr
+        copy = _rehearsal(tmp_path / "b")["rehearsal"]["copy"]
+        assert copy["method"].startswith(f"restore of {dump.name}")
+    finally:
+        other.close()
+    assert _copies(server_url, database_url) == set()
+
+
+def test_nothing_pending_rehearses_nothing_and_bad_parameters_are_exit_2(database_url, server_url, tmp_path):
+    ini = ROOT / "alembic.ini"
+    assert opslib_cli(database_url, ini, tmp_path, "upgrade", "head").returncode == 0
+    done = opslib_cli(database_url, ini, tmp_path, "rehearse")
+    assert done.returncode == 0 and "nothing to rehearse" in (tmp_path / "records").joinpath(
+        next((tmp_path / "records").glob("*.ipynb")).name).read_text()
+    for bad in (["-p", "from_revision", "zzz9"], ["-p", "target_revision", "a b"], ["-p", "bogus", "1"]):
+        refused = opslib_cli(database_url, ini, tmp_path / "bad", "rehearse", *bad)
+        assert refused.returncode == 2, (bad, refused.stderr)
+    assert _copies(server_url, database_url) == set()
+
+
+@pytest.mark.parametrize("signal_name", ["SIGTERM"])
+def test_a_rehearsal_stopped_during_a_pass_drops_its_copy(database_url, server_url, tmp_path, signal_name):
+    import os
+    import signal
+    import time
+
+    ini = ROOT / "alembic.ini"
+    assert opslib_cli(database_url, ini, tmp_path, "upgrade", "0003").returncode == 0
+    query(database_url, "INSERT INTO products (marketplace, shop_name, title, price) SELECT 'm', 's', 't', "
+                        "(g % 100)::text FROM generate_series(1, 300000) g")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OPSLIB_", "DATABASE_URL"))}
+    env.update(DATABASE_URL=database_url, OPSLIB_ALEMBIC_INI=str(ini))
+    proc = subprocess.Popen([str(ROOT / ".venv" / "bin" / "opslib"), "rehearse"], cwd=tmp_path, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not _copies(server_url, database_url):
+        time.sleep(0.05)
+    time.sleep(0.5)  # into the upgrade of the copy
+    proc.send_signal(getattr(signal, signal_name))
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143, out + err
+    assert _copies(server_url, database_url) == set()
+    assert query(database_url, "SELECT version_num FROM alembic_version") == [("0003",)]
