@@ -4,7 +4,7 @@ The guide's pattern (``LIMIT … OFFSET`` and one UPDATE per row) re-reads every
 batch, so its cost grows with the square of the table; one UPDATE of the whole table is fast but holds
 every row lock, and its transaction, until the last row. :func:`update_in_batches` walks the table by
 explicit key bounds (``WHERE id > a AND id <= b``: an index range scan, never OFFSET), commits each
-range, and keeps its progress in ``opslib.batch_progress`` in the same statement as the range's rows,
+range, and keeps its progress in ``opslib.batch_progress`` in the same transaction as the range's rows,
 so an interrupted run resumes after the last committed range and never redoes one.
 
 From a revision, in one call::
@@ -282,12 +282,14 @@ def _run(conn, table, set_sql, where, key, name, sha, batch_rows, lock_timeout_s
         rows_before = kept["rows_done"] if resumed_after is not None else 0
         low, high, estimate = _key_span(conn, table_sql, key_sql, table)
         condition = f" AND ({where})" if where else ""
-        apply = sa.text(
-            f"WITH changed AS (UPDATE {table_sql} SET {set_sql} WHERE {key_sql} > :lo AND {key_sql} <= :hi"
-            f"{condition} RETURNING 1) "
-            "UPDATE opslib.batch_progress p SET last_key = :hi, rows_done = p.rows_done + c.n, "
-            "batches_done = p.batches_done + 1, updated_at = clock_timestamp() "
-            "FROM (SELECT count(*) AS n FROM changed) c WHERE p.name = :name RETURNING c.n"
+        # Two statements in one transaction: the range's rows and its progress commit together (a resumed
+        # run never redoes a range), without an UPDATE … RETURNING collecting every row to count them.
+        apply = (
+            sa.text(f"UPDATE {table_sql} SET {set_sql} WHERE {key_sql} > :lo AND {key_sql} <= :hi{condition}"),
+            sa.text(
+                "UPDATE opslib.batch_progress SET last_key = :hi, rows_done = rows_done + :n, "
+                "batches_done = batches_done + 1, updated_at = clock_timestamp() WHERE name = :name"
+            ),
         )
         rows = batches = lock_retries = 0
         longest = 0.0
@@ -340,13 +342,22 @@ def _run(conn, table, set_sql, where, key, name, sha, batch_rows, lock_timeout_s
 
 
 def _apply_range(conn, apply, name, low, high, retries, lock_timeout_s, table) -> tuple[int, float, int]:
-    """Update the rows of one key range and its progress in one statement; retry a lock timeout."""
+    """Update the rows of one key range and its progress in one transaction; retry a lock timeout.
+    Returns the rows updated, how long the transaction held its row locks, and the retries it took."""
+    rows_sql, progress_sql = apply
     for attempt in range(retries + 1):
         began = time.perf_counter()
         try:
-            n = conn.execute(apply, {"lo": low, "hi": high, "name": name}).scalar()
+            conn.exec_driver_sql("BEGIN")  # the connection commits each statement on its own otherwise
+            n = conn.execute(rows_sql, {"lo": low, "hi": high}).rowcount
+            conn.execute(progress_sql, {"hi": high, "n": n, "name": name})
+            conn.exec_driver_sql("COMMIT")
             return int(n or 0), time.perf_counter() - began, attempt
         except DBAPIError as err:
+            try:
+                conn.exec_driver_sql("ROLLBACK")
+            except DBAPIError:
+                pass  # the session is gone: the error below says what happened
             if not _is_lock_timeout(err) or attempt == retries:
                 raise BatchFailed(_failure(name, table, low, high, err, lock_timeout_s, attempt), changed=True) from err
             time.sleep(min(0.2 * 2**attempt, 2.0))  # let the blocking transaction finish

@@ -10,7 +10,7 @@ from pathlib import Path
 from opslib import audit
 
 # The runbooks that change a database: in production, each is listed with its backup.
-CHANGING_RUNBOOKS = ("deploy", "rollback", "recovery", "reset")
+CHANGING_RUNBOOKS = ("deploy", "rollback", "recovery", "reset", "init-prod")
 # Endings after which nothing was changed (bad input, a guard, a held lock).
 _UNCHANGED = ("invalid", "refused", "locked")
 
