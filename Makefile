@@ -84,6 +84,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_backup.py
 	$(BIN)/python benchmarks/bench_locks.py
 	$(BIN)/python benchmarks/bench_report.py
+	$(BIN)/python benchmarks/bench_batch.py
 
 # The runbooks' expected outputs (tests/goldens/*.ipynb), made again on purpose: review their diff like code.
 goldens: $(STAMP)

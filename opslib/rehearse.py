@@ -80,6 +80,16 @@ def _newest_verified_backup(settings: Settings) -> Path | None:
     return max(found, key=lambda b: b.started_at).path if found else None
 
 
+def copies_of(settings: Settings, database: str) -> dict[str, str]:
+    """The scratch copies of rehearsals of ``database`` on its server: run id → database name."""
+    prefix = scratch_name(database, "")
+    with db.connect_autocommit(db.maintenance_url(db.target_url(settings))) as admin:
+        names = admin.execute(
+            sa.text("SELECT datname FROM pg_database WHERE left(datname, length(:p)) = :p"), {"p": prefix}
+        ).scalars()
+        return {name[len(prefix):]: name for name in names}
+
+
 def drop_copy(settings: Settings, name: str) -> bool:
     """Drop the scratch database ``name`` (its sessions ended first); True when there was one to drop."""
     with db.connect_autocommit(db.maintenance_url(db.target_url(settings))) as admin:

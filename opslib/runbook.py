@@ -652,12 +652,15 @@ class Rehearse(Workflow):
         if not self.pending:
             return Section.skip("Copy", "nothing to rehearse")
         name = rehearse.scratch_name(self.database, self.record.run_id)
+        dropped = self._drop_stale_copies()
         self._findings()["copy"] = {"database": name, "method": None, "seconds": None}
         self._save()  # named before it exists: whoever ends this run drops it
         self.copy = rehearse.make_copy(self.settings, name)
         self.on_copy = rehearse.settings_on(self.settings, name)
         self._findings()["copy"] = self.copy.to_dict()
         facts = [("copy", name), ("seconds", self.copy.seconds)]
+        if dropped:
+            facts.append(("dropped first", ", ".join(dropped) + " (left by rehearsals that were killed)"))
         if self.params["from_revision"]:
             taken = migrate.downgrade(self.on_copy, self.params["from_revision"])
             self._plan(*migrate.plan(self.on_copy, "upgrade", self.params["target_revision"]))
@@ -670,6 +673,19 @@ class Rehearse(Workflow):
         self._save()
         rows = [{"revision": r.revision, "message": r.message} for r in self.pending]
         return Section("Copy", f"copied by {self.copy.method}", facts, rows)
+
+    def _drop_stale_copies(self) -> list[str]:
+        """Drop the copies left by earlier rehearsals of this database that ended without dropping theirs
+        (a kill -9): only those whose run the records show ended; a copy of a run still going is kept."""
+        dropped = []
+        for run_id, name in rehearse.copies_of(self.settings, self.database).items():
+            try:
+                ended = audit.find_run(self.settings.records_dir, run_id).get("outcome") != str(Outcome.RUNNING)
+            except OpsError:
+                continue  # not a run of these records: not ours to judge
+            if ended and rehearse.drop_copy(self.settings, name):
+                dropped.append(name)
+        return dropped
 
     def _snapshot(self) -> rehearse.Snapshot:
         with db.connect(db.target_url(self.on_copy)) as conn:

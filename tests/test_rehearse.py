@@ -176,3 +176,31 @@ def test_a_rehearsal_stopped_during_a_pass_drops_its_copy(database_url, server_u
     assert proc.returncode == 143, out + err
     assert _copies(server_url, database_url) == set()
     assert query(database_url, "SELECT version_num FROM alembic_version") == [("0003",)]
+
+
+def test_a_copy_left_by_a_killed_rehearsal_is_dropped_by_the_next_one(database_url, server_url, tmp_path):
+    import os
+    import signal
+    import time
+
+    ini = ROOT / "alembic.ini"
+    assert opslib_cli(database_url, ini, tmp_path, "upgrade", "0003").returncode == 0
+    query(database_url, "INSERT INTO products (marketplace, shop_name, title, price) SELECT 'm', 's', 't', "
+                        "(g % 100)::text FROM generate_series(1, 300000) g")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OPSLIB_", "DATABASE_URL"))}
+    env.update(DATABASE_URL=database_url, OPSLIB_ALEMBIC_INI=str(ini))
+    proc = subprocess.Popen([str(ROOT / ".venv" / "bin" / "opslib"), "rehearse"], cwd=tmp_path, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not _copies(server_url, database_url):
+        time.sleep(0.05)
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate(timeout=60)
+    (left,) = _copies(server_url, database_url)
+    done = opslib_cli(database_url, ini, tmp_path, "rehearse")
+    assert done.returncode == 0, done.stderr
+    assert "abandoned" in done.stderr  # the killed run was sealed first, as every run does
+    assert _copies(server_url, database_url) == set()
+    notebook = sorted((tmp_path / "records").glob("*_rehearse_*.ipynb"))[-1].read_text()
+    assert left in notebook and "left by rehearsals that were killed" in notebook
