@@ -662,7 +662,9 @@ class Rehearse(Workflow):
         if dropped:
             facts.append(("dropped first", ", ".join(dropped) + " (left by rehearsals that were killed)"))
         if self.params["from_revision"]:
-            taken = migrate.downgrade(self.on_copy, self.params["from_revision"])
+            taken = self._on_copy(
+                f"taking the copy back to {self.params['from_revision']}", migrate.downgrade, self.params["from_revision"]
+            )
             self._plan(*migrate.plan(self.on_copy, "upgrade", self.params["target_revision"]))
             facts.append(("taken back to", f"{revisions_text(taken.after)} ({len(taken.steps)} revision(s))"))
             if not self.pending:
@@ -691,10 +693,20 @@ class Rehearse(Workflow):
         with db.connect(db.target_url(self.on_copy)) as conn:
             return rehearse.snapshot(conn, migrate.version_table(self.on_copy))
 
+    def _on_copy(self, what: str, verb, *args, **kwargs):
+        """A migration of the copy; its failure is the rehearsal's finding, said as one (the target is untouched)."""
+        try:
+            return verb(self.on_copy, *args, **kwargs)
+        except MigrationFailed as err:
+            raise ChecksFailed(
+                f"{what} failed on the copy: {err.message.split('. ')[0]}; the target is untouched: fix the "
+                "revision and rehearse again"
+            ) from err
+
     def _pass(self, title: str, passage: str, action: str, target: str) -> Section:
         recorder = rehearse.PassRecorder(passage)
         verb = migrate.upgrade if action == "upgrade" else migrate.downgrade
-        verb(self.on_copy, target, on_step=recorder.on_step, on_locks=recorder.on_locks)
+        self._on_copy(f"the {passage}", verb, target, on_step=recorder.on_step, on_locks=recorder.on_locks)
         self._findings()["revisions"] += [r.to_dict() for r in recorder.revisions]
         self._save()
         rows = [
@@ -744,11 +756,11 @@ class Rehearse(Workflow):
             return Section.skip("Upgrade again", "nothing to rehearse")
         try:
             return self._pass("Upgrade again", "upgrade again", "upgrade", self.pending[-1].revision)
-        except MigrationFailed as err:
+        except ChecksFailed as err:
             left = "; ".join(self.downgrade_diff.lines()[:4]) or "nothing the comparison sees"
+            failed = err.__cause__.message.split(". ")[0] if isinstance(err.__cause__, OpsError) else err.message
             raise ChecksFailed(
-                f"the upgrade cannot run again after its downgrade, on the copy: {err.message.split('. ')[0]}; "
-                f"after the downgrade: {left}"
+                f"the upgrade cannot run again after its downgrade, on the copy: {failed}; after the downgrade: {left}"
             ) from err
 
     @step("verify", after="upgrade again", repeatable=True)

@@ -204,3 +204,23 @@ def test_a_copy_left_by_a_killed_rehearsal_is_dropped_by_the_next_one(database_u
     assert _copies(server_url, database_url) == set()
     notebook = sorted((tmp_path / "records").glob("*_rehearse_*.ipynb"))[-1].read_text()
     assert left in notebook and "left by rehearsals that were killed" in notebook
+
+
+def test_a_long_lived_chain_rehearses_and_a_failing_downgrade_is_the_finding(database_url, server_url, project, tmp_path):
+    ini = project("longlived")
+    landmarks = json.loads((ini.parent / "landmarks.json").read_text())
+    lines = opslib_cli(database_url, ini, tmp_path, "history").stdout.splitlines()
+    chain = [line.split(" -> ")[1].split(",")[0].split(" ")[0] for line in lines if " -> " in line]  # newest first
+    assert opslib_cli(database_url, ini, tmp_path, "upgrade", "head").returncode == 0
+    # The newest ten revisions, printing and logging ones among them, rehearse cleanly.
+    done = opslib_cli(database_url, ini, tmp_path / "a", "rehearse", "-p", "from_revision", chain[10])
+    assert done.returncode == 0, done.stderr
+    assert len(_rehearsal(tmp_path / "a")["rehearsal"]["revisions"]) == 30
+    # Across the revision whose downgrade fails, the rehearsal says so, and the target is untouched.
+    failing = landmarks["failing_downgrade"]
+    below = chain[chain.index(failing) + 1]
+    refused = opslib_cli(database_url, ini, tmp_path / "b", "rehearse", "-p", "from_revision", below)
+    assert refused.returncode == 3
+    assert f"failed at revision {failing}" in refused.stderr and "the target is untouched" in refused.stderr
+    assert query(database_url, "SELECT version_num FROM alembic_version") == [(landmarks["head"],)]
+    assert _copies(server_url, database_url) == set()
