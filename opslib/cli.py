@@ -313,7 +313,7 @@ def _migrations(settings, args: argparse.Namespace) -> int:
 def _backups(settings, args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from opslib import backup, checks, display
+    from opslib import backup, display
     from opslib.errors import InvalidInput
 
     def given_folder(raw: str | None) -> Path | None:
@@ -368,6 +368,8 @@ def _backups(settings, args: argparse.Namespace) -> int:
         deleted = backup.prune_backups(settings, args.keep, given_folder(args.dir))
         print("\n".join(f"deleted {p}" for p in deleted) or "nothing to delete")
     elif args.command == "verify-setup":
+        from opslib import checks  # only here and for `check`: it imports Alembic and the linter (0.1 s)
+
         report = checks.verify_setup(settings)
         print(display.checks_text(report))
         report.raise_for_failure()
@@ -377,6 +379,8 @@ def _backups(settings, args: argparse.Namespace) -> int:
         baseline = (args.reason or "") if args.write_baseline else None
         if baseline is not None and not baseline.strip():
             raise InvalidInput('--write-baseline needs a reason: --reason "accepted when adopting opslib"')
+        from opslib import checks
+
         report = checks.pre_deploy(
             settings,
             args.target,

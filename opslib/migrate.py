@@ -253,9 +253,10 @@ def _outside_event_loop(fn: Callable[[], object], canceller: "_Canceller | None"
         while not worker.done:
             if caught and canceller is not None and canceller.stopping is None:
                 canceller.stop_until_done(worker, caught[0])
-            # Woken every tenth of a second: a signal the OS delivered to another thread (a kernel has
-            # several) only runs its Python handler when this thread runs Python code.
-            time.sleep(0.1)
+            # Woken at least every tenth of a second: a signal the OS delivered to another thread (a kernel
+            # has several) only runs its Python handler when this thread runs Python code. Joining rather
+            # than sleeping returns the moment the work ends (sleeping cost 0.05 s a call on average).
+            worker.thread.join(0.1)
         worker.thread.join()
     if caught:
         raise Interrupted(caught[0])

