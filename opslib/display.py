@@ -314,7 +314,31 @@ def record_text(record: dict) -> str:
         text += "\n\n" + text_table(["item", "table", "created", "already there"], made)
         if not any(c["created"] for c in changes):
             text += "\nnothing to do: every essential is there already (nothing was changed)"
+    if record.get("rehearsal"):
+        text += "\n\n" + rehearsal_text(record["rehearsal"])
     return text
+
+
+def rehearsal_text(found: dict) -> str:
+    """A rehearsal's findings: the copy, each revision's time and locks per pass, and the differences."""
+    copy = found.get("copy") or {}
+    lines = [f"copy: {copy.get('database') or 'none'}"
+             + (f", by {copy['method']} in {copy['seconds']:.3f} s" if copy.get("method") else "")
+             + ("" if found.get("copy_dropped") in (True, None) else f" ({found['copy_dropped']})")]
+    rows = [
+        (r["pass"], r["revision"], f"{r['seconds']:.3f}",
+         "; ".join(f"{lk['table']}: {lk['mode']}" for lk in r["locks"]) or "none in its transaction",
+         ", ".join(r["access_exclusive_on_rows"]))
+        for r in found.get("revisions") or []
+    ]
+    if rows:
+        lines.append(text_table(["pass", "revision", "seconds", "locks", "blocks reads of (rows)"], rows))
+    elif not copy.get("database"):
+        lines = ["nothing to rehearse: the database is at the target already (no copy was made)"]
+    for name, diff in (found.get("differences") or {}).items():
+        shown = [f"{kind.replace('_', ' ')}: {item}" for kind, items in diff.items() for item in items]
+        lines.append(f"{name.replace('_', ' ')}: " + ("no difference" if not shown else "; ".join(shown)))
+    return "\n".join(lines)
 
 
 def runs_text(runs: Sequence[dict]) -> str:

@@ -627,8 +627,12 @@ class Rehearse(Workflow):
         """Identify the target (without its run lock: it is only read) and list the revisions to rehearse."""
         facts = self._identify(lock=False)
         facts.append(("target revision", self.params["target_revision"]))
-        if self.params["from_revision"]:
-            migrate.show(self.settings, self.params["from_revision"])  # an unknown one is refused here
+        back_to = self.params["from_revision"]
+        if back_to and back_to != "base" and (back_to,) == tuple(self.record.revisions_before or ()):
+            back_to = ""  # the target is there already: the usual rehearsal, from where it stands
+        if back_to:
+            if back_to != "base":
+                migrate.show(self.settings, back_to)  # an unknown one is refused here
             facts.append(("from revision", f"{self.params['from_revision']} (the copy is downgraded to it first)"))
             self.pending = [None]  # known once the copy is there
             return Section("Preflight", "the copy is taken back to from_revision, then rehearsed", facts)
@@ -661,7 +665,7 @@ class Rehearse(Workflow):
         facts = [("copy", name), ("seconds", self.copy.seconds)]
         if dropped:
             facts.append(("dropped first", ", ".join(dropped) + " (left by rehearsals that were killed)"))
-        if self.params["from_revision"]:
+        if self.pending == [None]:  # from_revision: taken back first, the revisions known from there
             taken = self._on_copy(
                 f"taking the copy back to {self.params['from_revision']}", migrate.downgrade, self.params["from_revision"]
             )
@@ -792,6 +796,8 @@ class Rehearse(Workflow):
     @step("drop copy", after="verify")
     def drop_copy(self) -> Section:
         """Drop the scratch copy (also done when the run ends any other way)."""
+        if not (self._findings().get("copy") or {}).get("database"):
+            return Section.skip("Drop copy", "no copy was made")
         dropped = self._drop_copy()
         return Section("Drop copy", "dropped" if dropped else "no copy to drop",
                        [("copy", (self._findings().get("copy") or {}).get("database", "none"))])

@@ -92,6 +92,10 @@ def test_the_sample_with_demo_data_rehearses_with_timings_and_no_difference(data
     assert {"table": "public.products", "mode": "ACCESS EXCLUSIVE", "has_rows": True} in first["locks"]
     assert first["access_exclusive_on_rows"] == ["public.products"]
     assert all(not d for diff in found["differences"].values() for d in diff.values())
+    # The terminal (and `opslib audit show`) shows the same findings as the notebook.
+    assert "downgrade vs before: no difference" in done.stdout
+    assert "upgrade again vs upgrade: no difference" in done.stdout
+    assert "public.products: ACCESS EXCLUSIVE" in done.stdout and "by template clone" in done.stdout
     # The target was never touched, and the copy is gone.
     assert schema_snapshot(database_url) == before
     assert query(database_url, "SELECT count(*), sum(hashtext(email)) FROM users") == data
@@ -147,6 +151,13 @@ def test_nothing_pending_rehearses_nothing_and_bad_parameters_are_exit_2(databas
     done = opslib_cli(database_url, ini, tmp_path, "rehearse")
     assert done.returncode == 0 and "nothing to rehearse" in (tmp_path / "records").joinpath(
         next((tmp_path / "records").glob("*.ipynb")).name).read_text()
+    assert "nothing to rehearse: the database is at the target already" in done.stdout
+    same = opslib_cli(database_url, ini, tmp_path / "same", "rehearse", "-p", "from_revision", "0007")
+    assert same.returncode == 0 and "nothing to rehearse" in same.stdout
+    # From base: the whole chain, on a copy taken back to an empty schema.
+    whole = opslib_cli(database_url, ini, tmp_path / "whole", "rehearse", "-p", "from_revision", "base")
+    assert whole.returncode == 0, whole.stderr
+    assert len(_rehearsal(tmp_path / "whole")["rehearsal"]["revisions"]) == 21
     for bad in (["-p", "from_revision", "zzz9"], ["-p", "target_revision", "a b"], ["-p", "bogus", "1"]):
         refused = opslib_cli(database_url, ini, tmp_path / "bad", "rehearse", *bad)
         assert refused.returncode == 2, (bad, refused.stderr)
