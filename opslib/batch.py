@@ -166,8 +166,11 @@ def update_in_batches(
         op.execute(statement)
         return None
     with context.autocommit_block():
-        return _run(op.get_bind(), table, set_sql, where, key, name, sha, batch_rows, lock_timeout_s,
-                    pause_s, retries, progress)
+        result = _run(op.get_bind(), table, set_sql, where, key, name, sha, batch_rows, lock_timeout_s,
+                      pause_s, retries, progress)
+    # As a revision's own print: it joins the migration's output (`opslib -v`, the runbook's section, the record).
+    print(result)
+    return result
 
 
 def forget(name: str, *, connection: Connection | None = None) -> None:
@@ -336,7 +339,6 @@ def _run(conn, table, set_sql, where, key, name, sha, batch_rows, lock_timeout_s
         longest_batch_s=round(longest, 4),
         lock_retries=lock_retries,
     )
-    # Inside a migration this joins what the revisions print or log (the run's output and record).
     logging.getLogger(__name__).info("%s", result)
     return result
 
