@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import psycopg2
-import pytest
 
 from .conftest import ROOT, databases_named, libpq, opslib_cli, query, schema_snapshot
 
@@ -164,12 +166,8 @@ def test_nothing_pending_rehearses_nothing_and_bad_parameters_are_exit_2(databas
     assert _copies(server_url, database_url) == set()
 
 
-@pytest.mark.parametrize("signal_name", ["SIGTERM"])
-def test_a_rehearsal_stopped_during_a_pass_drops_its_copy(database_url, server_url, tmp_path, signal_name):
-    import os
-    import signal
-    import time
-
+def _rehearsal_under_way(database_url: str, server_url, tmp_path: Path, into_s: float) -> subprocess.Popen:
+    """`opslib rehearse` of the sample at 0003 with 300,000 products, ``into_s`` seconds after its copy exists."""
     ini = ROOT / "alembic.ini"
     assert opslib_cli(database_url, ini, tmp_path, "upgrade", "0003").returncode == 0
     query(database_url, "INSERT INTO products (marketplace, shop_name, title, price) SELECT 'm', 's', 't', "
@@ -181,8 +179,13 @@ def test_a_rehearsal_stopped_during_a_pass_drops_its_copy(database_url, server_u
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline and not _copies(server_url, database_url):
         time.sleep(0.05)
-    time.sleep(0.5)  # into the upgrade of the copy
-    proc.send_signal(getattr(signal, signal_name))
+    time.sleep(into_s)
+    return proc
+
+
+def test_a_rehearsal_stopped_during_a_pass_drops_its_copy(database_url, server_url, tmp_path):
+    proc = _rehearsal_under_way(database_url, server_url, tmp_path, 0.5)  # into the upgrade of the copy
+    proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 143, out + err
     assert _copies(server_url, database_url) == set()
@@ -190,22 +193,8 @@ def test_a_rehearsal_stopped_during_a_pass_drops_its_copy(database_url, server_u
 
 
 def test_a_copy_left_by_a_killed_rehearsal_is_dropped_by_the_next_one(database_url, server_url, tmp_path):
-    import os
-    import signal
-    import time
-
     ini = ROOT / "alembic.ini"
-    assert opslib_cli(database_url, ini, tmp_path, "upgrade", "0003").returncode == 0
-    query(database_url, "INSERT INTO products (marketplace, shop_name, title, price) SELECT 'm', 's', 't', "
-                        "(g % 100)::text FROM generate_series(1, 300000) g")
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("OPSLIB_", "DATABASE_URL"))}
-    env.update(DATABASE_URL=database_url, OPSLIB_ALEMBIC_INI=str(ini))
-    proc = subprocess.Popen([str(ROOT / ".venv" / "bin" / "opslib"), "rehearse"], cwd=tmp_path, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and not _copies(server_url, database_url):
-        time.sleep(0.05)
-    time.sleep(0.3)
+    proc = _rehearsal_under_way(database_url, server_url, tmp_path, 0.3)
     proc.send_signal(signal.SIGKILL)
     proc.communicate(timeout=60)
     (left,) = _copies(server_url, database_url)
