@@ -207,7 +207,14 @@ def _autocommit(conn: Connection) -> Iterator[Connection]:
         return
     if conn.in_transaction():
         raise InvalidInput("update_in_batches needs a connection outside a transaction: commit first")
-    yield conn.execution_options(isolation_level="AUTOCOMMIT")
+    try:
+        yield conn.execution_options(isolation_level="AUTOCOMMIT")
+    finally:
+        # The caller's connection goes back as it came: its later statements in transactions again (the
+        # commit ends only SQLAlchemy's own bookkeeping: every statement here has committed already).
+        if conn.in_transaction():
+            conn.commit()
+        conn.execution_options(isolation_level=conn.default_isolation_level)
 
 
 @contextmanager

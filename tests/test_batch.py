@@ -38,6 +38,8 @@ def test_every_row_is_updated_range_by_range_and_the_progress_is_kept(database_u
             "items", "amount = CAST(price AS numeric)", connection=conn, batch_rows=1_000, progress=False
         )
         kept = batch.progress_of(conn, result.name)
+        # The connection is handed back in its own isolation level, not left committing statement by statement.
+        assert conn.get_isolation_level() == conn.default_isolation_level != "AUTOCOMMIT"
     engine.dispose()
     assert result.rows == 10_000 and result.batches == 10 and result.resumed_after is None
     assert result.longest_batch_s > 0 and result.rows_per_s > 0
@@ -85,6 +87,7 @@ def test_a_locked_range_times_out_retries_then_fails_and_a_new_call_resumes_afte
         assert batch.progress_of(conn, "seven")["last_key"] == 2000
         # The session's own lock timeout is back as it was.
         assert conn.execute(sa.text("SHOW lock_timeout")).scalar() == "0"
+        conn.commit()
         holder.rollback()
         holder.close()
         result = batch.update_in_batches("items", "amount = 7", name="seven", connection=conn, batch_rows=1_000,
@@ -118,6 +121,7 @@ def test_a_finished_update_run_again_starts_afresh_and_a_changed_statement_does_
         assert again.resumed_after is None and again.rows == 1_000
         # An unfinished run of another statement under the same name is not resumed either.
         conn.execute(sa.text("UPDATE opslib.batch_progress SET finished_at = NULL, last_key = 500 WHERE name = 'w'"))
+        conn.commit()
         changed = batch.update_in_batches("items", "amount = 2", name="w", connection=conn, progress=False)
         assert changed.resumed_after is None and changed.rows == 1_000
     engine.dispose()
