@@ -325,6 +325,8 @@ def rehearsal_text(found: dict) -> str:
     lines = [f"copy: {copy.get('database') or 'none'}"
              + (f", by {copy['method']} in {copy['seconds']:.3f} s" if copy.get("method") else "")
              + ("" if found.get("copy_dropped") in (True, None) else f" ({found['copy_dropped']})")]
+    if found.get("stale_copies_dropped"):
+        lines.append("dropped first, left by killed rehearsals: " + ", ".join(found["stale_copies_dropped"]))
     rows = [
         (r["pass"], r["revision"], f"{r['seconds']:.3f}",
          "; ".join(f"{lk['table']}: {lk['mode']}" for lk in r["locks"]) or "none in its transaction",

@@ -658,6 +658,8 @@ class Rehearse(Workflow):
         name = rehearse.scratch_name(self.database, self.record.run_id)
         dropped = self._drop_stale_copies()
         self._findings()["copy"] = {"database": name, "method": None, "seconds": None}
+        if dropped:
+            self._findings()["stale_copies_dropped"] = dropped
         self._save()  # named before it exists: whoever ends this run drops it
         self.copy = rehearse.make_copy(self.settings, name)
         self.on_copy = rehearse.settings_on(self.settings, name)

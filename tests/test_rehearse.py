@@ -204,6 +204,7 @@ def test_a_copy_left_by_a_killed_rehearsal_is_dropped_by_the_next_one(database_u
     assert _copies(server_url, database_url) == set()
     notebook = sorted((tmp_path / "records").glob("*_rehearse_*.ipynb"))[-1].read_text()
     assert left in notebook and "left by rehearsals that were killed" in notebook
+    assert f"dropped first, left by killed rehearsals: {left}" in done.stdout  # and in the record
 
 
 def test_a_long_lived_chain_rehearses_and_a_failing_downgrade_is_the_finding(database_url, server_url, project, tmp_path):
