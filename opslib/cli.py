@@ -172,6 +172,29 @@ def _parser() -> argparse.ArgumentParser:
     s.set_defaults(runbook="rehearse", help=False)
 
     s = sub.add_parser(
+        "fleet",
+        help="run a runbook on every database of a fleet file: a canary, then waves, with a halt rule",
+        description="Run RUNBOOK on each target of the fleet file (fleet.toml beside alembic.ini, or "
+        "[tool.opslib.fleet] in pyproject.toml): the canary first, then waves, at most --parallel at once; "
+        "no target starts after --halt-after failures, nor after a failed canary. Each target gets its own run "
+        "and record; the fleet's record goes to records/fleets/.",
+    )
+    s.add_argument("runbook", help="the runbook to run on each target (deploy, rollback, …)")
+    s.add_argument("--targets", type=Path, metavar="FILE", help="the fleet file (default: the project's)")
+    s.add_argument("--only", action="append", default=[], metavar="TAG=VALUE", help="only the targets with this tag")
+    s.add_argument("--canary", type=int, default=1, metavar="N", help="targets run first, alone (default 1)")
+    s.add_argument("--wave", type=int, default=5, metavar="W", help="targets per wave after the canary (default 5)")
+    s.add_argument("--parallel", type=int, default=2, metavar="P", help="targets at once (default 2)")
+    halt = s.add_mutually_exclusive_group()
+    halt.add_argument("--halt-after", type=int, default=1, metavar="K", help="start no target after K failures (default 1)")
+    halt.add_argument("--no-halt", action="store_true", help="run every target whatever fails")
+    s.add_argument("--dry-run", action="store_true", help="print the plan and where each target stands; run nothing")
+    s.add_argument(
+        "-p", "--parameter", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"),
+        help="a runbook parameter, the same for every target",
+    )  # fmt: skip
+
+    s = sub.add_parser(
         "seed-demo",
         help="load the project's demo data with COPY (refused in production)",
         description="Load the demo data of the project's demo_data.py (beside its revisions) with COPY; "
@@ -260,6 +283,8 @@ def _run(args: argparse.Namespace) -> int:
         return _runbooks(settings, args)
     if args.command == "seed-demo":
         return _seed_demo(settings, args)
+    if args.command == "fleet":
+        return _fleet(settings, args)
     if args.command == "open":
         return _open(settings, args)
     if args.command == "audit":
@@ -418,6 +443,33 @@ def _runbooks(settings, args: argparse.Namespace) -> int:
     # The outcome line is the command's last word: on stderr when the run did not succeed, as every error is.
     print(outcome.line(), file=sys.stdout if outcome.exit_code == 0 else sys.stderr)
     return outcome.exit_code
+
+
+def _fleet(settings, args: argparse.Namespace) -> int:
+    from opslib import display, fleet
+
+    chosen = fleet.load_fleet(args.targets or fleet.fleet_file(settings.alembic_ini))
+    if args.only:
+        chosen = chosen.only(args.only)
+    halt_after = None if args.no_halt else args.halt_after
+    order = fleet.plan(chosen, canary=args.canary, wave=args.wave, parallel=args.parallel, halt_after=halt_after)
+    if args.dry_run:
+        found = fleet.standings(settings, order.targets)
+        waves = [[t.name for t in w] for w in order.waves]
+        print(display.fleet_plan_text(waves, found, canary=args.canary > 0))
+        print(f"{len(order.targets)} target(s) in {len(waves)} wave(s), {order.parallel} at once, "
+              + ("no halt" if halt_after is None else f"halt after {halt_after} failure(s)") + "; nothing was run")
+        return EXIT_OK
+    _seal_abandoned(settings, "fleet")
+    record, path = fleet.run_fleet(
+        settings, args.runbook, chosen, order, [tuple(p) for p in args.parameter], canary=args.canary,
+        wave=args.wave, progress=sys.stderr,
+    )  # fmt: skip
+    print(display.fleet_text(record.to_dict()))
+    print(f"fleet record: {path}")
+    line = f"fleet {args.runbook} {record.outcome} (exit {record.exit_code})"
+    print(line, file=sys.stdout if record.exit_code == 0 else sys.stderr)
+    return record.exit_code
 
 
 def _seed_demo(settings, args: argparse.Namespace) -> int:

@@ -473,3 +473,34 @@ def database_history_text(runs: Sequence[dict], events: Sequence[dict]) -> str:
         )
     )
     return "\n".join(out)
+
+
+def fleet_text(record: dict) -> str:
+    """A fleet run's summary: one row per target (wave, outcome, revisions, seconds, backup, run id), then
+    the targets it did not start and why."""
+    rows = [
+        (
+            r["target"], "canary" if r["wave"] == 0 and record.get("canary") else str(r["wave"]), r["state"],
+            "not read" if r["revisions_before"] is None else revisions_text(r["revisions_before"]),
+            "not read" if r["revisions_after"] is None else revisions_text(r["revisions_after"]),
+            "" if r["duration_s"] is None else f"{r['duration_s']:.3f}", r["backup"] or "", r["run_id"] or "",
+        )
+        for r in record["targets"]
+    ]
+    text = text_table(["target", "wave", "outcome", "before", "after", "seconds", "backup", "run id"], rows)
+    skipped = [r["target"] for r in record["targets"] if r["state"] == "not started"]
+    if record.get("halted"):
+        text += f"\nhalted: {record['halted']}; not started: {', '.join(skipped) or 'none'}"
+    return text
+
+
+def fleet_plan_text(waves: Sequence[Sequence[str]], standings: Sequence, canary: bool) -> str:
+    """A fleet's dry run: each wave's targets with their current and pending revisions."""
+    where = {s.target: s for s in standings}
+    rows = []
+    for i, names in enumerate(waves):
+        for name in names:
+            s = where[name]
+            rows.append(("canary" if i == 0 and canary else str(i), name, s.current, s.error or s.pending))
+    return text_table(["wave", "target", "current", "pending"], rows)
+

@@ -1,0 +1,127 @@
+"""Fleets: one runbook over many databases, a canary first, then waves, with a halt rule."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from opslib import fleet, migrate
+
+from .conftest import OPSLIB, ROOT, query, settings_for
+
+
+def _fleet(make_database, tmp_path: Path, count: int, failing: set[int]) -> tuple[Path, dict]:
+    """``count`` databases at 0003 (those in ``failing`` with an "N/A" price, which 0004 refuses), and a fleet
+    file naming them by variables; returns the file and the variables to set."""
+    variables, lines = {}, []
+    for i in range(1, count + 1):
+        url = make_database()
+        migrate.upgrade(settings_for(url, tmp_path), "0003")
+        query(url, "INSERT INTO products (marketplace, shop_name, title, price) VALUES ('m', 's', 't', :p)",
+              p="N/A" if i in failing else "9.50")
+        variables[f"FLEET_DB_{i}"] = url
+        region = "eu" if i % 2 else "us"
+        lines += ["[[targets]]", f'name = "db{i}"', f'url_env = "FLEET_DB_{i}"', f'tags = {{ region = "{region}" }}', ""]
+    path = tmp_path / "fleet.toml"
+    path.write_text("\n".join(lines))
+    return path, variables
+
+
+def _opslib(tmp_path: Path, variables: dict, *args: str) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OPSLIB_", "DATABASE_URL"))}
+    env.update(OPSLIB_ALEMBIC_INI=str(ROOT / "alembic.ini"), **variables)
+    return subprocess.run([OPSLIB, *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+
+
+def _fleet_record(tmp_path: Path) -> dict:
+    (path,) = (tmp_path / "records" / "fleets").glob("*_fleet_*.json")
+    return json.loads(path.read_text())
+
+
+def test_a_failing_target_halts_the_fleet_and_the_rest_are_named_not_started(make_database, tmp_path):
+    path, variables = _fleet(make_database, tmp_path, 6, failing={3})
+    dry = _opslib(tmp_path, variables, "fleet", "deploy", "--targets", str(path), "--wave", "2", "--dry-run")
+    assert dry.returncode == 0, dry.stderr
+    assert dry.stdout.splitlines()[2].split()[:3] == ["canary", "db1", "0003"]
+    assert "0004 0005 0006 0007" in dry.stdout and "nothing was run" in dry.stdout
+    done = _opslib(tmp_path, variables, "fleet", "deploy", "--targets", str(path), "--wave", "2",
+                   "--halt-after", "1", "-p", "backup", "false")
+    assert done.returncode == 1, done.stdout + done.stderr
+    record = _fleet_record(tmp_path)
+    states = {t["target"]: t["state"] for t in record["targets"]}
+    # The canary (db1) first, then db2 and db3 together: db3 fails, so db4…db6 never start.
+    assert states == {"db1": "succeeded", "db2": "succeeded", "db3": "failed", "db4": "not started",
+                      "db5": "not started", "db6": "not started"}
+    assert record["halted"] == "1 target(s) failed (halt after 1)" and record["outcome"] == "halted"
+    assert "not started: db4, db5, db6" in done.stdout
+    runs = [t["run_id"] for t in record["targets"] if t["run_id"]]
+    assert len(runs) == 3
+    for name in ("db4", "db5", "db6"):
+        assert query(variables[f"FLEET_DB_{name[2:]}"], "SELECT version_num FROM alembic_version") == [("0003",)]
+    verify = _opslib(tmp_path, variables, "audit", "verify")
+    assert verify.returncode == 0 and "3 run(s)" in verify.stdout, verify.stdout + verify.stderr
+
+
+def test_with_no_halt_every_other_target_reaches_head(make_database, tmp_path):
+    path, variables = _fleet(make_database, tmp_path, 6, failing={4})
+    done = _opslib(tmp_path, variables, "fleet", "deploy", "--targets", str(path), "--wave", "2", "--parallel", "3",
+                   "--no-halt", "-p", "backup", "false")
+    assert done.returncode == 1
+    record = _fleet_record(tmp_path)
+    assert [t["state"] for t in record["targets"]] == ["succeeded"] * 3 + ["failed"] + ["succeeded"] * 2
+    assert record["halted"] is None and record["outcome"] == "failed"
+    for i in (1, 2, 3, 5, 6):
+        assert query(variables[f"FLEET_DB_{i}"], "SELECT version_num FROM alembic_version") == [("0007",)]
+    assert query(variables["FLEET_DB_4"], "SELECT version_num FROM alembic_version") == [("0003",)]
+    (failed,) = [t for t in record["targets"] if t["state"] == "failed"]
+    assert "have no normalized_price" in failed["line"]
+    assert _opslib(tmp_path, variables, "audit", "verify").returncode == 0
+
+
+def test_a_failed_canary_stops_the_fleet_and_only_selects_by_tag(make_database, tmp_path):
+    path, variables = _fleet(make_database, tmp_path, 4, failing={2})
+    done = _opslib(tmp_path, variables, "fleet", "deploy", "--targets", str(path), "--only", "region=us",
+                   "-p", "backup", "false", "--halt-after", "5")
+    assert done.returncode == 1
+    record = _fleet_record(tmp_path)
+    assert [(t["target"], t["state"]) for t in record["targets"]] == [("db2", "failed"), ("db4", "not started")]
+    assert record["halted"] == "the canary db2 ended failed"
+
+
+@pytest.mark.parametrize(
+    "body, message",
+    [
+        ('[[targets]]\nname = "a"\nurl_env = "postgresql://u:secret@h/db"\n', "holds a password"),
+        ('[[targets]]\nname = "a"\nurl_env = "postgresql://h/db"\n', "not a URL"),
+        ('[[targets]]\nname = "a"\nurl_env = "FLEET_SET"\n[[targets]]\nname = "a"\nurl_env = "FLEET_SET"\n',
+         "given to two targets"),
+        ('[[targets]]\nname = "a"\nurl_env = "FLEET_UNSET_VARIABLE"\n', "FLEET_UNSET_VARIABLE is not set"),
+        ('[[targets]]\nname = "a"\nurl_env = "FLEET_SET"\nurl = "x"\n', "unknown key url"),
+        ('[[targets]]\nname = "a"\nurl_env = "FLEET_SET"\nenv = "prod"\n', "env must be one of"),
+        ("targets = 3\n", "lists no targets"),
+        ("[[targets]\n", "not valid TOML"),
+    ],
+)
+def test_a_bad_fleet_file_is_one_line_and_exit_2(tmp_path, body, message):
+    (tmp_path / "fleet.toml").write_text(body)
+    done = _opslib(tmp_path, {"FLEET_SET": "postgresql://postgres@127.0.0.1:5432/postgres"}, "fleet", "deploy",
+                   "--targets", str(tmp_path / "fleet.toml"), "--dry-run")
+    assert done.returncode == 2, done.stdout + done.stderr
+    (line,) = done.stderr.strip().splitlines()
+    assert message in line and "secret" not in line
+    assert not (tmp_path / "records").exists()
+
+
+def test_an_unknown_tag_and_bad_sizes_are_refused(tmp_path):
+    (tmp_path / "fleet.toml").write_text('[[targets]]\nname = "a"\nurl_env = "FLEET_SET"\ntags = { region = "eu" }\n')
+    variables = {"FLEET_SET": "postgresql://postgres@127.0.0.1:5432/postgres"}
+    unknown = _opslib(tmp_path, variables, "fleet", "deploy", "--targets", "fleet.toml", "--only", "zone=x")
+    assert unknown.returncode == 2 and "no target has the tag 'zone'" in unknown.stderr
+    bad = _opslib(tmp_path, variables, "fleet", "deploy", "--targets", "fleet.toml", "--parallel", "0")
+    assert bad.returncode == 2
+    loaded = fleet.load_fleet(tmp_path / "fleet.toml", variables)
+    assert [w for w in fleet.plan(loaded, canary=0, wave=1).waves] == [loaded.targets]
