@@ -85,6 +85,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_locks.py
 	$(BIN)/python benchmarks/bench_report.py
 	$(BIN)/python benchmarks/bench_batch.py
+	$(BIN)/python benchmarks/bench_fleet.py
 
 # The runbooks' expected outputs (tests/goldens/*.ipynb), made again on purpose: review their diff like code.
 goldens: $(STAMP)
