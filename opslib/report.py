@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import json
 import os
 import shutil
 import subprocess
@@ -26,6 +27,7 @@ from typing import Callable
 
 from opslib import __version__, audit, display, notebooks, summary
 from opslib.outcome import Outcome
+from opslib.record import revisions_text
 from opslib.redact import redact_urls_in
 from opslib.errors import ConfigError, InvalidInput, ReportFailed
 
@@ -248,6 +250,7 @@ def _write_site(records_dir: Path, site: Path, check: audit.LedgerCheck) -> list
         (site / "runs" / name).write_text(redact_urls_in(html), encoding="utf-8")
         pages.append(name)
         runs.append({**audit.run_row(entry), "page": f"runs/{name}", "problems": problems})
+    fleets = _fleet_pages(records_dir, site, env, {r["run_id"]: r["page"] for r in runs}, common)
     runs.reverse()  # newest first, as an auditor reads a log
     outcomes = Counter(r["outcome"] for r in runs)
     index = env.get_template("report_index.html.j2").render(
@@ -256,6 +259,7 @@ def _write_site(records_dir: Path, site: Path, check: audit.LedgerCheck) -> list
         outcomes=[(o, n) for o, n in sorted(outcomes.items(), key=lambda item: _outcome_order(item[0]))],
         columns=INDEX_COLUMNS,
         problems=check.problems,
+        fleets=fleets,
         records_dir=str(records_dir.resolve()),
         version=__version__,
         script=script,
@@ -271,6 +275,36 @@ def _write_site(records_dir: Path, site: Path, check: audit.LedgerCheck) -> list
     )
     (site / "summary.html").write_text(redact_urls_in(page), encoding="utf-8")
     return pages
+
+
+def _fleet_pages(records_dir: Path, site: Path, env, pages: dict[str, str], common: dict) -> list[dict]:
+    """One page per fleet run of ``records/fleets/``: each target's outcome in colour, linked to its run's
+    page, and the targets not started. Returns the fleets for the index, newest first."""
+    found = []
+    for path in sorted((records_dir / "fleets").glob("*_fleet_*.json")):
+        try:
+            fleet = json.loads(path.read_text(encoding="utf-8"))
+            targets = [
+                {
+                    **t,
+                    "before": "not read" if t.get("revisions_before") is None else revisions_text(t["revisions_before"]),
+                    "after": "not read" if t.get("revisions_after") is None else revisions_text(t["revisions_after"]),
+                    "seconds": "" if t.get("duration_s") is None else f"{t['duration_s']:.3f}",
+                    "page": pages.get(t.get("run_id")),
+                }
+                for t in fleet["targets"]
+            ]
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            raise ReportFailed(f"the fleet record {path.name} cannot be read: {_first_line(err)}") from None
+        (site / "fleets").mkdir(exist_ok=True)
+        name = f"fleets/{path.stem}.html"
+        html = env.get_template("report_fleet.html.j2").render(
+            fleet=fleet, targets=targets, not_started=[t["target"] for t in targets if t["state"] == "not started"],
+            version=__version__, **common,
+        )  # fmt: skip
+        (site / name).write_text(redact_urls_in(html), encoding="utf-8")
+        found.append({**{k: fleet.get(k) for k in ("fleet_id", "runbook", "outcome")}, "page": name})
+    return found[::-1]
 
 
 def find_chromium() -> str:

@@ -64,6 +64,20 @@ def test_a_failing_target_halts_the_fleet_and_the_rest_are_named_not_started(mak
         assert query(variables[f"FLEET_DB_{name[2:]}"], "SELECT version_num FROM alembic_version") == [("0003",)]
     verify = _opslib(tmp_path, variables, "audit", "verify")
     assert verify.returncode == 0 and "3 run(s)" in verify.stdout, verify.stdout + verify.stderr
+    # The audit report shows the fleet as one page: outcomes in colour, links to the runs, the ones not started.
+    report = _opslib(tmp_path, variables, "audit", "report", "--out", str(tmp_path / "report"))
+    assert report.returncode == 0, report.stderr
+    index = (tmp_path / "report" / "index.html").read_text()
+    (page,) = (tmp_path / "report" / "fleets").glob("*.html")
+    assert f'href="fleets/{page.name}"' in index
+    html = page.read_text()
+    assert "Not started: db4, db5, db6" in html
+    assert html.count('class="outcome outcome-succeeded"') == 2 and 'class="outcome outcome-failed">failed' in html
+    assert html.count('class="outcome outcome-not-started"') == 3
+    for run_id in runs:
+        assert f'>{run_id}</a>' in html
+    linked = [h.split('"')[0] for h in html.split('href="../runs/')[1:]]
+    assert len(linked) == 3 and all((tmp_path / "report" / "runs" / name).is_file() for name in linked)
 
 
 def test_with_no_halt_every_other_target_reaches_head(make_database, tmp_path):
