@@ -7,6 +7,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 OPSLIB := $(BIN)/opslib
 STAMP  := $(VENV)/.installed
+AIRFLOW_STAMP := .venv-airflow/.installed
 
 # What users pass (make migrate-create message="fix users' emails") never reaches the shell as text:
 # each variable is taken unexpanded ($(value ...), so make expands no $(...) in it either), exported,
@@ -16,13 +17,14 @@ $(foreach v,$(USER_VARS),$(if $(filter undefined,$(origin $(v))),,$(eval overrid
 export $(USER_VARS)
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo test goldens lab migrate-create migrate-create-manual migrate-up migrate-down \
+.PHONY: help install airflow-venv demo test goldens lab migrate-create migrate-create-manual migrate-up migrate-down \
         migrate-down-to migrate-status migrate-show bench backup-db verify-setup \
         deploy-prod rollback-prod db-reset pre-deploy-check browser audit-report init-prod seed-demo db-setup rehearse
 
 help:
 	@echo "make demo                          bring the sample database to head and show its status"
 	@echo "make test                          run the whole test suite against a real PostgreSQL"
+	@echo "make airflow-venv                  Apache Airflow 3 in .venv-airflow, for opslib.airflow (make test makes it)"
 	@echo "make lab [runbook=deploy]          a new run of a runbook, its own notebook opened in JupyterLab (opslib open)"
 	@echo "make goldens                       make the runbooks' expected outputs (tests/goldens/) again"
 	@echo "make bench                         compare opslib with bare Alembic, pg_dump and pg_restore, as ratios"
@@ -52,6 +54,18 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# Apache Airflow 3 for opslib.airflow's DAG factory, in an environment of its own (its pins clash with
+# ours): Airflow, and opslib without its dependencies (a DAG file imports only opslib.airflow, which calls
+# the opslib of .venv for the plan and the runs).
+$(AIRFLOW_STAMP): pyproject.toml
+	test -x .venv-airflow/bin/python || $(PYTHON) -m venv .venv-airflow
+	.venv-airflow/bin/python -m pip install --quiet --upgrade pip
+	.venv-airflow/bin/python -m pip install --quiet 'apache-airflow>=3,<4'
+	.venv-airflow/bin/python -m pip install --quiet --no-deps -e .
+	touch $(AIRFLOW_STAMP)
+
+airflow-venv: $(AIRFLOW_STAMP)
+
 demo: $(STAMP)
 	@echo "== opslib demo: the deploy runbook, run end to end on the sample application's database"
 	@if [ -z "$$DATABASE_URL" ]; then echo "== DATABASE_URL is unset: using the embedded PostgreSQL kept in .opslib/"; $(OPSLIB) db start; fi
@@ -67,7 +81,7 @@ demo: $(STAMP)
 	@echo "   make rollback-prod confirm=NAME, make test."
 	@if [ -z "$$DATABASE_URL" ]; then echo "== The embedded server keeps running; stop it with: $(OPSLIB) db stop"; fi
 
-test: $(STAMP) browser
+test: $(STAMP) $(AIRFLOW_STAMP) browser
 	$(BIN)/python -m pytest
 
 # Debian's Chromium renders the audit report in its tests and takes its screenshot. As root (CI) it

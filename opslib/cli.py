@@ -189,6 +189,7 @@ def _parser() -> argparse.ArgumentParser:
     halt.add_argument("--halt-after", type=int, default=1, metavar="K", help="start no target after K failures (default 1)")
     halt.add_argument("--no-halt", action="store_true", help="run every target whatever fails")
     s.add_argument("--dry-run", action="store_true", help="print the plan and where each target stands; run nothing")
+    s.add_argument("--plan-json", action="store_true", help="print the waves as JSON, reading no database (opslib.airflow)")
     s.add_argument(
         "-p", "--parameter", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"),
         help="a runbook parameter, the same for every target",
@@ -453,6 +454,9 @@ def _fleet(settings, args: argparse.Namespace) -> int:
         chosen = chosen.only(args.only)
     halt_after = None if args.no_halt else args.halt_after
     order = fleet.plan(chosen, canary=args.canary, wave=args.wave, parallel=args.parallel, halt_after=halt_after)
+    if args.plan_json:
+        print(json.dumps(fleet.plan_dict(order, canary=args.canary), indent=2))
+        return EXIT_OK
     if args.dry_run:
         found = fleet.standings(settings, order.targets)
         waves = [[t.name for t in w] for w in order.waves]

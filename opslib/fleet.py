@@ -163,6 +163,16 @@ def plan(fleet: Fleet, *, canary: int = 1, wave: int = 5, parallel: int = 2, hal
     return Plan(tuple(w for w in waves if w), parallel, halt_after)
 
 
+def plan_dict(the_plan: Plan, *, canary: int) -> dict:
+    """The plan as JSON-ready data (what ``opslib fleet --plan-json`` prints for :mod:`opslib.airflow`)."""
+    return {
+        "canary": canary,
+        "parallel": the_plan.parallel,
+        "halt_after": the_plan.halt_after,
+        "waves": [[asdict(t) for t in wave] for wave in the_plan.waves],
+    }
+
+
 @dataclass(frozen=True)
 class Standing:
     """Where a target stands now, read for a dry run."""
