@@ -28,6 +28,7 @@ import logging
 import os
 import subprocess
 from collections.abc import Mapping, Sequence
+from urllib.parse import urlsplit
 
 log = logging.getLogger(__name__)
 
@@ -61,9 +62,10 @@ def _outcomes(ti, task_ids: Sequence[str]) -> list[dict]:
 def fleet_dag(dag_id: str, runbook: str, fleet_file: str, *, opslib: str = "opslib", alembic_ini: str | None = None,
               records_dir: str | None = None, parameters: Mapping[str, str] | None = None, canary: int = 1,
               wave: int = 5, parallel: int = 2, halt_after: int | None = 1, only: Sequence[str] = (),
-              env: Mapping[str, str] | None = None, **dag_kwargs):
+              env: Mapping[str, str] | None = None, confirm_production: int | None = None, **dag_kwargs):
     """An Airflow DAG running ``runbook`` over the fleet of ``fleet_file``: the canary, then the waves, with
-    the halt rule between them (see the module's documentation)."""
+    the halt rule between them (see the module's documentation). Production targets run only when
+    ``confirm_production`` is their number, as ``opslib fleet --confirm-production N``."""
     from airflow.sdk import dag, task  # noqa: PLC0415 -- the optional extra: imported only to build a DAG
     from airflow.sdk.exceptions import AirflowFailException  # noqa: PLC0415
 
@@ -75,12 +77,22 @@ def fleet_dag(dag_id: str, runbook: str, fleet_file: str, *, opslib: str = "opsl
     planned = fleet_plan(opslib, runbook, fleet_file, canary=canary, wave=wave, parallel=parallel,
                          halt_after=halt_after, only=only, env=extra)
     pairs = [arg for name, value in (parameters or {}).items() for arg in ("-p", name, str(value))]
+    production = [t["name"] for w in planned["waves"] for t in w if t["env"] == "production"]
+    if production and confirm_production != len(production):
+        raise ValueError(
+            f"the fleet {fleet_file} has {len(production)} production target(s): build the DAG with "
+            f"confirm_production={len(production)} to run them"
+        )
 
     @dag(dag_id=dag_id, schedule=None, catchup=False, max_active_tasks=parallel, **dag_kwargs)
     def build():
         @task(max_active_tis_per_dag=parallel)
         def run_target(target: dict, ti=None) -> dict:
             args = [opslib, "run", runbook, "--env", target["env"], "-p", "database_url_env", target["url_env"], *pairs]
+            if target["env"] == "production" and "confirm" not in (parameters or {}):
+                # Confirmed for the fleet when the DAG was built: each run names its own database.
+                url = {**os.environ, **extra}.get(target["url_env"], "")
+                args += ["-p", "confirm", urlsplit(url).path.lstrip("/")]
             done = subprocess.run(args, capture_output=True, text=True,
                                   env={**os.environ, **extra, "OPSLIB_ENV": target["env"]})
             lines = [line for line in (done.stdout + done.stderr).splitlines() if line.strip()]

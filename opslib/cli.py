@@ -191,6 +191,10 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--dry-run", action="store_true", help="print the plan and where each target stands; run nothing")
     s.add_argument("--plan-json", action="store_true", help="print the waves as JSON, reading no database (opslib.airflow)")
     s.add_argument(
+        "--confirm-production", type=int, metavar="N",
+        help="the number of production targets selected: confirms them (each run gets its database's name as confirm)",
+    )  # fmt: skip
+    s.add_argument(
         "-p", "--parameter", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"),
         help="a runbook parameter, the same for every target",
     )  # fmt: skip
@@ -464,6 +468,7 @@ def _fleet(settings, args: argparse.Namespace) -> int:
         print(f"{len(order.targets)} target(s) in {len(waves)} wave(s), {order.parallel} at once, "
               + ("no halt" if halt_after is None else f"halt after {halt_after} failure(s)") + "; nothing was run")
         return EXIT_OK
+    fleet.require_production_confirmed(order.targets, args.confirm_production)
     _seal_abandoned(settings, "fleet")
     record, path = fleet.run_fleet(
         settings, args.runbook, chosen, order, [tuple(p) for p in args.parameter], canary=args.canary,

@@ -35,7 +35,7 @@ from tomlkit.exceptions import TOMLKitError
 
 from opslib import audit, db, migrate
 from opslib.config import Settings
-from opslib.errors import ConfigError, InvalidInput, OpsError
+from opslib.errors import ConfigError, InvalidInput, OpsError, PreconditionFailed
 from opslib.outcome import Outcome
 from opslib.params import holds_secret
 from opslib.record import revisions_text
@@ -252,10 +252,27 @@ def fleet_records_dir(records_dir: Path) -> Path:
 _RECORD_LINE = re.compile(r"^record\s*:\s*(?P<path>\S.*)$", re.M)
 
 
+def require_production_confirmed(targets: Sequence[Target], confirmed: int | None) -> None:
+    """A fleet with production targets runs only when the operator confirmed how many there are
+    (``--confirm-production N``): each of their runs is then given its own database's name as ``confirm``.
+    Otherwise :class:`PreconditionFailed` (exit 3), before anything runs."""
+    production = [t.name for t in targets if t.env == "production"]
+    if production and confirmed != len(production):
+        given = "nothing" if confirmed is None else str(confirmed)
+        raise PreconditionFailed(
+            f"this fleet has {len(production)} production target(s) ({', '.join(production[:5])}"
+            f"{', …' if len(production) > 5 else ''}): confirm them with --confirm-production {len(production)} "
+            f"(got {given}); nothing was run"
+        )
+
+
 def _run_target(settings: Settings, runbook: str, target: Target, pairs: Sequence[tuple[str, str]], into: TargetRun) -> None:
     """``opslib run RUNBOOK`` for one target, as a process of its own; fills ``into`` from its record."""
     args = [sys.executable, "-m", "opslib.cli", "run", runbook, "--env", target.env,
             "-p", "database_url_env", target.url_env]
+    if target.env == "production" and "confirm" not in dict(pairs):
+        # Confirmed for the whole fleet (require_production_confirmed): each run names its own database.
+        args += ["-p", "confirm", db.parse_url(os.environ[target.url_env], source=target.url_env).database or ""]
     for name, value in pairs:
         args += ["-p", name, value]
     started = time.perf_counter()

@@ -139,3 +139,23 @@ def test_an_unknown_tag_and_bad_sizes_are_refused(tmp_path):
     assert bad.returncode == 2
     loaded = fleet.load_fleet(tmp_path / "fleet.toml", variables)
     assert [w for w in fleet.plan(loaded, canary=0, wave=1).waves] == [loaded.targets]
+
+
+def test_production_targets_run_only_once_confirmed_and_a_pyproject_fleet_is_read(make_database, tmp_path):
+    path, variables = _fleet(make_database, tmp_path, 2, failing=set())
+    path.write_text(path.read_text().replace('url_env = "FLEET_DB_2"', 'url_env = "FLEET_DB_2"\nenv = "production"'))
+    refused = _opslib(tmp_path, variables, "fleet", "deploy", "--targets", str(path))
+    assert refused.returncode == 3 and "--confirm-production 1" in refused.stderr
+    assert not (tmp_path / "records").exists()
+    done = _opslib(tmp_path, variables, "fleet", "deploy", "--targets", str(path), "--confirm-production", "1")
+    assert done.returncode == 0, done.stdout + done.stderr
+    record = _fleet_record(tmp_path)
+    assert [t["state"] for t in record["targets"]] == ["succeeded", "succeeded"]
+    assert record["targets"][1]["backup"]  # production: the deploy's backup was taken, as always
+    # The same fleet from [tool.opslib.fleet] in a pyproject.toml.
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "pyproject.toml").write_text("[tool.opslib.fleet]\n" + path.read_text().replace("[[targets]]", "[[tool.opslib.fleet.targets]]"))
+    loaded = fleet.load_fleet(fleet.fleet_file(project / "alembic.ini"), variables)
+    assert [(t.name, t.env) for t in loaded.targets] == [("db1", "development"), ("db2", "production")]
+
