@@ -35,6 +35,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import DBAPIError
 
+from opslib import db
 from opslib.errors import InvalidInput, MigrationFailed
 from opslib.history import SCHEMA_LOCK_KEY
 
@@ -99,7 +100,7 @@ class BatchResult:
 
     def __str__(self) -> str:
         resumed = (
-            f", resumed after {self.key_text} (already done: {self.rows_before} rows)"
+            f", resumed after key {self.resumed_after} (already done: {self.rows_before} rows)"
             if self.resumed_after is not None
             else ""
         )
@@ -108,17 +109,13 @@ class BatchResult:
             f"({self.rows_per_s:.0f} rows/s, longest batch {self.longest_batch_s:.3f} s){resumed}"
         )
 
-    @property
-    def key_text(self) -> str:
-        """The resumed-after key, as text."""
-        return f"key {self.resumed_after}"
 
 
 class BatchFailed(MigrationFailed):
     """A batch could not be applied; the batches before it stay committed, and a new run resumes after them."""
 
 
-def statement_text(table: str, set_sql: str, where: str | None, key: str) -> str:
+def statement_text(table: str, set_sql: str, where: str | None) -> str:
     """The set-based UPDATE a batched update stands for (what ``--sql`` shows and the lint reads)."""
     condition = f" WHERE {where}" if where else ""
     return f"UPDATE {table} SET {set_sql}{condition}"
@@ -151,7 +148,7 @@ def update_in_batches(
         raise InvalidInput(f"batch_rows must be at least 1, not {batch_rows}")
     if lock_timeout_s <= 0:
         raise InvalidInput(f"lock_timeout_s must be positive, not {lock_timeout_s}")
-    statement = statement_text(table, set_sql, where, key)
+    statement = statement_text(table, set_sql, where)
     sha = hashlib.sha256(f"{statement}\nkey {key}".encode()).hexdigest()
     name = name or f"{table}: {sha[:12]}"
     if connection is not None:
@@ -192,11 +189,6 @@ def progress_of(conn: Connection, name: str) -> dict | None:
         return None
     row = conn.execute(sa.text("SELECT * FROM opslib.batch_progress WHERE name = :n"), {"n": name}).first()
     return dict(row._mapping) if row is not None else None
-
-
-def _qualified(conn: Connection, dotted: str) -> str:
-    preparer = conn.dialect.identifier_preparer
-    return ".".join(preparer.quote(part) for part in dotted.split("."))
 
 
 @contextmanager
@@ -284,8 +276,8 @@ def _is_lock_timeout(err: DBAPIError) -> bool:
 def _run(conn, table, set_sql, where, key, name, sha, batch_rows, lock_timeout_s, pause_s, retries, progress):
     started = time.perf_counter()
     with _autocommit(conn) as conn:
-        table_sql = _qualified(conn, table)
-        key_sql = conn.dialect.identifier_preparer.quote(key)
+        table_sql = db.quote_qualified(conn, table)
+        key_sql = db.quote_ident(conn, key)
         _ensure_progress_table(conn)
         kept = _start(conn, name, sha, table)
         resumed_after = kept["last_key"]
@@ -404,10 +396,9 @@ def require_filled(table: str, column: str, *, show: tuple[str, ...] = ("id",), 
     if connection is None and op.get_context().as_sql:
         return
     conn = connection if connection is not None else op.get_bind()
-    table_sql = _qualified(conn, table)
-    preparer = conn.dialect.identifier_preparer
-    columns = ", ".join(preparer.quote(c) for c in show)
-    col = preparer.quote(column)
+    table_sql = db.quote_qualified(conn, table)
+    columns = ", ".join(db.quote_ident(conn, c) for c in show)
+    col = db.quote_ident(conn, column)
     count = conn.execute(sa.text(f"SELECT count(*) FROM {table_sql} WHERE {col} IS NULL")).scalar()
     if not count:
         return

@@ -280,6 +280,11 @@ def quote_ident(conn: Connection, name: str) -> str:
     return conn.dialect.identifier_preparer.quote_identifier(name)
 
 
+def quote_qualified(conn: Connection, dotted: str) -> str:
+    """``schema.table`` (or a bare name) with each part quoted as an identifier."""
+    return ".".join(quote_ident(conn, part) for part in dotted.split("."))
+
+
 def database_exists(conn: Connection, name: str) -> bool:
     """True when a database called ``name`` exists on the server."""
     return bool(conn.execute(sa.text("SELECT 1 FROM pg_database WHERE datname = :n"), {"n": name}).scalar())
@@ -534,9 +539,7 @@ def relation_locks_held(conn: Connection, skip: set[str] = frozenset()) -> list[
             strongest[table] = mode
     held = []
     for table, mode in sorted(strongest.items()):
-        schema, name = table.split(".", 1)
-        quoted = f"{quote_ident(conn, schema)}.{quote_ident(conn, name)}"
-        has_rows = bool(conn.execute(sa.text(f"SELECT EXISTS (SELECT 1 FROM {quoted})")).scalar())
+        has_rows = bool(conn.execute(sa.text(f"SELECT EXISTS (SELECT 1 FROM {quote_qualified(conn, table)})")).scalar())
         held.append(RelationLock(table, _mode_text(mode), has_rows))
     return held
 

@@ -37,13 +37,12 @@ from opslib import audit, db, migrate
 from opslib.config import Settings
 from opslib.errors import ConfigError, InvalidInput, OpsError, PreconditionFailed
 from opslib.outcome import Outcome
-from opslib.params import holds_secret
+from opslib.params import ENV_NAME, holds_secret
 from opslib.record import revisions_text
 
 FLEET_FILE = "fleet.toml"
 _ENV_LABELS = ("development", "staging", "production")
 _TARGET_KEYS = {"name", "url_env", "env", "tags"}
-_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
 @dataclass(frozen=True)
@@ -120,7 +119,7 @@ def load_fleet(path: Path, environ: dict | None = None) -> Fleet:
         if name in seen:
             raise ConfigError(f"{path.name}: the name {name!r} is given to two targets")
         seen.add(name)
-        if "://" in url_env or not _ENV_NAME.match(url_env):
+        if "://" in url_env or not ENV_NAME.match(url_env):
             raise ConfigError(f"{where} ({name}): url_env names an environment variable, not {'a URL' if '://' in url_env else repr(url_env)}")
         if not environ.get(url_env):
             raise ConfigError(f"{where} ({name}): the environment variable {url_env} is not set")

@@ -138,7 +138,8 @@ RUNBOOKS: dict[str, tuple[Param, ...]] = {
 }
 
 _REVISION = re.compile(r"^[A-Za-z0-9_.@+\-]+$")
-_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+# An environment variable's name (what database_url_env and the fleet file's url_env hold).
+ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 # Names every notebook namespace has; anything else holding plain data was injected as a parameter.
 _NAMESPACE = {"In", "Out", "get_ipython", "exit", "quit", "open", "run"}
 _PLAIN = (str, int, float, bool, list, dict, tuple, type(None))
@@ -263,13 +264,13 @@ def _check(runbook: str, p: Param, value: Any) -> Any:
 
 def _check_combinations(runbook: str, values: dict[str, Any]) -> None:
     env_name = values["database_url_env"]
-    if "://" in env_name or not _ENV_NAME.match(env_name):
+    if "://" in env_name or not ENV_NAME.match(env_name):
         raise InvalidInput(
             f"{runbook}: database_url_env names the environment variable that holds the URL "
             f"(e.g. DATABASE_URL), not {'a URL' if '://' in env_name else repr(env_name)}"
         )
     for name in ("admin_email_env", "admin_password_env"):
-        if name in values and not _ENV_NAME.match(values[name]):
+        if name in values and not ENV_NAME.match(values[name]):
             raise InvalidInput(f"{runbook}: {name} names an environment variable (e.g. OPSLIB_ADMIN_EMAIL), not {values[name]!r}")
     if runbook == "deploy" and values["on_failure"] == "restore" and not values["backup"]:
         raise InvalidInput(

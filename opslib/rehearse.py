@@ -164,11 +164,10 @@ def snapshot(conn: Connection, version_table: tuple[str | None, str]) -> Snapsho
 
 
 def _table_digests(conn: Connection, table: str, objects: dict[str, str]) -> tuple[int, dict[str, str]]:
-    schema, name = table.split(".", 1)
-    quoted = f"{db.quote_ident(conn, schema)}.{db.quote_ident(conn, name)}"
+    quoted = db.quote_qualified(conn, table)
     columns = [k.split(" ", 1)[1].rsplit(".", 1)[1] for k in objects
                if k.startswith(f"column {table}.") and k.count(".") == table.count(".") + 1]
-    key = _primary_key(conn, schema, name)
+    key = _primary_key(conn, quoted)
     # Each value is digested with the row's key, so a value moved to another row counts as changed; a
     # table without a primary key is compared as a multiset of values.
     row_id = "(" + " || '|' || ".join(f"{db.quote_ident(conn, k)}::text" for k in key) + ")" if key else "''"
@@ -180,13 +179,13 @@ def _table_digests(conn: Connection, table: str, objects: dict[str, str]) -> tup
     return int(row[0]), {f"{table}.{c}": digest for c, digest in zip(columns, row[1:], strict=True)}
 
 
-def _primary_key(conn: Connection, schema: str, name: str) -> list[str]:
+def _primary_key(conn: Connection, quoted: str) -> list[str]:
     rows = conn.execute(
         sa.text(
             "SELECT a.attname FROM pg_index i JOIN pg_attribute a ON a.attrelid = i.indrelid "
             "AND a.attnum = ANY(i.indkey) WHERE i.indrelid = to_regclass(:t) AND i.indisprimary ORDER BY a.attnum"
         ),
-        {"t": f'"{schema}"."{name}"'},
+        {"t": quoted},
     )
     return [r[0] for r in rows]
 

@@ -155,21 +155,16 @@ def password_matches(stored: str, password: str) -> bool:
         return False
 
 
-def _quote(conn: Connection, name: str) -> str:
-    preparer = conn.dialect.identifier_preparer
-    return ".".join(preparer.quote(part) for part in name.split("."))
-
-
 def _insert_if_absent(conn: Connection, table: str, row: dict, key: tuple[str, ...]) -> bool:
     """Insert ``row`` unless a row with the same ``key`` values exists; True when it was inserted."""
     names = list(row)
-    columns = ", ".join(_quote(conn, c) for c in names)
+    columns = ", ".join(db.quote_ident(conn, c) for c in names)
     values = ", ".join(f":v{i}" for i in range(len(names)))
-    match = " AND ".join(f"{_quote(conn, k)} = :v{names.index(k)}" for k in key)
+    match = " AND ".join(f"{db.quote_ident(conn, k)} = :v{names.index(k)}" for k in key)
     inserted = conn.execute(
         sa.text(
-            f"INSERT INTO {_quote(conn, table)} ({columns}) SELECT {values} "
-            f"WHERE NOT EXISTS (SELECT 1 FROM {_quote(conn, table)} WHERE {match})"
+            f"INSERT INTO {db.quote_qualified(conn, table)} ({columns}) SELECT {values} "
+            f"WHERE NOT EXISTS (SELECT 1 FROM {db.quote_qualified(conn, table)} WHERE {match})"
         ),
         {f"v{i}": row[n] for i, n in enumerate(names)},
     )
@@ -186,7 +181,7 @@ def apply_essentials(conn: Connection, essentials: Essentials, email: str, passw
     # without it): NOT EXISTS alone could let two sessions insert the same row.
     conn.execute(sa.text("SELECT pg_advisory_xact_lock(hashtext('opslib init-prod'))"))
     exists = conn.execute(
-        sa.text(f"SELECT 1 FROM {_quote(conn, admin.table)} WHERE {_quote(conn, admin.email_column)} = :e"),
+        sa.text(f"SELECT 1 FROM {db.quote_qualified(conn, admin.table)} WHERE {db.quote_ident(conn, admin.email_column)} = :e"),
         {"e": email},
     ).first()
     outcomes = []
@@ -208,8 +203,8 @@ def check_essentials(conn: Connection, essentials: Essentials, email: str) -> li
     admin = essentials.admin
     stored = conn.execute(
         sa.text(
-            f"SELECT {_quote(conn, admin.password_column)} FROM {_quote(conn, admin.table)} "
-            f"WHERE {_quote(conn, admin.email_column)} = :e"
+            f"SELECT {db.quote_ident(conn, admin.password_column)} FROM {db.quote_qualified(conn, admin.table)} "
+            f"WHERE {db.quote_ident(conn, admin.email_column)} = :e"
         ),
         {"e": email},
     ).scalar()
@@ -221,9 +216,9 @@ def check_essentials(conn: Connection, essentials: Essentials, email: str) -> li
     for t in essentials.tables:
         missing = 0
         for row in t.rows:
-            match = " AND ".join(f"{_quote(conn, k)} = :{k}" for k in t.key)
+            match = " AND ".join(f"{db.quote_ident(conn, k)} = :{k}" for k in t.key)
             found = conn.execute(
-                sa.text(f"SELECT 1 FROM {_quote(conn, t.table)} WHERE {match}"), {k: row[k] for k in t.key}
+                sa.text(f"SELECT 1 FROM {db.quote_qualified(conn, t.table)} WHERE {match}"), {k: row[k] for k in t.key}
             ).first()
             missing += found is None
         if missing:
@@ -317,9 +312,9 @@ def copy_rows(conn: Connection, table: str, columns: tuple[str, ...], rows) -> i
     """COPY ``rows`` into ``table`` on ``conn`` (psycopg2), in its transaction; returns the row count."""
     raw = conn.connection.driver_connection
     stream = _CsvStream(rows)
-    names = ", ".join(_quote(conn, c) for c in columns)
+    names = ", ".join(db.quote_ident(conn, c) for c in columns)
     with raw.cursor() as cur:
-        cur.copy_expert(f"COPY {_quote(conn, table)} ({names}) FROM STDIN WITH (FORMAT csv, NULL '\\N')", stream)
+        cur.copy_expert(f"COPY {db.quote_qualified(conn, table)} ({names}) FROM STDIN WITH (FORMAT csv, NULL '\\N')", stream)
     return stream.count
 
 
