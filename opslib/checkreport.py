@@ -21,10 +21,13 @@ class CheckResult:
     name: str
     status: str
     detail: str = ""
+    # The revisions a check's findings are about (the pre-deploy checks of revisions), which the project's
+    # policy can accept one by one; see opslib.policy.
+    revisions: tuple[str, ...] = ()
 
     def to_dict(self) -> dict:
         """A JSON-ready dict."""
-        return asdict(self)
+        return {**asdict(self), "revisions": list(self.revisions)}
 
 
 @dataclass

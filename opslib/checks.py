@@ -8,7 +8,7 @@ plan, its offline SQL and the revision map are worked out once per run.
 from __future__ import annotations
 
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -225,64 +225,72 @@ def _listed(items, text, limit: int = 12) -> str:
     return f"{len(items)}: {shown}{more}"
 
 
-def check_downgrades(plan: migrate.DeployPlan) -> CheckResult:
-    """Every pending revision can be reversed (a ``pass`` downgrade cannot)."""
-    irreversible = [r.revision for r in plan.pending if not migrate.has_real_downgrade(r)]
+def _accepted(rule: str, revisions, project: policy.Policy) -> tuple[list[str], list[str]]:
+    """``revisions`` split into (not accepted, accepted with their reasons) for the check ``rule``."""
+    left, accepted = [], []
+    for rev in revisions:
+        found = project.acceptance(rev, rule)
+        if found is None:
+            left.append(rev)
+        else:
+            accepted.append(f"{rev} ({found.reason})")
+    return left, accepted
+
+
+def _with_accepted(detail: str, accepted: list[str], project: policy.Policy) -> str:
+    return detail + (f"; accepted in {project.where}: {', '.join(accepted)}" if accepted else "")
+
+
+def check_downgrades(plan: migrate.DeployPlan, project: policy.Policy = policy.Policy()) -> CheckResult:
+    """Every pending revision can be reversed (a ``pass`` downgrade cannot). A merge revision has
+    nothing of its own to reverse: its empty downgrade is what Alembic writes, and real."""
+    irreversible = [r.revision for r in plan.pending if not r.is_merge and not migrate.has_real_downgrade(r)]
+    irreversible, accepted = _accepted("downgrades", irreversible, project)
     if irreversible:
         return CheckResult(
-            "downgrades", WARN, f"no real downgrade in {', '.join(irreversible)}: rolling back needs a backup"
+            "downgrades",
+            WARN,
+            _with_accepted(f"no real downgrade in {', '.join(irreversible)}: rolling back needs a backup", accepted, project),
+            tuple(irreversible),
         )
-    return CheckResult("downgrades", PASS, "every pending revision has one")
+    return CheckResult("downgrades", PASS, _with_accepted("every pending revision has one", accepted, project))
 
 
-def check_rendering(plan: migrate.DeployPlan) -> CheckResult:
+def check_rendering(plan: migrate.DeployPlan, project: policy.Policy = policy.Policy()) -> CheckResult:
     """The pending SQL renders offline, so it can be shown and linted (a revision that reads data cannot)."""
-    unrendered = plan.sql.unrendered
-    if unrendered:
+    why = dict(plan.sql.unrendered)
+    left, accepted = _accepted("sql-renders-offline", list(why), project)
+    if left:
         return CheckResult(
             "SQL renders offline",
             WARN,
-            "; ".join(f"cannot render {rev} ({why})" for rev, why in unrendered) + ": linted without it",
+            _with_accepted("; ".join(f"cannot render {rev} ({why[rev]})" for rev in left) + ": linted without it", accepted, project),
+            tuple(left),
         )
-    return CheckResult("SQL renders offline", PASS, f"{len(plan.pending)} revision(s)")
+    return CheckResult("SQL renders offline", PASS, _with_accepted(f"{len(plan.pending)} revision(s)", accepted, project))
 
 
 def check_lint(
-    settings: Settings, plan: migrate.DeployPlan, reached: Reached, baseline_reason: str | None = None
+    settings: Settings, plan: migrate.DeployPlan, reached: Reached, project: policy.Policy = policy.Policy()
 ) -> tuple[CheckResult, list[lint.Finding]]:
-    """squawk over the pending SQL, each finding judged against the target and the project's policy.
-
-    With ``baseline_reason``, today's blocking findings are first written to the project's policy
-    as accepted, with that reason (``opslib check --write-baseline``).
-    """
+    """squawk over the pending SQL, each finding judged against the target and the project's policy."""
     if not plan.sql.sql:
         return CheckResult("squawk lint", SKIP, "nothing to lint"), []
     files = {r.revision: r.path for r in plan.pending}
-
-    def judged() -> list[lint.Finding]:
-        with db.connect(reached.url) as conn:
-            return lint.lint(
-                plan.sql.sql,
-                files,
-                pg_version=reached.version.split()[0],
-                policy=policy.load_policy(settings.alembic_ini),
-                read_tables=lambda names: db.table_facts(conn, names, settings.ddl_lock_timeout_s),
-            )
-
-    findings = judged()
-    written = ""
-    if baseline_reason is not None:
-        blocking = [(f.revision, f.rule) for f in findings if f.severity is lint.Severity.BLOCK]
-        path, added = policy.write_baseline(settings.alembic_ini, blocking, baseline_reason)
-        written = f"baseline: {added} finding(s) accepted in {path}"
-        if added:
-            findings = judged()
-    return _lint_result(findings, written), findings
+    with db.connect(reached.url) as conn:
+        findings = lint.lint(
+            plan.sql.sql,
+            files,
+            pg_version=reached.version.split()[0],
+            policy=project,
+            read_tables=lambda names: db.table_facts(conn, names, settings.ddl_lock_timeout_s),
+        )
+    return _lint_result(findings), findings
 
 
-def _lint_result(findings: list[lint.Finding], written: str) -> CheckResult:
+def _lint_result(findings: list[lint.Finding]) -> CheckResult:
     by = {s: [f for f in findings if f.severity is s] for s in lint.Severity}
-    parts = [written] if written else []
+    parts: list[str] = []
     if by[lint.Severity.BLOCK]:
         unique = list(
             dict.fromkeys(
@@ -298,6 +306,7 @@ def _lint_result(findings: list[lint.Finding], written: str) -> CheckResult:
             + "; accept in the project's opslib.toml ([[lint.accept]] revision, rule, reason; "
             "`opslib check --write-baseline --reason TEXT` writes today's), or with "
             "`# opslib-accept: RULE -- reason` in the revision",
+            tuple(dict.fromkeys(f.revision for f in by[lint.Severity.BLOCK])),
         )
     accepted = sorted({f"{f.revision} {f.rule} ({f.reason})" for f in by[lint.Severity.ACCEPTED]})
     warned = sorted({f"{f.revision} {f.rule}" for f in by[lint.Severity.WARN]})
@@ -315,13 +324,83 @@ def _lint_result(findings: list[lint.Finding], written: str) -> CheckResult:
     return CheckResult("squawk lint", WARN if warned else PASS, "; ".join(parts) or "no findings")
 
 
-def check_naming(plan: migrate.DeployPlan) -> CheckResult:
-    """Every pending revision's message says what it does (the guide's naming rule)."""
-    vague = [(r.revision, vague_message(r.message)) for r in plan.pending if not r.is_merge]
-    vague = [(rev, why) for rev, why in vague if why]
-    if vague:
-        return CheckResult("migration naming", FAIL, "; ".join(f"{rev}: {why}" for rev, why in vague))
-    return CheckResult("migration naming", PASS, "every pending revision says what it does")
+def check_naming(
+    plan: migrate.DeployPlan,
+    project: policy.Policy = policy.Policy(),
+    new: "dict[str, migrate.RevisionInfo] | None" = None,
+) -> CheckResult:
+    """The guide's naming rule, for new revisions: a message says what the revision does.
+
+    A revision already in the project's history only warns (its message is history: a deploy of a
+    long-lived chain must not be refused for an upstream "New fixes"); a revision added on the current
+    branch (``new``, from ``opslib check --new``) blocks, as ``opslib revision`` refuses such a message.
+    """
+    new = new or {}
+    candidates = {r.revision: r for r in plan.pending}
+    candidates.update(new)
+    vague = {rev: vague_message(r.message) for rev, r in candidates.items() if not r.is_merge}
+    vague = {rev: why for rev, why in vague.items() if why}
+    left, accepted = _accepted("migration-naming", list(vague), project)
+    blocking = [rev for rev in left if rev in new]
+    if not left:
+        return CheckResult(
+            "migration naming", PASS, _with_accepted("every revision checked says what it does", accepted, project)
+        )
+    shown = [f"{rev}: {vague[rev]}" for rev in (blocking + [r for r in left if r not in new])]
+    more = f"; and {len(shown) - 5} more" if len(shown) > 5 else ""
+    if blocking:
+        detail = f"{len(blocking)} revision(s) new on this branch: " + "; ".join(shown[:5]) + more
+        return CheckResult("migration naming", FAIL, _with_accepted(detail, accepted, project), tuple(blocking))
+    detail = (
+        f"{len(left)} revision(s) of the project's history with a message that does not say what it does "
+        "(a warning: naming blocks only new revisions, `opslib check --new`): " + "; ".join(shown[:5]) + more
+    )
+    return CheckResult("migration naming", WARN, _with_accepted(detail, accepted, project), tuple(left))
+
+
+def check_env_target(settings: Settings, reached: Reached) -> CheckResult:
+    """The project's env.py connects to opslib's target (the database this deploy locks, backs up and
+    records), learned by running env.py online with no work."""
+    try:
+        with db.connect(reached.url) as conn:
+            probe = migrate.probe_env(settings, reached.url, conn)
+            if probe.reached is None:
+                return CheckResult("env.py's database", SKIP, "env.py configured no connection online")
+            ours = db.identity(conn)
+            if probe.reached.pid == ours.pid or (
+                (ours.database, ours.port) == (probe.reached.database, probe.reached.port)
+                and (not ours.system_identifier or not probe.reached.system_identifier
+                     or ours.system_identifier == probe.reached.system_identifier)
+            ):  # fmt: skip
+                table = migrate._table_name(probe.version_table)
+                return CheckResult(
+                    "env.py's database", PASS, f"env.py migrates {ours.database} itself; its version table: {table}"
+                )
+    except OpsError as err:
+        return CheckResult("env.py's database", FAIL, err.message)
+    return CheckResult(
+        "env.py's database",
+        FAIL,
+        f"the project's env.py connects to {probe.url} ({probe.reached.describe()}), not to opslib's target "
+        f"{db.redact_url(reached.url)} ({ours.describe()}): set DATABASE_URL to the database env.py uses, or have "
+        "env.py take the URL opslib hands it (config.get_main_option('sqlalchemy.url'), or config.attributes['connection'])",
+    )
+
+
+def _by_policy(result: CheckResult, project: policy.Policy) -> CheckResult:
+    """A check's result as the project's policy ([checks]) sets it: block (a warning fails), warn (a
+    failure warns) or ignore (shown as skipped, with what it found)."""
+    action = project.check_action(policy.check_rule(result.name))
+    if action is None or result.status in (PASS, SKIP):
+        return result
+    said = f" ({action} in {project.where})"
+    if action == "ignore":
+        return replace(result, status=SKIP, detail=f"ignored{said}: {result.detail}")
+    if action == "warn" and result.status == FAIL:
+        return replace(result, status=WARN, detail=result.detail + said)
+    if action == "block" and result.status == WARN:
+        return replace(result, status=FAIL, detail=result.detail + said)
+    return result
 
 
 def check_drift(settings: Settings, plan: migrate.DeployPlan) -> CheckResult:
@@ -356,11 +435,47 @@ def pre_deploy(
     backup_planned: bool = True,
     max_backup_age_h: float = 24.0,
     baseline_reason: str | None = None,
+    new_revisions: "dict[str, migrate.RevisionInfo] | None" = None,
 ) -> CheckReport:
     """The guide's pre-deployment checklist as named checks; a failed one stops a deploy (exit 3).
 
+    Each check is judged by the project's policy (``[checks]``, and acceptances per revision); an
+    invalid policy is a :class:`~opslib.errors.ConfigError` (exit 2) before anything is read. With
+    ``baseline_reason`` (``opslib check --write-baseline``), what blocks today is written to the policy
+    as accepted, with that reason, and the checks are judged again. ``new_revisions`` (``check --new``)
+    are the revisions added on the current branch, which the naming rule blocks.
+
     The report keeps the deploy plan it judged (``report.plan``) for the deploy that follows.
     """
+    project = policy.load_policy(settings.alembic_ini, lint.is_squawk_rule)
+    report = _pre_deploy(settings, target, project, expect_env, backup_planned, max_backup_age_h, new_revisions)
+    if baseline_reason is None:
+        return report
+    blocking = [(f.revision, f.rule) for f in report.findings if f.severity is lint.Severity.BLOCK]
+    others = []
+    for check in report.checks:
+        rule = policy.check_rule(check.name)
+        if check.status != FAIL or rule == "squawk-lint":
+            continue
+        if rule in policy.REVISION_CHECKS:
+            blocking += [(rev, rule) for rev in check.revisions]
+        else:
+            others.append(rule)
+    path, added = policy.write_baseline(settings.alembic_ini, blocking, baseline_reason, others)
+    if added:
+        project = policy.load_policy(settings.alembic_ini, lint.is_squawk_rule)
+        report = _pre_deploy(settings, target, project, expect_env, backup_planned, max_backup_age_h, new_revisions)
+    report.checks.insert(0, CheckResult("baseline", PASS, f"{added} finding(s) accepted in {path}"))
+    return report
+
+
+def _pre_deploy(settings, target, project, expect_env, backup_planned, max_backup_age_h, new_revisions) -> CheckReport:
+    report = _gather(settings, target, project, expect_env, backup_planned, max_backup_age_h, new_revisions)
+    report.checks = [_by_policy(check, project) for check in report.checks]
+    return report
+
+
+def _gather(settings, target, project, expect_env, backup_planned, max_backup_age_h, new_revisions) -> CheckReport:
     report = CheckReport("pre-deploy check")
     reachable, reached = check_reachable(settings)
     report.checks.append(reachable)
@@ -379,11 +494,12 @@ def pre_deploy(
     if plan is None:
         return report
     report.plan = plan
-    report.checks.append(check_downgrades(plan))
-    report.checks.append(check_rendering(plan))
-    linted, report.findings = check_lint(settings, plan, reached, baseline_reason)
+    report.checks.append(check_env_target(settings, reached))
+    report.checks.append(check_downgrades(plan, project))
+    report.checks.append(check_rendering(plan, project))
+    linted, report.findings = check_lint(settings, plan, reached, project)
     report.checks.append(linted)
-    report.checks.append(check_naming(plan))
+    report.checks.append(check_naming(plan, project, new_revisions))
     report.checks.append(check_drift(settings, plan))
     report.checks.append(check_backup(settings, reached, backup_planned, max_backup_age_h))
     return report

@@ -76,8 +76,16 @@ def _parser() -> argparse.ArgumentParser:
         "--autogenerate", action="store_true", help="compare the models with the database (at head)"
     )
 
-    s = sub.add_parser("sql", help="print the SQL for FROM:TO without connecting (Alembic offline mode)")
+    s = sub.add_parser(
+        "sql",
+        help="print the SQL for FROM:TO without connecting (Alembic offline mode); exit 3 if a revision cannot render",
+    )
     s.add_argument("range", metavar="FROM:TO")
+    s.add_argument(
+        "--partial",
+        action="store_true",
+        help="print what renders even when a revision cannot (it needs the database); SQL comments say what is missing",
+    )
     s.add_argument("-x", dest="x_args", action="append", default=[], metavar="KEY=VALUE", help=x_help)
 
     s = sub.add_parser("backup", help="pg_dump the target database into the backups folder, with a manifest")
@@ -145,6 +153,12 @@ def _parser() -> argparse.ArgumentParser:
         help="accept today's blocking lint findings in the project's opslib.toml (needs --reason)",
     )
     s.add_argument("--reason", metavar="TEXT", help="for --write-baseline: why these findings are accepted")
+    s.add_argument(
+        "--new",
+        action="store_true",
+        help="also judge the revisions added on this git branch: a vague message blocks there (naming rule)",
+    )
+    s.add_argument("--base", metavar="REF", help="for --new: the branch to compare with (default origin/HEAD, main…)")
     s.add_argument("--json", action="store_true")
 
     s = sub.add_parser("run", help="execute a runbook with papermill and keep its record", add_help=False)
@@ -333,7 +347,7 @@ def _migrations(settings, args: argparse.Namespace) -> int:
         made = migrate.revision(settings, args.message, autogenerate=args.autogenerate)
         print(f"created revision {made.revision}: {made.path}\nreview it before `opslib upgrade`")
     elif args.command == "sql":
-        rendered = migrate.script_sql(settings, args.range, x_args=args.x_args)
+        rendered = migrate.script_sql(settings, args.range, x_args=args.x_args, partial=args.partial)
         sys.stdout.write(rendered.sql)
         for revision, why in rendered.unrendered:
             print(f"opslib: warning: revision {revision} is only partly in this SQL: {why}", file=sys.stderr)
@@ -409,14 +423,22 @@ def _backups(settings, args: argparse.Namespace) -> int:
         baseline = (args.reason or "") if args.write_baseline else None
         if baseline is not None and not baseline.strip():
             raise InvalidInput('--write-baseline needs a reason: --reason "accepted when adopting opslib"')
+        if args.base and not args.new:
+            raise InvalidInput("--base goes with --new")
         from opslib import checks
 
+        new = None
+        if args.new:
+            from opslib import branch
+
+            _, new = branch.new_revisions(settings, args.base)
         report = checks.pre_deploy(
             settings,
             args.target,
             expect_env=args.expect_env,
             max_backup_age_h=args.max_backup_age,
             baseline_reason=baseline,
+            new_revisions=new,
         )
         print(json.dumps(report.to_dict(), indent=2) if args.json else display.checks_text(report))
         report.raise_for_failure()

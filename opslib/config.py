@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import configparser
 import getpass
 import os
 from dataclasses import dataclass, field
@@ -19,6 +20,9 @@ class Settings:
 
     database_url: str | None = field(default=None, repr=False)
     env: str = "development"
+    # Where database_url came from, for messages: "DATABASE_URL", "sqlalchemy.url in <ini>", or a
+    # runbook's database_url_env variable; empty when the embedded server is the target.
+    url_source: str = "DATABASE_URL"
     alembic_ini: Path = Path("alembic.ini")
     records_dir: Path = Path("records")
     backups_dir: Path = Path("backups")
@@ -67,10 +71,13 @@ def load_settings(environ: dict | None = None) -> Settings:
         operator = environ.get("OPSLIB_OPERATOR") or getpass.getuser()
     except (KeyError, OSError):  # no passwd entry for the uid, e.g. in some containers
         operator = "unknown"
+    alembic_ini = Path(environ.get("OPSLIB_ALEMBIC_INI") or "alembic.ini")
+    database_url, url_source = target_url_text(environ, alembic_ini)
     return Settings(
-        database_url=environ.get("DATABASE_URL") or None,
+        database_url=database_url,
+        url_source=url_source,
         env=env,
-        alembic_ini=Path(environ.get("OPSLIB_ALEMBIC_INI") or "alembic.ini"),
+        alembic_ini=alembic_ini,
         records_dir=Path(environ.get("OPSLIB_RECORDS_DIR") or "records"),
         backups_dir=Path(environ.get("OPSLIB_BACKUPS_DIR") or "backups"),
         state_dir=Path(environ.get("OPSLIB_STATE_DIR") or ".opslib"),
@@ -81,6 +88,49 @@ def load_settings(environ: dict | None = None) -> Settings:
         ddl_retries=int(_float(environ, "OPSLIB_DDL_RETRIES", 3)),
         ledger_witness=Path(environ["OPSLIB_LEDGER_WITNESS"]) if environ.get("OPSLIB_LEDGER_WITNESS") else None,
     )
+
+
+# Alembic's templates (`alembic init`, every template) write this URL: a placeholder, not a database.
+_PLACEHOLDER_SCHEME = "driver"
+
+
+def target_url_text(environ: dict, alembic_ini: Path) -> tuple[str | None, str]:
+    """The one rule for the target database: ``(URL or None, where it came from)``.
+
+    ``DATABASE_URL`` when set and not empty; else the project's own ``sqlalchemy.url`` in its
+    ``alembic.ini``, unless that is the template's placeholder (``driver://user:pass@localhost/dbname``);
+    else None: the embedded server. A ``DATABASE_URL`` set but empty (what a missing CI secret
+    leaves) is an error, never a silent fall back to another database.
+    """
+    if "DATABASE_URL" in environ:
+        raw = environ["DATABASE_URL"] or ""
+        if not raw.strip():
+            raise ConfigError(
+                "DATABASE_URL is set but empty (a missing secret?): set it to the target's URL, or unset it "
+                "to use the project's alembic.ini sqlalchemy.url or the embedded server"
+            )
+        return raw, "DATABASE_URL"
+    from_ini = ini_url(alembic_ini)
+    if from_ini:
+        return from_ini, f"sqlalchemy.url in {alembic_ini}"
+    return None, ""
+
+
+def ini_url(alembic_ini: Path) -> str | None:
+    """The project's ``sqlalchemy.url`` (``[alembic]`` section, ``%(here)s`` expanded as Alembic does),
+    or None when it is absent, empty, the template's placeholder, or the file cannot be read (the
+    Alembic config's own loading reports that)."""
+    parser = configparser.ConfigParser(defaults={"here": str(Path(alembic_ini).resolve().parent)})
+    try:
+        if not parser.read(alembic_ini, encoding="utf-8"):
+            return None
+        raw = parser.get("alembic", "sqlalchemy.url", fallback="") or ""
+    except (configparser.Error, UnicodeDecodeError, OSError):
+        return None
+    raw = raw.strip()
+    if not raw or raw.split("://", 1)[0] == _PLACEHOLDER_SCHEME:
+        return None
+    return raw
 
 
 def _compression(environ: dict) -> int:

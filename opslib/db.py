@@ -26,14 +26,16 @@ from opslib.errors import ConfigError, DatabaseUnreachable, InvalidInput, LockHe
 # a run that changes the database holds it, a second run waits up to lock_timeout_s, then exits 4.
 LOCK_KEY = int.from_bytes(hashlib.sha256(b"opslib migration lock").digest()[:8], "big", signed=True)
 
-_SCHEMES = {"postgresql", "postgres", "postgresql+psycopg2"}
+# What a target URL may name. opslib's own connections always use psycopg2; a URL naming another
+# driver (an async env.py's asyncpg, psycopg 3) keeps it for the project's env.py (see env_driver).
+_SCHEMES = {"postgresql", "postgres", "postgresql+psycopg2", "postgresql+asyncpg", "postgresql+psycopg"}
 CONNECT_TIMEOUT_S = 5
 
 
 def parse_url(raw: str, *, source: str = "DATABASE_URL") -> URL:
-    """Parse a PostgreSQL URL and name the psycopg2 driver explicitly.
+    """Parse a PostgreSQL URL and name the psycopg2 driver explicitly, for opslib's own connections.
 
-    SQLAlchemy 2.1 maps a bare ``postgresql://`` to psycopg 3, which opslib does not install.
+    SQLAlchemy 2.1 maps a bare ``postgresql://`` to psycopg 3; opslib names its driver itself.
     Errors never repeat the URL, since it may hold a password.
     """
     try:
@@ -44,17 +46,26 @@ def parse_url(raw: str, *, source: str = "DATABASE_URL") -> URL:
         ) from None
     if url.drivername not in _SCHEMES:
         raise ConfigError(
-            f"{source} must be a postgresql:// URL, not {url.drivername}://; opslib supports PostgreSQL only"
+            f"{source} must be a postgresql:// URL (or postgresql+psycopg2, +psycopg, +asyncpg), "
+            f"not {url.drivername}://; opslib supports PostgreSQL only"
         )
     if not url.database:
         raise ConfigError(f"{source} names no database: add /DATABASE to the URL")
     return url.set(drivername="postgresql+psycopg2")
 
 
+def env_driver(raw: str | None) -> str | None:
+    """The driver a target URL names for the project's env.py (``postgresql+asyncpg``,
+    ``postgresql+psycopg``), or None when it names psycopg2 or none."""
+    scheme = (raw or "").strip().split("://", 1)[0]
+    return scheme if scheme in ("postgresql+asyncpg", "postgresql+psycopg") else None
+
+
 def target_url(settings: Settings) -> URL:
-    """The URL of the database opslib operates on: DATABASE_URL, else the embedded server's."""
+    """The URL of the database opslib operates on (the rule of :func:`opslib.config.target_url_text`):
+    DATABASE_URL, else the project's alembic.ini ``sqlalchemy.url``, else the embedded server's."""
     if settings.database_url:
-        return parse_url(settings.database_url)
+        return parse_url(settings.database_url, source=settings.url_source or "DATABASE_URL")
     from opslib import embedded  # late import: only runs that use it pay for it
 
     return parse_url(embedded.ensure_running(settings), source="the embedded server's URL")
@@ -115,6 +126,9 @@ def lock_holder(conn: Connection) -> str:
 # Databases whose opslib lock this process already holds (a runbook holds it for its whole run):
 # the verbs it calls then work under that lock instead of waiting for it.
 _HELD: set[str] = set()
+# The server sessions (backend pids) through which this process holds the opslib lock: another session
+# that sees one of them holding it is on the same database (see same_database).
+_HELD_PIDS: set[int] = set()
 
 
 def _lock_scope(conn: Connection) -> str:
@@ -124,9 +138,12 @@ def _lock_scope(conn: Connection) -> str:
 def _try_lock(conn: Connection, timeout_s: float) -> None:
     deadline = time.monotonic() + timeout_s
     while True:
-        got = conn.execute(sa.text("SELECT pg_try_advisory_lock(:key)"), {"key": LOCK_KEY}).scalar()
+        got, pid = conn.execute(
+            sa.text("SELECT pg_try_advisory_lock(:key), pg_backend_pid()"), {"key": LOCK_KEY}
+        ).one()
         if got:
             conn.commit()
+            _HELD_PIDS.add(int(pid))
             return
         if time.monotonic() >= deadline:
             holder = lock_holder(conn)
@@ -144,7 +161,8 @@ def _unlock(conn: Connection) -> None:
     try:
         if conn.in_transaction():
             conn.rollback()
-        conn.execute(sa.text("SELECT pg_advisory_unlock(:key)"), {"key": LOCK_KEY})
+        pid = conn.execute(sa.text("SELECT pg_backend_pid() WHERE pg_advisory_unlock(:key)"), {"key": LOCK_KEY}).scalar()
+        _HELD_PIDS.discard(pid)
         conn.commit()
     except DBAPIError:
         pass  # the connection is gone, and a session lock goes with it
@@ -328,12 +346,22 @@ def fingerprint(conn: Connection) -> str:
 
     The system identifier (from ``pg_control_system()``) tells two servers apart even behind the same
     host name; reading it needs superuser or pg_monitor, and is reported as unknown otherwise.
+    Everything else is readable by any role that can connect (a least-privilege deploy role included);
+    the socket directory needs pg_read_all_settings: read only over a Unix socket, under a savepoint.
     """
     row = conn.execute(
         sa.text(
-            "SELECT current_database(), host(inet_server_addr()), inet_server_port(), current_setting('unix_socket_directories')"
+            "SELECT current_database(), host(inet_server_addr()), inet_server_port(), current_setting('port')"
         )
     ).one()
+    where = f"{row[1]}:{row[2]}" if row[1] else None
+    if where is None:  # a Unix socket: inet_server_addr() is NULL
+        try:
+            with conn.begin_nested():
+                sockets = conn.execute(sa.text("SELECT current_setting('unix_socket_directories')")).scalar()
+            where = f"socket in {sockets} (port {row[3]})"
+        except DBAPIError:
+            where = f"a Unix socket (port {row[3]})"
     try:
         with conn.begin_nested():
             system_id = conn.execute(sa.text("SELECT system_identifier FROM pg_control_system()")).scalar()
@@ -341,7 +369,6 @@ def fingerprint(conn: Connection) -> str:
         system_id = "unknown (needs pg_monitor)"
     if conn.in_transaction():
         conn.commit()
-    where = f"{row[1]}:{row[2]}" if row[1] else f"socket in {row[3]}"
     return f"database {row[0]} on {where}, system identifier {system_id}"
 
 
@@ -618,3 +645,62 @@ def drop_index_concurrently(conn: Connection, name: str) -> None:
             auto.execute(sa.text(f"DROP INDEX CONCURRENTLY IF EXISTS {name}"))
     finally:
         conn.execution_options(isolation_level=level)
+
+
+@dataclass(frozen=True)
+class DatabaseIdentity:
+    """Which database a session reaches: its name, the server's port and system identifier, and the
+    session's backend pid. Read by any role (``pg_control_system()`` may be revoked: then None)."""
+
+    database: str
+    port: int | None
+    system_identifier: str | None
+    pid: int
+
+    def describe(self) -> str:
+        """``database shop, port 5432, system identifier 7301…`` as a person reads it."""
+        return (
+            f"database {self.database}, port {self.port or 'unknown'}, "
+            f"system identifier {self.system_identifier or 'not readable'}"
+        )
+
+
+def identity(conn: Connection) -> DatabaseIdentity:
+    """The :class:`DatabaseIdentity` of ``conn``'s session, read without leaving a transaction open that
+    was not open before (the connection may be the one a project's env.py is about to migrate on)."""
+    was_open = conn.in_transaction()
+    row = conn.execute(sa.text("SELECT current_database(), current_setting('port'), pg_backend_pid()")).one()
+    try:
+        with conn.begin_nested():
+            system_id = conn.execute(sa.text("SELECT system_identifier::text FROM pg_control_system()")).scalar()
+    except DBAPIError:
+        system_id = None
+    if not was_open and conn.in_transaction():
+        conn.rollback()
+    port = int(row[1]) if str(row[1]).isdigit() else None
+    return DatabaseIdentity(str(row[0]), port, system_id, int(row[2]))
+
+
+def same_database(ours: DatabaseIdentity, theirs: DatabaseIdentity, their_conn: Connection) -> bool:
+    """Whether two sessions reach the same database: same name, port and system identifier; where a
+    system identifier cannot be read, ``their_conn`` must see the opslib lock held by one of this
+    process's sessions (when it holds one)."""
+    if (ours.database, ours.port) != (theirs.database, theirs.port):
+        return False
+    if ours.system_identifier and theirs.system_identifier:
+        return ours.system_identifier == theirs.system_identifier
+    if not _HELD_PIDS:
+        return True  # nothing else to tell them apart by
+    was_open = their_conn.in_transaction()
+    seen = their_conn.execute(
+        sa.text(
+            "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND granted "
+            "AND pid = ANY(CAST(:pids AS int[])) AND classid = (:key >> 32)::int::oid "
+            "AND objid = (:key & 4294967295)::oid "
+            "AND database = (SELECT oid FROM pg_database WHERE datname = current_database()))"
+        ),
+        {"pids": sorted(_HELD_PIDS), "key": LOCK_KEY},
+    ).scalar()
+    if not was_open and their_conn.in_transaction():
+        their_conn.rollback()
+    return bool(seen)

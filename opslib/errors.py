@@ -53,6 +53,10 @@ class DatabaseUnreachable(InvalidInput):
     """The configured database cannot be reached; nothing was changed."""
 
 
+class TargetMismatch(InvalidInput):
+    """The project's env.py connects to another database than opslib's target: refused before any change (exit 2)."""
+
+
 class UnknownRevision(InvalidInput):
     """A revision given by the user is unknown, ambiguous or not a valid target from here."""
 

@@ -187,7 +187,7 @@ def standings(settings: Settings, targets: Sequence[Target], revision: str = "he
     migrate.version_table(settings)  # learned once, before the threads: they only read their databases
 
     def read(target: Target) -> Standing:
-        on = replace(settings, database_url=os.environ[target.url_env], env=target.env)
+        on = replace(settings, database_url=os.environ[target.url_env], url_source=target.url_env, env=target.env)
         try:
             current, steps = migrate.plan(on, "upgrade", revision)
         except OpsError as err:

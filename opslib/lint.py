@@ -156,6 +156,19 @@ def run_squawk(sql: str, pg_version: str | None = None) -> list[dict]:
         ) from None
 
 
+def is_squawk_rule(name: str) -> bool:
+    """Whether the installed squawk knows a rule called ``name``: its ``--exclude`` refuses any other
+    name (exit 2), so a project's policy is checked against the squawk that will lint its SQL."""
+    with tempfile.NamedTemporaryFile("w", suffix=".sql", delete=False) as f:
+        f.write("SELECT 1;\n")
+        path = f.name
+    try:
+        done = subprocess.run([squawk_path(), f"--exclude={name}", path], capture_output=True, text=True, timeout=60)
+    finally:
+        Path(path).unlink(missing_ok=True)
+    return done.returncode != 2
+
+
 def statements(sql: str) -> list[Statement]:
     """Split rendered SQL into statements, each with its revision.
 

@@ -16,7 +16,9 @@ from __future__ import annotations
 import argparse
 import configparser
 import contextvars
+import hashlib
 import io
+import json
 import logging
 import os
 import signal
@@ -49,6 +51,7 @@ from opslib.errors import (
     MigrationFailed,
     OpsError,
     PreconditionFailed,
+    TargetMismatch,
     UnknownRevision,
 )
 from opslib.naming import vague_message
@@ -179,7 +182,7 @@ def alembic_config(
         cfg.attributes["connection"] = connection
     if url is not None:
         if not isinstance(url, str):
-            url = url.set(drivername=_project_driver(cfg, url.drivername))
+            url = url.set(drivername=db.env_driver(settings.database_url) or _project_driver(cfg, url.drivername))
         rendered = url if isinstance(url, str) else url.render_as_string(hide_password=False)
         cfg.set_main_option("sqlalchemy.url", rendered.replace("%", "%%"))
     return cfg
@@ -187,7 +190,8 @@ def alembic_config(
 
 def _project_driver(cfg: Config, ours: str) -> str:
     """The driver the project's own ``sqlalchemy.url`` names (``postgresql+asyncpg`` for an async env.py),
-    so the URL opslib hands to env.py is one its engine can use; opslib's own connections stay on psycopg2."""
+    so the URL opslib hands to env.py is one its engine can use; opslib's own connections stay on psycopg2.
+    A driver the target URL itself names (``DATABASE_URL=postgresql+asyncpg://…``) comes first."""
     try:
         raw = cfg.get_main_option("sqlalchemy.url") or ""
     except Exception:  # noqa: BLE001 - an option that does not interpolate: opslib's driver then
@@ -470,6 +474,20 @@ def _between(script: ScriptDirectory, upper: Sequence[str] | str, lower: Sequenc
     return [s for s in scripts if s.revision not in set(lower)]
 
 
+def _upgrade_path(script: ScriptDirectory, destination: str | Sequence[str], current: Sequence[str]) -> list[Script]:
+    """The revisions Alembic's upgrade from ``current`` to ``destination`` runs, in its order (oldest
+    first): the same walk as ``alembic upgrade`` (``ScriptDirectory._upgrade_revs``), so that what opslib
+    calls pending is what Alembic will run, whatever the database's revisions (several included)."""
+    dest = destination if isinstance(destination, str) else tuple(destination)
+    return [step.revision for step in script._upgrade_revs(dest, tuple(current))]
+
+
+def _downgrade_path(script: ScriptDirectory, destination: str, current: Sequence[str]) -> list[Script]:
+    """The revisions Alembic's downgrade from ``current`` to ``destination`` (as the user wrote it)
+    reverses, newest first (``ScriptDirectory._downgrade_revs``, the walk ``alembic downgrade`` takes)."""
+    return [step.revision for step in script._downgrade_revs(destination, tuple(current))]
+
+
 # --- the database ----------------------------------------------------------------------------
 
 
@@ -495,7 +513,7 @@ def _pending(script: ScriptDirectory, current: tuple[str, ...], database: str) -
             f"{database} is at revision {', '.join(unknown)}, which the Alembic project does not "
             "contain: the code is older than the database, or the revision file was removed"
         )
-    return _between(script, tuple(script.get_heads()), current)
+    return _upgrade_path(script, tuple(script.get_heads()), current)
 
 
 def _safe_get_revision(script: ScriptDirectory, rev: str) -> Script | None:
@@ -510,7 +528,7 @@ def status(settings: Settings) -> Status:
     script = script_directory(settings)
     url = db.target_url(settings)
     with db.connect(url) as conn:
-        current = current_revisions(conn, version_table(settings))
+        current = current_revisions(conn, version_table(settings, conn))
     head_ids = tuple(sorted(script.get_heads()))
     pending = _pending(script, current, db.redact_url(url))
     return Status(
@@ -566,8 +584,14 @@ def _run_env(
     on_version_apply: Callable | None = None,
     lock_timeout_ms: int | None = None,
     canceller: _Canceller | None = None,
+    on_connection: Callable[[Connection], None] | None = None,
+    **context_opts,
 ) -> None:
     """Run the project's env.py once with ``fn`` as the work, as ``alembic.command`` does, on our loaded script.
+
+    ``on_connection`` is called with the connection env.py configures, before Alembic uses it: it may
+    raise to stop the command before any work (the connection reaches another database, say).
+    ``context_opts`` go to Alembic's migration context (``dont_mutate=True`` for a run that only reads).
 
     ``lock_timeout_ms`` is set on the connection env.py configures when its driver does not read
     ``PGOPTIONS`` (asyncpg): libpq's connections get it from there.
@@ -580,17 +604,24 @@ def _run_env(
     every revision commits exactly when the revision does.
     """
     env = EnvironmentContext(
-        cfg, script, fn=fn, as_sql=as_sql, starting_rev=starting_rev, destination_rev=destination_rev
+        cfg,
+        script,
+        fn=fn,
+        as_sql=as_sql,
+        starting_rev=starting_rev,
+        destination_rev=destination_rev,
+        **context_opts,
     )
     configure = env.configure
 
     def configure_with_opslib_terms(*args, **kwargs):
-        # Where the project keeps its revision, as env.py says: opslib's own reads use the same table.
-        _VERSION_TABLES[str(script.dir)] = (
-            kwargs.get("version_table_schema") or None,
-            kwargs.get("version_table") or "alembic_version",
-        )
         connection = kwargs.get("connection")
+        if connection is not None:
+            # Where the project keeps its revision, as env.py says online (its offline branch often
+            # leaves version_table out): opslib's own reads use the same table from now on.
+            _VERSION_TABLES[_env_key(script)] = _configured_table(kwargs)
+            if on_connection is not None:
+                on_connection(connection)
         if canceller is not None and connection is not None:
             canceller.watch(connection)
         if connection is not None and connection.dialect.driver not in _LIBPQ_DRIVERS:
@@ -634,21 +665,115 @@ def _set_session_terms(connection, lock_timeout_ms: int | None) -> None:
     connection.commit()
 
 
-# Where each project (by its scripts folder) keeps its revision, as its env.py configures it.
+def _configured_table(kwargs: dict) -> tuple[str | None, str]:
+    """(schema, table) of the version table in the arguments env.py gave ``context.configure``."""
+    return (kwargs.get("version_table_schema") or None, kwargs.get("version_table") or "alembic_version")
+
+
+# Where each project keeps its revision, as its env.py configures it online, by _env_key: learned from
+# every online run of env.py, and kept on disk (see _remembered) so that the next command knows it too.
 _VERSION_TABLES: dict[str, tuple[str | None, str]] = {}
+_PROBES_FILE = "version-tables.json"
 
 
-def version_table(settings: Settings) -> tuple[str | None, str]:
+def _env_key(script: ScriptDirectory) -> str:
+    """The project's scripts folder and its env.py's content: what the version table's answer depends on."""
+    try:
+        digest = hashlib.sha256(Path(script.env_py_location).read_bytes()).hexdigest()[:16]
+    except OSError:
+        digest = "no-env.py"
+    return f"{Path(script.dir).resolve()}#{digest}"
+
+
+def _remembered(settings: Settings, key: str, found: tuple[str | None, str] | None = None):
+    """The version table kept on disk for ``key`` (in the state folder), or, with ``found``, keep it."""
+    path = Path(settings.state_dir) / _PROBES_FILE
+    try:
+        known = json.loads(path.read_text()) if path.is_file() else {}
+    except (OSError, ValueError):
+        known = {}
+    if found is None:
+        value = known.get(key)
+        return (value[0], value[1]) if isinstance(value, list) and len(value) == 2 else None
+    if known.get(key) != list(found):
+        known[key] = list(found)
+        try:  # a cache: a folder that cannot be written only costs the next command a probe
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(known, indent=1, sort_keys=True))
+            tmp.replace(path)
+        except OSError:
+            pass
+    return found
+
+
+@dataclass(frozen=True)
+class EnvProbe:
+    """What the project's env.py does online, learned from a run of it that does no work."""
+
+    version_table: tuple[str | None, str]
+    url: str | None  # the URL of the connection env.py configured, redacted; None when it gave none
+    reached: db.DatabaseIdentity | None  # the database that connection reaches
+
+
+def probe_env(settings: Settings, url: URL, conn: Connection) -> EnvProbe:
+    """Run the project's env.py online with no work (as ``alembic current`` does, changing nothing:
+    no version table is created), and learn what it configures: its version table and the database
+    its connection reaches. ``conn`` is opslib's own connection to ``url``, offered to env.py."""
+    script = script_directory(settings)
+    cfg = alembic_config(settings, url=url, connection=conn, output=io.StringIO())
+    seen: dict = {}
+    key = _env_key(script)
+    _VERSION_TABLES.pop(key, None)  # learned again, from this run
+
+    def note(connection: Connection) -> None:
+        seen["url"] = db.redact_url(connection.engine.url)
+        seen["reached"] = db.identity(connection)
+
+    try:
+        with _capture_alembic_output():
+            _run_env(cfg, script, lambda rev, context: [], canceller=_watching(url, conn), on_connection=note, dont_mutate=True)
+    except (ImportError, SyntaxError, NameError) as err:
+        raise _unimportable(script, err) from err
+    if conn.in_transaction():
+        conn.commit()
+    found = _VERSION_TABLES.setdefault(key, db.DEFAULT_VERSION_TABLE)
+    _remembered(settings, key, found)
+    return EnvProbe(found, seen.get("url"), seen.get("reached"))
+
+
+def _unimportable(script: ScriptDirectory, err: BaseException) -> ConfigError:
+    lines = str(err).strip().splitlines()
+    return ConfigError(
+        f"the project's env.py ({script.env_py_location}) cannot be imported: {type(err).__name__}: "
+        f"{lines[0] if lines else ''}; fix it (or OPSLIB_ALEMBIC_INI) first"
+    )
+
+
+def version_table(settings: Settings, conn: Connection | None = None) -> tuple[str | None, str]:
     """(schema, table) of the project's version table: what its env.py passes to ``context.configure``
-    (``version_table_schema``, ``version_table``), else Alembic's ``alembic_version`` on the search_path.
+    online (``version_table_schema``, ``version_table``), else Alembic's ``alembic_version`` on the search_path.
 
-    Learned from the first run of env.py in this process; before any, env.py is run offline with no
-    work at all, which only configures.
+    Known from any online run of env.py in this process, else from the state folder (kept there per
+    project and env.py content), else learned now: env.py is run online with no work on ``conn`` (or a
+    connection to the target). Only when env.py cannot run online is its offline branch asked.
     """
     script = script_directory(settings)
-    known = _VERSION_TABLES.get(str(script.dir))
+    key = _env_key(script)
+    known = _VERSION_TABLES.get(key) or _remembered(settings, key)
     if known is not None:
+        _VERSION_TABLES[key] = known
         return known
+    try:
+        if conn is not None:
+            return probe_env(settings, db.target_url(settings), conn).version_table
+        url = db.target_url(settings)
+        with db.connect(url) as own:
+            return probe_env(settings, url, own).version_table
+    except ConfigError:
+        raise
+    except Exception:  # noqa: BLE001 - env.py cannot run online here (the server is out of reach, say)
+        pass
     cfg = alembic_config(settings, url=OFFLINE_URL, output=io.StringIO())
     try:
         with _capture_alembic_output():
@@ -656,14 +781,26 @@ def version_table(settings: Settings) -> tuple[str | None, str]:
             _run_env(cfg, script, lambda rev, context: [], as_sql=True, canceller=_Canceller(None))
     except (ImportError, SyntaxError, NameError) as err:
         # env.py cannot even be imported: nothing will run, so say so now, before any backup or change.
-        lines = str(err).strip().splitlines()
-        raise ConfigError(
-            f"the project's env.py ({script.env_py_location}) cannot be imported: {type(err).__name__}: "
-            f"{lines[0] if lines else ''}; fix it (or OPSLIB_ALEMBIC_INI) first"
-        ) from err
+        raise _unimportable(script, err) from err
     except Exception:  # noqa: BLE001 - an env.py that cannot run offline: Alembic's default is the answer
         pass
-    return _VERSION_TABLES.setdefault(str(script.dir), db.DEFAULT_VERSION_TABLE)
+    # Not kept: the offline branch may leave out what the online one configures.
+    return db.DEFAULT_VERSION_TABLE
+
+
+def check_same_database(ours: db.DatabaseIdentity, url: URL, connection: Connection, env_url: str | None = None) -> None:
+    """Refuse (:class:`TargetMismatch`, exit 2) when the connection the project's env.py configured
+    reaches another database than opslib's target ``url`` (whose session is ``ours``)."""
+    theirs = db.identity(connection)
+    if theirs.pid == ours.pid or db.same_database(ours, theirs, connection):
+        return
+    shown = env_url or db.redact_url(connection.engine.url)
+    raise TargetMismatch(
+        f"the project's env.py connects to {shown} ({theirs.describe()}), not to opslib's target "
+        f"{db.redact_url(url)} ({ours.describe()}); nothing was changed. Make them one: set DATABASE_URL to "
+        "the database env.py uses, or have env.py take the URL opslib hands it "
+        "(config.get_main_option('sqlalchemy.url'), or config.attributes['connection'])"
+    )
 
 
 # Only some revisions can leave an invalid index: a concurrent build or drop (CREATE INDEX / REINDEX /
@@ -855,7 +992,7 @@ class _Progress:
             self.guard.check(ctx.connection, step)
         if self.on_locks is not None:
             # Still inside the revision's transaction: it holds every lock it took until it commits.
-            schema, table = _VERSION_TABLES.get(str(self.script.dir), db.DEFAULT_VERSION_TABLE)
+            schema, table = ctx.version_table_schema, ctx.version_table
             # Alembic's version row and opslib's history row are the bookkeeping, not the revision's work.
             skip = {f"{schema or 'public'}.{table}", "opslib"}
             self.on_locks(step.up_revision_id, db.relation_locks_held(ctx.connection, skip))
@@ -908,7 +1045,8 @@ def _run_change(
     script = script_directory(settings)
     with _locked_connection(settings) as (url, conn):
         database = db.redact_url(url)
-        where = version_table(settings)
+        where = version_table(settings, conn)
+        ours = db.identity(conn)
         before = current_revisions(conn, where)
         _pending(script, before, database)  # refuses a database at a revision the code lacks
         steps = plan(script, before)
@@ -925,6 +1063,19 @@ def _run_change(
         else:
             work = lambda rev, context: script._downgrade_revs(dest, rev)  # noqa: E731
 
+        def same_target(connection: Connection) -> None:
+            # Before any work: env.py's connection must reach opslib's target, whose lock, backup and
+            # history this change is under. And its online version table must be the one read above.
+            if connection is not conn:
+                check_same_database(ours, url, connection)
+            configured = _VERSION_TABLES.get(_env_key(script))
+            if configured is not None and configured != where:
+                _remembered(settings, _env_key(script), configured)
+                raise ConfigError(
+                    f"the project's env.py now keeps its revision in {_table_name(configured)}, not "
+                    f"{_table_name(where)} as opslib read it; nothing was changed: run the command again"
+                )
+
         def attempt() -> None:
             _run_env(
                 cfg,
@@ -934,6 +1085,7 @@ def _run_change(
                 on_version_apply=progress,
                 lock_timeout_ms=max(int(settings.ddl_lock_timeout_s * 1000), 1),
                 canceller=canceller,
+                on_connection=same_target,
             )
 
         def after_timeout() -> str:
@@ -951,6 +1103,8 @@ def _run_change(
                 _retrying(settings, attempt, after_timeout, on_attempt, guard)
         except BaseException as err:  # noqa: BLE001 - any failure, Ctrl-C included, says where the database stands
             after = _revisions_after_failure(conn, url, database, where)
+            if isinstance(err, InvalidInput) and set(before) == set(after):
+                raise  # refused before any work (env.py reaches another database, say): nothing changed
             progress.settle(_applied_set(script, after))
             failure = _failure(
                 action, target, database, script, before, after, steps, err, url, progress.last_called
@@ -1091,6 +1245,11 @@ def _revisions_after_failure(conn: Connection, url: URL, database: str, where) -
             "run `opslib status` once it is back",
             changed=True,
         ) from None
+
+
+def _table_name(where: tuple[str | None, str]) -> str:
+    schema, table = where
+    return f"{schema}.{table}" if schema else table
 
 
 def _describe(revs: tuple[str, ...]) -> str:
@@ -1308,7 +1467,7 @@ def revision(settings: Settings, message: str, *, autogenerate: bool = False) ->
         return _created(made, settings)
     url = db.target_url(settings)
     with db.connect(url) as conn:
-        current = current_revisions(conn, version_table(settings))
+        current = current_revisions(conn, version_table(settings, conn))
         pending = _pending(script, current, db.redact_url(url))
         if pending:
             raise PreconditionFailed(
@@ -1339,6 +1498,8 @@ class OfflineSQL:
 
     sql: str
     unrendered: tuple[tuple[str, str], ...] = ()
+    # Where the first unrendered revision starts: the revision(s) before it, fully rendered ("" at base).
+    stopped_after: str | None = None
 
 
 def _parse_range(settings: Settings, revision_range: str):
@@ -1358,27 +1519,57 @@ def _parse_range(settings: Settings, revision_range: str):
 
 def offline_sql(settings: Settings, revision_range: str, *, x_args: Sequence[str] = ()) -> str:
     """The SQL that would run for ``FROM:TO`` (an upgrade, or a downgrade when TO is older), without
-    connecting; a revision that cannot be rendered offline is refused, naming it."""
+    connecting: whole, or refused (:class:`PreconditionFailed`, exit 3) at the first revision that
+    cannot be rendered offline, naming it, what it did, and the last revision fully rendered."""
     script, start, end, downgrade_ = _parse_range(settings, revision_range)
     rendered = _render(settings, script, start, end, downgrade_, x_args, resume=False)
     if rendered.unrendered:
         rev, why = rendered.unrendered[0]
-        raise PreconditionFailed(f"sql {revision_range}: revision {rev} cannot be rendered offline: {why}")
+        info = _safe_get_revision(script, rev)
+        named = f"{rev} ({_first_line(info.doc)})" if info is not None and info.doc else rev
+        last = rendered.stopped_after
+        if last:
+            upto = f"the last revision fully rendered is {last}: `opslib sql {start}:{last.split(', ')[-1]}` prints a whole script up to it"
+        else:
+            upto = "no revision of the range was fully rendered before it"
+        raise PreconditionFailed(
+            f"sql {revision_range}: revision {named} cannot be rendered offline: {why}; {upto}. "
+            f"Run it online (`opslib {'downgrade' if downgrade_ else 'upgrade'}`), or add --partial for a "
+            "script that says, in SQL comments, what it leaves out"
+        )
     return rendered.sql
 
 
-def script_sql(settings: Settings, revision_range: str, *, x_args: Sequence[str] = ()) -> OfflineSQL:
-    """What ``opslib sql`` prints: a script ``psql -v ON_ERROR_STOP=1`` runs whole.
+def script_sql(
+    settings: Settings, revision_range: str, *, x_args: Sequence[str] = (), partial: bool = False
+) -> OfflineSQL:
+    """What ``opslib sql`` prints: a script ``psql -v ON_ERROR_STOP=1`` runs whole on a database at
+    FROM, or a refusal (exit 3) naming the revision that cannot be rendered offline (see :func:`offline_sql`).
 
-    An upgrade through a revision that reads data (which offline mode cannot) keeps that revision's
-    statements up to the read, says so in a comment, and moves the version table on, so the rest of
-    the script applies; the revision is named in ``unrendered`` for the caller to warn about. Its
-    remaining statements change data only; on an empty database there is none.
+    With ``partial`` (an upgrade only), such a revision keeps its statements up to where it stopped,
+    SQL comments (at the top and where it stopped) say that the rest of it is missing, and the version
+    table is moved on past it so that the later revisions apply; ``unrendered`` names it for the caller
+    to warn about. Such a script is not promised to run whole.
     """
     script, start, end, downgrade_ = _parse_range(settings, revision_range)
-    if downgrade_:
+    if downgrade_ or not partial:
         return OfflineSQL(offline_sql(settings, revision_range, x_args=x_args))
-    return _render(settings, script, start, end, False, x_args, resume=True, bump=version_table(settings))
+    rendered = _render(settings, script, start, end, False, x_args, resume=True, bump=version_table(settings))
+    if not rendered.unrendered:
+        return rendered
+    header = "".join(
+        f"-- opslib: PARTIAL SCRIPT: revision {rev} is incomplete here: {why}\n" for rev, why in rendered.unrendered
+    )
+    header += (
+        "-- opslib: what those revisions run past that point is NOT in this script; it may fail under\n"
+        "-- psql -v ON_ERROR_STOP=1. Run them online (opslib upgrade) instead.\n\n"
+    )
+    return replace(rendered, sql=header + rendered.sql)
+
+
+def _first_line(text: str) -> str:
+    lines = (text or "").strip().splitlines()
+    return lines[0] if lines else ""
 
 
 def render_pending(
@@ -1410,6 +1601,7 @@ def _render(
 ) -> OfflineSQL:
     parts: list[str] = []
     unrendered: list[tuple[str, str]] = []
+    stopped_after: str | None = None
     reached: set[str] = set() if start == "base" else ({start} if isinstance(start, str) else set(start))
     while True:
         shown = start if isinstance(start, str) else ",".join(start)
@@ -1446,6 +1638,8 @@ def _render(
             if isinstance(err, AttributeError) and "NoneType" in str(err):
                 why += " (it reads data, which offline mode does not have)"
             unrendered.append((failed, why))
+            if stopped_after is None:
+                stopped_after = markers[-1].group(2).strip()
             part = text[: markers[-1].start()]
             if bump is not None:  # keep what it rendered, and move the version on past it
                 part = text + _past_unrendered(failed, markers[-1].group(2), why, bump)
@@ -1454,14 +1648,14 @@ def _render(
                 part += "COMMIT;\n\n"
             parts.append(part)
             if not resume or failed == end or _resolves_to(script, end, failed):
-                return OfflineSQL("".join(parts), tuple(unrendered))
+                return OfflineSQL("".join(parts), tuple(unrendered), stopped_after)
             # Resume from every head reached so far (the failed revision counted as passed), so that a
             # sibling branch already rendered is not rendered again.
             reached |= {mk.group(3).split(", ")[-1] for mk in markers}
             start = _heads_of(script, reached)
             continue
         parts.append(buf.getvalue())
-        return OfflineSQL("".join(parts), tuple(unrendered))
+        return OfflineSQL("".join(parts), tuple(unrendered), stopped_after)
 
 
 def _past_unrendered(revision: str, previous: str, why: str, where: tuple[str | None, str]) -> str:
@@ -1475,9 +1669,9 @@ def _past_unrendered(revision: str, previous: str, why: str, where: tuple[str | 
     else:
         move = f"INSERT INTO {name} (version_num) VALUES ('{revision}');\n"
     return (
-        f"\n-- opslib: revision {revision} stops here offline: {why}.\n"
-        "-- Its remaining statements only change data, and are not in this script: run it online\n"
-        f"-- (opslib upgrade {revision}) where there is data to change.\n{move}\n"
+        f"\n-- opslib: INCOMPLETE: revision {revision} could not be rendered offline past this point: {why}.\n"
+        "-- Whatever it runs after this point (tables, columns, data) is NOT in this script; run it online\n"
+        f"-- (opslib upgrade {revision}). The version table is moved on past it so the later revisions apply.\n{move}\n"
     )
 
 
@@ -1514,19 +1708,25 @@ def _is_downgrade(script: ScriptDirectory, start: tuple[str, ...], end: tuple[st
 def _plan_upgrade(script: ScriptDirectory, current: tuple[str, ...], target: str) -> list[Script]:
     """The revisions an upgrade to ``target`` applies, oldest first; raises before any change when it cannot."""
     if target.startswith("+"):
-        pending = _between(script, tuple(script.get_heads()), current)
+        pending = _upgrade_path(script, tuple(script.get_heads()), current)
         n = _steps(target)
         if n > len(pending):
             raise PreconditionFailed(f"cannot upgrade {target}: only {len(pending)} revision(s) pending")
         return pending[:n]
-    upper = resolve(script, target)
+    upper = tuple(s.revision for s in resolve(script, target))
     try:
-        return _between(script, tuple(s.revision for s in upper), current)
-    except RevisionError:
+        steps = _upgrade_path(script, upper, current)
+    except (RevisionError, CommandError):
+        steps = None
+    # Alembic's walk to a revision already passed is empty, as it is to the current one: only the
+    # latter is "nothing to do".
+    below = _applied_set(script, current) - set(current)
+    if steps is None or (not steps and set(upper) <= below):
         raise UnknownRevision(
             f"{target!r} is not ahead of the database's revision {_describe(current)}: "
             "use `opslib downgrade` to go back"
-        ) from None
+        )
+    return steps
 
 
 def _plan_downgrade(script: ScriptDirectory, current: tuple[str, ...], target: str) -> list[Script]:
@@ -1542,18 +1742,26 @@ def _plan_downgrade(script: ScriptDirectory, current: tuple[str, ...], target: s
             )
         if n > len(applied):
             raise PreconditionFailed(f"cannot downgrade {target}: only {len(applied)} revision(s) applied")
-        return applied[:n]
+        try:
+            return _downgrade_path(script, target, current)
+        except (RevisionError, CommandError) as err:
+            raise UnknownRevision(
+                f"downgrade {target}: {err} (Alembic's walk); the database is unchanged at {_describe(current)}: "
+                "downgrade to a revision id"
+            ) from None
     if target == "base":
-        return applied
+        return _downgrade_path(script, "base", current)
     lower = resolve(script, target)
     lower_ids = {s.revision for s in lower}
-    kept = {s.revision for s in _between(script, tuple(lower_ids), ())}
     if not lower_ids <= {s.revision for s in applied}:
         raise UnknownRevision(
             f"{target!r} is not behind the database's revision {_describe(current)}: "
             "use `opslib upgrade` to go forward"
         )
-    return [s for s in applied if s.revision not in kept]
+    try:
+        return _downgrade_path(script, target, current)
+    except (RevisionError, CommandError) as err:
+        raise UnknownRevision(f"cannot downgrade to {target!r} from {_describe(current)}: {err}") from None
 
 
 def plan(settings: Settings, action: str, target: str) -> tuple[tuple[str, ...], list[RevisionInfo]]:
@@ -1565,7 +1773,7 @@ def plan(settings: Settings, action: str, target: str) -> tuple[tuple[str, ...],
     script = script_directory(settings)
     url = db.target_url(settings)
     with db.connect(url) as conn:
-        current = current_revisions(conn, version_table(settings))
+        current = current_revisions(conn, version_table(settings, conn))
     _pending(script, current, db.redact_url(url))
     steps = (_plan_upgrade if action == "upgrade" else _plan_downgrade)(script, current, target)
     head_ids = set(script.get_heads())
@@ -1598,7 +1806,7 @@ def deploy_plan(settings: Settings, target: str = "head", *, x_args: Sequence[st
     script = script_directory(settings)
     url = db.target_url(settings)
     with db.connect(url) as conn:
-        current = current_revisions(conn, version_table(settings))
+        current = current_revisions(conn, version_table(settings, conn))
     database = db.redact_url(url)
     _pending(script, current, database)
     head_ids = set(script.get_heads())

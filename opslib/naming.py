@@ -8,6 +8,7 @@ import re
 _VAGUE = {
     "update", "updates", "fix", "fixes", "change", "changes", "stuff", "misc", "database", "db", "schema",
     "tables", "table", "things", "wip", "temp", "tmp", "test", "migration", "migrations", "new", "more", "some",
+    "empty", "message", "text",  # Flask-Migrate's default message is "empty message"
 }  # fmt: skip
 
 

@@ -1,27 +1,33 @@
-"""The operated project's own lint policy: which squawk rules block, warn or are ignored, and which
-findings were accepted, by revision id, with a reason.
+"""The operated project's own policy: what each pre-deploy check and each squawk rule does (block,
+warn or ignore), and which findings were accepted, by revision id, with a reason.
 
 It lives in the project, beside its ``alembic.ini``: ``opslib.toml``, or ``[tool.opslib]`` in the
 project's ``pyproject.toml`` (``opslib.toml`` wins when both exist). Accepting a finding here means
 nobody edits the history of a project they operate::
 
-    [lint.rules]
-    prefer-robust-stmts = "ignore"          # block | warn | ignore
+    [checks]                                # the pre-deploy checks, by their stable names (CHECKS)
+    migration-naming = "ignore"             # block | warn | ignore
+    downgrades = "block"
+
+    [lint.rules]                            # squawk's rules, by squawk's names
+    prefer-robust-stmts = "ignore"
     changing-column-type = "warn"
 
-    [[lint.accept]]
+    [[lint.accept]]                         # rule: a squawk rule, or a check about revisions
     revision = "1f0c2b9e4d7a"
     rule = "adding-not-nullable-field"
     reason = "orders.region has a server default; the table is rewritten off-peak"
 
-A malformed file is an :class:`~opslib.errors.ConfigError` (exit 2) naming the file.
+A malformed file, an unknown check or rule name, or a check that cannot be relaxed set to warn or
+ignore, is an :class:`~opslib.errors.ConfigError` (exit 2) naming the file and the known names.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable
 
 import tomlkit
 from tomlkit.exceptions import TOMLKitError
@@ -30,6 +36,41 @@ from opslib.errors import ConfigError, InvalidInput
 
 ACTIONS = ("block", "warn", "ignore")
 POLICY_FILE = "opslib.toml"
+
+# The pre-deploy checks' stable names: each check's title as a slug (check_rule), in the order they run.
+CHECKS = (
+    "database-reachable", "sessions-that-would-block-ddl", "invalid-indexes", "leftover-restores",
+    "environment-label", "alembic-project", "single-head", "database-revision-known", "target-revision", "pending-revisions",
+    "env-py-database", "downgrades", "sql-renders-offline", "squawk-lint", "migration-naming", "drift", "backup",
+)  # fmt: skip
+# Checks a deploy cannot go on without (no target, no plan, another database, no backup in production):
+# the policy cannot relax them.
+FIXED_CHECKS = frozenset(
+    {"database-reachable", "alembic-project", "single-head", "database-revision-known", "target-revision", "pending-revisions",
+     "env-py-database", "backup"}
+)  # fmt: skip
+# Checks whose findings are about revisions: they can be accepted per revision, as lint findings are.
+REVISION_CHECKS = frozenset({"downgrades", "sql-renders-offline", "migration-naming"})
+# squawk's rule names (squawk-cli 2.x, each accepted by its --exclude); a name outside this list is asked
+# of the installed squawk (see load_policy's ``is_lint_rule``).
+LINT_RULES = (
+    "adding-field-with-default", "adding-foreign-key-constraint", "adding-not-nullable-field",
+    "adding-required-field", "adding-serial-primary-key-field", "ban-alter-domain-with-add-constraint",
+    "ban-char-field", "ban-concurrent-index-creation-in-transaction", "ban-create-domain-with-constraint",
+    "ban-drop-column", "ban-drop-database", "ban-drop-not-null", "ban-drop-table", "ban-truncate-cascade",
+    "ban-uncommitted-transaction", "changing-column-type", "constraint-missing-not-valid",
+    "disallowed-unique-constraint", "prefer-bigint-over-int", "prefer-bigint-over-smallint", "prefer-identity",
+    "prefer-robust-stmts", "prefer-text-field", "prefer-timestamptz", "renaming-column", "renaming-table",
+    "require-concurrent-index-creation", "require-concurrent-index-deletion", "require-timeout-settings",
+    "require-lock-timeout", "require-statement-timeout", "require-table-schema", "require-enum-value-ordering",
+    "ban-alter-extension", "transaction-nesting",
+)  # fmt: skip
+
+
+def check_rule(title: str) -> str:
+    """A check's stable name, as the policy names it: its title as a slug (``migration naming`` ->
+    ``migration-naming``, ``env.py's database`` -> ``env-py-database``)."""
+    return re.sub(r"[^a-z0-9]+", "-", title.lower().replace("'s ", " ")).strip("-")
 
 
 @dataclass(frozen=True)
@@ -48,10 +89,20 @@ class Policy:
     source: Path | None = None
     rules: dict[str, str] = field(default_factory=dict)
     accepted: tuple[Acceptance, ...] = ()
+    checks: dict[str, str] = field(default_factory=dict)
 
     def action(self, rule: str, default: str) -> str:
-        """``block``, ``warn`` or ``ignore`` for ``rule``: the project's word, else ``default``."""
+        """``block``, ``warn`` or ``ignore`` for the squawk rule ``rule``: the project's word, else ``default``."""
         return self.rules.get(rule, default)
+
+    def check_action(self, check: str) -> str | None:
+        """``block``, ``warn`` or ``ignore`` for the check named ``check``, or None when the project says nothing."""
+        return self.checks.get(check)
+
+    @property
+    def where(self) -> str:
+        """The policy file's name, for a person reading a check's detail."""
+        return self.source.name if self.source else "the project's policy"
 
     def acceptance(self, revision: str, rule: str) -> Acceptance | None:
         """The acceptance of ``rule`` in ``revision``, if the project recorded one."""
@@ -71,8 +122,12 @@ def policy_file(alembic_ini: Path) -> tuple[Path, bool]:
     return own, False
 
 
-def load_policy(alembic_ini: Path) -> Policy:
-    """The policy of the project whose Alembic config is ``alembic_ini``."""
+def load_policy(alembic_ini: Path, is_lint_rule: Callable[[str], bool] | None = None) -> Policy:
+    """The policy of the project whose Alembic config is ``alembic_ini``.
+
+    Every name is checked: a check's against :data:`CHECKS`, a rule's against :data:`LINT_RULES`, then
+    ``is_lint_rule`` (the installed squawk's word) when given. An unknown one is a :class:`ConfigError`.
+    """
     path, in_pyproject = policy_file(alembic_ini)
     if not path.is_file():
         return Policy()
@@ -81,6 +136,7 @@ def load_policy(alembic_ini: Path) -> Policy:
     section = doc.get("tool", {}).get("opslib", {}) if in_pyproject else doc
     if not isinstance(section, dict):
         raise ConfigError(f"{where} must be a table")
+    checks = _checks_section(section.get("checks", {}), where)
     lint = section.get("lint", {})
     if not isinstance(lint, dict):
         raise ConfigError(f"{where}: [lint] must be a table")
@@ -94,7 +150,10 @@ def load_policy(alembic_ini: Path) -> Policy:
     if not isinstance(lint.get("accept", []), list):
         raise ConfigError(f"{where}: lint.accept must be an array of tables ([[lint.accept]])")
     rules = dict(lint.get("rules", {}))
+    known = _LintNames(is_lint_rule)
     for rule, action in rules.items():
+        if not known(rule):
+            raise ConfigError(f"{where}: [lint.rules] names an unknown squawk rule {rule!r}; {_known_rules()}")
         if action not in ACTIONS:
             raise ConfigError(f"{where}: [lint.rules] {rule} = {action!r}; use one of {', '.join(ACTIONS)}")
     accepted = []
@@ -105,10 +164,54 @@ def load_policy(alembic_ini: Path) -> Policy:
             raise ConfigError(
                 f"{where}: [[lint.accept]] entry {n} needs {', '.join(missing)} (non-empty text)"
             )
-        accepted.append(
-            Acceptance(values["revision"].strip(), values["rule"].strip(), values["reason"].strip())
-        )
-    return Policy(source=path, rules={str(k): str(v) for k, v in rules.items()}, accepted=tuple(accepted))
+        rule = values["rule"].strip()
+        if rule not in REVISION_CHECKS and not known(rule):
+            raise ConfigError(
+                f"{where}: [[lint.accept]] entry {n} names an unknown rule {rule!r}; a squawk rule or one of the "
+                f"checks about revisions ({', '.join(sorted(REVISION_CHECKS))}); {_known_rules()}"
+            )
+        accepted.append(Acceptance(values["revision"].strip(), rule, values["reason"].strip()))
+    return Policy(
+        source=path, rules={str(k): str(v) for k, v in rules.items()}, accepted=tuple(accepted), checks=checks
+    )
+
+
+def _checks_section(table: object, where: str) -> dict[str, str]:
+    """The ``[checks]`` table: each known check set to block, warn or ignore (a fixed check only to block)."""
+    if not isinstance(table, dict):
+        raise ConfigError(f'{where}: [checks] must be a table of check = "block" | "warn" | "ignore"')
+    for name, action in table.items():
+        if name not in CHECKS:
+            raise ConfigError(f"{where}: [checks] names an unknown check {name!r}; the checks are {', '.join(CHECKS)}")
+        if action not in ACTIONS:
+            raise ConfigError(f"{where}: [checks] {name} = {action!r}; use one of {', '.join(ACTIONS)}")
+        if name in FIXED_CHECKS and action != "block":
+            raise ConfigError(
+                f"{where}: [checks] {name} = {action!r}: a deploy cannot go on without this check, so it always "
+                f"blocks; the checks a policy can relax are {', '.join(c for c in CHECKS if c not in FIXED_CHECKS)}"
+            )
+    return {str(k): str(v) for k, v in table.items()}
+
+
+class _LintNames:
+    """Whether a name is one of squawk's rules: opslib's list, else the installed squawk's word (asked once)."""
+
+    def __init__(self, is_lint_rule: Callable[[str], bool] | None):
+        self.ask = is_lint_rule
+        self.answers: dict[str, bool] = {}
+
+    def __call__(self, name: str) -> bool:
+        if name in LINT_RULES:
+            return True
+        if self.ask is None:
+            return False
+        if name not in self.answers:
+            self.answers[name] = bool(self.ask(name))
+        return self.answers[name]
+
+
+def _known_rules() -> str:
+    return f"squawk's rules are {', '.join(LINT_RULES)}; the checks are {', '.join(CHECKS)}"
 
 
 def _read(path: Path) -> dict:
@@ -118,8 +221,11 @@ def _read(path: Path) -> dict:
         raise ConfigError(f"{path} is not valid TOML: {str(err).splitlines()[0]}") from None
 
 
-def write_baseline(alembic_ini: Path, findings: Iterable[tuple[str, str]], reason: str) -> tuple[Path, int]:
-    """Accept each (revision, rule) in the project's policy with ``reason``; returns (file, how many added).
+def write_baseline(
+    alembic_ini: Path, findings: Iterable[tuple[str, str]], reason: str, warn_checks: Iterable[str] = ()
+) -> tuple[Path, int]:
+    """Accept each (revision, rule) in the project's policy with ``reason``, and set each check of
+    ``warn_checks`` (failing checks that are not about revisions) to ``warn``; returns (file, how many added).
 
     The file keeps its comments and layout (tomlkit); pairs already accepted are left as they are.
     """
@@ -129,18 +235,26 @@ def write_baseline(alembic_ini: Path, findings: Iterable[tuple[str, str]], reaso
     current = load_policy(alembic_ini)
     doc = tomlkit.parse(path.read_text()) if path.is_file() else tomlkit.document()
     root = doc
+    added = 0
     if in_pyproject:
         root = doc["tool"]["opslib"]
     elif not path.is_file():
         doc.add(
             tomlkit.comment("opslib project policy: lint rules and accepted findings (see opslib's README)")
         )
+    for check in dict.fromkeys(warn_checks):
+        if check in FIXED_CHECKS or current.check_action(check) in ("warn", "ignore"):
+            continue
+        if "checks" not in root:
+            root["checks"] = tomlkit.table()
+        root["checks"][check] = "warn"
+        root["checks"][check].comment(reason.strip())
+        added += 1
     if "lint" not in root:
         root["lint"] = tomlkit.table()
     lint = root["lint"]
     if "accept" not in lint:
         lint["accept"] = tomlkit.aot()
-    added = 0
     for revision, rule in dict.fromkeys(findings):
         if current.acceptance(revision, rule) is not None:
             continue

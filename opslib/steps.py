@@ -361,9 +361,12 @@ class Run:
             raise InvalidInput(
                 f"{runbook}: the environment variable {env_name} (database_url_env) is not set"
             )
+        if url is not None and not url.strip():
+            raise InvalidInput(f"{runbook}: the environment variable {env_name} (database_url_env) is set but empty")
         if url:
             db.parse_url(url, source=env_name)  # a malformed URL is refused here, before any connection
-        self.settings = replace(self.settings, database_url=url or None)
+            self.settings = replace(self.settings, database_url=url, url_source=env_name)
+        # DATABASE_URL unset: the settings' own rule stands (the project's alembic.ini URL, else the embedded server).
         params.check_environment(runbook, values, self.settings.env)
         self._check_inputs()
 

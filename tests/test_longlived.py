@@ -91,7 +91,7 @@ def test_findings_over_rows_block_until_accepted_in_opslib_toml(longlived, tmp_p
     )
     assert baseline.returncode == 0, baseline.stdout + baseline.stderr
     policy_file = settings.alembic_ini.parent / "opslib.toml"
-    assert "users is tiny" in policy_file.read_text() and "baseline: 1 finding(s) accepted" in baseline.stdout
+    assert "users is tiny" in policy_file.read_text() and "1 finding(s) accepted in" in baseline.stdout
 
     accepted = _opslib(settings, tmp_path / "b", "run", "deploy", "-p", "target_revision", first)
     assert accepted.returncode == 0, accepted.stdout + accepted.stderr
@@ -194,27 +194,37 @@ def test_reset_stops_at_a_failed_downgrade_or_recreates_the_schema_visibly(longl
     assert [tuple(e) for e in events] == [("(schema public)", "recreate schema")]
 
 
-def test_sql_of_the_whole_chain_runs_in_psql_with_on_error_stop(longlived, tmp_path):
-    """`opslib sql base:head | psql -v ON_ERROR_STOP=1` on an empty database, the revision that reads data included."""
+def test_sql_that_exits_0_runs_whole_in_psql_and_a_revision_that_reads_data_stops_it(longlived, tmp_path):
+    """`opslib sql base:head` stops (exit 3, nothing on stdout) at the revision that reads data, naming the
+    last revision fully rendered; the script up to it runs whole under `psql -v ON_ERROR_STOP=1` on an
+    empty database; `--partial` is the opt-in script that says, in SQL comments, what it leaves out."""
     from opslib import pgtools
 
     from .conftest import libpq
 
-    settings, landmarks, _ = longlived
-    done = _opslib(settings, tmp_path / "w", "sql", "base:head")
+    settings, landmarks, chain = longlived
+    refused = _opslib(settings, tmp_path / "w", "sql", "base:head")
+    before = chain[chain.index(landmarks["reads_data"]) - 1]
+    assert refused.returncode == 3 and refused.stdout == ""
+    (line,) = refused.stderr.splitlines()
+    assert f"revision {landmarks['reads_data']} (" in line and "cannot be rendered offline" in line
+    assert f"the last revision fully rendered is {before}" in line and "--partial" in line
+
+    done = _opslib(settings, tmp_path / "w", "sql", f"base:{before}")
     assert done.returncode == 0, done.stderr
-    (warning,) = done.stderr.splitlines()
-    assert (
-        f"revision {landmarks['reads_data']} is only partly in this SQL" in warning
-        and "reads data" in warning
-    )
-    assert "Running upgrade" not in done.stderr and not any(
-        line.startswith(("INFO", "print")) for line in done.stdout.splitlines()
-    )
+    assert done.stderr == "" and "opslib:" not in done.stdout
+    assert not any(line.startswith(("INFO", "print")) for line in done.stdout.splitlines())
     psql = pgtools.find_all("psql")[0].path
     ran = subprocess.run(
         [psql, "-X", "-q", "-v", "ON_ERROR_STOP=1", libpq(settings.database_url)],
         input=done.stdout, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert ran.returncode == 0, ran.stderr
-    assert query(settings.database_url, "SELECT version_num FROM alembic_version") == [(landmarks["head"],)]
+    assert query(settings.database_url, "SELECT version_num FROM alembic_version") == [(before,)]
+
+    partial = _opslib(settings, tmp_path / "w", "sql", "base:head", "--partial")
+    assert partial.returncode == 0, partial.stderr
+    first = partial.stdout.splitlines()[0]
+    assert first.startswith(f"-- opslib: PARTIAL SCRIPT: revision {landmarks['reads_data']} is incomplete")
+    assert f"-- opslib: INCOMPLETE: revision {landmarks['reads_data']}" in partial.stdout
+    assert f"revision {landmarks['reads_data']} is only partly in this SQL" in partial.stderr
