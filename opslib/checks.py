@@ -18,6 +18,7 @@ from sqlalchemy.exc import DBAPIError
 from opslib import backup, db, lint, migrate, pgtools, policy
 from opslib.checkreport import FAIL, PASS, SKIP, WARN, CheckReport, CheckResult
 from opslib.config import Settings
+from opslib.display import first_line
 from opslib.errors import InvalidInput, OpsError
 from opslib.naming import vague_message
 
@@ -214,7 +215,7 @@ def check_plan(settings: Settings, target: str) -> tuple[list[CheckResult], migr
         CheckResult(
             "pending revisions",
             PASS,
-            _listed(pending, lambda r: f"{r.revision} ({r.message})") if pending else "none: at the target",
+            _listed(pending, lambda r: f"{r.revision} ({first_line(r.message)})") if pending else "none: at the target",
         ),
     ], plan
 
@@ -360,30 +361,15 @@ def check_naming(
 
 def check_env_target(settings: Settings, reached: Reached) -> CheckResult:
     """The project's env.py connects to opslib's target (the database this deploy locks, backs up and
-    records), learned by running env.py online with no work."""
-    try:
-        with db.connect(reached.url) as conn:
-            probe = migrate.probe_env(settings, reached.url, conn)
-            if probe.reached is None:
-                return CheckResult("env.py's database", SKIP, "env.py configured no connection online")
-            ours = db.identity(conn)
-            if probe.reached.pid == ours.pid or (
-                (ours.database, ours.port) == (probe.reached.database, probe.reached.port)
-                and (not ours.system_identifier or not probe.reached.system_identifier
-                     or ours.system_identifier == probe.reached.system_identifier)
-            ):  # fmt: skip
-                table = migrate._table_name(probe.version_table)
-                return CheckResult(
-                    "env.py's database", PASS, f"env.py migrates {ours.database} itself; its version table: {table}"
-                )
-    except OpsError as err:
-        return CheckResult("env.py's database", FAIL, err.message)
+    records), learned by running env.py online with no work. Another database is not a finding but a
+    configuration error: :class:`~opslib.errors.TargetMismatch` (exit 2), before any backup or change."""
+    with db.connect(reached.url) as conn:
+        probe = migrate.probe_env(settings, reached.url, conn, refuse_other=True)
+    if probe.reached is None:
+        return CheckResult("env.py's database", SKIP, "env.py configured no connection online")
+    table = migrate.table_name(probe.version_table)
     return CheckResult(
-        "env.py's database",
-        FAIL,
-        f"the project's env.py connects to {probe.url} ({probe.reached.describe()}), not to opslib's target "
-        f"{db.redact_url(reached.url)} ({ours.describe()}): set DATABASE_URL to the database env.py uses, or have "
-        "env.py take the URL opslib hands it (config.get_main_option('sqlalchemy.url'), or config.attributes['connection'])",
+        "env.py's database", PASS, f"env.py migrates {probe.reached.database} itself; its version table: {table}"
     )
 
 

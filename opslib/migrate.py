@@ -716,10 +716,11 @@ class EnvProbe:
     reached: db.DatabaseIdentity | None  # the database that connection reaches
 
 
-def probe_env(settings: Settings, url: URL, conn: Connection) -> EnvProbe:
+def probe_env(settings: Settings, url: URL, conn: Connection, *, refuse_other: bool = False) -> EnvProbe:
     """Run the project's env.py online with no work (as ``alembic current`` does, changing nothing:
     no version table is created), and learn what it configures: its version table and the database
-    its connection reaches. ``conn`` is opslib's own connection to ``url``, offered to env.py."""
+    its connection reaches. ``conn`` is opslib's own connection to ``url``, offered to env.py. With
+    ``refuse_other``, a connection to another database is :class:`TargetMismatch` (exit 2)."""
     script = script_directory(settings)
     cfg = alembic_config(settings, url=url, connection=conn, output=io.StringIO())
     seen: dict = {}
@@ -729,6 +730,8 @@ def probe_env(settings: Settings, url: URL, conn: Connection) -> EnvProbe:
     def note(connection: Connection) -> None:
         seen["url"] = db.redact_url(connection.engine.url)
         seen["reached"] = db.identity(connection)
+        if refuse_other and connection is not conn:
+            check_same_database(db.identity(conn), url, connection)
 
     try:
         with _capture_alembic_output():
@@ -1072,8 +1075,8 @@ def _run_change(
             if configured is not None and configured != where:
                 _remembered(settings, _env_key(script), configured)
                 raise ConfigError(
-                    f"the project's env.py now keeps its revision in {_table_name(configured)}, not "
-                    f"{_table_name(where)} as opslib read it; nothing was changed: run the command again"
+                    f"the project's env.py now keeps its revision in {table_name(configured)}, not "
+                    f"{table_name(where)} as opslib read it; nothing was changed: run the command again"
                 )
 
         def attempt() -> None:
@@ -1247,7 +1250,8 @@ def _revisions_after_failure(conn: Connection, url: URL, database: str, where) -
         ) from None
 
 
-def _table_name(where: tuple[str | None, str]) -> str:
+def table_name(where: tuple[str | None, str]) -> str:
+    """``schema.table`` of a version table, or the bare table when it is found on the search_path."""
     schema, table = where
     return f"{schema}.{table}" if schema else table
 

@@ -9,6 +9,7 @@ _VAGUE = {
     "update", "updates", "fix", "fixes", "change", "changes", "stuff", "misc", "database", "db", "schema",
     "tables", "table", "things", "wip", "temp", "tmp", "test", "migration", "migrations", "new", "more", "some",
     "empty", "message", "text",  # Flask-Migrate's default message is "empty message"
+    "add", "column", "columns", "index", "indexes", "field", "fields",  # "Add column": which, where?
 }  # fmt: skip
 
 

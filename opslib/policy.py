@@ -136,6 +136,9 @@ def load_policy(alembic_ini: Path, is_lint_rule: Callable[[str], bool] | None = 
     section = doc.get("tool", {}).get("opslib", {}) if in_pyproject else doc
     if not isinstance(section, dict):
         raise ConfigError(f"{where} must be a table")
+    unknown = set(section) - {"checks", "lint", "fleet"}
+    if unknown:  # a misspelt [chekcs] would otherwise be silently without effect
+        raise ConfigError(f"{where}: unknown table(s) {', '.join(sorted(unknown))}; expected checks, lint, fleet")
     checks = _checks_section(section.get("checks", {}), where)
     lint = section.get("lint", {})
     if not isinstance(lint, dict):

@@ -56,6 +56,10 @@ def test_the_chain_deploys_from_an_empty_database_without_edits(longlived, tmp_p
     assert record["outcome"] == "succeeded" and record["revisions_after"] == [landmarks["head"]]
     checks = {c["name"]: c for c in record["checks"]}
     assert checks["squawk lint"]["status"] == "pass" and "information: " in checks["squawk lint"]["detail"]
+    # Upstream-style messages ("wip", "text", "empty message") are history: they warn, and nothing is accepted.
+    assert not (folder / "opslib.toml").exists()
+    assert checks["migration naming"]["status"] == "warn"
+    assert set(checks["migration naming"]["revisions"]) == set(landmarks["vague_messages"])
     assert landmarks["reads_data"] in checks["SQL renders offline"]["detail"]
     # One step per revision, in chain order, each with its duration.
     per_revision = [s for s in record["steps"] if s["name"].startswith("upgrade ")]
@@ -228,3 +232,52 @@ def test_sql_that_exits_0_runs_whole_in_psql_and_a_revision_that_reads_data_stop
     assert first.startswith(f"-- opslib: PARTIAL SCRIPT: revision {landmarks['reads_data']} is incomplete")
     assert f"-- opslib: INCOMPLETE: revision {landmarks['reads_data']}" in partial.stdout
     assert f"revision {landmarks['reads_data']} is only partly in this SQL" in partial.stderr
+
+
+def test_naming_blocks_only_new_revisions_and_the_policy_sets_every_check(longlived, tmp_path):
+    """The naming rule: history warns; a revision new on the branch blocks (`check --new`); the policy's
+    [checks] and per-revision acceptances change each check, by its stable name."""
+    settings, landmarks, chain = longlived
+    folder = settings.alembic_ini.parent
+    git = lambda *a: subprocess.run(["git", "-C", str(folder), *a], capture_output=True, text=True, check=True)  # noqa: E731
+    git("init", "-q", "-b", "main")
+    git("-c", "user.email=ops@example.com", "-c", "user.name=ops", "add", "-A")
+    git("-c", "user.email=ops@example.com", "-c", "user.name=ops", "commit", "-qm", "history")
+    git("checkout", "-qb", "feature")
+    new = folder / "versions" / "f00dfeed0001_wip.py"
+    new.write_text(
+        f'"""wip\n\nRevision ID: f00dfeed0001\nRevises: {landmarks["head"]}\n"""\nfrom alembic import op\n\n'
+        f'revision = "f00dfeed0001"\ndown_revision = "{landmarks["head"]}"\nbranch_labels = None\ndepends_on = None\n\n\n'
+        "def upgrade():\n    op.execute('SELECT 1')\n\n\ndef downgrade():\n    op.execute('SELECT 1')\n"
+    )
+    migrate.upgrade(settings, landmarks["head"])
+    plain = _opslib(settings, tmp_path / "w", "check", "--json")
+    assert plain.returncode == 0, plain.stdout + plain.stderr
+    naming = {c["name"]: c for c in json.loads(plain.stdout)["checks"]}["migration naming"]
+    assert naming["status"] == "warn" and naming["revisions"] == ["f00dfeed0001"]
+
+    branch = _opslib(settings, tmp_path / "w", "check", "--new")  # compared with main, its base
+    assert branch.returncode == 3, branch.stdout + branch.stderr
+    assert "migration naming failed: 1 revision(s) new on this branch: f00dfeed0001: 'wip'" in branch.stderr
+    history = [r for r in landmarks["vague_messages"]]
+    assert not any(r in branch.stderr for r in history)  # the history's messages do not block
+    outside = _opslib(settings, tmp_path / "w", "check", "--new", "--base", "nosuchbranch")
+    assert outside.returncode == 2 and "--base" in outside.stderr
+
+    # The project's policy: accepted for this revision, with a reason, it passes; [checks] sets the rest.
+    (folder / "opslib.toml").write_text(
+        '[checks]\ndowngrades = "block"\n\n'
+        '[[lint.accept]]\nrevision = "f00dfeed0001"\nrule = "migration-naming"\nreason = "squashed before merge"\n'
+    )
+    accepted = _opslib(settings, tmp_path / "w", "check", "--new", "--json")
+    assert accepted.returncode == 0, accepted.stdout + accepted.stderr
+    naming = {c["name"]: c for c in json.loads(accepted.stdout)["checks"]}["migration naming"]
+    assert naming["status"] == "pass" and "f00dfeed0001 (squashed before merge)" in naming["detail"]
+    (folder / "opslib.toml").write_text('[checks]\nmigration-naming = "ignore"\n')
+    ignored = _opslib(settings, tmp_path / "w", "check", "--new", "--json")
+    assert ignored.returncode == 0
+    naming = {c["name"]: c for c in json.loads(ignored.stdout)["checks"]}["migration naming"]
+    assert naming["status"] == "skip" and naming["detail"].startswith("ignored (ignore in opslib.toml)")
+    (folder / "opslib.toml").write_text('[[lint.accept]]\nrevision = "f00dfeed0001"\nrule = "migration-nameing"\nreason = "x"\n')
+    typo = _opslib(settings, tmp_path / "w", "check")
+    assert typo.returncode == 2 and "unknown rule 'migration-nameing'" in typo.stderr and "opslib.toml" in typo.stderr

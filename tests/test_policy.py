@@ -101,3 +101,66 @@ def test_a_pyproject_whose_tool_opslib_is_not_a_table_is_a_configuration_error(t
         policy.load_policy(ini)
     (tmp_path / "pyproject.toml").write_text("tool = 3\n")
     assert policy.load_policy(ini).source is None  # no [tool.opslib]: no policy
+
+
+@pytest.mark.parametrize(
+    "text, words",
+    [
+        # What users wrote, expecting it to work: each name is checked, and the known names are listed.
+        ('[[lint.accept]]\nrevision = "a1"\nrule = "migration-nameing"\nreason = "upstream"\n',
+         "unknown rule 'migration-nameing'"),
+        ('[lint.rules]\nban-drop-colum = "warn"\n', "unknown squawk rule 'ban-drop-colum'"),
+        ('[checks]\nnaming = "warn"\n', "unknown check 'naming'"),
+        ('[chekcs]\nmigration-naming = "warn"\n', "unknown table(s) chekcs"),
+        ('[checks]\nmigration-naming = "sometimes"\n', "use one of block, warn, ignore"),
+    ],
+)  # fmt: skip
+def test_an_unknown_check_or_rule_name_is_exit_2_naming_the_file_and_the_known_names(tmp_path, text, words):
+    ini = _project(tmp_path)
+    (tmp_path / "opslib.toml").write_text(text)
+    with pytest.raises(ConfigError) as err:
+        policy.load_policy(ini)
+    assert words in err.value.message and "opslib.toml" in err.value.message and err.value.exit_code == 2
+    if "unknown" in words and "rule" in words:  # a rule may be either kind: both lists are named
+        assert "migration-naming" in err.value.message and "ban-drop-column" in err.value.message
+    elif "unknown check" in words:
+        assert "migration-naming, drift, backup" in err.value.message
+
+
+def test_a_check_a_deploy_needs_cannot_be_relaxed(tmp_path):
+    ini = _project(tmp_path)
+    (tmp_path / "opslib.toml").write_text('[checks]\nbackup = "ignore"\n')
+    with pytest.raises(ConfigError, match="a deploy cannot go on without this check"):
+        policy.load_policy(ini)
+
+
+def test_checks_and_acceptances_by_stable_name(tmp_path):
+    ini = _project(tmp_path)
+    (tmp_path / "opslib.toml").write_text(
+        '[checks]\nmigration-naming = "ignore"\ndowngrades = "block"\n\n'
+        '[[lint.accept]]\nrevision = "a1"\nrule = "migration-naming"\nreason = "upstream message"\n'
+    )
+    got = policy.load_policy(ini)
+    assert got.check_action("migration-naming") == "ignore" and got.check_action("downgrades") == "block"
+    assert got.check_action("drift") is None
+    assert got.acceptance("a1", "migration-naming").reason == "upstream message"
+    # Every check's title maps to one stable name of the list.
+    assert policy.check_rule("migration naming") == "migration-naming"
+    assert policy.check_rule("env.py's database") == "env-py-database" in policy.CHECKS
+
+
+def test_a_rule_opslib_does_not_list_is_asked_of_squawk(tmp_path):
+    from opslib import lint
+
+    ini = _project(tmp_path)
+    (tmp_path / "opslib.toml").write_text('[lint.rules]\nprefer-timestamp-tz = "warn"\n')
+    with pytest.raises(ConfigError):
+        policy.load_policy(ini)  # not in opslib's list, and nobody asked squawk
+    assert policy.load_policy(ini, lint.is_squawk_rule).action("prefer-timestamp-tz", "block") == "warn"
+
+
+def test_every_listed_rule_is_one_the_installed_squawk_knows():
+    from opslib import lint
+
+    assert [r for r in policy.LINT_RULES if not lint.is_squawk_rule(r)] == []
+    assert not lint.is_squawk_rule("migration-naming")
