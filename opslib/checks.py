@@ -363,8 +363,17 @@ def check_env_target(settings: Settings, reached: Reached) -> CheckResult:
     """The project's env.py connects to opslib's target (the database this deploy locks, backs up and
     records), learned by running env.py online with no work. Another database is not a finding but a
     configuration error: :class:`~opslib.errors.TargetMismatch` (exit 2), before any backup or change."""
-    with db.connect(reached.url) as conn:
-        probe = migrate.probe_env(settings, reached.url, conn, refuse_other=True)
+    try:
+        with db.connect(reached.url) as conn:
+            probe = migrate.probe_env(settings, reached.url, conn, refuse_other=True)
+    except OpsError as err:
+        if isinstance(err, InvalidInput):
+            raise  # another database, or an env.py that cannot be imported: configuration, exit 2
+        return CheckResult("env.py's database", FAIL, err.message)
+    except Exception as err:  # noqa: BLE001 - the project's env.py failed online: what it said, without secrets
+        lines = str(err).strip().splitlines()
+        said = db.scrub(f"{type(err).__name__}: {lines[0]}" if lines else type(err).__name__, reached.url)
+        return CheckResult("env.py's database", FAIL, f"the project's env.py fails online, before any revision: {said}")
     if probe.reached is None:
         return CheckResult("env.py's database", SKIP, "env.py configured no connection online")
     table = migrate.table_name(probe.version_table)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import html
 import json
 import re
+import textwrap
 from typing import TYPE_CHECKING, Iterable, Sequence
 
 from opslib.record import revisions_text
@@ -20,12 +21,39 @@ def _rev(revs: Sequence[str]) -> str:
     return ", ".join(revs) if revs else "base (empty: no revision applied)"
 
 
-def text_table(headers: Sequence[str], rows: Iterable[Sequence[object]]) -> str:
-    """A plain aligned table."""
-    rows = [[("" if v is None else str(v)) for v in row] for row in rows]
-    widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(headers)]
-    line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths, strict=False)).rstrip()  # noqa: E731
-    return "\n".join([line(headers), line(["-" * w for w in widths])] + [line(r) for r in rows])
+def first_line(message: str | None) -> str:
+    """A revision message as a table or a one-line listing shows it: its first line.
+
+    ``alembic revision -m`` with a message of several lines writes them all at the top of the docstring,
+    and Alembic's ``Script.doc`` returns them all; one line keeps the tables whole. The whole text stays
+    in `opslib show REV` and `opslib history --verbose`.
+    """
+    lines = (message or "").strip().splitlines()
+    return lines[0].strip() if lines else ""
+
+
+def _cell_lines(text: str, width: int | None) -> list[str]:
+    lines = text.splitlines() or [""]
+    if not width:
+        return lines
+    # break_on_hyphens off: revision ids, table names and file names keep their hyphens on one line.
+    return [part for line in lines for part in (textwrap.wrap(line, width, break_on_hyphens=False) or [""])]
+
+
+def text_table(headers: Sequence[str], rows: Iterable[Sequence[object]], wrap_last: int | None = None) -> str:
+    """A plain aligned table. A cell of several lines goes on below, under its own column (a driver's
+    message can have a DETAIL line); with ``wrap_last``, the last column is wrapped to that width."""
+    last = len(headers) - 1
+    cells = [
+        [_cell_lines("" if v is None else str(v), wrap_last if i == last else None) for i, v in enumerate(row)]
+        for row in rows
+    ]
+    widths = [max([len(h)] + [len(part) for r in cells for part in r[i]]) for i, h in enumerate(headers)]
+    line = lambda parts: "  ".join(c.ljust(w) for c, w in zip(parts, widths, strict=False)).rstrip()  # noqa: E731
+    out = [line(headers), line(["-" * w for w in widths])]
+    for r in cells:
+        out += [line([c[k] if k < len(c) else "" for c in r]) for k in range(max((len(c) for c in r), default=1))]
+    return "\n".join(out)
 
 
 def status_text(status: Status) -> str:
@@ -40,7 +68,7 @@ def status_text(status: Status) -> str:
     else:
         out.append(f"state    : {len(status.pending)} revision(s) pending; `opslib upgrade` applies them")
         out.append("")
-        out.append(text_table(["pending", "message"], [(r.revision, r.message) for r in status.pending]))
+        out.append(text_table(["pending", "message"], [(r.revision, first_line(r.message)) for r in status.pending]))
     if len(status.heads) > 1:
         out.append("warning  : the chain has several heads; `opslib merge -m MSG` joins them")
     return "\n".join(out)
@@ -53,7 +81,7 @@ def result_text(result: MigrationResult) -> str:
     out = [f"{result.action} {result.target} on {result.database}"]
     if result.steps:
         arrow = "applied" if result.action == "upgrade" else "rolled back"
-        out += [f"  {arrow:11} {r.revision}  {r.message}" for r in result.steps]
+        out += [f"  {arrow:11} {r.revision}  {first_line(r.message)}" for r in result.steps]
     out.append(f"  before: {_rev(result.before)}")
     out.append(f"  after : {_rev(result.after)}")
     return "\n".join(out)
@@ -66,7 +94,7 @@ def history_text(revisions: Sequence[RevisionInfo], verbose: bool = False) -> st
         down = ", ".join(r.down_revisions) or "<base>"
         marks = " (head)" if r.is_head else ""
         marks += " (merge)" if r.is_merge else ""
-        lines.append(f"{down} -> {r.revision}{marks}, {r.message}")
+        lines.append(f"{down} -> {r.revision}{marks}, {first_line(r.message)}")
         if verbose:
             lines.append(revision_text(r, indent="    "))
             lines.append("")
@@ -74,11 +102,12 @@ def history_text(revisions: Sequence[RevisionInfo], verbose: bool = False) -> st
 
 
 def revision_text(r: RevisionInfo, indent: str = "") -> str:
-    """One revision's details, as `opslib show` prints them."""
+    """One revision's details, as `opslib show` prints them: the message's first line, then the rest of
+    the docstring (the message's other lines among it)."""
     rows = [
         ("Revision", r.revision + (" (head)" if r.is_head else "")),
         ("Revises", ", ".join(r.down_revisions) or "<base>"),
-        ("Message", r.message),
+        ("Message", first_line(r.message)),
         ("Path", r.path),
     ]
     if r.branch_labels:
@@ -99,7 +128,7 @@ def revisions_frame(revisions: Sequence[RevisionInfo]):
             {
                 "revision": r.revision,
                 "revises": ", ".join(r.down_revisions),
-                "message": r.message,
+                "message": first_line(r.message),
                 "head": r.is_head,
             }
             for r in revisions
@@ -116,11 +145,38 @@ def size_text(size: int) -> str:
     return str(size)
 
 
+# A check's detail as tables show it: wrapped at DETAIL_WIDTH under its column in a terminal, at most
+# DETAIL_ITEMS of its "; "-separated findings and about DETAIL_CHARS characters. "SQL renders offline" on a
+# chain of data migrations is one finding per revision: 19,000 characters on one line, read by nobody.
+DETAIL_WIDTH, DETAIL_ITEMS, DETAIL_CHARS = 100, 10, 2000
+
+
+def shown_detail(detail: str) -> str:
+    """A check's detail, shortened for a table: its first findings ("; "-separated), how many more, and
+    its last one (where a check says what to do, or what was accepted), cut at about DETAIL_CHARS
+    characters. The check itself keeps the whole detail: `--json` and the run's record have it."""
+    items = detail.split("; ")
+    if len(items) > DETAIL_ITEMS:
+        items = items[: DETAIL_ITEMS - 1] + [f"… {len(items) - DETAIL_ITEMS} more …", items[-1]]
+    shown = "; ".join(items)
+    if len(shown) > DETAIL_CHARS:
+        cut = shown[:DETAIL_CHARS]
+        cut = cut.rsplit(" ", 1)[0] if " " in cut[-80:] else cut  # at a word's end, if there is one near
+        shown = f"{cut} … ({len(shown) - len(cut)} more characters)"
+    return shown
+
+
 def checks_text(report: "CheckReport") -> str:
-    """A pass/fail table of a check report, with its verdict."""
+    """A pass/fail table of a check report, with its verdict; long details wrapped under their column
+    and shortened (the report's JSON keeps them whole)."""
+    details = [shown_detail(c.detail) for c in report.checks]
     table = text_table(
-        ["check", "result", "detail"], [(c.name, c.status.upper(), c.detail) for c in report.checks]
+        ["check", "result", "detail"],
+        [(c.name, c.status.upper(), shown) for c, shown in zip(report.checks, details, strict=True)],
+        wrap_last=DETAIL_WIDTH,
     )
+    if any(shown != c.detail for c, shown in zip(report.checks, details, strict=True)):
+        table += "\n(details shortened here; whole in the report's JSON: `opslib check --json`, a run's record)"
     return f"{table}\n{report.subject}: {'all checks passed' if report.ok else 'FAILED'}"
 
 
@@ -466,7 +522,7 @@ def database_history_text(runs: Sequence[dict], events: Sequence[dict]) -> str:
                     e["direction"],
                     e["revision"],
                     f"{_revs(e['from_revisions'])} -> {_revs(e.get('to_revisions'))}",
-                    e["message"],
+                    first_line(e["message"]),
                 )
                 for e in events
             ],

@@ -15,6 +15,7 @@ The target itself is only read (to copy it): a rehearsal is allowed in productio
 
 from __future__ import annotations
 
+import re
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -239,6 +240,40 @@ def compare(first: Snapshot, second: Snapshot) -> Differences:
     # A column dropped and added back by a downgrade is in both with other values: said above. One that
     # only the first had, in a table both have, lost its data with it.
     return Differences(tuple(left), tuple(lost), tuple(changed), tuple(data))
+
+
+# What PostgreSQL says when a CREATE finds its object there: 'relation "x" already exists', 'column "c" of
+# relation "t" already exists', 'constraint "k" for relation "t" already exists', 'function "f" already
+# exists with same argument types'.
+_ALREADY_EXISTS = re.compile(r'\b(\w+) "([^"]+)"(?: (?:of|for) relation "([^"]+)")? already exists')
+# The kinds of a snapshot each word of those messages can be ("relation" is any of pg_class).
+_KINDS = {
+    "relation": ("table", "index", "sequence"),
+    "type": ("type",),
+    "function": ("function",),
+    "extension": ("extension",),
+    "column": ("column",),
+    "constraint": ("constraint",),
+    "trigger": ("trigger",),
+}
+
+
+def already_there(message: str, taken: Snapshot) -> tuple[str, ...]:
+    """The objects of ``taken`` that a failed CREATE's ``message`` says already exist, as a snapshot
+    names them ("table public.audit_log"); none when the message is not such a failure, or names an
+    object ``taken`` has not (one the failing pass made itself)."""
+    found = _ALREADY_EXISTS.search(message)
+    if not found:
+        return ()
+    word, name, relation = found.groups()
+    # The message names the object without its schema (it is the first of the search_path that has it).
+    tail = f".{relation}.{name}" if relation else f".{name}"
+    objects = []
+    for key in taken.objects:
+        kind, _, qualified = key.partition(" ")  # "function public.f(integer)", "extension extension.x"
+        if kind in _KINDS.get(word, ()) and "." + qualified.split("(", 1)[0].split(".", 1)[1] == tail:
+            objects.append(key)
+    return tuple(sorted(objects))
 
 
 @dataclass(frozen=True)

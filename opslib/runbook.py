@@ -16,7 +16,7 @@ from typing import Any, Mapping
 from opslib import audit, backup, checks, db, lint, migrate, rehearse, seed
 from opslib import history as run_history
 from opslib.config import Settings
-from opslib.display import Section
+from opslib.display import Section, first_line, shown_detail
 from opslib.errors import (
     ChecksFailed,
     InvalidInput,
@@ -85,7 +85,7 @@ class Workflow(Run):
     def _migrated(self, title: str, status: str, result: migrate.MigrationResult) -> Section:
         """A migration step's section: where the database is now, each revision, and what the migrations
         printed or logged (the tail shown; all of it kept in the record)."""
-        rows = [{"revision": s.revision, "message": s.message} for s in result.steps]
+        rows = [{"revision": s.revision, "message": first_line(s.message)} for s in result.steps]
         text = ""
         if result.output.strip():
             self._keep_output(title.lower(), result.output)
@@ -150,7 +150,7 @@ class Deploy(Workflow):
             f.to_dict() for f in report.findings if f.severity is not lint.Severity.INFO
         ]
         self._save()
-        check_rows = [{"check": c.name, "result": c.status, "detail": c.detail} for c in report.checks]
+        check_rows = [{"check": c.name, "result": c.status, "detail": shown_detail(c.detail)} for c in report.checks]
         if not report.ok:
             _show(Section("Preflight", "pre-deploy checks failed", facts, check_rows))
             report.raise_for_failure()
@@ -166,7 +166,7 @@ class Deploy(Workflow):
             )
         sql = self.plan.sql.sql or "-- the SQL cannot be rendered offline (see the checks above)"
         rows = check_rows + [
-            {"check": f"pending {r.revision}", "result": "", "detail": r.message} for r in self.pending
+            {"check": f"pending {r.revision}", "result": "", "detail": first_line(r.message)} for r in self.pending
         ]
         return Section(
             "Preflight", f"checks passed, {len(self.pending)} revision(s) to apply", facts, rows, sql
@@ -269,7 +269,7 @@ class Rollback(Workflow):
         last = self.reversing[-1]
         below = last.down_revisions[0] if len(last.down_revisions) == 1 else "base"
         sql = _offline(self.settings, f"{current[0]}:{below}") if len(current) == 1 else ""
-        rows = [{"revision": r.revision, "message": r.message} for r in self.reversing]
+        rows = [{"revision": r.revision, "message": first_line(r.message)} for r in self.reversing]
         return Section("Preflight", f"{len(self.reversing)} revision(s) to reverse", facts, rows, sql)
 
     @step("backup", after="preflight")
@@ -320,7 +320,7 @@ class Recovery(Workflow):
             if self.settings.env == "production":
                 self._require_confirm("stamp in production")
             info = migrate.show(self.settings, self.params["stamp_revision"])
-            facts += [("stamp", f"{info.revision} ({info.message})"), ("reason", self.params["reason"])]
+            facts += [("stamp", f"{info.revision} ({first_line(info.message)})"), ("reason", self.params["reason"])]
             return Section("Preflight", "stamp after a manual fix", facts)
         self._require_confirm("replaces the database and")
         self.backup_file = self._choose_backup()
@@ -616,6 +616,7 @@ class Rehearse(Workflow):
     on_copy: Settings | None = None
     start: tuple[str, ...] = ()
     pending: list = []
+    taken_back: migrate.MigrationResult | None = None  # from_revision: the copy's preparatory downgrade
 
     def _findings(self) -> dict:
         if self.record.rehearsal is None:
@@ -640,7 +641,7 @@ class Rehearse(Workflow):
         self._plan(tuple(current), steps)
         if not self.pending:
             return Section("Preflight", "nothing to rehearse: the database is at the target already", facts)
-        rows = [{"revision": r.revision, "message": r.message} for r in self.pending]
+        rows = [{"revision": r.revision, "message": first_line(r.message)} for r in self.pending]
         return Section("Preflight", f"{len(self.pending)} revision(s) to rehearse on a copy", facts, rows)
 
     def _plan(self, current: tuple[str, ...], steps: list) -> None:
@@ -671,6 +672,7 @@ class Rehearse(Workflow):
             taken = self._on_copy(
                 f"taking the copy back to {self.params['from_revision']}", migrate.downgrade, self.params["from_revision"]
             )
+            self.taken_back = taken
             self._plan(*migrate.plan(self.on_copy, "upgrade", self.params["target_revision"]))
             facts.append(("taken back to", f"{revisions_text(taken.after)} ({len(taken.steps)} revision(s))"))
             if not self.pending:
@@ -679,7 +681,7 @@ class Rehearse(Workflow):
                 )
         self.before = self._snapshot()
         self._save()
-        rows = [{"revision": r.revision, "message": r.message} for r in self.pending]
+        rows = [{"revision": r.revision, "message": first_line(r.message)} for r in self.pending]
         return Section("Copy", f"copied by {self.copy.method}", facts, rows)
 
     def _drop_stale_copies(self) -> list[str]:
@@ -735,9 +737,53 @@ class Rehearse(Workflow):
         """Upgrade the copy to the target revision, timing each revision and reading its table locks."""
         if not self.pending:
             return Section.skip("Upgrade", "nothing to rehearse")
-        section = self._pass("Upgrade", "upgrade", "upgrade", self.pending[-1].revision)
+        try:
+            section = self._pass("Upgrade", "upgrade", "upgrade", self.pending[-1].revision)
+        except ChecksFailed as err:
+            blamed = self._left_by_preparation(err)
+            if blamed is None:
+                raise
+            raise blamed from err
         self.upgraded = self._snapshot()
         return section
+
+    def _left_by_preparation(self, err: ChecksFailed) -> ChecksFailed | None:
+        """With from_revision, the first upgrade failing on an object the copy already had after its
+        preparatory downgrade: that downgrade left it behind, and the finding says so (as a second
+        upgrade's failure names what the rehearsal's downgrade left), naming the revision whose downgrade
+        did not remove it. None for any other failure: the revision that failed is the finding."""
+        cause = err.__cause__
+        if self.taken_back is None or not isinstance(cause, MigrationFailed):
+            return None
+        left = rehearse.already_there(cause.message, self.before)
+        if not left:
+            return None  # not there before this pass: the failing revision made it twice itself
+        failing = self._stopped_at(cause.revisions)
+        undone = {r.revision for r in self.taken_back.steps}
+        whose = (
+            f" (the downgrade of {failing.revision}, whose upgrade creates it, did not remove it)"
+            if failing is not None and failing.revision in undone
+            else ""
+        )
+        found = rehearse.Differences(left_behind=left)
+        self._findings()["differences"] = {"preparatory_downgrade": found.to_dict()}
+        self._save()
+        return ChecksFailed(
+            f"the preparatory downgrade to {self.params['from_revision']} left {', '.join(left)} behind{whose}, "
+            f"so the upgrade failed on the copy: {cause.message.split('. ')[0]}; the target is untouched: fix "
+            "that downgrade and rehearse again"
+        )
+
+    def _stopped_at(self, revisions: tuple[str, ...] | None) -> migrate.RevisionInfo | None:
+        """The pending revision a failed upgrade of the copy stopped at: the one after where it stands
+        (each revision commits on its own), or None when that cannot be told."""
+        ids = [r.revision for r in self.pending]
+        at = tuple(revisions or ())
+        if set(at) == set(self.start):
+            return self.pending[0]
+        if len(at) == 1 and at[0] in ids[:-1]:
+            return self.pending[ids.index(at[0]) + 1]
+        return None
 
     @step("downgrade", after="upgrade")
     def downgrade(self) -> Section:

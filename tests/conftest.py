@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import itertools
 import os
 import shutil
 import subprocess
@@ -219,6 +220,14 @@ def opslib_cli(
     full.update(DATABASE_URL=url, OPSLIB_ALEMBIC_INI=str(alembic_ini), **(env or {}))
     cwd.mkdir(parents=True, exist_ok=True)
     return subprocess.run([OPSLIB, *args], cwd=cwd, env=full, capture_output=True, text=True, timeout=300)
+
+
+def check_row(stdout: str, name: str) -> str:
+    """The row of check ``name`` in what `opslib check` printed, its detail's wrapped lines joined back."""
+    lines = stdout.splitlines()
+    at = next(i for i, line in enumerate(lines) if line.startswith(name))
+    below = [line.strip() for line in itertools.takewhile(lambda line: line.startswith(" "), lines[at + 1 :])]
+    return " ".join([lines[at], *below])
 
 
 def dead_pid() -> int:

@@ -20,7 +20,17 @@ import pytest
 
 from opslib import backup, db, migrate
 
-from .conftest import OPSLIB, ROOT, databases_named, libpq, opslib_cli, query, schema_snapshot, settings_for
+from .conftest import (
+    OPSLIB,
+    ROOT,
+    check_row,
+    databases_named,
+    libpq,
+    opslib_cli,
+    query,
+    schema_snapshot,
+    settings_for,
+)
 
 ALEMBIC_INI = ROOT / "alembic.ini"
 
@@ -203,7 +213,7 @@ def _wait_until_leftover(settings, name: str) -> None:
 
 
 def _check_line(done: subprocess.CompletedProcess) -> str:
-    return next(line for line in done.stdout.splitlines() if line.startswith("leftover restores"))
+    return check_row(done.stdout, "leftover restores")
 
 
 def test_a_killed_restore_leaves_a_staging_database_that_check_names_and_cleanup_drops(

@@ -19,7 +19,7 @@ import pytest
 from opslib import migrate
 from opslib.errors import MigrationFailed
 
-from .conftest import libpq, opslib_cli, query, settings_for
+from .conftest import check_row, libpq, opslib_cli, query, settings_for
 
 PG_INDEX = (
     "SELECT indexrelid::regclass::text, indisvalid FROM pg_index "
@@ -203,11 +203,11 @@ def test_a_build_that_fails_otherwise_is_not_retried_and_its_invalid_index_is_na
 def test_the_check_fails_on_an_invalid_index_naming_it(at_i001, database_url, tmp_path):
     work = tmp_path / "work"
     clean = opslib_cli(database_url, at_i001.alembic_ini, work, "check")
-    line = next(x for x in clean.stdout.splitlines() if x.startswith("invalid indexes"))
+    line = check_row(clean.stdout, "invalid indexes")
     assert "PASS" in line, clean.stdout
     _leave_invalid_index(database_url)
     done = opslib_cli(database_url, at_i001.alembic_ini, work, "check")
     assert done.returncode == 3, done.stdout + done.stderr
-    line = next(x for x in done.stdout.splitlines() if x.startswith("invalid indexes"))
+    line = check_row(done.stdout, "invalid indexes")
     assert "FAIL" in line and "public.ix_items_code on public.items" in line
     assert "DROP INDEX CONCURRENTLY public.ix_items_code" in line and "REINDEX" in line

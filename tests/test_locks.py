@@ -12,7 +12,7 @@ import psycopg2
 
 from opslib import migrate
 
-from .conftest import OPSLIB, ROOT, libpq, query, settings_for
+from .conftest import OPSLIB, ROOT, check_row, libpq, query, settings_for
 
 
 def _start(url: str, workdir: Path, *args: str, alembic_ini: Path, env=None) -> subprocess.Popen:
@@ -149,7 +149,7 @@ def test_the_check_names_a_long_transaction_holding_a_table_lock(database_url, r
     finally:
         blocker.rollback()
         blocker.close()
-    line = next(x for x in done.stdout.splitlines() if x.startswith("sessions that would block DDL"))
+    line = check_row(done.stdout, "sessions that would block DDL")
     assert "WARN" in line and "idle in transaction" in line and "users" in line
     assert done.returncode == 0  # a warning, not a failure
 

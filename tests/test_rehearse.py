@@ -225,3 +225,33 @@ def test_a_long_lived_chain_rehearses_and_a_failing_downgrade_is_the_finding(dat
     assert f"failed at revision {failing}" in refused.stderr and "the target is untouched" in refused.stderr
     assert query(database_url, "SELECT version_num FROM alembic_version") == [(landmarks["head"],)]
     assert _copies(server_url, database_url) == set()
+
+
+def test_what_the_downgrade_to_from_revision_left_behind_is_named_not_the_upgrade_that_trips_on_it(
+    database_url, make_database, server_url, project, tmp_path
+):
+    # f002's downgrade drops its index and forgets its table: taking the copy back from f003 to f001
+    # leaves audit_log there, and the upgrade of f002 then finds it.
+    ini = project("forgetful_downgrade")
+    assert opslib_cli(database_url, ini, tmp_path, "upgrade", "head").returncode == 0
+    refused = opslib_cli(database_url, ini, tmp_path / "a", "rehearse", "-p", "from_revision", "f001")
+    assert refused.returncode == 3, refused.stdout + refused.stderr
+    assert (
+        "the preparatory downgrade to f001 left table public.audit_log behind (the downgrade of f002, whose "
+        "upgrade creates it, did not remove it), so the upgrade failed on the copy: upgrade to f003 failed at "
+        'revision f002 (create audit_log table): DuplicateTable: relation "audit_log" already exists'
+    ) in refused.stderr
+    found = _rehearsal(tmp_path / "a")["rehearsal"]
+    assert found["differences"]["preparatory_downgrade"]["left_behind"] == ["table public.audit_log"]
+    assert "preparatory downgrade: left behind: table public.audit_log" in refused.stdout
+    assert query(database_url, "SELECT version_num FROM alembic_version") == [("f003",)]
+    # Alembic's generic env.py (one transaction for the run), the careless revision the first one to run
+    # again: its downgrade left the enum type.
+    (tmp_path / "careless").mkdir()
+    careless, other = _careless_project(tmp_path / "careless"), make_database()
+    assert opslib_cli(other, careless, tmp_path / "careless", "upgrade", "r002").returncode == 0
+    refused = opslib_cli(other, careless, tmp_path / "b", "rehearse", "-p", "from_revision", "r001")
+    assert refused.returncode == 3, refused.stdout + refused.stderr
+    assert "the preparatory downgrade to r001 left type public.mood behind (the downgrade of r002" in refused.stderr
+    assert 'type "mood" already exists' in refused.stderr
+    assert _copies(server_url, database_url) == set() and _copies(server_url, other) == set()
