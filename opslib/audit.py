@@ -534,6 +534,14 @@ def abandoned_stems(records_dir: Path) -> list[str]:
     ]
 
 
+def has_abandoned(records_dir: Path) -> bool:
+    """Whether a writable records folder holds a run to seal as abandoned (a folder this user cannot
+    write is only read: its runs are left for a command that can seal them)."""
+    if not os.path.isdir(records_dir) or not os.access(records_dir, os.W_OK | os.X_OK):
+        return False
+    return bool(abandoned_stems(records_dir))
+
+
 @contextmanager
 def sealing_lock(records_dir: Path) -> Iterator[None]:
     """Held while abandoned runs are sealed, so that two commands never seal the same run twice."""

@@ -242,7 +242,7 @@ def _with_accepted(detail: str, accepted: list[str], project: policy.Policy) -> 
     return detail + (f"; accepted in {project.where}: {', '.join(accepted)}" if accepted else "")
 
 
-def check_downgrades(plan: migrate.DeployPlan, project: policy.Policy = policy.Policy()) -> CheckResult:
+def check_downgrades(plan: migrate.DeployPlan, project: policy.Policy = policy.NO_POLICY) -> CheckResult:
     """Every pending revision can be reversed (a ``pass`` downgrade cannot). A merge revision has
     nothing of its own to reverse: its empty downgrade is what Alembic writes, and real."""
     irreversible = [r.revision for r in plan.pending if not r.is_merge and not migrate.has_real_downgrade(r)]
@@ -257,7 +257,7 @@ def check_downgrades(plan: migrate.DeployPlan, project: policy.Policy = policy.P
     return CheckResult("downgrades", PASS, _with_accepted("every pending revision has one", accepted, project))
 
 
-def check_rendering(plan: migrate.DeployPlan, project: policy.Policy = policy.Policy()) -> CheckResult:
+def check_rendering(plan: migrate.DeployPlan, project: policy.Policy = policy.NO_POLICY) -> CheckResult:
     """The pending SQL renders offline, so it can be shown and linted (a revision that reads data cannot)."""
     why = dict(plan.sql.unrendered)
     left, accepted = _accepted("sql-renders-offline", list(why), project)
@@ -272,7 +272,7 @@ def check_rendering(plan: migrate.DeployPlan, project: policy.Policy = policy.Po
 
 
 def check_lint(
-    settings: Settings, plan: migrate.DeployPlan, reached: Reached, project: policy.Policy = policy.Policy()
+    settings: Settings, plan: migrate.DeployPlan, reached: Reached, project: policy.Policy = policy.NO_POLICY
 ) -> tuple[CheckResult, list[lint.Finding]]:
     """squawk over the pending SQL, each finding judged against the target and the project's policy."""
     if not plan.sql.sql:
@@ -327,7 +327,7 @@ def _lint_result(findings: list[lint.Finding]) -> CheckResult:
 
 def check_naming(
     plan: migrate.DeployPlan,
-    project: policy.Policy = policy.Policy(),
+    project: policy.Policy = policy.NO_POLICY,
     new: "dict[str, migrate.RevisionInfo] | None" = None,
 ) -> CheckResult:
     """The guide's naming rule, for new revisions: a message says what the revision does.

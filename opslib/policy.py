@@ -122,6 +122,9 @@ def policy_file(alembic_ini: Path) -> tuple[Path, bool]:
     return own, False
 
 
+NO_POLICY = Policy()  # a project without opslib.toml: every rule and check at its default
+
+
 def load_policy(alembic_ini: Path, is_lint_rule: Callable[[str], bool] | None = None) -> Policy:
     """The policy of the project whose Alembic config is ``alembic_ini``.
 

@@ -1,6 +1,8 @@
 """`opslib run`: execute a runbook with papermill, keep the executed notebook, finish the record.
 
 papermill runs in this process (a kernel start is about 0.5 s; papermill's own CLI adds a second).
+The kernel is started first and boots while papermill and the modules that seal the record load
+(about 0.35 s of a run on a two-core machine); papermill is then handed that kernel.
 The kernel inherits this process's environment, which is how it learns the run id and record stem
 (so the notebook, the sidecar and the ledger line share one name) and the absolute folders.
 papermill writes the output notebook before raising on a failed cell (its
@@ -23,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
-from opslib import anchors, audit, notebooks, params, sealing
+from opslib import audit, notebooks, params
 from opslib.config import Settings, runbooks_dir
 from opslib.errors import Interrupted, InvalidInput
 from opslib.outcome import Outcome, outcome_of, process_exit_code, signal_exit_code
@@ -140,8 +142,16 @@ class _Kernels:
 
     @classmethod
     def clean_up(cls) -> None:
-        """Remove the Unix socket files the kernels leave (jupyter_client does not on an immediate shutdown)."""
+        """Stop a kernel papermill never took over (the run failed before it did), and remove the Unix
+        socket files the kernels leave (jupyter_client does not on an immediate shutdown)."""
         for km in cls.managers:
+            if km.has_kernel:
+                from jupyter_core.utils import run_sync
+
+                try:
+                    run_sync(km.shutdown_kernel)(now=True)
+                except RuntimeError:  # "No kernel is running!": it died on its own
+                    pass
             for leftover in glob.glob(f"{glob.escape(km.ip)}-*"):
                 Path(leftover).unlink(missing_ok=True)
             connection_file = getattr(km, "connection_file", "")
@@ -164,9 +174,17 @@ def _ipc_kernel_manager() -> type:
     class IPCKernelManager(AsyncKernelManager):
         transport = CaselessStrEnum(["tcp", "ipc"], default_value="ipc")
 
+        @default("client_factory")
+        def _quickly_ready_client(self) -> type:
+            return _quickly_ready_client_class()
+
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
             _Kernels.managers.append(self)
+
+        async def _async_wait(self, pollinterval: float = 0.1) -> None:
+            # jupyter_client polls a killed kernel every 0.1 s to see it gone; it is gone within a few ms.
+            await super()._async_wait(pollinterval=min(pollinterval, 0.005))
 
         @default("ip")
         def _unique_socket_prefix(self) -> str:
@@ -175,6 +193,75 @@ def _ipc_kernel_manager() -> type:
             return str(Path(tempfile.gettempdir()) / f"opslib-kernel-{uuid.uuid4().hex[:12]}-ipc")
 
     return IPCKernelManager
+
+
+def _quickly_ready_client_class() -> type:
+    """jupyter_client's asynchronous kernel client, ready as soon as the kernel answers.
+
+    jupyter_client's ``wait_for_ready`` ends by reading IOPub until it has been silent for 0.2 s, which
+    every run waited for in full. Here the messages already there are drained without waiting for more:
+    nbclient matches each output to the request that made it, so a late one from the kernel's start-up
+    cannot land in a cell.
+    """
+    import time
+    from queue import Empty
+
+    from jupyter_client.asynchronous import AsyncKernelClient
+
+    class QuicklyReadyClient(AsyncKernelClient):
+        async def wait_for_ready(self, timeout: float | None = None) -> None:
+            deadline = time.time() + (float("inf") if timeout is None else timeout)
+            while True:  # as jupyter_client: a kernel_info reply, and IOPub seen connected
+                self.kernel_info()
+                try:
+                    msg = await self.shell_channel.get_msg(timeout=1)
+                except Empty:
+                    pass
+                else:
+                    if msg["msg_type"] == "kernel_info_reply":
+                        try:
+                            await self.iopub_channel.get_msg(timeout=0.2)
+                        except Empty:
+                            pass
+                        else:
+                            self._handle_kernel_info_reply(msg)
+                            break
+                if not await self._async_is_alive():
+                    raise RuntimeError("Kernel died before replying to kernel_info")
+                if time.time() > deadline:
+                    raise RuntimeError(f"Kernel didn't respond in {timeout:g} seconds")
+            while True:
+                try:
+                    await self.iopub_channel.get_msg(timeout=0.005)
+                except Empty:
+                    break
+
+    return QuicklyReadyClient
+
+
+def _start_kernel(template: Path) -> type:
+    """Start the kernel of a run now, in this process's environment and folder, and return the kernel
+    manager class to give papermill: constructing it hands over this kernel, already booting.
+
+    nbclient then finds a kernel running (it does not start another), and owns it as one it started:
+    it connects, runs the cells, and shuts it down and closes its channels at the end.
+    """
+    import json
+
+    from jupyter_core.utils import run_sync
+
+    kernel_name = json.loads(template.read_text())["metadata"]["kernelspec"]["name"]
+    manager_class = _ipc_kernel_manager()
+    started = manager_class(kernel_name=kernel_name)
+    # The arguments nbclient gives a kernel it starts itself: no IPython history file written.
+    run_sync(started.start_kernel)(extra_arguments=["--HistoryManager.hist_file=:memory:"], cwd=os.getcwd())
+
+    class StartedKernelManager(manager_class):
+        def __new__(cls, *args, **kwargs):
+            # Not an instance of this class: Python does not run __init__ on it again.
+            return started
+
+    return StartedKernelManager
 
 
 class _Stop:
@@ -322,13 +409,14 @@ def run(
     stop = _Stop()
     _Kernels.remove_stale()
     with _environment(run_.kernel_env), _signals_passed_to_the_kernel(stop):
-        papermill = notebooks.papermill()
-
-        # papermill warns of parameters the notebook does not declare; the runbook refuses them itself, in one line.
-        logging.getLogger("papermill").setLevel(logging.ERROR)
-        from papermill.exceptions import PapermillExecutionError
-
         try:
+            kernel_manager_class = _start_kernel(run_.template)
+            # Loaded while the kernel boots: papermill, and what seals the record afterwards.
+            papermill = notebooks.papermill()
+            from opslib import anchors  # noqa: F401 - loaded now, used after the run
+
+            # papermill warns of parameters the notebook does not declare; the runbook refuses them itself, in one line.
+            logging.getLogger("papermill").setLevel(logging.ERROR)
             papermill.execute_notebook(
                 str(run_.template),
                 str(notebook_out),
@@ -336,16 +424,14 @@ def run(
                 progress_bar=False,
                 log_output=False,
                 cwd=os.getcwd(),
-                kernel_manager_class=_ipc_kernel_manager(),
+                kernel_manager_class=kernel_manager_class,
                 # The run has sealed its record and released its connections by the last cell; a
                 # graceful shutdown only waits (0.5 s, at times 3 s) for a kernel with nothing left to do.
                 shutdown_kernel="immediate",
                 on_cell_start=_no_cell_after_a_signal(stop),
             )
-        except PapermillExecutionError as failed_cell:
-            error = failed_cell  # the run recorded its own failure in the sidecar, unless it never got to
-        except (Exception, KeyboardInterrupt) as err:  # noqa: BLE001 - a dead kernel: recorded below
-            error = err
+        except (Exception, KeyboardInterrupt) as err:  # noqa: BLE001 - a failed cell or a dead kernel
+            error = err  # a failed cell recorded its own failure in the sidecar, unless it never got to
         finally:
             _Kernels.clean_up()
     # Sealed with SIGINT and SIGTERM held off (a cancelled CI job sends one, then another).
@@ -366,6 +452,8 @@ def run(
         sidecar = audit.write_sidecar(records, stem, record)
         appended = audit.append_ledger(records, stem, record)  # None when another command sealed it meanwhile
         if appended is not None:
+            from opslib import anchors
+
             anchors.anchor(settings, record, appended)
         live.release(remove=True)
     return RunOutcome(record, sidecar, notebook_out)
@@ -398,4 +486,6 @@ def _end_unfinished(settings: Settings, record: RunRecord, signum: int | None, e
         if entry.outcome is Outcome.RUNNING:
             entry.outcome = outcome
     record.end(outcome, code, record.error or why, audit.iso(audit.now()))
+    from opslib import sealing
+
     sealing.settle(settings, record)

@@ -14,7 +14,6 @@ notebook as it was saved.
 
 from __future__ import annotations
 
-import os
 import socket
 import sys
 import time
@@ -77,9 +76,7 @@ def seal_abandoned(settings: Settings, command: str) -> list[RunRecord]:
     A folder this user cannot write is only read: its runs are left for a command that can seal them.
     """
     records = settings.records_dir
-    if not os.path.isdir(records) or not os.access(records, os.W_OK | os.X_OK):
-        return []
-    if not audit.abandoned_stems(records):
+    if not audit.has_abandoned(records):
         return []
     sealed = []
     with audit.sealing_lock(records):

@@ -327,3 +327,18 @@ def test_what_revisions_print_and_log_stays_off_the_commands_output(run_cli, tmp
     loud = run_cli("-v", "upgrade", env=env)
     assert all(s in loud.stderr for s in ("PRINTED-LINE", "LOGGED-LINE", "STRUCTLOG-LINE"))
     assert "PRINTED-LINE" not in loud.stdout
+
+
+def test_compare_models_passes_at_head_and_names_what_differs(settings, project, make_database, tmp_path):
+    assert migrate.compare_models(settings)[0] == "fail"  # at base: Alembic says it is not up to date
+    migrate.upgrade(settings, "head")
+    assert migrate.compare_models(settings) == ("pass", "no differences between the models and the database")
+    conn = psycopg2.connect(libpq(settings.database_url))
+    conn.autocommit = True
+    conn.cursor().execute("ALTER TABLE users ADD COLUMN nickname text")
+    conn.close()
+    status, detail = migrate.compare_models(settings)
+    assert status == "fail" and detail.startswith("New upgrade operations detected") and "nickname" in detail
+    bare = settings_for(make_database(), tmp_path / "bare", project("longlived"))  # target_metadata = None
+    migrate.upgrade(bare, "head")
+    assert migrate.compare_models(bare)[0] == "skip"

@@ -9,11 +9,10 @@ import re
 import subprocess
 from pathlib import Path
 
-import pytest
-
 from opslib import migrate
 
 from .conftest import OPSLIB, libpq, opslib_cli, query, schema_snapshot, settings_for
+from .test_async_project import async_project  # noqa: F401 - the fixture, shared
 
 BIN = Path(OPSLIB).parent
 
@@ -180,7 +179,7 @@ def test_a_plain_postgresql_url_in_env_py_and_an_asyncpg_target_work(make_databa
     assert query(target, "SELECT version_num FROM alembic_version") == [("8db933fdd363",)]
 
 
-def test_an_asyncpg_database_url_is_accepted(async_project, make_database, tmp_path):
+def test_an_asyncpg_database_url_is_accepted(async_project, make_database, tmp_path):  # noqa: F811 - the fixture
     target = make_database()
     asyncpg = libpq(target).replace("postgresql://", "postgresql+asyncpg://", 1)
     done = _cli(async_project, tmp_path / "w", "upgrade", env={"DATABASE_URL": asyncpg})
@@ -189,5 +188,3 @@ def test_an_asyncpg_database_url_is_accepted(async_project, make_database, tmp_p
     status = _cli(async_project, tmp_path / "w", "status", "--json", env={"DATABASE_URL": asyncpg})
     assert json.loads(status.stdout)["current"] == ["n001"]
 
-
-from .test_async_project import async_project  # noqa: E402,F401 - the fixture, shared
