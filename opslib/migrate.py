@@ -1850,12 +1850,11 @@ def compare_models(settings: Settings) -> tuple[str, str]:
     whose env.py gives no ``target_metadata`` has no models to compare, which is a skip.
     """
     url = db.target_url(settings)
-    script = script_directory(settings)
     with db.connect(url) as conn:
         cfg = alembic_config(settings, url=url, connection=conn)
         try:
             with _capture_alembic_output():
-                diffs = _outside_event_loop(lambda: _model_differences(cfg, script), _watching(url, conn))
+                diffs = _model_differences(cfg, script_directory(settings), _watching(url, conn))
         except CommandError as err:
             if "MetaData" in str(err):
                 return "skip", "the project's env.py has no target_metadata to compare"
@@ -1865,7 +1864,7 @@ def compare_models(settings: Settings) -> tuple[str, str]:
     return "pass", "no differences between the models and the database"
 
 
-def _model_differences(cfg: Config, script: ScriptDirectory) -> list:
+def _model_differences(cfg: Config, script: ScriptDirectory, canceller: _Canceller) -> list:
     """What autogenerate finds between the models and the database: Alembic's ``check`` command
     (``alembic.command.check``), run on the script directory already loaded (the command loads every
     revision file again, a tenth of a second on a long chain)."""
@@ -1890,6 +1889,7 @@ def _model_differences(cfg: Config, script: ScriptDirectory) -> list:
         cfg,
         script,
         retrieve_migrations,
+        canceller=canceller,
         template_args=revision_context.template_args,
         revision_context=revision_context,
     )

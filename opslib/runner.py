@@ -27,7 +27,7 @@ from typing import Callable, Iterator, Sequence
 
 from opslib import audit, notebooks, params
 from opslib.config import Settings, runbooks_dir
-from opslib.errors import Interrupted, InvalidInput
+from opslib.errors import ConfigError, Interrupted, InvalidInput, OpsError
 from opslib.outcome import Outcome, outcome_of, process_exit_code, signal_exit_code
 from opslib.record import RunRecord, revisions_text
 from opslib.redact import redact_urls_in
@@ -142,22 +142,24 @@ class _Kernels:
 
     @classmethod
     def clean_up(cls) -> None:
-        """Stop a kernel papermill never took over (the run failed before it did), and remove the Unix
-        socket files the kernels leave (jupyter_client does not on an immediate shutdown)."""
-        for km in cls.managers:
-            if km.has_kernel:
-                from jupyter_core.utils import run_sync
+        """Stop each kernel still running (one papermill never took over because the run failed first, or
+        one that died and was not reaped), and remove the Unix socket files the kernels leave
+        (jupyter_client does not on an immediate shutdown). Never raises: it runs as a run ends."""
+        from jupyter_core.utils import run_sync
 
-                try:
+        managers, cls.managers = cls.managers, []
+        for km in managers:
+            try:
+                if km.has_kernel:
                     run_sync(km.shutdown_kernel)(now=True)
-                except RuntimeError:  # "No kernel is running!": it died on its own
-                    pass
-            for leftover in glob.glob(f"{glob.escape(km.ip)}-*"):
-                Path(leftover).unlink(missing_ok=True)
-            connection_file = getattr(km, "connection_file", "")
-            if connection_file:
-                Path(connection_file).unlink(missing_ok=True)
-        cls.managers = []
+            except Exception as err:  # noqa: BLE001 - the run's own outcome matters more than this
+                logging.getLogger(__name__).warning("could not stop a kernel of this run: %s", err)
+            finally:
+                for leftover in glob.glob(f"{glob.escape(km.ip)}-*"):
+                    Path(leftover).unlink(missing_ok=True)
+                connection_file = getattr(km, "connection_file", "")
+                if connection_file:
+                    Path(connection_file).unlink(missing_ok=True)
 
 
 def _ipc_kernel_manager() -> type:
@@ -200,10 +202,10 @@ def _quickly_ready_client_class() -> type:
 
     jupyter_client's ``wait_for_ready`` ends by reading IOPub until it has been silent for 0.2 s, which
     every run waited for in full. Here the messages already there are drained without waiting for more:
-    nbclient matches each output to the request that made it, so a late one from the kernel's start-up
-    cannot land in a cell.
+    nbclient matches each output to the request that made it, and ipykernel 7 (the floor in
+    pyproject.toml) stamps each output with its request when it is written, so a late one from the
+    kernel's start-up cannot land in a cell.
     """
-    import time
     from queue import Empty
 
     from jupyter_client.asynchronous import AsyncKernelClient
@@ -250,11 +252,14 @@ def _start_kernel(template: Path) -> type:
 
     from jupyter_core.utils import run_sync
 
-    kernel_name = json.loads(template.read_text())["metadata"]["kernelspec"]["name"]
+    kernel_name = json.loads(template.read_text(encoding="utf-8")).get("metadata", {}).get("kernelspec", {}).get("name")
+    if not kernel_name:
+        raise ConfigError(f"runbook notebook {template} names no kernel (its metadata has no kernelspec name)")
     manager_class = _ipc_kernel_manager()
     started = manager_class(kernel_name=kernel_name)
-    # The arguments nbclient gives a kernel it starts itself: no IPython history file written.
-    run_sync(started.start_kernel)(extra_arguments=["--HistoryManager.hist_file=:memory:"], cwd=os.getcwd())
+    # What nbclient gives an IPython kernel it starts itself: no history file written.
+    extra = ["--HistoryManager.hist_file=:memory:"] if started.ipykernel else []
+    run_sync(started.start_kernel)(extra_arguments=extra, cwd=os.getcwd())
 
     class StartedKernelManager(manager_class):
         def __new__(cls, *args, **kwargs):
@@ -479,6 +484,9 @@ def _end_unfinished(settings: Settings, record: RunRecord, signum: int | None, e
     elif ename is not None:
         outcome, code = Outcome.FAILED, 1
         why = f"the notebook stopped outside an opslib step: {ename}: {getattr(error, 'evalue', '')}"
+    elif isinstance(error, OpsError):  # before the notebook ran: its kernel could not be started
+        outcome, code = outcome_of(error)
+        why = error.message
     else:
         outcome, code = outcome_of(error or RuntimeError())
         why = f"the notebook stopped outside an opslib step: {error or 'see the notebook'}"

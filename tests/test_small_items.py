@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
-from .conftest import FIXTURES, opslib_cli
+from .conftest import FIXTURES, ROOT, opslib_cli, query
 
 
 def test_a_three_line_message_shows_its_first_line_in_every_listing(database_url, project, tmp_path):
@@ -91,3 +92,17 @@ def test_a_long_check_detail_is_wrapped_and_shortened_and_kept_whole_in_the_json
     (offline,) = [c for c in whole["checks"] if c["name"] == "SQL renders offline"]
     assert all(f"cannot render d{i:03d} (" in offline["detail"] for i in range(1, REVISIONS + 1))
     assert len(offline["detail"]) > 4000 and "\n" not in offline["detail"]
+
+
+def test_a_runbook_notebook_that_names_no_kernel_is_refused_as_configuration(database_url, tmp_path):
+    runbooks = tmp_path / "runbooks"
+    shutil.copytree(ROOT / "runbooks", runbooks)
+    nb = json.loads((runbooks / "deploy.ipynb").read_text())
+    del nb["metadata"]["kernelspec"]
+    (runbooks / "deploy.ipynb").write_text(json.dumps(nb))
+    env = {"OPSLIB_RUNBOOKS_DIR": str(runbooks)}
+    done = opslib_cli(database_url, ROOT / "alembic.ini", tmp_path / "w", "run", "deploy", env=env)
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert done.stderr.strip().splitlines()[-1].startswith("deploy invalid (exit 2): runbook notebook ")
+    assert "names no kernel" in done.stderr and "deploy.ipynb" in done.stderr
+    assert query(database_url, "SELECT to_regclass('alembic_version') IS NULL") == [(True,)]  # nothing changed
