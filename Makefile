@@ -95,6 +95,7 @@ browser:
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_migrate.py
+	$(BIN)/python benchmarks/bench_runbooks.py
 	$(BIN)/python benchmarks/bench_backup.py
 	$(BIN)/python benchmarks/bench_locks.py
 	$(BIN)/python benchmarks/bench_report.py

@@ -12,7 +12,7 @@ them, in alternating order:
 original.) Each opslib run has a fresh work folder and state folder, as in a CI job on a clean checkout:
 nothing is cached from an earlier run.
 
-Goals (issue 22): the deploy without a backup <= bare ``alembic upgrade head`` + 1.5 s; the rollback of
+Goals: the deploy without a backup <= bare ``alembic upgrade head`` + 1.5 s; the rollback of
 one revision <= bare ``alembic downgrade -1`` + 1.5 s. The runbooks' step durations come from their
 records; "outside the steps" is the rest of the wall time (the command's start, the kernel's start
 and its imports, the notebook's saves).
