@@ -9,7 +9,7 @@ from dataclasses import replace
 from opslib import checks, migrate, naming
 from opslib.lint import Severity
 
-from .conftest import ROOT, query
+from .conftest import ROOT, query, settings_for
 
 
 def _by_name(report) -> dict:
@@ -177,3 +177,14 @@ def test_a_database_at_two_heads_is_rendered_and_linted_from_both(settings, proj
     assert report.ok, report.to_dict()
     assert got["SQL renders offline"].status == "pass" and got["squawk lint"].status != "skip"
     assert "-- Running upgrade abcd1111, abcd2222 -> " in report.plan.sql.sql
+
+
+def test_a_merge_revision_is_not_called_irreversible(database_url, project, tmp_path):
+    # branchy: two merge revisions whose downgrade is Alembic's own `pass`, beside ordinary revisions.
+    branchy = settings_for(database_url, tmp_path, project("branchy"))
+    merges = {r.revision for r in migrate.history(branchy) if r.is_merge}
+    assert merges == {"d3031b94f025", "fef3fefe337f"}
+    report = checks.pre_deploy(branchy, "head", backup_planned=False)
+    assert len(report.plan.pending) == 15
+    (row,) = [c for c in report.checks if c.name == "downgrades"]
+    assert not merges & set(row.revisions) and not any(m in row.detail for m in merges)
