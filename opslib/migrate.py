@@ -807,12 +807,13 @@ def check_same_database(ours: db.DatabaseIdentity, url: URL, connection: Connect
     )
 
 
-# Only some revisions can leave an invalid index: a concurrent build or drop (CREATE INDEX / REINDEX /
-# DROP INDEX CONCURRENTLY, postgresql_concurrently=True), an index ON ONLY a partitioned table, or
-# any index statement while the database already holds an invalid index (IF NOT EXISTS skips it).
-# A transactional CREATE INDEX that fails rolls back whole. Other revisions are not checked one by
-# one, which keeps long chains free of a query per revision; an index built through a helper whose
-# revision says none of this is still caught, by the check at the end of the command.
+# Only some revisions can leave an invalid index: one that ran any statement in autocommit mode (a
+# concurrent build or drop must), one that says so (CREATE INDEX / REINDEX / DROP INDEX CONCURRENTLY,
+# postgresql_concurrently=True, an index ON ONLY a partitioned table), or any index statement while
+# the database already holds an invalid index (IF NOT EXISTS skips it). What a revision says is its
+# source and the statements it ran, so that SQL built by a helper counts. A transactional CREATE
+# INDEX that fails rolls back whole. Other revisions are not checked one by one, which keeps long
+# chains free of a query per revision.
 _ON_ONLY = re.compile(r"\bon\s+only\b")
 
 
@@ -857,6 +858,12 @@ class _IndexGuard:
         self.before: set[int] = set()  # invalid when the command started
         self.flagged: set[int] = set()  # pre-existing ones a revision of this run named, still invalid
         self._sources: dict[str, str] = {}
+        # The statements run since the last revision ended (lower-cased), and whether any ran in
+        # autocommit mode: filled by a listener on every engine while the command runs.
+        self._ran: list[str] = []
+        self._autocommit = False
+        self._reading = False  # the guard's own reads are not the revision's statements
+        self._listening = False
 
     def source(self, revision: str, path: str | None = None) -> str:
         """The text of a revision's file, lower-cased (read once per command); empty if it cannot be read."""
@@ -870,17 +877,47 @@ class _IndexGuard:
 
     def _read(self) -> list[db.InvalidIndex]:
         """Invalid indexes now, read on opslib's session outside any transaction."""
-        if self.conn.in_transaction():
-            self.conn.rollback()  # between attempts nothing is pending on it: this only ends the read's
-        found = db.invalid_indexes(self.conn)
-        if self.conn.in_transaction():
-            self.conn.commit()
-        return found
+        self._reading = True
+        try:
+            if self.conn.in_transaction():
+                self.conn.rollback()  # between attempts nothing is pending on it: this only ends the read's
+            found = db.invalid_indexes(self.conn)
+            if self.conn.in_transaction():
+                self.conn.commit()
+            return found
+        finally:
+            self._reading = False
 
     def start(self) -> None:
+        """Note the invalid indexes already there, and begin noting the statements revisions run."""
         self.before = {i.oid for i in self._read()}
         for step in self.steps:  # in one go, not one file between two revisions' transactions
             self.source(step.revision, step.path)
+        if not self._listening:
+            # On the Engine class: env.py may run the revisions on an engine of its own.
+            sa.event.listen(sa.engine.Engine, "before_cursor_execute", self._note_statement)
+            self._listening = True
+
+    def stop(self) -> None:
+        """Stop noting statements (the listener is global to the process)."""
+        if self._listening:
+            sa.event.remove(sa.engine.Engine, "before_cursor_execute", self._note_statement)
+            self._listening = False
+
+    def _note_statement(self, conn, cursor, statement, parameters, context, executemany) -> None:
+        if self._reading:
+            return
+        self._ran.append(statement.lower() if isinstance(statement, str) else "")
+        if not self._autocommit:
+            level = conn.get_execution_options().get("isolation_level")
+            dbapi = getattr(cursor, "connection", None)
+            self._autocommit = level == "AUTOCOMMIT" or getattr(dbapi, "autocommit", False) is True
+
+    def _take_statements(self) -> tuple[str, bool]:
+        """What the revision that just ended ran (its statements' text, and whether any was autocommit)."""
+        ran, autocommit = "\n".join(self._ran), self._autocommit
+        self._ran, self._autocommit = [], False
+        return ran, autocommit
 
     def _culprits(self, found: Sequence[db.InvalidIndex], text: str = "") -> list[db.InvalidIndex]:
         return [
@@ -899,12 +936,18 @@ class _IndexGuard:
         if getattr(step, "is_stamp", False):
             return
         revision = step.up_revision_id
-        text = self.source(revision)
-        if "index" not in text:
-            return
-        if not (self.before or self.flagged) and not _may_leave_invalid(text):
-            return
-        left = self._culprits(db.invalid_indexes(connection), text)
+        ran, autocommit = self._take_statements()
+        text = f"{self.source(revision)}\n{ran}"
+        if not autocommit:
+            if "index" not in text:
+                return
+            if not (self.before or self.flagged) and not _may_leave_invalid(text):
+                return
+        self._reading = True
+        try:
+            left = self._culprits(db.invalid_indexes(connection), text)
+        finally:
+            self._reading = False
         if left:
             self.flagged.update(i.oid for i in left)
             raise _InvalidIndexLeft(revision, left)
@@ -921,9 +964,38 @@ class _IndexGuard:
         name being dropped is kept in ``dropping`` for the caller's message if the drop times out."""
         for index in self.leftovers():
             dropping[:] = [index.name]
-            db.drop_index_concurrently(self.conn, index.name)
+            self._reading = True
+            try:
+                db.drop_index_concurrently(self.conn, index.name)
+            finally:
+                self._reading = False
             self.flagged.discard(index.oid)
         dropping.clear()
+        self._take_statements()  # the next attempt's first revision starts afresh
+
+    def drop_after_interrupt(self, settings: Settings) -> str:
+        """After a signal stopped the command: drop what the run left invalid (a cancelled concurrent
+        build), under the lock timeout, and say what was done, for the run's record. Further signals
+        wait until it is over; a drop that fails leaves the index named with the statement to run."""
+        self.stop()
+        left = self.leftovers()
+        if not left:
+            return ""
+        dropped: list[str] = []
+        with signals_noted():
+            try:
+                with _ddl_lock_timeout(self.conn, settings.ddl_lock_timeout_s):
+                    for index in left:
+                        db.drop_index_concurrently(self.conn, index.name)
+                        dropped.append(index.name)
+            except (DBAPIError, OpsError) as err:
+                rest = [i.name for i in left if i.name not in dropped]
+                done = f"dropped index {', '.join(dropped)} the interrupted build left INVALID; " if dropped else ""
+                return (
+                    f"; {done}index {', '.join(rest)} is INVALID ({db.driver_message(err) if isinstance(err, DBAPIError) else err}): "
+                    f"drop it with DROP INDEX CONCURRENTLY {rest[0]}"
+                )
+        return f"; index {', '.join(dropped)}, left INVALID by the interrupted build, was dropped (DROP INDEX CONCURRENTLY)"
 
     def after_command(self) -> None:
         """At the end of a command that succeeded: an invalid index new since its start fails it."""
@@ -1110,8 +1182,10 @@ def _run_change(
             if isinstance(err, InvalidInput) and set(before) == set(after):
                 raise  # refused before any work (env.py reaches another database, say): nothing changed
             progress.settle(_applied_set(script, after))
+            # A signal cancels a concurrent build under way, which leaves its index invalid: not this run's to keep.
+            dropped = guard.drop_after_interrupt(settings) if guard and isinstance(err, KeyboardInterrupt) else ""
             failure = _failure(
-                action, target, database, script, before, after, steps, err, url, progress.last_called
+                action, target, database, script, before, after, steps, err, url, progress.last_called, dropped
             )
             failure.output = captured.getvalue()
             raise failure from err
@@ -1181,6 +1255,15 @@ def _retrying(
     attempts = settings.ddl_retries + 1
     if guard is not None:
         guard.start()
+    try:
+        _attempts(settings, action, after_timeout, on_attempt, guard, attempts)
+    finally:
+        if guard is not None:
+            guard.stop()
+
+
+def _attempts(settings, action, after_timeout, on_attempt, guard, attempts) -> None:
+    """The loop of :func:`_retrying`, while its guard notes the statements run."""
     for attempt in range(1, attempts + 1):
         dropping: list[str] = []
         try:
@@ -1273,7 +1356,7 @@ def _rolled_back(revision: Script) -> str:
     return "which was rolled back"
 
 
-def _failure(action, target, database, script, before, after, steps, err, url, last_called=None) -> OpsError:
+def _failure(action, target, database, script, before, after, steps, err, url, last_called=None, dropped="") -> OpsError:
     """The error for a failed change: which revision failed, why, and where the database stands.
 
     The database says which revisions committed; when none did although some ran to their end
@@ -1299,6 +1382,7 @@ def _failure(action, target, database, script, before, after, steps, err, url, l
             signum,
             f"{action} to {target} was interrupted ({signal.Signals(signum).name})"
             + (f"{where}, {_rolled_back(failed)}" if failed else "")
+            + dropped
             + f": {database} is now at {_describe(after)}; run `opslib {action}` again to continue",
             revisions=after,
         )

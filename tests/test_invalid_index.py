@@ -211,3 +211,130 @@ def test_the_check_fails_on_an_invalid_index_naming_it(at_i001, database_url, tm
     line = check_row(done.stdout, "invalid indexes")
     assert "FAIL" in line and "public.ix_items_code on public.items" in line
     assert "DROP INDEX CONCURRENTLY public.ix_items_code" in line and "REINDEX" in line
+
+
+HELPER_MODULE = '''"""The project's DDL helpers: revisions call these rather than write the SQL."""
+
+
+def lookup_on(table, column):
+    return f"CREATE INDEX CONCURRENTLY IF NOT EXISTS ix_{table}_{column} ON {table} ({column})"
+
+
+def lookup_off(table, column):
+    return f"DROP INDEX CONCURRENTLY IF EXISTS ix_{table}_{column}"
+'''
+
+HELPER_REVISION = '''"""code lookups"""
+
+from alembic import op
+
+from ddl_helpers import lookup_off, lookup_on
+
+revision = "i002"
+down_revision = "i001"
+
+
+def upgrade():
+    with op.get_context().autocommit_block():
+        op.execute(lookup_on("items", "code"))
+
+
+def downgrade():
+    with op.get_context().autocommit_block():
+        op.execute(lookup_off("items", "code"))
+'''
+
+
+def _through_a_helper(settings) -> None:
+    """Revision i002 rewritten as a project builds its lookups: the SQL comes from a helper module,
+    and the revision's own file says neither "index" nor "concurrent"."""
+    folder = Path(settings.alembic_ini).parent
+    ini = folder / "alembic.ini"
+    ini.write_text(ini.read_text().replace("path_separator = os", "path_separator = os\nprepend_sys_path = %(here)s"))
+    (folder / "ddl_helpers.py").write_text(HELPER_MODULE)
+    (revision,) = folder.joinpath("versions").glob("i002_*.py")
+    revision.write_text(HELPER_REVISION)
+    assert not {"index", "concurrent"} & set(HELPER_REVISION.lower().replace("_", " ").split())
+
+
+def test_an_invalid_index_skipped_by_sql_a_helper_built_is_never_recorded_as_applied(
+    at_i001, database_url, tmp_path
+):
+    _through_a_helper(at_i001)
+    _leave_invalid_index(database_url)
+    with pytest.raises(MigrationFailed) as failed:
+        migrate.upgrade(replace(at_i001, ddl_retries=0), "head")
+    assert "failed at revision i002" in failed.value.message
+    assert "public.ix_items_code" in failed.value.message
+    assert _version(database_url) == ["i001"] and _applied_events(database_url) == ["i001"]
+    assert _pg_index(database_url) == LEFT_INVALID
+
+    # The user's command: with its retries the invalid index is dropped and built again.
+    done = opslib_cli(database_url, at_i001.alembic_ini, tmp_path / "work", "upgrade", "head", env=FAST)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert _version(database_url) == ["i003"]
+    assert _pg_index(database_url) == BUILT
+
+
+def _building(url: str) -> list:
+    return query(
+        url,
+        "SELECT pid FROM pg_stat_activity WHERE datname = current_database() AND state = 'active' "
+        "AND query ILIKE 'CREATE INDEX CONCURRENTLY%'",
+    )
+
+
+@pytest.mark.parametrize("signame", ["SIGINT", "SIGTERM"])
+def test_a_deploy_interrupted_during_a_concurrent_build_drops_the_index_it_left_and_says_so(
+    signame, at_i001, database_url, tmp_path
+):
+    import os
+    import signal
+    import subprocess
+    import time
+
+    from .conftest import OPSLIB
+    from .test_faults import _run_pids, _wait_for
+
+    _through_a_helper(at_i001)
+    work = tmp_path / "work"
+    work.mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OPSLIB_", "DATABASE_URL"))}
+    env.update(
+        DATABASE_URL=database_url,
+        OPSLIB_ALEMBIC_INI=str(at_i001.alembic_ini),
+        OPSLIB_RECORDS_DIR=str(work / "records"),
+        OPSLIB_BACKUPS_DIR=str(work / "backups"),
+        OPSLIB_DDL_LOCK_TIMEOUT="60",
+    )
+    holder = _hold_snapshot(database_url)
+    runner = subprocess.Popen(
+        [OPSLIB, "run", "deploy"], cwd=work, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        _wait_for(lambda: _building(database_url), "the concurrent build", proc=runner)
+        for pid in _run_pids(work, runner):
+            os.kill(pid, getattr(signal, signame))
+        # The build is cancelled (its index left invalid) before the snapshot it waits for ends.
+        _wait_for(lambda: not _building(database_url), "the build's cancel")
+        time.sleep(0.2)
+        holder.rollback()  # the drop of what it left waits for the same snapshot
+        out, err = runner.communicate(timeout=120)
+    finally:
+        holder.close()
+        if runner.poll() is None:
+            runner.kill()
+            runner.wait()
+    assert runner.returncode == 128 + getattr(signal, signame), out + err
+    last = err.strip().splitlines()[-1]
+    assert "ix_items_code, left INVALID by the interrupted build, was dropped" in last, err
+    assert "is now at i001" in last
+    assert _pg_index(database_url) == [("items_pkey", True)]
+    assert _version(database_url) == ["i001"]
+    (record,) = [json.loads(p.read_text()) for p in Path(work, "records").glob("*.json")]
+    assert record["outcome"] == "interrupted"
+    assert "ix_items_code, left INVALID by the interrupted build, was dropped" in record["error"]
+
+    again = subprocess.run([OPSLIB, "run", "deploy"], cwd=work, env=env, capture_output=True, text=True)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert _pg_index(database_url) == BUILT
