@@ -27,7 +27,7 @@ from typing import Iterator
 
 from opslib.errors import ConfigError, InvalidInput, PreconditionFailed
 from opslib.record import RunRecord, revisions_text
-from opslib.redact import redact_urls_in, scrub_json, scrub_password
+from opslib.redact import clean, clean_json, scrub_json, scrub_password
 from opslib.safeguards import skipped_safeguards
 
 STAMP = "%Y%m%dT%H%M%SZ"
@@ -150,17 +150,24 @@ def scrub_notebook(path: Path, database_url: str | None) -> None:
     try:
         notebook = json.loads(text)
     except ValueError:  # not JSON (a notebook cut off by a kill): scrubbed as text, it is no notebook anyway
-        clean = scrub_password(redact_urls_in(text), database_url) if database_url else redact_urls_in(text)
+        masked = clean(scrub_password(text, database_url) if database_url else text)
     else:
         scrubbed = scrub_json(notebook, database_url)
         if scrubbed == notebook:
             return
         # nbformat's own layout, so that a scrubbed notebook reads as any other.
-        clean = json.dumps(scrubbed, sort_keys=True, indent=1, ensure_ascii=False) + "\n"
-    if clean != text:  # replaced whole: a kill while writing leaves the notebook as it was, never cut off
+        masked = json.dumps(scrubbed, sort_keys=True, indent=1, ensure_ascii=False) + "\n"
+    if masked != text:  # replaced whole: a kill while writing leaves the notebook as it was, never cut off
         tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
-        tmp.write_text(clean, encoding="utf-8")
+        tmp.write_text(masked, encoding="utf-8")
         os.replace(tmp, path)
+
+
+# A record's fields whose values are names opslib chose (never text that could quote a URL): kept exactly,
+# so that a very short password cannot change what `audit verify` and the report read.
+RECORD_STRUCTURE = frozenset(
+    {"run_id", "runbook", "outcome", "mode", "env", "started_at", "finished_at", "closed_at", "notebook", "last_outcome"}
+)
 
 
 def sidecar_path(records_dir: Path, stem: str) -> Path:
@@ -173,7 +180,7 @@ def write_sidecar(records_dir: Path, stem: str, record: RunRecord) -> Path:
     path = sidecar_path(records_dir, stem)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
-    tmp.write_text(json.dumps(record.to_dict(), indent=2, default=str) + "\n")
+    tmp.write_text(json.dumps(clean_json(record.to_dict(), keep=RECORD_STRUCTURE), indent=2, default=str) + "\n")
     os.replace(tmp, path)
     return path
 

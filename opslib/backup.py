@@ -42,6 +42,7 @@ from sqlalchemy.exc import DBAPIError
 from opslib import __version__, db, pgtools
 from opslib.checkreport import FAIL, PASS, SKIP, CheckReport
 from opslib.config import Settings
+from opslib.redact import clean, clean_json
 from opslib.errors import BackupFailed, BackupNotTaken, Interrupted, InvalidInput, OpsError, PreconditionFailed
 from opslib.signals import signals_noted
 
@@ -118,7 +119,7 @@ def _write_json(path: Path, data: dict) -> None:
     """Write JSON under a temporary name, then rename: a reader never sees half a file."""
     tmp = path.with_name(f".{path.name}.partial")
     try:
-        tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+        tmp.write_text(json.dumps(clean_json(data), indent=2, sort_keys=True) + "\n")
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
@@ -304,6 +305,7 @@ def backup(settings: Settings, *, out_dir: Path | None = None, label: str | None
     final name. Partial dumps of killed backups in the folder are removed first.
     """
     folder = Path(out_dir or settings.backups_dir)
+    label = clean(label) if label is not None else None  # `--label "$DATABASE_URL"` keeps no password
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as err:

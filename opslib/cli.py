@@ -7,6 +7,7 @@ This is the only place where an :class:`~opslib.errors.OpsError` becomes an exit
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import logging
@@ -22,7 +23,7 @@ from opslib.config import load_settings, runbooks_dir
 from opslib.errors import Interrupted, OpsError
 from opslib.outcome import outcome_of
 from opslib.record import revisions_text
-from opslib.redact import redact_urls_in
+from opslib.redact import CleanStream, redact_urls_in
 
 EXIT_OK = 0
 
@@ -671,6 +672,7 @@ def _on_sigterm(signum, frame) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``opslib`` console script; returns the exit code."""
+    argv_given = argv
     argv = list(sys.argv[1:] if argv is None else argv)
     # `opslib open RUNBOOK … -- ARGS`: what follows -- is JupyterLab's, whatever it looks like.
     lab_args: list[str] = []
@@ -679,25 +681,54 @@ def main(argv: Sequence[str] | None = None) -> int:
         argv, lab_args = argv[: argv.index("--")], argv[argv.index("--") + 1 :]
     args = _parser().parse_args(argv)
     args.lab_args = lab_args
-    logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stderr)
+    # Everything the command prints passes through the one sink that removes passwords.
+    streams = sys.stdout, sys.stderr
+    sys.stdout, sys.stderr = CleanStream(sys.stdout), CleanStream(sys.stderr)
+    try:
+        return _main(args, console=argv_given is None)
+    finally:
+        for wrapped in (sys.stdout, sys.stderr):
+            with contextlib.suppress(OSError, ValueError):
+                wrapped.flush()
+        if isinstance(sys.stdout, CleanStream):
+            sys.stdout = streams[0]
+        sys.stderr = streams[1]
+
+
+def _outcome_known(console: bool) -> None:
+    """From the moment the command's outcome is decided, the console script ignores SIGINT and SIGTERM:
+    one landing while the last line is printed, or while Python exits, would kill the process with
+    no line and an exit code that contradicts what was done. (Not in-process callers: tests, a shell.)"""
+    if console:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, signal.SIG_IGN)
+
+
+def _main(args: argparse.Namespace, console: bool = False) -> int:
+    """The command of ``args`` run, its failure printed as one line: the exit code."""
+    logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stderr, force=True)
     if args.verbose:
         logging.getLogger("alembic").setLevel(logging.INFO)
     signal.signal(signal.SIGTERM, _on_sigterm)
     try:
-        return _run(args)
+        code = _run(args)
+        _outcome_known(console)
+        return code
     except (OpsError, KeyboardInterrupt) as err:
+        _outcome_known(console)
         if args.verbose and getattr(err, "output", ""):  # what the migrations printed or logged before
             sys.stderr.write(err.output)
         message = getattr(err, "message", "") or "interrupted (Ctrl-C)"
-        print(f"opslib: {redact_urls_in(message)}", file=sys.stderr)
+        print(f"opslib: {message}", file=sys.stderr)
         return outcome_of(err)[1]
     except BrokenPipeError:  # `opslib status | head`: the reader left, which is not an error of ours
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - keeps Python's exit-time flush quiet
         return EXIT_OK
     except Exception as err:  # noqa: BLE001 - an error opslib did not foresee: one line, the traceback on -v
+        _outcome_known(console)
         if args.verbose:
             traceback.print_exc()
-        text = redact_urls_in(str(err).strip().splitlines()[0] if str(err).strip() else "")
+        text = str(err).strip().splitlines()[0] if str(err).strip() else ""
         print(f"opslib: unexpected error: {type(err).__name__}: {text} (run with -v for the traceback)", file=sys.stderr)
         return outcome_of(err)[1]
     finally:

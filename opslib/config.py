@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from opslib.errors import ConfigError
-from opslib.redact import redact_url
+from opslib.redact import redact_url, remember_secrets
 
 ENVIRONMENTS = ("development", "staging", "production")
 
@@ -73,6 +73,7 @@ def load_settings(environ: dict | None = None) -> Settings:
         operator = "unknown"
     alembic_ini = Path(environ.get("OPSLIB_ALEMBIC_INI") or "alembic.ini")
     database_url, url_source = target_url_text(environ, alembic_ini)
+    remember_secrets(database_url)  # whatever field a message lands in, this password never is written
     return Settings(
         database_url=database_url,
         url_source=url_source,

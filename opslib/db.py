@@ -19,8 +19,9 @@ from sqlalchemy.engine import URL, Connection, Engine
 from sqlalchemy.exc import ArgumentError, DBAPIError
 
 from opslib.config import Settings
-from opslib.redact import redact_url, redact_urls_in, scrub  # noqa: F401 - part of this module's API
+from opslib.redact import redact_url, redact_urls_in, remember_secrets, scrub  # noqa: F401 - part of this module's API
 from opslib.errors import ConfigError, DatabaseUnreachable, InvalidInput, LockHeld
+from opslib.signals import signals_deferred
 
 # One advisory-lock key for every opslib run on a database (Sqitch's lock_destination idea):
 # a run that changes the database holds it, a second run waits up to lock_timeout_s, then exits 4.
@@ -38,6 +39,7 @@ def parse_url(raw: str, *, source: str = "DATABASE_URL") -> URL:
     SQLAlchemy 2.1 maps a bare ``postgresql://`` to psycopg 3; opslib names its driver itself.
     Errors never repeat the URL, since it may hold a password.
     """
+    remember_secrets(raw)  # a fleet's or a runbook's own target: its password is kept out of every record
     try:
         url = sa.make_url(raw.strip())
     except (ArgumentError, ValueError):
@@ -100,8 +102,11 @@ def connect(url: URL) -> Iterator[Connection]:
                 f"cannot connect to {redact_url(url)}: {driver_message(err, url)}; "
                 "check DATABASE_URL and that the server is running"
             ) from None
-        with conn:
+        try:
             yield conn
+        finally:
+            with signals_deferred():  # closing is never cut half-way (the signal is raised after it)
+                conn.close()
     finally:
         engine.dispose()
 
@@ -185,7 +190,8 @@ def advisory_lock(conn: Connection, timeout_s: float) -> Iterator[None]:
     try:
         yield
     finally:
-        _unlock(conn)
+        with signals_deferred():  # a signal now waits for the unlock: cut, it leaves the session unusable
+            _unlock(conn)
 
 
 class RunLock:

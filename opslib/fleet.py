@@ -38,6 +38,7 @@ from opslib.config import Settings
 from opslib.errors import ConfigError, InvalidInput, OpsError, PreconditionFailed
 from opslib.outcome import Outcome
 from opslib.params import ENV_NAME, holds_secret
+from opslib.redact import clean_json
 from opslib.record import revisions_text
 
 FLEET_FILE = "fleet.toml"
@@ -325,7 +326,7 @@ def run_fleet(
     by_name = {r.target: r for r in record.targets}
 
     def save() -> None:
-        path.write_text(json.dumps(record.to_dict(), indent=2) + "\n")
+        path.write_text(json.dumps(clean_json(record.to_dict()), indent=2) + "\n")
         if progress is not None:
             progress.write(_progress_line(record) + "\n")
             progress.flush()

@@ -1119,78 +1119,91 @@ def _run_change(
     that a retry after a lock timeout resumes at the revision that timed out.
     """
     script = script_directory(settings)
-    with _locked_connection(settings) as (url, conn):
-        database = db.redact_url(url)
-        where = version_table(settings, conn)
-        ours = db.identity(conn)
-        before = current_revisions(conn, where)
-        _pending(script, before, database)  # refuses a database at a revision the code lacks
-        steps = plan(script, before)
-        cfg = alembic_config(settings, url=url, connection=conn, x_args=x_args)
-        db_history.ensure_schema(conn)
-        guard = _IndexGuard(script, conn, action, steps) if action != "stamp" else None
-        progress = _Progress(script, action, on_step, guard, on_locks)
-        canceller = _Canceller(url)
-        dest = destination(script, before, steps)
-        if action == "stamp":
-            work = lambda rev, context: script._stamp_revs(dest, rev)  # noqa: E731
-        elif action == "upgrade":
-            work = lambda rev, context: script._upgrade_revs(dest, rev)  # noqa: E731
-        else:
-            work = lambda rev, context: script._downgrade_revs(dest, rev)  # noqa: E731
+    finished: list = []  # the database and its revisions, once the change is done
+    try:
+        with _locked_connection(settings) as (url, conn):
+            database = db.redact_url(url)
+            where = version_table(settings, conn)
+            ours = db.identity(conn)
+            before = current_revisions(conn, where)
+            _pending(script, before, database)  # refuses a database at a revision the code lacks
+            steps = plan(script, before)
+            cfg = alembic_config(settings, url=url, connection=conn, x_args=x_args)
+            db_history.ensure_schema(conn)
+            guard = _IndexGuard(script, conn, action, steps) if action != "stamp" else None
+            progress = _Progress(script, action, on_step, guard, on_locks)
+            canceller = _Canceller(url)
+            dest = destination(script, before, steps)
+            if action == "stamp":
+                work = lambda rev, context: script._stamp_revs(dest, rev)  # noqa: E731
+            elif action == "upgrade":
+                work = lambda rev, context: script._upgrade_revs(dest, rev)  # noqa: E731
+            else:
+                work = lambda rev, context: script._downgrade_revs(dest, rev)  # noqa: E731
 
-        def same_target(connection: Connection) -> None:
-            # Before any work: env.py's connection must reach opslib's target, whose lock, backup and
-            # history this change is under. And its online version table must be the one read above.
-            if connection is not conn:
-                check_same_database(ours, url, connection)
-            configured = _VERSION_TABLES.get(_env_key(script))
-            if configured is not None and configured != where:
-                _remembered(settings, _env_key(script), configured)
-                raise ConfigError(
-                    f"the project's env.py now keeps its revision in {table_name(configured)}, not "
-                    f"{table_name(where)} as opslib read it; nothing was changed: run the command again"
+            def same_target(connection: Connection) -> None:
+                # Before any work: env.py's connection must reach opslib's target, whose lock, backup and
+                # history this change is under. And its online version table must be the one read above.
+                if connection is not conn:
+                    check_same_database(ours, url, connection)
+                configured = _VERSION_TABLES.get(_env_key(script))
+                if configured is not None and configured != where:
+                    _remembered(settings, _env_key(script), configured)
+                    raise ConfigError(
+                        f"the project's env.py now keeps its revision in {table_name(configured)}, not "
+                        f"{table_name(where)} as opslib read it; nothing was changed: run the command again"
+                    )
+
+            def attempt() -> None:
+                _run_env(
+                    cfg,
+                    script,
+                    work,
+                    destination_rev=dest,
+                    on_version_apply=progress,
+                    lock_timeout_ms=max(int(settings.ddl_lock_timeout_s * 1000), 1),
+                    canceller=canceller,
+                    on_connection=same_target,
                 )
 
-        def attempt() -> None:
-            _run_env(
-                cfg,
-                script,
-                work,
-                destination_rev=dest,
-                on_version_apply=progress,
-                lock_timeout_ms=max(int(settings.ddl_lock_timeout_s * 1000), 1),
-                canceller=canceller,
-                on_connection=same_target,
-            )
+            def after_timeout() -> str:
+                # Revisions before the one that timed out have committed; say which one is retried.
+                now = _applied_set(script, current_revisions(conn, where))
+                progress.settle(now)
+                waiting = next(
+                    (s.revision for s in steps if (s.revision in now) != (action == "upgrade")), target
+                )
+                return f"{action} {waiting}"
 
-        def after_timeout() -> str:
-            # Revisions before the one that timed out have committed; say which one is retried.
-            now = _applied_set(script, current_revisions(conn, where))
-            progress.settle(now)
-            waiting = next(
-                (s.revision for s in steps if (s.revision in now) != (action == "upgrade")), target
-            )
-            return f"{action} {waiting}"
-
-        captured = io.StringIO()
-        try:
-            with _capture_alembic_output(captured), _ddl_lock_timeout(conn, settings.ddl_lock_timeout_s):
-                _retrying(settings, attempt, after_timeout, on_attempt, guard)
-        except BaseException as err:  # noqa: BLE001 - any failure, Ctrl-C included, says where the database stands
-            after = _revisions_after_failure(conn, url, database, where)
-            if isinstance(err, InvalidInput) and set(before) == set(after):
-                raise  # refused before any work (env.py reaches another database, say): nothing changed
-            progress.settle(_applied_set(script, after))
-            # A signal cancels a concurrent build under way, which leaves its index invalid: not this run's to keep.
-            dropped = guard.drop_after_interrupt(settings) if guard and isinstance(err, KeyboardInterrupt) else ""
-            failure = _failure(
-                action, target, database, script, before, after, steps, err, url, progress.last_called, dropped
-            )
-            failure.output = captured.getvalue()
-            raise failure from err
-        after = current_revisions(conn, where)
-        progress.settle(_applied_set(script, after))
+            captured = io.StringIO()
+            # From here to the end, a signal is noted: the work under way stops at its next safe point (the
+            # worker cancels its statement, a retry's wait ends), and one that comes once the work is done
+            # waits for the revision to be read, so that the command still says where the database stands.
+            with signals_noted() as late:
+                try:
+                    with _capture_alembic_output(captured), _ddl_lock_timeout(conn, settings.ddl_lock_timeout_s):
+                        _retrying(settings, attempt, after_timeout, on_attempt, guard, late)
+                except BaseException as err:  # noqa: BLE001 - any failure, Ctrl-C included, says where the database stands
+                    after = _revisions_after_failure(conn, url, database, where)
+                    if isinstance(err, InvalidInput) and set(before) == set(after):
+                        raise  # refused before any work (env.py reaches another database, say): nothing changed
+                    progress.settle(_applied_set(script, after))
+                    # A signal cancels a concurrent build under way, which leaves its index invalid: not this run's.
+                    dropped = guard.drop_after_interrupt(settings) if guard and isinstance(err, KeyboardInterrupt) else ""
+                    failure = _failure(
+                        action, target, database, script, before, after, steps, err, url, progress.last_called, dropped
+                    )
+                    failure.output = captured.getvalue()
+                    raise failure from err
+                after = current_revisions(conn, where)
+                progress.settle(_applied_set(script, after))
+                finished[:] = [database, after]
+            if late:
+                raise _finished_before(late[0], action, target, database, after)
+    except Interrupted as err:  # a signal while the lock was given up and the session closed, after the work
+        if not finished or err.revisions is not None:
+            raise
+        raise _finished_before(err.signum, action, target, *finished) from None
     head_ids = set(script.get_heads())
     return MigrationResult(
         action=action,
@@ -1239,6 +1252,7 @@ def _retrying(
     after_timeout: Callable[[], str],
     on_attempt: AttemptCallback | None,
     guard: _IndexGuard | None = None,
+    late: Sequence[int] = (),
 ) -> None:
     """Run the Alembic command; when it hits the lock timeout, run it again with backoff.
 
@@ -1256,16 +1270,19 @@ def _retrying(
     if guard is not None:
         guard.start()
     try:
-        _attempts(settings, action, after_timeout, on_attempt, guard, attempts)
+        _attempts(settings, action, after_timeout, on_attempt, guard, attempts, late)
     finally:
         if guard is not None:
             guard.stop()
 
 
-def _attempts(settings, action, after_timeout, on_attempt, guard, attempts) -> None:
-    """The loop of :func:`_retrying`, while its guard notes the statements run."""
+def _attempts(settings, action, after_timeout, on_attempt, guard, attempts, late) -> None:
+    """The loop of :func:`_retrying`, while its guard notes the statements run; a signal noted in
+    ``late`` (outside the work itself) ends it between attempts."""
     for attempt in range(1, attempts + 1):
         dropping: list[str] = []
+        if late:
+            raise Interrupted(late[0])
         try:
             if guard is not None and attempt > 1:
                 guard.drop_leftovers(dropping)
@@ -1303,7 +1320,9 @@ def _attempts(settings, action, after_timeout, on_attempt, guard, attempts) -> N
                     f"{what} could not get its locks within lock_timeout {settings.ddl_lock_timeout_s:g} s in "
                     f"{attempts} attempts: another session holds a lock on the table (see `opslib check`)"
                 ) from err
-            time.sleep(min(settings.ddl_lock_timeout_s * 2 ** (attempt - 1), 30))
+            resume = time.monotonic() + min(settings.ddl_lock_timeout_s * 2 ** (attempt - 1), 30)
+            while not late and time.monotonic() < resume:  # a signal ends the wait
+                time.sleep(0.05)
 
 
 RECONNECT_S = 20.0  # how long a failed change keeps asking a server that went away where the database stands
@@ -1356,6 +1375,17 @@ def _rolled_back(revision: Script) -> str:
     return "which was rolled back"
 
 
+def _finished_before(signum: int, action: str, target: str, database: str, after: tuple[str, ...]) -> Interrupted:
+    """A signal that came once the change was done (its revisions committed): the command ends as
+    interrupted, as the contract says for any signal, and says the change is whole and where it stands."""
+    return Interrupted(
+        signum,
+        f"{action} to {target} had finished when it was interrupted ({signal.Signals(signum).name}): "
+        f"{database} is now at {_describe(after)}",
+        revisions=after,
+    )
+
+
 def _failure(action, target, database, script, before, after, steps, err, url, last_called=None, dropped="") -> OpsError:
     """The error for a failed change: which revision failed, why, and where the database stands.
 
@@ -1378,6 +1408,8 @@ def _failure(action, target, database, script, before, after, steps, err, url, l
     where = f" at revision {failed.revision} ({failed.doc})" if failed else ""
     if isinstance(err, KeyboardInterrupt):
         signum = getattr(err, "signum", signal.SIGINT)
+        if failed is None and steps and not dropped:  # every planned revision had committed
+            return _finished_before(signum, action, target, database, after)
         return Interrupted(
             signum,
             f"{action} to {target} was interrupted ({signal.Signals(signum).name})"

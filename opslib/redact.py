@@ -12,8 +12,9 @@ query (``postgresql://user@host/db?password=pw``, as libpq and psycopg2 take it)
 
 from __future__ import annotations
 
+import io
 import re
-from typing import TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any
 from urllib.parse import parse_qs, quote, quote_plus, unquote, urlsplit
 
 if TYPE_CHECKING:
@@ -102,14 +103,88 @@ def _sqlalchemy_passwords(url: URL) -> list[str]:
     return found
 
 
+def _forms(secret: str) -> set[str]:
+    """Every way a password shows in text: as written, decoded (%40 as @), encoded once or twice (a URL
+    quoted in an error, a URL inside a URL's query), with ``+`` for spaces, and escaped as a libpq
+    conninfo value (``password='it\\'s'``)."""
+    forms = {secret, unquote(secret)}
+    for plain in list(forms):
+        once = quote(plain, safe="")
+        forms |= {once, quote(once, safe=""), quote_plus(plain), quote(plain), plain.replace("\\", "\\\\").replace("'", "\\'")}
+    return {form for form in forms if form}
+
+
 def _without(text: str, secret: str) -> str:
-    # A password shows as written, decoded (%40 as @) or encoded again (an error quoting a URL).
-    for form in sorted(
-        {secret, unquote(secret), quote(secret, safe=""), quote_plus(secret)}, key=len, reverse=True
-    ):
-        if form:
-            text = text.replace(form, "***")
+    for form in sorted(_forms(secret), key=len, reverse=True):  # longest first: a form may contain another
+        text = text.replace(form, "***")
     return text
+
+
+# The passwords of every target URL this process resolved (settings, a fleet's targets, a runbook's
+# database_url_env): what :func:`clean` removes from everything opslib writes, whatever the field.
+_KNOWN: set[str] = set()
+
+
+def remember_secrets(url: URL | str | None) -> None:
+    """Note the passwords ``url`` carries (in its user part and ``?password=``), for :func:`clean`."""
+    _KNOWN.update(_passwords(url))
+
+
+def clean(text: str) -> str:
+    """The one sink: ``text`` as opslib may write it anywhere (a record's field, a manifest, a report
+    page, stdout and stderr): every URL- or conninfo-shaped password masked (:func:`redact_urls_in`),
+    and every password of :func:`remember_secrets` removed in each of its forms, wherever it appears."""
+    text = redact_urls_in(text)
+    for secret in _KNOWN:
+        text = _without(text, secret)
+    return text
+
+
+# A hex digest (a sha256, a ledger hash) is never a password's carrier, and must stay as computed.
+_DIGEST = re.compile(r"[0-9a-f]{32,}")
+
+
+def clean_json(value: Any, keep: frozenset[str] = frozenset()) -> Any:
+    """A copy of a JSON value for writing (a sidecar, a manifest) passed through :func:`clean`: every
+    string, keys included; the values under ``keep`` and hex digests only through the shape rule."""
+    return _scrub_tree(value, sorted(_KNOWN), keep, True)
+
+
+class CleanStream(io.TextIOBase):
+    """A text stream whose every line goes through :func:`clean` on its way to ``stream``: the CLI's
+    stdout and stderr, so that nothing it prints (an error, `-v` migration output, a traceback, JSON)
+    can carry a password. Text is passed on at each line end (``\n`` or ``\r``) and on flush."""
+
+    def __init__(self, stream: IO[str]):
+        self._stream = stream
+        self._pending = ""
+
+    def write(self, text: str) -> int:
+        self._pending += text
+        cut = max(self._pending.rfind("\n"), self._pending.rfind("\r"))
+        if cut >= 0:
+            done, self._pending = self._pending[: cut + 1], self._pending[cut + 1 :]
+            self._stream.write(clean(done))
+        return len(text)
+
+    def flush(self) -> None:
+        if self._pending:
+            done, self._pending = self._pending, ""
+            self._stream.write(clean(done))
+        self._stream.flush()
+
+    def fileno(self) -> int:
+        return self._stream.fileno()
+
+    def isatty(self) -> bool:
+        return self._stream.isatty()
+
+    def writable(self) -> bool:
+        return True
+
+    @property
+    def encoding(self) -> str:  # type: ignore[override]
+        return getattr(self._stream, "encoding", "utf-8")
 
 
 # scheme://user:password@ in free text (an error message, a notebook output, a report page): the
@@ -167,17 +242,17 @@ def scrub_json(
     name. Two keys that redact to the same text keep the later value. For JSON that is not a notebook,
     pass ``keep=frozenset()``.
     """
-    secrets = _passwords(database_url) if database_url else []
+    secrets = list(dict.fromkeys([*(_passwords(database_url) if database_url else []), *sorted(_KNOWN)]))
     return _scrub_tree(value, secrets, keep, True)
 
 
 def _scrub_tree(value: Any, secrets: list[str], keep: frozenset[str], literal: bool) -> Any:
     if isinstance(value, str):
-        clean = redact_urls_in(value)
-        if literal:
+        masked = redact_urls_in(value)
+        if literal and not _DIGEST.fullmatch(masked):
             for secret in secrets:
-                clean = _without(clean, secret)
-        return clean
+                masked = _without(masked, secret)
+        return masked
     if isinstance(value, (list, tuple)):
         return [_scrub_tree(v, secrets, keep, literal) for v in value]
     if isinstance(value, dict):

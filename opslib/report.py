@@ -28,7 +28,7 @@ from typing import Callable
 from opslib import __version__, audit, display, notebooks, summary
 from opslib.outcome import Outcome
 from opslib.record import revisions_text
-from opslib.redact import redact_urls_in
+from opslib.redact import clean
 from opslib.errors import ConfigError, InvalidInput, ReportFailed
 
 TEMPLATES = Path(__file__).parent / "templates"
@@ -247,7 +247,7 @@ def _write_site(records_dir: Path, site: Path, check: audit.LedgerCheck) -> list
     for line, (entry, problems) in enumerate(zip(check.entries, check.by_entry, strict=True), start=1):
         name = _page_name(line, entry)
         html = _run_page(exporter, env, records_dir, line, entry, problems, common)
-        (site / "runs" / name).write_text(redact_urls_in(html), encoding="utf-8")
+        (site / "runs" / name).write_text(clean(html), encoding="utf-8")
         pages.append(name)
         runs.append({**audit.run_row(entry), "page": f"runs/{name}", "problems": problems})
     fleets = _fleet_pages(records_dir, site, env, {r["run_id"]: r["page"] for r in runs}, common)
@@ -266,14 +266,14 @@ def _write_site(records_dir: Path, site: Path, check: audit.LedgerCheck) -> list
         script_hash="sha256-" + base64.b64encode(hashlib.sha256(script.encode()).digest()).decode(),
         **common,
     )
-    (site / "index.html").write_text(redact_urls_in(index), encoding="utf-8")
+    (site / "index.html").write_text(clean(index), encoding="utf-8")
     page = env.get_template("report_summary.html.j2").render(
         summary=summary.audit_summary(records_dir, check),
         records_dir=str(records_dir.resolve()),
         version=__version__,
         **common,
     )
-    (site / "summary.html").write_text(redact_urls_in(page), encoding="utf-8")
+    (site / "summary.html").write_text(clean(page), encoding="utf-8")
     return pages
 
 
@@ -302,7 +302,7 @@ def _fleet_pages(records_dir: Path, site: Path, env, pages: dict[str, str], comm
             fleet=fleet, targets=targets, not_started=[t["target"] for t in targets if t["state"] == "not started"],
             version=__version__, **common,
         )  # fmt: skip
-        (site / name).write_text(redact_urls_in(html), encoding="utf-8")
+        (site / name).write_text(clean(html), encoding="utf-8")
         found.append({**{k: fleet.get(k) for k in ("fleet_id", "runbook", "outcome")}, "page": name})
     return found[::-1]
 

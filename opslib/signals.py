@@ -37,6 +37,23 @@ _STOPS = (signal.SIGINT, signal.SIGTERM)
 
 
 @contextmanager
+def signals_deferred() -> Iterator[None]:
+    """SIGINT and SIGTERM wait until the block ends; then the first is raised as :class:`Interrupted`,
+    unless the block is already ending with an exception (which is not replaced).
+
+    For clean-up that a signal must not cut mid-statement (giving a lock up, closing a session): cut
+    there, the driver's half-done call turns the interruption into another error.
+    """
+    import sys  # only here: this module is imported early by everything
+
+    ending = sys.exc_info()[1]  # in a finally clause: the exception already under way, if any
+    with signals_held() as caught:
+        yield
+    if caught and ending is None:
+        raise Interrupted(caught[0])
+
+
+@contextmanager
 def signals_held() -> Iterator[list[int]]:
     """SIGINT and SIGTERM wait while the block runs; the list holds those that arrived.
 

@@ -278,3 +278,69 @@ def test_a_server_restart_mid_deploy_names_the_revision_and_a_rerun_completes(tm
         assert revision_of(url) == ["f005"]
     finally:
         embedded.stop(state)
+
+
+def _signal_after_the_last_commit(url: str, work: Path, args: list[str], signame: str, delay_s: float):
+    """Run ``opslib ARGS`` from 0006 to 0007 and signal it (runner and kernel) ``delay_s`` after 0007 commits."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OPSLIB_", "DATABASE_URL"))}
+    env.update(
+        DATABASE_URL=url,
+        OPSLIB_ALEMBIC_INI=str(FIXTURES.parent.parent / "alembic.ini"),
+        OPSLIB_RECORDS_DIR=str(work / "records"),
+        OPSLIB_BACKUPS_DIR=str(work / "backups"),
+    )
+    watch = psycopg2.connect(libpq(url))
+    watch.autocommit = True
+    runner = subprocess.Popen([OPSLIB, *args], cwd=work, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        with watch.cursor() as cur:
+            while runner.poll() is None:  # polled as fast as the server answers: the commit is seen within ~1 ms
+                cur.execute("SELECT version_num FROM alembic_version")
+                if cur.fetchone()[0] == "0007":
+                    break
+        time.sleep(delay_s)
+        for pid in _run_pids(work, runner):
+            try:
+                os.kill(pid, SIGNALS[signame])
+            except ProcessLookupError:
+                pass
+        out, err = runner.communicate(timeout=120)
+    finally:
+        watch.close()
+        if runner.poll() is None:
+            runner.kill()
+            runner.wait()
+    return runner.returncode, out, err, env
+
+
+@pytest.mark.parametrize("signame", ["SIGINT", "SIGTERM"])
+@pytest.mark.parametrize("command", ["upgrade", "run deploy"])
+def test_a_signal_in_the_instant_after_the_last_commit_still_ends_sealed_and_says_where_it_stands(
+    command, signame, database_url, tmp_path
+):
+    """Swept 0-50 ms after the last revision commits: between the commit and the seal, and during it."""
+    ini = Path(FIXTURES.parent.parent / "alembic.ini")
+    for delay_ms in (0, 10, 25, 50):
+        work = tmp_path / f"at-{delay_ms}"
+        work.mkdir()
+        assert opslib_cli(database_url, ini, work, "upgrade", "0006").returncode == 0 or (
+            opslib_cli(database_url, ini, work, "downgrade", "0006").returncode == 0
+        )
+        code, out, err, env = _signal_after_the_last_commit(
+            database_url, work, command.split(), signame, delay_ms / 1000
+        )
+        seen = f"at {delay_ms} ms: exit {code}\n{out}{err}"
+        assert revision_of(database_url) == ["0007"], seen
+        assert "unexpected error" not in err and "Traceback" not in err, seen
+        if code == 0:  # the command had printed its outcome before the signal came: it stands
+            assert "0007" in out, seen
+        else:
+            assert code == 128 + SIGNALS[signame], seen
+            last = err.strip().splitlines()[-1]
+            assert "now at 0007" in last, seen
+        if command == "run deploy":
+            (entry,) = audit.read_ledger(work / "records")
+            assert entry["exit_code"] == code and entry["revisions_after"] == ["0007"], seen
+            assert entry["outcome"] == ("succeeded" if code == 0 else "interrupted"), seen
+            verify = subprocess.run([OPSLIB, "audit", "verify"], cwd=work, env=env, capture_output=True, text=True)
+            assert verify.returncode == 0, seen + verify.stdout + verify.stderr

@@ -235,3 +235,28 @@ def test_a_parameter_with_a_query_password_is_refused_without_showing_it():
     assert "target_revision" in str(raised.value) and "s3cr" not in str(raised.value)
     params.refuse_secrets("deploy", {"target_revision": "postgresql://u@h/db?sslmode=require"})  # no error
     assert params.shown_value(["postgresql://u@h/db?password=x"]) == "(not kept: it holds a password)"
+
+
+def test_clean_removes_a_remembered_password_in_every_form_and_a_stream_line_by_line():
+    from urllib.parse import quote
+
+    from opslib import redact
+
+    secret = "Zq%2F@:!k3yF0rm"
+    redact.remember_secrets(f"postgresql://u:{quote(secret, safe='')}@h/db")
+    once = quote(secret, safe="")
+    for shown in (secret, "Zq/@:!k3yF0rm", once, quote(once, safe=""), f"password='{secret}'", f"password={once}"):
+        assert "k3yF0rm" not in redact.clean(f"before {shown} after"), shown
+    digest = "ab" * 32
+    assert redact.clean_json({"sha256": digest, "label": secret}) == {"sha256": digest, "label": "***"}
+
+    import io
+
+    out = io.StringIO()
+    stream = redact.CleanStream(out)
+    stream.write("first Zq%2F@:")  # a password split across two writes is still found whole
+    assert out.getvalue() == ""
+    stream.write("!k3yF0rm end\nrest")
+    assert out.getvalue() == "first *** end\n"
+    stream.flush()
+    assert out.getvalue() == "first *** end\nrest"
