@@ -11,6 +11,7 @@ Nothing here ever holds a password: databases are recorded as host, port and nam
 from __future__ import annotations
 
 import dataclasses
+import contextlib
 import fcntl
 import hashlib
 import json
@@ -180,8 +181,13 @@ def write_sidecar(records_dir: Path, stem: str, record: RunRecord) -> Path:
     path = sidecar_path(records_dir, stem)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
-    tmp.write_text(json.dumps(clean_json(record.to_dict(), keep=RECORD_STRUCTURE), indent=2, default=str) + "\n")
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(json.dumps(clean_json(record.to_dict(), keep=RECORD_STRUCTURE), indent=2, default=str) + "\n")
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)  # a full disk leaves no half-written file behind
+        raise
     return path
 
 

@@ -19,7 +19,7 @@ from opslib import backup, db, lint, migrate, pgtools, policy
 from opslib.checkreport import FAIL, PASS, SKIP, WARN, CheckReport, CheckResult
 from opslib.config import Settings
 from opslib.display import first_line
-from opslib.errors import InvalidInput, OpsError
+from opslib.errors import ConfigError, InvalidInput, OpsError
 from opslib.naming import vague_message
 
 
@@ -183,6 +183,8 @@ def check_single_head(settings: Settings) -> CheckResult:
     """The Alembic project loads and has one head (several need a merge first)."""
     try:
         heads = migrate.script_directory(settings).get_heads()
+    except ConfigError:
+        raise  # a revision that cannot be imported, a cycle: configuration (exit 2), not a finding
     except OpsError as err:
         return CheckResult("Alembic project", FAIL, err.message)
     if len(heads) > 1:

@@ -695,6 +695,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stderr = streams[1]
 
 
+def _config_error_of(err: BaseException):
+    """:func:`opslib.db.config_error_of`, for a driver error only (the CLI imports no driver for the rest)."""
+    if getattr(getattr(err, "orig", None), "pgcode", None) is None:
+        return None
+    from opslib import db
+
+    return db.config_error_of(err)
+
+
 def _outcome_known(console: bool) -> None:
     """From the moment the command's outcome is decided, the console script ignores SIGINT and SIGTERM:
     one landing while the last line is printed, or while Python exits, would kill the process with
@@ -726,6 +735,10 @@ def _main(args: argparse.Namespace, console: bool = False) -> int:
         return EXIT_OK
     except Exception as err:  # noqa: BLE001 - an error opslib did not foresee: one line, the traceback on -v
         _outcome_known(console)
+        known = _config_error_of(err)
+        if known is not None:  # a role lacking a privilege, a read-only role: configuration, exit 2
+            print(f"opslib: {known.message}", file=sys.stderr)
+            return outcome_of(known)[1]
         if args.verbose:
             traceback.print_exc()
         text = str(err).strip().splitlines()[0] if str(err).strip() else ""

@@ -90,6 +90,32 @@ def driver_message(err: BaseException, url: URL | None = None) -> str:
     return scrub(lines[0] if lines else type(orig).__name__, url)
 
 
+# SQLSTATEs that say the role or the server cannot do what opslib asked: configuration, not a failure.
+_INSUFFICIENT_PRIVILEGE, _READ_ONLY = "42501", "25006"
+
+
+def config_error_of(err: BaseException) -> ConfigError | None:
+    """A driver error that is the target's configuration (a role lacking a privilege, a read-only role
+    or server), as the :class:`ConfigError` (exit 2) that names the privilege and the statement that
+    needed it; None for any other error."""
+    orig = getattr(err, "orig", None)
+    code = getattr(orig, "pgcode", None)
+    if not isinstance(err, DBAPIError) or code not in (_INSUFFICIENT_PRIVILEGE, _READ_ONLY):
+        return None
+    said = driver_message(err)
+    statement = " ".join(str(getattr(err, "statement", "") or "").split(";")[0].split())
+    needed = f" by {statement[:117] + '...' if len(statement) > 120 else statement}" if statement else ""
+    if code == _READ_ONLY:
+        return ConfigError(
+            f"the target only takes read-only transactions ({said}), needed{needed}: the role has "
+            "default_transaction_read_only on, or the server is a standby; use a role and server that can write"
+        )
+    return ConfigError(
+        f"the role lacks a privilege ({said}), needed{needed}: grant it (GRANT CREATE ON DATABASE, "
+        "or on the schema), or use a role that has it"
+    )
+
+
 @contextmanager
 def connect(url: URL) -> Iterator[Connection]:
     """An open connection to ``url``; an unreachable server becomes :class:`DatabaseUnreachable`."""

@@ -367,8 +367,54 @@ def script_directory(settings: Settings) -> ScriptDirectory:
     loaded = _LOADED.get(key)
     if loaded is not None and loaded[0] == state:
         return loaded[1]
+    _load_revisions(fresh, settings)
     _LOADED[key] = (state, fresh)
     return fresh
+
+
+def _load_revisions(script: ScriptDirectory, settings: Settings) -> None:
+    """Import every revision file and build the graph now, so that a broken file or graph is a
+    :class:`ConfigError` (exit 2) naming what to fix, before any command reads or changes anything."""
+    try:
+        script.revision_map._revision_map  # noqa: B018 - Alembic's memoized map: reading it loads everything
+    except SyntaxError as err:
+        raise ConfigError(
+            f"revision file {err.filename}, line {err.lineno}, is not valid Python: {err.msg}; fix it first"
+        ) from None
+    except ImportError as err:
+        missing = err.name or str(err)
+        raise ConfigError(
+            f"revision file {_failing_file(err, script) or '(unknown)'}, imports {missing!r}, which cannot be "
+            f"imported here: install it, or fix the import"
+        ) from None
+    except RevisionError as err:
+        cycle = re.search(r"\(([^)]*)\)", str(err))
+        if type(err).__name__.endswith("CycleDetected") and cycle:
+            raise ConfigError(
+                f"the revisions' down_revision form a cycle through {cycle.group(1)}: each must point to an "
+                "older revision; fix down_revision in one of them"
+            ) from None
+        raise ConfigError(f"the revisions of {settings.alembic_ini} do not form a history: {err}") from None
+    except CommandError as err:
+        raise ConfigError(f"cannot load the revisions of {settings.alembic_ini}: {err}") from None
+    except Exception as err:  # noqa: BLE001 - a revision's module-level code failed on import
+        lines = str(err).strip().splitlines()
+        raise ConfigError(
+            f"revision file {_failing_file(err, script) or '(unknown)'} fails on import: "
+            f"{type(err).__name__}: {lines[0] if lines else ''}"
+        ) from None
+
+
+def _failing_file(err: BaseException, script: ScriptDirectory) -> str | None:
+    """The revision file in whose import ``err`` was raised (the innermost frame in a version folder)."""
+    import traceback
+
+    folders = [str(Path(location).resolve()) for location in script._version_locations]
+    found = None
+    for frame in traceback.extract_tb(err.__traceback__):
+        if any(str(Path(frame.filename).resolve()).startswith(folder) for folder in folders):
+            found = f"{frame.filename}, line {frame.lineno}"
+    return found
 
 
 def _files_state(script: ScriptDirectory, ini: Path) -> tuple:
@@ -1418,7 +1464,12 @@ def _failure(action, target, database, script, before, after, steps, err, url, l
             + f": {database} is now at {_describe(after)}; run `opslib {action}` again to continue",
             revisions=after,
         )
-    if isinstance(err, OpsError):
+    known = db.config_error_of(err)
+    if known is not None and set(before) == set(after):  # a privilege the role lacks: configuration, exit 2
+        return ConfigError(f"{action} to {target}{where}: {known.message}; {database} is unchanged at {_describe(after)}")
+    if known is not None:
+        cause = known.message
+    elif isinstance(err, OpsError):
         cause = err.message
     elif isinstance(err, SQLAlchemyError):
         # The driver's exception class says what kind of failure (DivisionByZero, UndefinedColumn, ...).

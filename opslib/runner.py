@@ -12,6 +12,7 @@ code come from the sidecar the run wrote, or, when the kernel never got that far
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import importlib
 import logging
@@ -390,9 +391,15 @@ def prepare(settings: Settings, name: str, pairs: Sequence[tuple[str, str]], env
         return prepared
     # The run's live mark and first sidecar exist before the notebook is written: from the first
     # instant, `audit verify` sees a run in progress, and a driver killed now leaves a record to seal.
-    prepared.live = audit.hold_live_mark(records, stem)
     first.parameters = values
-    audit.write_sidecar(records, stem, first)
+    try:
+        prepared.live = audit.hold_live_mark(records, stem)
+        audit.write_sidecar(records, stem, first)
+    except OSError as err:  # a full or read-only records folder: nothing has run
+        if prepared.live is not None:
+            prepared.live.release(remove=True)
+        first.end(Outcome.INVALID, 2, "not started: its record could not be written", audit.iso(audit.now()))
+        raise _records_unwritable(settings, records, notebook, first, err) from None
     return prepared
 
 
@@ -453,17 +460,54 @@ def run(
         elif record.outcome is Outcome.INTERRUPTED and stop.signum is not None:
             # The kernel may have seen another signal than this process (Ctrl-C in a terminal reaches only this one).
             record.exit_code = signal_exit_code(stop.signum)
-        if notebook_out.exists():
-            audit.scrub_notebook(notebook_out, settings.database_url)
-            record.notebook = notebook_out.name
-        sidecar = audit.write_sidecar(records, stem, record)
-        appended = audit.append_ledger(records, stem, record)  # None when another command sealed it meanwhile
+        try:
+            if notebook_out.exists():
+                audit.scrub_notebook(notebook_out, settings.database_url)
+                record.notebook = notebook_out.name
+            sidecar = audit.write_sidecar(records, stem, record)
+            appended = audit.append_ledger(records, stem, record)  # None when another command sealed it meanwhile
+        except OSError as err:  # a full or read-only records folder: the run cannot be sealed there
+            live.release(remove=True)
+            raise _records_unwritable(settings, records, notebook_out, record, err) from None
         if appended is not None:
             from opslib import anchors
 
             anchors.anchor(settings, record, appended)
         live.release(remove=True)
     return RunOutcome(record, sidecar, notebook_out)
+
+
+def _revisions_of(settings: Settings) -> list[str] | None:
+    """The target's revisions now, or None when they cannot be read."""
+    from opslib import db, migrate
+
+    try:
+        with db.connect(db.target_url(settings)) as conn:
+            return list(migrate.current_revisions(conn, migrate.version_table(settings)))
+    except Exception:  # noqa: BLE001 - out of reach, or not an Alembic database yet: said as not read
+        return None
+
+
+def _records_unwritable(
+    settings: Settings, records: Path, notebook: Path, record: RunRecord, err: OSError
+) -> ConfigError:
+    """The error for a run whose record cannot be written (exit 2): why, and where the database stands
+    (read now if the run did not). What the failed writes left is removed (an empty notebook); a first
+    sidecar that was written stays, for the next command with room to seal as abandoned."""
+    with contextlib.suppress(OSError):
+        if notebook.exists() and notebook.stat().st_size == 0:
+            notebook.unlink()
+    if record.revisions_after is None:
+        record.revisions_after = _revisions_of(settings)
+    if record.revisions_after is not None:
+        where = f"the database is at {revisions_text(record.revisions_after)}"
+    else:
+        where = "where the database stands was not read: run `opslib status`"
+    return ConfigError(
+        f"the run's record cannot be written in {records} ({err.strerror or err}): {where}; "
+        f"the run ended {record.outcome}: {record.error or 'see opslib status'}. Free space there, or set "
+        "OPSLIB_RECORDS_DIR to a writable folder"
+    )
 
 
 _INTERRUPTS = ("KeyboardInterrupt", "Interrupted")  # a cell stopped by a signal, as papermill names it

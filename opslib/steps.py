@@ -110,16 +110,19 @@ def step(name: str, after: str | None = None, repeatable: bool = False) -> Calla
                 self._require_order(name, after, repeatable, entry)
                 self._save()
                 result = fn(self, *args, **kwargs)
-            except BaseException as err:
+            except BaseException as caught:
                 _Signals.in_step -= 1
                 if self.ended:  # sealed already (a signal passed on after the summary): nothing to add
                     raise
+                err = db.config_error_of(caught) or caught  # a missing privilege: configuration, exit 2
                 if getattr(err, "output", ""):  # what the migrations printed or logged before the failure
                     self._keep_output(name, err.output)
                 entry.outcome = outcome_of(err)[0]
                 entry.duration_s = round(time.perf_counter() - started, 3)
                 if self._end(err) == signal.SIGTERM:
                     signal.raise_signal(signal.SIGTERM)  # told to stop while sealing: now it may
+                if err is not caught:
+                    raise err from None
                 raise
             _Signals.in_step -= 1
             if self.ended:  # the summary sealed the run, its own step included

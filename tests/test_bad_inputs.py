@@ -120,6 +120,18 @@ CASES = [
     ("run acknowledge not ids", "run", ["rollback", "-p", "acknowledge_irreversible", "a b"], {}, 2, "is not one"),
     ("run records folder a file", "run", ["deploy"], {"OPSLIB_RECORDS_DIR": "@file"}, 2, "is a file"),
     ("run env.py not importable", "run", ["deploy"], {"OPSLIB_ALEMBIC_INI": "@brokenenv"}, 2, "env.py"),
+    ("revision syntax error", "cli", ["upgrade"], {"OPSLIB_ALEMBIC_INI": "@syntax"}, 2, "0005_add_email_new_to_users.py, line"),
+    ("run revision syntax error", "run", ["deploy"], {"OPSLIB_ALEMBIC_INI": "@syntax"}, 2, "is not valid Python"),
+    ("revision missing module", "cli", ["upgrade"], {"OPSLIB_ALEMBIC_INI": "@missingmod"}, 2, "'shop_helpers_gone'"),
+    ("run revision missing module", "run", ["deploy"], {"OPSLIB_ALEMBIC_INI": "@missingmod"}, 2, "'shop_helpers_gone'"),
+    ("revision cycle", "cli", ["upgrade"], {"OPSLIB_ALEMBIC_INI": "@cycle"}, 2, "cycle through 0003, 0004"),
+    ("check revision cycle", "cli", ["check"], {"OPSLIB_ALEMBIC_INI": "@cycle"}, 2, "cycle through 0003, 0004"),
+    ("run revision cycle", "run", ["deploy"], {"OPSLIB_ALEMBIC_INI": "@cycle"}, 2, "cycle through 0003, 0004"),
+    ("role without privileges", "cli", ["upgrade"], {"DATABASE_URL": "@nocreate"}, 2, "lacks a privilege"),
+    ("run role without privileges", "run", ["deploy", "-p", "backup", "false"], {"DATABASE_URL": "@nocreate"}, 2, "lacks a privilege"),
+    ("read-only role", "cli", ["upgrade"], {"DATABASE_URL": "@readonly"}, 2, "read-only transactions"),
+    ("run read-only role", "run", ["deploy", "-p", "backup", "false"], {"DATABASE_URL": "@readonly"}, 2, "read-only transactions"),
+    ("run records disk full", "run", ["deploy"], {"OPSLIB_RECORDS_DIR": "@full"}, 2, "the database is at 0003"),
     ("make show without revision", "make", ["migrate-show"], {}, 2, "give revision=..."),
     ("make down-to without revision", "make", ["migrate-down-to"], {}, 2, "give revision=..."),
     ("make show unknown", "make", ["migrate-show", "revision=zzzz"], {}, 2, "unknown revision 'zzzz'"),
@@ -127,9 +139,78 @@ CASES = [
 ]
 
 
+def _broken_revisions(tmp_path: Path, how: str) -> str:
+    """A copy of the sample project with one revision broken as ``how`` says: a syntax error, an import
+    of a module that is not installed, or a down_revision that closes a cycle."""
+    import shutil
+
+    dest = tmp_path / f"broken_{how}"
+    shutil.copytree(ROOT / "migrations", dest / "migrations", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(ROOT / "alembic.ini", dest / "alembic.ini")
+    versions = dest / "migrations" / "versions"
+    if how == "syntax":
+        with open(versions / "0005_add_email_new_to_users.py", "a") as f:
+            f.write("\n\ndef broken(:\n    pass\n")
+    elif how == "missingmod":
+        path = versions / "0004_add_normalized_price_to_products.py"
+        path.write_text(path.read_text().replace("from alembic import op\n", "from alembic import op\nimport shop_helpers_gone\n", 1))
+    else:
+        path = versions / "0003_add_performance_indexes.py"
+        lines = [
+            'down_revision = "0007"' if line.startswith("down_revision") else line
+            for line in path.read_text().splitlines()
+        ]
+        path.write_text("\n".join(lines) + "\n")
+    return str(dest / "alembic.ini")
+
+
+@pytest.fixture
+def role_url(database_url):
+    """``role_url(kind)``: the test database's URL as a new login role: ``nocreate`` (no privilege on
+    anything the superuser owns) or ``readonly`` (a superuser whose transactions are read-only)."""
+    from sqlalchemy.engine import make_url
+
+    made = []
+
+    def make(kind: str) -> str:
+        name = f"opslib_{kind}_{os.getpid()}_{len(made)}"
+        made.append(name)
+        query(database_url, f"CREATE ROLE {name} LOGIN" + (" SUPERUSER" if kind == "readonly" else ""))
+        if kind == "readonly":
+            query(database_url, f"ALTER ROLE {name} SET default_transaction_read_only = on")
+        return make_url(_with_password(database_url)).set(username=name).render_as_string(hide_password=False)
+
+    yield make
+    for name in made:
+        query(database_url, f"REASSIGN OWNED BY {name} TO CURRENT_USER")
+        query(database_url, f"DROP OWNED BY {name}")
+        query(database_url, f"DROP ROLE {name}")
+
+
+@pytest.fixture
+def full_folder(tmp_path):
+    """A folder on a filesystem with no room left (a 256 KiB tmpfs, filled): mounting needs root, as CI runs."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a full filesystem needs root (CI runs the suite as root)")
+    mount = tmp_path / "full"
+    mount.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mount)], check=True)
+    (mount / "records").mkdir()
+    fd = os.open(mount / "filler", os.O_WRONLY | os.O_CREAT)
+    try:
+        while os.write(fd, b"\0" * 4096):
+            pass
+    except OSError:  # no space left: what the run will meet
+        pass
+    finally:
+        os.close(fd)
+    yield mount / "records"
+    subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
 @pytest.mark.parametrize("how, args, env, code, says", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
 def test_bad_input_is_one_line_with_its_exit_code_and_changes_nothing(
-    how, args, env, code, says, database_url, tmp_path, broken_env_project
+    how, args, env, code, says, database_url, tmp_path, broken_env_project, request
 ):
     url = _with_password(database_url)
     work = tmp_path / "work"
@@ -140,6 +221,12 @@ def test_bad_input_is_one_line_with_its_exit_code_and_changes_nothing(
         "@nosection": lambda: _write(tmp_path / "other.ini", b"[logging]\nlevel = INFO\n"),
         "@file": lambda: _write(tmp_path / "records-file", b"not a folder"),
         "@brokenenv": lambda: str(broken_env_project),
+        "@syntax": lambda: _broken_revisions(tmp_path, "syntax"),
+        "@missingmod": lambda: _broken_revisions(tmp_path, "missingmod"),
+        "@cycle": lambda: _broken_revisions(tmp_path, "cycle"),
+        "@nocreate": lambda: request.getfixturevalue("role_url")("nocreate"),
+        "@readonly": lambda: request.getfixturevalue("role_url")("readonly"),
+        "@full": lambda: str(request.getfixturevalue("full_folder")),
         "@port1": lambda: _with_password(database_url.replace(":5432", ":1").replace("127.0.0.1", "127.0.0.1")),
         "@nodb": lambda: url.rsplit("/", 1)[0] + "/opslib_no_such_database",
     }
@@ -174,6 +261,9 @@ def test_bad_input_is_one_line_with_its_exit_code_and_changes_nothing(
     for name, text in _files(work).items():
         assert SECRET not in text and ENCODED not in text, name
     assert not list(work.glob("backups/*.dump"))  # nothing was backed up for a run that could not start
+    if "OPSLIB_RECORDS_DIR" in env:  # a folder that could not take the record holds no partial file
+        folder = Path(env["OPSLIB_RECORDS_DIR"])
+        assert not [p.name for p in folder.glob(".*") if folder.is_dir()], list(folder.iterdir())
 
 
 def _write(path: Path, content: bytes) -> str:
