@@ -79,13 +79,32 @@ CREATE TRIGGER append_only BEFORE UPDATE OR DELETE ON opslib.runs
 SCHEMA_LOCK_KEY = int.from_bytes(hashlib.sha256(b"opslib history schema").digest()[:8], "big", signed=True)
 
 
+_CURRENT = (
+    "SELECT to_regclass('opslib.runs') IS NOT NULL AND to_regclass('opslib.ledger_entries') IS NOT NULL AND EXISTS (SELECT 1 FROM information_schema.columns "
+    "WHERE table_schema = 'opslib' AND table_name = 'revision_events' AND column_name = 'to_revisions')"
+)
+
+# Runs that leave the database as they found it: they never create (or alter) opslib's schema, and keep
+# their row and ledger hash there only when the schema is there already (the witness holds the hash).
+_LEFT_AS_FOUND = frozenset({"refused", "invalid", "locked"})
+
+
+def _schema_for(conn: Connection, outcome) -> bool:
+    """Whether a run of ``outcome`` may write its row here: made for a run that may have changed the
+    database; for one that left it untouched, only if the current schema exists."""
+    if str(outcome) not in _LEFT_AS_FOUND:
+        ensure_schema(conn)
+        return True
+    exists = bool(conn.execute(sa.text(_CURRENT)).scalar())
+    if conn.in_transaction():
+        conn.commit()
+    return exists
+
+
 def ensure_schema(conn: Connection) -> None:
     """Create the opslib schema and its tables if they are missing, or add what an older one lacks
     (committed at once)."""
-    current = (
-        "SELECT to_regclass('opslib.runs') IS NOT NULL AND to_regclass('opslib.ledger_entries') IS NOT NULL AND EXISTS (SELECT 1 FROM information_schema.columns "
-        "WHERE table_schema = 'opslib' AND table_name = 'revision_events' AND column_name = 'to_revisions')"
-    )
+    current = _CURRENT
     if not conn.execute(sa.text(current)).scalar():
         # Two sessions creating it at once (a deploy starting its upgrade while the run it locked out
         # writes its row) would both pass IF NOT EXISTS and one fail on the other's catalog row: the
@@ -145,8 +164,9 @@ def record_step(conn: Connection, run_id: str | None, step) -> None:
 
 
 def record_run(conn: Connection, record: RunRecord) -> None:
-    """Insert a finished run's row."""
-    ensure_schema(conn)
+    """Insert a finished run's row (not for a run that left a database without opslib's schema as it was)."""
+    if not _schema_for(conn, record.outcome):
+        return
     conn.execute(
         sa.text(
             "INSERT INTO opslib.runs (run_id, runbook, operator, env, outcome, revisions_before, revisions_after, "
@@ -198,8 +218,10 @@ def set_current_run_id(run_id: str | None) -> None:
 
 
 def record_ledger_entry(conn: Connection, ledger_id: str, entry: dict) -> None:
-    """Insert the hash of a ledger entry just appended to the records' ledger ``ledger_id`` (committed)."""
-    ensure_schema(conn)
+    """Insert the hash of a ledger entry just appended to the records' ledger ``ledger_id`` (committed);
+    not for a run that left a database without opslib's schema as it was."""
+    if not _schema_for(conn, entry.get("outcome")):
+        return
     conn.execute(
         sa.text(
             "INSERT INTO opslib.ledger_entries (ledger_id, run_id, entry_hash, prev_hash, runbook, outcome) "

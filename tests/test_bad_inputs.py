@@ -269,3 +269,37 @@ def test_bad_input_is_one_line_with_its_exit_code_and_changes_nothing(
 def _write(path: Path, content: bytes) -> str:
     path.write_bytes(content)
     return str(path)
+
+
+@pytest.mark.parametrize(
+    "args, env, code",
+    [
+        (["deploy", "--env", "production"], {}, 3),  # no confirm
+        (["deploy"], {"OPSLIB_BACKUPS_DIR": "@full"}, 3),  # no room for the backup
+        (["deploy", "-p", "stepz", "1"], {}, 2),
+        (["rollback", "-p", "target_revision", "zzzz"], {}, 2),
+    ],
+    ids=["production without confirm", "backups folder full", "unknown parameter", "unknown target"],
+)
+def test_a_refused_or_invalid_run_leaves_a_database_without_opslib_schema_without_one(
+    args, env, code, database_url, tmp_path, request
+):
+    """A database migrated by bare Alembic has no `opslib` schema; a run that changes nothing (exit 3 or
+    2) must not give it one. Its ledger entry is still written, in the records folder."""
+    import sys
+
+    alembic = Path(sys.executable).parent / "alembic"
+    bare = {k: v for k, v in os.environ.items() if not k.startswith(("OPSLIB_", "DATABASE_URL"))}
+    subprocess.run([str(alembic), "-c", str(ROOT / "alembic.ini"), "upgrade", "0003"], env={**bare, "DATABASE_URL": database_url}, check=True, capture_output=True)
+    before = [schema_snapshot(database_url), query(database_url, "SELECT nspname FROM pg_namespace ORDER BY 1")]
+    if env.get("OPSLIB_BACKUPS_DIR") == "@full":
+        env = {"OPSLIB_BACKUPS_DIR": str(request.getfixturevalue("full_folder").parent / "backups")}
+        Path(env["OPSLIB_BACKUPS_DIR"]).mkdir()
+    work = tmp_path / "work"
+    done = opslib_cli(database_url, ROOT / "alembic.ini", work, "run", *args, env=env)
+    assert done.returncode == code, done.stdout + done.stderr
+    after = [schema_snapshot(database_url), query(database_url, "SELECT nspname FROM pg_namespace ORDER BY 1")]
+    assert after == before
+    assert ("opslib",) not in after[1]
+    ledger = (work / "records" / "ledger.jsonl").read_text().splitlines()
+    assert len(ledger) == 1 and ('"refused"' if code == 3 else '"invalid"') in ledger[0]
