@@ -1587,17 +1587,45 @@ def stamp(settings: Settings, target: str) -> MigrationResult:
     return _run_change(settings, "stamp", target, (), plan, lambda script, current, steps: (target,))
 
 
+def _from_template(make: Callable[[], Script | list[Script] | None]) -> Script | list[Script] | None:
+    """Call Alembic's ``command.revision``/``merge``, which writes the file from the project's template and
+    imports it: a file that is not valid Python (the message closed the template's docstring) is removed
+    and refused, so that the chain never holds a file that cannot be imported."""
+    try:
+        return make()
+    except SyntaxError as err:
+        if err.filename and Path(err.filename).is_file():
+            Path(err.filename).unlink()
+        raise InvalidInput(
+            f"the revision file the project's template made from this message is not valid Python "
+            f"({err.msg}); it was removed: use a plainer message"
+        ) from None
+
+
 def _created(result: Script | list[Script] | None, settings: Settings) -> RevisionInfo:
-    script = script_directory(settings)  # reloaded: the new file is part of the chain now
     made = result[0] if isinstance(result, list) else result
     if made is None:
         raise OpsError("Alembic created no revision file")
+    script = script_directory(settings)  # reloaded: the new file is part of the chain now
     return _info(made, set(script.get_heads()))
+
+
+# What a message must not hold: it is written into a Python docstring by the project's template, where
+# triple quotes end the docstring (and what follows runs on import), a backslash starts an escape (one
+# at the end swallows the closing quote), and control characters break the file or the terminal.
+_UNSAFE_IN_MESSAGE = re.compile(r'"""|\'\'\'|\\|[\x00-\x1f\x7f]')
 
 
 def _check_message(message: str) -> str:
     if not isinstance(message, str) or not message.strip():
         raise InvalidInput('a message is required, e.g. -m "add_user_profile_table"')
+    bad = _UNSAFE_IN_MESSAGE.search(message.strip())
+    if bad is not None:
+        what = {"\\": "a backslash"}.get(bad.group(), "triple quotes" if len(bad.group()) == 3 else "a control character")
+        raise InvalidInput(
+            f"revision message refused: it holds {what}, which would break out of the revision file's "
+            "docstring; use plain words, e.g. -m \"add_user_profile_table\""
+        )
     return message.strip()
 
 
@@ -1612,7 +1640,7 @@ def merge(settings: Settings, message: str, revisions: Sequence[str] = ("heads",
     cfg = alembic_config(settings)
     try:
         with _capture_alembic_output():
-            made = command.merge(cfg, list(revisions), message=message)
+            made = _from_template(lambda: command.merge(cfg, list(revisions), message=message))
     except (CommandError, RevisionError) as err:
         raise InvalidInput(f"merge: {err}") from err
     return _created(made, settings)
@@ -1635,7 +1663,7 @@ def revision(settings: Settings, message: str, *, autogenerate: bool = False) ->
     if not autogenerate:
         cfg = alembic_config(settings, url=OFFLINE_URL)
         with _capture_alembic_output():
-            made = command.revision(cfg, message=message)
+            made = _from_template(lambda: command.revision(cfg, message=message))
         return _created(made, settings)
     url = db.target_url(settings)
     with db.connect(url) as conn:
@@ -1650,7 +1678,8 @@ def revision(settings: Settings, message: str, *, autogenerate: bool = False) ->
         try:
             with _capture_alembic_output():
                 made = _outside_event_loop(
-                    lambda: command.revision(cfg, message=message, autogenerate=True), _watching(url, conn)
+                    lambda: _from_template(lambda: command.revision(cfg, message=message, autogenerate=True)),
+                    _watching(url, conn),
                 )
         except (CommandError, RevisionError) as err:
             raise InvalidInput(f"revision --autogenerate: {db.scrub(str(err), url)}") from err

@@ -132,6 +132,11 @@ CASES = [
     ("read-only role", "cli", ["upgrade"], {"DATABASE_URL": "@readonly"}, 2, "read-only transactions"),
     ("run read-only role", "run", ["deploy", "-p", "backup", "false"], {"DATABASE_URL": "@readonly"}, 2, "read-only transactions"),
     ("run records disk full", "run", ["deploy"], {"OPSLIB_RECORDS_DIR": "@full"}, 2, "the database is at 0003"),
+    ("message breaks out of docstring", "cli", ["revision", "-m", 'x"""; import os; os.system("touch PWNED"); """'], {}, 2, "triple quotes"),
+    ("message ends with a backslash", "cli", ["revision", "-m", "add index\\"], {}, 2, "a backslash"),
+    ("message with a control character", "cli", ["revision", "-m", "add\x1b[31m index"], {}, 2, "a control character"),
+    ("merge message with triple quotes", "cli", ["merge", "-m", "m'''x"], {}, 2, "triple quotes"),
+    ("make message breaks out", "make", ["migrate-create-manual", 'message=x"""; import os; os.system("touch PWNED"); """'], {}, 2, "triple quotes"),
     ("make show without revision", "make", ["migrate-show"], {}, 2, "give revision=..."),
     ("make down-to without revision", "make", ["migrate-down-to"], {}, 2, "give revision=..."),
     ("make show unknown", "make", ["migrate-show", "revision=zzzz"], {}, 2, "unknown revision 'zzzz'"),
@@ -303,3 +308,38 @@ def test_a_refused_or_invalid_run_leaves_a_database_without_opslib_schema_withou
     assert ("opslib",) not in after[1]
     ledger = (work / "records" / "ledger.jsonl").read_text().splitlines()
     assert len(ledger) == 1 and ('"refused"' if code == 3 else '"invalid"') in ledger[0]
+
+
+def test_a_message_with_quotes_makes_a_revision_that_imports_and_one_the_template_cannot_hold_is_removed(
+    database_url, tmp_path
+):
+    """Quotes and apostrophes are words people write: the revision file imports, its docstring the message.
+    A message the project's template turns into invalid Python (a quote at its very end) is refused, and
+    the file Alembic wrote is removed, so the chain never holds a file that cannot be imported."""
+    import importlib.util
+    import shutil
+
+    dest = tmp_path / "project"
+    shutil.copytree(ROOT / "migrations", dest / "migrations", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(ROOT / "alembic.ini", dest / "alembic.ini")
+    versions = dest / "migrations" / "versions"
+    before = sorted(p.name for p in versions.glob("*.py"))
+    message = """add users' "nickname" column (see ticket #12)"""
+    done = opslib_cli(database_url, dest / "alembic.ini", tmp_path / "work", "revision", "-m", message)
+    assert done.returncode == 0, done.stdout + done.stderr
+    (made,) = {p.name for p in versions.glob("*.py")} - set(before)
+    spec = importlib.util.spec_from_file_location("made_revision", versions / made)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.__doc__.splitlines()[0] == message
+
+    # A template whose docstring is one line: a message ending with a quote closes it one quote early.
+    mako = dest / "migrations" / "script.py.mako"
+    lines = mako.read_text().splitlines()
+    mako.write_text("\n".join(['"""${message}"""', *[line for line in lines[1:] if line != '"""']]) + "\n")
+    listed = sorted(p.name for p in versions.glob("*.py"))
+    refused = opslib_cli(database_url, dest / "alembic.ini", tmp_path / "work", "revision", "-m", 'say "hi"')
+    assert refused.returncode == 2, refused.stdout + refused.stderr
+    (line,) = refused.stderr.strip().splitlines()
+    assert "not valid Python" in line and "removed" in line
+    assert sorted(p.name for p in versions.glob("*.py")) == listed
