@@ -719,6 +719,10 @@ def _main(args: argparse.Namespace, console: bool = False) -> int:
     if args.verbose:
         logging.getLogger("alembic").setLevel(logging.INFO)
     signal.signal(signal.SIGTERM, _on_sigterm)
+    from opslib import kernelfiles
+
+    with contextlib.suppress(OSError):  # what a runner killed with SIGKILL left in the temporary folder
+        kernelfiles.remove_orphans()
     try:
         code = _run(args)
         _outcome_known(console)

@@ -18,8 +18,6 @@ import importlib
 import logging
 import os
 import signal
-import socket
-import tempfile
 import threading
 import time
 from contextlib import contextmanager
@@ -27,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
-from opslib import audit, notebooks, params
+from opslib import audit, kernelfiles, notebooks, params
 from opslib.config import Settings, runbooks_dir
 from opslib.errors import ConfigError, Interrupted, InvalidInput, OpsError
 from opslib.outcome import Outcome, outcome_of, process_exit_code, signal_exit_code
@@ -98,7 +96,6 @@ def coerce(name: str, pairs: Sequence[tuple[str, str]]) -> dict:
     return values
 
 
-STALE_SOCKET_S = 60.0  # a kernel socket nobody listens on, this old, belongs to a run that is gone
 
 
 class _Kernels:
@@ -118,29 +115,6 @@ class _Kernels:
                     os.kill(pid, signum)
                 except ProcessLookupError:
                     pass
-
-    @classmethod
-    def remove_stale(cls, older_than_s: float = STALE_SOCKET_S) -> None:
-        """Remove the socket files of kernels that are gone (a run killed with SIGKILL cannot remove its own):
-        nothing listens on them any more, and they are older than ``older_than_s``. A fresh one refuses
-        connections too for an instant, between the kernel's bind and its listen, in a run starting now."""
-        oldest = time.time() - older_than_s
-        for leftover in glob.glob(os.path.join(glob.escape(tempfile.gettempdir()), "opslib-kernel-*-ipc-*")):
-            try:
-                if os.lstat(leftover).st_mtime > oldest:
-                    continue
-            except OSError:
-                continue
-            probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            probe.settimeout(0.2)
-            try:
-                probe.connect(leftover)
-            except (ConnectionRefusedError, FileNotFoundError):
-                Path(leftover).unlink(missing_ok=True)
-            except OSError:
-                pass  # not a socket we can judge: left alone
-            finally:
-                probe.close()
 
     @classmethod
     def clean_up(cls) -> None:
@@ -170,7 +144,6 @@ def _ipc_kernel_manager() -> type:
     Besides keeping the channel off the network stack, this spares every run ipykernel's warning
     about unencrypted TCP.
     """
-    import uuid
 
     from jupyter_client.manager import AsyncKernelManager
     from traitlets import CaselessStrEnum, default
@@ -193,8 +166,13 @@ def _ipc_kernel_manager() -> type:
         @default("ip")
         def _unique_socket_prefix(self) -> str:
             # jupyter_client's default prefix is "kernel-ipc" in the working folder: two runs started
-            # together there would pick the same socket files.
-            return str(Path(tempfile.gettempdir()) / f"opslib-kernel-{uuid.uuid4().hex[:12]}-ipc")
+            # together there would pick the same socket files. This one names the runner's pid.
+            return kernelfiles.new_prefix()
+
+        @default("connection_file")
+        def _connection_file_beside_the_sockets(self) -> str:
+            # Not Jupyter's runtime folder: named for this runner, it is removed once the runner is gone.
+            return kernelfiles.connection_file(self.ip)
 
     return IPCKernelManager
 
@@ -420,7 +398,7 @@ def run(
         return RunOutcome(first, audit.sidecar_path(records, stem), notebook_out)
     error: BaseException | None = None
     stop = _Stop()
-    _Kernels.remove_stale()
+    kernelfiles.remove_orphans()
     with _environment(run_.kernel_env), _signals_passed_to_the_kernel(stop):
         try:
             kernel_manager_class = _start_kernel(run_.template)

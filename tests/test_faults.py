@@ -344,3 +344,36 @@ def test_a_signal_in_the_instant_after_the_last_commit_still_ends_sealed_and_say
             assert entry["outcome"] == ("succeeded" if code == 0 else "interrupted"), seen
             verify = subprocess.run([OPSLIB, "audit", "verify"], cwd=work, env=env, capture_output=True, text=True)
             assert verify.returncode == 0, seen + verify.stdout + verify.stderr
+
+
+def test_a_runner_killed_with_sigkill_leaves_no_kernel_files_after_the_next_command(database_url, tmp_path):
+    """The kernel's connection file (its signing key) and its sockets, named for the runner, are removed by
+    the next opslib command once the runner is gone, whatever their age."""
+    work = tmp_path / "work"
+    (work / "marks").mkdir(parents=True)
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    ini = FIXTURES / "faults" / "alembic.ini"
+    assert opslib_cli(database_url, ini, work, "upgrade", "f002").returncode == 0
+    env = _env(database_url, work, FAULT_PAUSE_AT="before-first-revision", TMPDIR=str(temp))
+    runner = subprocess.Popen([OPSLIB, "run", "deploy"], cwd=work, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        _wait_for(_reached("before-first-revision", database_url, work), "the pause", proc=runner)
+        pids = _run_pids(work, runner)
+        mine = sorted(p.name for p in temp.glob(f"opslib-kernel-{runner.pid}-*"))
+        runner.kill()
+        runner.wait()
+    finally:
+        if runner.poll() is None:
+            runner.kill()
+            runner.wait()
+    assert any(name.endswith("-connection.json") for name in mine), mine
+    assert any(name.endswith("-ipc-1") for name in mine), mine
+    status = subprocess.run([OPSLIB, "status"], cwd=work, env=env, capture_output=True, text=True)
+    assert status.returncode == 0, status.stdout + status.stderr
+    assert not list(temp.glob(f"opslib-kernel-{runner.pid}-*"))
+    for pid in pids:  # the orphaned kernel ends itself once it sees its parent gone; not left to chance
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass

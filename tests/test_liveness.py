@@ -204,19 +204,28 @@ def _unlistened_socket(path: str, age_s: float) -> socket.socket:
     return sock
 
 
-def test_stale_kernel_sockets_go_but_a_starting_kernels_stay(tmp_path, monkeypatch):
-    from opslib import runner
+def test_kernel_files_of_a_gone_runner_go_and_only_those(tmp_path, monkeypatch):
+    from opslib import kernelfiles
 
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    gone = subprocess.Popen(["true"])
+    gone.wait()  # a pid that no longer runs
+    orphan = kernelfiles.new_prefix().replace(f"-{os.getpid()}-", f"-{gone.pid}-")
+    ours = kernelfiles.new_prefix()
+    for prefix in (orphan, ours):
+        Path(kernelfiles.connection_file(prefix)).write_text("{}")
+    # From an older opslib, with no pid in the name: judged by age and by their socket.
     stale = str(tmp_path / "opslib-kernel-aaaaaaaaaaaa-ipc-1")
     starting = str(tmp_path / "opslib-kernel-bbbbbbbbbbbb-ipc-1")
     listening = str(tmp_path / "opslib-kernel-cccccccccccc-ipc-1")
-    held = [_unlistened_socket(stale, runner.STALE_SOCKET_S + 5), _unlistened_socket(starting, 0)]
-    live = _unlistened_socket(listening, runner.STALE_SOCKET_S + 5)
+    old = kernelfiles.LEGACY_STALE_S + 5
+    held = [_unlistened_socket(f"{orphan}-1", 0), _unlistened_socket(stale, old), _unlistened_socket(starting, 0)]
+    live = _unlistened_socket(listening, old)
     live.listen(1)
     try:
-        runner._Kernels.remove_stale()
-        assert not os.path.exists(stale)  # refused and old: its kernel is gone
+        removed = kernelfiles.remove_orphans()
+        assert sorted(removed) == sorted([kernelfiles.connection_file(orphan), f"{orphan}-1", stale])
+        assert os.path.exists(kernelfiles.connection_file(ours))  # this process is alive: its kernel's
         assert os.path.exists(starting)  # refused but fresh: a kernel binding it right now
         assert os.path.exists(listening)  # old but answering: a long run's kernel
     finally:

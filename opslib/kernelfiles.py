@@ -1,0 +1,86 @@
+"""The files a run's kernel leaves in the temporary folder, named for the runner that owns them.
+
+A kernel talks to its runner over Unix sockets and reads a connection file (mode 0600, holding the
+key that signs its messages); jupyter_client does not remove them on an immediate shutdown, and a
+runner killed with SIGKILL removes nothing. Every name starts with ``opslib-kernel-<runner pid>-``,
+so that any later opslib command can tell whose they are: those of a runner that is gone are removed
+(:func:`remove_orphans`), whatever their age. Low in the layers: it imports nothing of opslib's.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import re
+import socket
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+PREFIX = "opslib-kernel-"
+# Files from before the runner's pid was in the name: judged by their socket refusing connections.
+LEGACY_STALE_S = 60.0
+_OWNED = re.compile(rf"^{re.escape(PREFIX)}(\d+)-[0-9a-f]+-ipc")
+
+
+def new_prefix() -> str:
+    """The path prefix of a new kernel's files (its sockets ``<prefix>-1``…, its connection file)."""
+    return str(Path(tempfile.gettempdir()) / f"{PREFIX}{os.getpid()}-{uuid.uuid4().hex[:12]}-ipc")
+
+
+def connection_file(prefix: str) -> str:
+    """Where the kernel of ``prefix`` gets its connection file: beside its sockets, not in Jupyter's runtime folder."""
+    return f"{prefix}-connection.json"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_orphans(older_than_s: float = LEGACY_STALE_S) -> list[str]:
+    """Remove the kernel files of runners that are gone; returns what was removed.
+
+    A file whose runner pid is not alive goes at once. A file from an older opslib (no pid in its name)
+    goes when nothing listens on it and it is older than ``older_than_s`` (a fresh one may belong to a
+    kernel between its bind and its listen).
+    """
+    removed = []
+    oldest = time.time() - older_than_s
+    for path in glob.glob(os.path.join(glob.escape(tempfile.gettempdir()), f"{PREFIX}*")):
+        name = os.path.basename(path)
+        owned = _OWNED.match(name)
+        if owned is not None:
+            if not _alive(int(owned.group(1))):
+                Path(path).unlink(missing_ok=True)
+                removed.append(path)
+            continue
+        if "-ipc-" in name and _legacy_stale(path, oldest):
+            Path(path).unlink(missing_ok=True)
+            removed.append(path)
+    return removed
+
+
+def _legacy_stale(path: str, oldest: float) -> bool:
+    try:
+        if os.lstat(path).st_mtime > oldest:
+            return False
+    except OSError:
+        return False
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(0.2)
+    try:
+        probe.connect(path)
+    except (ConnectionRefusedError, FileNotFoundError):
+        return True
+    except OSError:
+        return False  # not a socket we can judge: left alone
+    finally:
+        probe.close()
+    return False
