@@ -52,7 +52,9 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[test,lab]'
 	touch $(STAMP)
 
-install: $(STAMP)
+# Everything `make test` needs, so that the suite then runs with no network: the venv, Airflow's own
+# environment (about 300 MB from PyPI) and Debian's Chromium (as root; apt).
+install: $(STAMP) $(AIRFLOW_STAMP) browser
 
 # Apache Airflow 3 for opslib.airflow's DAG factory, in an environment of its own (its pins clash with
 # ours): Airflow, and opslib without its dependencies (a DAG file imports only opslib.airflow, which calls
@@ -81,8 +83,14 @@ demo: $(STAMP)
 	@echo "   make rollback-prod confirm=NAME, make test."
 	@if [ -z "$$DATABASE_URL" ]; then echo "== The embedded server keeps running; stop it with: $(OPSLIB) db stop"; fi
 
-test: $(STAMP) $(AIRFLOW_STAMP) browser
+# The whole suite against a PostgreSQL server (127.0.0.1:5432 if it answers, else the embedded one), then
+# the tests of connection handling again on the embedded server (Unix socket, ?host= URLs), as users
+# without a server run them. Each prints its 15 slowest tests.
+EMBEDDED_TESTS := tests/test_embedded.py tests/test_bad_inputs.py tests/test_secrets.py tests/test_real_projects.py \
+                  tests/test_anchors.py tests/test_cli.py
+test: install
 	$(BIN)/python -m pytest
+	OPSLIB_TEST_SERVER=embedded $(BIN)/python -m pytest $(EMBEDDED_TESTS)
 
 # Debian's Chromium renders the audit report in its tests and takes its screenshot. As root (CI) it
 # is installed when missing; anyone else is told the one command to run.

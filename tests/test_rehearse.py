@@ -12,7 +12,7 @@ from pathlib import Path
 
 import psycopg2
 
-from .conftest import ROOT, databases_named, libpq, opslib_cli, query, schema_snapshot
+from .conftest import ROOT, database_name, databases_named, libpq, opslib_cli, query, schema_snapshot
 
 FIRST = '''"""items"""
 from alembic import op
@@ -71,7 +71,7 @@ def _rehearsal(work: Path) -> dict:
 
 
 def _copies(server_url, database_url: str) -> set[str]:
-    return databases_named(server_url, database_url.rsplit("/", 1)[1] + "_rehearse_")
+    return databases_named(server_url, database_name(database_url) + "_rehearse_")
 
 
 def test_the_sample_with_demo_data_rehearses_with_timings_and_no_difference(database_url, server_url, tmp_path):

@@ -12,7 +12,7 @@ import pytest
 
 from opslib import seed
 
-from .conftest import ROOT, opslib_cli, query, schema_snapshot
+from .conftest import ROOT, database_name, opslib_cli, query, schema_snapshot
 
 PASSWORD = "Adm1n-Pw-never-in-records-7f3a"
 ADMIN = {"OPSLIB_ADMIN_EMAIL": "admin@shop.example", "OPSLIB_ADMIN_PASSWORD": PASSWORD}
@@ -156,5 +156,5 @@ def test_dev_data_reaches_the_deploy_and_is_refused_in_production(database_url, 
     assert done.returncode == 0, done.stderr
     assert query(database_url, "SELECT count(*) FROM users")[0][0] == 2  # the sample rows of -x dev_data=true
     other = opslib_cli(database_url, ROOT / "alembic.ini", tmp_path, "run", "deploy", "--env", "production",
-                       "-p", "dev_data", "true", "-p", "confirm", database_url.rsplit("/", 1)[1])
+                       "-p", "dev_data", "true", "-p", "confirm", database_name(database_url))
     assert other.returncode == 3 and "dev_data=True is refused in production" in other.stderr

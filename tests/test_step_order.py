@@ -13,7 +13,7 @@ from jupyter_client.manager import start_new_kernel
 from opslib import audit, runbook
 from opslib.errors import StepOutOfOrder
 
-from .conftest import ROOT, schema_snapshot
+from .conftest import ROOT, database_name, schema_snapshot
 
 
 @pytest.fixture
@@ -102,7 +102,7 @@ def test_the_summary_needs_the_verify_step(in_process):
 def test_no_parameter_lifts_the_order_in_production(in_process, database_url, monkeypatch):
     monkeypatch.setenv("OPSLIB_ENV", "production")
     before = schema_snapshot(database_url)
-    name = database_url.rsplit("/", 1)[1]
+    name = database_name(database_url)
     run = runbook.start("deploy", {"confirm": name, "backup": True, "on_failure": "stop"})
     run.preflight()
     with pytest.raises(StepOutOfOrder):
