@@ -86,11 +86,9 @@ demo: $(STAMP)
 # The whole suite against a PostgreSQL server (127.0.0.1:5432 if it answers, else the embedded one), then
 # the tests of connection handling again on the embedded server (Unix socket, ?host= URLs), as users
 # without a server run them. Each prints its 15 slowest tests.
-EMBEDDED_TESTS := tests/test_embedded.py tests/test_bad_inputs.py tests/test_secrets.py tests/test_real_projects.py \
-                  tests/test_anchors.py tests/test_cli.py
 test: install
 	$(BIN)/python -m pytest
-	OPSLIB_TEST_SERVER=embedded $(BIN)/python -m pytest $(EMBEDDED_TESTS)
+	OPSLIB_TEST_SERVER=embedded $(BIN)/python -m pytest -m connections
 
 # Debian's Chromium renders the audit report in its tests and takes its screenshot. As root (CI) it
 # is installed when missing; anyone else is told the one command to run.

@@ -131,6 +131,7 @@ def test_the_report_names_a_cut_off_tail_in_its_banner(three_runs, tmp_path):
     assert f"run {newest['run_id']} (deploy, succeeded" in index and "record missing" in index
 
 
+@pytest.mark.connections
 def test_verify_database_fails_when_no_database_answers(three_runs):
     work, url, _ = three_runs
     env = {k: v for k, v in os.environ.items() if not k.startswith(("OPSLIB_", "DATABASE_URL"))}

@@ -564,6 +564,7 @@ def test_a_restore_test_without_the_right_to_create_a_database_fails_as_a_check(
     assert "cannot create a scratch database" in failure.detail and "permission denied" in failure.detail
 
 
+@pytest.mark.connections
 def test_a_backup_that_cannot_connect_says_why(database_url, run_cli, tmp_path):
     """Nothing runs beside the connection that could swallow its error (learning the version table
     redirects stdout, stderr and logging for the whole process while env.py runs)."""

@@ -213,7 +213,16 @@ def full_folder(tmp_path):
     subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
-@pytest.mark.parametrize("how, args, env, code, says", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def _params(cases):
+    """The cases as pytest params; those about reaching the target (URLs, roles) marked ``connections``."""
+    reaching = ("url", "role", "read-only")
+    return [
+        pytest.param(*c[1:], id=c[0], marks=[pytest.mark.connections] if any(w in c[0] for w in reaching) else [])
+        for c in cases
+    ]
+
+
+@pytest.mark.parametrize("how, args, env, code, says", _params(CASES))
 def test_bad_input_is_one_line_with_its_exit_code_and_changes_nothing(
     how, args, env, code, says, database_url, tmp_path, broken_env_project, request
 ):

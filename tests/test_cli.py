@@ -121,6 +121,7 @@ def test_downgrade_at_base_is_refused(run_cli):
     assert done.returncode == 3 and "nothing to roll back" in done.stderr
 
 
+@pytest.mark.connections
 @pytest.mark.parametrize(
     "url, message",
     [

@@ -4,6 +4,8 @@ is the one env.py configures online, offline SQL never lies, and pending means w
 
 from __future__ import annotations
 
+import pytest
+
 import json
 import re
 import subprocess
@@ -132,6 +134,7 @@ def test_sql_stops_at_a_base_revision_that_inspects_the_schema(database_url, pro
     assert deploy.returncode == 0, deploy.stdout + deploy.stderr
 
 
+@pytest.mark.connections
 def test_the_target_is_the_database_the_project_names(database_url, project, tmp_path):
     """DATABASE_URL unset: the project's alembic.ini sqlalchemy.url (not the embedded server); set but
     empty: exit 2, nothing started or changed."""
@@ -154,6 +157,7 @@ def test_the_target_is_the_database_the_project_names(database_url, project, tmp
     assert schema_snapshot(database_url) == before
 
 
+@pytest.mark.connections
 def test_an_env_py_that_connects_elsewhere_is_refused_and_nothing_changes(make_database, project, tmp_path):
     ini = project("own_url")
     target, elsewhere = make_database(), make_database()
@@ -170,6 +174,7 @@ def test_an_env_py_that_connects_elsewhere_is_refused_and_nothing_changes(make_d
     assert query(elsewhere, "SELECT to_regnamespace('opslib')")[0][0] is None  # opslib never wrote there
 
 
+@pytest.mark.connections
 def test_a_plain_postgresql_url_in_env_py_and_an_asyncpg_target_work(make_database, project, tmp_path):
     """env.py's own plain postgresql:// URL (psycopg 3 under SQLAlchemy 2.1) to the same database works."""
     ini = project("own_url")
@@ -181,6 +186,7 @@ def test_a_plain_postgresql_url_in_env_py_and_an_asyncpg_target_work(make_databa
     assert query(target, "SELECT version_num FROM alembic_version") == [("8db933fdd363",)]
 
 
+@pytest.mark.connections
 def test_an_asyncpg_database_url_is_accepted(async_project, make_database, tmp_path):  # noqa: F811 - the fixture
     target = make_database()
     asyncpg = libpq(target).replace("postgresql://", "postgresql+asyncpg://", 1)

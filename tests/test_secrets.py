@@ -11,7 +11,11 @@ import shutil
 from pathlib import Path
 from urllib.parse import quote
 
+import pytest
+
 from .conftest import ROOT, opslib_cli
+
+pytestmark = pytest.mark.connections  # make test runs these on the embedded server too
 
 SECRET = "Env-py@Leak/9x"
 ENCODED = quote(SECRET, safe="")

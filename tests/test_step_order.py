@@ -99,6 +99,7 @@ def test_the_summary_needs_the_verify_step(in_process):
     assert "verify" not in [s["name"] for s in record["steps"]]
 
 
+@pytest.mark.connections
 def test_no_parameter_lifts_the_order_in_production(in_process, database_url, monkeypatch):
     monkeypatch.setenv("OPSLIB_ENV", "production")
     before = schema_snapshot(database_url)
