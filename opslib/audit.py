@@ -164,11 +164,15 @@ def scrub_notebook(path: Path, database_url: str | None) -> None:
         os.replace(tmp, path)
 
 
-# A record's fields whose values are names opslib chose (never text that could quote a URL): kept exactly,
-# so that a very short password cannot change what `audit verify` and the report read.
-RECORD_STRUCTURE = frozenset(
-    {"run_id", "runbook", "outcome", "mode", "env", "started_at", "finished_at", "closed_at", "notebook", "last_outcome"}
-)
+# A record's fields that hold free text (an error, what a migration printed, a check's detail, the
+# parameters as given): the run's password is removed from them in every form. The rest are names, ids
+# and revisions, read by `audit verify`, sealing and the report: masked by shape only, never rewritten
+# because the password is a common word. Inside the free text, these keys still hold names.
+RECORD_FREE_TEXT = frozenset(
+    {"error", "migration_output", "checks", "findings", "parameters", "database_history", "rehearsal", "data_changes",
+     "schema_recreated"}
+)  # fmt: skip
+RECORD_NAMES = frozenset({"name", "status", "outcome", "rule", "revision", "revisions", "table", "run_id"})
 
 
 def sidecar_path(records_dir: Path, stem: str) -> Path:
@@ -182,7 +186,7 @@ def write_sidecar(records_dir: Path, stem: str, record: RunRecord) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
     try:
-        tmp.write_text(json.dumps(clean_json(record.to_dict(), keep=RECORD_STRUCTURE), indent=2, default=str) + "\n")
+        tmp.write_text(json.dumps(clean_json(record.to_dict(), RECORD_FREE_TEXT, RECORD_NAMES), indent=2, default=str) + "\n")
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):

@@ -119,7 +119,7 @@ def _write_json(path: Path, data: dict) -> None:
     """Write JSON under a temporary name, then rename: a reader never sees half a file."""
     tmp = path.with_name(f".{path.name}.partial")
     try:
-        tmp.write_text(json.dumps(clean_json(data), indent=2, sort_keys=True) + "\n")
+        tmp.write_text(json.dumps(clean_json(data, frozenset({"label", "error"})), indent=2, sort_keys=True) + "\n")
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):

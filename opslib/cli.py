@@ -323,12 +323,13 @@ def _migrations(settings, args: argparse.Namespace) -> int:
     if args.command == "status":
         st = migrate.status(settings)
         print(json.dumps(st.to_dict(), indent=2) if args.json else display.status_text(st))
-    elif args.command == "upgrade":
-        print(shown(migrate.upgrade(settings, args.revision, x_args=args.x_args)))
-    elif args.command == "downgrade":
-        print(shown(migrate.downgrade(settings, args.revision, x_args=args.x_args)))
-    elif args.command == "stamp":
-        print(shown(migrate.stamp(settings, args.revision)))
+    elif args.command in ("upgrade", "downgrade", "stamp"):
+        if args.command == "stamp":
+            done = migrate.stamp(settings, args.revision)
+        else:
+            done = getattr(migrate, args.command)(settings, args.revision, x_args=args.x_args)
+        _outcome_known()  # the change is made and read: a signal now must not turn its report into an error
+        print(shown(done))
     elif args.command == "history" and args.runs:
         from opslib import db
         from opslib import history as run_history
@@ -464,6 +465,7 @@ def _runbooks(settings, args: argparse.Namespace) -> int:
         return EXIT_OK
     _seal_abandoned(settings, "run")
     outcome = runner.run(settings, args.runbook, [tuple(p) for p in args.parameter], env=args.env)
+    _outcome_known()  # sealed: a signal now cannot change what the record says, nor cut what follows
     print(display.record_text(outcome.record.to_dict()))
     print(f"record  : {outcome.sidecar}")
     if outcome.notebook.exists():
@@ -685,7 +687,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     streams = sys.stdout, sys.stderr
     sys.stdout, sys.stderr = CleanStream(sys.stdout), CleanStream(sys.stderr)
     try:
-        return _main(args, console=argv_given is None)
+        _CONSOLE[0] = argv_given is None
+        return _main(args)
     finally:
         for wrapped in (sys.stdout, sys.stderr):
             with contextlib.suppress(OSError, ValueError):
@@ -704,18 +707,22 @@ def _config_error_of(err: BaseException):
     return db.config_error_of(err)
 
 
-def _outcome_known(console: bool) -> None:
+_CONSOLE = [False]  # run as the console script (not called in-process, by tests or another program)
+
+
+def _outcome_known() -> None:
     """From the moment the command's outcome is decided, the console script ignores SIGINT and SIGTERM:
-    one landing while the last line is printed, or while Python exits, would kill the process with
-    no line and an exit code that contradicts what was done. (Not in-process callers: tests, a shell.)"""
-    if console:
+    one landing while the result is printed, or while Python exits, would kill the process with no line,
+    or an exit code that contradicts what was done. (Not in-process callers: tests, a shell.)"""
+    if _CONSOLE[0]:
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, signal.SIG_IGN)
 
 
-def _main(args: argparse.Namespace, console: bool = False) -> int:
+def _main(args: argparse.Namespace) -> int:
     """The command of ``args`` run, its failure printed as one line: the exit code."""
-    logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stderr, force=True)
+    # The console script owns logging (its stderr is the cleaning stream); an in-process caller keeps its own.
+    logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stderr, force=_CONSOLE[0])
     if args.verbose:
         logging.getLogger("alembic").setLevel(logging.INFO)
     signal.signal(signal.SIGTERM, _on_sigterm)
@@ -725,10 +732,10 @@ def _main(args: argparse.Namespace, console: bool = False) -> int:
         kernelfiles.remove_orphans()
     try:
         code = _run(args)
-        _outcome_known(console)
+        _outcome_known()
         return code
     except (OpsError, KeyboardInterrupt) as err:
-        _outcome_known(console)
+        _outcome_known()
         if args.verbose and getattr(err, "output", ""):  # what the migrations printed or logged before
             sys.stderr.write(err.output)
         message = getattr(err, "message", "") or "interrupted (Ctrl-C)"
@@ -738,7 +745,7 @@ def _main(args: argparse.Namespace, console: bool = False) -> int:
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - keeps Python's exit-time flush quiet
         return EXIT_OK
     except Exception as err:  # noqa: BLE001 - an error opslib did not foresee: one line, the traceback on -v
-        _outcome_known(console)
+        _outcome_known()
         known = _config_error_of(err)
         if known is not None:  # a role lacking a privilege, a read-only role: configuration, exit 2
             print(f"opslib: {known.message}", file=sys.stderr)

@@ -326,7 +326,7 @@ def run_fleet(
     by_name = {r.target: r for r in record.targets}
 
     def save() -> None:
-        path.write_text(json.dumps(clean_json(record.to_dict()), indent=2) + "\n")
+        path.write_text(json.dumps(clean_json(record.to_dict(), frozenset({"line", "halted", "parameters"})), indent=2) + "\n")
         if progress is not None:
             progress.write(_progress_line(record) + "\n")
             progress.flush()

@@ -45,26 +45,58 @@ def _alive(pid: int) -> bool:
 
 
 def remove_orphans(older_than_s: float = LEGACY_STALE_S) -> list[str]:
-    """Remove the kernel files of runners that are gone; returns what was removed.
+    """Remove the kernel files of runners that are gone; returns what was removed. Never raises.
 
-    A file whose runner pid is not alive goes at once. A file from an older opslib (no pid in its name)
-    goes when nothing listens on it and it is older than ``older_than_s`` (a fresh one may belong to a
-    kernel between its bind and its listen).
+    Only this user's files are judged. Those named for a runner pid that is not alive go, unless one of
+    the kernel's sockets still answers (its kernel outlived the runner for a moment, or the runner lives in
+    another PID namespace sharing this folder). A file from an older opslib (no pid in its name) goes when
+    nothing listens on it and it is older than ``older_than_s`` (a fresh one may belong to a kernel between
+    its bind and its listen).
     """
     removed = []
     oldest = time.time() - older_than_s
+    groups: dict[str, list[str]] = {}
     for path in glob.glob(os.path.join(glob.escape(tempfile.gettempdir()), f"{PREFIX}*")):
+        try:
+            if os.lstat(path).st_uid != os.getuid():
+                continue  # another user's: not ours to judge (and a sticky folder would refuse anyway)
+        except OSError:
+            continue
         name = os.path.basename(path)
         owned = _OWNED.match(name)
         if owned is not None:
-            if not _alive(int(owned.group(1))):
-                Path(path).unlink(missing_ok=True)
-                removed.append(path)
-            continue
-        if "-ipc-" in name and _legacy_stale(path, oldest):
-            Path(path).unlink(missing_ok=True)
-            removed.append(path)
+            groups.setdefault(owned.group(0), []).append(path)
+        elif "-ipc-" in name and _legacy_stale(path, oldest):
+            removed += _unlinked([path])
+    for stem, paths in groups.items():
+        pid = int(_OWNED.match(stem).group(1))
+        if not _alive(pid) and not any(_answers(path) for path in paths):
+            removed += _unlinked(paths)
     return removed
+
+
+def _unlinked(paths: list[str]) -> list[str]:
+    done = []
+    for path in paths:
+        try:
+            Path(path).unlink(missing_ok=True)
+        except OSError:
+            continue
+        done.append(path)
+    return done
+
+
+def _answers(path: str) -> bool:
+    """Whether something listens on ``path`` (a regular file never does)."""
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(0.2)
+    try:
+        probe.connect(path)
+    except OSError:
+        return False
+    finally:
+        probe.close()
+    return True
 
 
 def _legacy_stale(path: str, oldest: float) -> bool:

@@ -959,6 +959,11 @@ class _IndexGuard:
             dbapi = getattr(cursor, "connection", None)
             self._autocommit = level == "AUTOCOMMIT" or getattr(dbapi, "autocommit", False) is True
 
+    def ran_autocommit(self) -> bool:
+        """Whether the revision under way when the command stopped ran a statement in autocommit mode
+        (committed at once, whatever became of the revision)."""
+        return self._autocommit
+
     def _take_statements(self) -> tuple[str, bool]:
         """What the revision that just ended ran (its statements' text, and whether any was autocommit)."""
         ran, autocommit = "\n".join(self._ran), self._autocommit
@@ -1034,7 +1039,7 @@ class _IndexGuard:
                     for index in left:
                         db.drop_index_concurrently(self.conn, index.name)
                         dropped.append(index.name)
-            except (DBAPIError, OpsError) as err:
+            except (SQLAlchemyError, OpsError) as err:
                 rest = [i.name for i in left if i.name not in dropped]
                 done = f"dropped index {', '.join(dropped)} the interrupted build left INVALID; " if dropped else ""
                 return (
@@ -1175,7 +1180,6 @@ def _run_change(
             _pending(script, before, database)  # refuses a database at a revision the code lacks
             steps = plan(script, before)
             cfg = alembic_config(settings, url=url, connection=conn, x_args=x_args)
-            db_history.ensure_schema(conn)
             guard = _IndexGuard(script, conn, action, steps) if action != "stamp" else None
             progress = _Progress(script, action, on_step, guard, on_locks)
             canceller = _Canceller(url)
@@ -1199,6 +1203,9 @@ def _run_change(
                         f"the project's env.py now keeps its revision in {table_name(configured)}, not "
                         f"{table_name(where)} as opslib read it; nothing was changed: run the command again"
                     )
+                # Only now, with the target confirmed, may the change give the database opslib's history
+                # tables (a refused change leaves it as it was); main waits on the worker meanwhile.
+                db_history.ensure_schema(conn)
 
             def attempt() -> None:
                 _run_env(
@@ -1237,7 +1244,8 @@ def _run_change(
                     # A signal cancels a concurrent build under way, which leaves its index invalid: not this run's.
                     dropped = guard.drop_after_interrupt(settings) if guard and isinstance(err, KeyboardInterrupt) else ""
                     failure = _failure(
-                        action, target, database, script, before, after, steps, err, url, progress.last_called, dropped
+                        action, target, database, script, before, after, steps, err, url, progress.last_called, dropped,
+                        partly=guard is not None and guard.ran_autocommit(),
                     )
                     failure.output = captured.getvalue()
                     raise failure from err
@@ -1246,10 +1254,10 @@ def _run_change(
                 finished[:] = [database, after]
             if late:
                 raise _finished_before(late[0], action, target, database, after)
-    except Interrupted as err:  # a signal while the lock was given up and the session closed, after the work
-        if not finished or err.revisions is not None:
+    except KeyboardInterrupt as err:  # a signal while the lock was given up and the session closed, after the work
+        if not finished or getattr(err, "revisions", None) is not None:
             raise
-        raise _finished_before(err.signum, action, target, *finished) from None
+        raise _finished_before(getattr(err, "signum", signal.SIGINT), action, target, *finished) from None
     head_ids = set(script.get_heads())
     return MigrationResult(
         action=action,
@@ -1332,6 +1340,8 @@ def _attempts(settings, action, after_timeout, on_attempt, guard, attempts, late
         try:
             if guard is not None and attempt > 1:
                 guard.drop_leftovers(dropping)
+            if late:  # noted while the leftovers were dropped or the attempt was recorded
+                raise Interrupted(late[0])
             action()
             if guard is not None:
                 guard.after_command()
@@ -1432,7 +1442,9 @@ def _finished_before(signum: int, action: str, target: str, database: str, after
     )
 
 
-def _failure(action, target, database, script, before, after, steps, err, url, last_called=None, dropped="") -> OpsError:
+def _failure(
+    action, target, database, script, before, after, steps, err, url, last_called=None, dropped="", partly=False
+) -> OpsError:
     """The error for a failed change: which revision failed, why, and where the database stands.
 
     The database says which revisions committed; when none did although some ran to their end
@@ -1465,7 +1477,7 @@ def _failure(action, target, database, script, before, after, steps, err, url, l
             revisions=after,
         )
     known = db.config_error_of(err)
-    if known is not None and set(before) == set(after):  # a privilege the role lacks: configuration, exit 2
+    if known is not None and set(before) == set(after) and not partly:  # a privilege the role lacks: exit 2
         return ConfigError(f"{action} to {target}{where}: {known.message}; {database} is unchanged at {_describe(after)}")
     if known is not None:
         cause = known.message
@@ -1587,19 +1599,36 @@ def stamp(settings: Settings, target: str) -> MigrationResult:
     return _run_change(settings, "stamp", target, (), plan, lambda script, current, steps: (target,))
 
 
-def _from_template(make: Callable[[], Script | list[Script] | None]) -> Script | list[Script] | None:
+def _revision_files(settings: Settings) -> set[Path]:
+    """The ``.py`` files in the project's version folders now."""
+    script = ScriptDirectory.from_config(alembic_config(settings))
+    return {
+        path.resolve()
+        for location in script._version_locations
+        if Path(location).is_dir()
+        for path in (Path(location).rglob("*.py") if script.recursive_version_locations else Path(location).glob("*.py"))
+    }
+
+
+def _from_template(
+    settings: Settings, make: Callable[[], Script | list[Script] | None]
+) -> Script | list[Script] | None:
     """Call Alembic's ``command.revision``/``merge``, which writes the file from the project's template and
-    imports it: a file that is not valid Python (the message closed the template's docstring) is removed
-    and refused, so that the chain never holds a file that cannot be imported."""
+    imports it: a new revision file that is not valid Python (the message closed the template's docstring)
+    is removed and refused, so that the chain never holds a file that cannot be imported. A syntax error
+    anywhere else (env.py, a models module it imports) is the project's to fix: named, never removed."""
+    before = _revision_files(settings)
     try:
         return make()
     except SyntaxError as err:
-        if err.filename and Path(err.filename).is_file():
-            Path(err.filename).unlink()
-        raise InvalidInput(
-            f"the revision file the project's template made from this message is not valid Python "
-            f"({err.msg}); it was removed: use a plainer message"
-        ) from None
+        broken = Path(err.filename).resolve() if err.filename else None
+        if broken is not None and broken.is_file() and broken in _revision_files(settings) - before:
+            broken.unlink()
+            raise InvalidInput(
+                f"the revision file the project's template made from this message is not valid Python "
+                f"({err.msg}); it was removed: use a plainer message"
+            ) from None
+        raise ConfigError(f"{err.filename}, line {err.lineno}, is not valid Python: {err.msg}; fix it first") from None
 
 
 def _created(result: Script | list[Script] | None, settings: Settings) -> RevisionInfo:
@@ -1640,7 +1669,7 @@ def merge(settings: Settings, message: str, revisions: Sequence[str] = ("heads",
     cfg = alembic_config(settings)
     try:
         with _capture_alembic_output():
-            made = _from_template(lambda: command.merge(cfg, list(revisions), message=message))
+            made = _from_template(settings, lambda: command.merge(cfg, list(revisions), message=message))
     except (CommandError, RevisionError) as err:
         raise InvalidInput(f"merge: {err}") from err
     return _created(made, settings)
@@ -1663,7 +1692,7 @@ def revision(settings: Settings, message: str, *, autogenerate: bool = False) ->
     if not autogenerate:
         cfg = alembic_config(settings, url=OFFLINE_URL)
         with _capture_alembic_output():
-            made = _from_template(lambda: command.revision(cfg, message=message))
+            made = _from_template(settings, lambda: command.revision(cfg, message=message))
         return _created(made, settings)
     url = db.target_url(settings)
     with db.connect(url) as conn:
@@ -1678,7 +1707,7 @@ def revision(settings: Settings, message: str, *, autogenerate: bool = False) ->
         try:
             with _capture_alembic_output():
                 made = _outside_event_loop(
-                    lambda: _from_template(lambda: command.revision(cfg, message=message, autogenerate=True)),
+                    lambda: _from_template(settings, lambda: command.revision(cfg, message=message, autogenerate=True)),
                     _watching(url, conn),
                 )
         except (CommandError, RevisionError) as err:

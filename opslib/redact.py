@@ -13,6 +13,7 @@ query (``postgresql://user@host/db?password=pw``, as libpq and psycopg2 take it)
 from __future__ import annotations
 
 import io
+import json
 import re
 from typing import IO, TYPE_CHECKING, Any
 from urllib.parse import parse_qs, quote, quote_plus, unquote, urlsplit
@@ -111,10 +112,20 @@ def _forms(secret: str) -> set[str]:
     for plain in list(forms):
         once = quote(plain, safe="")
         forms |= {once, quote(once, safe=""), quote_plus(plain), quote(plain), plain.replace("\\", "\\\\").replace("'", "\\'")}
+        forms |= {json.dumps(plain)[1:-1], json.dumps(plain, ensure_ascii=False)[1:-1]}  # as JSON output shows it
     return {form for form in forms if form}
 
 
-def _without(text: str, secret: str) -> str:
+# In what opslib writes on its own (records, manifests, its output), a remembered password shorter than this
+# is removed only where the text shows it as a password (a URL's user part, a password= value): replaced
+# wherever it appears, "a1" or "1" would corrupt revision ids, numbers and JSON. (A driver message or a
+# notebook scrubbed for its own URL, :func:`scrub` and :func:`scrub_json`, loses any length.)
+MIN_LITERAL = 4
+
+
+def _without(text: str, secret: str, shortest: int = 1) -> str:
+    if len(secret) < shortest:
+        return text
     for form in sorted(_forms(secret), key=len, reverse=True):  # longest first: a form may contain another
         text = text.replace(form, "***")
     return text
@@ -136,18 +147,17 @@ def clean(text: str) -> str:
     and every password of :func:`remember_secrets` removed in each of its forms, wherever it appears."""
     text = redact_urls_in(text)
     for secret in _KNOWN:
-        text = _without(text, secret)
+        text = _without(text, secret, MIN_LITERAL)
     return text
 
 
-# A hex digest (a sha256, a ledger hash) is never a password's carrier, and must stay as computed.
-_DIGEST = re.compile(r"[0-9a-f]{32,}")
-
-
-def clean_json(value: Any, keep: frozenset[str] = frozenset()) -> Any:
-    """A copy of a JSON value for writing (a sidecar, a manifest) passed through :func:`clean`: every
-    string, keys included; the values under ``keep`` and hex digests only through the shape rule."""
-    return _scrub_tree(value, sorted(_KNOWN), keep, True)
+def clean_json(value: Any, free_text: frozenset[str], keep: frozenset[str] = frozenset()) -> Any:
+    """A copy of a JSON value for writing (a sidecar, a manifest): every string masked by shape (as
+    :func:`redact_urls_in`), and the strings under the keys in ``free_text`` (an error, a migration's
+    output, a label: text that may quote anything) also through :func:`clean`, except the values under
+    ``keep`` inside them (names, statuses). Structured fields (ids, names, revisions, digests) are never
+    searched for the literal password, which may be a common word: so they stay as readers expect."""
+    return _scrub_tree(value, sorted(_KNOWN), keep, False, free_text, MIN_LITERAL)
 
 
 class CleanStream(io.TextIOBase):
@@ -246,19 +256,26 @@ def scrub_json(
     return _scrub_tree(value, secrets, keep, True)
 
 
-def _scrub_tree(value: Any, secrets: list[str], keep: frozenset[str], literal: bool) -> Any:
+def _scrub_tree(
+    value: Any,
+    secrets: list[str],
+    keep: frozenset[str],
+    literal: bool,
+    free_text: frozenset[str] = frozenset(),
+    shortest: int = 1,
+) -> Any:
     if isinstance(value, str):
         masked = redact_urls_in(value)
-        if literal and not _DIGEST.fullmatch(masked):
+        if literal:
             for secret in secrets:
-                masked = _without(masked, secret)
+                masked = _without(masked, secret, shortest)
         return masked
     if isinstance(value, (list, tuple)):
-        return [_scrub_tree(v, secrets, keep, literal) for v in value]
+        return [_scrub_tree(v, secrets, keep, literal, free_text, shortest) for v in value]
     if isinstance(value, dict):
         return {
             redact_urls_in(k) if isinstance(k, str) else k: _scrub_tree(
-                v, secrets, keep, literal and k not in keep
+                v, secrets, keep, (literal or k in free_text) and k not in keep, free_text, shortest
             )
             for k, v in value.items()
         }

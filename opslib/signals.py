@@ -47,7 +47,7 @@ def signals_deferred() -> Iterator[None]:
     import sys  # only here: this module is imported early by everything
 
     ending = sys.exc_info()[1]  # in a finally clause: the exception already under way, if any
-    with signals_held() as caught:
+    with signals_noted() as caught:  # never raises inside: a second signal waits like the first
         yield
     if caught and ending is None:
         raise Interrupted(caught[0])

@@ -114,7 +114,8 @@ def step(name: str, after: str | None = None, repeatable: bool = False) -> Calla
                 _Signals.in_step -= 1
                 if self.ended:  # sealed already (a signal passed on after the summary): nothing to add
                     raise
-                err = db.config_error_of(caught) or caught  # a missing privilege: configuration, exit 2
+                # A missing privilege is configuration (exit 2) when this run has changed nothing yet.
+                err = (db.config_error_of(caught) if not self._changed_anything() else None) or caught
                 if getattr(err, "output", ""):  # what the migrations printed or logged before the failure
                     self._keep_output(name, err.output)
                 entry.outcome = outcome_of(err)[0]
@@ -309,6 +310,15 @@ class Run:
         if self.run_lock is not None:
             self.run_lock.release()
             self.run_lock = None
+
+    def _changed_anything(self) -> bool:
+        """Whether this run has changed its database so far: a revision committed, data changed, a schema recreated."""
+        revision_steps = ("upgrade ", "downgrade ")
+        return bool(
+            self.record.data_changes
+            or self.record.schema_recreated
+            or any(s.outcome is Outcome.SUCCEEDED and s.name.startswith(revision_steps) for s in self.record.steps)
+        )
 
     def _attempt_recorder(self) -> Callable:
         """Record each attempt that gave up on the lock timeout, as a step of its own."""

@@ -342,13 +342,36 @@ def test_a_message_with_quotes_makes_a_revision_that_imports_and_one_the_templat
     spec.loader.exec_module(module)
     assert module.__doc__.splitlines()[0] == message
 
-    # A template whose docstring is one line: a message ending with a quote closes it one quote early.
+    # A template whose first docstring is the message alone, on one line (the rest follows in a second
+    # string): valid for a plain message, while one ending with a quote closes it a quote early.
     mako = dest / "migrations" / "script.py.mako"
-    lines = mako.read_text().splitlines()
-    mako.write_text("\n".join(['"""${message}"""', *[line for line in lines[1:] if line != '"""']]) + "\n")
+    text = mako.read_text()
+    assert text.startswith('"""${message}\n')
+    mako.write_text('"""${message}"""\n"""' + text[len('"""${message}') :])
+    plain = opslib_cli(database_url, dest / "alembic.ini", tmp_path / "work", "revision", "-m", "add nickname index")
+    assert plain.returncode == 0, plain.stdout + plain.stderr  # the template itself is sound
     listed = sorted(p.name for p in versions.glob("*.py"))
     refused = opslib_cli(database_url, dest / "alembic.ini", tmp_path / "work", "revision", "-m", 'say "hi"')
     assert refused.returncode == 2, refused.stdout + refused.stderr
     (line,) = refused.stderr.strip().splitlines()
     assert "not valid Python" in line and "removed" in line
     assert sorted(p.name for p in versions.glob("*.py")) == listed
+
+
+def test_a_syntax_error_elsewhere_in_the_project_is_named_and_no_file_of_it_is_removed(database_url, tmp_path):
+    """With revision_environment = true Alembic runs env.py while it makes a revision: a syntax error
+    there is the project's to fix (exit 2, named), and never a reason to delete env.py."""
+    import shutil
+
+    dest = tmp_path / "project"
+    shutil.copytree(ROOT / "migrations", dest / "migrations", ignore=shutil.ignore_patterns("__pycache__"))
+    ini = dest / "alembic.ini"
+    ini.write_text((ROOT / "alembic.ini").read_text().replace("[alembic]\n", "[alembic]\nrevision_environment = true\n", 1))
+    env_py = dest / "migrations" / "env.py"
+    env_py.write_text(env_py.read_text() + "\n\ndef broken(:\n    pass\n")
+    before = sorted(p.name for p in (dest / "migrations").rglob("*.py"))
+    done = opslib_cli(database_url, ini, tmp_path / "work", "revision", "-m", "add nickname")
+    assert done.returncode == 2, done.stdout + done.stderr
+    (line,) = done.stderr.strip().splitlines()
+    assert "env.py" in line and "not valid Python" in line or "cannot be imported" in line, line
+    assert env_py.exists() and sorted(p.name for p in (dest / "migrations").rglob("*.py")) == before

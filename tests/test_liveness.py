@@ -219,15 +219,23 @@ def test_kernel_files_of_a_gone_runner_go_and_only_those(tmp_path, monkeypatch):
     starting = str(tmp_path / "opslib-kernel-bbbbbbbbbbbb-ipc-1")
     listening = str(tmp_path / "opslib-kernel-cccccccccccc-ipc-1")
     old = kernelfiles.LEGACY_STALE_S + 5
+    # A runner gone, but its kernel still answers (it outlived its runner, or the runner is in another PID
+    # namespace sharing this folder): its files stay until it stops answering.
+    outlived = kernelfiles.new_prefix().replace(f"-{os.getpid()}-", f"-{gone.pid}-")
+    Path(kernelfiles.connection_file(outlived)).write_text("{}")
     held = [_unlistened_socket(f"{orphan}-1", 0), _unlistened_socket(stale, old), _unlistened_socket(starting, 0)]
     live = _unlistened_socket(listening, old)
     live.listen(1)
+    answering = _unlistened_socket(f"{outlived}-1", 0)
+    answering.listen(1)
+    held.append(answering)
     try:
         removed = kernelfiles.remove_orphans()
         assert sorted(removed) == sorted([kernelfiles.connection_file(orphan), f"{orphan}-1", stale])
         assert os.path.exists(kernelfiles.connection_file(ours))  # this process is alive: its kernel's
         assert os.path.exists(starting)  # refused but fresh: a kernel binding it right now
         assert os.path.exists(listening)  # old but answering: a long run's kernel
+        assert os.path.exists(kernelfiles.connection_file(outlived)) and os.path.exists(f"{outlived}-1")
     finally:
         for sock in (*held, live):
             sock.close()

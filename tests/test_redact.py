@@ -237,10 +237,12 @@ def test_a_parameter_with_a_query_password_is_refused_without_showing_it():
     assert params.shown_value(["postgresql://u@h/db?password=x"]) == "(not kept: it holds a password)"
 
 
-def test_clean_removes_a_remembered_password_in_every_form_and_a_stream_line_by_line():
+def test_clean_removes_a_remembered_password_in_every_form_and_a_stream_line_by_line(monkeypatch):
     from urllib.parse import quote
 
     from opslib import redact
+
+    monkeypatch.setattr(redact, "_KNOWN", set())  # this process's secrets: not left to later tests
 
     secret = "Zq%2F@:!k3yF0rm"
     redact.remember_secrets(f"postgresql://u:{quote(secret, safe='')}@h/db")
@@ -248,7 +250,10 @@ def test_clean_removes_a_remembered_password_in_every_form_and_a_stream_line_by_
     for shown in (secret, "Zq/@:!k3yF0rm", once, quote(once, safe=""), f"password='{secret}'", f"password={once}"):
         assert "k3yF0rm" not in redact.clean(f"before {shown} after"), shown
     digest = "ab" * 32
-    assert redact.clean_json({"sha256": digest, "label": secret}) == {"sha256": digest, "label": "***"}
+    assert redact.clean_json({"sha256": digest, "label": secret}, frozenset({"label"})) == {
+        "sha256": digest,
+        "label": "***",
+    }
 
     import io
 
@@ -260,3 +265,29 @@ def test_clean_removes_a_remembered_password_in_every_form_and_a_stream_line_by_
     assert out.getvalue() == "first *** end\n"
     stream.flush()
     assert out.getvalue() == "first *** end\nrest"
+
+
+def test_a_common_word_or_short_password_leaves_a_records_names_ids_and_revisions_as_they_are(monkeypatch):
+    """The very common postgres:postgres@…/postgres, and a two-character password inside a revision id:
+    names, ids and revisions keep their values (readers match on them); free text loses the password."""
+    from opslib import audit, redact
+
+    monkeypatch.setattr(redact, "_KNOWN", set())
+    redact.remember_secrets("postgresql://postgres:postgres@db.example/postgres")
+    redact.remember_secrets("postgresql://app:a1@db.example/shop")
+    record = {
+        "operator": "postgres",
+        "database": {"name": "postgres", "host": "db.example"},
+        "revisions_after": ["3a1f0c2b9d4e"],
+        "steps": [{"name": "upgrade 3a1f0c2b9d4e", "outcome": "failed", "error": "role postgres said postgres"}],
+        "checks": [{"name": "database reachable", "status": "pass", "detail": "password postgres accepted"}],
+        "error": "upgrade failed: the URL was postgresql://app:a1@db.example/shop",
+    }
+    clean = redact.clean_json(record, audit.RECORD_FREE_TEXT, audit.RECORD_NAMES)
+    assert clean["operator"] == "postgres" and clean["database"] == record["database"]
+    assert clean["revisions_after"] == ["3a1f0c2b9d4e"] and clean["steps"][0]["name"] == "upgrade 3a1f0c2b9d4e"
+    assert clean["steps"][0]["error"] == "role *** said ***"
+    assert clean["checks"][0] == {"name": "database reachable", "status": "pass", "detail": "password *** accepted"}
+    # Free text loses the common word wherever it is: the price of a password that is one.
+    assert clean["error"] == "upgrade failed: the URL was ***ql://app:***@db.example/shop"
+    assert redact.clean('{"revisions": ["3a1f0c2b9d4e"], "count": 1}') == '{"revisions": ["3a1f0c2b9d4e"], "count": 1}'
