@@ -24,9 +24,22 @@ LEGACY_STALE_S = 60.0
 _OWNED = re.compile(rf"^{re.escape(PREFIX)}(\d+)-[0-9a-f]+-ipc")
 
 
+# A Unix socket's path holds at most 107 bytes on Linux; a kernel's names add about 45 to their folder.
+_SOCKET_PATH_MAX, _NAME_ROOM = 107, 48
+
+
+def _folders() -> list[str]:
+    """Where kernel files are made: the temporary folder, or /tmp when its path leaves too little room
+    for a socket's name (a deep TMPDIR); both are looked at for orphans."""
+    folder = tempfile.gettempdir()
+    short = "/tmp" if os.path.isdir("/tmp") else folder
+    usable = folder if len(os.fsencode(folder)) + _NAME_ROOM <= _SOCKET_PATH_MAX else short
+    return list(dict.fromkeys([usable, folder, short]))
+
+
 def new_prefix() -> str:
     """The path prefix of a new kernel's files (its sockets ``<prefix>-1``…, its connection file)."""
-    return str(Path(tempfile.gettempdir()) / f"{PREFIX}{os.getpid()}-{uuid.uuid4().hex[:12]}-ipc")
+    return str(Path(_folders()[0]) / f"{PREFIX}{os.getpid()}-{uuid.uuid4().hex[:12]}-ipc")
 
 
 def connection_file(prefix: str) -> str:
@@ -56,7 +69,8 @@ def remove_orphans(older_than_s: float = LEGACY_STALE_S) -> list[str]:
     removed = []
     oldest = time.time() - older_than_s
     groups: dict[str, list[str]] = {}
-    for path in glob.glob(os.path.join(glob.escape(tempfile.gettempdir()), f"{PREFIX}*")):
+    found = [path for folder in _folders() for path in glob.glob(os.path.join(glob.escape(folder), f"{PREFIX}*"))]
+    for path in found:
         try:
             if os.lstat(path).st_uid != os.getuid():
                 continue  # another user's: not ours to judge (and a sticky folder would refuse anyway)

@@ -1641,8 +1641,9 @@ def _created(result: Script | list[Script] | None, settings: Settings) -> Revisi
 
 # What a message must not hold: it is written into a Python docstring by the project's template, where
 # triple quotes end the docstring (and what follows runs on import), a backslash starts an escape (one
-# at the end swallows the closing quote), and control characters break the file or the terminal.
-_UNSAFE_IN_MESSAGE = re.compile(r'"""|\'\'\'|\\|[\x00-\x1f\x7f]')
+# at the end swallows the closing quote), and control characters (not newlines or tabs: a message may
+# have several lines) break the file or the terminal.
+_UNSAFE_IN_MESSAGE = re.compile(r'"""|\'\'\'|\\|[\x00-\x08\x0b-\x1f\x7f]')  # newlines and tabs are text
 
 
 def _check_message(message: str) -> str:

@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 
@@ -346,13 +348,13 @@ def test_a_signal_in_the_instant_after_the_last_commit_still_ends_sealed_and_say
             assert verify.returncode == 0, seen + verify.stdout + verify.stderr
 
 
-def test_a_runner_killed_with_sigkill_leaves_no_kernel_files_after_the_next_command(database_url, tmp_path):
+def test_a_runner_killed_with_sigkill_leaves_no_kernel_files_after_the_next_command(database_url, tmp_path, request):
     """The kernel's connection file (its signing key) and its sockets, named for the runner, are removed by
     the next opslib command once the runner is gone, whatever their age."""
     work = tmp_path / "work"
     (work / "marks").mkdir(parents=True)
-    temp = tmp_path / "tmp"
-    temp.mkdir()
+    temp = Path(tempfile.mkdtemp(prefix="okf", dir="/tmp"))  # short: a socket's path has room for 107 bytes
+    request.addfinalizer(lambda: shutil.rmtree(temp, ignore_errors=True))
     ini = FIXTURES / "faults" / "alembic.ini"
     assert opslib_cli(database_url, ini, work, "upgrade", "f002").returncode == 0
     env = _env(database_url, work, FAULT_PAUSE_AT="before-first-revision", TMPDIR=str(temp))

@@ -204,10 +204,18 @@ def _unlistened_socket(path: str, age_s: float) -> socket.socket:
     return sock
 
 
-def test_kernel_files_of_a_gone_runner_go_and_only_those(tmp_path, monkeypatch):
+def test_kernel_files_of_a_gone_runner_go_and_only_those(monkeypatch):
     from opslib import kernelfiles
 
-    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    short = Path(tempfile.mkdtemp(prefix="okf", dir="/tmp"))  # a socket's path has room for 107 bytes only
+    monkeypatch.setattr(tempfile, "tempdir", str(short))
+    try:
+        _kernel_files_judged(kernelfiles, short)
+    finally:
+        shutil.rmtree(short, ignore_errors=True)
+
+
+def _kernel_files_judged(kernelfiles, tmp_path: Path) -> None:
     gone = subprocess.Popen(["true"])
     gone.wait()  # a pid that no longer runs
     orphan = kernelfiles.new_prefix().replace(f"-{os.getpid()}-", f"-{gone.pid}-")
@@ -270,3 +278,18 @@ def test_a_save_seals_only_an_interactive_run_its_kernel_has_closed(tmp_path, mo
         assert entries[0]["notebook_sha256"] == audit.file_sha256(records / f"{stem}.ipynb")
         assert not checkpoint.exists()  # Lab's unscrubbed copy goes with the seal
         assert audit.verify_ledger(records) == []
+
+
+def test_a_deep_temporary_folder_puts_kernel_sockets_in_tmp_where_their_paths_fit(monkeypatch, tmp_path):
+    from opslib import kernelfiles
+
+    deep = tmp_path / ("d" * 90)
+    deep.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(deep))
+    prefix = kernelfiles.new_prefix()
+    assert prefix.startswith("/tmp/opslib-kernel-") and len(f"{prefix}-12".encode()) <= 107
+    short = tmp_path.parent / "s"
+    short.mkdir(exist_ok=True)
+    monkeypatch.setattr(tempfile, "tempdir", str(short))
+    if len(str(short)) + 48 <= 107:
+        assert kernelfiles.new_prefix().startswith(f"{short}/opslib-kernel-{os.getpid()}-")
