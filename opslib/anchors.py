@@ -21,7 +21,7 @@ from pathlib import Path
 import sqlalchemy as sa
 from sqlalchemy.engine import URL
 
-from opslib import db
+from opslib import audit, db
 from opslib import history as run_history
 from opslib.config import Settings
 from opslib.errors import OpsError
@@ -194,6 +194,7 @@ def _compare(here: list[dict], anchored: list[dict], name: str) -> list[str]:
     """What differs between the ledger entries ``here`` and the hashes anchored in ``name`` (a database or
     the witness), each naming the run."""
     problems = []
+    here = [e for e in here if not audit.is_start(e)]  # what is anchored is each run's ending
     by_run = {e.get("run_id"): e for e in here}
     for a in anchored:
         entry = by_run.get(a["run_id"])

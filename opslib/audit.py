@@ -240,9 +240,39 @@ class Appended:
     ledger_id: str
 
 
+STARTED = "started"  # the kind of a run's first ledger entry; its ending's has no kind (or "ended")
+
+
+def is_start(entry: dict) -> bool:
+    """Whether a ledger entry is a run's start entry (not its ending)."""
+    return entry.get("kind") == STARTED
+
+
+def append_started(records_dir: Path, stem: str, record: RunRecord) -> Appended:
+    """Append the run's ``started`` entry, before it does anything: who, what, with which parameters, and
+    the name its sidecar will have. From then on the run is in the ledger: a sidecar no start entry names
+    is outside it (`audit verify` fails on it, and no command edits it), and a run started but never
+    ended is sealed as abandoned by appending its ending, its files left as they are."""
+    entry = {
+        "kind": STARTED,
+        "run_id": record.run_id,
+        "runbook": record.runbook,
+        "env": record.env,
+        "operator": record.operator,
+        "mode": record.mode,
+        "runbook_sha256": record.runbook_sha256,
+        "parameters": clean_json(record.parameters, frozenset({"parameters"}) | RECORD_FREE_TEXT) if record.parameters else None,
+        "started_at": record.started_at,
+        "sidecar": f"{stem}.json",
+    }
+    appended = _append(Path(records_dir), entry, vouching=False)
+    assert appended is not None
+    return appended
+
+
 def append_ledger(records_dir: Path, stem: str, record: RunRecord) -> Appended | None:
-    """Append the run's entry to ``ledger.jsonl``, chained to the entry before it; None (nothing
-    appended) when the ledger already vouches for this run: a run is sealed once.
+    """Append the run's ending entry to ``ledger.jsonl``, chained to the entry before it; None (nothing
+    appended) when the ledger already holds this run's ending: a run is sealed once.
 
     The entry holds the sha256 of the sidecar and of the executed notebook (when there is one) and
     the hash of the previous entry, so editing, removing or reordering anything shows in
@@ -250,8 +280,6 @@ def append_ledger(records_dir: Path, stem: str, record: RunRecord) -> Appended |
     two runs finish at once; earlier lines are never rewritten.
     """
     records_dir = Path(records_dir)
-    path = records_dir / LEDGER
-    path.parent.mkdir(parents=True, exist_ok=True)
     notebook = record.notebook
     entry = {
         "run_id": record.run_id,
@@ -271,12 +299,20 @@ def append_ledger(records_dir: Path, stem: str, record: RunRecord) -> Appended |
         "notebook_sha256": file_sha256(records_dir / notebook) if notebook else None,
         "warnings": skipped_safeguards(record.to_dict()),  # sealed with the run: an edit cannot hide them
     }
+    if record.sealed_by:
+        entry["sealed_by"] = record.sealed_by
+    return _append(records_dir, entry, vouching=True)
+
+
+def _append(records_dir: Path, entry: dict, vouching: bool) -> Appended | None:
+    path = records_dir / LEDGER
+    path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a+", encoding="utf-8") as f:
         fcntl.flock(f, fcntl.LOCK_EX)
         try:
             f.seek(0)
             lines = [line for line in f.read().splitlines() if line.strip()]
-            if any(_vouches_for(line, entry["sidecar"]) for line in lines):
+            if vouching and any(_vouches_for(line, entry["sidecar"]) for line in lines):
                 return None
             entry["prev_hash"] = json.loads(lines[-1]).get("hash", GENESIS) if lines else GENESIS
             entry["hash"] = entry_hash(entry)
@@ -291,12 +327,28 @@ def append_ledger(records_dir: Path, stem: str, record: RunRecord) -> Appended |
 
 
 def _vouches_for(line: str, sidecar: str) -> bool:
+    """Whether a ledger line is the ending of the run whose sidecar is ``sidecar``."""
     if sidecar not in line:  # most lines: no JSON parsing needed
         return False
     try:
-        return json.loads(line).get("sidecar") == sidecar
+        entry = json.loads(line)
+        return entry.get("sidecar") == sidecar and not is_start(entry)
     except (ValueError, AttributeError):
         return False
+
+
+def ended_entries(entries: list[dict]) -> list[dict]:
+    """The runs of a ledger, one entry each, in the order they started: a run's ending entry, or its start
+    entry while it has none (a run in progress, or one to seal as abandoned)."""
+    endings = {e.get("sidecar"): e for e in entries if not is_start(e)}
+    runs, seen = [], set()
+    for entry in entries:
+        sidecar = entry.get("sidecar")
+        if sidecar in seen:
+            continue
+        seen.add(sidecar)
+        runs.append(endings.get(sidecar, entry))
+    return runs
 
 
 @contextmanager
@@ -313,6 +365,11 @@ def _ledger_held(records_dir: Path) -> Iterator[None]:
         yield
     finally:
         os.close(fd)
+
+
+def read_endings(records_dir: Path) -> list[dict]:
+    """The ledger's ending entries (one per sealed run), in file order."""
+    return [e for e in read_ledger(records_dir) if not is_start(e)]
 
 
 def read_ledger(records_dir: Path) -> list[dict]:
@@ -372,6 +429,9 @@ def _check_entries(records_dir: Path, entries: list[dict]) -> list[list[str]]:
                     f"{label}: the entry before it was removed (its predecessor is not in the ledger)"
                 )
         previous = entry.get("hash")
+        if is_start(entry):  # the run's files are written after it: its ending vouches for them
+            by_entry.append(found)
+            continue
         for kind in ("sidecar", "notebook"):
             name = entry.get(kind)
             if not name:
@@ -532,22 +592,28 @@ def _unsealed(records_dir: Path, vouched: set) -> list[tuple[Path, dict | None]]
 
 
 def vouched_stems(records_dir: Path) -> set[str]:
-    """The runs the ledger vouches for (sealed), by file stem."""
-    return {str(e.get("sidecar", "")).removesuffix(".json") for e in read_ledger(records_dir)}
+    """The runs the ledger vouches for (sealed: their ending is in it), by file stem."""
+    return {str(e.get("sidecar", "")).removesuffix(".json") for e in read_ledger(records_dir) if not is_start(e)}
 
 
 def abandoned_stems(records_dir: Path) -> list[str]:
     """The runs that ended without sealing their record (killed with SIGKILL, a kernel that died, a
-    machine that lost power): their sidecars are not in the ledger, and nobody holds their live mark."""
+    machine that lost power): the ledger holds their start and no ending, and nobody holds their live
+    mark. A sidecar the ledger does not name at all is outside it: never sealed, never edited."""
     records_dir = Path(records_dir)
     try:
-        vouched = {e.get("sidecar") for e in read_ledger(records_dir)}
+        entries = read_ledger(records_dir)
     except ValueError:
         return []  # a ledger that is not JSON lines: nothing is sealed onto it (`audit verify` names it)
+    started = {e.get("sidecar") for e in entries if is_start(e)}
+    vouched = {e.get("sidecar") for e in entries if not is_start(e)}
     return [
         path.stem
         for path, data in _unsealed(records_dir, vouched)
-        if data is not None and data.get("run_id") and not run_is_live(records_dir, path.stem, data)
+        if path.name in started
+        and data is not None
+        and data.get("run_id")
+        and not run_is_live(records_dir, path.stem, data)
     ]
 
 
@@ -572,18 +638,21 @@ def sealing_lock(records_dir: Path) -> Iterator[None]:
 
 
 def _unvouched(records_dir: Path, entries: list[dict]) -> list[str]:
-    vouched = {e.get("sidecar") for e in entries} | {e.get("notebook") for e in entries}
+    endings = [e for e in entries if not is_start(e)]
+    started = {e.get("sidecar") for e in entries if is_start(e)}
+    vouched = {e.get("sidecar") for e in endings} | {e.get("notebook") for e in endings}
     problems = []
     live_stems = set()
     for path, data in _unsealed(records_dir, vouched):
-        if data is not None and run_is_live(records_dir, path.stem, data):
-            live_stems.add(path.stem)  # a run in progress: its ledger entry comes when it ends
+        if path.name in started and data is not None and run_is_live(records_dir, path.stem, data):
+            live_stems.add(path.stem)  # a run in progress: its ending comes when it ends
             continue
         problems.append(
-            f"{path.name} is not in the ledger (added outside it, or its ledger line was removed)"
-            if data is None or not data.get("run_id")
-            else f"{path.name} was not sealed: its run ended without sealing it (the next `opslib audit` or "
+            f"{path.name} was not sealed: its run ended without sealing it (the next `opslib audit` or "
             "`opslib run` seals it as abandoned)"
+            if path.name in started and data is not None and data.get("run_id")
+            else f"{path.name} is outside the ledger: no start entry names it (added outside it, or its "
+            "ledger lines were removed); no opslib command edits it"
         )
     for path in sorted(records_dir.glob("*.ipynb")):
         if path.name in vouched or path.name.startswith(".") or path.stem in live_stems:
@@ -633,7 +702,7 @@ def run_row(entry: dict) -> dict:
         "operator": entry.get("operator"),
         "database": database.get("name"),
         "revisions": f"{before} -> {after}" if database else "",
-        "outcome": entry.get("outcome"),
+        "outcome": "running" if is_start(entry) else entry.get("outcome"),  # started, no ending yet
         "exit_code": entry.get("exit_code"),
         "duration_s": _duration(entry),
         "warnings": list(entry.get("warnings") or []),
@@ -641,13 +710,14 @@ def run_row(entry: dict) -> dict:
 
 
 def list_runs(records_dir: Path) -> list[dict]:
-    """One row per run in the ledger (:func:`run_row`), oldest first."""
-    return [run_row(entry) for entry in read_ledger(records_dir)]
+    """One row per run in the ledger (:func:`run_row`), oldest first; a run not ended yet shows as running."""
+    return [run_row(entry) for entry in ended_entries(read_ledger(records_dir))]
 
 
 def find_run(records_dir: Path, run_id: str) -> dict:
-    """The sidecar of the run whose id is (or starts with) ``run_id``."""
-    matches = [e for e in read_ledger(records_dir) if str(e["run_id"]).startswith(run_id)]
+    """The sidecar of the run whose id is (or starts with) ``run_id``, with the ending the ledger holds
+    (an abandoned run's ending is appended to the ledger; its files stay as its processes left them)."""
+    matches = [e for e in ended_entries(read_ledger(records_dir)) if str(e["run_id"]).startswith(run_id)]
     if len(matches) != 1:
         what = "no run" if not matches else f"{len(matches)} runs"
         raise InvalidInput(f"{what} with id {run_id!r} in {records_dir}: `opslib audit list` shows the ids")
@@ -656,4 +726,10 @@ def find_run(records_dir: Path, run_id: str) -> dict:
         raise InvalidInput(
             f"the sidecar {matches[0]['sidecar']} of run {run_id} is missing: run `opslib audit verify`"
         )
+    ending = matches[0]
+    if not is_start(ending) and record.get("outcome") != ending.get("outcome"):
+        # Sealed by appending (abandoned): the ledger's ending is the run's, the file is as it was left.
+        for name in ("outcome", "exit_code", "finished_at", "revisions_after", "sealed_by"):
+            if name in ending:
+                record[name] = ending[name]
     return record

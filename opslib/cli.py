@@ -590,7 +590,8 @@ def _audit(settings, args: argparse.Namespace) -> int:
             print("\n".join(problems))
             raise ChecksFailed(f"audit verify: {len(problems)} problem(s) in {records}; the first: {problems[0]}")
         print(
-            f"audit verify: {len(check.entries)} run(s), every record matches the ledger and the chain is intact; "
+            f"audit verify: {len(audit.ended_entries(check.entries))} run(s), every record matches the ledger and "
+            "the chain is intact; "
             f"{anchored}"
         )
     return EXIT_OK
@@ -616,7 +617,9 @@ def _open(settings, args: argparse.Namespace) -> int:
     record = lab.open_run(
         settings, args.runbook, [tuple(p) for p in args.parameter], env=args.env, lab_args=args.lab_args
     )
-    sealed = f"{record.run_id}" in {e.get("run_id") for e in audit.read_ledger(settings.records_dir)}
+    sealed = f"{record.run_id}" in {
+        e.get("run_id") for e in audit.read_ledger(settings.records_dir) if not audit.is_start(e)
+    }
     code = process_exit_code(record.outcome, record.exit_code) if sealed else 1
     line = f"opslib open: run {record.run_id} ({record.runbook}) {record.outcome}"
     if not sealed:

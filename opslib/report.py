@@ -244,8 +244,16 @@ def _write_site(records_dir: Path, site: Path, check: audit.LedgerCheck) -> list
     (site / "notebook.css").write_text(_notebook_css(exporter))
     (site / "runs").mkdir()
     pages, runs = [], []
+    # One page per run: its ending's, or its start's while it has none. A start entry's own problems (edited,
+    # out of order) are shown on its run's page.
+    ended = {e.get("sidecar") for e in check.entries if not audit.is_start(e)}
+    start_problems: dict = {}
     for line, (entry, problems) in enumerate(zip(check.entries, check.by_entry, strict=True), start=1):
-        name = _page_name(line, entry)
+        if audit.is_start(entry) and entry.get("sidecar") in ended:
+            start_problems[entry.get("sidecar")] = problems
+            continue
+        problems = start_problems.pop(entry.get("sidecar"), []) + problems
+        name = _page_name(len(pages) + 1, entry)  # numbered by run; the page names its ledger line
         html = _run_page(exporter, env, records_dir, line, entry, problems, common)
         (site / "runs" / name).write_text(clean(html), encoding="utf-8")
         pages.append(name)

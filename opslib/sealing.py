@@ -120,7 +120,8 @@ def _seal_one(settings: Settings, records, stem: str, command: str) -> RunRecord
         )
         record.sealed_by = f"`opslib {command}` on {socket.gethostname()} at {now}"
         settle(settings, record)
-        if not _seal_files(settings, records, stem, record):
+        # Its ending is appended to the ledger; its sidecar stays as its processes left it.
+        if not _seal_files(settings, records, stem, record, rewrite_sidecar=False):
             return None
     return record
 
@@ -145,15 +146,17 @@ def seal_finished(settings: Settings, stem: str, by: str) -> RunRecord | None:
     return record
 
 
-def _seal_files(settings: Settings, records: Path, stem: str, record: RunRecord) -> bool:
+def _seal_files(settings: Settings, records: Path, stem: str, record: RunRecord, rewrite_sidecar: bool = True) -> bool:
     """Scrub the run's notebook (and drop JupyterLab's unscrubbed checkpoint copy of it), write the sidecar
-    and append the ledger entry vouching for both; False when another command sealed the run first."""
+    (unless ``rewrite_sidecar`` is false: an abandoned run's stays as it was left) and append the ledger
+    entry vouching for both; False when another command sealed the run first."""
     notebook = audit.sidecar_path(records, stem).with_suffix(".ipynb")
     if notebook.is_file():
-        audit.scrub_notebook(notebook, anchors.url_text_of(settings, record))
+        audit.scrub_notebook(notebook, anchors.url_text_of(settings, record))  # secrets out, whatever else
         record.notebook = notebook.name
     (records / ".ipynb_checkpoints" / f"{stem}-checkpoint.ipynb").unlink(missing_ok=True)
-    audit.write_sidecar(records, stem, record)
+    if rewrite_sidecar:
+        audit.write_sidecar(records, stem, record)
     appended = audit.append_ledger(records, stem, record)
     if appended is None:
         return False

@@ -21,8 +21,9 @@ def audit_summary(records_dir: Path, check: audit.LedgerCheck | None = None) -> 
     check = check or audit.check_ledger(records_dir)
     counts: dict[str, Counter] = {}
     changes = []
-    for entry in check.entries:
-        env, outcome = str(entry.get("env")), str(entry.get("outcome"))
+    runs = audit.ended_entries(check.entries)
+    for entry in runs:
+        env, outcome = str(entry.get("env")), "running" if audit.is_start(entry) else str(entry.get("outcome"))
         counts.setdefault(env, Counter())[outcome] += 1
         if env == "production" and entry.get("runbook") in CHANGING_RUNBOOKS and outcome not in _UNCHANGED:
             sidecar = _sidecar(records_dir, entry)
@@ -39,7 +40,7 @@ def audit_summary(records_dir: Path, check: audit.LedgerCheck | None = None) -> 
     return {
         "verification": {
             "status": "failed" if check.problems else "passed",
-            "runs": len(check.entries),
+            "runs": len(runs),
             "problems": check.problems,
         },
         "runs": {env: dict(sorted(c.items())) for env, c in sorted(counts.items())},

@@ -33,7 +33,7 @@ def three_runs(database_url, tmp_path) -> tuple[Path, str, list[dict]]:
         assert _opslib_run(database_url, work, runbook) == 0
         if i == 1:
             shutil.copy(work / "records" / audit.LEDGER, tmp_path / "ledger-after-two.jsonl")
-    return work, database_url, audit.read_ledger(work / "records")
+    return work, database_url, audit.read_endings(work / "records")
 
 
 def test_every_run_is_anchored_and_verify_says_so(three_runs):
@@ -48,10 +48,11 @@ def test_every_run_is_anchored_and_verify_says_so(three_runs):
 
 
 def _drop_entry(work: Path, index: int) -> dict:
+    """Remove run ``index`` (among the sealed runs) from the ledger, its start and its ending, and its files."""
     records = work / "records"
     lines = (records / audit.LEDGER).read_text().splitlines()
-    entry = audit.read_ledger(records)[index]
-    del lines[index]
+    entry = audit.read_endings(records)[index]
+    lines = [line for line in lines if json.loads(line).get("sidecar") != entry["sidecar"]]
     (records / audit.LEDGER).write_text("".join(line + "\n" for line in lines))
     for name in (entry["sidecar"], entry["notebook"]):
         (records / name).unlink()
@@ -105,7 +106,7 @@ def test_a_witness_folder_names_a_cut_off_tail_when_the_database_is_gone(databas
         done = subprocess.run([OPSLIB, "run", runbook], cwd=work, env={**env, "DATABASE_URL": database_url},
                               capture_output=True, text=True)  # fmt: skip
         assert done.returncode == 0, done.stderr
-    entries = audit.read_ledger(work / "records")
+    entries = audit.read_endings(work / "records")
     assert [json.loads(line)["entry_hash"] for line in (witness / "ledger-witness.jsonl").read_text().splitlines()] == [
         e["hash"] for e in entries
     ]

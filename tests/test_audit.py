@@ -32,7 +32,8 @@ def test_list_show_and_verify_four_runs(recorded_runs):
     entries = audit.read_ledger(work / "records")
     assert entries[0]["prev_hash"] == audit.GENESIS
     assert all(b["prev_hash"] == a["hash"] for a, b in zip(entries, entries[1:], strict=False))
-    assert all(e["sidecar_sha256"] and e["notebook_sha256"] for e in entries)
+    assert [audit.is_start(e) for e in entries] == [True, False] * 4  # each run: its start, then its ending
+    assert all(e["sidecar_sha256"] and e["notebook_sha256"] for e in entries if not audit.is_start(e))
 
 
 @pytest.mark.parametrize(
@@ -48,7 +49,7 @@ def test_list_show_and_verify_four_runs(recorded_runs):
 def test_each_tampering_is_detected_and_named(recorded_runs, tmp_path, tamper, message):
     copy = copy_of_records(recorded_runs, tmp_path)
     records = copy / "records"
-    entries = audit.read_ledger(records)
+    entries = audit.read_endings(records)
     target = entries[1]
     if tamper == "notebook byte":
         path = records / target["notebook"]
@@ -65,12 +66,12 @@ def test_each_tampering_is_detected_and_named(recorded_runs, tmp_path, tamper, m
         named = target["sidecar"]
     else:
         lines = (records / audit.LEDGER).read_text().splitlines()
-        if tamper == "ledger line removed":
-            del lines[1]
+        if tamper == "ledger line removed":  # the second run's start
+            del lines[2]
         else:
-            lines[1], lines[2] = lines[2], lines[1]
+            lines[2], lines[3] = lines[3], lines[2]
         (records / audit.LEDGER).write_text("\n".join(lines) + "\n")
-        named = "ledger line 2"
+        named = "ledger line 3"
     done = audit_cli(copy, "verify")
     assert done.returncode == 3, done.stdout + done.stderr
     assert message in done.stdout and named in done.stdout
@@ -158,3 +159,40 @@ def test_the_auditors_summary_counts_runs_and_lists_production_changes_with_thei
     page = (tmp_path / "site" / "summary.html").read_text()
     assert report.returncode == 3 and 'id="production-changes"' in page and "no verified backup" in page
     assert 'href="summary.html"' in (tmp_path / "site" / "index.html").read_text()
+
+
+def _hashes(folder: Path) -> dict[str, str]:
+    """Every file of a records folder by its sha256, lock files aside."""
+    return {
+        str(p.relative_to(folder)): audit.file_sha256(p)
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and not p.name.endswith(".lock")
+    }
+
+
+@pytest.mark.parametrize("kept", [4, 5], ids=["whole runs kept", "cut inside a run"])
+def test_a_ledger_cut_short_is_never_laundered_by_opslib_itself(recorded_runs, tmp_path, kept):
+    """The issue's `head -10 ledger.jsonl > x && mv x ledger.jsonl`, every file left in place: the runs
+    whose lines are gone are outside the ledger, every audit command says so (verify exit 3) and none
+    edits a file. A run whose start is kept and ending cut is sealed abandoned by an appended line only."""
+    copy = copy_of_records(recorded_runs, tmp_path)
+    records = copy / "records"
+    lines = (records / audit.LEDGER).read_text().splitlines()
+    assert len(lines) == 8  # four runs, a start and an ending each
+    (records / audit.LEDGER).write_text("\n".join(lines[:kept]) + "\n")
+    files = {name: digest for name, digest in _hashes(records).items() if name != audit.LEDGER}
+    for command in (["list"], ["verify"], ["show", audit.read_ledger(records)[0]["run_id"]], ["verify"], ["summary"]):
+        done = audit_cli(copy, *command)
+        if command == ["verify"]:
+            assert done.returncode == 3, done.stdout + done.stderr
+            assert "is outside the ledger: no start entry names it" in done.stdout
+    after = _hashes(records)
+    assert {name: digest for name, digest in after.items() if name != audit.LEDGER} == files
+    now = (records / audit.LEDGER).read_text().splitlines()
+    assert now[:kept] == lines[:kept]  # earlier lines are never rewritten
+    appended = [json.loads(line) for line in now[kept:]]
+    if kept == 4:
+        assert appended == []
+    else:  # the third run's start was kept: its ending is appended, as abandoned
+        (ending,) = appended
+        assert ending["outcome"] == "abandoned" and ending["run_id"] == json.loads(lines[4])["run_id"]

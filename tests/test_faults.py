@@ -223,7 +223,7 @@ def test_a_deploy_stopped_at_any_point_ends_sealed_and_safe(
         [OPSLIB, "audit", "verify"], cwd=work, env=_env(database_url, work), capture_output=True, text=True
     )
     assert verify.returncode == 0, verify.stdout + verify.stderr
-    (entry,) = audit.read_ledger(work / "records")
+    (entry,) = audit.read_endings(work / "records")
     if signame == "SIGKILL":
         assert code == -signal.SIGKILL
         assert entry["outcome"] == "abandoned" or (point == "record" and entry["outcome"] == "succeeded")
@@ -341,7 +341,7 @@ def test_a_signal_in_the_instant_after_the_last_commit_still_ends_sealed_and_say
             last = err.strip().splitlines()[-1]
             assert "now at 0007" in last, seen
         if command == "run deploy":
-            (entry,) = audit.read_ledger(work / "records")
+            (entry,) = audit.read_endings(work / "records")
             assert entry["exit_code"] == code and entry["revisions_after"] == ["0007"], seen
             assert entry["outcome"] == ("succeeded" if code == 0 else "interrupted"), seen
             verify = subprocess.run([OPSLIB, "audit", "verify"], cwd=work, env=env, capture_output=True, text=True)

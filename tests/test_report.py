@@ -105,7 +105,7 @@ def test_report_index_and_run_pages_in_headless_chromium(recorded_runs, tmp_path
 def test_report_shows_each_changed_record_in_red(recorded_runs, tmp_path):
     copy = copy_of_records(recorded_runs, tmp_path)
     records = copy / "records"
-    entries = audit.read_ledger(records)
+    entries = audit.read_endings(records)
     notebook = records / entries[0]["notebook"]
     notebook.write_text(notebook.read_text().replace("succeeded", "SUCCEEDED", 1))
     (records / entries[2]["sidecar"]).write_text("{ not json")
@@ -206,7 +206,7 @@ def test_report_arguments_and_a_broken_ledger_are_refused_clearly(recorded_runs,
 def test_an_edited_sidecar_shows_each_changed_fact_against_the_ledger(recorded_runs, tmp_path):
     copy = copy_of_records(recorded_runs, tmp_path)
     records = copy / "records"
-    line, entry = next((i, e) for i, e in enumerate(audit.read_ledger(records), 1) if e["outcome"] != "succeeded")
+    line, entry = next((i, e) for i, e in enumerate(audit.read_endings(records), 1) if e["outcome"] != "succeeded")
     path = records / entry["sidecar"]
     record = json.loads(path.read_text())
     record.update(operator="mallory", outcome="succeeded", exit_code=0)  # a failed run made to look fine

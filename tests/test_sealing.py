@@ -34,6 +34,7 @@ def killed_run(records: Path, url: str, stem: str, version_table: list | None) -
         revisions_before=["x0"], version_table=version_table,
     )  # fmt: skip
     records.mkdir(parents=True, exist_ok=True)
+    audit.append_started(records, stem, record)  # as every run does before anything else
     audit.write_sidecar(records, stem, record)
     audit.live_mark_path(records, stem).touch()
 
@@ -54,7 +55,7 @@ def test_a_killed_run_is_sealed_with_the_revision_of_its_own_version_table(datab
     assert done.returncode == 0, done.stderr
     assert "sealed run 1111aaaa (deploy" in done.stderr and "the database is at x7" in done.stderr
     assert "sealed run 2222bbbb (deploy" in done.stderr and "its revision could not be read" in done.stderr
-    entries = {e["run_id"]: e for e in audit.read_ledger(records)}
+    entries = {e["run_id"]: e for e in audit.read_endings(records)}
     assert entries["1111aaaa"]["outcome"] == "abandoned" and entries["1111aaaa"]["revisions_after"] == ["x7"]
     assert entries["2222bbbb"]["outcome"] == "abandoned" and entries["2222bbbb"]["revisions_after"] is None
     assert not list(records.glob(".*.live"))  # sealed: the marks are gone
@@ -93,7 +94,7 @@ def test_sigterm_between_steps_seals_the_run_at_once(database_url, tmp_path):
     assert record["revisions_after"] == []  # read afresh: nothing was applied
     assert "SIGTERM" in record["error"]
     assert query(database_url, held)[0][0] == 0
-    [entry] = audit.read_ledger(sidecar.parent)
+    [entry] = audit.read_endings(sidecar.parent)
     assert entry["outcome"] == "interrupted" and entry["sidecar"] == sidecar.name
     assert audit.verify_ledger(sidecar.parent) == []
     assert not list(sidecar.parent.glob(".*.live"))

@@ -34,7 +34,7 @@ def in_process(database_url, tmp_path, monkeypatch):
 
 def sealed(records) -> dict:
     """The one run's sealed record, after checking its ledger entry vouches for it."""
-    [entry] = audit.read_ledger(records)
+    [entry] = audit.read_endings(records)
     assert audit.verify_ledger(records) == []
     return json.loads((records / entry["sidecar"]).read_text())
 
