@@ -11,17 +11,13 @@ folder working on the same database) are counted, never taken for this one's.
 
 from __future__ import annotations
 
-import fcntl
-import json
 import os
-import sys
-from datetime import datetime, timezone
-from pathlib import Path
+from datetime import datetime
 
 import sqlalchemy as sa
 from sqlalchemy.engine import URL
 
-from opslib import audit, db
+from opslib import audit, db, witness
 from opslib import history as run_history
 from opslib.config import Settings
 from opslib.errors import OpsError
@@ -64,15 +60,13 @@ def _embedded_if_running(settings: Settings) -> str | None:
     return state.url if state.running else None
 
 
-WITNESS_FILE = "ledger-witness.jsonl"
-
-
 def anchor(settings: Settings, record: RunRecord, appended) -> bool:
     """Write the hash of the run's ledger entry (``audit.Appended``) into its database, and into the witness
-    folder when one is set; False when the database cannot be identified or reached from here (`audit verify`
+    (on by default); False when the database cannot be identified or reached from here (`audit verify`
     then names the entry as not anchored)."""
-    if settings.ledger_witness is not None:
-        _witness(settings.ledger_witness, appended)
+    backend = witness.of(settings.ledger_witness)
+    if backend is not None:
+        backend.append(appended.ledger_id, appended.entry)
     url = target_of(settings, record)
     if url is None:
         return False
@@ -82,41 +76,6 @@ def anchor(settings: Settings, record: RunRecord, appended) -> bool:
     except (OpsError, sa.exc.DBAPIError):
         return False
     return True
-
-
-def _witness(folder: Path, appended) -> None:
-    """Append the entry's hash to the witness file (for a ledger whose database is gone), under a lock."""
-    entry = appended.entry
-    line = {
-        "ledger_id": appended.ledger_id, "run_id": entry.get("run_id"), "entry_hash": entry.get("hash"),
-        "prev_hash": entry.get("prev_hash"), "runbook": entry.get("runbook"), "outcome": entry.get("outcome"),
-        "sealed_at": datetime.now(timezone.utc).isoformat(),
-    }  # fmt: skip
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with open(folder / WITNESS_FILE, "a", encoding="utf-8") as f:
-            fcntl.flock(f, fcntl.LOCK_EX)
-            f.write(json.dumps(line, sort_keys=True) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-    except OSError as err:  # the run is sealed in its ledger either way; `audit verify` names what is missing
-        print(f"opslib: could not write the ledger witness in {folder}: {err.strerror or err}", file=sys.stderr)
-
-
-def _witnessed(folder: Path) -> list[dict]:
-    try:
-        lines = (folder / WITNESS_FILE).read_text(encoding="utf-8").splitlines()
-    except FileNotFoundError:
-        return []
-    rows = []
-    for text in lines:
-        try:
-            row = json.loads(text)
-            row["sealed_at"] = datetime.fromisoformat(row["sealed_at"])
-        except (ValueError, KeyError, TypeError):
-            continue
-        rows.append(row)
-    return rows
 
 
 def is_anchored(settings: Settings, record: RunRecord) -> bool:
@@ -147,9 +106,10 @@ def cross_check(settings: Settings, entries: list[dict]) -> tuple[str, list[str]
     checked when no target is configured or it cannot be reached: the line says so.
     """
     lines, problems = [], []
-    if settings.ledger_witness is not None:
-        ours, others = _this_ledgers(_witnessed(settings.ledger_witness), entries)
-        problems += _compare(entries, ours, f"the witness {settings.ledger_witness}")
+    backend = witness.of(settings.ledger_witness)
+    if backend is not None:
+        ours, others = _this_ledgers(backend.rows(), entries)
+        problems += _compare(entries, ours, f"the witness {backend}", starts=True)
         lines.append(f"cross-checked with the witness: {len(ours)} entr(ies) of this ledger" + _others(others))
     url = _target_url(settings)
     if url is None:
@@ -190,13 +150,17 @@ def _where(entry: dict) -> tuple:
     return database.get("host"), database.get("port"), database.get("name")
 
 
-def _compare(here: list[dict], anchored: list[dict], name: str) -> list[str]:
+def _compare(here: list[dict], anchored: list[dict], name: str, starts: bool = False) -> list[str]:
     """What differs between the ledger entries ``here`` and the hashes anchored in ``name`` (a database or
     the witness), each naming the run."""
     problems = []
-    here = [e for e in here if not audit.is_start(e)]  # what is anchored is each run's ending
+    if not starts:  # a database holds each run's ending; the witness its start too
+        here = [e for e in here if not audit.is_start(e)]
     by_run = {e.get("run_id"): e for e in here}
+    hashes = {e.get("hash") for e in here}
     for a in anchored:
+        if a.get("entry_hash") in hashes:
+            continue
         entry = by_run.get(a["run_id"])
         sealed = a["sealed_at"].strftime("%Y-%m-%d %H:%M:%S %Z")
         if entry is None:
@@ -214,7 +178,7 @@ def _compare(here: list[dict], anchored: list[dict], name: str) -> list[str]:
         since = anchored[0]["sealed_at"]
         known = {a["run_id"] for a in anchored}
         for entry in here:
-            finished = _moment(entry.get("finished_at"))
+            finished = _moment(entry.get("finished_at") or entry.get("started_at"))
             if entry.get("run_id") not in known and finished is not None and finished >= since:
                 problems.append(
                     f"run {entry.get('run_id')} is in the ledger but not anchored in {name} (written "

@@ -26,6 +26,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Iterator
 
+from opslib import witness
 from opslib.errors import ConfigError, InvalidInput, PreconditionFailed
 from opslib.record import RunRecord, revisions_text
 from opslib.redact import clean, clean_json, scrub_json, scrub_password
@@ -248,7 +249,7 @@ def is_start(entry: dict) -> bool:
     return entry.get("kind") == STARTED
 
 
-def append_started(records_dir: Path, stem: str, record: RunRecord) -> Appended:
+def append_started(records_dir: Path, stem: str, record: RunRecord, witness_folder: Path | None = None) -> Appended:
     """Append the run's ``started`` entry, before it does anything: who, what, with which parameters, and
     the name its sidecar will have. From then on the run is in the ledger: a sidecar no start entry names
     is outside it (`audit verify` fails on it, and no command edits it), and a run started but never
@@ -267,6 +268,9 @@ def append_started(records_dir: Path, stem: str, record: RunRecord) -> Appended:
     }
     appended = _append(Path(records_dir), entry, vouching=False)
     assert appended is not None
+    backend = witness.of(witness_folder)
+    if backend is not None:  # anchored at once, so a run cut from the ledger is caught even if it reached no database
+        backend.append(appended.ledger_id, appended.entry)
     return appended
 
 
@@ -299,8 +303,8 @@ def append_ledger(records_dir: Path, stem: str, record: RunRecord) -> Appended |
         "notebook_sha256": file_sha256(records_dir / notebook) if notebook else None,
         "warnings": skipped_safeguards(record.to_dict()),  # sealed with the run: an edit cannot hide them
     }
-    if record.sealed_by:
-        entry["sealed_by"] = record.sealed_by
+    if record.sealed_by:  # sealed by another command: the ending says by whom, why, and what it last saw
+        entry.update(sealed_by=record.sealed_by, error=record.error, last_outcome=record.last_outcome)
     return _append(records_dir, entry, vouching=True)
 
 
@@ -729,7 +733,7 @@ def find_run(records_dir: Path, run_id: str) -> dict:
     ending = matches[0]
     if not is_start(ending) and record.get("outcome") != ending.get("outcome"):
         # Sealed by appending (abandoned): the ledger's ending is the run's, the file is as it was left.
-        for name in ("outcome", "exit_code", "finished_at", "revisions_after", "sealed_by"):
+        for name in ("outcome", "exit_code", "finished_at", "revisions_after", "sealed_by", "error", "last_outcome"):
             if name in ending:
                 record[name] = ending[name]
     return record

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from opslib.errors import ConfigError
+from opslib import witness
 from opslib.redact import redact_url, remember_secrets
 
 ENVIRONMENTS = ("development", "staging", "production")
@@ -32,7 +33,7 @@ class Settings:
     backup_compression: int = 1
     ddl_lock_timeout_s: float = 2.0
     ddl_retries: int = 3
-    ledger_witness: Path | None = None  # a second folder keeping each ledger entry's hash (see opslib.anchors)
+    ledger_witness: Path | None = None  # a second folder keeping each ledger entry's hash (opslib.witness)
 
     @property
     def uses_embedded(self) -> bool:
@@ -87,7 +88,7 @@ def load_settings(environ: dict | None = None) -> Settings:
         backup_compression=_compression(environ),
         ddl_lock_timeout_s=_float(environ, "OPSLIB_DDL_LOCK_TIMEOUT", 2.0),
         ddl_retries=int(_float(environ, "OPSLIB_DDL_RETRIES", 3)),
-        ledger_witness=Path(environ["OPSLIB_LEDGER_WITNESS"]) if environ.get("OPSLIB_LEDGER_WITNESS") else None,
+        ledger_witness=witness.folder_from(environ),
     )
 
 

@@ -70,8 +70,9 @@ def open_run(
         _run_lab(run, lab_args)
     finally:
         run.live.release()  # whether or not a kernel took the run: nothing of this process writes it now
-    sealing.seal_abandoned(settings, "open")
-    return audit.load_record(run.records, run.stem) or run.first
+    sealed = {record.run_id: record for record in sealing.seal_abandoned(settings, "open")}
+    # Sealed as abandoned here, its ending is in the ledger (its files stay as the kernel left them).
+    return sealed.get(run.first.run_id) or audit.load_record(run.records, run.stem) or run.first
 
 
 def _hand_over_when_a_kernel_starts(run: runner.Prepared) -> None:

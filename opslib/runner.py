@@ -363,7 +363,7 @@ def prepare(settings: Settings, name: str, pairs: Sequence[tuple[str, str]], env
         params.refuse_secrets(name, values)
     except InvalidInput as err:
         first.parameters = {k: params.shown_value(v) for k, v in values.items()}
-        audit.append_started(records, stem, first)
+        audit.append_started(records, stem, first, settings.ledger_witness)
         first.end(*outcome_of(err), err.message, audit.iso(audit.now()))
         audit.write_sidecar(records, stem, first)
         audit.append_ledger(records, stem, first)
@@ -374,7 +374,7 @@ def prepare(settings: Settings, name: str, pairs: Sequence[tuple[str, str]], env
     try:
         prepared.live = audit.hold_live_mark(records, stem)
         # In the ledger before anything else: from now on this run's files are the ledger's to vouch for.
-        audit.append_started(records, stem, first)
+        audit.append_started(records, stem, first, settings.ledger_witness)
         audit.write_sidecar(records, stem, first)
     except OSError as err:  # a full or read-only records folder: nothing has run
         if prepared.live is not None:

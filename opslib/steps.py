@@ -498,7 +498,7 @@ def begin(runbook: str, namespace: Mapping[str, Any], workflow: type[Run]) -> Ru
     # Held for the run's life, before its first sidecar: a record whose mark nobody holds was abandoned.
     run.live = audit.hold_live_mark(settings.records_dir, stem)
     if not under_runner:  # `opslib run` and `opslib open` wrote the start entry before the kernel began
-        audit.append_started(settings.records_dir, stem, record)
+        audit.append_started(settings.records_dir, stem, record, settings.ledger_witness)
     _Signals.run = run
     run.validate(runbook, namespace, reload_settings=bad)
     return run

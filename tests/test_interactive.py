@@ -41,8 +41,10 @@ def _opslib(work: Path, database_url: str, *args: str) -> subprocess.CompletedPr
 
 
 def _ledger(work: Path) -> list[dict]:
+    """The ledger's endings (a run's start entry is written when it is opened)."""
     path = work / "records" / "ledger.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+    entries = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+    return [e for e in entries if e.get("kind") != "started"]
 
 
 def _wait_for(predicate, timeout: float = 30.0):
@@ -107,9 +109,12 @@ def test_a_session_ended_unsaved_after_the_summary_is_abandoned(database_url, tm
     assert code == 1, lab.output()
     (entry,) = _ledger(lab.work)
     assert entry["outcome"] == "abandoned"
-    record = json.loads(lab.notebook.with_suffix(".json").read_text())
-    assert record["last_outcome"] == "succeeded" and "before the notebook was saved" in record["error"]
-    assert record["revisions_after"] == ["0007"]
+    # The ending is appended to the ledger; the sidecar stays as the kernel left it.
+    assert entry["last_outcome"] == "succeeded" and "before the notebook was saved" in entry["error"]
+    assert entry["revisions_after"] == ["0007"]
+    assert json.loads(lab.notebook.with_suffix(".json").read_text())["outcome"] == "succeeded"
+    shown = _opslib(lab.work, database_url, "audit", "show", entry["run_id"], "--json")
+    assert json.loads(shown.stdout)["outcome"] == "abandoned"
     verified = _opslib(lab.work, database_url, "audit", "verify")
     assert verified.returncode == 0, verified.stdout + verified.stderr
 
