@@ -54,8 +54,9 @@ def _drop_entry(work: Path, index: int) -> dict:
     entry = audit.read_endings(records)[index]
     lines = [line for line in lines if json.loads(line).get("sidecar") != entry["sidecar"]]
     (records / audit.LEDGER).write_text("".join(line + "\n" for line in lines))
-    for name in (entry["sidecar"], entry["notebook"]):
-        (records / name).unlink()
+    for name in (entry["sidecar"], entry.get("notebook")):
+        if name:
+            (records / name).unlink(missing_ok=True)
     return entry
 
 
@@ -143,3 +144,23 @@ def test_verify_database_fails_when_no_database_answers(three_runs):
                            env={**env, "DATABASE_URL": unreachable}, capture_output=True, text=True)  # fmt: skip
     assert asked.returncode == 3 and "not cross-checked with" in asked.stdout
     assert _verify(work, url).returncode == 0
+
+
+def test_a_run_that_reached_no_database_is_still_caught_when_cut_through_the_default_witness(tmp_path):
+    """Invalid runs never reach a database: with no database to anchor in, the witness (on by default, in
+    the user's state folder) is the only anchor, and it names the run cut from the ledger."""
+    work = tmp_path / "work"
+    work.mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OPSLIB_", "DATABASE_URL"))}
+    env.update(OPSLIB_ALEMBIC_INI=str(ROOT / "alembic.ini"), XDG_STATE_HOME=str(tmp_path / "state"))
+    for value in ("1", "2"):
+        done = subprocess.run([OPSLIB, "run", "deploy", "-p", "stepz", value], cwd=work, env=env,
+                              capture_output=True, text=True)  # fmt: skip
+        assert done.returncode == 2, done.stdout + done.stderr
+    assert (tmp_path / "state" / "opslib" / "witness" / "ledger-witness.jsonl").is_file()
+    verified = subprocess.run([OPSLIB, "audit", "verify"], cwd=work, env=env, capture_output=True, text=True)
+    assert verified.returncode == 0 and "cross-checked with the witness: 4 entr(ies)" in verified.stdout
+    newest = _drop_entry(work, -1)
+    verified = subprocess.run([OPSLIB, "audit", "verify"], cwd=work, env=env, capture_output=True, text=True)
+    assert verified.returncode == 3, verified.stdout + verified.stderr
+    assert f"run {newest['run_id']} (deploy," in verified.stdout and "missing from the ledger" in verified.stdout
