@@ -11,7 +11,7 @@ Goal: ratio <= 1.2. opslib renders the same notebooks through the same exporter,
 
 from __future__ import annotations
 
-import json
+import dataclasses
 import os
 import shutil
 import statistics
@@ -55,13 +55,14 @@ def _one_real_run(work: Path, url: str) -> str:
 
 def _copies(records: Path, stem: str) -> list[Path]:
     """RUNS records made from the real one, each with its own id, files and ledger entry."""
-    record = json.loads((records / f"{stem}.json").read_text())
+    record = audit.load_record(records, stem)
     notebook = (records / f"{stem}.ipynb").read_text()
     for i in range(1, RUNS):
         run_id = f"{i:08x}"
         copy_stem = f"{stem.rsplit('_', 1)[0]}_{run_id}"
-        copy = {**record, "run_id": run_id, "notebook": f"{copy_stem}.ipynb"}
-        (records / f"{copy_stem}.ipynb").write_text(notebook.replace(record["run_id"], run_id))
+        copy = dataclasses.replace(record, run_id=run_id, notebook=f"{copy_stem}.ipynb")
+        audit.append_started(records, copy_stem, copy)  # as every run: its start first, then its ending
+        (records / f"{copy_stem}.ipynb").write_text(notebook.replace(record.run_id, run_id))
         audit.write_sidecar(records, copy_stem, copy)
         audit.append_ledger(records, copy_stem, copy)
     assert audit.verify_ledger(records) == [], "the copied records should pass the ledger check"

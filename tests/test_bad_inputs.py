@@ -316,7 +316,8 @@ def test_a_refused_or_invalid_run_leaves_a_database_without_opslib_schema_withou
     assert after == before
     assert ("opslib",) not in after[1]
     ledger = (work / "records" / "ledger.jsonl").read_text().splitlines()
-    assert len(ledger) == 1 and ('"refused"' if code == 3 else '"invalid"') in ledger[0]
+    assert len(ledger) == 2 and '"started"' in ledger[0]  # its start, then its ending
+    assert ('"refused"' if code == 3 else '"invalid"') in ledger[1]
 
 
 def test_a_message_with_quotes_makes_a_revision_that_imports_and_one_the_template_cannot_hold_is_removed(

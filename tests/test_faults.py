@@ -130,6 +130,14 @@ def _sidecar(work: Path) -> dict | None:
     return None
 
 
+def _endings(work: Path) -> list[dict] | None:
+    """The ledger's endings; None while a line is being written."""
+    try:
+        return audit.read_endings(work / "records")
+    except ValueError:
+        return None
+
+
 def _run_pids(work: Path, runner: subprocess.Popen) -> list[int]:
     record = _sidecar(work) or {}
     return sorted(set(record.get("pids") or []) | {runner.pid})
@@ -152,8 +160,8 @@ def _reached(point: str, url: str, work: Path):
             d=database,
         )
     if point == "record":
-        # The summary step has begun sealing the record, and the ledger line is not written yet.
-        return lambda: not (work / "records" / "ledger.jsonl").exists() and any(
+        # The summary step has begun sealing the record, and the ledger's ending is not written yet.
+        return lambda: not _endings(work) and any(
             s["name"] == "summary" for s in (_sidecar(work) or {}).get("steps", [])
         )
     return lambda: (work / "marks" / point).exists()

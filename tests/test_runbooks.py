@@ -50,7 +50,8 @@ def records(workdir: Path) -> list[dict]:
 
 
 def ledger(workdir: Path) -> list[dict]:
-    return [json.loads(line) for line in (workdir / "records" / "ledger.jsonl").read_text().splitlines()]
+    """The ledger's endings, one per sealed run (each run's start entry comes before)."""
+    return audit.read_endings(workdir / "records")
 
 
 def assert_complete(record: dict, runbook: str, outcome: str, exit_code: int, mode: str = "headless") -> None:
