@@ -104,13 +104,12 @@ def _schema_for(conn: Connection, outcome) -> bool:
 def ensure_schema(conn: Connection) -> None:
     """Create the opslib schema and its tables if they are missing, or add what an older one lacks
     (committed at once)."""
-    current = _CURRENT
-    if not conn.execute(sa.text(current)).scalar():
+    if not conn.execute(sa.text(_CURRENT)).scalar():
         # Two sessions creating it at once (a deploy starting its upgrade while the run it locked out
         # writes its row) would both pass IF NOT EXISTS and one fail on the other's catalog row: the
         # creation is serialized, and the second one finds it made.
         conn.execute(sa.text("SELECT pg_advisory_xact_lock(:key)"), {"key": SCHEMA_LOCK_KEY})
-        if not conn.execute(sa.text(current)).scalar():
+        if not conn.execute(sa.text(_CURRENT)).scalar():
             conn.exec_driver_sql(SCHEMA_DDL.replace("%", "%%"))  # the driver formats parameters with %
     if conn.in_transaction():
         conn.commit()

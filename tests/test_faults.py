@@ -138,6 +138,15 @@ def _endings(work: Path) -> list[dict] | None:
         return None
 
 
+def _signal_run(work: Path, runner: subprocess.Popen, signum: int) -> None:
+    """Send ``signum`` to every process of the run (the runner and its kernel), as a cancelled job does."""
+    for pid in _run_pids(work, runner):
+        try:
+            os.kill(pid, signum)
+        except ProcessLookupError:
+            pass
+
+
 def _run_pids(work: Path, runner: subprocess.Popen) -> list[int]:
     record = _sidecar(work) or {}
     return sorted(set(record.get("pids") or []) | {runner.pid})
@@ -199,11 +208,7 @@ def test_a_deploy_stopped_at_any_point_ends_sealed_and_safe(
     )
     try:
         _wait_for(_reached(point, database_url, work), point, proc=runner)
-        for pid in _run_pids(work, runner):
-            try:
-                os.kill(pid, SIGNALS[signame])
-            except ProcessLookupError:
-                pass
+        _signal_run(work, runner, SIGNALS[signame])
         if holder is not None:
             holder.rollback()
         out, err = runner.communicate(timeout=120)
@@ -309,11 +314,7 @@ def _signal_after_the_last_commit(url: str, work: Path, args: list[str], signame
                 if cur.fetchone()[0] == "0007":
                     break
         time.sleep(delay_s)
-        for pid in _run_pids(work, runner):
-            try:
-                os.kill(pid, SIGNALS[signame])
-            except ProcessLookupError:
-                pass
+        _signal_run(work, runner, SIGNALS[signame])
         out, err = runner.communicate(timeout=120)
     finally:
         watch.close()

@@ -294,7 +294,7 @@ def test_a_deploy_interrupted_during_a_concurrent_build_drops_the_index_it_left_
     import time
 
     from .conftest import OPSLIB
-    from .test_faults import _run_pids, _wait_for
+    from .test_faults import _signal_run, _wait_for
 
     _through_a_helper(at_i001)
     work = tmp_path / "work"
@@ -313,8 +313,7 @@ def test_a_deploy_interrupted_during_a_concurrent_build_drops_the_index_it_left_
     )
     try:
         _wait_for(lambda: _building(database_url), "the concurrent build", proc=runner)
-        for pid in _run_pids(work, runner):
-            os.kill(pid, getattr(signal, signame))
+        _signal_run(work, runner, getattr(signal, signame))
         # The build is cancelled (its index left invalid) before the snapshot it waits for ends.
         _wait_for(lambda: not _building(database_url), "the build's cancel")
         time.sleep(0.2)
