@@ -7,6 +7,12 @@ executed notebook rendered by nbconvert with each code cell folded. The styles a
 ``report.css`` and ``notebook.css`` (JupyterLab's theme), so each page holds only its own content. The pages load nothing from
 the network and carry a Content-Security-Policy that lets no script run but the index's sorting.
 
+The build is incremental: each run page is rendered once and kept, with its key (the run's ledger entries, what
+the check found about it, the sha256 of its files as they are now, and the opslib, nbconvert and template
+versions) in ``.opslib-report-state.json`` beside the site. A rebuild renders only the pages whose key changed
+(a new run, an edited file, a new opslib) and links the rest into the new site; the index and the summary are
+always written afresh.
+
 The report reads only the records, never the database, and the records hold no password; URLs
 with a password in any rendered output are still redacted, in case an operator printed one.
 """
@@ -34,6 +40,9 @@ from opslib.errors import ConfigError, InvalidInput, ReportFailed
 TEMPLATES = Path(__file__).parent / "templates"
 # A report folder carries this file, so that rebuilding may replace it and nothing else.
 MARKER = ".opslib-report"
+# What each kept run page was rendered from; a page whose key is unchanged is not rendered again.
+STATE = ".opslib-report-state.json"
+STATE_FORMAT = 1
 SCREENSHOT = "index.png"
 
 INDEX_COLUMNS = (
@@ -61,6 +70,7 @@ class Report:
     pages: list[Path] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
     screenshot: Path | None = None
+    rendered: int = 0  # run pages rendered by this build; the others were kept from the last one
 
     def line(self) -> str:
         """One line for the terminal."""
@@ -69,7 +79,63 @@ class Report:
             if not self.problems
             else f"the ledger check found {len(self.problems)} problem(s), shown at the top of the report"
         )
-        return f"audit report: {len(self.pages)} run page(s) in {self.out}; {status}; open {self.index}"
+        return (
+            f"audit report: {len(self.pages)} run page(s) in {self.out} ({self.rendered} rendered, "
+            f"{len(self.pages) - self.rendered} unchanged); {status}; open {self.index}"
+        )
+
+
+class _Pages:
+    """The run pages of the last build in ``out`` and their keys, to keep those whose key is unchanged."""
+
+    def __init__(self, out: Path, versions: str):
+        self.out, self.versions, self.kept = out, versions, {}
+        try:
+            state = json.loads((out / STATE).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return  # no earlier report, or one written before pages were kept: render every page
+        if isinstance(state, dict) and state.get("format") == STATE_FORMAT and state.get("versions") == versions:
+            self.kept = state.get("pages") or {}
+
+    def reuse(self, name: str, key: str, site: Path) -> bool:
+        """Put the kept page ``name`` into ``site`` when it was rendered from ``key``; False when it must be
+        rendered."""
+        if self.kept.get(name) != key:
+            return False
+        try:
+            os.link(self.out / "runs" / name, site / "runs" / name)
+        except OSError:  # a folder that cannot hold hard links, or a page deleted since: render it
+            return False
+        return True
+
+    def file(self, name: str, site: Path) -> bool:
+        """Put the kept shared file ``name`` (the notebook stylesheet) into ``site``; False when it is not kept."""
+        if not self.kept:
+            return False
+        try:
+            shutil.copyfile(self.out / name, site / name)
+        except OSError:
+            return False
+        return True
+
+
+def _versions() -> str:
+    """What every page depends on besides its run: opslib's and nbconvert's versions and the templates."""
+    from importlib.metadata import version
+
+    digest = hashlib.sha256(f"{__version__} {version('nbconvert')}".encode())
+    for path in sorted(TEMPLATES.iterdir()):
+        digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()
+
+
+def _page_key(records_dir: Path, entries: list[dict], line: int, problems: list[str]) -> str:
+    """What a run page shows, as one hash: its ledger entries, its line, what the check found, and the
+    sha256 of its sidecar and notebook as they are now (an edited file shows its edited facts)."""
+    entry = entries[-1]
+    files = [audit.file_sha256(records_dir / Path(str(entry.get(k))).name) if entry.get(k) else None
+             for k in ("sidecar", "notebook")]  # fmt: skip
+    return hashlib.sha256(json.dumps([[e.get("hash") for e in entries], line, problems, files]).encode()).hexdigest()
 
 
 def _jinja():
@@ -223,41 +289,52 @@ def build_report(records_dir: Path, out: Path, cross_check: Callable[[list[dict]
         check = replace(check, unvouched=check.unvouched + cross_check(check.entries))
     scratch = _prepare_out(out)
     try:
-        pages = _write_site(records_dir, scratch, check)
+        pages, rendered = _write_site(records_dir, scratch, check, _Pages(out, _versions()))
         (scratch / MARKER).write_text("written by `opslib audit report`; rebuilding replaces this folder\n")
         _swap_in(scratch, out)
     except BaseException:
         shutil.rmtree(scratch, ignore_errors=True)
         raise
     return Report(
-        out=out, index=out / "index.html", pages=[out / "runs" / p for p in pages], problems=check.problems
-    )
+        out=out, index=out / "index.html", pages=[out / "runs" / p for p in pages], problems=check.problems,
+        rendered=rendered,
+    )  # fmt: skip
 
 
-def _write_site(records_dir: Path, site: Path, check: audit.LedgerCheck) -> list[str]:
-    """Write the index, the run pages and the two stylesheets into ``site``; returns the pages' names."""
+def _write_site(records_dir: Path, site: Path, check: audit.LedgerCheck, kept: _Pages) -> tuple[list[str], int]:
+    """Write the index, the run pages and the two stylesheets into ``site``, rendering only the run pages
+    ``kept`` does not hold as they would be rendered now; returns the pages' names and how many were rendered."""
     env = _jinja()
     script = (TEMPLATES / "report_sort.js").read_text()
     common = {"generated_at": audit.iso(audit.now())}
-    exporter = _exporter()
+    exporter = None  # nbconvert is loaded only when a page must be rendered
     shutil.copyfile(TEMPLATES / "report.css", site / "report.css")
-    (site / "notebook.css").write_text(_notebook_css(exporter))
     (site / "runs").mkdir()
-    pages, runs = [], []
+    pages, runs, keys, rendered = [], [], {}, 0
     # One page per run: its ending's, or its start's while it has none. A start entry's own problems (edited,
     # out of order) are shown on its run's page.
     ended = {e.get("sidecar") for e in check.entries if not audit.is_start(e)}
-    start_problems: dict = {}
+    starts: dict = {}
     for line, (entry, problems) in enumerate(zip(check.entries, check.by_entry, strict=True), start=1):
         if audit.is_start(entry) and entry.get("sidecar") in ended:
-            start_problems[entry.get("sidecar")] = problems
+            starts[entry.get("sidecar")] = (entry, problems)
             continue
-        problems = start_problems.pop(entry.get("sidecar"), []) + problems
+        start, start_problems = starts.pop(entry.get("sidecar"), (None, []))
+        problems = start_problems + problems
         name = _page_name(len(pages) + 1, entry)  # numbered by run; the page names its ledger line
-        html = _run_page(exporter, env, records_dir, line, entry, problems, common)
-        (site / "runs" / name).write_text(clean(html), encoding="utf-8")
+        keys[name] = _page_key(records_dir, [e for e in (start, entry) if e], line, problems)
+        if not kept.reuse(name, keys[name], site):
+            exporter = exporter or _exporter()
+            html = _run_page(exporter, env, records_dir, line, entry, problems, common)
+            (site / "runs" / name).write_text(clean(html), encoding="utf-8")
+            rendered += 1
         pages.append(name)
         runs.append({**audit.run_row(entry), "page": f"runs/{name}", "problems": problems})
+    if not kept.file("notebook.css", site):
+        (site / "notebook.css").write_text(_notebook_css(exporter or _exporter()))
+    (site / STATE).write_text(
+        json.dumps({"format": STATE_FORMAT, "versions": kept.versions, "pages": keys}, indent=0), encoding="utf-8"
+    )
     fleets = _fleet_pages(records_dir, site, env, {r["run_id"]: r["page"] for r in runs}, common)
     runs.reverse()  # newest first, as an auditor reads a log
     outcomes = Counter(r["outcome"] for r in runs)
@@ -282,7 +359,7 @@ def _write_site(records_dir: Path, site: Path, check: audit.LedgerCheck) -> list
         **common,
     )
     (site / "summary.html").write_text(clean(page), encoding="utf-8")
-    return pages
+    return pages, rendered
 
 
 def _fleet_pages(records_dir: Path, site: Path, env, pages: dict[str, str], common: dict) -> list[dict]:

@@ -308,3 +308,47 @@ def test_the_folded_code_reads_at_4_5_to_1_or_more(recorded_runs, tmp_path):
             page.goto(html.as_uri())
             assert page.evaluate(_LOW_CONTRAST_JS) == {}, html.name
         browser.close()
+
+
+def _inodes(site: Path) -> dict[str, int]:
+    return {p.name: p.stat().st_ino for p in (site / "runs").glob("*.html")}
+
+
+def test_a_rebuild_renders_only_the_new_run_and_the_edited_one(recorded_runs, database_url, tmp_path):
+    copy = copy_of_records(recorded_runs, tmp_path)
+    out, before = tmp_path / "report", tmp_path / "before"
+
+    def build(expected_rendered: int, expected_pages: int) -> dict[str, int]:
+        # The pages of the last build stay alive under ``before`` (hard links), so that a kept page is known
+        # by its inode: only a page rendered again gets a new file.
+        shutil.rmtree(before, ignore_errors=True)
+        if out.exists():
+            shutil.copytree(out, before, copy_function=os.link)
+        made = _report(copy, "--out", str(out))
+        assert made.returncode in (0, 3), made.stderr
+        assert f"{expected_pages} run page(s) in {out} ({expected_rendered} rendered" in made.stdout, made.stdout
+        now = _inodes(out)
+        if before.exists():
+            old = _inodes(before)
+            assert sum(1 for name, ino in now.items() if old.get(name) != ino) == expected_rendered
+        return now
+
+    first = build(4, 4)
+    build(0, 4)  # nothing new: no page rendered, the index written afresh
+    from .conftest import _opslib_run
+
+    assert _opslib_run(database_url, copy, "deploy") == 0
+    pages = build(1, 5)
+    newest = max(pages)
+    assert newest not in first and "succeeded" in (out / "runs" / newest).read_text()
+
+    # An edited sidecar changes what its page shows: that page alone is rendered again, and says so.
+    edited = sorted(p for p in (copy / "records").glob("*.json") if p.name != "ledger.jsonl")[0]
+    edited.write_text(edited.read_text().replace('"operator": "', '"operator": "x'))
+    build(1, 5)
+    index = (out / "index.html").read_text()
+    assert "was modified" in index
+    # A report written by another opslib (its state says so) is rendered whole.
+    state = json.loads((out / ".opslib-report-state.json").read_text())
+    (out / ".opslib-report-state.json").write_text(json.dumps({**state, "versions": "an older opslib"}))
+    build(5, 5)
