@@ -365,8 +365,9 @@ def prepare(settings: Settings, name: str, pairs: Sequence[tuple[str, str]], env
         first.parameters = {k: params.shown_value(v) for k, v in values.items()}
         audit.append_started(records, stem, first, settings.ledger_witness)
         first.end(*outcome_of(err), err.message, audit.iso(audit.now()))
-        audit.write_sidecar(records, stem, first)
-        audit.append_ledger(records, stem, first)
+        from opslib import sealing  # SQLAlchemy's import is paid only by a run that seals here
+
+        sealing.seal(settings, records, stem, first)
         return prepared
     # The run's live mark and first sidecar exist before the notebook is written: from the first
     # instant, `audit verify` sees a run in progress, and a driver killed now leaves a record to seal.
@@ -408,7 +409,7 @@ def run(
             papermill = notebooks.papermill()  # loaded while the kernel boots
             # What seals the record afterwards (SQLAlchemy, 0.15 s) loads while the cells run: this
             # process only waits for the kernel then. Its later import waits for this one to finish.
-            threading.Thread(target=importlib.import_module, args=("opslib.anchors",), daemon=True).start()
+            threading.Thread(target=importlib.import_module, args=("opslib.sealing",), daemon=True).start()
 
             # papermill warns of parameters the notebook does not declare; the runbook refuses them itself, in one line.
             logging.getLogger("papermill").setLevel(logging.ERROR)
@@ -441,21 +442,15 @@ def run(
         elif record.outcome is Outcome.INTERRUPTED and stop.signum is not None:
             # The kernel may have seen another signal than this process (Ctrl-C in a terminal reaches only this one).
             record.exit_code = signal_exit_code(stop.signum)
+        from opslib import sealing  # loaded while the cells ran (see above)
+
         try:
-            if notebook_out.exists():
-                audit.scrub_notebook(notebook_out, settings.database_url)
-                record.notebook = notebook_out.name
-            sidecar = audit.write_sidecar(records, stem, record)
-            appended = audit.append_ledger(records, stem, record)  # None when another command sealed it meanwhile
+            sealing.seal(settings, records, stem, record)  # None when another command sealed it meanwhile
         except OSError as err:  # a full or read-only records folder: the run cannot be sealed there
             live.release(remove=True)
             raise _records_unwritable(settings, records, notebook_out, record, err) from None
-        if appended is not None:
-            from opslib import anchors
-
-            anchors.anchor(settings, record, appended)
         live.release(remove=True)
-    return RunOutcome(record, sidecar, notebook_out)
+    return RunOutcome(record, audit.sidecar_path(records, stem), notebook_out)
 
 
 def _revisions_of(settings: Settings) -> list[str] | None:

@@ -10,6 +10,11 @@ afresh, and the run's row is written in the database's own history.
 An interactive run (`opslib open`) is ended by its kernel but sealed when the operator saves its
 notebook, or on `opslib audit seal` (:func:`seal_finished`): the ledger entry then vouches for the
 notebook as it was saved.
+
+Every ending, whoever writes it (the runner of a headless or fleet run, a run's own process, a JupyterLab
+save, the command that finds a run abandoned), goes through :func:`seal`: the notebook scrubbed, the
+sidecar written, the ending appended to the ledger, and its hash anchored, always in this order and from
+the same source of secrets.
 """
 
 from __future__ import annotations
@@ -121,7 +126,7 @@ def _seal_one(settings: Settings, records, stem: str, command: str) -> RunRecord
         record.sealed_by = f"`opslib {command}` on {socket.gethostname()} at {now}"
         settle(settings, record)
         # Its ending is appended to the ledger; its sidecar stays as its processes left it.
-        if not _seal_files(settings, records, stem, record, rewrite_sidecar=False):
+        if seal(settings, records, stem, record, rewrite_sidecar=False) is None:
             return None
     return record
 
@@ -141,15 +146,20 @@ def seal_finished(settings: Settings, stem: str, by: str) -> RunRecord | None:
         if record is None or record.mode != "interactive" or not record.closed_at:
             return None
         record.sealed_by = f"{by} on {socket.gethostname()} at {audit.iso(audit.now())}"
-        if not _seal_files(settings, records, stem, record):
+        if seal(settings, records, stem, record) is None:
             return None
     return record
 
 
-def _seal_files(settings: Settings, records: Path, stem: str, record: RunRecord, rewrite_sidecar: bool = True) -> bool:
-    """Scrub the run's notebook (and drop JupyterLab's unscrubbed checkpoint copy of it), write the sidecar
-    (unless ``rewrite_sidecar`` is false: an abandoned run's stays as it was left) and append the ledger
-    entry vouching for both; False when another command sealed the run first."""
+def seal(settings: Settings, records: Path, stem: str, record: RunRecord, rewrite_sidecar: bool = True) -> audit.Appended | None:
+    """Seal the ended run ``record``, the one way every ending is sealed: scrub its notebook (and drop
+    JupyterLab's unscrubbed checkpoint copy of it), write its sidecar (unless ``rewrite_sidecar`` is false:
+    an abandoned run's stays as its processes left it), append its ending to the ledger vouching for both,
+    drop its live mark, and anchor the entry in its database and the witness.
+
+    Returns the appended entry, or None when another command sealed the run first. Raises OSError when the
+    records folder cannot be written.
+    """
     notebook = audit.sidecar_path(records, stem).with_suffix(".ipynb")
     if notebook.is_file():
         audit.scrub_notebook(notebook, anchors.url_text_of(settings, record))  # secrets out, whatever else
@@ -159,8 +169,8 @@ def _seal_files(settings: Settings, records: Path, stem: str, record: RunRecord,
         audit.write_sidecar(records, stem, record)
     appended = audit.append_ledger(records, stem, record)
     if appended is None:
-        return False
+        return None
     audit.live_mark_path(records, stem).unlink(missing_ok=True)
     anchors.anchor(settings, record, appended)
-    return True
+    return appended
 

@@ -27,7 +27,7 @@ from typing import Any, Callable, Mapping
 
 import sqlalchemy as sa
 
-from opslib import anchors, audit, db, migrate, params
+from opslib import audit, db, migrate, params, sealing
 from opslib import history as run_history
 from opslib.config import Settings, is_runbook_template, load_settings, runbooks_dir
 from opslib.display import Section
@@ -232,11 +232,10 @@ class Run:
         """Seal an ended run: its ledger entry vouches for the sidecar as it is now, so nothing may change after."""
         # The last write of this process: a run may be sealed by another (a JupyterLab save) only from now.
         self.record.closed_at = audit.iso(audit.now())
-        self._save()
-        if not self.under_runner:  # `opslib run` appends the ledger line itself, with the notebook's name
-            appended = audit.append_ledger(self.settings.records_dir, self.stem, self.record)
-            if appended is not None:
-                anchors.anchor(self.settings, self.record, appended)
+        if self.under_runner:  # `opslib run` seals it, with its notebook; `opslib open`, when it is saved
+            self._save()
+        else:
+            sealing.seal(self.settings, Path(self.settings.records_dir), self.stem, self.record)
         if self.live is not None and self.record.mode != "interactive":
             self.live.release(remove=not self.under_runner)
         # An interactive run's kernel keeps its hold until it exits: the run is sealed when the operator
