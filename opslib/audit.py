@@ -302,10 +302,25 @@ def append_ledger(records_dir: Path, stem: str, record: RunRecord) -> Appended |
         "notebook": notebook,
         "notebook_sha256": file_sha256(records_dir / notebook) if notebook else None,
         "warnings": skipped_safeguards(record.to_dict()),  # sealed with the run: an edit cannot hide them
+        # Each step as the sidecar holds it, so that an edited step outcome is named (an abandoned run's: as left).
+        "steps": step_seals((_json_or_none(records_dir / f"{stem}.json") or {}).get("steps")),
     }
     if record.sealed_by:  # sealed by another command: the ending says by whom, why, and what it last saw
         entry.update(sealed_by=record.sealed_by, error=record.error, last_outcome=record.last_outcome)
     return _append(records_dir, entry, vouching=True)
+
+
+def step_hash(step: dict) -> str:
+    """The hash of one step as the sidecar holds it (its name, outcome, times, error): 16 hex digits of its
+    sha256, enough to name an edited step and short enough for a run of hundreds of revisions."""
+    return hashlib.sha256(json.dumps(step, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def step_seals(steps) -> list[list[str]]:
+    """What the ledger keeps of a run's steps: [name, outcome, hash] for each, in order."""
+    if not isinstance(steps, list):
+        return []
+    return [[s.get("name"), s.get("outcome"), step_hash(s)] for s in steps if isinstance(s, dict)]
 
 
 def _append(records_dir: Path, entry: dict, vouching: bool) -> Appended | None:
@@ -459,12 +474,55 @@ LEDGER_FIELDS = (
 
 def field_changes(entry: dict, sidecar: dict) -> list[tuple[str, str, str]]:
     """(fact, what the ledger says, what the file says) for each fact the ledger keeps that the sidecar
-    no longer says; values as JSON."""
-    return [
+    no longer says, its steps included (an edited outcome, or an edited time or error); values as JSON."""
+    found = [
         (name, _shown(entry.get(name)), _shown(sidecar.get(name)))
         for name in LEDGER_FIELDS
         if name in entry and entry.get(name) != sidecar.get(name)
     ]
+    if isinstance(entry.get("steps"), list):
+        found += _step_changes(entry["steps"], step_seals(sidecar.get("steps") if isinstance(sidecar.get("steps"), list) else []))
+    return found
+
+
+def _step_changes(sealed: list, now: list) -> list[tuple[str, str, str]]:
+    found = []
+    for i in range(max(len(sealed), len(now))):
+        was, is_ = (sealed[i] if i < len(sealed) else None), (now[i] if i < len(now) else None)
+        if was == is_:
+            continue
+        label = f"step {i + 1} ({(was or is_)[0]})"
+        if was is None or is_ is None:
+            found.append((label, "absent" if was is None else f"{was[0]}: {was[1]}", "absent" if is_ is None else f"{is_[0]}: {is_[1]}"))
+        elif was[:2] != is_[:2]:
+            found.append((label, f"{was[0]}: {was[1]}", f"{is_[0]}: {is_[1]}"))
+        else:
+            found.append((label, f"{was[1]}, as sealed", f"{is_[1]}, its times or error edited"))
+    return found
+
+
+# What a run's start entry keeps of it, shown from there on a page whose sidecar was edited.
+START_FIELDS = ("parameters", "mode", "runbook_sha256")
+
+
+def as_sealed(entry: dict, start: dict | None, sidecar: dict) -> dict:
+    """The run as its ledger entries say it, over what its sidecar says: the ending's facts (outcome, times,
+    database, revisions, who sealed it), the start's (parameters, mode, template), and each step's name and
+    outcome where the ending keeps its steps (the file's times stay). Every other fact is the file's."""
+    shown = dict(sidecar)
+    for name in (*LEDGER_FIELDS, "sealed_by", "error", "last_outcome"):
+        if name in entry and (name in LEDGER_FIELDS or entry.get("sealed_by")):
+            shown[name] = entry[name]
+    for name in START_FIELDS:
+        if start is not None and name in start:
+            shown[name] = start[name]
+    if isinstance(entry.get("steps"), list):
+        files = sidecar.get("steps") if isinstance(sidecar.get("steps"), list) else []
+        shown["steps"] = [
+            {**(files[i] if i < len(files) and isinstance(files[i], dict) else {}), "name": sealed[0], "outcome": sealed[1]}
+            for i, sealed in enumerate(entry["steps"])
+        ]
+    return shown
 
 
 def changed_fields(entry: dict, sidecar: dict | None) -> list[str]:

@@ -21,7 +21,7 @@ from typing import Sequence
 from opslib import __version__
 from opslib.config import load_settings, runbooks_dir
 from opslib.errors import Interrupted, OpsError
-from opslib.outcome import outcome_of
+from opslib.outcome import Outcome, outcome_of
 from opslib.record import revisions_text
 from opslib.redact import CleanStream, redact_urls_in
 
@@ -535,8 +535,9 @@ def _seal_abandoned(settings, command: str) -> None:
             if record.revisions_after is None
             else f"the database is at {revisions_text(record.revisions_after)}"
         )
+        how = "as abandoned" if record.outcome is Outcome.ABANDONED else f"as {record.outcome}, the outcome its process gave it"
         print(
-            f"opslib: sealed run {record.run_id} ({record.runbook}, started {record.started_at}) as abandoned: "
+            f"opslib: sealed run {record.run_id} ({record.runbook}, started {record.started_at}) {how}: "
             f"its processes ended without sealing it; {where}",
             file=sys.stderr,
         )

@@ -438,9 +438,18 @@ def _revs(revisions: Sequence[str] | None) -> str:
     return revisions_text(revisions, "+")
 
 
-def run_facts(record: dict) -> list[tuple[str, str]]:
+# The facts a run's ledger entries keep (see audit.as_sealed): on a page whose sidecar was edited, the
+# others are marked as the edited file's.
+SEALED_FACTS = frozenset({
+    "run", "outcome", "when", "environment", "database", "revisions", "parameters", "driven", "sealed by",
+    "safeguards skipped", "template sha256",
+})  # fmt: skip
+
+
+def run_facts(record: dict, warnings: list[str] | None = None) -> list[tuple[str, str]]:
     """A run's facts, as `opslib audit show` and the audit report list them (no password: the
-    sidecar holds the database as host, port and name)."""
+    sidecar holds the database as host, port and name). ``warnings`` are the skipped safeguards its ledger
+    entry sealed; without them they are read from ``record``."""
     database = record.get("database") or {}
     return [
         ("run", f"{record.get('run_id')} ({record.get('runbook')})"),
@@ -458,7 +467,7 @@ def run_facts(record: dict) -> list[tuple[str, str]]:
         ("notebook", record.get("notebook") or "not kept (run outside `opslib run` and `opslib open`)"),
         ("driven", _MODES.get(record.get("mode") or "", record.get("mode") or "")),
         ("sealed by", record.get("sealed_by") or ""),
-        ("safeguards skipped", ", ".join(skipped_safeguards(record))),
+        ("safeguards skipped", ", ".join(skipped_safeguards(record) if warnings is None else warnings)),
         ("template sha256", record.get("runbook_sha256") or ""),
         ("opslib / git", _version_text(record)),
     ]

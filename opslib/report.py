@@ -185,19 +185,29 @@ def _read_record(records_dir: Path, entry: dict):
 
 
 def _run_page(
-    exporter, env, records_dir: Path, line: int, entry: dict, problems: list[str], common: dict
+    exporter, env, records_dir: Path, line: int, entries: list[dict], problems: list[str], common: dict
 ) -> str:
+    """One run's page: its facts as its ledger entries (``[start, ending]``, or ``[start]`` while it runs)
+    say them over its sidecar, what was changed since, then its notebook."""
     nbformat = notebooks.nbformat()
 
+    entry, start = entries[-1], (entries[0] if audit.is_start(entries[0]) else None)
     record, record_error = _read_record(records_dir, entry)
     notebook, notebook_error = None, None
     if entry.get("notebook"):
         notebook, notebook_error = _read_notebook(records_dir / Path(entry["notebook"]).name)
+    sealed = not audit.is_start(entry)
+    edited = bool(
+        record and sealed and audit.file_sha256(records_dir / Path(str(entry.get("sidecar"))).name) != entry.get("sidecar_sha256")
+    )
+    shown = audit.as_sealed(entry, start, record) if record and sealed else record
+    warnings = list(entry.get("warnings") or []) if sealed and "warnings" in entry else None
     facts = env.get_template("_facts.html.j2").render(
         entry=entry,
-        record=record,
-        facts=[(k, v) for k, v in display.run_facts(record) if v] if record else [],
-        changes=audit.field_changes(entry, record) if record else [],
+        record=shown,
+        edited=edited,
+        facts=[(k, v, k in display.SEALED_FACTS) for k, v in display.run_facts(shown, warnings) if v] if shown else [],
+        changes=audit.field_changes(entry, record) if edited else [],
         problems=problems,
         line=line,
         record_error=record_error,
@@ -325,7 +335,7 @@ def _write_site(records_dir: Path, site: Path, check: audit.LedgerCheck, kept: _
         keys[name] = _page_key(records_dir, [e for e in (start, entry) if e], line, problems)
         if not kept.reuse(name, keys[name], site):
             exporter = exporter or _exporter()
-            html = _run_page(exporter, env, records_dir, line, entry, problems, common)
+            html = _run_page(exporter, env, records_dir, line, [e for e in (start, entry) if e], problems, common)
             (site / "runs" / name).write_text(clean(html), encoding="utf-8")
             rendered += 1
         pages.append(name)

@@ -11,14 +11,40 @@ from typing import Any, Mapping
 
 # Runbooks that change the database and, in production, must take a verified backup and verify after.
 _CHANGING = ("deploy", "rollback")
+# Steps that read the database (or copy it out) and never change it; any other step that began may have.
+_READ_ONLY_STEPS = frozenset({"parameters", "preflight", "backup", "verify", "summary"})
+# Step outcomes after which the step changed nothing: skipped, refused, bad input, or gave up on a lock.
+_NOTHING_DONE = frozenset({"skipped", "refused", "invalid", "locked", "lock timeout"})
+
+
+def _step_fields(step) -> tuple:
+    """(name, outcome) of a step as a sidecar writes it (an object) or a ledger entry keeps it (a list)."""
+    if isinstance(step, Mapping):
+        return step.get("name"), step.get("outcome")
+    return (tuple(step) + (None, None))[:2] if isinstance(step, (list, tuple)) else (None, None)
+
+
+def changed_database(record: Mapping[str, Any]) -> bool:
+    """Whether the run (a sidecar, or a ledger entry with its steps) may have changed its database: a step
+    that changes it began and did not stop at a guard. A record that keeps no steps is judged by its
+    outcome, as one that may have changed something unless it was refused, invalid or locked."""
+    steps = record.get("steps")
+    if not isinstance(steps, list):
+        return record.get("outcome") in ("succeeded", "failed", "interrupted", "abandoned")
+    return any(
+        name not in _READ_ONLY_STEPS and outcome not in _NOTHING_DONE for name, outcome in map(_step_fields, steps)
+    )
 
 
 def skipped_safeguards(record: Mapping[str, Any]) -> list[str]:
-    """The safeguards the run (a sidecar's fields) went without, each as a short phrase; empty when none."""
+    """The safeguards the run (a sidecar's fields) went without, each as a short phrase; empty when none.
+
+    The backup and verify flags concern only runs that changed their database (:func:`changed_database`):
+    a run refused, or ended in its preflight, went without nothing."""
     found = []
-    steps = {s.get("name"): s.get("outcome") for s in record.get("steps") or []}
+    steps = dict(map(_step_fields, record.get("steps") or []))
     outcome = record.get("outcome")
-    changed = outcome in ("succeeded", "failed", "interrupted", "abandoned")  # it may have changed something
+    changed = changed_database(record)
     if record.get("env") == "production" and record.get("runbook") in _CHANGING and changed:
         if not record.get("backup") or steps.get("backup") != "succeeded":
             found.append("no verified backup")

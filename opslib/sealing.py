@@ -108,6 +108,15 @@ def _seal_one(settings: Settings, records, stem: str, command: str) -> RunRecord
         if record is None or anchors.is_anchored(settings, record):  # sealed once: its ledger line was removed
             return None
         now = audit.iso(audit.now())
+        if record.closed_at and isinstance(record.outcome, Outcome) and record.outcome.sealed:
+            # Its process ended it and wrote it in the database; only its seal is missing (a JupyterLab run
+            # whose notebook was not saved after its last cell): sealed with its own outcome, so the ledger,
+            # its sidecar and the database's history say the same.
+            record.sealed_by = (
+                f"`opslib {command}` on {socket.gethostname()} at {now}, after its process had ended it "
+                "without sealing it (its notebook as last saved)"
+            )
+            return record if seal(settings, records, stem, record, rewrite_sidecar=False) is not None else None
         record.last_outcome = str(record.outcome)
         for entry in record.steps:
             if entry.outcome is Outcome.RUNNING:

@@ -8,6 +8,7 @@ from collections import Counter
 from pathlib import Path
 
 from opslib import audit
+from opslib.safeguards import changed_database
 
 # The runbooks that change a database: in production, each is listed with its backup.
 CHANGING_RUNBOOKS = ("deploy", "rollback", "recovery", "reset", "init-prod")
@@ -25,7 +26,7 @@ def audit_summary(records_dir: Path, check: audit.LedgerCheck | None = None) -> 
     for entry in runs:
         env, outcome = str(entry.get("env")), "running" if audit.is_start(entry) else str(entry.get("outcome"))
         counts.setdefault(env, Counter())[outcome] += 1
-        if env == "production" and entry.get("runbook") in CHANGING_RUNBOOKS and outcome not in _UNCHANGED:
+        if env == "production" and entry.get("runbook") in CHANGING_RUNBOOKS and _changed(entry, outcome):
             sidecar = _sidecar(records_dir, entry)
             backup = sidecar.get("backup") or {}
             row = audit.run_row(entry)
@@ -46,6 +47,13 @@ def audit_summary(records_dir: Path, check: audit.LedgerCheck | None = None) -> 
         "runs": {env: dict(sorted(c.items())) for env, c in sorted(counts.items())},
         "production_changes": changes,
     }
+
+
+def _changed(entry: dict, outcome: str) -> bool:
+    """Whether the run may have changed its database, as its ledger entry says (its steps, sealed with it)."""
+    if outcome in _UNCHANGED:
+        return False
+    return audit.is_start(entry) or changed_database(entry)  # a run still going may be changing it now
 
 
 def _sidecar(records_dir: Path, entry: dict) -> dict:

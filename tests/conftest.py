@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import itertools
+import json
 import os
 import shutil
 import subprocess
@@ -22,7 +23,7 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy.engine import URL
 
-from opslib import db, embedded
+from opslib import audit, db, embedded
 from opslib.config import Settings
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -347,9 +348,9 @@ def schema_snapshot(url: str) -> list:
 RECORDS_PASSWORD = "Audit-S3cret-pw-91c2"
 
 
-def _opslib_run(url: str, work: Path, *args: str, alembic_ini: Path = ROOT / "alembic.ini") -> int:
+def _opslib_run(url: str, work: Path, *args: str, alembic_ini: Path = ROOT / "alembic.ini", **extra: str) -> int:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("OPSLIB_", "DATABASE_URL"))}
-    env.update(DATABASE_URL=url, OPSLIB_ALEMBIC_INI=str(alembic_ini))
+    env.update(DATABASE_URL=url, OPSLIB_ALEMBIC_INI=str(alembic_ini), **extra)
     return subprocess.run(
         [OPSLIB, "run", *args], cwd=work, env=env, capture_output=True, text=True
     ).returncode
@@ -399,3 +400,29 @@ def copy_of_records(recorded_runs, tmp_path: Path) -> Path:
     copy = tmp_path / "copy"
     shutil.copytree(work / "records", copy / "records")
     return copy
+
+
+def outcomes_that_disagree(records: Path, url: str) -> list[str]:
+    """Each run of ``records`` on the database at ``url`` whose outcome is not the same in the ledger, in
+    what `opslib audit show` reads (its sidecar, with an ending appended by another command), and in the
+    database's ``opslib.runs``; the sidecar of a run sealed as abandoned holds what it last saw.
+
+    A run that reached its database and may have changed it has a row there; bad input writes none."""
+    schema = query(url, "SELECT to_regclass('opslib.runs') IS NOT NULL")[0][0]
+    rows = dict(query(url, "SELECT run_id, outcome FROM opslib.runs")) if schema else {}
+    name = database_name(url)
+    found = []
+    for entry in audit.read_endings(records):
+        if (entry.get("database") or {}).get("name") != name:
+            continue
+        run, outcome = entry["run_id"], entry["outcome"]
+        sidecar = json.loads((records / entry["sidecar"]).read_text())
+        left = entry.get("last_outcome") if outcome == "abandoned" else outcome
+        shown = audit.find_run(records, run)["outcome"]
+        if sidecar["outcome"] != left or shown != outcome:
+            found.append(f"{run}: ledger {outcome}, sidecar {sidecar['outcome']}, shown {shown}")
+        if run in rows and rows[run] != outcome:
+            found.append(f"{run}: ledger {outcome}, opslib.runs {rows[run]}")
+        if run not in rows and outcome in ("succeeded", "failed", "interrupted", "abandoned"):
+            found.append(f"{run}: {outcome} in the ledger, no row in opslib.runs")
+    return found

@@ -11,7 +11,7 @@ import pytest
 from opslib.outcome import Outcome
 from opslib import audit
 
-from .conftest import audit_cli, copy_of_records
+from .conftest import _opslib_run, audit_cli, copy_of_records, libpq, outcomes_that_disagree
 
 
 def test_list_show_and_verify_four_runs(recorded_runs):
@@ -94,17 +94,20 @@ def test_appends_from_two_processes_at_once_keep_the_chain(tmp_path):
     assert audit.verify_ledger(tmp_path) == []
 
 
-def _sealed_by_hand(records: Path, run_id: str, env: str, steps: list[str], backup: bool, database: bool) -> None:
-    """A run's record written and sealed by hand, as a run that went without a safeguard would leave it."""
+def _sealed_by_hand(
+    records: Path, run_id: str, env: str, steps: list[str], backup: bool, database: bool, outcome=Outcome.SUCCEEDED
+) -> None:
+    """A run's record written and sealed by hand, as a run that went without a safeguard would leave it; its
+    last step ends as the run does."""
     from opslib.record import BackupRef, Database
 
     stem = f"20260101T000000Z_deploy_{run_id}"
     record = audit.new_record("deploy", run_id, audit.now(), operator="t", env=env)
-    for name in steps:
-        record.step(name, record.started_at, duration_s=0.1, outcome=Outcome.SUCCEEDED)
+    for i, name in enumerate(steps, start=1):
+        record.step(name, record.started_at, duration_s=0.1, outcome=Outcome.SUCCEEDED if i < len(steps) else outcome)
     record.backup = BackupRef("/backups/app.dump", "0" * 64) if backup else None
     record.database = Database("db", 5432, "app") if database else None
-    record.end(Outcome.SUCCEEDED, 0, None, record.started_at)
+    record.end(outcome, 0 if outcome is Outcome.SUCCEEDED else 1, None, record.started_at)
     audit.write_sidecar(records, stem, record)
     audit.append_ledger(records, stem, record)
 
@@ -118,17 +121,27 @@ def test_runs_that_went_without_a_safeguard_are_flagged(tmp_path):
     _sealed_by_hand(records, "novrf003", "production", [s for s in every if s != "verify"], backup=True, database=True)
     _sealed_by_hand(records, "nodb0004", "development", ["parameters", "summary"], backup=False, database=False)
     _sealed_by_hand(records, "devnb005", "development", [s for s in every if s != "backup"], backup=False, database=True)
+    # Ended in its preflight, before its backup: it changed nothing, and went without nothing.
+    _sealed_by_hand(records, "early006", "production", every[:2], backup=False, database=True, outcome=Outcome.ABANDONED)
+    _sealed_by_hand(records, "early007", "production", every[:2], backup=False, database=True, outcome=Outcome.FAILED)
+    # Ended inside its upgrade without a backup: it may have changed the database.
+    _sealed_by_hand(records, "upgr0008", "production", ["parameters", "preflight", "upgrade"], backup=False,
+                    database=True, outcome=Outcome.ABANDONED)  # fmt: skip
     flagged = {r["run_id"]: r["warnings"] for r in audit.list_runs(records)}
     assert flagged == {
         "clean001": [], "nobkp002": ["no verified backup"], "novrf003": ["no verify step"],
-        "nodb0004": ["no database reached"], "devnb005": [],
+        "nodb0004": ["no database reached"], "devnb005": [], "early006": [], "early007": [],
+        "upgr0008": ["no verified backup"],
     }  # fmt: skip
     listed = audit_cli(tmp_path, "list", "--warnings")
     assert listed.returncode == 0, listed.stderr
-    assert {line.split()[1] for line in listed.stdout.splitlines()[2:]} == {"nobkp002", "novrf003", "nodb0004"}
+    assert {line.split()[1] for line in listed.stdout.splitlines()[2:]} == {"nobkp002", "novrf003", "nodb0004", "upgr0008"}
     assert "no verified backup" in listed.stdout
     as_json = json.loads(audit_cli(tmp_path, "list", "--json", "--warnings").stdout)
-    assert [r["run_id"] for r in as_json] == ["nobkp002", "novrf003", "nodb0004"]
+    assert [r["run_id"] for r in as_json] == ["nobkp002", "novrf003", "nodb0004", "upgr0008"]
+    # The summary counts as production changes only the runs that may have changed their database.
+    changes = json.loads(audit_cli(tmp_path, "summary", "--json").stdout)["production_changes"]
+    assert [c["run_id"] for c in changes] == ["clean001", "nobkp002", "novrf003", "upgr0008"]
     refused = audit_cli(tmp_path, "verify", "--warnings")
     assert refused.returncode == 2 and "--warnings belongs to `opslib audit list`" in refused.stderr
     # The warnings are sealed in the ledger: editing the sidecar to hide them is tampering, shown as such.
@@ -196,3 +209,40 @@ def test_a_ledger_cut_short_is_never_laundered_by_opslib_itself(recorded_runs, t
     else:  # the third run's start was kept: its ending is appended, as abandoned
         (ending,) = appended
         assert ending["outcome"] == "abandoned" and ending["run_id"] == json.loads(lines[4])["run_id"]
+
+
+def test_each_kind_of_ending_has_one_outcome_in_the_ledger_the_sidecar_and_the_database(
+    recorded_runs, server_url, database_url, tmp_path
+):
+    """Succeeded and failed (the session's runs, on two databases), then a refused run, bad input and a run the
+    lock turned away, on this test's: the ledger, the sidecar and opslib.runs say the same of each."""
+    import psycopg2
+
+    from opslib.db import LOCK_KEY
+
+    work, _ = recorded_runs
+    seen = set()
+    for name in {(e.get("database") or {}).get("name") for e in audit.read_endings(work / "records")} - {None}:
+        url = server_url.set(database=name).render_as_string(hide_password=False)
+        assert outcomes_that_disagree(work / "records", url) == []
+        seen |= {e["outcome"] for e in audit.read_endings(work / "records") if (e.get("database") or {}).get("name") == name}
+    assert {"succeeded", "failed"} <= seen
+
+    here = tmp_path / "work"
+    here.mkdir()
+    assert _opslib_run(database_url, here, "deploy", "-p", "target_revision", "0003") == 0
+    admin = {"OPSLIB_ADMIN_EMAIL": "admin@example.com", "OPSLIB_ADMIN_PASSWORD": "an-admin-password"}
+    assert _opslib_run(database_url, here, "init-prod", **admin) == 3  # a database half-way up is not set up by it
+    assert _opslib_run(database_url, here, "deploy") == 0
+    assert _opslib_run(database_url, here, "rollback", "-p", "target_revision", "no-such-revision") == 2
+    holder = psycopg2.connect(libpq(database_url))
+    holder.autocommit = True
+    holder.cursor().execute("SELECT pg_advisory_lock(%s)", (LOCK_KEY,))
+    try:
+        assert _opslib_run(database_url, here, "deploy") == 4
+    finally:
+        holder.close()
+    endings = audit.read_endings(here / "records")
+    assert [e["outcome"] for e in endings] == ["succeeded", "refused", "succeeded", "invalid", "locked"]
+    assert all(e.get("database") for e in endings)  # each reached the database, and is compared there
+    assert outcomes_that_disagree(here / "records", database_url) == []

@@ -26,7 +26,7 @@ import pytest
 from opslib import audit, embedded
 from opslib.config import Settings
 
-from .conftest import FIXTURES, OPSLIB, database_name, libpq, opslib_cli, query
+from .conftest import FIXTURES, OPSLIB, database_name, libpq, opslib_cli, outcomes_that_disagree, query
 
 REVISIONS = ["f001", "f002", "f003", "f004", "f005"]
 POINTS = ["backup", "before-first-revision", "inside-a-revision", "between-revisions", "record"]
@@ -237,6 +237,7 @@ def test_a_deploy_stopped_at_any_point_ends_sealed_and_safe(
     )
     assert verify.returncode == 0, verify.stdout + verify.stderr
     (entry,) = audit.read_endings(work / "records")
+    assert outcomes_that_disagree(work / "records", database_url) == []  # one outcome, whoever sealed it
     if signame == "SIGKILL":
         assert code == -signal.SIGKILL
         assert entry["outcome"] == "abandoned" or (point == "record" and entry["outcome"] == "succeeded")

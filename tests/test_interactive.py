@@ -95,7 +95,9 @@ def test_a_run_saved_after_its_summary_is_sealed_with_its_notebook(database_url,
     assert status.stdout == ""
 
 
-def test_a_session_ended_unsaved_after_the_summary_is_abandoned(database_url, tmp_path):
+def test_a_session_ended_unsaved_after_the_summary_is_sealed_with_its_own_outcome(database_url, tmp_path):
+    """Its kernel ended the run: the ledger, its sidecar and the database's history all say how, although
+    the notebook was never saved after the summary (the seal says so, and vouches for it as last saved)."""
     lab = LabSession(tmp_path / "work", _env(database_url))
     try:
         lab.start_kernel()
@@ -106,15 +108,15 @@ def test_a_session_ended_unsaved_after_the_summary_is_abandoned(database_url, tm
         lab.run_cells(nb, after="run.preflight()")
     finally:
         code = lab.stop()  # closed without saving after the summary
-    assert code == 1, lab.output()
+    assert code == 0, lab.output()
     (entry,) = _ledger(lab.work)
-    assert entry["outcome"] == "abandoned"
-    # The ending is appended to the ledger; the sidecar stays as the kernel left it.
-    assert entry["last_outcome"] == "succeeded" and "before the notebook was saved" in entry["error"]
-    assert entry["revisions_after"] == ["0007"]
+    assert entry["outcome"] == "succeeded" and "its notebook as last saved" in entry["sealed_by"]
+    assert entry["revisions_after"] == ["0007"] and entry["notebook_sha256"] == audit.file_sha256(lab.notebook)
+    # The ending is appended to the ledger; the sidecar stays as the kernel left it, and says the same.
     assert json.loads(lab.notebook.with_suffix(".json").read_text())["outcome"] == "succeeded"
+    assert query(database_url, "SELECT outcome FROM opslib.runs WHERE run_id = :id", id=entry["run_id"]) == [("succeeded",)]
     shown = _opslib(lab.work, database_url, "audit", "show", entry["run_id"], "--json")
-    assert json.loads(shown.stdout)["outcome"] == "abandoned"
+    assert json.loads(shown.stdout)["outcome"] == "succeeded"
     verified = _opslib(lab.work, database_url, "audit", "verify")
     assert verified.returncode == 0, verified.stdout + verified.stderr
 

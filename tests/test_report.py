@@ -204,24 +204,42 @@ def test_report_arguments_and_a_broken_ledger_are_refused_clearly(recorded_runs,
 
 
 def test_an_edited_sidecar_shows_each_changed_fact_against_the_ledger(recorded_runs, tmp_path):
+    """A failed deploy made to look fine, its failed upgrade step included: verify names every edit (exit 3),
+    the page shows the run as the ledger sealed it and marks the facts only the file holds, and no audit
+    command changes a file of the records folder."""
     copy = copy_of_records(recorded_runs, tmp_path)
     records = copy / "records"
-    line, entry = next((i, e) for i, e in enumerate(audit.read_endings(records), 1) if e["outcome"] != "succeeded")
+    line, entry = next((i, e) for i, e in enumerate(audit.read_endings(records), 1) if e["outcome"] == "failed")
     path = records / entry["sidecar"]
     record = json.loads(path.read_text())
-    record.update(operator="mallory", outcome="succeeded", exit_code=0)  # a failed run made to look fine
+    (failed,) = [i for i, step in enumerate(record["steps"]) if step["outcome"] == "failed"]
+    step_name = record["steps"][failed]["name"]
+    record["steps"][failed]["outcome"] = "succeeded"
+    record.update(operator="mallory", outcome="succeeded", exit_code=0, host="elsewhere")
     path.write_text(json.dumps(record))
+    before = {p.name: audit.file_sha256(p) for p in records.iterdir() if p.is_file()}
     verified = audit_cli(copy, "verify")
     assert verified.returncode == 3
     assert f'operator: ledger says "{entry["operator"]}", file says "mallory"' in verified.stdout
     assert f'outcome: ledger says "{entry["outcome"]}", file says "succeeded"' in verified.stdout
-    out = copy / "report"
+    assert f'step {failed + 1} ({step_name}): ledger says {step_name}: failed, file says {step_name}: succeeded' in verified.stdout
+    out = tmp_path / "report"
     assert _report(copy, "--out", str(out)).returncode == 3
+    for command in (["list"], ["show", entry["run_id"]], ["summary"], ["verify"]):
+        assert audit_cli(copy, *command).returncode in (0, 3)
+    assert {p.name: audit.file_sha256(p) for p in records.iterdir() if p.is_file()} == before
+
     page = _soup(_rendered(next((out / "runs").glob(f"{line:04d}-*.html")), tmp_path))
     rows = [[cell.get_text() for cell in row.find_all(["th", "td"])] for row in page.find(id="changes").find_all("tr")[1:]]
     assert ["operator", f'"{entry["operator"]}"', '"mallory"'] in rows
     assert ["outcome", f'"{entry["outcome"]}"', '"succeeded"'] in rows
+    assert [f"step {failed + 1} ({step_name})", f"{step_name}: failed", f"{step_name}: succeeded"] in rows
     assert page.find(id="outcome").get_text() == entry["outcome"]  # the heading is the ledger's
+    facts = {row.th.get_text(): row.td.get_text() for row in page.find(id="facts").find_all("tr")}
+    assert facts["outcome"].startswith("failed") and "from the edited file" not in facts["outcome"]
+    assert "elsewhere" in facts["who"] and facts["who"].endswith("from the edited file")
+    steps = [[cell.get_text() for cell in row.find_all("td")][:2] for row in page.find(id="steps").tbody.find_all("tr")]
+    assert steps[failed] == [step_name, "failed"]  # the step as the ledger sealed it
 
 
 def test_the_report_never_scrolls_sideways_on_a_narrow_screen(recorded_runs, tmp_path):
