@@ -12,7 +12,9 @@ folder working on the same database) are counted, never taken for this one's.
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from datetime import datetime
+from typing import Sequence
 
 import sqlalchemy as sa
 from sqlalchemy.engine import URL
@@ -99,11 +101,54 @@ def _target_url(settings: Settings) -> URL | None:
         return None
 
 
-def cross_check(settings: Settings, entries: list[dict]) -> tuple[str, list[str]]:
-    """Check the ledger ``entries`` against the hashes anchored in the target database.
+def _key(url: URL) -> tuple:
+    return (url.host or url.query.get("host"), url.port or 5432, url.database)
 
-    Returns (what was checked, in one line; the problems found, each naming the run). Nothing is
-    checked when no target is configured or it cannot be reached: the line says so.
+
+@dataclass(frozen=True)
+class _Source:
+    """A database to cross-check with: its URL, where the URL came from, and whether it was asked for."""
+
+    url: URL
+    named_by: str
+    asked: bool
+
+
+def _sources(settings: Settings, entries: list[dict], given: Sequence[tuple[str, str]]) -> list[_Source]:
+    """Every database to cross-check with, once each: ``given`` (the ``--database`` URLs, a fleet file's
+    targets), the configured target, and each environment variable the ledger's runs were given their URL
+    in (``database_url_env``)."""
+    found: dict[tuple, _Source] = {}
+
+    def add(text: str | None, named_by: str, asked: bool) -> None:
+        try:
+            url = db.parse_url(text) if text else None
+        except OpsError:
+            return
+        if url is not None and url.database:
+            found.setdefault(_key(url), _Source(url, named_by, asked))
+
+    for text, named_by in given:
+        add(text, named_by, True)
+    target = _target_url(settings)
+    if target is not None:
+        found.setdefault(_key(target), _Source(target, "the configured database", not given))
+    names = {str((e.get("parameters") or {}).get("database_url_env") or "") for e in entries} - {""}
+    for name in sorted(names):
+        add(os.environ.get(name), name, False)
+    return list(found.values())
+
+
+def cross_check(
+    settings: Settings, entries: list[dict], given: Sequence[tuple[str, str]] = (), require: bool = False
+) -> tuple[str, list[str]]:
+    """Check the ledger ``entries`` against the hashes anchored in the witness and in every database it can
+    reach: the ``given`` (URL, where it came from) pairs (``--database``, a fleet file), the configured target,
+    and the URL of each environment variable the ledger's runs name. A database cut out of the ledger
+    entirely is still checked when any of these reaches it.
+
+    With ``require``, a given URL (or, when none is given, the configured one) that cannot be reached is a
+    problem. Returns (what was checked, in one line; the problems found, each naming the run).
     """
     lines, problems = [], []
     backend = witness.of(settings.ledger_witness)
@@ -111,25 +156,45 @@ def cross_check(settings: Settings, entries: list[dict]) -> tuple[str, list[str]
         ours, others = _this_ledgers(backend.rows(), entries)
         problems += _compare(entries, ours, f"the witness {backend}", starts=True)
         lines.append(f"cross-checked with the witness: {len(ours)} entr(ies) of this ledger" + _others(others))
-    url = _target_url(settings)
-    if url is None:
+    sources = _sources(settings, entries, given)
+    if require and not any(source.asked for source in sources):
+        problems.append(
+            "--database: not cross-checked with a database (none configured): give --database URL or set DATABASE_URL"
+        )
+    reached = set()
+    for source in sources:
+        url = source.url
+        try:
+            with db.connect(url) as conn:
+                anchored = run_history.ledger_entries(conn)
+        except (OpsError, sa.exc.DBAPIError) as err:
+            message = err.message if isinstance(err, OpsError) else db.driver_message(err, url)
+            lines.append(f"not cross-checked with {db.redact_url(url)} ({source.named_by}): {message}")
+            if require and source.asked:
+                problems.append(f"--database: not cross-checked with {db.redact_url(url)}: {message}")
+            continue
+        reached.add(_key(url))
+        ours, others = _this_ledgers(anchored, entries)
+        here = [e for e in entries if _same_database(url, *_where(e))]
+        problems += _compare(here, ours, f"database {url.database}")
+        lines.append(
+            f"cross-checked with database {url.database}: {len(ours)} entr(ies) of this ledger anchored there"
+            + _others(others)
+        )
+    unreached = sorted({str(_where(e)[2]) for e in entries if e.get("database") and _where_key(e) not in reached})
+    if unreached:
+        lines.append(
+            f"not cross-checked with {', '.join(unreached)} (no URL for it here: give --database URL, or set "
+            "the variable its runs were given)"
+        )
+    if not sources:
         lines.append("not cross-checked with a database (none configured)")
-        return "; ".join(lines), problems
-    try:
-        with db.connect(url) as conn:
-            anchored = run_history.ledger_entries(conn)
-    except (OpsError, sa.exc.DBAPIError) as err:
-        message = err.message if isinstance(err, OpsError) else db.driver_message(err, url)
-        lines.append(f"not cross-checked with {db.redact_url(url)}: {message}")
-        return "; ".join(lines), problems
-    ours, others = _this_ledgers(anchored, entries)
-    here = [e for e in entries if _same_database(url, *_where(e))]
-    problems += _compare(here, ours, f"database {url.database}")
-    lines.append(
-        f"cross-checked with database {url.database}: {len(ours)} entr(ies) of this ledger anchored there"
-        + _others(others)
-    )
     return "; ".join(lines), problems
+
+
+def _where_key(entry: dict) -> tuple:
+    host, port, name = _where(entry)
+    return (host, port or 5432, name)
 
 
 def _this_ledgers(anchored: list[dict], entries: list[dict]) -> tuple[list[dict], int]:

@@ -249,8 +249,20 @@ def _parser() -> argparse.ArgumentParser:
     )
     s.add_argument(
         "--database",
-        action="store_true",
-        help="for verify: fail unless the ledger could be cross-checked with the database (done whenever it is reached)",
+        action="append",
+        nargs="?",
+        const="",
+        metavar="URL",
+        help="for verify: also cross-check the ledger with the database at URL (repeatable; the URL is best given "
+        "as $VAR), and fail unless each is reached; alone, fail unless the configured database is reached. "
+        "Every database reachable from the environment or the fleet file is cross-checked anyway",
+    )
+    s.add_argument(
+        "--targets",
+        type=Path,
+        metavar="FILE",
+        help="for verify and report: the fleet file whose targets' databases to cross-check with "
+        "(default: the project's, when it has one)",
     )
     s.add_argument("--out", type=Path, help="for report: the folder to write (default: <records>/report)")
     s.add_argument(
@@ -548,8 +560,10 @@ def _audit(settings, args: argparse.Namespace) -> int:
     from opslib.errors import ChecksFailed, InvalidInput
 
     records = audit.require_records_dir(settings.records_dir)
-    if args.action != "verify" and args.database:
+    if args.action != "verify" and args.database is not None:
         raise InvalidInput(f"--database belongs to `opslib audit verify`, not `audit {args.action}`")
+    if args.action not in ("verify", "report") and args.targets is not None:
+        raise InvalidInput(f"--targets belongs to `opslib audit verify` and `audit report`, not `audit {args.action}`")
     if args.action != "list" and args.warnings:
         raise InvalidInput(f"--warnings belongs to `opslib audit list`, not `audit {args.action}`")
     if args.action != "report" and (args.out or args.screenshot):
@@ -583,10 +597,10 @@ def _audit(settings, args: argparse.Namespace) -> int:
         from opslib import anchors
 
         check = audit.check_ledger(records)
-        anchored, against_database = anchors.cross_check(settings, check.entries)
+        anchored, against_database = anchors.cross_check(
+            settings, check.entries, _databases_given(settings, args), require=args.database is not None
+        )
         problems = check.problems + against_database
-        if args.database and "cross-checked with database" not in anchored:
-            problems.append(f"--database: {anchored}")
         if problems:
             print("\n".join(problems))
             raise ChecksFailed(f"audit verify: {len(problems)} problem(s) in {records}; the first: {problems[0]}")
@@ -596,6 +610,24 @@ def _audit(settings, args: argparse.Namespace) -> int:
             f"{anchored}"
         )
     return EXIT_OK
+
+
+def _databases_given(settings, args: argparse.Namespace) -> list[tuple[str, str]]:
+    """The databases `audit verify` and `audit report` cross-check the ledger with besides the environment's:
+    each ``--database URL``, and each target of the fleet file (``--targets``, else the project's if it has one)."""
+    from opslib import fleet
+    from opslib.errors import ConfigError
+
+    given = [(url, "--database") for url in args.database or [] if url]
+    path = args.targets or fleet.fleet_file(settings.alembic_ini)
+    if args.targets is None and not path.is_file():
+        return given
+    try:
+        return given + fleet.database_urls(path)
+    except ConfigError:
+        if args.targets is not None:
+            raise
+        return given  # the project's pyproject.toml with no fleet in it, or a fleet file `opslib fleet` refuses itself
 
 
 def _audit_seal(settings, run_id: str | None) -> int:
@@ -635,8 +667,9 @@ def _audit_report(settings, records: Path, args: argparse.Namespace) -> int:
     from opslib import anchors, report
     from opslib.errors import ChecksFailed
 
+    given = _databases_given(settings, args)
     written = report.build_report(
-        records, args.out or records / "report", cross_check=lambda entries: anchors.cross_check(settings, entries)[1]
+        records, args.out or records / "report", cross_check=lambda entries: anchors.cross_check(settings, entries, given)[1]
     )
     if args.screenshot:
         written.screenshot = report.screenshot(written.index, written.out / report.SCREENSHOT)

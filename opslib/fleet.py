@@ -88,9 +88,10 @@ def fleet_file(alembic_ini: Path) -> Path:
     return own if own.exists() or not (folder / "pyproject.toml").exists() else folder / "pyproject.toml"
 
 
-def load_fleet(path: Path, environ: dict | None = None) -> Fleet:
+def load_fleet(path: Path, environ: dict | None = None, urls_required: bool = True) -> Fleet:
     """Read and check a fleet file: a password anywhere, a URL instead of a variable's name, a duplicate name,
-    an unset variable, an unknown key or environment label is :class:`ConfigError` (exit 2), before anything runs."""
+    an unset variable (unless not ``urls_required``), an unknown key or environment label is
+    :class:`ConfigError` (exit 2), before anything runs."""
     environ = os.environ if environ is None else environ
     path = Path(path)
     try:
@@ -122,9 +123,10 @@ def load_fleet(path: Path, environ: dict | None = None) -> Fleet:
         seen.add(name)
         if "://" in url_env or not ENV_NAME.match(url_env):
             raise ConfigError(f"{where} ({name}): url_env names an environment variable, not {'a URL' if '://' in url_env else repr(url_env)}")
-        if not environ.get(url_env):
+        if not environ.get(url_env) and urls_required:
             raise ConfigError(f"{where} ({name}): the environment variable {url_env} is not set")
-        db.parse_url(environ[url_env], source=url_env)
+        if environ.get(url_env):
+            db.parse_url(environ[url_env], source=url_env)
         env = str(entry.get("env", "development"))
         if env not in _ENV_LABELS:
             raise ConfigError(f"{where} ({name}): env must be one of {', '.join(_ENV_LABELS)}, not {env!r}")
@@ -133,6 +135,17 @@ def load_fleet(path: Path, environ: dict | None = None) -> Fleet:
             raise ConfigError(f"{where} ({name}): tags is a table, e.g. tags = {{ region = \"eu\" }}")
         targets.append(Target(name, url_env, env, {str(k): str(v) for k, v in tags.items()}))
     return Fleet(path, tuple(targets))
+
+
+def database_urls(path: Path, environ: dict | None = None) -> list[tuple[str, str]]:
+    """(URL, where it came from) of each target of the fleet file at ``path`` whose variable is set here, for
+    `opslib audit verify` to cross-check the ledger with; a target whose variable is unset is left out."""
+    environ = os.environ if environ is None else environ
+    return [
+        (environ[t.url_env], f"{t.url_env}, fleet target {t.name}")
+        for t in load_fleet(path, environ, urls_required=False).targets
+        if environ.get(t.url_env)
+    ]
 
 
 # --- the plan --------------------------------------------------------------------------------------------

@@ -164,3 +164,51 @@ def test_a_run_that_reached_no_database_is_still_caught_when_cut_through_the_def
     verified = subprocess.run([OPSLIB, "audit", "verify"], cwd=work, env=env, capture_output=True, text=True)
     assert verified.returncode == 3, verified.stdout + verified.stderr
     assert f"run {newest['run_id']} (deploy," in verified.stdout and "missing from the ledger" in verified.stdout
+
+
+def test_two_databases_in_one_records_folder_are_each_cross_checked(make_database, tmp_path):
+    """Runs on two databases write one ledger: verify cross-checks each database it can reach (the configured
+    one, the variable the runs were given, each --database, each fleet target), so a run cut from the ledger
+    is named whichever database it ran on. The witness is left out here: the databases alone catch it."""
+    a, b = make_database(), make_database()
+    work = tmp_path / "work"
+    work.mkdir()
+    assert _opslib_run(a, work, "deploy") == 0
+    for runbook in ("deploy", "rollback"):  # on b, through the variable its parameters name
+        assert _opslib_run(a, work, runbook, "-p", "database_url_env", "B_URL", B_URL=b) == 0
+    names = {e["database"]["name"] for e in audit.read_endings(work / "records")}
+    assert names == {a.rsplit("/", 1)[1], b.rsplit("/", 1)[1]}
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OPSLIB_", "DATABASE_URL"))}
+    env.update(OPSLIB_LEDGER_WITNESS="off", DATABASE_URL=a, OPSLIB_ALEMBIC_INI=str(ROOT / "alembic.ini"))
+
+    def verify(*args: str, **extra: str) -> subprocess.CompletedProcess:
+        return subprocess.run([OPSLIB, "audit", "verify", *args], cwd=work, env={**env, **extra},
+                              capture_output=True, text=True)  # fmt: skip
+
+    done = verify(B_URL=b)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert f"cross-checked with database {a.rsplit('/', 1)[1]}: 1 entr(ies)" in done.stdout
+    assert f"cross-checked with database {b.rsplit('/', 1)[1]}: 2 entr(ies)" in done.stdout
+    alone = verify()  # b's URL is not here: said, not guessed
+    assert alone.returncode == 0 and f"not cross-checked with {b.rsplit('/', 1)[1]} (no URL for it here" in alone.stdout
+
+    cut = _drop_entry(work, -1)  # the rollback on b
+    for how, extra, args in (
+        ("the variable the runs name", {"B_URL": b}, ()),
+        ("--database", {}, ("--database", b, "--database", a)),
+        ("the fleet file", {"B_URL": b}, ("--targets", str(_fleet_file(tmp_path)))),
+    ):
+        if how == "the fleet file":  # the runs left on b no longer name B_URL: only the fleet file does
+            _drop_entry(work, -1)
+        caught = verify(*args, **extra)
+        assert caught.returncode == 3, (how, caught.stdout + caught.stderr)
+        assert f"run {cut['run_id']} (rollback, succeeded" in caught.stdout, how
+        assert f"database {b.rsplit('/', 1)[1]} but missing from the ledger" in caught.stdout, how
+    unreachable = verify("--database", with_database(a, "no_such_database_here"))
+    assert unreachable.returncode == 3 and "--database: not cross-checked with" in unreachable.stdout
+
+
+def _fleet_file(folder: Path) -> Path:
+    path = folder / "fleet.toml"
+    path.write_text('[[targets]]\nname = "b"\nurl_env = "B_URL"\n[[targets]]\nname = "c"\nurl_env = "C_URL_UNSET"\n')
+    return path
