@@ -301,8 +301,9 @@ class Section:
 # Text left-aligned and wrapped (a squawk finding is a paragraph, not a 900-character line); code monospace.
 _CELL = "text-align:left; vertical-align:top; white-space:pre-wrap; overflow-wrap:anywhere; max-width:80ch"
 _CODE = "font-family:var(--jp-code-font-family, monospace); white-space:pre-wrap; line-height:1.3"
-# Outcomes and check results in colour, the word kept (colour is never the only sign).
-_GREEN, _AMBER, _RED, _GREY = "#1a7f37", "#9a6700", "#cf222e", "#57606a"
+# Outcomes and check results in colour, the word kept (colour is never the only sign); each reads at 6:1 or
+# better on the white and the greys (#f5f5f5, #eee) JupyterLab and nbconvert give table rows.
+_GREEN, _AMBER, _RED, _GREY = "#116329", "#7d4e00", "#a40e26", "#424a53"
 _COLOURS = {
     "pass": _GREEN, "succeeded": _GREEN, "passed": _GREEN,
     "warn": _AMBER, "lock timeout": _AMBER, "interrupted": _AMBER, "abandoned": _AMBER,

@@ -364,6 +364,7 @@ def _write_site(records_dir: Path, site: Path, check: audit.LedgerCheck, kept: _
     (site / "index.html").write_text(clean(index), encoding="utf-8")
     page = env.get_template("report_summary.html.j2").render(
         summary=summary.audit_summary(records_dir, check),
+        pages={r["run_id"]: r["page"] for r in runs},
         records_dir=str(records_dir.resolve()),
         version=__version__,
         **common,

@@ -172,6 +172,7 @@ def test_the_auditors_summary_counts_runs_and_lists_production_changes_with_thei
     page = (tmp_path / "site" / "summary.html").read_text()
     assert report.returncode == 3 and 'id="production-changes"' in page and "no verified backup" in page
     assert 'href="summary.html"' in (tmp_path / "site" / "index.html").read_text()
+    assert '<a href="runs/0002-20260101T000000Z_deploy_prod0002.html">prod0002</a>' in page  # each run id is a link
 
 
 def _hashes(folder: Path) -> dict[str, str]:
@@ -206,9 +207,11 @@ def test_a_ledger_cut_short_is_never_laundered_by_opslib_itself(recorded_runs, t
     appended = [json.loads(line) for line in now[kept:]]
     if kept == 4:
         assert appended == []
-    else:  # the third run's start was kept: its ending is appended, as abandoned
+    else:  # the third run's start was kept: its ending is appended, with the outcome its process gave it
         (ending,) = appended
-        assert ending["outcome"] == "abandoned" and ending["run_id"] == json.loads(lines[4])["run_id"]
+        started = json.loads(lines[4])
+        assert ending["run_id"] == started["run_id"] and "after its process had ended it" in ending["sealed_by"]
+        assert ending["outcome"] == json.loads((records / started["sidecar"]).read_text())["outcome"] == "failed"
 
 
 def test_each_kind_of_ending_has_one_outcome_in_the_ledger_the_sidecar_and_the_database(

@@ -21,9 +21,9 @@ def test_results_keep_their_word_and_get_a_colour():
         {"check": "drift", "result": "warn", "detail": "models differ"},
     ]
     page = Section("Preflight", "pre-deploy checks failed", rows=rows)._repr_html_()
-    assert "<span style='color:#cf222e; font-weight:600'>fail</span>" in page
-    assert "<span style='color:#1a7f37; font-weight:600'>pass</span>" in page
-    assert "<span style='color:#9a6700; font-weight:600'>warn</span>" in page
+    assert "<span style='color:#a40e26; font-weight:600'>fail</span>" in page
+    assert "<span style='color:#116329; font-weight:600'>pass</span>" in page
+    assert "<span style='color:#7d4e00; font-weight:600'>warn</span>" in page
     # Text cells are left-aligned and wrap: a 900-character finding is a paragraph, not one line.
     assert page.count("text-align:left") == 3 + 3 * 3 and "white-space:pre-wrap" in page
     assert "max-width:80ch" in page

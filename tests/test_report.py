@@ -258,7 +258,31 @@ def test_the_report_never_scrolls_sideways_on_a_narrow_screen(recorded_runs, tmp
                 " && e.getBoundingClientRect().right > 420).map(e => e.tagName + ' ' + e.className).slice(0, 5)"
             )
             assert width <= 420, f"{html.name} is {width} px wide at 420 px: {wide}"
+        # Each run of the index is a card: its outcome, runbook, database and revisions in the window, on top.
+        page.goto((out / "index.html").as_uri())
+        cards = page.evaluate(_CARDS_JS)
+        assert len(cards) == 4
+        for card in cards:
+            for name in ("outcome", "runbook", "database", "revisions"):
+                if name in card["cells"]:
+                    left, right, top = card["cells"][name]
+                    assert 0 <= left and right <= 420, (card["run"], name, left, right)
+                    assert top - card["top"] < 80, (card["run"], name, "not at the top of its card")
+            assert card["cells"]["outcome"][2] - card["top"] < 40
         browser.close()
+
+
+# Each row of the index at the current width: where its outcome, runbook, database and revisions cells are.
+_CARDS_JS = """
+() => Array.from(document.querySelectorAll('#runs tbody tr')).map(tr => {
+  const cells = {};
+  for (const name of ['outcome', 'runbook', 'database', 'revisions']) {
+    const td = tr.querySelector('td.c-' + name);
+    if (td && td.textContent.trim()) { const r = td.getBoundingClientRect(); cells[name] = [r.left, r.right, r.top]; }
+  }
+  return {run: tr.dataset.runId, top: tr.getBoundingClientRect().top, cells};
+})
+"""
 
 
 OUTCOMES = {  # each ending, with the exit code its record holds (an abandoned run has none)
@@ -292,19 +316,38 @@ def test_each_kind_of_ending_is_listed_and_coloured_as_itself(tmp_path):
             "Object.fromEntries(Array.from(document.querySelectorAll('#runs span.outcome')).map("
             "e => [e.textContent, getComputedStyle(e).backgroundColor + ' ' + getComputedStyle(e).color]))"
         )
+        signs = page.evaluate(
+            "Object.fromEntries(Array.from(document.querySelectorAll('#runs span.outcome')).map("
+            "e => [e.textContent, getComputedStyle(e, '::before').content]))"
+        )
         browser.close()
     assert set(colours) == set(OUTCOMES)
     assert len(set(colours.values())) == len(OUTCOMES), colours
+    # Failed, refused and invalid are told apart by hue (50 degrees or more), and by a sign besides the word.
+    hues = {o: _hue(colours[o].split(") ")[1]) for o in ("failed", "refused", "invalid")}
+    for a, b in (("failed", "refused"), ("failed", "invalid"), ("refused", "invalid")):
+        apart = abs(hues[a] - hues[b]) % 360
+        assert min(apart, 360 - apart) >= 50, (a, b, hues)
+    assert len({signs[o] for o in ("failed", "refused", "invalid")}) == 3, signs
 
 
-# Every text colour inside the folded code, against its background: (element, ratio) below 4.5:1.
+def _hue(css: str) -> float:
+    """The hue, in degrees, of a computed colour ``rgb(r, g, b)``."""
+    import colorsys
+
+    r, g, b = (int(v) / 255 for v in css[css.index("(") + 1 : css.index(")")].split(",")[:3])
+    return colorsys.rgb_to_hsv(r, g, b)[0] * 360
+
+
+# Every text colour inside ``scope`` (the folded code, or the whole page), against its background: (element,
+# ratio) below 4.5:1.
 _LOW_CONTRAST_JS = """
-() => {
+(scope) => {
   function lum(c){const m=c.match(/[\\d.]+/g).map(Number);const [r,g,b]=m.slice(0,3).map(v=>{v/=255;return v<=0.03928?v/12.92:Math.pow((v+0.055)/1.055,2.4)});return 0.2126*r+0.7152*g+0.0722*b}
   function bg(e){while(e){const c=getComputedStyle(e).backgroundColor; if(c && !c.startsWith('rgba(0, 0, 0, 0)') && c!=='transparent') return c; e=e.parentElement} return 'rgb(255, 255, 255)'}
   document.querySelectorAll('details').forEach(d => d.open = true);
   const out = {};
-  for (const e of document.querySelectorAll('details.opslib-code *, details.opslib-code')) {
+  for (const e of document.querySelectorAll(scope)) {
     if (!e.childNodes.length || ![...e.childNodes].some(n => n.nodeType===3 && n.textContent.trim())) continue;
     const fg = getComputedStyle(e).color, b = bg(e);
     const l1 = lum(fg), l2 = lum(b); const ratio = (Math.max(l1,l2)+0.05)/(Math.min(l1,l2)+0.05);
@@ -324,7 +367,24 @@ def test_the_folded_code_reads_at_4_5_to_1_or_more(recorded_runs, tmp_path):
         page = browser.new_page()
         for html in sorted((out / "runs").glob("*.html")):
             page.goto(html.as_uri())
-            assert page.evaluate(_LOW_CONTRAST_JS) == {}, html.name
+            assert page.evaluate(_LOW_CONTRAST_JS, "details.opslib-code *, details.opslib-code") == {}, html.name
+        browser.close()
+
+
+def test_every_colour_of_every_page_reads_at_4_5_to_1_or_more(recorded_runs, tmp_path):
+    """The index, the summary and each run page (the failed deploy's papermill exception heading included),
+    every text against its background, in Chromium."""
+    sync_api = pytest.importorskip("playwright.sync_api")
+    out = tmp_path / "report"
+    assert _report(copy_of_records(recorded_runs, tmp_path), "--out", str(out)).returncode == 0
+    pages = [out / "index.html", out / "summary.html", *sorted((out / "runs").glob("*.html"))]
+    assert any("An Exception was encountered" in p.read_text() for p in pages)  # papermill's red heading is here
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=_chromium(), args=["--no-sandbox"])
+        page = browser.new_page()
+        for html in pages:
+            page.goto(html.as_uri())
+            assert page.evaluate(_LOW_CONTRAST_JS, "body, body *") == {}, html.name
         browser.close()
 
 
