@@ -586,9 +586,14 @@ def _audit(settings, args: argparse.Namespace) -> int:
     elif args.action == "report":
         return _audit_report(settings, records, args)
     elif args.action == "summary":
-        from opslib import summary
+        from dataclasses import replace
 
-        found = summary.audit_summary(records)
+        from opslib import anchors, summary
+
+        # Checked as verify checks it: a run cut from the ledger shows through its anchors, not the chain.
+        check = audit.check_ledger(records)
+        against = anchors.cross_check(settings, check.entries, _databases_given(settings, args))[1]
+        found = summary.audit_summary(records, replace(check, unvouched=check.unvouched + against))
         print(json.dumps(found, indent=2, default=str) if args.json else summary.summary_text(found))
         problems = found["verification"]["problems"]
         if problems:  # printed whole either way; automation still learns that the records were changed

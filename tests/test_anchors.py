@@ -212,3 +212,56 @@ def _fleet_file(folder: Path) -> Path:
     path = folder / "fleet.toml"
     path.write_text('[[targets]]\nname = "b"\nurl_env = "B_URL"\n[[targets]]\nname = "c"\nurl_env = "C_URL_UNSET"\n')
     return path
+
+
+def _folder_hashes(folder: Path) -> dict[str, str]:
+    return {str(p.relative_to(folder)): audit.file_sha256(p) for p in sorted(folder.rglob("*"))
+            if p.is_file() and not p.name.endswith(".lock")}  # fmt: skip
+
+
+TAMPERS = ["older ledger copy", "cut tail (a database)", "cut tail (no database)", "run outside the ledger",
+           "edited step outcome"]  # fmt: skip
+
+
+@pytest.mark.parametrize("tamper", TAMPERS)
+def test_every_tamper_is_caught_and_no_audit_command_changes_a_file(three_runs, tmp_path, tamper):
+    """Each tamper the auditor tried: `audit verify` exits 3 naming it, and list, show, summary, verify and
+    report leave every file of the records folder as it was (the ledger included)."""
+    work, url, entries = three_runs
+    records = work / "records"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OPSLIB_", "DATABASE_URL"))}
+    env.update(DATABASE_URL=url, OPSLIB_ALEMBIC_INI=str(ROOT / "alembic.ini"))
+    invalid = subprocess.run([OPSLIB, "run", "deploy", "-p", "stepz", "1"], cwd=work, env=env,
+                             capture_output=True, text=True)  # fmt: skip  (bad input: it reaches no database)
+    assert invalid.returncode == 2
+    if tamper == "older ledger copy":
+        shutil.copy(tmp_path / "ledger-after-two.jsonl", records / audit.LEDGER)
+        says = f"run {entries[2]['run_id']} (deploy, succeeded"
+    elif tamper == "cut tail (a database)":
+        _drop_entry(work, -2)  # the third deploy; the invalid run after it stays
+        says = f"run {entries[2]['run_id']} (deploy, succeeded"
+    elif tamper == "cut tail (no database)":
+        cut = _drop_entry(work, -1)  # the invalid run: only the witness holds it
+        says = f"run {cut['run_id']} (deploy, invalid"
+    elif tamper == "run outside the ledger":
+        first = entries[0]
+        stem = first["sidecar"].removesuffix(".json").rsplit("_", 1)[0] + "_0badc0de"
+        sidecar = json.loads((records / first["sidecar"]).read_text())
+        (records / f"{stem}.json").write_text(json.dumps({**sidecar, "run_id": "0badc0de"}))
+        says = f"{stem}.json is outside the ledger"
+    else:
+        failed_looking = entries[1]
+        record = json.loads((records / failed_looking["sidecar"]).read_text())
+        record["steps"][-1]["outcome"] = "failed"
+        (records / failed_looking["sidecar"]).write_text(json.dumps(record))
+        step = record["steps"][-1]["name"]
+        says = f"ledger says {step}: succeeded, file says {step}: failed"
+    before = _folder_hashes(records)
+    for command in (["list"], ["show", entries[0]["run_id"]], ["summary"], ["verify"],
+                    ["report", "--out", str(tmp_path / "site")], ["verify", "--database"]):  # fmt: skip
+        done = subprocess.run([OPSLIB, "audit", *command], cwd=work, env=env, capture_output=True, text=True)
+        if command[0] in ("verify", "report", "summary"):
+            assert done.returncode == 3, (command, done.stdout + done.stderr)
+        if command[0] == "verify":
+            assert says in done.stdout, (command, done.stdout)
+    assert _folder_hashes(records) == before
