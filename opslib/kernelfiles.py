@@ -100,33 +100,33 @@ def _unlinked(paths: list[str]) -> list[str]:
     return done
 
 
-def _answers(path: str) -> bool:
-    """Whether something listens on ``path`` (a regular file never does)."""
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    probe.settimeout(0.2)
-    try:
-        probe.connect(path)
-    except OSError:
-        return False
-    finally:
-        probe.close()
-    return True
-
-
-def _legacy_stale(path: str, oldest: float) -> bool:
-    try:
-        if os.lstat(path).st_mtime > oldest:
-            return False
-    except OSError:
-        return False
+def _probe(path: str) -> bool | None:
+    """Whether something listens on the socket ``path``: True, False (refused, or gone), or None when it
+    cannot be judged (not a socket, no permission)."""
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     probe.settimeout(0.2)
     try:
         probe.connect(path)
     except (ConnectionRefusedError, FileNotFoundError):
-        return True
+        return False
     except OSError:
-        return False  # not a socket we can judge: left alone
+        return None
     finally:
         probe.close()
-    return False
+    return True
+
+
+def _answers(path: str) -> bool:
+    """Whether something listens on ``path`` (a regular file never does)."""
+    return _probe(path) is True
+
+
+def _legacy_stale(path: str, oldest: float) -> bool:
+    """Whether an unowned kernel socket is older than ``oldest`` and refuses connections (one it cannot
+    judge is left alone)."""
+    try:
+        if os.lstat(path).st_mtime > oldest:
+            return False
+    except OSError:
+        return False
+    return _probe(path) is False

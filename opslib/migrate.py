@@ -538,6 +538,18 @@ def _downgrade_path(script: ScriptDirectory, destination: str, current: Sequence
 # --- the database ----------------------------------------------------------------------------
 
 
+def revisions_now(settings: Settings, where: Sequence[str | None] | None = None) -> list[str] | None:
+    """The target's revisions read now from the version table ``where`` (else the project's), on a
+    connection of its own; None, "not read", when they cannot be read: out of reach, lost mid-query (a
+    restart), or not an Alembic database yet. What a run records as where it ended."""
+    try:
+        with db.connect(db.target_url(settings)) as conn:
+            table = tuple(where) if where else version_table(settings, conn)
+            return list(current_revisions(conn, table))
+    except Exception:  # noqa: BLE001 - unreachable, lost, or an env.py that fails when asked its table: not read
+        return None
+
+
 def current_revisions(
     conn: Connection, where: tuple[str | None, str] = db.DEFAULT_VERSION_TABLE
 ) -> tuple[str, ...]:

@@ -453,17 +453,6 @@ def run(
     return RunOutcome(record, audit.sidecar_path(records, stem), notebook_out)
 
 
-def _revisions_of(settings: Settings) -> list[str] | None:
-    """The target's revisions now, or None when they cannot be read."""
-    from opslib import db, migrate
-
-    try:
-        with db.connect(db.target_url(settings)) as conn:
-            return list(migrate.current_revisions(conn, migrate.version_table(settings)))
-    except Exception:  # noqa: BLE001 - out of reach, or not an Alembic database yet: said as not read
-        return None
-
-
 def _records_unwritable(
     settings: Settings, records: Path, notebook: Path, record: RunRecord, err: OSError
 ) -> ConfigError:
@@ -474,7 +463,9 @@ def _records_unwritable(
         if notebook.exists() and notebook.stat().st_size == 0:
             notebook.unlink()
     if record.revisions_after is None:
-        record.revisions_after = _revisions_of(settings)
+        from opslib import migrate  # only for a run that ended without reading it
+
+        record.revisions_after = migrate.revisions_now(settings, record.version_table)
     if record.revisions_after is not None:
         where = f"the database is at {revisions_text(record.revisions_after)}"
     else:

@@ -206,12 +206,7 @@ class Run:
         return f"the {step_name} section"
 
     def _revisions_now(self) -> list[str] | None:
-        table = tuple(self.record.version_table) if self.record.version_table else None
-        try:
-            with db.connect(db.target_url(self.settings)) as conn:
-                return list(migrate.current_revisions(conn, table or migrate.version_table(self.settings)))
-        except (OpsError, sa.exc.DBAPIError):  # out of reach, or lost mid-query (a restart): not read
-            return None
+        return migrate.revisions_now(self.settings, self.record.version_table)
 
     def _finish(self, err: BaseException | None = None) -> None:
         outcome, code = outcome_of(err)
