@@ -2,7 +2,7 @@
 the file system without a server.
 
 ``index.html`` lists every run in the ledger (sortable, outcomes in colour) under the result of the
-ledger check; ``runs/<line>-<record>.html`` shows one run: its facts from the sidecar first, then the
+ledger check; ``runs/<run number>-<record>.html`` shows one run: its facts from the sidecar first, then the
 executed notebook rendered by nbconvert with each code cell folded. The styles are two shared files,
 ``report.css`` and ``notebook.css`` (JupyterLab's theme), so each page holds only its own content. The pages load nothing from
 the network and carry a Content-Security-Policy that lets no script run but the index's sorting.
