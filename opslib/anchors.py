@@ -152,10 +152,13 @@ def cross_check(
     """
     lines, problems = [], []
     backend = witness.of(settings.ledger_witness)
-    if backend is not None:
-        ours, others = _this_ledgers(backend.rows(), entries)
+    rows = backend.rows() if backend is not None else None
+    if rows is not None:
+        ours, others = _this_ledgers(rows, entries)
         problems += _compare(entries, ours, f"the witness {backend}", starts=True)
         lines.append(f"cross-checked with the witness: {len(ours)} entr(ies) of this ledger" + _others(others))
+    elif backend is not None:
+        lines.append(f"the witness is {backend}: written by each run, compared where those logs are kept")
     sources = _sources(settings, entries, given)
     if require and not any(source.asked for source in sources):
         problems.append(

@@ -249,7 +249,7 @@ def is_start(entry: dict) -> bool:
     return entry.get("kind") == STARTED
 
 
-def append_started(records_dir: Path, stem: str, record: RunRecord, witness_folder: Path | None = None) -> Appended:
+def append_started(records_dir: Path, stem: str, record: RunRecord, witness_spec: str | None = None) -> Appended:
     """Append the run's ``started`` entry, before it does anything: who, what, with which parameters, and
     the name its sidecar will have. From then on the run is in the ledger: a sidecar no start entry names
     is outside it (`audit verify` fails on it, and no command edits it), and a run started but never
@@ -268,7 +268,7 @@ def append_started(records_dir: Path, stem: str, record: RunRecord, witness_fold
     }
     appended = _append(Path(records_dir), entry, vouching=False)
     assert appended is not None
-    backend = witness.of(witness_folder)
+    backend = witness.of(witness_spec)
     if backend is not None:  # anchored at once, so a run cut from the ledger is caught even if it reached no database
         backend.append(appended.ledger_id, appended.entry)
     return appended

@@ -33,7 +33,7 @@ class Settings:
     backup_compression: int = 1
     ddl_lock_timeout_s: float = 2.0
     ddl_retries: int = 3
-    ledger_witness: Path | None = None  # a second folder keeping each ledger entry's hash (opslib.witness)
+    ledger_witness: str | None = None  # a second place keeping each ledger entry's hash: a folder or syslog (opslib.witness)
 
     @property
     def uses_embedded(self) -> bool:
@@ -88,7 +88,7 @@ def load_settings(environ: dict | None = None) -> Settings:
         backup_compression=_compression(environ),
         ddl_lock_timeout_s=_float(environ, "OPSLIB_DDL_LOCK_TIMEOUT", 2.0),
         ddl_retries=int(_float(environ, "OPSLIB_DDL_RETRIES", 3)),
-        ledger_witness=witness.folder_from(environ),
+        ledger_witness=witness.spec_from(environ),
     )
 
 

@@ -265,3 +265,33 @@ def test_every_tamper_is_caught_and_no_audit_command_changes_a_file(three_runs, 
         if command[0] == "verify":
             assert says in done.stdout, (command, done.stdout)
     assert _folder_hashes(records) == before
+
+
+def test_the_witness_can_be_syslog(tmp_path):
+    """OPSLIB_LEDGER_WITNESS=syslog:/path sends each entry's hash, the start's and the ending's, to that syslog
+    socket (a datagram socket bound here stands for the daemon); verify says it cannot read syslog back."""
+    import socket
+    import tempfile
+
+    folder = Path(tempfile.mkdtemp(prefix="opslib-syslog-", dir="/tmp"))  # a short path: a socket's is limited
+    address = folder / "log"
+    daemon = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    daemon.bind(str(address))
+    daemon.settimeout(5)
+    try:
+        work = tmp_path / "work"
+        work.mkdir()
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("OPSLIB_", "DATABASE_URL"))}
+        env.update(OPSLIB_ALEMBIC_INI=str(ROOT / "alembic.ini"), OPSLIB_LEDGER_WITNESS=f"syslog:{address}")
+        done = subprocess.run([OPSLIB, "run", "deploy", "-p", "stepz", "1"], cwd=work, env=env,
+                              capture_output=True, text=True)  # fmt: skip
+        assert done.returncode == 2, done.stdout + done.stderr
+        messages = [daemon.recv(65536).decode() for _ in audit.read_ledger(work / "records")]
+        verified = subprocess.run([OPSLIB, "audit", "verify"], cwd=work, env=env, capture_output=True, text=True)
+    finally:
+        daemon.close()
+        shutil.rmtree(folder, ignore_errors=True)
+    assert all(m.startswith("<14>opslib-ledger: ") for m in messages), messages
+    sent = [json.loads(m.split("opslib-ledger: ", 1)[1].rstrip("\x00"))["entry_hash"] for m in messages]
+    assert sent == [e["hash"] for e in audit.read_ledger(work / "records")]
+    assert verified.returncode == 0 and f"the witness is syslog ({address})" in verified.stdout, verified.stdout
