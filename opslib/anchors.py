@@ -22,7 +22,7 @@ from sqlalchemy.engine import URL
 from opslib import audit, db, witness
 from opslib import history as run_history
 from opslib.config import Settings
-from opslib.errors import OpsError
+from opslib.errors import InvalidInput, OpsError
 from opslib.record import RunRecord
 
 
@@ -42,17 +42,9 @@ def target_of(settings: Settings, record: RunRecord) -> URL | None:
     except OpsError:
         return None
     database = record.database
-    if database is None or not _same_database(url, database.host, database.port, database.name):
+    if database is None or _key(url) != (database.host, database.port or 5432, database.name):
         return None
     return url
-
-
-def _same_database(url: URL, host: str | None, port: int | None, name: str | None) -> bool:
-    return (
-        url.database == name
-        and (url.host or url.query.get("host")) == host
-        and (url.port or 5432) == (port or 5432)
-    )
 
 
 def _embedded_if_running(settings: Settings) -> str | None:
@@ -102,6 +94,7 @@ def _target_url(settings: Settings) -> URL | None:
 
 
 def _key(url: URL) -> tuple:
+    """(host, port, database name) of a URL, as a run's record names its database."""
     return (url.host or url.query.get("host"), url.port or 5432, url.database)
 
 
@@ -114,41 +107,59 @@ class _Source:
     asked: bool
 
 
-def _sources(settings: Settings, entries: list[dict], given: Sequence[tuple[str, str]]) -> list[_Source]:
-    """Every database to cross-check with, once each: ``given`` (the ``--database`` URLs, a fleet file's
-    targets), the configured target, and each environment variable the ledger's runs were given their URL
-    in (``database_url_env``)."""
+def _sources(
+    settings: Settings, entries: list[dict], databases: Sequence[str], fleet: Sequence[tuple[str, str]]
+) -> list[_Source]:
+    """Every database to cross-check with, once each: the ``--database`` URLs (asked for), a fleet file's
+    targets, the configured target (asked for when no ``--database`` URL is), and each environment variable
+    the ledger's runs were given their URL in (``database_url_env``). A ``--database`` URL that does not
+    parse is bad input (exit 2); any other is skipped, as one that names no database."""
     found: dict[tuple, _Source] = {}
 
     def add(text: str | None, named_by: str, asked: bool) -> None:
         try:
-            url = db.parse_url(text) if text else None
+            url = db.parse_url(text, source=named_by) if text else None
         except OpsError:
+            if asked:
+                raise
             return
         if url is not None and url.database:
             found.setdefault(_key(url), _Source(url, named_by, asked))
+        elif asked:
+            raise InvalidInput(f"{named_by}: the URL names no database: expected postgresql://USER@HOST[:PORT]/DATABASE")
 
-    for text, named_by in given:
-        add(text, named_by, True)
+    for text in databases:
+        add(text, "--database", True)
+    for text, named_by in fleet:
+        add(text, named_by, False)
     target = _target_url(settings)
     if target is not None:
-        found.setdefault(_key(target), _Source(target, "the configured database", not given))
-    names = {str((e.get("parameters") or {}).get("database_url_env") or "") for e in entries} - {""}
+        found.setdefault(_key(target), _Source(target, "the configured database", not databases))
+    names = {str(_parameters(e).get("database_url_env") or "") for e in entries} - {""}
     for name in sorted(names):
         add(os.environ.get(name), name, False)
     return list(found.values())
 
 
+def _parameters(entry: dict) -> dict:
+    parameters = entry.get("parameters")
+    return parameters if isinstance(parameters, dict) else {}
+
+
 def cross_check(
-    settings: Settings, entries: list[dict], given: Sequence[tuple[str, str]] = (), require: bool = False
+    settings: Settings,
+    entries: list[dict],
+    databases: Sequence[str] = (),
+    fleet: Sequence[tuple[str, str]] = (),
+    require: bool = False,
 ) -> tuple[str, list[str]]:
     """Check the ledger ``entries`` against the hashes anchored in the witness and in every database it can
-    reach: the ``given`` (URL, where it came from) pairs (``--database``, a fleet file), the configured target,
-    and the URL of each environment variable the ledger's runs name. A database cut out of the ledger
-    entirely is still checked when any of these reaches it.
+    reach: the ``databases`` (``--database`` URLs), the ``fleet`` (URL, where it came from) pairs, the
+    configured target, and the URL of each environment variable the ledger's runs name. A database cut out
+    of the ledger entirely is still checked when any of these reaches it.
 
-    With ``require``, a given URL (or, when none is given, the configured one) that cannot be reached is a
-    problem. Returns (what was checked, in one line; the problems found, each naming the run).
+    With ``require``, a ``--database`` URL (or, when none is given, the configured one) that cannot be
+    reached is a problem. Returns (what was checked, in one line; the problems found, each naming the run).
     """
     lines, problems = [], []
     backend = witness.of(settings.ledger_witness)
@@ -159,7 +170,7 @@ def cross_check(
         lines.append(f"cross-checked with the witness: {len(ours)} entr(ies) of this ledger" + _others(others))
     elif backend is not None:
         lines.append(f"the witness is {backend}: written by each run, compared where those logs are kept")
-    sources = _sources(settings, entries, given)
+    sources = _sources(settings, entries, databases, fleet)
     if require and not any(source.asked for source in sources):
         problems.append(
             "--database: not cross-checked with a database (none configured): give --database URL or set DATABASE_URL"
@@ -178,13 +189,13 @@ def cross_check(
             continue
         reached.add(_key(url))
         ours, others = _this_ledgers(anchored, entries)
-        here = [e for e in entries if _same_database(url, *_where(e))]
+        here = [e for e in entries if _where(e) == _key(url)]
         problems += _compare(here, ours, f"database {url.database}")
         lines.append(
             f"cross-checked with database {url.database}: {len(ours)} entr(ies) of this ledger anchored there"
             + _others(others)
         )
-    unreached = sorted({str(_where(e)[2]) for e in entries if e.get("database") and _where_key(e) not in reached})
+    unreached = sorted({str(_where(e)[2]) for e in entries if isinstance(e.get("database"), dict) and _where(e) not in reached})
     if unreached:
         lines.append(
             f"not cross-checked with {', '.join(unreached)} (no URL for it here: give --database URL, or set "
@@ -193,11 +204,6 @@ def cross_check(
     if not sources:
         lines.append("not cross-checked with a database (none configured)")
     return "; ".join(lines), problems
-
-
-def _where_key(entry: dict) -> tuple:
-    host, port, name = _where(entry)
-    return (host, port or 5432, name)
 
 
 def _this_ledgers(anchored: list[dict], entries: list[dict]) -> tuple[list[dict], int]:
@@ -214,8 +220,9 @@ def _others(count: int) -> str:
 
 
 def _where(entry: dict) -> tuple:
-    database = entry.get("database") or {}
-    return database.get("host"), database.get("port"), database.get("name")
+    """(host, port, database name) of the database a ledger entry names, as :func:`_key` gives a URL's."""
+    database = entry.get("database") if isinstance(entry.get("database"), dict) else {}
+    return database.get("host"), database.get("port") or 5432, database.get("name")
 
 
 def _compare(here: list[dict], anchored: list[dict], name: str, starts: bool = False) -> list[str]:

@@ -24,7 +24,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Callable, Iterator
 
 from opslib import witness
 from opslib.errors import ConfigError, InvalidInput, PreconditionFailed
@@ -320,7 +320,11 @@ def step_seals(steps) -> list[list[str]]:
     """What the ledger keeps of a run's steps: [name, outcome, hash] for each, in order."""
     if not isinstance(steps, list):
         return []
-    return [[s.get("name"), s.get("outcome"), step_hash(s)] for s in steps if isinstance(s, dict)]
+    return [[_text_or_none(s.get("name")), _text_or_none(s.get("outcome")), step_hash(s)] for s in steps if isinstance(s, dict)]
+
+
+def _text_or_none(value) -> str | None:
+    return value if value is None or isinstance(value, str) else json.dumps(value, sort_keys=True, default=str)
 
 
 def _append(records_dir: Path, entry: dict, vouching: bool) -> Appended | None:
@@ -392,11 +396,54 @@ def read_endings(records_dir: Path) -> list[dict]:
 
 
 def read_ledger(records_dir: Path) -> list[dict]:
-    """The ledger's entries, in file order."""
+    """The ledger's entries, in file order, each value of the type opslib writes there (see :func:`as_written`)."""
+    return [entry for entry, _ in _read_entries(records_dir)]
+
+
+def _read_entries(records_dir: Path) -> list[tuple[dict, list[str]]]:
     path = Path(records_dir) / LEDGER
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [as_written(json.loads(line)) for line in path.read_text().splitlines() if line.strip()]
+
+
+# The type of each value opslib writes in a ledger entry (None aside); fields it does not know are left as
+# they are, for a newer opslib's entries.
+_TEXT_FIELDS = (
+    "kind", "run_id", "runbook", "outcome", "env", "operator", "mode", "runbook_sha256", "started_at",
+    "finished_at", "sidecar", "sidecar_sha256", "notebook", "notebook_sha256", "sealed_by", "error",
+    "last_outcome", "hash", "prev_hash",
+)  # fmt: skip
+
+
+def _is_texts(value) -> bool:
+    return isinstance(value, list) and all(isinstance(v, str) for v in value)
+
+
+def _is_where(value) -> bool:
+    return isinstance(value, dict) and all(v is None or isinstance(v, (str, int)) for v in value.values())
+
+
+_ENTRY_TYPES: dict[str, Callable[[Any], bool]] = {
+    **{name: (lambda v: isinstance(v, str)) for name in _TEXT_FIELDS},
+    "exit_code": lambda v: isinstance(v, int) and not isinstance(v, bool),
+    "database": _is_where,
+    "parameters": lambda v: isinstance(v, dict),
+    "revisions_before": _is_texts,
+    "revisions_after": _is_texts,
+    "warnings": _is_texts,
+    "steps": lambda v: isinstance(v, list) and len(sealed_steps(v)) == len(v),
+}
+
+
+def as_written(raw) -> tuple[dict, list[str]]:
+    """A ledger line's entry with each value of a type opslib never writes there (a list of numbers for the
+    steps, text for the database) replaced by None, and the names of those fields: every reader may then
+    trust a field's type. Such an entry's hash no longer matches, and `audit verify` names it as edited."""
+    if not isinstance(raw, dict):
+        return {}, ["the line is not a JSON object"]
+    odd = [name for name, fits in _ENTRY_TYPES.items() if raw.get(name) is not None and not fits(raw[name])]
+    return ({**raw, **dict.fromkeys(odd)} if odd else raw), odd
 
 
 @dataclass
@@ -423,10 +470,15 @@ def check_ledger(records_dir: Path) -> LedgerCheck:
     records_dir = Path(records_dir)
     with _ledger_held(records_dir):
         try:
-            entries = read_ledger(records_dir)
+            read = _read_entries(records_dir)
         except ValueError as err:
             raise PreconditionFailed(f"{records_dir / LEDGER} is not valid JSON lines: {err}") from err
-        return LedgerCheck(entries, _check_entries(records_dir, entries), _unvouched(records_dir, entries))
+        entries = [entry for entry, _ in read]
+        by_entry = _check_entries(records_dir, entries)
+        for i, (found, (entry, odd)) in enumerate(zip(by_entry, read, strict=True), start=1):
+            if odd:
+                found.insert(0, f"ledger line {i} (run {entry.get('run_id')}): {', '.join(odd)} hold(s) what opslib never writes there (edited)")
+        return LedgerCheck(entries, by_entry, _unvouched(records_dir, entries))
 
 
 def _check_entries(records_dir: Path, entries: list[dict]) -> list[list[str]]:
@@ -481,7 +533,7 @@ def field_changes(entry: dict, sidecar: dict) -> list[tuple[str, str, str]]:
         if name in entry and entry.get(name) != sidecar.get(name)
     ]
     if isinstance(entry.get("steps"), list):
-        found += _step_changes(entry["steps"], step_seals(sidecar.get("steps") if isinstance(sidecar.get("steps"), list) else []))
+        found += _step_changes(sealed_steps(entry["steps"]), sealed_steps(step_seals(sidecar.get("steps"))))
     return found
 
 
@@ -501,26 +553,55 @@ def _step_changes(sealed: list, now: list) -> list[tuple[str, str, str]]:
     return found
 
 
-# What a run's start entry keeps of it, shown from there on a page whose sidecar was edited.
-START_FIELDS = ("parameters", "mode", "runbook_sha256")
+def sealed_steps(value) -> list[tuple[str | None, str | None, str | None]]:
+    """An ending's ``steps`` as (name, outcome, hash) triples of strings or None, whatever an editor of the
+    ledger left there: an entry that is not a list of up to three scalars is skipped (and the entry's hash,
+    checked elsewhere, already fails)."""
+    if not isinstance(value, list):
+        return []
+    found = []
+    for item in value:
+        if isinstance(item, list) and len(item) <= 3:
+            name, outcome, digest = (*item, None, None, None)[:3]
+            if all(v is None or isinstance(v, str) for v in (name, outcome, digest)):
+                found.append((name, outcome, digest))
+    return found
 
 
 def as_sealed(entry: dict, start: dict | None, sidecar: dict) -> dict:
     """The run as its ledger entries say it, over what its sidecar says: the ending's facts (outcome, times,
-    database, revisions, who sealed it), the start's (parameters, mode, template), and each step's name and
-    outcome where the ending keeps its steps (the file's times stay). Every other fact is the file's."""
+    database, revisions, who sealed it, or that nobody else did), the start's (mode, template, and each
+    parameter given on the command line), and each step's name and outcome where the ending keeps its
+    steps (the file's times stay, None where the file has none). Every other fact is the file's."""
     shown = dict(sidecar)
-    for name in (*LEDGER_FIELDS, "sealed_by", "error", "last_outcome"):
-        if name in entry and (name in LEDGER_FIELDS or entry.get("sealed_by")):
+    for name in LEDGER_FIELDS:
+        if name in entry:
             shown[name] = entry[name]
-    for name in START_FIELDS:
-        if start is not None and name in start:
-            shown[name] = start[name]
+    # A run sealed by its own process has no sealed_by: the ledger says so, whatever the file claims.
+    for name in ("sealed_by", "error", "last_outcome"):
+        if entry.get("sealed_by"):
+            shown[name] = entry.get(name)
+    if not entry.get("sealed_by"):
+        shown["sealed_by"] = None
+    if start is not None:
+        for name in ("mode", "runbook_sha256"):
+            if name in start:
+                shown[name] = start[name]
+        given = start.get("parameters")
+        if isinstance(given, dict):  # the start keeps only what was given; the file adds the defaults
+            files = sidecar.get("parameters") if isinstance(sidecar.get("parameters"), dict) else {}
+            shown["parameters"] = {**files, **given}
     if isinstance(entry.get("steps"), list):
         files = sidecar.get("steps") if isinstance(sidecar.get("steps"), list) else []
         shown["steps"] = [
-            {**(files[i] if i < len(files) and isinstance(files[i], dict) else {}), "name": sealed[0], "outcome": sealed[1]}
-            for i, sealed in enumerate(entry["steps"])
+            {
+                "started_at": None,
+                "duration_s": None,
+                **(files[i] if i < len(files) and isinstance(files[i], dict) else {}),
+                "name": name,
+                "outcome": outcome,
+            }
+            for i, (name, outcome, _) in enumerate(sealed_steps(entry["steps"]))
         ]
     return shown
 

@@ -270,6 +270,12 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="for report: also save index.png, as headless Chromium shows it",
     )
+    s.add_argument(
+        "--full",
+        action="store_true",
+        help="for report: render every run page again (by default a page is kept while its run, its files, "
+        "opslib and nbconvert are unchanged)",
+    )
 
     s = sub.add_parser("db", help="the embedded PostgreSQL used when DATABASE_URL is unset")
     s.add_argument("action", choices=["start", "stop", "status", "url"])
@@ -566,9 +572,9 @@ def _audit(settings, args: argparse.Namespace) -> int:
         raise InvalidInput(f"--targets belongs to `opslib audit verify` and `audit report`, not `audit {args.action}`")
     if args.action != "list" and args.warnings:
         raise InvalidInput(f"--warnings belongs to `opslib audit list`, not `audit {args.action}`")
-    if args.action != "report" and (args.out or args.screenshot):
+    if args.action != "report" and (args.out or args.screenshot or args.full):
         raise InvalidInput(
-            f"--out and --screenshot belong to `opslib audit report`, not `audit {args.action}`"
+            f"--out, --screenshot and --full belong to `opslib audit report`, not `audit {args.action}`"
         )
     if args.action in ("report", "verify", "list", "summary") and args.run_id:
         raise InvalidInput(f"`opslib audit {args.action}` takes no RUN_ID (only `audit show` and `audit seal` do)")
@@ -592,7 +598,7 @@ def _audit(settings, args: argparse.Namespace) -> int:
 
         # Checked as verify checks it: a run cut from the ledger shows through its anchors, not the chain.
         check = audit.check_ledger(records)
-        against = anchors.cross_check(settings, check.entries, _databases_given(settings, args))[1]
+        against = anchors.cross_check(settings, check.entries, *_databases_given(settings, args))[1]
         found = summary.audit_summary(records, replace(check, unvouched=check.unvouched + against))
         print(json.dumps(found, indent=2, default=str) if args.json else summary.summary_text(found))
         problems = found["verification"]["problems"]
@@ -603,7 +609,7 @@ def _audit(settings, args: argparse.Namespace) -> int:
 
         check = audit.check_ledger(records)
         anchored, against_database = anchors.cross_check(
-            settings, check.entries, _databases_given(settings, args), require=args.database is not None
+            settings, check.entries, *_databases_given(settings, args), require=args.database is not None
         )
         problems = check.problems + against_database
         if problems:
@@ -617,22 +623,23 @@ def _audit(settings, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _databases_given(settings, args: argparse.Namespace) -> list[tuple[str, str]]:
-    """The databases `audit verify` and `audit report` cross-check the ledger with besides the environment's:
-    each ``--database URL``, and each target of the fleet file (``--targets``, else the project's if it has one)."""
+def _databases_given(settings, args: argparse.Namespace) -> tuple[list[str], list[tuple[str, str]]]:
+    """The databases `audit verify`, `summary` and `report` cross-check the ledger with besides the
+    environment's: each ``--database URL``, and (URL, where it came from) of each target of the fleet file
+    (``--targets``, else the project's if it has one)."""
     from opslib import fleet
     from opslib.errors import ConfigError
 
-    given = [(url, "--database") for url in args.database or [] if url]
+    databases = [url for url in args.database or [] if url]
     path = args.targets or fleet.fleet_file(settings.alembic_ini)
     if args.targets is None and not path.is_file():
-        return given
+        return databases, []
     try:
-        return given + fleet.database_urls(path)
+        return databases, fleet.database_urls(path)
     except ConfigError:
         if args.targets is not None:
             raise
-        return given  # the project's pyproject.toml with no fleet in it, or a fleet file `opslib fleet` refuses itself
+        return databases, []  # the project's pyproject.toml with no fleet in it, or a fleet file `opslib fleet` refuses itself
 
 
 def _audit_seal(settings, run_id: str | None) -> int:
@@ -674,7 +681,10 @@ def _audit_report(settings, records: Path, args: argparse.Namespace) -> int:
 
     given = _databases_given(settings, args)
     written = report.build_report(
-        records, args.out or records / "report", cross_check=lambda entries: anchors.cross_check(settings, entries, given)[1]
+        records,
+        args.out or records / "report",
+        cross_check=lambda entries: anchors.cross_check(settings, entries, *given)[1],
+        full=args.full,
     )
     if args.screenshot:
         written.screenshot = report.screenshot(written.index, written.out / report.SCREENSHOT)

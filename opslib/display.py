@@ -439,12 +439,16 @@ def _revs(revisions: Sequence[str] | None) -> str:
     return revisions_text(revisions, "+")
 
 
-# The facts a run's ledger entries keep (see audit.as_sealed): on a page whose sidecar was edited, the
-# others are marked as the edited file's.
-SEALED_FACTS = frozenset({
-    "run", "outcome", "when", "environment", "database", "revisions", "parameters", "driven", "sealed by",
-    "safeguards skipped", "template sha256",
-})  # fmt: skip
+def sealed_facts(has_start: bool, has_warnings: bool) -> frozenset[str]:
+    """The facts of a run's page that its ledger entries keep (see audit.as_sealed): on a page whose
+    sidecar was edited, every other fact is marked as the edited file's. The parameters, the mode and the
+    template come from a start entry, and the skipped safeguards from an ending that sealed them."""
+    found = {"run", "outcome", "when", "environment", "database", "revisions", "sealed by"}
+    if has_start:
+        found |= {"parameters", "driven", "template sha256"}
+    if has_warnings:
+        found.add("safeguards skipped")
+    return frozenset(found)
 
 
 def run_facts(record: dict, warnings: list[str] | None = None) -> list[tuple[str, str]]:

@@ -24,6 +24,7 @@ import hashlib
 import json
 import os
 import shutil
+import stat
 import subprocess
 import tempfile
 from collections import Counter
@@ -42,7 +43,7 @@ TEMPLATES = Path(__file__).parent / "templates"
 MARKER = ".opslib-report"
 # What each kept run page was rendered from; a page whose key is unchanged is not rendered again.
 STATE = ".opslib-report-state.json"
-STATE_FORMAT = 1
+STATE_FORMAT = 2
 SCREENSHOT = "index.png"
 
 INDEX_COLUMNS = (
@@ -86,56 +87,90 @@ class Report:
 
 
 class _Pages:
-    """The run pages of the last build in ``out`` and their keys, to keep those whose key is unchanged."""
+    """The run pages of the last build in ``out``, each with its key and its sha256, to keep those whose key
+    is unchanged and whose file is still as it was written (a page edited since is rendered again)."""
 
-    def __init__(self, out: Path, versions: str):
-        self.out, self.versions, self.kept = out, versions, {}
+    def __init__(self, out: Path, versions: str, full: bool = False):
+        self.out, self.versions, self.kept, self.files = out, versions, {}, {}
+        self.written: dict[str, dict] = {}  # this build's pages and shared files, for the next one
+        if full:
+            return
         try:
             state = json.loads((out / STATE).read_text(encoding="utf-8"))
         except (OSError, ValueError):
             return  # no earlier report, or one written before pages were kept: render every page
-        if isinstance(state, dict) and state.get("format") == STATE_FORMAT and state.get("versions") == versions:
-            self.kept = state.get("pages") or {}
+        if not (isinstance(state, dict) and state.get("format") == STATE_FORMAT and state.get("versions") == versions):
+            return
+        for kept, name in ((self.kept, "pages"), (self.files, "files")):
+            found = state.get(name)
+            if isinstance(found, dict):
+                kept.update({k: v for k, v in found.items() if isinstance(v, dict)})
 
     def reuse(self, name: str, key: str, site: Path) -> bool:
-        """Put the kept page ``name`` into ``site`` when it was rendered from ``key``; False when it must be
-        rendered."""
-        if self.kept.get(name) != key:
+        """Put the kept page ``name`` into ``site`` when it was rendered from ``key`` and is unchanged since;
+        False when it must be rendered."""
+        kept = self.kept.get(name) or {}
+        if kept.get("key") != key or not self._intact(self.out / "runs" / name, kept.get("sha256")):
             return False
         try:
             os.link(self.out / "runs" / name, site / "runs" / name)
-        except OSError:  # a folder that cannot hold hard links, or a page deleted since: render it
+        except OSError:  # a folder that cannot hold hard links: render it
             return False
+        self.written[name] = kept
         return True
 
+    def rendered(self, name: str, key: str, html: str) -> None:
+        """Note a page rendered by this build, for the next build to keep."""
+        self.written[name] = {"key": key, "sha256": hashlib.sha256(html.encode()).hexdigest()}
+
     def file(self, name: str, site: Path) -> bool:
-        """Put the kept shared file ``name`` (the notebook stylesheet) into ``site``; False when it is not kept."""
-        if not self.kept:
+        """Put the kept shared file ``name`` (the notebook stylesheet) into ``site`` when it is unchanged since
+        it was written; False when it must be written again."""
+        digest = (self.files.get(name) or {}).get("sha256")
+        if not self.kept or not self._intact(self.out / name, digest):
             return False
+        shutil.copyfile(self.out / name, site / name)
+        return True
+
+    def state(self, site: Path) -> str:
+        """The state to keep beside the site: every page's key and sha256, and each shared file's sha256."""
+        files = {name: {"sha256": audit.file_sha256(site / name)} for name in ("notebook.css",)}
+        return json.dumps({"format": STATE_FORMAT, "versions": self.versions, "pages": self.written, "files": files}, indent=0)
+
+    @staticmethod
+    def _intact(path: Path, digest) -> bool:
+        """Whether ``path`` is a regular file (no link to elsewhere) whose sha256 is ``digest``."""
         try:
-            shutil.copyfile(self.out / name, site / name)
+            if not stat.S_ISREG(path.lstat().st_mode):
+                return False
         except OSError:
             return False
-        return True
+        return isinstance(digest, str) and audit.file_sha256(path) == digest
+
+
+# The modules a run page is rendered with, besides the templates: a change to any renders every page again.
+_RENDERED_WITH = ("report", "display", "audit", "redact", "safeguards", "record", "notebooks", "outcome")
 
 
 def _versions() -> str:
-    """What every page depends on besides its run: opslib's and nbconvert's versions and the templates."""
+    """What every page depends on besides its run: opslib's and nbconvert's versions, the modules that
+    render a page and the templates."""
     from importlib.metadata import version
 
     digest = hashlib.sha256(f"{__version__} {version('nbconvert')}".encode())
-    for path in sorted(TEMPLATES.iterdir()):
+    here = Path(__file__).parent
+    for path in [*(here / f"{module}.py" for module in _RENDERED_WITH), *sorted(TEMPLATES.iterdir())]:
         digest.update(path.name.encode() + b"\0" + path.read_bytes())
     return digest.hexdigest()
 
 
 def _page_key(records_dir: Path, entries: list[dict], line: int, problems: list[str]) -> str:
-    """What a run page shows, as one hash: its ledger entries, its line, what the check found, and the
+    """What a run page shows, as one hash: its ledger entries whole, its line, what the check found, and the
     sha256 of its sidecar and notebook as they are now (an edited file shows its edited facts)."""
     entry = entries[-1]
     files = [audit.file_sha256(records_dir / Path(str(entry.get(k))).name) if entry.get(k) else None
              for k in ("sidecar", "notebook")]  # fmt: skip
-    return hashlib.sha256(json.dumps([[e.get("hash") for e in entries], line, problems, files]).encode()).hexdigest()
+    return hashlib.sha256(json.dumps([entries, line, problems, files], sort_keys=True, default=str).encode()).hexdigest()
 
 
 def _jinja():
@@ -201,12 +236,13 @@ def _run_page(
         record and sealed and audit.file_sha256(records_dir / Path(str(entry.get("sidecar"))).name) != entry.get("sidecar_sha256")
     )
     shown = audit.as_sealed(entry, start, record) if record and sealed else record
-    warnings = list(entry.get("warnings") or []) if sealed and "warnings" in entry else None
+    warnings = [str(w) for w in entry["warnings"]] if sealed and isinstance(entry.get("warnings"), list) else None
+    ledgers = display.sealed_facts(start is not None, warnings is not None)
     facts = env.get_template("_facts.html.j2").render(
         entry=entry,
         record=shown,
         edited=edited,
-        facts=[(k, v, k in display.SEALED_FACTS) for k, v in display.run_facts(shown, warnings) if v] if shown else [],
+        facts=[(k, v, k in ledgers) for k, v in display.run_facts(shown, warnings) if v] if shown else [],
         changes=audit.field_changes(entry, record) if edited else [],
         problems=problems,
         line=line,
@@ -278,11 +314,14 @@ def _outcome_order(value: str) -> int:
     return order.index(value) if value in order else len(order)
 
 
-def build_report(records_dir: Path, out: Path, cross_check: Callable[[list[dict]], list[str]] | None = None) -> Report:
+def build_report(
+    records_dir: Path, out: Path, cross_check: Callable[[list[dict]], list[str]] | None = None, full: bool = False
+) -> Report:
     """Write the audit report of ``records_dir`` into ``out`` (replacing an earlier report there).
 
     ``cross_check(entries)`` returns what the ledger's anchors (its database, a witness) say is missing or
-    different; those problems head the index with the ledger's own.
+    different; those problems head the index with the ledger's own. With ``full``, every page is rendered
+    again, none kept from the last build.
 
     Every run in the ledger gets a page, including runs whose sidecar or notebook was changed or
     deleted since: their page says so in red at the top, and so does the index. Raises
@@ -299,7 +338,7 @@ def build_report(records_dir: Path, out: Path, cross_check: Callable[[list[dict]
         check = replace(check, unvouched=check.unvouched + cross_check(check.entries))
     scratch = _prepare_out(out)
     try:
-        pages, rendered = _write_site(records_dir, scratch, check, _Pages(out, _versions()))
+        pages, rendered = _write_site(records_dir, scratch, check, _Pages(out, _versions(), full))
         (scratch / MARKER).write_text("written by `opslib audit report`; rebuilding replaces this folder\n")
         _swap_in(scratch, out)
     except BaseException:
@@ -320,7 +359,7 @@ def _write_site(records_dir: Path, site: Path, check: audit.LedgerCheck, kept: _
     exporter = None  # nbconvert is loaded only when a page must be rendered
     shutil.copyfile(TEMPLATES / "report.css", site / "report.css")
     (site / "runs").mkdir()
-    pages, runs, keys, rendered = [], [], {}, 0
+    pages, runs, rendered = [], [], 0
     # One page per run: its ending's, or its start's while it has none. A start entry's own problems (edited,
     # out of order) are shown on its run's page.
     ended = {e.get("sidecar") for e in check.entries if not audit.is_start(e)}
@@ -332,19 +371,19 @@ def _write_site(records_dir: Path, site: Path, check: audit.LedgerCheck, kept: _
         start, start_problems = starts.pop(entry.get("sidecar"), (None, []))
         problems = start_problems + problems
         name = _page_name(len(pages) + 1, entry)  # numbered by run; the page names its ledger line
-        keys[name] = _page_key(records_dir, [e for e in (start, entry) if e], line, problems)
-        if not kept.reuse(name, keys[name], site):
+        key = _page_key(records_dir, [e for e in (start, entry) if e], line, problems)
+        # A page with problems is always rendered afresh: what it says about them is never taken from a kept file.
+        if problems or not kept.reuse(name, key, site):
             exporter = exporter or _exporter()
-            html = _run_page(exporter, env, records_dir, line, [e for e in (start, entry) if e], problems, common)
-            (site / "runs" / name).write_text(clean(html), encoding="utf-8")
+            html = clean(_run_page(exporter, env, records_dir, line, [e for e in (start, entry) if e], problems, common))
+            (site / "runs" / name).write_text(html, encoding="utf-8")
+            kept.rendered(name, key, html)
             rendered += 1
         pages.append(name)
         runs.append({**audit.run_row(entry), "page": f"runs/{name}", "problems": problems})
     if not kept.file("notebook.css", site):
         (site / "notebook.css").write_text(_notebook_css(exporter or _exporter()))
-    (site / STATE).write_text(
-        json.dumps({"format": STATE_FORMAT, "versions": kept.versions, "pages": keys}, indent=0), encoding="utf-8"
-    )
+    (site / STATE).write_text(kept.state(site), encoding="utf-8")
     fleets = _fleet_pages(records_dir, site, env, {r["run_id"]: r["page"] for r in runs}, common)
     runs.reverse()  # newest first, as an auditor reads a log
     outcomes = Counter(r["outcome"] for r in runs)

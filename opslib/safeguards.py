@@ -10,7 +10,8 @@ from __future__ import annotations
 from typing import Any, Mapping
 
 # Runbooks that change the database and, in production, must take a verified backup and verify after.
-_CHANGING = ("deploy", "rollback")
+# The runbooks whose production runs are gated by a verified backup and end with a verify step.
+_BACKUP_GATED = ("deploy", "rollback")
 # Steps that read the database (or copy it out) and never change it; any other step that began may have.
 _READ_ONLY_STEPS = frozenset({"parameters", "preflight", "backup", "verify", "summary"})
 # Step outcomes after which the step changed nothing: skipped, refused, bad input, or gave up on a lock.
@@ -20,8 +21,13 @@ _NOTHING_DONE = frozenset({"skipped", "refused", "invalid", "locked", "lock time
 def _step_fields(step) -> tuple:
     """(name, outcome) of a step as a sidecar writes it (an object) or a ledger entry keeps it (a list)."""
     if isinstance(step, Mapping):
-        return step.get("name"), step.get("outcome")
-    return (tuple(step) + (None, None))[:2] if isinstance(step, (list, tuple)) else (None, None)
+        name, outcome = step.get("name"), step.get("outcome")
+    elif isinstance(step, (list, tuple)):
+        name, outcome = (tuple(step) + (None, None))[:2]
+    else:
+        return None, None
+    # An edited file may hold anything there: only text is a name or an outcome.
+    return (name if isinstance(name, str) else None), (outcome if isinstance(outcome, str) else None)
 
 
 def changed_database(record: Mapping[str, Any]) -> bool:
@@ -42,10 +48,10 @@ def skipped_safeguards(record: Mapping[str, Any]) -> list[str]:
     The backup and verify flags concern only runs that changed their database (:func:`changed_database`):
     a run refused, or ended in its preflight, went without nothing."""
     found = []
-    steps = dict(map(_step_fields, record.get("steps") or []))
+    steps = dict(map(_step_fields, record["steps"] if isinstance(record.get("steps"), list) else []))
     outcome = record.get("outcome")
     changed = changed_database(record)
-    if record.get("env") == "production" and record.get("runbook") in _CHANGING and changed:
+    if record.get("env") == "production" and record.get("runbook") in _BACKUP_GATED and changed:
         if not record.get("backup") or steps.get("backup") != "succeeded":
             found.append("no verified backup")
         if outcome == "succeeded" and steps.get("verify") != "succeeded":

@@ -191,6 +191,14 @@ def test_two_databases_in_one_records_folder_are_each_cross_checked(make_databas
     assert f"cross-checked with database {b.rsplit('/', 1)[1]}: 2 entr(ies)" in done.stdout
     alone = verify()  # b's URL is not here: said, not guessed
     assert alone.returncode == 0 and f"not cross-checked with {b.rsplit('/', 1)[1]} (no URL for it here" in alone.stdout
+    # A fleet target out of reach is said, not failed on, even with --database (which asks for the configured
+    # database); a --database URL that does not parse is bad input.
+    gone = with_database(a, "no_such_database_here")
+    for args in ((), ("--database",)):
+        done = verify(*args, "--targets", str(_fleet_file(tmp_path)), B_URL=b, C_URL_UNSET=gone)
+        assert done.returncode == 0 and "no_such_database_here" in done.stdout, done.stdout + done.stderr
+    bad = verify("--database", "not a url")
+    assert bad.returncode == 2 and "--database is not a valid URL" in bad.stderr, bad.stdout + bad.stderr
 
     cut = _drop_entry(work, -1)  # the rollback on b
     for how, extra, args in (
@@ -260,11 +268,42 @@ def test_every_tamper_is_caught_and_no_audit_command_changes_a_file(three_runs, 
     for command in (["list"], ["show", entries[0]["run_id"]], ["summary"], ["verify"],
                     ["report", "--out", str(tmp_path / "site")], ["verify", "--database"]):  # fmt: skip
         done = subprocess.run([OPSLIB, "audit", *command], cwd=work, env=env, capture_output=True, text=True)
-        if command[0] in ("verify", "report", "summary"):
-            assert done.returncode == 3, (command, done.stdout + done.stderr)
+        assert done.returncode == (3 if command[0] in ("verify", "report", "summary") else 0), (command, done.stdout + done.stderr)
         if command[0] == "verify":
             assert says in done.stdout, (command, done.stdout)
     assert _folder_hashes(records) == before
+
+
+MALFORMED = {
+    "steps that are not a list": {"steps": "garbage"},
+    "steps of odd shapes": {"steps": [[{"a": 1}, [1]], 7, ["upgrade 0002", "failed"], ["verify", None, None, "x"]]},
+    "parameters and database that are not objects": {"parameters": ["x"], "database": "db1"},
+    "warnings that are not text": {"warnings": [1, {"x": 2}], "revisions_after": {"head": 1}},
+}
+
+
+@pytest.mark.parametrize("edit", MALFORMED)
+def test_a_ledger_rewritten_with_odd_values_is_reported_not_crashed_on(three_runs, tmp_path, edit):
+    """An editor who rewrites the ledger's values into other shapes (and hashes the chain again): every audit
+    command says what it finds in its own words, with its exit code, and none ends in a traceback."""
+    work, url, entries = three_runs
+    records = work / "records"
+    lines = [json.loads(line) for line in (records / audit.LEDGER).read_text().splitlines()]
+    previous = audit.GENESIS
+    for entry in lines:
+        if entry.get("run_id") == entries[1]["run_id"]:
+            entry.update(MALFORMED[edit])
+        entry["prev_hash"] = previous
+        entry["hash"] = previous = audit.entry_hash(entry)
+    (records / audit.LEDGER).write_text("".join(json.dumps(e) + "\n" for e in lines))
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OPSLIB_", "DATABASE_URL"))}
+    env.update(DATABASE_URL=url, OPSLIB_ALEMBIC_INI=str(ROOT / "alembic.ini"))
+    for command, code in ((["list"], 0), (["show", entries[1]["run_id"]], 0), (["summary"], 3), (["verify"], 3),
+                          (["report", "--out", str(tmp_path / "site")], 3)):  # fmt: skip
+        done = subprocess.run([OPSLIB, "audit", *command], cwd=work, env=env, capture_output=True, text=True)
+        assert "Traceback" not in done.stderr, (command, done.stderr)
+        assert done.returncode == code, (command, done.stdout + done.stderr)
+    assert len(list((tmp_path / "site" / "runs").glob("*.html"))) == 3
 
 
 def test_the_witness_can_be_syslog(tmp_path):

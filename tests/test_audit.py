@@ -11,7 +11,7 @@ import pytest
 from opslib.outcome import Outcome
 from opslib import audit
 
-from .conftest import _opslib_run, audit_cli, copy_of_records, libpq, outcomes_that_disagree
+from .conftest import _opslib_run, audit_cli, copy_of_records, libpq, outcomes_that_disagree, query
 
 
 def test_list_show_and_verify_four_runs(recorded_runs):
@@ -249,3 +249,7 @@ def test_each_kind_of_ending_has_one_outcome_in_the_ledger_the_sidecar_and_the_d
     assert [e["outcome"] for e in endings] == ["succeeded", "refused", "succeeded", "invalid", "locked"]
     assert all(e.get("database") for e in endings)  # each reached the database, and is compared there
     assert outcomes_that_disagree(here / "records", database_url) == []
+    # Once opslib's schema is there, every run that reached the database has its row, a refused or locked one
+    # too; bad input writes none.
+    rows = dict(query(database_url, "SELECT run_id, outcome FROM opslib.runs"))
+    assert [rows.get(e["run_id"]) for e in endings] == ["succeeded", "refused", "succeeded", None, "locked"]

@@ -389,43 +389,65 @@ def test_every_colour_of_every_page_reads_at_4_5_to_1_or_more(recorded_runs, tmp
 
 
 def _inodes(site: Path) -> dict[str, int]:
-    return {p.name: p.stat().st_ino for p in (site / "runs").glob("*.html")}
+    return {p.name: p.lstat().st_ino for p in (site / "runs").glob("*.html")}
+
+
+def _page_number(site: Path, stem: str) -> str:
+    (page,) = (site / "runs").glob(f"*-{stem}.html")
+    return page.name.split("-", 1)[0]
 
 
 def test_a_rebuild_renders_only_the_new_run_and_the_edited_one(recorded_runs, database_url, tmp_path):
     copy = copy_of_records(recorded_runs, tmp_path)
     out, before = tmp_path / "report", tmp_path / "before"
 
-    def build(expected_rendered: int, expected_pages: int) -> dict[str, int]:
-        # The pages of the last build stay alive under ``before`` (hard links), so that a kept page is known
-        # by its inode: only a page rendered again gets a new file.
+    def build(expected_rendered: int, expected_pages: int, *args: str) -> set[str]:
+        """Build, and return the names of the pages this build rendered. The pages of the last build stay
+        alive under ``before`` (hard links), so that a kept page is known by its inode: only a page
+        rendered again gets a new file."""
         shutil.rmtree(before, ignore_errors=True)
         if out.exists():
-            shutil.copytree(out, before, copy_function=os.link)
-        made = _report(copy, "--out", str(out))
+            shutil.copytree(out, before, copy_function=os.link, symlinks=True)
+        made = _report(copy, "--out", str(out), *args)
         assert made.returncode in (0, 3), made.stderr
         assert f"{expected_pages} run page(s) in {out} ({expected_rendered} rendered" in made.stdout, made.stdout
         now = _inodes(out)
-        if before.exists():
-            old = _inodes(before)
-            assert sum(1 for name, ino in now.items() if old.get(name) != ino) == expected_rendered
-        return now
+        assert len(now) == expected_pages
+        old = _inodes(before) if before.exists() else {}
+        fresh = {name for name, ino in now.items() if old.get(name) != ino}
+        assert len(fresh) == expected_rendered
+        return fresh
 
     first = build(4, 4)
-    build(0, 4)  # nothing new: no page rendered, the index written afresh
+    assert build(0, 4) == set()  # nothing new: no page rendered, the index written afresh
     from .conftest import _opslib_run
 
     assert _opslib_run(database_url, copy, "deploy") == 0
-    pages = build(1, 5)
-    newest = max(pages)
+    (newest,) = build(1, 5)
     assert newest not in first and "succeeded" in (out / "runs" / newest).read_text()
 
     # An edited sidecar changes what its page shows: that page alone is rendered again, and says so.
     edited = sorted(p for p in (copy / "records").glob("*.json") if p.name != "ledger.jsonl")[0]
     edited.write_text(edited.read_text().replace('"operator": "', '"operator": "x'))
+    page = f"{_page_number(out, edited.stem)}-{edited.stem}.html"
+    assert build(1, 5) == {page}
+    assert "from the edited file" in (out / "runs" / page).read_text()
+    assert "was modified" in (out / "index.html").read_text()
+    edited.write_text(edited.read_text().replace('"operator": "x', '"operator": "'))
     build(1, 5)
-    index = (out / "index.html").read_text()
-    assert "was modified" in index
+
+    # A kept page is reused only as it was written: one edited in the site, or one made a link to a file
+    # elsewhere, is rendered again.
+    kept = sorted((out / "runs").glob("*.html"))
+    kept[0].write_text(kept[0].read_text() + "<p>checked by nobody</p>")
+    elsewhere = tmp_path / "elsewhere.html"
+    shutil.copyfile(kept[1], elsewhere)
+    kept[1].unlink()
+    kept[1].symlink_to(elsewhere)
+    assert build(2, 5) == {kept[0].name, kept[1].name}
+    assert "checked by nobody" not in kept[0].read_text() and not kept[1].is_symlink()
+    assert build(5, 5, "--full") == set(_inodes(out))  # --full renders every page
+
     # A report written by another opslib (its state says so) is rendered whole.
     state = json.loads((out / ".opslib-report-state.json").read_text())
     (out / ".opslib-report-state.json").write_text(json.dumps({**state, "versions": "an older opslib"}))
