@@ -268,6 +268,10 @@ class Section:
         self.rows = list(rows)
         self.text = text
 
+    def again(self, note: str) -> "Section":
+        """This section shown a second time, its status followed by ``note`` (when and why)."""
+        return Section(self.title, f"{self.status} ({note})", self.facts, self.rows, self.text, self.skipped)
+
     @classmethod
     def skip(cls, title: str, why: str) -> "Section":
         """The section of a step that had nothing to do, and why."""

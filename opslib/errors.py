@@ -68,7 +68,7 @@ class PreconditionFailed(OpsError):
 
 
 class StepOutOfOrder(PreconditionFailed):
-    """A runbook step run before the step it follows, or run twice: refused, nothing changed (exit 3)."""
+    """A runbook step run before the step it follows: refused, nothing changed (exit 3)."""
 
 
 class LockHeld(OpsError):

@@ -94,14 +94,17 @@ def step(name: str, after: str | None = None, repeatable: bool = False) -> Calla
 
     ``after`` names the step that must have run (succeeded, or skipped as not needed) before this one;
     as each step names its own, the whole order holds. A step runs once unless ``repeatable`` (a step
-    that only reads). A step out of order, or run again, refuses: the run ends there as ``refused``
-    (exit 3) having changed nothing, and the message names the step to run first. No parameter and no
-    environment lifts this.
+    that only reads): run again after it succeeded or was skipped (a cell run twice by accident), it shows
+    its result again, is not run again and is not recorded again, and the run goes on. A step out of order
+    refuses: the run ends there as ``refused`` (exit 3) having changed nothing, and the message names the
+    first step missing, by its section's title. No parameter and no environment lifts this.
     """
 
     def decorate(fn: Callable) -> Callable:
         @functools.wraps(fn)
         def wrapper(self: "Run", *args, **kwargs):
+            if name in self.done and not repeatable:
+                return self._shown_again(name)
             self._require_open(name)
             entry = self.record.step(name, audit.iso(audit.now()))
             started = time.perf_counter()
@@ -126,6 +129,7 @@ def step(name: str, after: str | None = None, repeatable: bool = False) -> Calla
                     raise err from None
                 raise
             _Signals.in_step -= 1
+            self.done[name] = (result, entry.started_at)
             if self.ended:  # the summary sealed the run, its own step included
                 held, self.held_signal = self.held_signal, None
                 if held is not None:
@@ -138,6 +142,7 @@ def step(name: str, after: str | None = None, repeatable: bool = False) -> Calla
             return result
 
         wrapper.step_name = name
+        wrapper.step_after = after
         return wrapper
 
     return decorate
@@ -160,6 +165,8 @@ class Run:
         self.url = None
         self.database = None
         self.run_lock: db.RunLock | None = None
+        # Each step that succeeded or was skipped: what it showed and when it began, to show it again.
+        self.done: dict[str, tuple[Any, str]] = {}
 
     # --- bookkeeping ------------------------------------------------------------------------------
 
@@ -182,28 +189,50 @@ class Run:
             raise PreconditionFailed(f"this run has ended ({self.record.outcome}); to {name} again, start a new run: {again}")
 
     def _require_order(self, name: str, after: str | None, repeatable: bool, entry: Step) -> None:
-        """Refuse a step run before the one it follows, or run again (see :func:`step`)."""
+        """Refuse a step run before the one it follows (see :func:`step`), naming the first step missing."""
         done = {s.name: s.outcome for s in self.record.steps if s is not entry}
-        if name in done and not repeatable:
+        if after is not None and not self._passed(done, after):
+            missing = after
+            while (before := self._after_of(missing)) is not None and not self._passed(done, before):
+                missing = before  # the earliest step not run: "preflight first", not "backup first"
             raise StepOutOfOrder(
-                f"{self.runbook}: the {name} step has already run in this run and does not run twice; "
-                f"start a new run to {name} again"
-            )
-        if after is not None and done.get(after) not in (Outcome.SUCCEEDED, Outcome.SKIPPED):
-            raise StepOutOfOrder(
-                f"{self.runbook}: {name} needs the {after} step first ({self._cell_of(after)}); "
+                f"{self.runbook}: {name} needs the {missing} step first ({self._cell_of(missing)}); "
                 "nothing was changed, and this run ends here: start a new run and run its cells in order"
             )
 
+    @staticmethod
+    def _passed(done: Mapping[str, Outcome], step_name: str) -> bool:
+        return done.get(step_name) in (Outcome.SUCCEEDED, Outcome.SKIPPED)
+
+    def _step_method(self, step_name: str) -> tuple[str, Callable] | None:
+        """(attribute, method) of the step called ``step_name`` in this workflow."""
+        for attr in dir(type(self)):
+            method = getattr(type(self), attr, None)
+            if getattr(method, "step_name", None) == step_name:
+                return attr, method
+        return None
+
+    def _after_of(self, step_name: str) -> str | None:
+        found = self._step_method(step_name)
+        return getattr(found[1], "step_after", None) if found else None
+
+    def _shown_again(self, name: str) -> Any:
+        """A finished step's result, shown again for a cell run twice: the step is not run again."""
+        result, started_at = self.done[name]
+        if isinstance(result, Section):
+            return result.again(f"done at {started_at}; shown again, not run again")
+        return result
+
     def _cell_of(self, step_name: str) -> str:
         """The cell that runs a step, as an operator finds it in the notebook: by its section's title."""
-        for attr in dir(type(self)):
-            if getattr(getattr(type(self), attr, None), "step_name", None) == step_name:
-                call = f"run.{attr}()" if attr != "validate" else "runbook.start"
-                title = section_title(self.runbook, call.removesuffix("()") + ("(" if call.endswith("()") else ""))
-                where = f"the cell `{call}`" if attr != "validate" else "the cell that calls runbook.start"
-                return f"{where} in the section “{title}”" if title else where
-        return f"the {step_name} section"
+        found = self._step_method(step_name)
+        if found is None:
+            return f"the {step_name} section"
+        attr = found[0]
+        call = f"run.{attr}()" if attr != "validate" else "runbook.start"
+        title = section_title(self.runbook, call.removesuffix("()") + ("(" if call.endswith("()") else ""))
+        where = f"the cell `{call}`" if attr != "validate" else "the cell that calls runbook.start"
+        return f"{where} in the section “{title}”" if title else where
 
     def _revisions_now(self) -> list[str] | None:
         return migrate.revisions_now(self.settings, self.record.version_table)

@@ -1,6 +1,6 @@
 """Step order, enforced in every mode: in plain Python (runbook.start, as a script or Lab would call it)
 and once through a Jupyter kernel. A step out of order refuses (exit 3), names the step to run first,
-and changes nothing; a step runs once unless it only reads; no parameter or environment lifts this.
+and changes nothing; a finished step run again is shown again, not run again (unless it only reads); no parameter or environment lifts this.
 """
 
 from __future__ import annotations
@@ -55,10 +55,11 @@ def test_upgrade_before_the_backup_is_refused_and_changes_nothing(in_process, da
 
 
 def test_upgrade_without_a_preflight_is_refused(in_process, database_url):
-    """It used to say "skipped: nothing to deploy" and record success while revisions were pending."""
+    """It used to say "skipped: nothing to deploy" and record success while revisions were pending. The hint
+    names the first step missing (the preflight), not the one just before (the backup)."""
     before = schema_snapshot(database_url)
     run = runbook.start("deploy", {"backup": False})
-    with pytest.raises(StepOutOfOrder, match=r"needs the backup step first"):
+    with pytest.raises(StepOutOfOrder, match=r"upgrade needs the preflight step first \(the cell `run.preflight\(\)` in the section “Preflight”\)"):
         run.upgrade()
     assert schema_snapshot(database_url) == before
     assert sealed(in_process)["outcome"] == "refused"
@@ -71,20 +72,27 @@ def test_backup_without_a_preflight_is_refused(in_process):
     assert not (in_process.parent / "backups").exists() or not list((in_process.parent / "backups").iterdir())
 
 
-def test_a_step_runs_once_unless_it_only_reads(in_process, database_url):
-    run = runbook.start("deploy", {"backup": False})
+def test_a_finished_step_run_again_is_shown_again_and_the_run_goes_on(in_process, database_url, tmp_path):
+    """A cell run twice by accident (the backup, the preflight, even the summary): the step shows its result
+    again, is neither run nor recorded again, and the run goes on to succeed. A step that only reads runs again."""
+    run = runbook.start("deploy", {"backup": True})
     run.preflight()
-    run.backup()
+    first = run.backup()
+    dumps = sorted((tmp_path / "backups").glob("*.dump"))
+    again = run.backup()
+    assert sorted((tmp_path / "backups").glob("*.dump")) == dumps and len(dumps) == 1  # no second backup
+    assert again.title == first.title and again.facts == first.facts
+    assert "shown again, not run again" in again.status and "shown again" in repr(again)
+    run.preflight()
     run.upgrade()
     run.verify()
-    run.verify()  # reads only: safe to repeat
-    run.summary()
-    assert sealed(in_process)["outcome"] == "succeeded"
-
-    again = runbook.start("deploy", {"backup": False})
-    again.preflight()
-    with pytest.raises(StepOutOfOrder, match=r"the preflight step has already run in this run"):
-        again.preflight()
+    run.verify()  # reads only: run again
+    summary = run.summary()
+    assert "shown again" in run.summary().status and summary.facts == run.summary().facts
+    record = sealed(in_process)
+    assert record["outcome"] == "succeeded"
+    names = [s["name"] for s in record["steps"] if not s["name"].startswith("upgrade ")]  # one per revision
+    assert names == ["parameters", "preflight", "backup", "upgrade", "verify", "verify", "summary"]
 
 
 def test_the_summary_needs_the_verify_step(in_process):
