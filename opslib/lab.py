@@ -50,9 +50,10 @@ def open_run(
     """
     if importlib.util.find_spec("jupyterlab") is None:
         raise ConfigError("`opslib open` needs JupyterLab: pip install 'opslib[lab]' (or `make lab`)")
-    # Bad parameters are refused here, before any notebook, record or JupyterLab exists (exit 2); the
-    # kernel checks them again, with the environment's rules, when the run starts.
-    params.validate(name, runner.coerce(name, pairs))
+    # Bad parameters (exit 2) and what the environment forbids (exit 3: reset in production, a backup
+    # turned off there) are refused here, by the code the kernel's start cell runs again, before any
+    # notebook, record or JupyterLab exists.
+    params.check_environment(name, params.validate(name, runner.coerce(name, pairs)), env or settings.env)
     run = runner.prepare(settings, name, pairs, env, MODE)
     if run.live is None:  # refused before it started (a secret in a parameter): sealed as invalid
         raise InvalidInput(run.first.error or "the parameters were refused")

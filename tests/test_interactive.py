@@ -257,10 +257,16 @@ def test_lab_in_chromium_runs_all_and_seals_on_save(database_url, tmp_path):
         (("deploy", "-p", "database_url_env", "postgresql://u:hunter2@db/app"), "holds a URL with a password"),
         (("deploy", "-p", "target_revision", "x;y"), "is not a revision id"),
         (("nosuch",), "no runbook 'nosuch'"),
+        (("deploy", "--env", "production", "-p", "backup", "false"), "backup=False is not allowed in production"),
+        (("reset", "--env", "production"), "reset is refused in production"),
+        (("deploy", "--env", "production", "-p", "dev_data", "true"), "dev_data=True is refused in production"),
     ],
 )
 def test_bad_input_to_open_is_refused_before_anything_exists(database_url, tmp_path, args, says):
+    """Bad parameters (exit 2) and the environment's rules (exit 3) are checked as `opslib run` checks them,
+    before JupyterLab starts or anything is written."""
     opened = _opslib(tmp_path, database_url, "open", *args)
-    assert opened.returncode == 2 and says in opened.stderr and len(opened.stderr.splitlines()) == 1, opened.stderr
+    code = 3 if "production" in args else 2
+    assert opened.returncode == code and says in opened.stderr and len(opened.stderr.splitlines()) == 1, opened.stderr
     assert "hunter2" not in opened.stderr
     assert not (tmp_path / "records").exists() or not list((tmp_path / "records").iterdir())
