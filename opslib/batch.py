@@ -59,12 +59,13 @@ PROGRESS_DDL = (
 )
 
 # Where the progress bar goes while opslib collects what revisions print (see opslib.migrate): the
-# terminal's or the notebook's stderr as it was before the collection began.
+# terminal's or the notebook's stdout as it was before the collection began. Never stderr: a notebook
+# shows stderr on a red background, as an error, and a progress bar is not one.
 _progress_stream: TextIO | None = None
 
 
 def set_progress_stream(stream: TextIO | None) -> TextIO | None:
-    """Send progress bars to ``stream`` (None: to ``sys.stderr``); returns the stream it replaces."""
+    """Send progress bars to ``stream`` (None: to ``sys.stdout``); returns the stream it replaces."""
     global _progress_stream
     previous, _progress_stream = _progress_stream, stream
     return previous
@@ -72,7 +73,7 @@ def set_progress_stream(stream: TextIO | None) -> TextIO | None:
 
 def progress_stream() -> TextIO:
     """Where progress bars go now."""
-    return _progress_stream or sys.stderr
+    return _progress_stream or sys.stdout
 
 
 @dataclass(frozen=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -206,3 +207,22 @@ def test_a_batched_revision_killed_in_the_middle_resumes_without_redoing_finishe
     assert rewritten == 100_000 - kept_key
     progress = query(database_url, "SELECT rows_done, finished_at IS NOT NULL FROM opslib.batch_progress")
     assert progress == [(100_000, True)]
+
+
+def test_the_progress_bar_of_a_batched_revision_is_in_the_notebooks_stdout(database_url, tmp_path):
+    """In a run's notebook the bar is plain text on stdout (shown as output, not on an error's red background)."""
+    ini = _generic_project(tmp_path)
+    revision = tmp_path / "migrations" / "versions" / "b001_fill.py"
+    revision.write_text(REVISION + "# opslib-accept: adding-not-nullable-field -- every row is filled just before\n")
+    query(database_url, "CREATE TABLE items (id bigint PRIMARY KEY, price text, amount numeric)")
+    query(database_url, "INSERT INTO items SELECT g, g::text, NULL FROM generate_series(1, 8000) g")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OPSLIB_", "DATABASE_URL"))}
+    env.update(DATABASE_URL=database_url, OPSLIB_ALEMBIC_INI=str(ini))
+    done = subprocess.run([OPSLIB, "run", "deploy", "-p", "backup", "false"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    (notebook,) = (tmp_path / "records").glob("*.ipynb")
+    streams = [o for c in json.loads(notebook.read_text())["cells"] for o in c.get("outputs", []) if o["output_type"] == "stream"]
+    bars = [o["name"] for o in streams if "b001 amount" in "".join(o["text"])]
+    assert bars and set(bars) == {"stdout"}, streams
+    assert not [o for o in streams if o["name"] == "stderr"], streams
