@@ -292,35 +292,29 @@ def check_lint(
 
 
 def _lint_result(findings: list[lint.Finding]) -> CheckResult:
+    """The lint check's verdict in a line: what blocks, by revision, rule and table, and how many findings
+    were accepted, are advice or are information. Each finding, with squawk's advice and the line that
+    accepts it, is in the findings table beside the checks (see :func:`opslib.display.findings_tables`)."""
     by = {s: [f for f in findings if f.severity is s] for s in lint.Severity}
-    parts: list[str] = []
     if by[lint.Severity.BLOCK]:
         unique = list(
-            dict.fromkeys(
-                f"{f.revision}: {f.rule} on {f.context or 'no table'}: {f.message}"
-                for f in by[lint.Severity.BLOCK]
-            )
+            dict.fromkeys(f"{f.revision}: {f.rule} on {f.context or 'no table'}" for f in by[lint.Severity.BLOCK])
         )
         detail = "; ".join(unique[:5]) + (f"; and {len(unique) - 5} more" if len(unique) > 5 else "")
         return CheckResult(
             "squawk lint",
             FAIL,
-            "; ".join(parts + [detail])
-            + "; accept in the project's opslib.toml ([[lint.accept]] revision, rule, reason; "
-            "`opslib check --write-baseline --reason TEXT` writes today's), or with "
-            "`# opslib-accept: RULE -- reason` in the revision",
+            f"{len(unique)} blocking finding(s): {detail}; the findings table (`opslib check` prints it too) says how to fix or accept each",
             tuple(dict.fromkeys(f.revision for f in by[lint.Severity.BLOCK])),
         )
-    accepted = sorted({f"{f.revision} {f.rule} ({f.reason})" for f in by[lint.Severity.ACCEPTED]})
+    parts: list[str] = []
+    accepted = {(f.revision, f.rule) for f in by[lint.Severity.ACCEPTED]}
+    if accepted:
+        parts.append(f"accepted: {len(accepted)} finding(s), each with its reason in the findings table")
     warned = sorted({f"{f.revision} {f.rule}" for f in by[lint.Severity.WARN]})
-    info = by[lint.Severity.INFO]
-    parts += [f"accepted: {', '.join(accepted)}"] if accepted else []
-    parts += (
-        [f"advice: {', '.join(warned[:12])}" + (f" and {len(warned) - 12} more" if len(warned) > 12 else "")]
-        if warned
-        else []
-    )
-    if info:
+    if warned:
+        parts.append(f"advice: {', '.join(warned[:12])}" + (f" and {len(warned) - 12} more" if len(warned) > 12 else ""))
+    if info := by[lint.Severity.INFO]:
         parts.append(
             f"information: {len(info)} finding(s) on tables new or empty in the target, none can hold up traffic"
         )

@@ -420,20 +420,27 @@ class TableFacts:
         """Whether the table holds any row; None when it could not be read."""
         return None if self.rows is None else self.rows > 0
 
+    def rows_text(self) -> str:
+        """How many rows, as a person reads it: ``1 row``, ``~120,000 rows (estimate)``, or why not read."""
+        if not self.exists:
+            return "not in the target"
+        if self.rows is None:
+            return f"rows not readable now ({self.unread or 'unknown reason'})"
+        if self.rows < COUNT_LIMIT:
+            return f"{self.rows:,} row" + ("" if self.rows == 1 else "s")
+        if self.row_estimate and self.row_estimate > COUNT_LIMIT:
+            return f"~{self.row_estimate:,} rows (estimate)"
+        return f"over {COUNT_LIMIT:,} rows"
+
+    def size_text(self) -> str:
+        """The table's size with its indexes and TOAST: ``18.0 MB``, or ``size unknown``."""
+        return _size_text(self.total_bytes) if self.exists and self.total_bytes is not None else "size unknown"
+
     def describe(self) -> str:
         """``orders: ~120,000 rows, 18.0 MB`` as a person reads it."""
         if not self.exists:
             return f"{self.name}: not in the target"
-        if self.rows is None:
-            rows = f"rows not readable now ({self.unread or 'unknown reason'})"
-        elif self.rows < COUNT_LIMIT:
-            rows = f"{self.rows:,} row" + ("" if self.rows == 1 else "s")
-        elif self.row_estimate and self.row_estimate > COUNT_LIMIT:
-            rows = f"~{self.row_estimate:,} rows (estimate)"
-        else:
-            rows = f"over {COUNT_LIMIT:,} rows"
-        size = _size_text(self.total_bytes) if self.total_bytes is not None else "size unknown"
-        return f"{self.name}: {rows}, {size}"
+        return f"{self.name}: {self.rows_text()}, {self.size_text()}"
 
 
 # Rows are counted exactly up to this many (a bounded scan); past it the planner's estimate is shown.

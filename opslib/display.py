@@ -6,6 +6,7 @@ import html
 import json
 import re
 import textwrap
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Iterable, Sequence
 
 from opslib.record import revisions_text
@@ -14,6 +15,7 @@ from opslib.safeguards import skipped_safeguards
 if TYPE_CHECKING:  # types only: rendering backups must not import Alembic
     from opslib.backup import BackupInfo, BackupResult, CleanupResult, RestoreResult
     from opslib.checkreport import CheckReport
+    from opslib.lint import Finding
     from opslib.migrate import MigrationResult, RevisionInfo, Status
 
 
@@ -177,7 +179,67 @@ def checks_text(report: "CheckReport") -> str:
     )
     if any(shown != c.detail for c, shown in zip(report.checks, details, strict=True)):
         table += "\n(details shortened here; whole in the report's JSON: `opslib check --json`, a run's record)"
+    for found in findings_tables(report.findings):
+        table += f"\n\n{found.text()}"
     return f"{table}\n{report.subject}: {'all checks passed' if report.ok else 'FAILED'}"
+
+
+@dataclass(frozen=True)
+class Table:
+    """A titled table of a section, after its main one; a folded one shows its title, a count, until opened."""
+
+    title: str
+    rows: Sequence[dict]
+    folded: bool = False
+
+    def text(self) -> str:
+        """The title, then the table (a terminal folds nothing)."""
+        headers = list(self.rows[0])
+        return f"{self.title}\n" + text_table(headers, [[r.get(h) for h in headers] for r in self.rows], wrap_last=60)
+
+    def html(self) -> str:
+        """The table under its title; folded, inside a <details> whose summary is the title."""
+        if self.folded:
+            return f"<details><summary>{html.escape(self.title)}</summary>{html_table(self.rows)}</details>"
+        return f"<p style='margin:0.6em 0 0.2em'><b>{html.escape(self.title)}</b></p>{html_table(self.rows)}"
+
+
+# What a blocking finding's "what to do" says after squawk's advice: the line that accepts it, in its revision.
+ACCEPT_LINE = "`# opslib-accept: {rule} -- why it is safe here` in revision {revision}'s file"
+
+
+def findings_tables(findings: Sequence["Finding"]) -> list[Table]:
+    """The lint findings an operator acts on, one row each (revision, rule, table, rows, size, what squawk
+    says, what to do): blocking ones and advice in an open table, accepted ones folded under their count.
+    Information (tables new or empty in the target) is only counted, in the lint check's line."""
+    shown: dict[str, dict[tuple, dict]] = {"block": {}, "warn": {}, "accepted": {}}
+    for f in findings:
+        kind = f.severity.value
+        if kind not in shown:
+            continue
+        if kind == "block":
+            todo = " ".join(filter(None, [_sentence(f.help), "Or accept it: " + ACCEPT_LINE.format(rule=f.rule, revision=f.revision)]))
+        elif kind == "accepted":
+            todo = f"accepted: {f.reason}"
+        else:
+            todo = _sentence(f.help) or "advice only: nothing blocks"
+        row = {
+            "verdict": {"block": "blocks", "warn": "advice", "accepted": "accepted"}[kind],
+            "revision": f.revision, "rule": f.rule, "table": f.table or "", "rows": f.rows, "size": f.size,
+            "finding": f.message, "what to do": todo,
+        }  # fmt: skip
+        shown[kind].setdefault((f.revision, f.rule, f.table, f.message), row)  # one row per statement's kind
+    acting = [*shown["block"].values(), *shown["warn"].values()]
+    tables = [Table(f"Findings: {len(shown['block'])} blocking, {len(shown['warn'])} advice", acting)] if acting else []
+    if shown["accepted"]:
+        count = len(shown["accepted"])
+        tables.append(Table(f"{count} accepted finding(s), each with its reason (open to read)", list(shown["accepted"].values()), folded=True))
+    return tables
+
+
+def _sentence(text: str) -> str:
+    text = (text or "").strip()
+    return text if not text or text.endswith((".", "!", "?")) else f"{text}."
 
 
 def backup_text(made: "BackupResult") -> str:
@@ -260,8 +322,10 @@ class Section:
         rows: Sequence[dict] = (),
         text: str = "",
         skipped: bool = False,
+        tables: Sequence[Table] = (),
     ):
         self.title = title
+        self.tables = list(tables)
         self.status = status
         self.skipped = skipped  # the step had nothing to do: recorded as skipped, not succeeded
         self.facts = list(facts)
@@ -270,7 +334,7 @@ class Section:
 
     def again(self, note: str) -> "Section":
         """This section shown a second time, its status followed by ``note`` (when and why)."""
-        return Section(self.title, f"{self.status} ({note})", self.facts, self.rows, self.text, self.skipped)
+        return Section(self.title, f"{self.status} ({note})", self.facts, self.rows, self.text, self.skipped, self.tables)
 
     @classmethod
     def skip(cls, title: str, why: str) -> "Section":
@@ -283,6 +347,7 @@ class Section:
         if self.rows:
             headers = list(self.rows[0])
             out.append(text_table(headers, [[r.get(h) for h in headers] for r in self.rows]))
+        out += [table.text() for table in self.tables]
         if self.text:
             out.append(tidy_sql(self.text))
         return "\n".join(out)
@@ -297,6 +362,7 @@ class Section:
             parts.append(f"<table>{cells}</table>")
         if self.rows:
             parts.append(html_table(self.rows))
+        parts += [table.html() for table in self.tables]
         if self.text:
             parts.append(f"<pre style='{_CODE}'>{html.escape(tidy_sql(self.text))}</pre>")
         return "\n".join(parts)
@@ -313,6 +379,7 @@ _COLOURS = {
     "warn": _AMBER, "lock timeout": _AMBER, "interrupted": _AMBER, "abandoned": _AMBER,
     "fail": _RED, "failed": _RED, "refused": _RED, "invalid": _RED, "locked": _RED,
     "skip": _GREY, "skipped": _GREY,
+    "blocks": _RED, "advice": _AMBER, "accepted": _GREY,  # a lint finding's verdict
 }  # fmt: skip
 
 
@@ -320,9 +387,16 @@ def _html_value(value: object) -> str:
     """A cell's value as HTML: an outcome or check result in its colour, anything else as text."""
     if value is None:
         return ""
-    text = html.escape(str(value))
     colour = _COLOURS.get(str(value).strip().lower())
-    return f"<span style='color:{colour}; font-weight:600'>{text}</span>" if colour else text
+    if colour:
+        return f"<span style='color:{colour}; font-weight:600'>{html.escape(str(value))}</span>"
+    return inline_markdown(str(value))
+
+
+def inline_markdown(text: str) -> str:
+    """Text as HTML with its `code spans` (squawk's messages, opslib's hints) shown as code, not backticks."""
+    parts = re.split(r"`([^`\n]+)`", text)
+    return "".join(html.escape(p) if i % 2 == 0 else f"<code>{html.escape(p)}</code>" for i, p in enumerate(parts))
 
 
 def tidy_sql(text: str) -> str:

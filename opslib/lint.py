@@ -89,6 +89,9 @@ class Finding:
     reason: str = ""  # why it was accepted, when it was
     table: str | None = None
     context: str = ""  # what the target says about the table: new, empty, or its rows and size
+    help: str = ""  # squawk's advice on what to do instead (markdown: `code` in backticks)
+    rows: str = ""  # the table's rows in the target, as read ("1,204 rows"), when it was read
+    size: str = ""  # the table's size in the target, as read ("32.0 kB")
 
     def to_dict(self) -> dict:
         """A JSON-ready dict."""
@@ -101,6 +104,9 @@ class Finding:
             "reason": self.reason,
             "table": self.table,
             "context": self.context,
+            "help": self.help,
+            "rows": self.rows,
+            "size": self.size,
         }
 
 
@@ -394,8 +400,14 @@ def lint(
                 where = policy.source.name if in_policy and policy.source else "the revision file"
                 reason = f"{in_policy.reason if in_policy else in_file} (accepted in {where})"
         shown = _shown(table.removeprefix("index:")) if table else None
+        read = fact is not None and fact.exists and severity is not Severity.INFO
         findings.append(
-            Finding(revision, rule, item.get("message", ""), line + 1, severity, reason, shown, context)
+            Finding(
+                revision, rule, item.get("message", ""), line + 1, severity, reason, shown, context,
+                help=item.get("help") or "",
+                rows=fact.rows_text() if read else "",
+                size=fact.size_text() if read else "",
+            )
         )
     return findings
 

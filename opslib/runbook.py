@@ -16,7 +16,7 @@ from typing import Any, Mapping
 from opslib import audit, backup, checks, db, lint, migrate, rehearse, seed
 from opslib import history as run_history
 from opslib.config import Settings
-from opslib.display import Section, first_line, shown_detail
+from opslib.display import Section, findings_tables, first_line, shown_detail
 from opslib.errors import (
     ChecksFailed,
     InvalidInput,
@@ -151,25 +151,31 @@ class Deploy(Workflow):
         ]
         self._save()
         check_rows = [{"check": c.name, "result": c.status, "detail": shown_detail(c.detail)} for c in report.checks]
+        found = findings_tables(report.findings)
+        self.plan = report.plan  # the checks planned the deploy and rendered its SQL already (None: they stopped first)
+        self.pending = list(self.plan.pending) if self.plan is not None else []
+        pending_rows = [
+            {"check": f"pending {r.revision}", "result": "", "detail": first_line(r.message)} for r in self.pending
+        ]
+        # The plan is shown refused or not: what would run, its SQL and each finding are what an operator needs
+        # to decide, most of all when a finding blocks.
+        sql = (self.plan.sql.sql or "-- the SQL cannot be rendered offline (see the checks above)") if self.pending else ""
         if not report.ok:
-            _show(Section("Preflight", "pre-deploy checks failed", facts, check_rows))
+            failed = report.first_failure()
+            status = f"refused: {failed.name} failed" + (f", {len(self.pending)} revision(s) not applied" if self.pending else "")
+            _show(Section("Preflight", status, facts, check_rows + pending_rows, sql, tables=found))
             report.raise_for_failure()
-        self.plan = report.plan  # the checks planned the deploy and rendered its SQL already
         self.drift = next((c for c in report.checks if c.name == "drift"), None)
-        self.pending = list(self.plan.pending)
         facts.append(("target revision", self.params["target_revision"]))
         if self.params["dev_data"]:
             facts.append(("dev_data", "yes (-x dev_data=true): the revisions load the development sample data"))
         if not self.pending:
             return Section(
-                "Preflight", "nothing to do: the database is already at the target", facts, check_rows
+                "Preflight", "nothing to do: the database is already at the target", facts, check_rows, tables=found
             )
-        sql = self.plan.sql.sql or "-- the SQL cannot be rendered offline (see the checks above)"
-        rows = check_rows + [
-            {"check": f"pending {r.revision}", "result": "", "detail": first_line(r.message)} for r in self.pending
-        ]
         return Section(
-            "Preflight", f"checks passed, {len(self.pending)} revision(s) to apply", facts, rows, sql
+            "Preflight", f"checks passed, {len(self.pending)} revision(s) to apply", facts, check_rows + pending_rows,
+            sql, tables=found,
         )
 
     @step("backup", after="preflight")

@@ -35,7 +35,8 @@ def test_sample_chain_over_rows_passes_with_its_accepted_findings(settings):
     assert all("(accepted in the revision file)" in f.reason for f in accepted.values())
     assert accepted[("0004", "adding-not-nullable-field")].context.startswith("table products: ")
     assert " rows, " in accepted[("0004", "adding-not-nullable-field")].context
-    assert "accepted: 0004 adding-not-nullable-field" in _by_name(report)["squawk lint"].detail
+    assert f"accepted: {len(accepted)} finding(s)" in _by_name(report)["squawk lint"].detail
+    assert accepted[("0004", "adding-not-nullable-field")].rows.endswith(" rows")
     assert not [f for f in report.findings if f.revision == "0003"]  # its indexes are built CONCURRENTLY
 
 
@@ -76,7 +77,9 @@ def test_an_accepted_finding_passes_with_its_reason(settings, project):
     query(settings.database_url, "INSERT INTO accounts (name) VALUES ('first customer')")
     report = checks.pre_deploy(scenario, "u002")
     assert _by_name(report)["squawk lint"].status in ("pass", "warn")
-    assert "accounts is empty in every environment" in _by_name(report)["squawk lint"].detail
+    (finding,) = [f for f in report.findings if f.severity is Severity.ACCEPTED]
+    assert finding.reason == "accounts is empty in every environment (accepted in the revision file)"
+    assert "accepted: 1 finding(s)" in _by_name(report)["squawk lint"].detail
 
 
 def test_check_command_and_make_target(run_cli, database_url):
@@ -127,6 +130,19 @@ def test_the_deploy_runbook_stops_when_a_check_fails(database_url, project, tmp_
     assert record["outcome"] == "refused" and record["backup"] is None
     assert {c["name"]: c["status"] for c in record["checks"]}["squawk lint"] == "fail"
     assert schema_snapshot(database_url) == before
+    # The refused preflight still shows the plan: the pending revisions, their SQL, and each finding with
+    # what to do (squawk's advice and the line that accepts it); the cell's error is one line, once.
+    (notebook,) = (tmp_path / "records").glob("*.ipynb")
+    (preflight,) = [c for c in json.loads(notebook.read_text())["cells"] if "run.preflight()" in "".join(c["source"])]
+    shown = "".join("".join(o["data"]["text/html"]) for o in preflight["outputs"] if o["output_type"] == "display_data")
+    assert "Preflight: refused: squawk lint failed, 3 revision(s) not applied" in shown
+    assert "pending u002" in shown and "add mandatory balance to accounts" in shown
+    assert "ALTER TABLE accounts ADD COLUMN balance INTEGER NOT NULL;" in shown
+    assert "<b>Findings: 1 blocking" in shown and "<code>NOT NULL</code>" in shown
+    assert "<code># opslib-accept: adding-required-field -- why it is safe here</code> in revision u002" in shown
+    (error,) = [o for o in preflight["outputs"] if o["output_type"] == "error"]
+    assert len(error["traceback"]) == 1 and "\n" not in error["traceback"][0]
+    assert "effectively makes it required" not in error["traceback"][0]  # squawk's paragraph is in the table only
 
 
 def test_production_backup_check(settings, run_cli):
