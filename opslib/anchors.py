@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Sequence
+from typing import Callable, Sequence
 
 import sqlalchemy as sa
 from sqlalchemy.engine import URL
@@ -72,17 +72,24 @@ def anchor(settings: Settings, record: RunRecord, appended) -> bool:
     return True
 
 
-def is_anchored(settings: Settings, record: RunRecord) -> bool:
-    """True when the run's database holds a ledger entry of this run: it was sealed once, whatever the
-    records folder says now (its ledger line removed or replaced), so it is never sealed again."""
+def is_anchored(settings: Settings, record: RunRecord) -> bool | None:
+    """Whether the run's database holds a ledger entry of this run: True when it was sealed once, whatever
+    the records folder says now (its ledger line removed or replaced), so it is never sealed again; None
+    when its database cannot be identified or reached from here, so nobody can tell."""
     url = target_of(settings, record)
     if url is None:
-        return False
+        return None
     try:
         with db.connect(url) as conn:
             return run_history.has_ledger_entry(conn, record.run_id)
     except (OpsError, sa.exc.DBAPIError):
-        return False
+        return None
+
+
+def out_of_reach(settings: Settings) -> Callable[[RunRecord], bool]:
+    """For :func:`opslib.audit.check_ledger`: whether a run that ended without sealing is left for a command
+    that reaches its database (one that reached a database this command cannot reach, or tell apart)."""
+    return lambda record: record.database is not None and is_anchored(settings, record) is None
 
 
 def _target_url(settings: Settings) -> URL | None:
@@ -240,7 +247,8 @@ def _compare(here: list[dict], anchored: list[dict], name: str, starts: bool = F
         sealed = a["sealed_at"].strftime("%Y-%m-%d %H:%M:%S %Z")
         if entry is None:
             problems.append(
-                f"run {a['run_id']} ({a['runbook']}, {a['outcome']}, sealed {sealed}) is anchored in "
+                f"run {a['run_id']} ({a['runbook']}, {a['outcome']}, "
+                f"{'written' if a['outcome'] == 'started' else 'sealed'} {sealed}) is anchored in "
                 f"{name} but missing from the ledger: record missing (a cut-off tail, a dropped entry or a "
                 "replaced ledger)"
             )

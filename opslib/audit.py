@@ -454,6 +454,9 @@ class LedgerCheck:
     entries: list[dict]
     by_entry: list[list[str]]
     unvouched: list[str]
+    # Runs that ended without sealing whose database is out of reach from here: a command that reaches it
+    # seals them (see opslib.sealing.seal_abandoned). Said, not problems: nothing was changed or lost.
+    waiting: list[str] = dataclasses.field(default_factory=list)
 
     @property
     def problems(self) -> list[str]:
@@ -461,9 +464,12 @@ class LedgerCheck:
         return [p for found in self.by_entry for p in found] + self.unvouched
 
 
-def check_ledger(records_dir: Path) -> LedgerCheck:
+def check_ledger(records_dir: Path, out_of_reach: Callable[[RunRecord], bool] | None = None) -> LedgerCheck:
     """Compare the records with the ledger: each entry's hash, its place in the chain, and the
     sha256 of its sidecar and notebook; then look for records added outside the ledger.
+
+    ``out_of_reach(record)`` says whether a run that ended without sealing is left for a command that
+    reaches its database (:func:`opslib.anchors.out_of_reach`): such a run is ``waiting``, not a problem.
 
     Raises :class:`~opslib.errors.PreconditionFailed` when ``ledger.jsonl`` is not JSON lines.
     """
@@ -478,7 +484,9 @@ def check_ledger(records_dir: Path) -> LedgerCheck:
         for i, (found, (entry, odd)) in enumerate(zip(by_entry, read, strict=True), start=1):
             if odd:
                 found.insert(0, f"ledger line {i} (run {entry.get('run_id')}): {', '.join(odd)} hold(s) what opslib never writes there (edited)")
-        return LedgerCheck(entries, by_entry, _unvouched(records_dir, entries))
+        waiting: list[str] = []
+        unvouched = _unvouched(records_dir, entries, out_of_reach or (lambda record: False), waiting)
+        return LedgerCheck(entries, by_entry, unvouched, waiting)
 
 
 def _check_entries(records_dir: Path, entries: list[dict]) -> list[list[str]]:
@@ -780,7 +788,7 @@ def sealing_lock(records_dir: Path) -> Iterator[None]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def _unvouched(records_dir: Path, entries: list[dict]) -> list[str]:
+def _unvouched(records_dir: Path, entries: list[dict], out_of_reach: Callable[[RunRecord], bool], waiting: list[str]) -> list[str]:
     endings = [e for e in entries if not is_start(e)]
     started = {e.get("sidecar") for e in entries if is_start(e)}
     vouched = {e.get("sidecar") for e in endings} | {e.get("notebook") for e in endings}
@@ -789,6 +797,15 @@ def _unvouched(records_dir: Path, entries: list[dict]) -> list[str]:
     for path, data in _unsealed(records_dir, vouched):
         if path.name in started and data is not None and run_is_live(records_dir, path.stem, data):
             live_stems.add(path.stem)  # a run in progress: its ending comes when it ends
+            continue
+        if path.name in started and isinstance(data, dict) and data.get("run_id") and out_of_reach(record := RunRecord.from_dict(data)):
+            live_stems.add(path.stem)
+            waiting.append(
+                f"run {record.run_id} ({record.runbook}) ended without sealing; its database "
+                f"{record.database.name if record.database else '?'} is out of reach from here: the next "
+                f"`opslib audit` or `opslib run` that reaches it seals it (`opslib audit seal {record.run_id}` seals "
+                "it here, anchored in the witness alone)"
+            )
             continue
         problems.append(
             f"{path.name} was not sealed: its run ended without sealing it (the next `opslib audit` or "
@@ -858,21 +875,27 @@ def list_runs(records_dir: Path) -> list[dict]:
 
 
 def find_run(records_dir: Path, run_id: str) -> dict:
-    """The sidecar of the run whose id is (or starts with) ``run_id``, with the ending the ledger holds
-    (an abandoned run's ending is appended to the ledger; its files stay as its processes left them)."""
-    matches = [e for e in ended_entries(read_ledger(records_dir)) if str(e["run_id"]).startswith(run_id)]
+    """The run whose id is (or starts with) ``run_id`` as its ledger entries say it over its sidecar (see
+    :func:`as_sealed`: an abandoned run's ending is appended, its files stay as its processes left them),
+    with its notebook as its ending names it. A sidecar changed since it was sealed adds
+    ``changed_after_sealing``: each fact the ledger keeps that the file no longer says."""
+    entries = read_ledger(records_dir)
+    matches = [e for e in ended_entries(entries) if str(e["run_id"]).startswith(run_id)]
     if len(matches) != 1:
         what = "no run" if not matches else f"{len(matches)} runs"
         raise InvalidInput(f"{what} with id {run_id!r} in {records_dir}: `opslib audit list` shows the ids")
-    record = read_sidecar(records_dir, matches[0]["sidecar"].removesuffix(".json"))
+    ending = matches[0]
+    record = read_sidecar(records_dir, str(ending["sidecar"]).removesuffix(".json"))
     if record is None:
         raise InvalidInput(
-            f"the sidecar {matches[0]['sidecar']} of run {run_id} is missing: run `opslib audit verify`"
+            f"the sidecar {ending['sidecar']} of run {run_id} is missing: run `opslib audit verify`"
         )
-    ending = matches[0]
-    if not is_start(ending) and record.get("outcome") != ending.get("outcome"):
-        # Sealed by appending (abandoned): the ledger's ending is the run's, the file is as it was left.
-        for name in ("outcome", "exit_code", "finished_at", "revisions_after", "sealed_by", "error", "last_outcome"):
-            if name in ending:
-                record[name] = ending[name]
-    return record
+    if is_start(ending):  # in progress, or to be sealed: only its file says more
+        return record
+    start = next((e for e in entries if is_start(e) and e.get("sidecar") == ending.get("sidecar")), None)
+    shown = as_sealed(ending, start, record)
+    if ending.get("notebook"):
+        shown["notebook"] = ending["notebook"]
+    if file_sha256(Path(records_dir) / Path(str(ending["sidecar"])).name) != ending.get("sidecar_sha256"):
+        shown["changed_after_sealing"] = changed_fields(ending, record) or ["the file, in a fact the ledger does not keep"]
+    return shown

@@ -597,7 +597,7 @@ def _audit(settings, args: argparse.Namespace) -> int:
         from opslib import anchors, summary
 
         # Checked as verify checks it: a run cut from the ledger shows through its anchors, not the chain.
-        check = audit.check_ledger(records)
+        check = audit.check_ledger(records, anchors.out_of_reach(settings))
         against = anchors.cross_check(settings, check.entries, *_databases_given(settings, args))[1]
         found = summary.audit_summary(records, replace(check, unvouched=check.unvouched + against))
         print(json.dumps(found, indent=2, default=str) if args.json else summary.summary_text(found))
@@ -607,11 +607,13 @@ def _audit(settings, args: argparse.Namespace) -> int:
     else:
         from opslib import anchors
 
-        check = audit.check_ledger(records)
+        check = audit.check_ledger(records, anchors.out_of_reach(settings))
         anchored, against_database = anchors.cross_check(
             settings, check.entries, *_databases_given(settings, args), require=args.database is not None
         )
         problems = check.problems + against_database
+        if check.waiting:
+            print("\n".join(check.waiting))
         if problems:
             print("\n".join(problems))
             raise ChecksFailed(f"audit verify: {len(problems)} problem(s) in {records}; the first: {problems[0]}")
@@ -685,6 +687,7 @@ def _audit_report(settings, records: Path, args: argparse.Namespace) -> int:
         args.out or records / "report",
         cross_check=lambda entries: anchors.cross_check(settings, entries, *given)[1],
         full=args.full,
+        out_of_reach=anchors.out_of_reach(settings),
     )
     if args.screenshot:
         written.screenshot = report.screenshot(written.index, written.out / report.SCREENSHOT)

@@ -574,6 +574,13 @@ def run_text(record: dict) -> str:
     facts = [(k, v) for k, v in run_facts(record) if v]
     width = max(len(k) for k, _ in facts)
     out = [f"{k:{width}}: {v}" for k, v in facts]
+    if record.get("changed_after_sealing"):
+        out[:0] = [
+            "CHANGED AFTER THE RUN: its sidecar no longer matches its ledger entry; the facts and step outcomes",
+            "below are the ledger's where it keeps them, and `opslib audit verify` fails on it:",
+            *(f"  {change}" for change in record["changed_after_sealing"]),
+            "",
+        ]
     out.append("")
     out.append(record_text(record))
     return "\n".join(out)

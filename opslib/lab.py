@@ -195,7 +195,7 @@ def seal(settings: Settings, run_id: str) -> tuple[RunRecord, bool]:
     finished = sealing.seal_finished(settings, stem, "`opslib audit seal`")
     if finished is not None:
         return finished, True
-    for record in sealing.seal_abandoned(settings, f"audit seal {run_id}"):
+    for record in sealing.seal_abandoned(settings, f"audit seal {run_id}", out_of_reach=run_id):
         if record.run_id == run_id:
             return record, True
     current = audit.load_record(records, stem)

@@ -315,13 +315,17 @@ def _outcome_order(value: str) -> int:
 
 
 def build_report(
-    records_dir: Path, out: Path, cross_check: Callable[[list[dict]], list[str]] | None = None, full: bool = False
+    records_dir: Path,
+    out: Path,
+    cross_check: Callable[[list[dict]], list[str]] | None = None,
+    full: bool = False,
+    out_of_reach: Callable | None = None,
 ) -> Report:
     """Write the audit report of ``records_dir`` into ``out`` (replacing an earlier report there).
 
     ``cross_check(entries)`` returns what the ledger's anchors (its database, a witness) say is missing or
     different; those problems head the index with the ledger's own. With ``full``, every page is rendered
-    again, none kept from the last build.
+    again, none kept from the last build. ``out_of_reach`` is :func:`opslib.audit.check_ledger`'s.
 
     Every run in the ledger gets a page, including runs whose sidecar or notebook was changed or
     deleted since: their page says so in red at the top, and so does the index. Raises
@@ -333,7 +337,7 @@ def build_report(
         raise InvalidInput(
             f"no records folder at {records_dir}: set OPSLIB_RECORDS_DIR to the folder runs write to"
         )
-    check = audit.check_ledger(records_dir)
+    check = audit.check_ledger(records_dir, out_of_reach)
     if cross_check is not None:
         check = replace(check, unvouched=check.unvouched + cross_check(check.entries))
     scratch = _prepare_out(out)

@@ -74,11 +74,14 @@ def settle(settings: Settings, record: RunRecord) -> None:
         record.database_history = f"not written: {message}"
 
 
-def seal_abandoned(settings: Settings, command: str) -> list[RunRecord]:
+def seal_abandoned(settings: Settings, command: str, out_of_reach: str | None = None) -> list[RunRecord]:
     """Seal, as ``abandoned``, every run in the records folder that ended without sealing its record
     (nobody holds its live mark); ``command`` names the command doing it, for the record. Returns them.
 
-    A folder this user cannot write is only read: its runs are left for a command that can seal them.
+    A run whose database this command cannot reach is left for one that can: its ending is anchored in
+    that database, and only there can it be told whether the run was sealed once already. The run
+    ``out_of_reach`` names (`opslib audit seal RUN_ID`) is sealed all the same, its ending anchored in the
+    witness alone. A folder this user cannot write is only read: its runs are left for a command that can.
     """
     records = settings.records_dir
     if not audit.has_abandoned(records):
@@ -87,7 +90,7 @@ def seal_abandoned(settings: Settings, command: str) -> list[RunRecord]:
     with audit.sealing_lock(records):
         for stem in audit.abandoned_stems(records):  # again, under the lock: another command may have sealed
             try:
-                record = _seal_one(settings, records, stem, command)
+                record = _seal_one(settings, records, stem, command, out_of_reach)
             except OSError as err:  # one record that cannot be written does not stop the command
                 print(f"opslib: could not seal the record {stem}: {err.strerror or err}", file=sys.stderr)
                 continue
@@ -96,7 +99,7 @@ def seal_abandoned(settings: Settings, command: str) -> list[RunRecord]:
     return sealed
 
 
-def _seal_one(settings: Settings, records, stem: str, command: str) -> RunRecord | None:
+def _seal_one(settings: Settings, records, stem: str, command: str, out_of_reach: str | None) -> RunRecord | None:
     record = audit.load_record(records, stem)
     if record is None:
         return None
@@ -105,8 +108,14 @@ def _seal_one(settings: Settings, records, stem: str, command: str) -> RunRecord
         if not ended or stem in audit.vouched_stems(records):
             return None
         record = audit.load_record(records, stem)  # as it is now, the run's last write included
-        if record is None or anchors.is_anchored(settings, record):  # sealed once: its ledger line was removed
+        if record is None:
             return None
+        if record.database is not None:
+            anchored = anchors.is_anchored(settings, record)
+            if anchored:  # sealed once: its ledger line was removed
+                return None
+            if anchored is None and record.run_id != out_of_reach:
+                return None  # its database is out of reach from here: left for a command that reaches it
         now = audit.iso(audit.now())
         if record.closed_at and isinstance(record.outcome, Outcome) and record.outcome.sealed:
             # Its process ended it and wrote it in the database; only its seal is missing (a JupyterLab run

@@ -265,12 +265,16 @@ def test_every_tamper_is_caught_and_no_audit_command_changes_a_file(three_runs, 
         step = record["steps"][-1]["name"]
         says = f"ledger says {step}: succeeded, file says {step}: failed"
     before = _folder_hashes(records)
-    for command in (["list"], ["show", entries[0]["run_id"]], ["summary"], ["verify"],
+    shown = entries[1] if tamper == "edited step outcome" else entries[0]
+    for command in (["list"], ["show", shown["run_id"]], ["summary"], ["verify"],
                     ["report", "--out", str(tmp_path / "site")], ["verify", "--database"]):  # fmt: skip
         done = subprocess.run([OPSLIB, "audit", *command], cwd=work, env=env, capture_output=True, text=True)
         assert done.returncode == (3 if command[0] in ("verify", "report", "summary") else 0), (command, done.stdout + done.stderr)
         if command[0] == "verify":
             assert says in done.stdout, (command, done.stdout)
+        if command[0] == "show" and tamper == "edited step outcome":  # the ledger's outcome, and the edit named
+            assert done.stdout.startswith("CHANGED AFTER THE RUN") and says in done.stdout, done.stdout
+            assert f"{step}" in done.stdout and " failed" not in done.stdout.split("CHANGED")[1].split("\n\n", 1)[1]
     assert _folder_hashes(records) == before
 
 

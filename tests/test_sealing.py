@@ -98,3 +98,28 @@ def test_sigterm_between_steps_seals_the_run_at_once(database_url, tmp_path):
     assert entry["outcome"] == "interrupted" and entry["sidecar"] == sidecar.name
     assert audit.verify_ledger(sidecar.parent) == []
     assert not list(sidecar.parent.glob(".*.live"))
+
+
+def test_a_killed_run_is_sealed_only_by_a_command_that_reaches_its_database(make_database, tmp_path):
+    """A command aimed at another database leaves a killed run for one that reaches its own: the run's ending
+    is anchored there, and only there can it be told whether the run was sealed once. Verify from elsewhere
+    says so and passes; verify aimed at the run's database seals it, anchored, and passes too."""
+    own, other = make_database(), make_database()
+    records = tmp_path / "records"
+    stem = "20261126T100000Z_deploy_3333cccc"
+    killed_run(records, own, stem, None)
+    (records / f"{stem}.ipynb").write_text(json.dumps({"cells": [], "metadata": {}, "nbformat": 4, "nbformat_minor": 5}))
+    elsewhere = opslib_cli(other, ROOT / "alembic.ini", tmp_path, "audit", "verify")
+    assert "3333cccc" not in {e["run_id"] for e in audit.read_endings(records)}, elsewhere.stderr
+    assert elsewhere.returncode == 0, elsewhere.stdout + elsewhere.stderr
+    assert "run 3333cccc (deploy) ended without sealing; its database" in elsewhere.stdout, elsewhere.stdout
+
+    at_home = opslib_cli(own, ROOT / "alembic.ini", tmp_path, "audit", "verify")
+    assert at_home.returncode == 0, at_home.stdout + at_home.stderr
+    assert "sealed run 3333cccc (deploy" in at_home.stderr
+    (ending,) = [e for e in audit.read_endings(records) if e["run_id"] == "3333cccc"]
+    assert ending["outcome"] == "abandoned" and ending["notebook"] == f"{stem}.ipynb"
+    shown = opslib_cli(own, ROOT / "alembic.ini", tmp_path, "audit", "show", "3333cccc").stdout
+    assert f"notebook    : {stem}.ipynb" in shown and "outcome     : abandoned" in shown, shown
+    again = opslib_cli(other, ROOT / "alembic.ini", tmp_path, "audit", "verify")
+    assert again.returncode == 0, again.stdout + again.stderr  # anchored where it ran: nothing to say elsewhere
