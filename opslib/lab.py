@@ -5,27 +5,33 @@ parameters injected as papermill injects them, and opens JupyterLab on it. That 
 record; the template is never written. The Lab's kernels inherit the run's id, record stem and mode
 (``interactive``), as a headless run's kernel does under `opslib run`.
 
-The kernel ends the run at its summary step but does not seal it: the notebook is not on disk yet.
-The JupyterLab save after the summary seals it (:func:`after_save`, a ``post_save_hook``), hashing
-the notebook as saved into the ledger; a later save is refused (:func:`before_save`). A session that
-ends unsaved, or a kernel that dies, leaves the run to be sealed as ``abandoned`` once nothing holds
-its live mark: by `opslib open` itself when JupyterLab exits, or by the next `opslib audit`.
+The kernel ends the run at its last step (the summary, or a step that failed or was refused) but does not
+seal it: the notebook is not on disk yet. The run's JupyterLab has settings of its own (:func:`lab_folders`:
+the user's copied, autosave every few seconds, no news prompt) and no earlier workspace; the kernel shows a
+seal mark and waits for the autosave that holds it (:mod:`opslib.autoseal`), which seals the run
+(:func:`after_save`, a ``post_save_hook``), hashing the notebook as saved into the ledger. A later save that
+changes more than the mark is refused (:func:`before_save`). A session that ends unsaved, or a kernel that
+dies, leaves the run to be sealed once nothing holds its live mark: by `opslib open` itself when JupyterLab
+exits, or by the next `opslib audit`.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 from dataclasses import replace
 from pathlib import Path
 from typing import Sequence
 
-from opslib import audit, notebooks, params, runner, sealing
+from opslib import audit, autoseal, notebooks, params, runner, sealing
 from opslib.config import Settings, is_runbook_template, load_settings
 from opslib.errors import ConfigError, InvalidInput, PreconditionFailed
 from opslib.record import RunRecord
@@ -33,6 +39,13 @@ from opslib.record import RunRecord
 MODE = "interactive"
 _HANDOVER_POLL_S = 0.5
 LAB_STOP_GRACE_S = 15.0  # how long JupyterLab has to stop on SIGTERM before it is killed
+# The settings each run's JupyterLab gets over the user's own (which are copied, never written): no news
+# prompt and no update check (an operations session asks nothing of the internet), and autosave every
+# autoseal.AUTOSAVE_S seconds, so that the notebook is saved, and sealed, without anyone pressing Ctrl+S.
+RUN_SETTINGS = {
+    "@jupyterlab/apputils-extension/notification.jupyterlab-settings": {"fetchNews": "false", "checkForUpdates": False},
+    "@jupyterlab/docmanager-extension/plugin.jupyterlab-settings": {"autosave": True, "autosaveInterval": autoseal.AUTOSAVE_S},
+}
 
 
 def open_run(
@@ -92,9 +105,44 @@ def _hand_over_when_a_kernel_starts(run: runner.Prepared) -> None:
         threading.Event().wait(_HANDOVER_POLL_S)
 
 
+def lab_folders(into: Path) -> tuple[Path, Path]:
+    """(user settings, workspaces) of one run's JupyterLab, made in ``into``: the user's own settings copied
+    (their theme and keys stay theirs) with :data:`RUN_SETTINGS` over them, and no workspace, so that the
+    run's notebook is the only one open. The user's own folders are read, never written."""
+    from jupyterlab.commands import get_user_settings_dir  # JupyterLab's own rule (JUPYTERLAB_SETTINGS_DIR, …)
+
+    settings, workspaces = into / "user-settings", into / "workspaces"
+    theirs = Path(get_user_settings_dir())
+    if theirs.is_dir():
+        shutil.copytree(theirs, settings, ignore=shutil.ignore_patterns("*.lock"))
+    workspaces.mkdir(parents=True)
+    for name, values in RUN_SETTINGS.items():
+        path = settings / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({**_settings_file(path), **values}, indent=2))
+    return settings, workspaces
+
+
+def _settings_file(path: Path) -> dict:
+    """A JupyterLab settings file's values (JSON5, comments allowed); {} when absent or unreadable."""
+    import json5  # JupyterLab's own reader of settings files
+
+    try:
+        found = json5.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return found if isinstance(found, dict) else {}
+
+
 def _run_lab(run: runner.Prepared, lab_args: Sequence[str]) -> None:
     """JupyterLab on the run's notebook, its root the records folder (the templates are out of its reach),
-    with the save hooks; waits until it exits. Ctrl-C is JupyterLab's to handle (it asks to confirm)."""
+    with the save hooks, and settings and workspaces of its own (:func:`lab_folders`); waits until it exits.
+    Ctrl-C is JupyterLab's to handle (it asks to confirm)."""
+    with tempfile.TemporaryDirectory(prefix=f"opslib-lab-{run.first.run_id}-") as own:
+        _run_lab_in(run, lab_args, *lab_folders(Path(own)))
+
+
+def _run_lab_in(run: runner.Prepared, lab_args: Sequence[str], settings: Path, workspaces: Path) -> None:
     command = [
         sys.executable,
         "-m",
@@ -108,6 +156,9 @@ def _run_lab(run: runner.Prepared, lab_args: Sequence[str]) -> None:
         "--FileContentsManager.post_save_hook=opslib.lab.after_save",
         # An operations session asks nothing of the internet: no news feed, no update check, no prompt.
         "--LabApp.news_url=None",
+        # One run, one Lab: its own settings (the user's copied, with autosave) and no earlier workspace.
+        f"--LabApp.user_settings_dir={settings}",
+        f"--LabApp.workspaces_dir={workspaces}",
         # No terminals: a shell started there would inherit the run's identity without being its notebook.
         "--ServerApp.terminals_enabled=False",
         "--LabApp.check_for_updates_class=jupyterlab.handlers.announcements.NeverCheckForUpdate",
@@ -116,7 +167,8 @@ def _run_lab(run: runner.Prepared, lab_args: Sequence[str]) -> None:
     ]
     print(f"opslib open: run {run.first.run_id}, notebook {run.notebook}", file=sys.stderr)
     print(
-        "opslib open: run the cells in order and save after the summary to seal the record", file=sys.stderr
+        "opslib open: run the cells in order; when the run ends, JupyterLab's autosave seals its record",
+        file=sys.stderr,
     )
     lab = subprocess.Popen(command, env={**os.environ, **run.kernel_env})
     previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
@@ -162,7 +214,20 @@ def before_save(model: dict, path: str, contents_manager, **kwargs) -> None:
     except (OSError, ValueError) as err:  # jupyter_server saves anyway on any error but an HTTPError
         raise HTTPError(500, f"cannot tell whether run {found[1]} is sealed ({err}): not saved") from None
     if sealed:
+        run_id = found[1].rsplit("_", 1)[-1]
+        if autoseal.only_the_seal_differs(model.get("content"), _json_of(os_path), run_id):
+            # The autosave after the seal (the mark now says "sealed", the cell has ended): the sealed
+            # notebook is written back as it is, so the file the ledger vouches for does not change.
+            model["content"] = _json_of(os_path)
+            return
         raise HTTPError(409, f"run {found[1]} is sealed in the ledger: its notebook no longer changes")
+
+
+def _json_of(path: Path):
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
 
 
 def after_save(model: dict, os_path: str, contents_manager) -> None:
@@ -171,6 +236,8 @@ def after_save(model: dict, os_path: str, contents_manager) -> None:
     if found is None:
         return
     records, stem = found
+    if not autoseal.has_seal_mark(_json_of(Path(os_path)), stem.rsplit("_", 1)[-1]):
+        return  # its kernel has not shown the run's last output yet: a later save seals it
     record = sealing.seal_finished(_settings_for(records), stem, "the JupyterLab save of its notebook")
     if record is not None:
         contents_manager.log.info("opslib: run %s sealed (%s), with its notebook", record.run_id, record.outcome)

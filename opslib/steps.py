@@ -125,6 +125,7 @@ def step(name: str, after: str | None = None, repeatable: bool = False) -> Calla
                 entry.duration_s = round(time.perf_counter() - started, 3)
                 if self._end(err) == signal.SIGTERM:
                     signal.raise_signal(signal.SIGTERM)  # told to stop while sealing: now it may
+                self._await_seal()  # in JupyterLab: sealed now, by the autosave, before the error is shown
                 if err is not caught:
                     raise err from None
                 raise
@@ -433,7 +434,28 @@ class Run:
             for s in r.steps
             if s.name != "summary"
         ]
-        return Section(f"{self.runbook.capitalize()} summary", str(r.outcome), facts, rows)
+        shown = Section(f"{self.runbook.capitalize()} summary", str(r.outcome), facts, rows)
+        if not self._sealed_by_lab():
+            return shown
+        # In JupyterLab the summary is shown now, before the seal mark, so that the save that seals the run
+        # holds it; the cell then shows nothing more of its own.
+        from IPython.display import display  # noqa: PLC0415 -- in a kernel
+
+        display(shown)
+        self._await_seal()
+        return None
+
+    def _sealed_by_lab(self) -> bool:
+        """Whether this run is sealed by a JupyterLab save of its notebook (a run of `opslib open`)."""
+        return self.under_runner and self.record.mode == "interactive"
+
+    def _await_seal(self) -> None:
+        """In JupyterLab, once the run has ended: show the seal mark and wait in this cell for the autosave
+        that seals it (see :mod:`opslib.autoseal`), so nobody has to remember to save."""
+        if self._sealed_by_lab() and self.ended:
+            from opslib import autoseal  # noqa: PLC0415 -- IPython's display, only in a kernel
+
+            autoseal.await_seal(Path(self.settings.records_dir), self.stem, self.record.run_id, str(self.record.outcome))
 
     def __repr__(self) -> str:
         return repr(self._parameters_section())

@@ -7,18 +7,23 @@ the kernel is the one it started for the run's notebook, with the run's environm
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import secrets
 import signal
 import socket
 import subprocess
+import threading
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
 import nbformat
 from jupyter_client import BlockingKernelClient
+
+from opslib.autoseal import AUTOSAVE_S
 
 from .conftest import OPSLIB
 
@@ -44,6 +49,7 @@ class LabSession:
         self.log = open(work / "opslib-open.log", "w")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(args, cwd=work, env=full, stdout=self.log, stderr=subprocess.STDOUT)
         self.client: BlockingKernelClient | None = None
+        self.autosave_errors: list[str] = []  # saves the server refused (Lab shows each as an error dialog)
         deadline = time.monotonic() + 60
         while True:
             try:
@@ -103,27 +109,70 @@ class LabSession:
         self.client.stop_channels()
         self._connect(connection)
 
-    def run_cells(self, nb, until: str | None = None, after: str | None = None) -> None:
-        """Execute the notebook's code cells in order, keeping their outputs in ``nb``: all of them, or from
-        the one after the first whose source holds ``after``, up to the first that holds ``until``."""
+    def run_cells(self, nb, until: str | None = None, after: str | None = None, autosave: bool = True) -> None:
+        """Execute the notebook's code cells in order, keeping their outputs in ``nb`` as Lab keeps them in its
+        model (a display updated in place by its id, the count set when a cell ends): all of them, or from the
+        one after the first whose source holds ``after``, up to the first that holds ``until``. With
+        ``autosave``, ``nb`` is saved every AUTOSAVE_S seconds while it changes, as the run's JupyterLab does
+        (`opslib open` turns its autosave on); a save the server refuses is kept in ``autosave_errors``."""
         code = [c for c in nb.cells if c.cell_type == "code"]
         if until is not None:
             code = code[: next(i for i, c in enumerate(code) if until in c.source) + 1]
         if after is not None:
             code = code[next(i for i, c in enumerate(code) if after in c.source) + 1 :]
-        for cell in code:
-            cell.outputs = []
-            msg_id = self.client.execute(cell.source, store_history=True)
-            while True:
-                msg = self.client.get_iopub_msg(timeout=300)
-                if msg["parent_header"].get("msg_id") != msg_id:
-                    continue
-                kind = msg["msg_type"]
-                if kind == "status" and msg["content"]["execution_state"] == "idle":
-                    break
-                if kind in ("stream", "display_data", "execute_result", "error"):
-                    cell.outputs.append(nbformat.v4.output_from_msg(msg))
-            self.client.get_shell_msg(timeout=60)
+        lock, changed, stop = threading.Lock(), threading.Event(), threading.Event()
+        saver = threading.Thread(target=self._autosave, args=(nb, lock, changed, stop), daemon=True)
+        if autosave:
+            saver.start()
+        displays: dict[str, object] = {}
+        try:
+            for cell in code:
+                with lock:
+                    cell.outputs, cell.execution_count = [], None
+                changed.set()
+                msg_id = self.client.execute(cell.source, store_history=True)
+                while True:
+                    msg = self.client.get_iopub_msg(timeout=300)
+                    if msg["parent_header"].get("msg_id") != msg_id:
+                        continue
+                    kind = msg["msg_type"]
+                    if kind == "status" and msg["content"]["execution_state"] == "idle":
+                        break
+                    with lock:
+                        if kind == "update_display_data":
+                            shown = displays.get(msg["content"].get("transient", {}).get("display_id"))
+                            if shown is not None:
+                                shown.data, shown.metadata = msg["content"]["data"], msg["content"]["metadata"]
+                        elif kind in ("stream", "display_data", "execute_result", "error"):
+                            output = nbformat.v4.output_from_msg(msg)
+                            cell.outputs.append(output)
+                            if display_id := msg["content"].get("transient", {}).get("display_id"):
+                                displays[display_id] = output
+                        else:
+                            continue
+                    changed.set()
+                reply = self.client.get_shell_msg(timeout=60)
+                with lock:
+                    cell.execution_count = reply["content"].get("execution_count")
+                changed.set()
+        finally:
+            stop.set()
+            if autosave:
+                saver.join()
+
+    def _autosave(self, nb, lock: threading.Lock, changed: threading.Event, stop: threading.Event) -> None:
+        while True:
+            stopping = stop.wait(AUTOSAVE_S)
+            if changed.is_set():
+                changed.clear()
+                with lock:
+                    content = copy.deepcopy(nb)
+                try:
+                    self.save(content)
+                except urllib.error.HTTPError as err:
+                    self.autosave_errors.append(f"{err.code}: {err.read().decode(errors='replace')}")
+            if stopping:
+                return
 
     def read(self):
         """The run's notebook as it is on disk."""

@@ -22,6 +22,7 @@ pytest.importorskip("jupyterlab", reason="the `lab` extra (JupyterLab) is not in
 
 from opslib import audit  # noqa: E402
 from opslib import lab as opslib_lab  # noqa: E402
+from opslib.autoseal import AUTOSAVE_S  # noqa: E402
 
 from .conftest import OPSLIB, ROOT, query  # noqa: E402
 from .labdriver import LabSession  # noqa: E402
@@ -57,7 +58,18 @@ def _wait_for(predicate, timeout: float = 30.0):
     raise AssertionError("timed out waiting")
 
 
-def test_a_run_saved_after_its_summary_is_sealed_with_its_notebook(database_url, tmp_path):
+def _mark(nb) -> str:
+    """The text of the run's seal mark in ``nb`` (the last cell's output tagged with the run's id)."""
+    marks = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []) if "opslib_seal" in o.get("metadata", {})]
+    assert len(marks) == 1, marks
+    return "".join(marks[0]["data"]["text/plain"])
+
+
+def test_a_run_is_sealed_by_the_autosave_after_its_summary_with_no_save_pressed(database_url, tmp_path):
+    """Nobody presses Ctrl+S: the summary shows the seal mark and waits in its cell; the run's JupyterLab
+    autosaves (the driver saves every AUTOSAVE_S seconds while the notebook changes, as Lab's autosave does);
+    that save seals the run, and the summary's last line says so with the ledger entry's hash. Later autosaves
+    keep the sealed file as it is; an edit is refused."""
     template_before = audit.file_sha256(TEMPLATE)
     lab = LabSession(tmp_path / "work", _env(database_url), "deploy", "-p", "target_revision", "head")
     try:
@@ -70,16 +82,19 @@ def test_a_run_saved_after_its_summary_is_sealed_with_its_notebook(database_url,
         lab.run_cells(nb)
         errors = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs if o.output_type == "error"]
         assert not errors, errors
-        assert not _ledger(lab.work)  # ended by the kernel, not sealed until saved
-        lab.save(nb)
         (entry,) = _ledger(lab.work)
         assert entry["outcome"] == "succeeded" and entry["notebook"] == lab.notebook.name
         assert entry["notebook_sha256"] == audit.file_sha256(lab.notebook)
+        assert _mark(nb).endswith(f"succeeded; sealed in the ledger: entry {entry['hash']}")
+        assert lab.autosave_errors == []  # the autosaves after the seal were kept as sealed, none refused
         saved = lab.read()
         assert any("Deploy summary" in json.dumps(c.get("outputs", [])) for c in saved.cells)
-        # Sealed: a later save (Lab's autosave, an edit) is refused, and the file is left as sealed.
+        assert "succeeded; sealing: JupyterLab saves this notebook" in _mark(saved)  # as it was when it sealed
+        lab.save(nb)  # Ctrl+S now: nothing new, the sealed file stays
+        assert audit.file_sha256(lab.notebook) == entry["notebook_sha256"]
+        nb.cells[-1].source += "\n# an edit"
         with pytest.raises(urllib.error.HTTPError) as refused:
-            lab.save(saved)
+            lab.save(nb)
         assert refused.value.code == 409 and b"sealed" in refused.value.read()
     finally:
         code = lab.stop()
@@ -105,7 +120,8 @@ def test_a_session_ended_unsaved_after_the_summary_is_sealed_with_its_own_outcom
         lab.run_cells(nb, until="run.preflight()")
         lab.save(nb)  # a save before the summary seals nothing
         assert not _ledger(lab.work)
-        lab.run_cells(nb, after="run.preflight()")
+        lab.run_cells(nb, after="run.preflight()", autosave=False)  # Lab's page closed before it autosaved
+        assert _mark(nb).endswith("not sealed yet: save this notebook (Ctrl+S) and the save seals it in the ledger")
     finally:
         code = lab.stop()  # closed without saving after the summary
     assert code == 0, lab.output()
@@ -178,8 +194,7 @@ def test_audit_seal_seals_a_finished_run_and_refuses_one_in_progress(database_ur
         run_id = json.loads(lab.notebook.with_suffix(".json").read_text())["run_id"]
         busy = _opslib(lab.work, database_url, "audit", "seal", run_id)
         assert busy.returncode == 3 and "still in progress" in busy.stderr
-        lab.run_cells(nb, after="run.preflight()")
-        lab.save(nb)  # after the summary: this save seals it
+        lab.run_cells(nb, after="run.preflight()")  # the autosave after the summary seals it
         again = _opslib(lab.work, database_url, "audit", "seal", run_id)
         assert again.returncode == 0 and "already sealed as succeeded" in again.stdout
     finally:
@@ -205,8 +220,9 @@ def _in_lab_until(page, done, timeout_s: float) -> bool:
     return False
 
 
-def test_lab_in_chromium_runs_all_and_seals_on_save(database_url, tmp_path):
-    """JupyterLab's own page: open the run's notebook, Run All Cells, save; the record is sealed."""
+def test_lab_in_chromium_runs_all_and_seals_with_no_save_pressed(database_url, tmp_path):
+    """JupyterLab's own page: open the run's notebook, Run All Cells, and nothing else: the run's Lab autosaves,
+    the record is sealed, and the summary's last line says so with the ledger entry's hash."""
     sync_api = pytest.importorskip("playwright.sync_api")
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     if chromium is None:
@@ -237,8 +253,12 @@ def test_lab_in_chromium_runs_all_and_seals_on_save(database_url, tmp_path):
             preflight.evaluate("element => element.scrollIntoView({block: 'start'})")
             page.wait_for_timeout(500)  # the notebook renders the cells scrolled into view
             page.screenshot(path=str(shots / "lab-preflight.png"))
-            page.keyboard.press("Control+s")
-            _wait_for(lambda: _ledger(lab.work), timeout=60)
+            _wait_for(lambda: _ledger(lab.work), timeout=60)  # no key pressed: the autosave sealed it
+            (entry,) = _ledger(lab.work)
+            sealed = page.locator(".jp-OutputArea-output", has_text=f"sealed in the ledger: entry {entry['hash']}")
+            assert _in_lab_until(page, lambda: sealed.count() > 0, 30), page.inner_text("body")[-2000:]
+            page.wait_for_timeout(3 * 1000 * AUTOSAVE_S)  # the autosaves after the seal: kept as sealed
+            assert page.locator(".jp-Dialog").count() == 0, page.inner_text(".jp-Dialog")  # no "File Save Error"
             browser.close()
     finally:
         lab.stop()
