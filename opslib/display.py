@@ -383,6 +383,15 @@ _COLOURS = {
 }  # fmt: skip
 
 
+def _cell_style(value: object) -> str:
+    """A cell's style: a short value (a verdict, a revision, "1 row", "32.0 kB") is kept on one line, so that
+    the long ones beside it (a finding, what to do) take the width, not it."""
+    return _CELL + ("; white-space:nowrap" if len("" if value is None else str(value)) <= SHORT_CELL else "")
+
+
+SHORT_CELL = 24  # characters: a squawk rule's name, a revision id, a size
+
+
 def _html_value(value: object) -> str:
     """A cell's value as HTML: an outcome or check result in its colour, anything else as text."""
     if value is None:
@@ -408,9 +417,9 @@ def tidy_sql(text: str) -> str:
 def html_table(rows: Sequence[dict]) -> str:
     """Rows as an HTML table, written directly: a step's table costs no pandas import in the kernel."""
     headers = list(rows[0])
-    head = "".join(f"<th style='{_CELL}'>{html.escape(str(h))}</th>" for h in headers)
+    head = "".join(f"<th style='{_cell_style(h)}'>{html.escape(str(h))}</th>" for h in headers)
     body = "".join(
-        "<tr>" + "".join(f"<td style='{_CELL}'>{_html_value(r.get(h))}</td>" for h in headers) + "</tr>"
+        "<tr>" + "".join(f"<td style='{_cell_style(r.get(h))}'>{_html_value(r.get(h))}</td>" for h in headers) + "</tr>"
         for r in rows
     )
     return f"<table class='dataframe'><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"

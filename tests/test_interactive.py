@@ -24,7 +24,7 @@ from opslib import audit  # noqa: E402
 from opslib import lab as opslib_lab  # noqa: E402
 from opslib.autoseal import AUTOSAVE_S  # noqa: E402
 
-from .conftest import OPSLIB, ROOT, query  # noqa: E402
+from .conftest import OPSLIB, ROOT, opslib_cli, query  # noqa: E402
 from .labdriver import LabSession  # noqa: E402
 
 TEMPLATE = ROOT / "runbooks" / "deploy.ipynb"
@@ -220,28 +220,76 @@ def _in_lab_until(page, done, timeout_s: float) -> bool:
     return False
 
 
-def test_lab_in_chromium_runs_all_and_seals_with_no_save_pressed(database_url, tmp_path):
-    """JupyterLab's own page: open the run's notebook, Run All Cells, and nothing else: the run's Lab autosaves,
-    the record is sealed, and the summary's last line says so with the ledger entry's hash."""
+def _chromium():
+    """Playwright's sync API and Debian's Chromium, or the test is skipped."""
     sync_api = pytest.importorskip("playwright.sync_api")
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     if chromium is None:
         pytest.skip("no Chromium (make browser installs Debian's)")
+    return sync_api, chromium
+
+
+def _run_all_in_chromium(browser, lab: LabSession):
+    """JupyterLab's page on the run's notebook, its kernel idle, and Run All Cells chosen from the Run menu."""
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    page.goto(f"{lab.url}/lab/tree/{lab.notebook.name}?token={lab.token}")
+    page.wait_for_selector(".jp-Notebook", timeout=60_000)
+    idle = page.locator(".jp-Notebook-ExecutionIndicator[data-status='idle']")
+    for _ in range(2):  # the dialog may come just after the kernel first shows idle
+        assert _in_lab_until(page, lambda: idle.count() > 0, 90), "the notebook's kernel never became idle"
+        page.wait_for_timeout(2000)
+    page.click("text=Run", timeout=30_000)  # the menu bar's Run menu
+    page.click("text=Run All Cells")
+    return page
+
+
+def test_a_refused_preflight_in_chromium_shows_its_findings_and_is_sealed_refused(database_url, tmp_path, project):
+    """JupyterLab's own page, one notebook open (the run's), Run All Cells on a deploy a finding blocks: the
+    preflight shows its findings table and SQL, the run is sealed `refused` with no save pressed, and no
+    error dialog comes. The screenshot of that preflight is the one beside the README's JupyterLab section."""
+    sync_api, chromium = _chromium()
+    ini = project("unsafe_ddl")
+    work = tmp_path / "work"
+    assert opslib_cli(database_url, ini, work, "upgrade", "u001").returncode == 0
+    query(database_url, "INSERT INTO accounts (name) VALUES ('first customer')")
+    lab = LabSession(work, {**_env(database_url), "OPSLIB_ALEMBIC_INI": str(ini)})
+    shots = Path(os.environ.get("OPSLIB_SCREENSHOTS") or tmp_path)
+    try:
+        with sync_api.sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
+            page = _run_all_in_chromium(browser, lab)
+            (entry,) = _wait_for(lambda: _ledger(lab.work), timeout=90)
+            sealed = page.locator(".jp-OutputArea-output", has_text=f"refused; sealed in the ledger: entry {entry['hash']}")
+            assert _in_lab_until(page, lambda: sealed.count() > 0, 30), page.inner_text("body")[-2000:]
+            # One run, one Lab: the run's notebook is the only document open.
+            assert page.locator(".jp-mod-current .lm-TabBar-tab, #jp-main-dock-panel .lm-TabBar-tab").count() == 1
+            assert len(lab.api("GET", "/api/sessions")) == 1
+            findings = page.locator(".jp-OutputArea-output", has_text="Findings: 1 blocking").first
+            findings.evaluate("element => element.scrollIntoView({block: 'center'})")
+            page.wait_for_timeout(500)
+            page.screenshot(path=str(shots / "lab-refused-preflight.png"))
+            assert page.locator("code", has_text="# opslib-accept: adding-required-field").count() == 1
+            page.wait_for_timeout(3 * 1000 * AUTOSAVE_S)
+            assert page.locator(".jp-Dialog").count() == 0  # no "File Save Error" from the autosaves
+            browser.close()
+    finally:
+        lab.stop()
+    assert entry["outcome"] == "refused" and entry["notebook_sha256"] == audit.file_sha256(lab.notebook)
+    runs = query(database_url, "SELECT outcome FROM opslib.runs WHERE run_id = :id", id=entry["run_id"])
+    assert runs == [("refused",)]
+
+
+def test_lab_in_chromium_runs_all_and_seals_with_no_save_pressed(database_url, tmp_path):
+    """JupyterLab's own page: open the run's notebook, Run All Cells, and nothing else: the run's Lab autosaves,
+    the record is sealed, and the summary's last line says so with the ledger entry's hash."""
+    sync_api, chromium = _chromium()
     template_before = audit.file_sha256(TEMPLATE)
     lab = LabSession(tmp_path / "work", _env(database_url))
     shots = Path(os.environ.get("OPSLIB_SCREENSHOTS") or tmp_path)
     try:
         with sync_api.sync_playwright() as p:
             browser = p.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
-            page = browser.new_page(viewport={"width": 1400, "height": 1000})
-            page.goto(f"{lab.url}/lab/tree/{lab.notebook.name}?token={lab.token}")
-            page.wait_for_selector(".jp-Notebook", timeout=60_000)
-            idle = page.locator(".jp-Notebook-ExecutionIndicator[data-status='idle']")
-            for _ in range(2):  # the dialog may come just after the kernel first shows idle
-                assert _in_lab_until(page, lambda: idle.count() > 0, 90), "the notebook's kernel never became idle"
-                page.wait_for_timeout(2000)
-            page.click("text=Run", timeout=30_000)  # the menu bar's Run menu
-            page.click("text=Run All Cells")
+            page = _run_all_in_chromium(browser, lab)
             summary = page.locator(".jp-OutputArea-output", has_text="Deploy summary")
             if not _in_lab_until(page, lambda: summary.count() > 0, 180):
                 page.screenshot(path=str(shots / "lab-timeout.png"), full_page=True)
@@ -290,3 +338,89 @@ def test_bad_input_to_open_is_refused_before_anything_exists(database_url, tmp_p
     assert opened.returncode == code and says in opened.stderr and len(opened.stderr.splitlines()) == 1, opened.stderr
     assert "hunter2" not in opened.stderr
     assert not (tmp_path / "records").exists() or not list((tmp_path / "records").iterdir())
+
+
+def test_a_backup_cell_run_twice_shows_its_result_again_and_the_run_goes_on(database_url, tmp_path):
+    """The operator runs the backup cell a second time by accident: it shows the backup again, takes none,
+    and the run goes on to its upgrade and summary, sealed succeeded."""
+    lab = LabSession(tmp_path / "work", _env(database_url))
+    try:
+        lab.start_kernel()
+        nb = lab.read()
+        lab.run_cells(nb, until="run.backup()")
+        backups = sorted((lab.work / "backups").glob("*.dump"))
+        lab.run_cells(nb, until="run.backup()", after="run.preflight()")  # the backup cell, again
+        (cell,) = [c for c in nb.cells if "run.backup()" in c.source]
+        shown = json.dumps(cell.outputs)
+        assert "shown again, not run again" in shown and not [o for o in cell.outputs if o.output_type == "error"]
+        assert sorted((lab.work / "backups").glob("*.dump")) == backups  # no second backup
+        lab.run_cells(nb, after="run.backup()")
+    finally:
+        lab.stop()
+    (entry,) = _ledger(lab.work)
+    assert entry["outcome"] == "succeeded" and [s[0] for s in entry["steps"]].count("backup") == 1
+    assert query(database_url, "SELECT version_num FROM alembic_version") == [("0007",)]
+
+
+def test_a_refused_preflight_shows_its_plan_and_is_sealed_refused_at_once(database_url, tmp_path, project):
+    """A blocking finding: the preflight still shows the pending revisions, their SQL and the findings table,
+    its error is one line, and the run is sealed `refused` by the autosave, in the ledger and in the database,
+    with nobody saving and JupyterLab still open."""
+    ini = project("unsafe_ddl")
+    work = tmp_path / "work"
+    env = {**_env(database_url), "OPSLIB_ALEMBIC_INI": str(ini)}
+    assert opslib_cli(database_url, ini, work, "upgrade", "u001").returncode == 0
+    query(database_url, "INSERT INTO accounts (name) VALUES ('first customer')")
+    lab = LabSession(work, env)
+    try:
+        lab.start_kernel()
+        nb = lab.read()
+        lab.run_cells(nb, until="run.preflight()")
+        (entry,) = _wait_for(lambda: _ledger(lab.work))  # sealed while Lab is open, nothing pressed
+        (cell,) = [c for c in nb.cells if "run.preflight()" in c.source]
+        html = "".join(o.get("data", {}).get("text/html", "") for o in cell.outputs)
+        assert "Preflight: refused: squawk lint failed, 3 revision(s) not applied" in html
+        assert "ALTER TABLE accounts ADD COLUMN balance INTEGER NOT NULL;" in html and "pending u002" in html
+        assert "<code># opslib-accept: adding-required-field -- why it is safe here</code>" in html
+        (error,) = [o for o in cell.outputs if o.output_type == "error"]
+        assert len(error.traceback) == 1 and "effectively makes it required" not in error.traceback[0]
+        assert _mark(nb).endswith(f"refused; sealed in the ledger: entry {entry['hash']}")
+        assert lab.autosave_errors == []
+    finally:
+        lab.stop()
+    assert entry["outcome"] == "refused" and entry["notebook_sha256"] == audit.file_sha256(lab.notebook)
+    runs = query(database_url, "SELECT outcome FROM opslib.runs WHERE run_id = :id", id=entry["run_id"])
+    assert runs == [("refused",)]
+    assert query(database_url, "SELECT version_num FROM alembic_version") == [("u001",)]
+
+
+def test_each_run_has_a_lab_of_its_own_and_the_users_settings_are_left_alone(database_url, tmp_path):
+    """Two runs, one after the other, in one project: each Lab serves the run's settings (autosave, no news)
+    over the user's own (their theme kept), starts with no workspace of an earlier run, and never writes the
+    user's settings or workspaces."""
+    user = tmp_path / "user"
+    settings_dir, workspaces_dir = user / "settings", user / "workspaces"
+    theme = settings_dir / "@jupyterlab" / "apputils-extension" / "themes.jupyterlab-settings"
+    theme.parent.mkdir(parents=True)
+    theme.write_text('{\n  // the user\'s own\n  "theme": "JupyterLab Dark"\n}\n')
+    workspaces_dir.mkdir()
+    (workspaces_dir / "default-37a8.jupyterlab-workspace").write_text(
+        json.dumps({"data": {"layout-restorer:data": {"main": {"current": "notebook:old-run.ipynb"}}},
+                    "metadata": {"id": "default"}})  # fmt: skip
+    )
+    before = {p: audit.file_sha256(p) for p in user.rglob("*") if p.is_file()}
+    env = {**_env(database_url), "JUPYTERLAB_SETTINGS_DIR": str(settings_dir), "JUPYTERLAB_WORKSPACES_DIR": str(workspaces_dir)}
+    for _ in range(2):
+        lab = LabSession(tmp_path / "work", env)
+        try:
+            docmanager = lab.api("GET", "/lab/api/settings/@jupyterlab/docmanager-extension:plugin")
+            assert docmanager["settings"]["autosave"] is True and docmanager["settings"]["autosaveInterval"] == AUTOSAVE_S
+            news = lab.api("GET", "/lab/api/settings/@jupyterlab/apputils-extension:notification")["settings"]
+            assert news["fetchNews"] == "false" and news["checkForUpdates"] is False
+            themes = lab.api("GET", "/lab/api/settings/@jupyterlab/apputils-extension:themes")["settings"]
+            assert themes["theme"] == "JupyterLab Dark"  # the user's own, read
+            assert lab.api("GET", "/lab/api/workspaces")["workspaces"]["ids"] == []  # nothing of an earlier run
+            assert lab.api("GET", "/api/sessions") == []  # no kernel but the one its notebook starts
+        finally:
+            lab.stop()
+    assert {p: audit.file_sha256(p) for p in user.rglob("*") if p.is_file()} == before
