@@ -28,7 +28,10 @@ from opslib.display import Section
 
 MARK = "opslib_seal"  # the output metadata key whose value is the run's id
 AUTOSAVE_S = 2  # `opslib open` has JupyterLab save a run's notebook this often while it changes
-SEAL_WAIT_S = 12.0  # how long the last cell waits for the autosave that seals the run
+# How long the last cell waits for the autosave that seals the run. JupyterLab stretches its autosave interval
+# when saves are slow (a busy machine, a long notebook), so the wait is generous: nobody waits on it but the
+# cell, which shows that it is sealing.
+SEAL_WAIT_S = 60.0
 
 
 def _mark_section(text: str) -> Section:

@@ -120,10 +120,12 @@ def test_a_session_ended_unsaved_after_the_summary_is_sealed_with_its_own_outcom
         lab.run_cells(nb, until="run.preflight()")
         lab.save(nb)  # a save before the summary seals nothing
         assert not _ledger(lab.work)
-        lab.run_cells(nb, after="run.preflight()", autosave=False)  # Lab's page closed before it autosaved
-        assert _mark(nb).endswith("not sealed yet: save this notebook (Ctrl+S) and the save seals it in the ledger")
+        lab.run_cells(nb, after="run.preflight()", until="run.verify()", autosave=False)
+        lab.client.execute("run.summary()")  # the summary ends the run, shows its seal mark and waits…
+        sidecar = lab.notebook.with_suffix(".json")
+        _wait_for(lambda: json.loads(sidecar.read_text()).get("closed_at"))
     finally:
-        code = lab.stop()  # closed without saving after the summary
+        code = lab.stop()  # …and JupyterLab is closed before anything saved it
     assert code == 0, lab.output()
     (entry,) = _ledger(lab.work)
     assert entry["outcome"] == "succeeded" and "its notebook as last saved" in entry["sealed_by"]
