@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import signal
 import threading
+import time
 from contextlib import contextmanager
 from typing import Iterator
 
@@ -34,6 +35,7 @@ def signals_noted() -> Iterator[list[int]]:
 
 
 _STOPS = (signal.SIGINT, signal.SIGTERM)
+ONE_CTRL_C_S = 1.0  # signals this close together are one keypress reaching the run twice (see signals_held)
 
 
 @contextmanager
@@ -57,18 +59,25 @@ def signals_deferred() -> Iterator[None]:
 def signals_held() -> Iterator[list[int]]:
     """SIGINT and SIGTERM wait while the block runs; the list holds those that arrived.
 
-    The second one raises :class:`Interrupted` once, so that an operator can break a seal the
-    database is slow to answer (the caller then seals without it); any further one only waits.
-    Outside the main thread (where Python runs no signal handler) nothing is installed.
+    A second one raises :class:`Interrupted` once, so that an operator can break a seal the database
+    is slow to answer (the caller then seals without it); any further one only waits. A signal within
+    ONE_CTRL_C_S of the first is the same Ctrl-C: a terminal sends it to every process of the run, and the
+    runner passes its own on to the kernel, so one keypress arrives twice. Outside the main thread (where
+    Python runs no signal handler) nothing is installed.
     """
     caught: list[int] = []
     if threading.current_thread() is not threading.main_thread():
         yield caught
         return
+    first: list[float] = []
+    broken = []
 
     def hold(signum, frame) -> None:
         caught.append(signum)
-        if len(caught) == 2:
+        if not first:
+            first.append(time.monotonic())
+        elif not broken and time.monotonic() - first[0] >= ONE_CTRL_C_S:
+            broken.append(signum)
             raise Interrupted(signum)
 
     saved = {sig: signal.signal(sig, hold) for sig in _STOPS}
