@@ -88,8 +88,19 @@ def is_anchored(settings: Settings, record: RunRecord) -> bool | None:
 
 def out_of_reach(settings: Settings) -> Callable[[RunRecord], bool]:
     """For :func:`opslib.audit.check_ledger`: whether a run that ended without sealing is left for a command
-    that reaches its database (one that reached a database this command cannot reach, or tell apart)."""
-    return lambda record: record.database is not None and is_anchored(settings, record) is None
+    that reaches its database. Its database is out of reach from here, and the witness, the one other place
+    that can tell, holds the run's start and no ending of it: never sealed, not an ending cut from the ledger.
+    Without a witness to read, it cannot be told apart from a cut, and stays a problem."""
+    backend = witness.of(settings.ledger_witness)
+    rows = backend.rows() if backend is not None else None
+
+    def waits(record: RunRecord) -> bool:
+        if rows is None or record.database is None or is_anchored(settings, record) is not None:
+            return False
+        kinds = {row.get("outcome") for row in rows if row.get("run_id") == record.run_id}
+        return kinds == {audit.STARTED}
+
+    return waits
 
 
 def _target_url(settings: Settings) -> URL | None:

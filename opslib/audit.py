@@ -798,7 +798,8 @@ def _unvouched(records_dir: Path, entries: list[dict], out_of_reach: Callable[[R
         if path.name in started and data is not None and run_is_live(records_dir, path.stem, data):
             live_stems.add(path.stem)  # a run in progress: its ending comes when it ends
             continue
-        if path.name in started and isinstance(data, dict) and data.get("run_id") and out_of_reach(record := RunRecord.from_dict(data)):
+        record = _record_of(data) if path.name in started else None
+        if record is not None and out_of_reach(record):
             live_stems.add(path.stem)
             waiting.append(
                 f"run {record.run_id} ({record.runbook}) ended without sealing; its database "
@@ -823,6 +824,16 @@ def _unvouched(records_dir: Path, entries: list[dict], out_of_reach: Callable[[R
             f"{path.name} is not in the ledger (added outside it, or its ledger line was removed)"
         )
     return problems
+
+
+def _record_of(data) -> RunRecord | None:
+    """A sidecar's JSON as a record, or None when it is not one (edited into another shape)."""
+    if not isinstance(data, dict) or not data.get("run_id"):
+        return None
+    try:
+        return RunRecord.from_dict(data)
+    except (TypeError, ValueError, AttributeError):
+        return None
 
 
 def verify_ledger(records_dir: Path) -> list[str]:

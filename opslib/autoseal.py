@@ -90,15 +90,20 @@ def _mark_at(notebook: Any, run_id: str) -> tuple[int, int] | None:
     for i, cell in enumerate(cells if isinstance(cells, list) else []):
         outputs = cell.get("outputs") if isinstance(cell, dict) else None
         for k, output in enumerate(outputs if isinstance(outputs, list) else []):
-            if isinstance(output, dict) and (output.get("metadata") or {}).get(MARK) == run_id:
+            metadata = output.get("metadata") if isinstance(output, dict) else None
+            if isinstance(metadata, dict) and metadata.get(MARK) == run_id:
                 return i, k
     return None
 
 
 def only_the_seal_differs(saved: Any, sealed: Any, run_id: str) -> bool:
     """Whether ``saved`` (a save after the seal) is the ``sealed`` notebook but for what follows the seal
-    mark: the mark's own text, the outputs after it in its cell, and that cell's execution count."""
-    return _before_the_mark(saved, run_id) == _before_the_mark(sealed, run_id) is not None
+    mark: the mark's own text, the outputs after it in its cell, and that cell's execution count. Anything
+    of another shape than a notebook's differs."""
+    try:
+        return _before_the_mark(saved, run_id) == _before_the_mark(sealed, run_id) is not None
+    except (AttributeError, TypeError, ValueError):  # a cell or an output that is not what a notebook holds
+        return False
 
 
 def _before_the_mark(notebook: Any, run_id: str) -> list | None:
@@ -118,12 +123,21 @@ def _before_the_mark(notebook: Any, run_id: str) -> list | None:
 
 
 def _text(value: Any) -> str:
-    return "".join(value) if isinstance(value, list) else str(value or "")
+    if isinstance(value, list) and all(isinstance(part, str) for part in value):
+        return "".join(value)
+    if isinstance(value, str) or value is None:
+        return value or ""
+    raise TypeError(f"not text: {type(value).__name__}")
 
 
 def _output(output: Any) -> Any:
+    """An output as compared: text split in lines or not is the same text; JSON data stays as it is."""
     if not isinstance(output, dict):
-        return output
-    return {k: ({m: _text(v) for m, v in v.items()} if k == "data" and isinstance(v, dict) else
-                _text(v) if k == "text" else v)
+        raise TypeError(f"not an output: {type(output).__name__}")
+    return {k: ({m: _joined(v) for m, v in v.items()} if k == "data" and isinstance(v, dict) else
+                _joined(v) if k == "text" else v)
             for k, v in output.items() if k != "transient"}  # fmt: skip
+
+
+def _joined(value: Any) -> Any:
+    return "".join(value) if isinstance(value, list) and all(isinstance(p, str) for p in value) else value

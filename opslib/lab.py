@@ -114,7 +114,11 @@ def lab_folders(into: Path) -> tuple[Path, Path]:
     settings, workspaces = into / "user-settings", into / "workspaces"
     theirs = Path(get_user_settings_dir())
     if theirs.is_dir():
-        shutil.copytree(theirs, settings, ignore=shutil.ignore_patterns("*.lock"))
+        try:
+            shutil.copytree(theirs, settings, ignore=shutil.ignore_patterns("*.lock"), symlinks=True,
+                            ignore_dangling_symlinks=True, dirs_exist_ok=True)  # fmt: skip
+        except (OSError, shutil.Error) as err:  # an unreadable file of theirs: what could be read is kept
+            print(f"opslib open: some of your JupyterLab settings were not copied for this run: {err}", file=sys.stderr)
     workspaces.mkdir(parents=True)
     for name, values in RUN_SETTINGS.items():
         path = settings / name
@@ -215,6 +219,7 @@ def before_save(model: dict, path: str, contents_manager, **kwargs) -> None:
         raise HTTPError(500, f"cannot tell whether run {found[1]} is sealed ({err}): not saved") from None
     if sealed:
         run_id = found[1].rsplit("_", 1)[-1]
+        # only_the_seal_differs never raises: anything but an HTTPError here would let the save go ahead.
         if autoseal.only_the_seal_differs(model.get("content"), _json_of(os_path), run_id):
             # The autosave after the seal (the mark now says "sealed", the cell has ended): the sealed
             # notebook is written back as it is, so the file the ledger vouches for does not change.

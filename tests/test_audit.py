@@ -188,7 +188,7 @@ def _hashes(folder: Path) -> dict[str, str]:
 def test_a_ledger_cut_short_is_never_laundered_by_opslib_itself(recorded_runs, tmp_path, kept):
     """The issue's `head -10 ledger.jsonl > x && mv x ledger.jsonl`, every file left in place: the runs
     whose lines are gone are outside the ledger, every audit command says so (verify exit 3) and none
-    edits a file. A run whose start is kept and ending cut is left to a command that reaches its database."""
+    edits a file. A run whose start is kept and ending cut is not sealed again from here, and is a problem."""
     copy = copy_of_records(recorded_runs, tmp_path)
     records = copy / "records"
     lines = (records / audit.LEDGER).read_text().splitlines()
@@ -205,12 +205,12 @@ def test_a_ledger_cut_short_is_never_laundered_by_opslib_itself(recorded_runs, t
     assert {name: digest for name, digest in after.items() if name != audit.LEDGER} == files
     now = (records / audit.LEDGER).read_text().splitlines()
     assert now[:kept] == lines[:kept]  # earlier lines are never rewritten
-    # Nothing is appended either: the run whose start was kept and ending cut reached a database that is out
-    # of reach here, the one place that can tell it was sealed once; it waits for a command that reaches it.
+    # Nothing is appended either: the run whose start was kept and ending cut reached a database out of reach
+    # here, so it is not sealed again; the witness holds its ending, so it is a cut, never a run that waits.
     assert now == lines[:kept]
     if kept == 5:
         started = json.loads(lines[4])
-        assert f"run {started['run_id']} ({started['runbook']}) ended without sealing; its database" in verified
+        assert f"{started['sidecar']} was not sealed" in verified and "ended without sealing; its database" not in verified
 
 
 def test_each_kind_of_ending_has_one_outcome_in_the_ledger_the_sidecar_and_the_database(

@@ -302,3 +302,54 @@ def test_a_deep_temporary_folder_puts_kernel_sockets_in_tmp_where_their_paths_fi
     monkeypatch.setattr(tempfile, "tempdir", str(short))
     if len(str(short)) + 48 <= 107:
         assert kernelfiles.new_prefix().startswith(f"{short}/opslib-kernel-{os.getpid()}-")
+
+
+def test_saves_of_a_sealed_notebook_keep_it_byte_for_byte_or_are_refused(tmp_path):
+    """Through jupyter_server's own FileContentsManager with opslib's save hooks: the autosave after the seal
+    (only the mark's text and the cell's count differ) writes the sealed bytes back; an edit, or a model of odd
+    shapes (which a hook must refuse with an HTTPError, else the server saves anyway), is refused and changes
+    nothing."""
+    pytest.importorskip("jupyter_server")
+    import copy
+
+    from jupyter_server.services.contents.filemanager import FileContentsManager
+    from tornado.web import HTTPError
+
+    from opslib import lab, sealing
+    from opslib.autoseal import MARK
+    from opslib.config import Settings
+
+    records = tmp_path / "records"
+    records.mkdir()
+    stem, run_id = "20260101T000000Z_deploy_abcd1234", "abcd1234"
+    record = audit.new_record("deploy", run_id, audit.now(), operator="t", env="development", mode="interactive")
+    record.end(Outcome.SUCCEEDED, 0, None, record.started_at)
+    record.closed_at = record.started_at
+    audit.write_sidecar(records, stem, record)
+    mark = {"output_type": "display_data", "data": {"text/plain": "succeeded; sealing: …"}, "metadata": {MARK: run_id}}
+    cell = {"cell_type": "code", "id": "c1", "source": "run.summary()", "metadata": {}, "execution_count": None,
+            "outputs": [{"output_type": "stream", "name": "stdout", "text": "Deploy summary\n"}, mark]}  # fmt: skip
+    nb = {"cells": [cell], "metadata": {}, "nbformat": 4, "nbformat_minor": 5}
+    manager = FileContentsManager(root_dir=str(records), pre_save_hook=lab.before_save)
+    manager.save({"type": "notebook", "format": "json", "content": copy.deepcopy(nb)}, f"{stem}.ipynb")
+    assert sealing.seal_finished(Settings(records_dir=records), stem, "a test") is not None
+    sealed = audit.file_sha256(records / f"{stem}.ipynb")
+
+    after = copy.deepcopy(nb)
+    after["cells"][0]["execution_count"] = 7
+    after["cells"][0]["outputs"][1]["data"]["text/plain"] = "succeeded; sealed in the ledger: entry 0123"
+    manager.save({"type": "notebook", "format": "json", "content": after}, f"{stem}.ipynb")
+    assert audit.file_sha256(records / f"{stem}.ipynb") == sealed and audit.verify_ledger(records) == []
+
+    edited = copy.deepcopy(after)
+    edited["cells"][0]["source"] = "run.summary()  # edited"
+    odd_source = copy.deepcopy(after)
+    odd_source["cells"][0]["source"] = ["run.summary()", 1]
+    odd_metadata = copy.deepcopy(after)
+    odd_metadata["cells"][0]["outputs"][0]["metadata"] = [1]
+    for content in (edited, odd_source, odd_metadata, {"cells": "nope"}, None):
+        with pytest.raises(HTTPError) as refused:
+            lab.before_save({"type": "notebook", "content": content}, f"{stem}.ipynb", manager)
+        assert refused.value.status_code == 409
+    assert audit.file_sha256(records / f"{stem}.ipynb") == sealed
+    lab.after_save({}, str(records / f"{stem}.ipynb"), manager)  # a notebook of odd shapes is no mark, no error

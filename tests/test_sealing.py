@@ -16,6 +16,7 @@ import textwrap
 from pathlib import Path
 
 from opslib import audit, db
+from opslib.config import load_settings
 from opslib.record import Database, RunRecord
 
 from .conftest import ROOT, dead_pid, opslib_cli, query
@@ -23,8 +24,9 @@ from .conftest import ROOT, dead_pid, opslib_cli, query
 
 
 
-def killed_run(records: Path, url: str, stem: str, version_table: list | None) -> None:
-    """The sidecar and unheld live mark a run killed with SIGKILL after identifying its database leaves."""
+def killed_run(records: Path, url: str, stem: str, version_table: list | None, witness: str | None = None) -> None:
+    """The sidecar and unheld live mark a run killed with SIGKILL after identifying its database leaves (its
+    start entry also in ``witness``, when given, as a run's is in the default one)."""
     parsed = db.parse_url(url)
     record = RunRecord(
         run_id=stem.rsplit("_", 1)[1], runbook="deploy", operator="pytest", env="development",
@@ -34,7 +36,7 @@ def killed_run(records: Path, url: str, stem: str, version_table: list | None) -
         revisions_before=["x0"], version_table=version_table,
     )  # fmt: skip
     records.mkdir(parents=True, exist_ok=True)
-    audit.append_started(records, stem, record)  # as every run does before anything else
+    audit.append_started(records, stem, record, witness)  # as every run does before anything else
     audit.write_sidecar(records, stem, record)
     audit.live_mark_path(records, stem).touch()
 
@@ -107,7 +109,7 @@ def test_a_killed_run_is_sealed_only_by_a_command_that_reaches_its_database(make
     own, other = make_database(), make_database()
     records = tmp_path / "records"
     stem = "20261126T100000Z_deploy_3333cccc"
-    killed_run(records, own, stem, None)
+    killed_run(records, own, stem, None, load_settings().ledger_witness)
     (records / f"{stem}.ipynb").write_text(json.dumps({"cells": [], "metadata": {}, "nbformat": 4, "nbformat_minor": 5}))
     elsewhere = opslib_cli(other, ROOT / "alembic.ini", tmp_path, "audit", "verify")
     assert "3333cccc" not in {e["run_id"] for e in audit.read_endings(records)}, elsewhere.stderr
@@ -123,3 +125,12 @@ def test_a_killed_run_is_sealed_only_by_a_command_that_reaches_its_database(make
     assert f"notebook    : {stem}.ipynb" in shown and "outcome     : abandoned" in shown, shown
     again = opslib_cli(other, ROOT / "alembic.ini", tmp_path, "audit", "verify")
     assert again.returncode == 0, again.stdout + again.stderr  # anchored where it ran: nothing to say elsewhere
+
+    # Its ending cut from the ledger, verified where its database is out of reach: not taken for a run that
+    # waits (the witness holds the ending), but a problem, whatever the edited sidecar says.
+    lines = (records / audit.LEDGER).read_text().splitlines()
+    (records / audit.LEDGER).write_text("\n".join(line for line in lines if '"abandoned"' not in line) + "\n")
+    cut = opslib_cli(other, ROOT / "alembic.ini", tmp_path, "audit", "verify")
+    assert cut.returncode == 3 and "3333cccc" in cut.stdout and "ended without sealing; its database" not in cut.stdout, cut.stdout
+    blind = opslib_cli(other, ROOT / "alembic.ini", tmp_path, "audit", "verify", env={"OPSLIB_LEDGER_WITNESS": "off"})
+    assert blind.returncode == 3 and "3333cccc" in blind.stdout, blind.stdout  # no witness to tell: a problem
