@@ -383,6 +383,16 @@ _COLOURS = {
 }  # fmt: skip
 
 
+def show_now(section: Section) -> None:
+    """Display a section now (before a step raises, or ahead of what follows it), in a notebook or a terminal."""
+    try:
+        from IPython.display import display  # noqa: PLC0415 -- IPython comes with ipykernel, not with the CLI
+    except ImportError:  # a bare interpreter just prints
+        print(repr(section))
+    else:
+        display(section)
+
+
 def _cell_style(value: object) -> str:
     """A cell's style: a short value (a verdict, a revision, "1 row", "32.0 kB") is kept on one line, so that
     the long ones beside it (a finding, what to do) take the width, not it."""

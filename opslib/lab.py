@@ -219,11 +219,12 @@ def before_save(model: dict, path: str, contents_manager, **kwargs) -> None:
         raise HTTPError(500, f"cannot tell whether run {found[1]} is sealed ({err}): not saved") from None
     if sealed:
         run_id = found[1].rsplit("_", 1)[-1]
+        on_disk = _json_of(os_path)
         # only_the_seal_differs never raises: anything but an HTTPError here would let the save go ahead.
-        if autoseal.only_the_seal_differs(model.get("content"), _json_of(os_path), run_id):
+        if autoseal.only_the_seal_differs(model.get("content"), on_disk, run_id):
             # The autosave after the seal (the mark now says "sealed", the cell has ended): the sealed
             # notebook is written back as it is, so the file the ledger vouches for does not change.
-            model["content"] = _json_of(os_path)
+            model["content"] = on_disk
             return
         raise HTTPError(409, f"run {found[1]} is sealed in the ledger: its notebook no longer changes")
 

@@ -16,7 +16,7 @@ from typing import Any, Mapping
 from opslib import audit, backup, checks, db, lint, migrate, rehearse, seed
 from opslib import history as run_history
 from opslib.config import Settings
-from opslib.display import Section, findings_tables, first_line, shown_detail
+from opslib.display import Section, findings_tables, first_line, show_now, shown_detail
 from opslib.errors import (
     ChecksFailed,
     InvalidInput,
@@ -163,7 +163,7 @@ class Deploy(Workflow):
         if not report.ok:
             failed = report.first_failure()
             status = f"refused: {failed.name} failed" + (f", {len(self.pending)} revision(s) not applied" if self.pending else "")
-            _show(Section("Preflight", status, facts, check_rows + pending_rows, sql, tables=found))
+            show_now(Section("Preflight", status, facts, check_rows + pending_rows, sql, tables=found))
             report.raise_for_failure()
         self.drift = next((c for c in report.checks if c.name == "drift"), None)
         facts.append(("target revision", self.params["target_revision"]))
@@ -835,7 +835,7 @@ class Rehearse(Workflow):
         rows += [{"comparison": "after the second upgrade, against the first", "difference": d}
                  for d in upgrade_diff.lines()]
         if rows:
-            _show(Section("Compare", f"{len(rows)} difference(s) between the passes", [], rows))
+            show_now(Section("Compare", f"{len(rows)} difference(s) between the passes", [], rows))
             raise ChecksFailed(
                 f"the rehearsal found {len(rows)} difference(s) between the passes: "
                 + "; ".join(r["difference"] for r in rows[:4])
@@ -872,16 +872,6 @@ class Rehearse(Workflow):
         except Exception as drop_err:  # noqa: BLE001 -- the run's own ending comes first, whatever this was
             self._findings()["copy_dropped"] = f"not dropped: {drop_err}"
         super()._finish(err)
-
-
-def _show(section: Section) -> None:
-    """Display a section now (before a step raises), in a notebook or a terminal."""
-    try:
-        from IPython.display import display
-    except ImportError:  # IPython comes with ipykernel; a bare interpreter just prints
-        print(repr(section))
-    else:
-        display(section)
 
 
 def _offline(settings: Settings, revision_range: str) -> str:

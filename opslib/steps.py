@@ -30,7 +30,7 @@ import sqlalchemy as sa
 from opslib import audit, db, migrate, params, sealing
 from opslib import history as run_history
 from opslib.config import Settings, is_runbook_template, load_settings, runbooks_dir
-from opslib.display import Section
+from opslib.display import Section, show_now
 from opslib.errors import Interrupted, InvalidInput, OpsError, PreconditionFailed, StepOutOfOrder
 from opslib.outcome import Outcome, outcome_of
 from opslib.record import Database, RunRecord, Step, revisions_text
@@ -439,9 +439,7 @@ class Run:
             return shown
         # In JupyterLab the summary is shown now, before the seal mark, so that the save that seals the run
         # holds it; the cell then shows nothing more of its own.
-        from IPython.display import display  # noqa: PLC0415 -- in a kernel
-
-        display(shown)
+        show_now(shown)
         self._await_seal()
         return None
 
