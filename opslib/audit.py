@@ -10,16 +10,16 @@ Nothing here ever holds a password: databases are recorded as host, port and nam
 
 from __future__ import annotations
 
-import dataclasses
 import contextlib
+import dataclasses
 import fcntl
 import hashlib
 import json
 import os
 import secrets
 import socket
-import threading
 import subprocess
+import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -30,7 +30,7 @@ from opslib import witness
 from opslib.errors import ConfigError, InvalidInput, PreconditionFailed
 from opslib.record import RunRecord, revisions_text
 from opslib.redact import clean, clean_json, scrub_json, scrub_password
-from opslib.safeguards import skipped_safeguards
+from opslib.safeguards import changes_its_database, skipped_safeguards
 
 STAMP = "%Y%m%dT%H%M%SZ"
 LEDGER = "ledger.jsonl"
@@ -302,6 +302,7 @@ def append_ledger(records_dir: Path, stem: str, record: RunRecord) -> Appended |
         "notebook": notebook,
         "notebook_sha256": file_sha256(records_dir / notebook) if notebook else None,
         "warnings": skipped_safeguards(record.to_dict()),  # sealed with the run: an edit cannot hide them
+        "changes_database": changes_its_database(record.to_dict()),
         # Each step as the sidecar holds it, so that an edited step outcome is named (an abandoned run's: as left).
         "steps": step_seals((_json_or_none(records_dir / f"{stem}.json") or {}).get("steps")),
     }

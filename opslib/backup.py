@@ -42,8 +42,15 @@ from sqlalchemy.exc import DBAPIError
 from opslib import __version__, db, pgtools
 from opslib.checkreport import FAIL, PASS, SKIP, CheckReport
 from opslib.config import Settings
+from opslib.errors import (
+    BackupFailed,
+    BackupNotTaken,
+    Interrupted,
+    InvalidInput,
+    OpsError,
+    PreconditionFailed,
+)
 from opslib.redact import clean, clean_json
-from opslib.errors import BackupFailed, BackupNotTaken, Interrupted, InvalidInput, OpsError, PreconditionFailed
 from opslib.signals import signals_noted
 
 MANIFEST_FORMAT = "opslib-backup/1"

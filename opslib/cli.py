@@ -466,11 +466,11 @@ def _backups(settings, args: argparse.Namespace) -> int:
 
 
 def _runbooks(settings, args: argparse.Namespace) -> int:
-    from opslib import display, runner
+    from opslib import display, runner, workflows
     from opslib.errors import InvalidInput
 
     if args.command == "runbooks":
-        print(display.runbooks_text(runbooks_dir()))
+        print(display.runbooks_text(runbooks_dir(), workflows.registry()))
         return EXIT_OK
     if args.help or not args.runbook:
         if not args.runbook and args.help:
@@ -478,7 +478,7 @@ def _runbooks(settings, args: argparse.Namespace) -> int:
             return EXIT_OK
         if not args.runbook:
             raise InvalidInput("run needs a RUNBOOK: `opslib runbooks` lists them")
-        declared = display.runbooks_text(runbooks_dir(), only=args.runbook)  # refuses an unknown one
+        declared = display.runbooks_text(runbooks_dir(), {args.runbook: workflows.get(args.runbook)})  # refuses an unknown one
         print(f"usage: opslib run {args.runbook} [-p NAME VALUE]... [--env ENV]\n\n{declared}")
         return EXIT_OK
     _seal_abandoned(settings, "run")

@@ -8,8 +8,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from opslib.errors import ConfigError
 from opslib import witness
+from opslib.errors import ConfigError
 from opslib.redact import redact_url, remember_secrets
 
 ENVIRONMENTS = ("development", "staging", "production")

@@ -19,8 +19,8 @@ from sqlalchemy.engine import URL, Connection, Engine
 from sqlalchemy.exc import ArgumentError, DBAPIError
 
 from opslib.config import Settings
-from opslib.redact import redact_url, redact_urls_in, remember_secrets, scrub  # noqa: F401 - part of this module's API
 from opslib.errors import ConfigError, DatabaseUnreachable, InvalidInput, LockHeld
+from opslib.redact import redact_url, redact_urls_in, remember_secrets, scrub  # noqa: F401 - part of this module's API
 from opslib.signals import signals_deferred
 
 # One advisory-lock key for every opslib run on a database (Sqitch's lock_destination idea):

@@ -7,7 +7,7 @@ import json
 import re
 import textwrap
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
 
 from opslib.record import revisions_text
 from opslib.safeguards import skipped_safeguards
@@ -435,25 +435,22 @@ def html_table(rows: Sequence[dict]) -> str:
     return f"<table class='dataframe'><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
-def runbooks_text(folder, only: str | None = None) -> str:
-    """What `opslib runbooks` prints: each runbook's purpose and parameters (``only`` one runbook's,
-    for `opslib run RUNBOOK --help`)."""
+def runbooks_text(folder, workflows: Mapping[str, Any]) -> str:
+    """What `opslib runbooks` prints: each runbook's purpose and parameters, from its workflow's declaration
+    (``workflows``: name -> workflow class, see :mod:`opslib.workflows`) and its notebook's first line."""
     import json
     from pathlib import Path
 
-    from opslib.params import RUNBOOKS, spec
-
-    chosen = {only: spec(only)} if only else RUNBOOKS  # spec() refuses an unknown runbook, naming them
     out = []
-    for name, declared in chosen.items():
+    for name, workflow in workflows.items():
         path = Path(folder) / f"{name}.ipynb"
-        purpose = ""
+        purpose = workflow.about
         if path.is_file():
             first = json.loads(path.read_text())["cells"][0]["source"]
             first = "".join(first) if isinstance(first, list) else first
             purpose = first.splitlines()[0].lstrip("# ").strip()
         out.append(f"{name}: {purpose}   ({path})")
-        out += [f"    {p.name}: {p.type.__name__} = {p.default!r}  # {p.help}" for p in declared]
+        out += [f"    {p.cell_line()}" for p in workflow.parameters]
         out.append("")
     return "\n".join(out).rstrip()
 

@@ -38,8 +38,8 @@ from opslib.config import Settings
 from opslib.errors import ConfigError, InvalidInput, OpsError, PreconditionFailed
 from opslib.outcome import Outcome
 from opslib.params import ENV_NAME, holds_secret
-from opslib.redact import clean_json
 from opslib.record import revisions_text
+from opslib.redact import clean_json
 
 FLEET_FILE = "fleet.toml"
 _ENV_LABELS = ("development", "staging", "production")

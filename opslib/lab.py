@@ -31,7 +31,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Sequence
 
-from opslib import audit, autoseal, notebooks, params, runner, sealing
+from opslib import audit, autoseal, notebooks, runner, sealing, workflows
 from opslib.config import Settings, is_runbook_template, load_settings
 from opslib.errors import ConfigError, InvalidInput, PreconditionFailed
 from opslib.record import RunRecord
@@ -66,7 +66,7 @@ def open_run(
     # Bad parameters (exit 2) and what the environment forbids (exit 3: reset in production, a backup
     # turned off there) are refused here, by the code the kernel's start cell runs again, before any
     # notebook, record or JupyterLab exists.
-    params.check_environment(name, params.validate(name, runner.coerce(name, pairs)), env or settings.env)
+    workflows.get(name).checked_parameters(runner.coerce(name, pairs), env or settings.env)
     run = runner.prepare(settings, name, pairs, env, MODE)
     if run.live is None:  # refused before it started (a secret in a parameter): sealed as invalid
         raise InvalidInput(run.first.error or "the parameters were refused")
@@ -109,7 +109,9 @@ def lab_folders(into: Path) -> tuple[Path, Path]:
     """(user settings, workspaces) of one run's JupyterLab, made in ``into``: the user's own settings copied
     (their theme and keys stay theirs) with :data:`RUN_SETTINGS` over them, and no workspace, so that the
     run's notebook is the only one open. The user's own folders are read, never written."""
-    from jupyterlab.commands import get_user_settings_dir  # JupyterLab's own rule (JUPYTERLAB_SETTINGS_DIR, …)
+    from jupyterlab.commands import (
+        get_user_settings_dir,  # JupyterLab's own rule (JUPYTERLAB_SETTINGS_DIR, …)
+    )
 
     settings, workspaces = into / "user-settings", into / "workspaces"
     theirs = Path(get_user_settings_dir())

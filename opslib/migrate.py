@@ -14,6 +14,7 @@ the database now stands.
 from __future__ import annotations
 
 import argparse
+import ast
 import configparser
 import contextvars
 import hashlib
@@ -21,16 +22,16 @@ import io
 import json
 import logging
 import os
+import re
 import signal
 import threading
+import time
 from contextlib import contextmanager, redirect_stderr, redirect_stdout
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-import ast
-import re
-import time
 from typing import Callable, Iterator, Sequence
 
+import sqlalchemy as sa
 from alembic import command
 from alembic.autogenerate import RevisionContext
 from alembic.config import Config
@@ -38,7 +39,6 @@ from alembic.runtime.environment import EnvironmentContext
 from alembic.script import Script, ScriptDirectory
 from alembic.script.revision import MultipleHeads, RevisionError
 from alembic.util.exc import CommandError
-import sqlalchemy as sa
 from sqlalchemy.engine import URL, Connection
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 

@@ -1,7 +1,8 @@
 """Runbook parameters: one declaration per runbook, and strict validation before any connection.
 
-The declarations here are the source of truth; each runbook's ``parameters`` cell carries the same
-names, types, defaults and help (a test compares them through papermill's own parser). Validation
+Each runbook declares its parameters in its module under :mod:`opslib.workflows`; its ``parameters``
+cell carries the same names, types, defaults and help (a test compares them through papermill's own
+parser). This module holds what they share: the declaration, the checks and the one reading of text. Validation
 refuses unknown names, wrong types, malformed revision ids (papermill's ``-p`` turns ``0042`` into
 the number 42) and forbidden combinations, each with one line saying what to do, as
 :class:`~opslib.errors.InvalidInput` (exit 2).
@@ -11,7 +12,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 from opslib.errors import InvalidInput, PreconditionFailed
 from opslib.redact import redact_urls_in
@@ -33,109 +34,18 @@ class Param:
         return f"{self.name}: {self.type.__name__} = {self.default!r}  # {self.help}"
 
 
-_URL_ENV = Param(
+# The parameters several runbooks share (each runbook declares its own list in :mod:`opslib.workflows`).
+URL_ENV = Param(
     "database_url_env",
     str,
     "DATABASE_URL",
     "name of the environment variable holding the database URL (never the URL itself)",
 )
-_CONFIRM = Param("confirm", str, "", "the database's name, required in production (staging too for reset)")
-_DEV_DATA = Param(
+CONFIRM = Param("confirm", str, "", "the database's name, required in production (staging too for reset)")
+DEV_DATA = Param(
     "dev_data", bool, False, "load the development sample data (the -x dev_data flag of Alembic); refused in production"
 )
-
-RUNBOOKS: dict[str, tuple[Param, ...]] = {
-    "deploy": (
-        _URL_ENV,
-        Param("target_revision", str, "head", "revision to upgrade to", revision=True),
-        Param("backup", bool, True, "take and verify a backup first (cannot be turned off in production)"),
-        Param("restore_test", bool, False, "verify the backup by restoring it into a scratch database"),
-        Param(
-            "on_failure",
-            str,
-            "stop",
-            "stop: stay at the last committed revision; restore: restore the backup",
-            ("stop", "restore"),
-        ),
-        _DEV_DATA,
-        _CONFIRM,
-    ),
-    "rollback": (
-        _URL_ENV,
-        Param("steps", int, 1, "how many revisions to roll back (ignored when target_revision is set)"),
-        Param("target_revision", str, "", "revision to roll back to (empty: use steps)", revision=True),
-        Param("backup", bool, True, "take and verify a backup first (cannot be turned off in production)"),
-        Param(
-            "acknowledge_irreversible",
-            str,
-            "",
-            "ids of revisions whose downgrade does nothing, comma-separated: their changes stay in the database",
-        ),
-        _CONFIRM,
-    ),
-    "recovery": (
-        _URL_ENV,
-        Param(
-            "mode",
-            str,
-            "restore",
-            "restore: restore a backup and replay; stamp: record a revision after a manual fix",
-            ("restore", "stamp"),
-        ),
-        Param(
-            "backup_file", str, "", "backup to restore (empty: the newest verified backup of this database)"
-        ),
-        Param(
-            "target_revision",
-            str,
-            "head",
-            "revision to replay migrations to after the restore (empty: none)",
-            revision=True,
-        ),
-        Param("terminate_connections", bool, False, "end other sessions on the database before replacing it"),
-        Param(
-            "stamp_revision", str, "", "for mode stamp: the revision the database is now at", revision=True
-        ),
-        Param("reason", str, "", "for mode stamp: why, for the record (required)"),
-        _CONFIRM,
-    ),
-    "reset": (
-        _URL_ENV,
-        Param("backup", bool, False, "take and verify a backup first"),
-        Param("dev_data", bool, True, "load the development sample data again (the -x dev_data flag of Alembic)"),
-        Param(
-            "recreate_schema",
-            str,
-            "on_failure",
-            "on_failure: downgrade, recreate schema public only if a downgrade fails; always: skip the "
-            "downgrades; never: stop at a failed downgrade",
-            ("on_failure", "always", "never"),
-        ),
-        _CONFIRM,
-    ),
-    "rehearse": (
-        _URL_ENV,
-        Param("target_revision", str, "head", "revision the copy is upgraded to, then downgraded from", revision=True),
-        Param(
-            "from_revision",
-            str,
-            "",
-            "empty: start where the target is; else first downgrade the copy to this revision (to rehearse "
-            "revisions the target already has, on its data)",
-            revision=True,
-        ),
-    ),
-    "init-prod": (
-        _URL_ENV,
-        Param("admin_email_env", str, "OPSLIB_ADMIN_EMAIL", "name of the environment variable holding the admin's email"),
-        Param(
-            "admin_password_env",
-            str,
-            "OPSLIB_ADMIN_PASSWORD",
-            "name of the environment variable holding the admin's password (stored only as a salted hash)",
-        ),
-    ),
-}
+BACKUP = Param("backup", bool, True, "take and verify a backup first (cannot be turned off in production)")
 
 _REVISION = re.compile(r"^[A-Za-z0-9_.@+\-]+$")
 # An environment variable's name (what database_url_env and the fleet file's url_env hold).
@@ -145,56 +55,65 @@ _NAMESPACE = {"In", "Out", "get_ipython", "exit", "quit", "open", "run"}
 _PLAIN = (str, int, float, bool, list, dict, tuple, type(None))
 
 
-def spec(runbook: str) -> tuple[Param, ...]:
-    """The declared parameters of a runbook."""
-    try:
-        return RUNBOOKS[runbook]
-    except KeyError:
-        raise InvalidInput(
-            f"no runbook {runbook!r}: the runbooks are {', '.join(sorted(RUNBOOKS))}"
-        ) from None
-
-
-def from_namespace(runbook: str, namespace: Mapping[str, Any]) -> dict[str, Any]:
+def from_namespace(declared: Sequence[Param], namespace: Mapping[str, Any]) -> dict[str, Any]:
     """The parameters found in a notebook's namespace: declared ones, and any other plain value (injected by mistake)."""
-    declared = {p.name for p in spec(runbook)}
-    found = {name: namespace[name] for name in declared if name in namespace}
+    names = {p.name for p in declared}
+    found = {name: namespace[name] for name in names if name in namespace}
     for name, value in namespace.items():
-        if name in declared or name.startswith("_") or name in _NAMESPACE:
+        if name in names or name.startswith("_") or name in _NAMESPACE:
             continue
         if isinstance(value, _PLAIN):
             found[name] = value
     return found
 
 
-def validate(runbook: str, values: Mapping[str, Any]) -> dict[str, Any]:
-    """Check every value against the runbook's declaration; returns the complete parameter dict."""
-    params = spec(runbook)
+def validate(runbook: str, declared: Sequence[Param], values: Mapping[str, Any]) -> dict[str, Any]:
+    """Check every value against the runbook's declaration; returns the complete parameter dict.
+
+    The rules every runbook shares are checked here; a runbook's own rules across its parameters are
+    its workflow's ``check_values`` (see :mod:`opslib.workflows`)."""
     refuse_secrets(runbook, values)
-    known = {p.name: p for p in params}
+    known = {p.name: p for p in declared}
     unknown = sorted(set(values) - set(known))
     if unknown:
         raise InvalidInput(
             f"{runbook}: unknown parameter {', '.join(unknown)}; the parameters are {', '.join(known)}"
         )
     result = {}
-    for p in params:
+    for p in declared:
         result[p.name] = _check(runbook, p, values.get(p.name, p.default))
-    _check_combinations(runbook, result)
+    _check_url_env(runbook, result)
     return result
+
+
+def parse_text(p: Param | None, raw: str) -> Any:
+    """A value given as text (``opslib run -p NAME VALUE``, a fleet file, a string papermill passed on)
+    as the parameter's type, when it reads as one; otherwise the text, for validation to refuse by name.
+    The one reading of such text: revisions stay strings (``0042`` is not the number 42)."""
+    if p is None or p.type is str:
+        return raw
+    if p.type is bool:
+        return _BOOLEANS.get(raw.strip().lower(), raw)
+    if p.type is int:
+        return int(raw) if raw.strip().lstrip("-").isdigit() else raw
+    return raw
+
+
+_BOOLEANS = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}
 
 
 # user:password@host on its own, with no scheme: a password too, though no URL shows it so.
 _BARE_USERINFO = re.compile(r"^[^\s/@:]+:[^\s/@]+@[^\s/@]+")
 
 
-def check_environment(runbook: str, values: Mapping[str, Any], env: str) -> None:
-    """The environment's rules for a runbook's parameters: in production, reset is refused and no
-    backup may be turned off, whatever the parameters say (:class:`PreconditionFailed`, exit 3)."""
+def check_environment(runbook: str, values: Mapping[str, Any], env: str, allowed: bool = True) -> None:
+    """The environment's rules for a runbook's parameters: in production, a runbook not ``allowed`` there
+    (reset) is refused and no backup may be turned off, whatever the parameters say
+    (:class:`PreconditionFailed`, exit 3)."""
     if env != "production":
         return
-    if runbook == "reset":
-        raise PreconditionFailed("reset is refused in production, whatever the parameters")
+    if not allowed:
+        raise PreconditionFailed(f"{runbook} is refused in production, whatever the parameters")
     if values.get("dev_data"):
         raise PreconditionFailed(f"{runbook}: dev_data=True is refused in production: sample data never goes there")
     if "backup" in values and not values["backup"]:
@@ -248,13 +167,13 @@ def _check(runbook: str, p: Param, value: Any) -> Any:
         if p.revision and value and not _REVISION.match(value):
             raise InvalidInput(f"{where}: {value!r} is not a revision id (letters, digits, _ . @ + -)")
     elif p.type is bool:
-        if isinstance(value, str) and value.strip().lower() in ("true", "false"):
-            value = value.strip().lower() == "true"
+        if isinstance(value, str):
+            value = parse_text(p, value)
         if not isinstance(value, bool):
             raise InvalidInput(f"{where} must be true or false, not {value!r}")
     elif p.type is int:
-        if isinstance(value, str) and value.strip().lstrip("-").isdigit():
-            value = int(value)
+        if isinstance(value, str):
+            value = parse_text(p, value)
         if isinstance(value, bool) or not isinstance(value, int):
             raise InvalidInput(f"{where} must be a whole number, not {value!r}")
     if p.choices and value not in p.choices:
@@ -262,33 +181,19 @@ def _check(runbook: str, p: Param, value: Any) -> Any:
     return value
 
 
-def _check_combinations(runbook: str, values: dict[str, Any]) -> None:
-    env_name = values["database_url_env"]
+def _check_url_env(runbook: str, values: dict[str, Any]) -> None:
+    env_name = values.get("database_url_env", "DATABASE_URL")
     if "://" in env_name or not ENV_NAME.match(env_name):
         raise InvalidInput(
             f"{runbook}: database_url_env names the environment variable that holds the URL "
             f"(e.g. DATABASE_URL), not {'a URL' if '://' in env_name else repr(env_name)}"
         )
-    for name in ("admin_email_env", "admin_password_env"):
-        if name in values and not ENV_NAME.match(values[name]):
-            raise InvalidInput(f"{runbook}: {name} names an environment variable (e.g. OPSLIB_ADMIN_EMAIL), not {values[name]!r}")
-    if runbook == "deploy" and values["on_failure"] == "restore" and not values["backup"]:
-        raise InvalidInput(
-            "deploy: on_failure='restore' needs backup=True: there is nothing to restore otherwise"
-        )
-    if runbook == "rollback" and not values["target_revision"] and values["steps"] < 1:
-        raise InvalidInput(f"rollback: steps must be at least 1, not {values['steps']}")
-    if runbook == "rollback":
-        ids = [r.strip() for r in values["acknowledge_irreversible"].split(",") if r.strip()]
-        bad = [r for r in ids if not _REVISION.match(r)]
-        if bad:
-            raise InvalidInput(
-                f"rollback: acknowledge_irreversible lists revision ids separated by commas; {bad[0]!r} is not one"
-            )
-    if runbook == "recovery" and values["mode"] == "stamp":
-        if not values["stamp_revision"]:
-            raise InvalidInput(
-                "recovery: mode='stamp' needs stamp_revision, the revision the database is now at"
-            )
-        if not values["reason"].strip():
-            raise InvalidInput("recovery: mode='stamp' needs a reason, kept in the record")
+
+
+def check_revision_list(runbook: str, name: str, text: str) -> list[str]:
+    """Revision ids given as one comma-separated text (``acknowledge_irreversible``), each checked."""
+    ids = [r.strip() for r in text.split(",") if r.strip()]
+    bad = [r for r in ids if not _REVISION.match(r)]
+    if bad:
+        raise InvalidInput(f"{runbook}: {name} lists revision ids separated by commas; {bad[0]!r} is not one")
+    return ids

@@ -61,6 +61,8 @@ _OPTIONAL = (
     "closed_at",
     "alembic_ini",
     "version_table",
+    "changes_database",
+    "backup_gated",
 )
 
 
@@ -111,6 +113,11 @@ class RunRecord:
     version_table: list[str | None] | None = None
     # Data the run inserted or found already there, per item (init-prod): [{item, table, created, present}].
     data_changes: list[dict] | None = None
+    # What the runbook's declaration says of it (see opslib.workflows), kept with the run so that whoever
+    # reads the records later needs no runbook's code: whether it changes its target database, and whether
+    # its production runs must take a verified backup and end with a verify step.
+    changes_database: bool | None = None
+    backup_gated: bool | None = None
     # A rehearsal's findings (rehearse): the copy, per-revision timings and locks, and what differed.
     rehearsal: dict | None = None
 

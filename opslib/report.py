@@ -33,10 +33,10 @@ from pathlib import Path
 from typing import Callable
 
 from opslib import __version__, audit, display, notebooks, summary
+from opslib.errors import ConfigError, InvalidInput, ReportFailed
 from opslib.outcome import Outcome
 from opslib.record import revisions_text
 from opslib.redact import clean
-from opslib.errors import ConfigError, InvalidInput, ReportFailed
 
 TEMPLATES = Path(__file__).parent / "templates"
 # A report folder carries this file, so that rebuilding may replace it and nothing else.

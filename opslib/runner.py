@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
-from opslib import audit, kernelfiles, notebooks, params
+from opslib import audit, kernelfiles, notebooks, params, workflows
 from opslib.config import Settings, runbooks_dir
 from opslib.errors import ConfigError, Interrupted, InvalidInput, OpsError
 from opslib.outcome import Outcome, outcome_of, process_exit_code, signal_exit_code
@@ -65,7 +65,7 @@ class RunOutcome:
 
 def runbook_path(name: str) -> Path:
     """The notebook of a runbook, by name."""
-    params.spec(name)  # unknown names are refused with the list of runbooks
+    workflows.get(name)  # unknown names are refused with the list of runbooks
     path = runbooks_dir() / f"{name}.ipynb"
     if not path.is_file():
         raise InvalidInput(
@@ -75,27 +75,10 @@ def runbook_path(name: str) -> Path:
 
 
 def coerce(name: str, pairs: Sequence[tuple[str, str]]) -> dict:
-    """Turn ``-p NAME VALUE`` strings into typed values as the runbook declares them.
-
-    Strings stay strings (so revision ``0042`` is not the number 42); numbers and booleans are
-    converted when they parse, and otherwise passed on for the runbook's validation to refuse.
-    """
-    declared = {p.name: p for p in params.spec(name)}
-    values: dict = {}
-    for key, raw in pairs:
-        p = declared.get(key)
-        if p is None or p.type is str:
-            values[key] = raw
-        elif p.type is bool:
-            lowered = raw.strip().lower()
-            values[key] = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}.get(
-                lowered, raw
-            )
-        elif p.type is int:
-            values[key] = int(raw) if raw.strip().lstrip("-").isdigit() else raw
-    return values
-
-
+    """Turn ``-p NAME VALUE`` strings into typed values as the runbook declares them (see
+    :func:`opslib.params.parse_text`); what does not parse is passed on for validation to refuse."""
+    declared = {p.name: p for p in workflows.get(name).parameters}
+    return {key: params.parse_text(declared.get(key), raw) for key, raw in pairs}
 
 
 class _Kernels:

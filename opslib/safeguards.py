@@ -9,9 +9,10 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
-# Runbooks that change the database and, in production, must take a verified backup and verify after.
-# The runbooks whose production runs are gated by a verified backup and end with a verify step.
-_BACKUP_GATED = ("deploy", "rollback")
+# Records written before runs kept their runbook's declaration (``backup_gated``, ``changes_database``)
+# are read with what the runbooks of that time declared.
+_GATED_BEFORE = ("deploy", "rollback")
+_CHANGED_NO_DATABASE_BEFORE = ("rehearse",)
 # Steps that read the database (or copy it out) and never change it; any other step that began may have.
 _READ_ONLY_STEPS = frozenset({"parameters", "preflight", "backup", "verify", "summary"})
 # Step outcomes after which the step changed nothing: skipped, refused, bad input, or gave up on a lock.
@@ -42,6 +43,18 @@ def changed_database(record: Mapping[str, Any]) -> bool:
     )
 
 
+def backup_gated(record: Mapping[str, Any]) -> bool:
+    """Whether the run's runbook gates production runs by a verified backup and a verify step."""
+    kept = record.get("backup_gated")
+    return kept if isinstance(kept, bool) else record.get("runbook") in _GATED_BEFORE
+
+
+def changes_its_database(record: Mapping[str, Any]) -> bool:
+    """Whether the run's runbook is one that changes its target database (a rehearsal changes a copy)."""
+    kept = record.get("changes_database")
+    return kept if isinstance(kept, bool) else record.get("runbook") not in _CHANGED_NO_DATABASE_BEFORE
+
+
 def skipped_safeguards(record: Mapping[str, Any]) -> list[str]:
     """The safeguards the run (a sidecar's fields) went without, each as a short phrase; empty when none.
 
@@ -51,7 +64,7 @@ def skipped_safeguards(record: Mapping[str, Any]) -> list[str]:
     steps = dict(map(_step_fields, record["steps"] if isinstance(record.get("steps"), list) else []))
     outcome = record.get("outcome")
     changed = changed_database(record)
-    if record.get("env") == "production" and record.get("runbook") in _BACKUP_GATED and changed:
+    if record.get("env") == "production" and backup_gated(record) and changed:
         if not record.get("backup") or steps.get("backup") != "succeeded":
             found.append("no verified backup")
         if outcome == "succeeded" and steps.get("verify") != "succeeded":

@@ -89,18 +89,22 @@ class _Signals:
         signal.raise_signal(signum)
 
 
-def step(name: str, after: str | None = None, repeatable: bool = False) -> Callable:
+def step(label: str | None = None, repeatable: bool = False) -> Callable:
     """Decorate a Run method as a recorded step; a failure ends the run and is re-raised.
 
-    ``after`` names the step that must have run (succeeded, or skipped as not needed) before this one;
-    as each step names its own, the whole order holds. A step runs once unless ``repeatable`` (a step
-    that only reads): run again after it succeeded or was skipped (a cell run twice by accident), it shows
-    its result again, is not run again and is not recorded again, and the run goes on. A step out of order
-    refuses: the run ends there as ``refused`` (exit 3) having changed nothing, and the message names the
-    first step missing, by its section's title. No parameter and no environment lifts this.
+    The step is recorded under ``label`` (by default the method's name: the records' step names are
+    what auditors and older records know). Its place in the run is the workflow's :attr:`Run.steps`,
+    which lists the step methods in order: each step needs the one before it to have run (succeeded,
+    or skipped as not needed). A step runs once unless ``repeatable`` (a step that only reads): run
+    again after it succeeded or was skipped (a cell run twice by accident), it shows its result again,
+    is not run again and is not recorded again, and the run goes on. A step out of order refuses: the
+    run ends there as ``refused`` (exit 3) having changed nothing, and the message names the first step
+    missing, by its section's title. No parameter and no environment lifts this.
     """
 
     def decorate(fn: Callable) -> Callable:
+        name = label or fn.__name__
+
         @functools.wraps(fn)
         def wrapper(self: "Run", *args, **kwargs):
             if name in self.done and not repeatable:
@@ -110,7 +114,7 @@ def step(name: str, after: str | None = None, repeatable: bool = False) -> Calla
             started = time.perf_counter()
             _Signals.in_step += 1
             try:
-                self._require_order(name, after, repeatable, entry)
+                self._require_order(fn.__name__, repeatable, entry)
                 self._save()
                 result = fn(self, *args, **kwargs)
             except BaseException as caught:
@@ -143,16 +147,45 @@ def step(name: str, after: str | None = None, repeatable: bool = False) -> Calla
             return result
 
         wrapper.step_name = name
-        wrapper.step_after = after
         return wrapper
 
     return decorate
 
 
 class Run:
-    """One execution of a runbook: its settings, validated parameters and record."""
+    """One execution of a runbook: its settings, validated parameters and record.
 
+    A workflow (see :mod:`opslib.workflows`) declares its step methods in order in :attr:`steps`; every
+    run begins with :meth:`validate` and ends with :meth:`summary`.
+    """
+
+    # What a workflow declares of its runbook (see opslib.workflows): its name and purpose, its parameters,
+    # its step methods between validate and summary in the order they must run, and how the records and
+    # the production rules treat it.
     runbook = ""
+    about = ""
+    parameters: tuple[params.Param, ...] = ()
+    steps: tuple[str, ...] = ()
+    changes_database = True
+    backup_gated = False
+    allowed_in_production = True
+    # A runbook name no workflow declares: the run's first step refuses it (recorded, exit 2).
+    unknown: str | None = None
+
+    @classmethod
+    def check_values(cls, values: dict) -> None:
+        """The runbook's own rules across its parameters, raising :class:`InvalidInput`; none by default."""
+
+    @classmethod
+    def checked_parameters(cls, values: Mapping[str, Any], env: str) -> dict[str, Any]:
+        """The parameters, complete and checked: each against its declaration (exit 2), then the rules
+        across them (exit 2), then what the environment forbids (exit 3)."""
+        if cls.unknown:
+            raise InvalidInput(cls.unknown)
+        checked = params.validate(cls.runbook, cls.parameters, values)
+        cls.check_values(checked)
+        params.check_environment(cls.runbook, checked, env, cls.allowed_in_production)
+        return checked
 
     def __init__(self, settings: Settings, values: dict, record: RunRecord, stem: str, under_runner: bool):
         self.settings = settings
@@ -189,33 +222,32 @@ class Run:
             )
             raise PreconditionFailed(f"this run has ended ({self.record.outcome}); to {name} again, start a new run: {again}")
 
-    def _require_order(self, name: str, after: str | None, repeatable: bool, entry: Step) -> None:
+    def _require_order(self, method: str, repeatable: bool, entry: Step) -> None:
         """Refuse a step run before the one it follows (see :func:`step`), naming the first step missing."""
         done = {s.name: s.outcome for s in self.record.steps if s is not entry}
-        if after is not None and not self._passed(done, after):
-            missing = after
-            while (before := self._after_of(missing)) is not None and not self._passed(done, before):
-                missing = before  # the earliest step not run: "preflight first", not "backup first"
+        order = self.step_order()
+        before = order[: order.index(method)] if method in order else ()
+        missing = next((m for m in before if not self._passed(done, self._label_of(m))), None)
+        if missing is not None:  # the earliest step not run: "preflight first", not "backup first"
             raise StepOutOfOrder(
-                f"{self.runbook}: {name} needs the {missing} step first ({self._cell_of(missing)}); "
-                "nothing was changed, and this run ends here: start a new run and run its cells in order"
+                f"{self.runbook}: {self._label_of(method)} needs the {self._label_of(missing)} step first "
+                f"({self._cell_of(missing)}); nothing was changed, and this run ends here: start a new run and "
+                "run its cells in order"
             )
+
+    @classmethod
+    def step_order(cls) -> tuple[str, ...]:
+        """Every step method of this workflow, in the order they run."""
+        return ("validate", *cls.steps, "summary")
+
+    @classmethod
+    def _label_of(cls, method: str) -> str:
+        """The name a step method is recorded under."""
+        return getattr(getattr(cls, method, None), "step_name", method)
 
     @staticmethod
     def _passed(done: Mapping[str, Outcome], step_name: str) -> bool:
         return done.get(step_name) in (Outcome.SUCCEEDED, Outcome.SKIPPED)
-
-    def _step_method(self, step_name: str) -> tuple[str, Callable] | None:
-        """(attribute, method) of the step called ``step_name`` in this workflow."""
-        for attr in dir(type(self)):
-            method = getattr(type(self), attr, None)
-            if getattr(method, "step_name", None) == step_name:
-                return attr, method
-        return None
-
-    def _after_of(self, step_name: str) -> str | None:
-        found = self._step_method(step_name)
-        return getattr(found[1], "step_after", None) if found else None
 
     def _shown_again(self, name: str) -> Any:
         """A finished step's result, shown again for a cell run twice: the step is not run again."""
@@ -224,15 +256,13 @@ class Run:
             return result.again(f"done at {started_at}; shown again, not run again")
         return result
 
-    def _cell_of(self, step_name: str) -> str:
+    def _cell_of(self, method: str) -> str:
         """The cell that runs a step, as an operator finds it in the notebook: by its section's title."""
-        found = self._step_method(step_name)
-        if found is None:
-            return f"the {step_name} section"
-        attr = found[0]
-        call = f"run.{attr}()" if attr != "validate" else "runbook.start"
-        title = section_title(self.runbook, call.removesuffix("()") + ("(" if call.endswith("()") else ""))
-        where = f"the cell `{call}`" if attr != "validate" else "the cell that calls runbook.start"
+        if method == "validate":
+            title = section_title(self.runbook, "runbook.start")
+            return f"the cell that calls runbook.start in the section “{title}”" if title else "the cell that calls runbook.start"
+        title = section_title(self.runbook, f"run.{method}(")
+        where = f"the cell `run.{method}()`"
         return f"{where} in the section “{title}”" if title else where
 
     def _revisions_now(self) -> list[str] | None:
@@ -389,7 +419,10 @@ class Run:
         """Validate the parameters and the environment's rules for this runbook (the run's first step)."""
         if reload_settings:
             load_settings()  # raises the configuration error, now recorded as this step's failure
-        values = params.validate(runbook, params.from_namespace(runbook, namespace))
+        if self.unknown:
+            raise InvalidInput(self.unknown)
+        values = params.validate(runbook, self.parameters, params.from_namespace(self.parameters, namespace))
+        self.check_values(values)
         self.params = values
         self.record.parameters = values
         env_name = values["database_url_env"]
@@ -404,14 +437,14 @@ class Run:
             db.parse_url(url, source=env_name)  # a malformed URL is refused here, before any connection
             self.settings = replace(self.settings, database_url=url, url_source=env_name)
         # DATABASE_URL unset: the settings' own rule stands (the project's alembic.ini URL, else the embedded server).
-        params.check_environment(runbook, values, self.settings.env)
+        params.check_environment(runbook, values, self.settings.env, self.allowed_in_production)
         self._check_inputs()
 
     def _check_inputs(self) -> None:
         """What a runbook needs besides its parameters (an environment variable, say), checked before any
         connection: raise :class:`InvalidInput` (exit 2). None by default."""
 
-    @step("summary", after="verify")
+    @step()
     def summary(self) -> Section:
         """End the run as succeeded, seal it, and show what it did."""
         r = self.record
@@ -518,7 +551,8 @@ def _refuse_a_notebook_that_is_not_the_run(runbook: str, stem: str | None) -> No
 
 def begin(runbook: str, namespace: Mapping[str, Any], workflow: type[Run]) -> Run:
     """Begin a run of ``workflow``: validate the parameters found in the notebook's namespace, before
-    any connection (invalid ones end the run at once, with its record written)."""
+    any connection (invalid ones end the run at once, with its record written). A runbook no workflow
+    declares is begun as a :class:`Run` whose ``unknown`` says so: its first step refuses it."""
     started = audit.now()
     run_id = os.environ.get(audit.RUN_ID_ENV) or audit.new_run_id()
     stem = os.environ.get(audit.RUN_STEM_ENV) or audit.record_stem(runbook, run_id, started)
@@ -537,6 +571,7 @@ def begin(runbook: str, namespace: Mapping[str, Any], workflow: type[Run]) -> Ru
         bad = False
     audit.ensure_records_dir(settings.records_dir)  # no folder to record in: one line, nothing done
     record = audit.new_record(runbook, run_id, started, operator=settings.operator, env=settings.env)
+    record.changes_database, record.backup_gated = workflow.changes_database, workflow.backup_gated
     run = workflow(settings, {}, record, stem, under_runner)
     # Held for the run's life, before its first sidecar: a record whose mark nobody holds was abandoned.
     run.live = audit.hold_live_mark(settings.records_dir, stem)

@@ -8,10 +8,8 @@ from collections import Counter
 from pathlib import Path
 
 from opslib import audit
-from opslib.safeguards import changed_database
+from opslib.safeguards import changed_database, changes_its_database
 
-# The runbooks that change a database: in production, each is listed with its backup.
-CHANGING_RUNBOOKS = ("deploy", "rollback", "recovery", "reset", "init-prod")
 # Endings after which nothing was changed (bad input, a guard, a held lock).
 _UNCHANGED = ("invalid", "refused", "locked")
 
@@ -26,7 +24,7 @@ def audit_summary(records_dir: Path, check: audit.LedgerCheck | None = None) -> 
     for entry in runs:
         env, outcome = str(entry.get("env")), "running" if audit.is_start(entry) else str(entry.get("outcome"))
         counts.setdefault(env, Counter())[outcome] += 1
-        if env == "production" and entry.get("runbook") in CHANGING_RUNBOOKS and _changed(entry, outcome):
+        if env == "production" and changes_its_database(entry) and _changed(entry, outcome):
             sidecar = _sidecar(records_dir, entry)
             backup = sidecar.get("backup") or {}
             row = audit.run_row(entry)

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from opslib.outcome import Outcome
 from opslib import audit
+from opslib.outcome import Outcome
 
 from .conftest import _opslib_run, audit_cli, copy_of_records, libpq, outcomes_that_disagree, query
 

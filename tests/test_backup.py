@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import json
-import re
 import os
+import re
 import signal
 import subprocess
 import time
@@ -18,7 +18,17 @@ import pytest
 from opslib import backup, db, migrate, pgtools
 from opslib.errors import ChecksFailed, InvalidInput, PreconditionFailed
 
-from .conftest import OPSLIB, REFUSED, ROOT, databases_named, libpq, query, schema_snapshot, settings_for, unanswered
+from .conftest import (
+    OPSLIB,
+    REFUSED,
+    ROOT,
+    databases_named,
+    libpq,
+    query,
+    schema_snapshot,
+    settings_for,
+    unanswered,
+)
 
 PASSWORD = "Backup-S3cret-pw"
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import tomllib
 
+import tomllib
 import yaml
 
 from .conftest import ROOT

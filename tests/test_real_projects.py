@@ -4,13 +4,12 @@ is the one env.py configures online, offline SQL never lies, and pending means w
 
 from __future__ import annotations
 
-import pytest
-
 import json
 import re
 import subprocess
 from pathlib import Path
 
+import pytest
 from sqlalchemy.engine import make_url
 
 from opslib import migrate

@@ -9,7 +9,7 @@ import nbformat
 import pytest
 import sqlalchemy as sa
 
-from opslib import audit, params, redact
+from opslib import audit, params, redact, workflows
 
 
 @pytest.mark.parametrize(
@@ -231,7 +231,7 @@ def test_a_parameter_with_a_query_password_is_refused_without_showing_it():
     from opslib.errors import InvalidInput
 
     with pytest.raises(InvalidInput) as raised:
-        params.validate("deploy", {"target_revision": "postgresql://u@h/db?password=s3cr%40t"})
+        params.validate("deploy", workflows.get("deploy").parameters, {"target_revision": "postgresql://u@h/db?password=s3cr%40t"})
     assert "target_revision" in str(raised.value) and "s3cr" not in str(raised.value)
     params.refuse_secrets("deploy", {"target_revision": "postgresql://u@h/db?sslmode=require"})  # no error
     assert params.shown_value(["postgresql://u@h/db?password=x"]) == "(not kept: it holds a password)"

@@ -14,7 +14,6 @@ from opslib import audit
 
 from .conftest import RECORDS_PASSWORD, ROOT, audit_cli, copy_of_records
 
-
 CHROMIUM_FLAGS = [
     "--headless",
     "--no-sandbox",

@@ -13,7 +13,7 @@ import nbformat
 import papermill
 import pytest
 
-from opslib import audit, backup, db, migrate, params
+from opslib import audit, backup, db, migrate, workflows
 from opslib.config import Settings
 
 from .conftest import OPSLIB, ROOT, query, schema_snapshot, settings_for
@@ -79,7 +79,7 @@ def test_notebook_shape_and_parameters(name):
     assert cells[0].cell_type == "markdown" and cells[0].source.startswith("# ")
     assert "parameters" in cells[1].metadata.get("tags", [])
     inferred = papermill.inspect_notebook(str(path))
-    declared = params.spec(name)
+    declared = workflows.get(name).parameters
     assert list(inferred) == [p.name for p in declared]
     for p in declared:
         assert inferred[p.name]["inferred_type_name"] == p.type.__name__

@@ -22,8 +22,6 @@ from opslib.record import Database, RunRecord
 from .conftest import ROOT, dead_pid, opslib_cli, query
 
 
-
-
 def killed_run(records: Path, url: str, stem: str, version_table: list | None, witness: str | None = None) -> None:
     """The sidecar and unheld live mark a run killed with SIGKILL after identifying its database leaves (its
     start entry also in ``witness``, when given, as a run's is in the default one)."""

@@ -1,0 +1,140 @@
+"""The deploy runbook (the guide's `make deploy-prod`): preflight, backup, upgrade, verify."""
+
+from __future__ import annotations
+
+from opslib import checks, lint, migrate, params
+from opslib.display import Section, findings_tables, first_line, show_now, shown_detail
+from opslib.errors import (
+    InvalidInput,
+    MigrationFailed,
+)
+from opslib.params import Param
+from opslib.record import revisions_text
+from opslib.steps import step
+from opslib.workflows.workflow import Workflow
+
+
+class Deploy(Workflow):
+    """The guide's `make deploy-prod`: preflight, backup, upgrade, verify."""
+
+    runbook = "deploy"
+    about = "upgrade to a revision, after a preflight and a verified backup; verify after"
+    parameters = (
+        params.URL_ENV,
+        Param("target_revision", str, "head", "revision to upgrade to", revision=True),
+        params.BACKUP,
+        Param("restore_test", bool, False, "verify the backup by restoring it into a scratch database"),
+        Param(
+            "on_failure",
+            str,
+            "stop",
+            "stop: stay at the last committed revision; restore: restore the backup",
+            ("stop", "restore"),
+        ),
+        params.DEV_DATA,
+        params.CONFIRM,
+    )
+    steps = ("preflight", "backup", "upgrade", "verify")
+    backup_gated = True
+
+    @classmethod
+    def check_values(cls, values: dict) -> None:
+        """A restore on failure needs the backup it restores."""
+        if values["on_failure"] == "restore" and not values["backup"]:
+            raise InvalidInput("deploy: on_failure='restore' needs backup=True: there is nothing to restore otherwise")
+
+    pending: list = []
+    plan: migrate.DeployPlan | None = None
+    drift = None  # the preflight's comparison with the models, reused when nothing is applied
+
+    @step()
+    def preflight(self) -> Section:
+        """Identify the target, run the pre-deploy checks (heads, lint, naming, backup…), list what will run and its SQL."""
+        facts = self._identify()
+        if self.settings.env == "production":
+            self._require_confirm("in production")
+        report = checks.pre_deploy(
+            self.settings, self.params["target_revision"], backup_planned=self.params["backup"]
+        )
+        self.record.checks = report.to_dict()["checks"]
+        # The findings that mattered (blocking, accepted with their reasons, advice); information is counted in the check.
+        self.record.findings = [
+            f.to_dict() for f in report.findings if f.severity is not lint.Severity.INFO
+        ]
+        self._save()
+        check_rows = [{"check": c.name, "result": c.status, "detail": shown_detail(c.detail)} for c in report.checks]
+        found = findings_tables(report.findings)
+        self.plan = report.plan  # the checks planned the deploy and rendered its SQL already (None: they stopped first)
+        self.pending = list(self.plan.pending) if self.plan is not None else []
+        pending_rows = [
+            {"check": f"pending {r.revision}", "result": "", "detail": first_line(r.message)} for r in self.pending
+        ]
+        # The plan is shown refused or not: what would run, its SQL and each finding are what an operator needs
+        # to decide, most of all when a finding blocks.
+        sql = (self.plan.sql.sql or "-- the SQL cannot be rendered offline (see the checks above)") if self.pending else ""
+        if not report.ok:
+            failed = report.first_failure()
+            status = f"refused: {failed.name} failed" + (f", {len(self.pending)} revision(s) not applied" if self.pending else "")
+            show_now(Section("Preflight", status, facts, check_rows + pending_rows, sql, tables=found))
+            report.raise_for_failure()
+        self.drift = next((c for c in report.checks if c.name == "drift"), None)
+        facts.append(("target revision", self.params["target_revision"]))
+        if self.params["dev_data"]:
+            facts.append(("dev_data", "yes (-x dev_data=true): the revisions load the development sample data"))
+        if not self.pending:
+            return Section(
+                "Preflight", "nothing to do: the database is already at the target", facts, check_rows, tables=found
+            )
+        return Section(
+            "Preflight", f"checks passed, {len(self.pending)} revision(s) to apply", facts, check_rows + pending_rows,
+            sql, tables=found,
+        )
+
+    @step()
+    def backup(self) -> Section:
+        """Back up and verify before changing anything (skipped when nothing is pending)."""
+        if not self.pending:
+            return Section.skip("Backup", "nothing to deploy")
+        return self._take_backup(f"before deploy {self.record.run_id}")
+
+    @step()
+    def upgrade(self) -> Section:
+        """Apply the pending revisions under the lock, each committing on its own; on failure stop, or restore the backup."""
+        if not self.pending:
+            return Section.skip("Upgrade", "nothing to deploy")
+        try:
+            result = migrate.upgrade(
+                self.settings,
+                self.pending[-1].revision,
+                x_args=["dev_data=true"] if self.params["dev_data"] else [],
+                on_attempt=self._attempt_recorder(),
+                on_step=self._steps_recorder("upgrade"),
+            )
+        except MigrationFailed as err:
+            if self.params["on_failure"] != "restore":
+                raise
+            restored = self._restore_over_target(self.record.backup.path, terminate=True)
+            raise MigrationFailed(
+                f"{err.message} on_failure=restore: the pre-deploy backup was restored, the database is back at "
+                f"{revisions_text(restored.revisions)} (the failed state is kept as {restored.replaced_database_kept_as})",
+                changed=True,
+                revisions=restored.revisions,
+                output=err.output,
+            ) from err
+        return self._migrated("Upgrade", f"applied {len(result.steps)} revision(s)", result)
+
+    @step(repeatable=True)
+    def verify(self) -> Section:
+        """The database is at the target, and matches the project's models where it has them."""
+        facts = [
+            self._expect_revisions(
+                tuple(r.revision for r in self.pending[-1:]) or tuple(self.record.revisions_before)
+            )
+        ]
+        drift = self.drift
+        if not self.pending and drift is not None and drift.status != "skip":
+            # Nothing was applied since the preflight compared the models: its result still holds.
+            facts.append(("models", f"{drift.status}: {drift.detail} (compared at preflight)"))
+        else:
+            facts.append(self._models_fact())
+        return Section("Verify", "passed", facts)

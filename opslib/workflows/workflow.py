@@ -1,0 +1,107 @@
+"""What the runbooks' workflows share: confirming the target, backups, restores over the target,
+showing a migration's result, and checking where the database stands."""
+
+from __future__ import annotations
+
+from opslib import backup, migrate
+from opslib.display import Section, first_line
+from opslib.errors import (
+    PreconditionFailed,
+    VerificationFailed,
+)
+from opslib.record import BackupRef, revisions_text
+from opslib.steps import Run
+
+OUTPUT_TAIL = 20  # lines of the migrations' own output shown in a step's section
+
+
+class Workflow(Run):
+    """What the four runbooks' steps share: confirming the target, backups, restores over the target,
+    showing a migration's result, and checking where the database stands."""
+
+    def _restore_over_target(self, path, terminate: bool):
+        """Restore a backup over the target: the run lock's own session is let go for the swap, then taken again."""
+        self._release_lock()
+        try:
+            return backup.restore(self.settings, path, confirm=self.database, terminate_connections=terminate)
+        finally:
+            self._take_lock()
+
+
+    def _require_confirm(self, why: str) -> None:
+        if self.params.get("confirm") != self.database:
+            given = repr(self.params.get("confirm")) if self.params.get("confirm") else "nothing"
+            raise PreconditionFailed(
+                f"{self.runbook} {why} needs confirm={self.database!r} (the database's name); got {given}"
+            )
+
+
+    def _take_backup(self, label: str) -> Section:
+        if not self.params.get("backup"):
+            return Section.skip("Backup", f"backup=False (environment {self.settings.env})")
+        made = backup.backup(self.settings, label=label)
+        report = backup.verify_backup(
+            self.settings, made.path, restore_test=self.params.get("restore_test", False)
+        )
+        report.raise_for_failure()
+        self.record.backup = BackupRef(str(made.path.resolve()), made.manifest["sha256"])
+        self._save()
+        m = made.manifest
+        app = {k: v for k, v in m["row_counts"].items() if not k.startswith("opslib.")}
+        return Section(
+            "Backup",
+            "taken and verified",
+            [
+                ("file", made.path.name),
+                ("revision", revisions_text(m["revisions"])),
+                # The application's tables; the opslib history (which grows with every run) is in the manifest too.
+                ("tables / rows", f"{len(app)} / {sum(app.values())}"),
+                ("sha256", m["sha256"][:16] + "…"),
+                (
+                    "verification",
+                    "restore test passed" if self.params.get("restore_test") else "checksum and archive",
+                ),
+            ],
+        )
+
+
+    def _migrated(self, title: str, status: str, result: migrate.MigrationResult) -> Section:
+        """A migration step's section: where the database is now, each revision, and what the migrations
+        printed or logged (the tail shown; all of it kept in the record)."""
+        rows = [{"revision": s.revision, "message": first_line(s.message)} for s in result.steps]
+        text = ""
+        if result.output.strip():
+            self._keep_output(title.lower(), result.output)
+            self._save()
+            lines = result.output.rstrip().splitlines()
+            shown = lines[-OUTPUT_TAIL:]
+            head = f"# what the migrations printed or logged ({len(lines)} lines"
+            head += f", the last {len(shown)} here; all in the record)" if len(shown) < len(lines) else ")"
+            text = "\n".join([head, *shown])
+        return Section(title, status, [("now at", revisions_text(result.after))], rows, text)
+
+
+    def _expect_revisions(self, expected: tuple[str, ...]) -> tuple[str, object]:
+        read = self._revisions_now()
+        if read is None:
+            raise VerificationFailed(
+                f"the database's revision could not be read (expected {revisions_text(expected)})"
+            )
+        now = tuple(sorted(read))
+        if now != tuple(sorted(expected)):
+            raise VerificationFailed(f"the database is at {revisions_text(now)}, expected {revisions_text(expected)}")
+        return ("revision", revisions_text(now))
+
+
+    def _models_fact(self) -> tuple[str, object]:
+        """Compare the database with the project's models; only meaningful at head, where the models are."""
+        heads = {h.revision for h in migrate.heads(self.settings)}
+        now = self._revisions_now()
+        if now is None:
+            return ("models", "skip: the database's revision could not be read")
+        if set(now) != heads:
+            return ("models", "skip: compared only when the database is at head")
+        status, detail = migrate.compare_models(self.settings)
+        if status == "fail":
+            raise VerificationFailed(f"the database does not match the models: {detail}")
+        return ("models", f"{status}: {detail}")
