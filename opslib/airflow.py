@@ -11,12 +11,15 @@ A DAG file in the team's Airflow ``dags`` folder::
         canary=1, wave=5, parallel=2, halt_after=1,
     )
 
-The plan (canary, waves, each target's URL variable and label) comes from ``opslib fleet RUNBOOK --plan-json``,
-so the fleet file is read and checked by opslib itself and this module needs only Airflow. The DAG has a mapped
+The whole plan (canary, waves, each target's ``opslib`` command line, the halt rule's limit) comes from
+``opslib fleet RUNBOOK --plan-json``, so the fleet file is read and checked, production targets confirmed and
+command lines made by opslib itself; this module only executes the plan, with the halt rule of
+:mod:`opslib.halt`, and needs only Airflow. The DAG has a mapped
 task per wave (``canary``, ``wave_1``, …; dynamic task mapping, at most ``parallel`` at once through
 ``max_active_tis_per_dag``) and, before each wave after the first, a ``gate_N`` task that fails once the halt
 rule is met (``halt_after`` failures, or a failed canary), so that the waves after it never start. Each target
-task runs ``opslib run RUNBOOK -p database_url_env VAR --env LABEL``: its log carries opslib's one-line outcome,
+task runs its command (``opslib run RUNBOOK --json -p database_url_env VAR --env LABEL …``): its log carries
+opslib's one-line outcome,
 its record goes to ``records_dir``, and the task fails when the run fails. The workers need each target's URL
 variable in their environment (or ``env=``, a dict merged into it, e.g. from an Airflow Variable).
 """
@@ -28,19 +31,25 @@ import logging
 import os
 import subprocess
 from collections.abc import Mapping, Sequence
-from urllib.parse import urlsplit
+
+from opslib.halt import Failure, halt_reason
 
 log = logging.getLogger(__name__)
 
 
 def fleet_plan(opslib: str, runbook: str, fleet_file: str, *, canary: int, wave: int, parallel: int,
-               halt_after: int | None, only: Sequence[str] = (), env: Mapping[str, str] | None = None) -> dict:
-    """The fleet's waves as opslib plans them (``opslib fleet … --plan-json``); its refusal is a ValueError."""
+               halt_after: int | None, only: Sequence[str] = (), env: Mapping[str, str] | None = None,
+               parameters: Mapping[str, str] | None = None, confirm_production: int | None = None) -> dict:
+    """The fleet's whole plan as opslib makes it (``opslib fleet … --plan-json``); its refusal is a ValueError."""
     args = [opslib, "fleet", runbook, "--targets", fleet_file, "--canary", str(canary), "--wave", str(wave),
             "--parallel", str(parallel), "--plan-json"]
     args += ["--no-halt"] if halt_after is None else ["--halt-after", str(halt_after)]
     for selection in only:
         args += ["--only", selection]
+    for name, value in (parameters or {}).items():
+        args += ["-p", name, str(value)]
+    if confirm_production is not None:
+        args += ["--confirm-production", str(confirm_production)]
     done = subprocess.run(args, capture_output=True, text=True, env={**os.environ, **(env or {})})
     if done.returncode != 0:
         raise ValueError(f"opslib refused the fleet {fleet_file}: {done.stderr.strip()}")
@@ -75,50 +84,30 @@ def fleet_dag(dag_id: str, runbook: str, fleet_file: str, *, opslib: str = "opsl
     if records_dir:
         extra["OPSLIB_RECORDS_DIR"] = records_dir
     planned = fleet_plan(opslib, runbook, fleet_file, canary=canary, wave=wave, parallel=parallel,
-                         halt_after=halt_after, only=only, env=extra)
-    pairs = [arg for name, value in (parameters or {}).items() for arg in ("-p", name, str(value))]
-    production = [t["name"] for w in planned["waves"] for t in w if t["env"] == "production"]
-    if production and confirm_production != len(production):
-        raise ValueError(
-            f"the fleet {fleet_file} has {len(production)} production target(s): build the DAG with "
-            f"confirm_production={len(production)} to run them"
-        )
+                         halt_after=halt_after, only=only, env=extra, parameters=parameters,
+                         confirm_production=confirm_production)
 
     @dag(dag_id=dag_id, schedule=None, catchup=False, max_active_tasks=parallel, **dag_kwargs)
     def build():
         @task(max_active_tis_per_dag=parallel)
         def run_target(target: dict, ti=None) -> dict:
-            args = [opslib, "run", runbook, "--env", target["env"], "-p", "database_url_env", target["url_env"], *pairs]
-            if target["env"] == "production" and "confirm" not in (parameters or {}):
-                # Confirmed for the fleet when the DAG was built: each run names its own database.
-                url = {**os.environ, **extra}.get(target["url_env"], "")
-                args += ["-p", "confirm", urlsplit(url).path.lstrip("/")]
-            done = subprocess.run(args, capture_output=True, text=True,
-                                  env={**os.environ, **extra, "OPSLIB_ENV": target["env"]})
-            lines = [line for line in (done.stdout + done.stderr).splitlines() if line.strip()]
-            line = lines[-1] if lines else f"exit {done.returncode}"
-            log.info("%s: %s", target["name"], line)  # opslib's one-line outcome, in the task's log
-            outcome = {"target": target["name"], "exit_code": done.returncode, "line": line}
-            ti.xcom_push(key="outcome", value=outcome)
-            if done.returncode != 0:
-                raise AirflowFailException(f"{target['name']}: {line}")
-            return outcome
+            return _run_target(opslib, target, extra, ti, AirflowFailException)
 
         @task(trigger_rule="all_done")
         def gate(before: list, wave_index: int, not_yet: list, ti=None) -> None:
-            failed = [o["target"] for o in _outcomes(ti, before) if o.get("exit_code")]
-            canary_failed = canary and wave_index == 1 and failed
-            if halt_after is not None and (canary_failed or len(failed) >= halt_after):
-                why = f"the canary {failed[0]} failed" if canary_failed else f"{len(failed)} target(s) failed"
+            failures = [Failure(o["target"], o["outcome"], o["wave"]) for o in _outcomes(ti, before) if o.get("exit_code")]
+            why = halt_reason(failures, planned["halt_after"], bool(planned["canary"]))
+            if why is not None:
                 raise AirflowFailException(f"halted: {why}; not started: {', '.join(not_yet)}")
-            log.info("gate %d: %d failure(s) so far: %s", wave_index, len(failed), ", ".join(failed) or "none")
+            log.info("gate %d: %d failure(s) so far: %s", wave_index, len(failures),
+                     ", ".join(f.target for f in failures) or "none")
 
         done_ids: list[str] = []
         previous = None
         waves = planned["waves"]
         for i, targets in enumerate(waves):
             task_id = "canary" if i == 0 and planned["canary"] else f"wave_{i}"
-            node = run_target.override(task_id=task_id).expand(target=targets)
+            node = run_target.override(task_id=task_id).expand(target=[{**t, "wave": i} for t in targets])
             if previous is not None:
                 later = [t["name"] for w in waves[i:] for t in w]
                 check = gate.override(task_id=f"gate_{i}")(before=list(done_ids), wave_index=i, not_yet=later)
@@ -127,3 +116,23 @@ def fleet_dag(dag_id: str, runbook: str, fleet_file: str, *, opslib: str = "opsl
             previous = node
 
     return build()
+
+
+def _run_target(opslib: str, target: dict, extra: Mapping[str, str], ti, fail) -> dict:
+    """One target's run: its command from the plan, its result read from ``--json``, pushed for the gates."""
+    done = subprocess.run([opslib, *target["command"]], capture_output=True, text=True,
+                          env={**os.environ, **extra, "OPSLIB_ENV": target["env"]})
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    line = lines[-1] if lines else f"exit {done.returncode}"
+    log.info("%s: %s", target["name"], line)  # opslib's one-line outcome, in the task's log
+    try:
+        result = json.loads(done.stdout.strip().splitlines()[-1])
+    except (ValueError, IndexError):
+        result = {}  # refused before any run began: the exit code and the line say why
+    outcome = {"target": target["name"], "wave": target["wave"], "exit_code": done.returncode, "line": line,
+               "outcome": result.get("outcome") or ("succeeded" if done.returncode == 0 else "failed"),
+               "run_id": result.get("run_id")}
+    ti.xcom_push(key="outcome", value=outcome)
+    if done.returncode != 0:
+        raise fail(f"{target['name']}: {line}")
+    return outcome

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import subprocess
 import sys
 import threading
@@ -36,7 +35,8 @@ from tomlkit.exceptions import TOMLKitError
 from opslib import audit, db, migrate
 from opslib.config import Settings
 from opslib.errors import ConfigError, InvalidInput, OpsError, PreconditionFailed
-from opslib.outcome import Outcome
+from opslib.halt import Failure, halt_reason
+from opslib.outcome import Outcome, outcome_of_exit
 from opslib.params import ENV_NAME, holds_secret
 from opslib.record import revisions_text
 from opslib.redact import clean_json
@@ -176,14 +176,30 @@ def plan(fleet: Fleet, *, canary: int = 1, wave: int = 5, parallel: int = 2, hal
     return Plan(tuple(w for w in waves if w), parallel, halt_after)
 
 
-def plan_dict(the_plan: Plan, *, canary: int) -> dict:
-    """The plan as JSON-ready data (what ``opslib fleet --plan-json`` prints for :mod:`opslib.airflow`)."""
+def plan_dict(the_plan: Plan, runbook: str, pairs: Sequence[tuple[str, str]], *, canary: int) -> dict:
+    """The whole plan as JSON-ready data (what ``opslib fleet --plan-json`` prints for :mod:`opslib.airflow`,
+    which only executes it): the waves, each target with the ``opslib`` arguments of its run, and the halt
+    rule (see :mod:`opslib.halt`). Production targets must have been confirmed (:func:`require_production_confirmed`):
+    their commands carry their own database's name as ``confirm``."""
     return {
+        "runbook": runbook,
         "canary": canary,
         "parallel": the_plan.parallel,
         "halt_after": the_plan.halt_after,
-        "waves": [[asdict(t) for t in wave] for wave in the_plan.waves],
+        "waves": [[{**asdict(t), "command": target_command(runbook, t, pairs)} for t in wave] for wave in the_plan.waves],
     }
+
+
+def target_command(runbook: str, target: Target, pairs: Sequence[tuple[str, str]]) -> list[str]:
+    """The arguments of ``opslib`` that run ``runbook`` on one target, printing its result as JSON. A production
+    target, confirmed for the whole fleet, is given its own database's name as ``confirm`` (unless the
+    parameters hold one)."""
+    args = ["run", runbook, "--json", "--env", target.env, "-p", "database_url_env", target.url_env]
+    if target.env == "production" and "confirm" not in dict(pairs):
+        args += ["-p", "confirm", db.parse_url(os.environ[target.url_env], source=target.url_env).database or ""]
+    for name, value in pairs:
+        args += ["-p", name, value]
+    return args
 
 
 @dataclass(frozen=True)
@@ -262,9 +278,6 @@ def fleet_records_dir(records_dir: Path) -> Path:
     return Path(records_dir) / "fleets"
 
 
-_RECORD_LINE = re.compile(r"^record\s*:\s*(?P<path>\S.*)$", re.M)
-
-
 def require_production_confirmed(targets: Sequence[Target], confirmed: int | None) -> None:
     """A fleet with production targets runs only when the operator confirmed how many there are
     (``--confirm-production N``): each of their runs is then given its own database's name as ``confirm``.
@@ -280,32 +293,37 @@ def require_production_confirmed(targets: Sequence[Target], confirmed: int | Non
 
 
 def _run_target(settings: Settings, runbook: str, target: Target, pairs: Sequence[tuple[str, str]], into: TargetRun) -> None:
-    """``opslib run RUNBOOK`` for one target, as a process of its own; fills ``into`` from its record."""
-    args = [sys.executable, "-m", "opslib.cli", "run", runbook, "--env", target.env,
-            "-p", "database_url_env", target.url_env]
-    if target.env == "production" and "confirm" not in dict(pairs):
-        # Confirmed for the whole fleet (require_production_confirmed): each run names its own database.
-        args += ["-p", "confirm", db.parse_url(os.environ[target.url_env], source=target.url_env).database or ""]
-    for name, value in pairs:
-        args += ["-p", name, value]
+    """``opslib run RUNBOOK --json`` for one target, as a process of its own; fills ``into`` from its result."""
+    args = [sys.executable, "-m", "opslib.cli", *target_command(runbook, target, pairs)]
     started = time.perf_counter()
     done = subprocess.run(args, capture_output=True, text=True, env={**os.environ, "OPSLIB_ENV": target.env})
     into.duration_s = round(time.perf_counter() - started, 3)
     into.exit_code = done.returncode
-    lines = [line for line in (done.stdout + done.stderr).splitlines() if line.strip()]
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
     into.line = lines[-1] if lines else f"exit {done.returncode}"
-    found = _RECORD_LINE.search(done.stdout)
-    sidecar = Path(found.group("path").strip()) if found else None
-    record = json.loads(sidecar.read_text()) if sidecar is not None and sidecar.is_file() else None
-    if record is None:
-        into.state = Outcome.INVALID.value if done.returncode == 2 else Outcome.FAILED.value
+    result = run_result(done.stdout)
+    if result is None:  # refused before any run began (bad arguments): no record, the exit code says why
+        into.state = str(outcome_of_exit(done.returncode))
         return
+    into.line = lines[-1] if done.returncode else f"{runbook} {result['outcome']} (exit {result['exit_code']})"
+    sidecar = Path(result["record"])
     into.record = sidecar.name
-    into.run_id = record.get("run_id")
-    into.state = record.get("outcome") or "failed"
-    into.revisions_before = record.get("revisions_before")
-    into.revisions_after = record.get("revisions_after")
+    into.run_id = result["run_id"]
+    into.state = result["outcome"]
+    into.revisions_before = result["revisions_before"]
+    into.revisions_after = result["revisions_after"]
+    record = json.loads(sidecar.read_text()) if sidecar.is_file() else {}
     into.backup = Path(record["backup"]["path"]).name if record.get("backup") else None
+
+
+def run_result(stdout: str) -> dict | None:
+    """The result `opslib run --json` printed (its last line), or None when it printed none."""
+    lines = stdout.strip().splitlines()
+    try:
+        found = json.loads(lines[-1]) if lines else None
+    except ValueError:
+        return None
+    return found if isinstance(found, dict) and {"run_id", "outcome", "record"} <= found.keys() else None
 
 
 def run_fleet(
@@ -346,8 +364,8 @@ def run_fleet(
         if on_change is not None:
             on_change(record)
 
-    def failures() -> int:
-        return sum(1 for r in record.targets if r.state not in ("not started", "running", "succeeded"))
+    def failures() -> list[Failure]:
+        return [Failure(r.target, r.state, r.wave) for r in record.targets if r.state not in ("not started", "running", "succeeded")]
 
     def one(target: Target) -> None:
         entry = by_name[target.name]
@@ -359,13 +377,7 @@ def run_fleet(
         _run_target(settings, runbook, target, pairs, entry)
         with lock:
             if entry.state != "succeeded" and record.halted is None:
-                limit = the_plan.halt_after
-                if limit is None:
-                    pass  # no halt rule: every target runs, whatever fails (the canary still goes first)
-                elif entry.wave == 0 and canary:
-                    record.halted = f"the canary {target.name} ended {entry.state}"
-                elif limit is not None and failures() >= limit:
-                    record.halted = f"{failures()} target(s) failed (halt after {limit})"
+                record.halted = halt_reason(failures(), the_plan.halt_after, canary > 0)
             save()
 
     with lock:
@@ -376,7 +388,8 @@ def run_fleet(
         if record.halted is not None:
             break
     failed = [r for r in record.targets if r.state not in ("not started", "succeeded")]
-    record.outcome = "succeeded" if not failed and record.halted is None else ("halted" if record.halted else "failed")
+    # The fleet's outcome is its first failed run's (a halt stops the targets after it; it is no outcome).
+    record.outcome = failed[0].state if failed else str(Outcome.SUCCEEDED)
     record.exit_code = 0 if not failed else (failed[0].exit_code or 1)
     record.finished_at = audit.iso(audit.now())
     with lock:

@@ -57,6 +57,14 @@ def process_exit_code(outcome: "Outcome | str", recorded: int | None) -> int:
     return int(recorded)
 
 
+def outcome_of_exit(code: int) -> Outcome:
+    """The outcome an exit code of `opslib` stands for (a process that left no record says no more):
+    130 and 143 are ``interrupted``, an unknown code is ``failed``."""
+    if code in (signal_exit_code(signal.SIGINT), signal_exit_code(signal.SIGTERM)):
+        return Outcome.INTERRUPTED
+    return next((o for o, c in _EXIT_CODES.items() if c == code), Outcome.FAILED)
+
+
 def signal_exit_code(signum: int) -> int:
     """The shell's exit code for a process stopped by ``signum``: 130 for SIGINT, 143 for SIGTERM."""
     return 128 + int(signum)

@@ -47,6 +47,23 @@ class RunOutcome:
         """The contract's exit code for this run; 1 for a run with none (abandoned by a kernel that died)."""
         return process_exit_code(self.record.outcome, self.record.exit_code)
 
+    def result(self) -> dict:
+        """What `opslib run --json` prints, the contract between an `opslib run` and whoever started it
+        (the fleet): the run, its outcome and exit code, where its database stands, and its files."""
+        r = self.record
+        return {
+            "run_id": r.run_id,
+            "runbook": r.runbook,
+            "outcome": str(r.outcome),
+            "exit_code": self.exit_code,
+            "database": r.database.name if r.database else None,
+            "revisions_before": r.revisions_before,
+            "revisions_after": r.revisions_after,
+            "error": redact_urls_in(r.error) if r.error else None,
+            "record": str(self.sidecar),
+            "notebook": str(self.notebook) if self.notebook.exists() else None,
+        }
+
     def line(self) -> str:
         """A one-line outcome for the terminal."""
         r = self.record

@@ -51,7 +51,7 @@ def test_airflow_runs_the_fleet_dag_with_its_canary_and_halt_rule(make_database,
         ("gate_2", -1): "failed", ("wave_2", 0): "upstream_failed",
     }, log[-3000:]
     assert "t1: deploy succeeded (exit 0)" in log and "t3: deploy failed (exit 1)" in log
-    assert "halted: 1 target(s) failed; not started: t4" in log
+    assert "halted: 1 target(s) failed (halt after 1); not started: t4" in log
     for i, revision in ((1, "0007"), (2, "0007"), (3, "0003"), (4, "0003")):
         assert query(variables[f"AF_DB_{i}"], "SELECT version_num FROM alembic_version") == [(revision,)]
     verify = subprocess.run([OPSLIB, "audit", "verify"], env=env,

@@ -75,7 +75,7 @@ CASES = [
     ("audit show without id", "cli", ["audit", "show"], {}, 2, "audit show needs a RUN_ID"),
     ("audit verify with id", "cli", ["audit", "verify", "abc"], {}, 2, "takes no RUN_ID"),
     ("audit show unknown id", "cli", ["audit", "show", "nosuch"], {}, 2, "no run with id 'nosuch'"),
-    ("audit list --out", "cli", ["audit", "list", "--out", "x"], {}, 2, "belong to `opslib audit report`"),
+    ("audit list --out", "cli", ["audit", "list", "--out", "x"], {}, 2, "--out belongs to `opslib audit report`, not `audit list`"),
     ("prune keep 0", "cli", ["prune-backups", "--keep", "0"], {}, 2, "--keep"),
     ("prune missing dir", "cli", ["prune-backups", "--keep", "1", "--dir", "/nonexistent/b"], {}, 2, "/nonexistent/b"),
     ("backups missing dir", "cli", ["backups", "--dir", "/nonexistent/b"], {}, 2, "/nonexistent/b"),

@@ -11,7 +11,7 @@ import pytest
 
 from opslib import fleet, migrate
 
-from .conftest import OPSLIB, ROOT, query, settings_for
+from .conftest import OPSLIB, ROOT, database_name, query, settings_for
 
 
 def _fleet(make_database, tmp_path: Path, count: int, failing: set[int]) -> tuple[Path, dict]:
@@ -56,7 +56,7 @@ def test_a_failing_target_halts_the_fleet_and_the_rest_are_named_not_started(mak
     # The canary (db1) first, then db2 and db3 together: db3 fails, so db4…db6 never start.
     assert states == {"db1": "succeeded", "db2": "succeeded", "db3": "failed", "db4": "not started",
                       "db5": "not started", "db6": "not started"}
-    assert record["halted"] == "1 target(s) failed (halt after 1)" and record["outcome"] == "halted"
+    assert record["halted"] == "1 target(s) failed (halt after 1)" and record["outcome"] == "failed"
     assert "not started: db4, db5, db6" in done.stdout
     runs = [t["run_id"] for t in record["targets"] if t["run_id"]]
     assert len(runs) == 3
@@ -159,3 +159,30 @@ def test_production_targets_run_only_once_confirmed_and_a_pyproject_fleet_is_rea
     loaded = fleet.load_fleet(fleet.fleet_file(project / "alembic.ini"), variables)
     assert [(t.name, t.env) for t in loaded.targets] == [("db1", "development"), ("db2", "production")]
 
+
+
+def test_the_plan_json_carries_each_targets_command_and_the_halt_rule_and_confirms_production(make_database, tmp_path):
+    path, variables = _fleet(make_database, tmp_path, 2, failing=set())
+    path.write_text(path.read_text().replace('name = "db2"', 'name = "db2"\nenv = "production"'))
+    refused = _opslib(tmp_path, variables, "fleet", "deploy", "--targets", str(path), "--plan-json")
+    assert refused.returncode == 3 and "confirm them with --confirm-production 1" in refused.stderr
+    assert refused.stdout == ""
+    done = _opslib(tmp_path, variables, "fleet", "deploy", "--targets", str(path), "--plan-json",
+                   "--confirm-production", "1", "--halt-after", "2", "-p", "backup", "false")
+    assert done.returncode == 0, done.stderr
+    plan = json.loads(done.stdout)
+    assert (plan["runbook"], plan["canary"], plan["halt_after"]) == ("deploy", 1, 2)
+    (canary,), (second,) = plan["waves"]
+    assert canary["command"] == ["run", "deploy", "--json", "--env", "development", "-p", "database_url_env",
+                                 "FLEET_DB_1", "-p", "backup", "false"]
+    database = database_name(variables["FLEET_DB_2"])
+    assert second["command"][4:] == ["production", "-p", "database_url_env", "FLEET_DB_2", "-p", "confirm", database,
+                                     "-p", "backup", "false"]
+    # The local executor runs the same command: its run prints its result as JSON, which the fleet reads.
+    ran = subprocess.run([OPSLIB, *canary["command"]], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                         env={**{k: v for k, v in os.environ.items() if not k.startswith(("OPSLIB_", "DATABASE_URL"))},
+                              "OPSLIB_ALEMBIC_INI": str(ROOT / "alembic.ini"), **variables})
+    assert ran.returncode == 0, ran.stderr
+    result = json.loads(ran.stdout)
+    assert (result["outcome"], result["exit_code"], result["revisions_after"]) == ("succeeded", 0, ["0007"])
+    assert Path(result["record"]).is_file() and ran.stderr.strip().startswith("deploy succeeded (exit 0)")
