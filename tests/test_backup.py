@@ -16,6 +16,7 @@ import psycopg2
 import pytest
 
 from opslib import backup, db, migrate, pgtools
+from opslib.backup import cloning
 from opslib.errors import ChecksFailed, InvalidInput, PreconditionFailed
 
 from .conftest import (
@@ -437,7 +438,8 @@ def test_a_large_source_is_cloned_file_by_file_and_still_refused_while_in_use(
     small = backup.clone(seeded, make_database.prefix + "_wal")
     assert small.strategy == "WAL_LOG" and small.to_dict()["strategy"] == "WAL_LOG"
 
-    monkeypatch.setattr(backup, "FILE_COPY_FROM_BYTES", 1)  # this small source now counts as large
+    # Patched where clone_strategy reads it (the package only re-exports it).
+    monkeypatch.setattr(cloning, "FILE_COPY_FROM_BYTES", 1)  # this small source now counts as large
     other = psycopg2.connect(libpq(seeded.database_url))
     try:
         with pytest.raises(PreconditionFailed, match="while other sessions are connected"):
