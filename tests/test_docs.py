@@ -34,7 +34,8 @@ def test_every_make_target_is_in_the_readme():
 
 
 def test_every_configuration_variable_is_in_the_readme():
-    source = "".join(p.read_text() for p in (ROOT / "opslib").glob("*.py"))
+    modules = [*(ROOT / "opslib").glob("*.py"), *(ROOT / "opslib" / "migrate").glob("*.py")]
+    source = "".join(p.read_text() for p in modules)
     names = set(re.findall(r'"((?:OPSLIB_|DATABASE_)[A-Z_]+)"', source))
     # Set by `opslib run` for its kernel, not by users.
     names -= {"OPSLIB_RUN_ID", "OPSLIB_RUN_STEM", "OPSLIB_RUNNER_PID", "OPSLIB_RUN_MODE", "OPSLIB_RUNBOOK_SHA256"}
