@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import subprocess
 import sys
 
@@ -38,3 +39,38 @@ def test_cli_does_not_import_notebook_machinery():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+# opslib.migrate's modules, each importing only those before it; and what opslib.migrate may import of
+# opslib (the modules below it: never checks, lint, display, audit, runbook, cli, ...).
+MIGRATE_LAYERS = (
+    "results", "project", "revisions", "guards", "runtime", "versiontable", "change", "offline", "planning", "verbs",
+)  # fmt: skip
+MIGRATE_MAY_IMPORT = {
+    "opslib.batch", "opslib.config", "opslib.db", "opslib.errors", "opslib.history", "opslib.naming", "opslib.signals",
+}  # fmt: skip
+
+
+def _opslib_imports(path) -> set[str]:
+    """The opslib modules a file imports (``from opslib import db`` counts as opslib.db)."""
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module == "opslib":
+            found |= {f"opslib.{alias.name}" for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("opslib."):
+            found.add(node.module)
+        elif isinstance(node, ast.Import):
+            found |= {alias.name for alias in node.names if alias.name.startswith("opslib")}
+    return found
+
+
+def test_the_migrate_package_imports_in_one_direction():
+    """No import cycle in opslib.migrate: each module imports only the modules listed before it, never the
+    package itself, and nothing of opslib above it."""
+    folder = ROOT / "opslib" / "migrate"
+    assert sorted(p.stem for p in folder.glob("*.py")) == sorted([*MIGRATE_LAYERS, "__init__"])
+    for i, name in enumerate(MIGRATE_LAYERS):
+        imported = _opslib_imports(folder / f"{name}.py")
+        inside = {m for m in imported if m == "opslib.migrate" or m.startswith("opslib.migrate.")}
+        assert inside <= {f"opslib.migrate.{lower}" for lower in MIGRATE_LAYERS[:i]}, (name, inside)
+        assert imported - inside <= MIGRATE_MAY_IMPORT, (name, imported - inside)
