@@ -189,7 +189,7 @@ def test_make_audit_report_writes_the_site_and_a_screenshot(recorded_runs, tmp_p
 def test_report_arguments_and_a_broken_ledger_are_refused_clearly(recorded_runs, tmp_path):
     work, _ = recorded_runs
     wrong = audit_cli(work, "list", "--out", str(tmp_path / "x"))
-    assert wrong.returncode == 2 and "belong to `opslib audit report`" in wrong.stderr
+    assert wrong.returncode == 2 and "--out belongs to `opslib audit report`, not `audit list`" in wrong.stderr
     wrong = audit_cli(work, "report", "abc123")
     assert wrong.returncode == 2 and "takes no RUN_ID" in wrong.stderr
     assert not (tmp_path / "x").exists()

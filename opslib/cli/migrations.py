@@ -16,9 +16,8 @@ X_ARGS = arg(
 
 def _changed(args, done) -> int:
     """Print a change's result; what the migrations printed or logged goes to stderr with -v."""
-    from opslib import display
-
     outcome_known()  # the change is made and read: a signal now must not turn its report into an error
+    from opslib import display
     if args.verbose and done.output:  # what the migrations printed or logged, kept off stdout
         sys.stderr.write(done.output)
     print(display.result_text(done))
