@@ -18,9 +18,8 @@ from sqlalchemy.exc import DBAPIError
 from opslib import backup, db, lint, migrate, pgtools, policy
 from opslib.checkreport import FAIL, PASS, SKIP, WARN, CheckReport, CheckResult
 from opslib.config import Settings
-from opslib.display import first_line
 from opslib.errors import ConfigError, InvalidInput, OpsError
-from opslib.naming import vague_message
+from opslib.naming import first_line, vague_message
 
 
 def verify_setup(settings: Settings) -> CheckReport:

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from opslib import checks, lint, migrate, params
-from opslib.display import Section, findings_tables, first_line, show_now, shown_detail
+from opslib.display import Section, findings_tables, show_now, shown_detail
 from opslib.errors import (
     InvalidInput,
     MigrationFailed,
 )
+from opslib.naming import first_line
 from opslib.params import Param
 from opslib.record import revisions_text
 from opslib.steps import step

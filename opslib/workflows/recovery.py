@@ -5,12 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 
 from opslib import backup, migrate, params
-from opslib.display import Section, first_line
+from opslib.display import Section
 from opslib.errors import (
     InvalidInput,
     PreconditionFailed,
     VerificationFailed,
 )
+from opslib.naming import first_line
 from opslib.params import Param
 from opslib.record import BackupRef, revisions_text
 from opslib.steps import step

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 from opslib import audit, db, migrate, params, rehearse
 from opslib.config import Settings
-from opslib.display import Section, first_line, show_now
+from opslib.display import Section, show_now
 from opslib.errors import (
     ChecksFailed,
     MigrationFailed,
     OpsError,
     PreconditionFailed,
 )
+from opslib.naming import first_line
 from opslib.outcome import Outcome
 from opslib.params import Param
 from opslib.record import revisions_text

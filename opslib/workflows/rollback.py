@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from opslib import migrate, params
 from opslib.config import Settings
-from opslib.display import Section, first_line
+from opslib.display import Section
 from opslib.errors import (
     InvalidInput,
     OpsError,
     PreconditionFailed,
 )
+from opslib.naming import first_line
 from opslib.params import Param
 from opslib.steps import step
 from opslib.workflows.workflow import Workflow

@@ -4,11 +4,12 @@ showing a migration's result, and checking where the database stands."""
 from __future__ import annotations
 
 from opslib import backup, migrate
-from opslib.display import Section, first_line
+from opslib.display import Section
 from opslib.errors import (
     PreconditionFailed,
     VerificationFailed,
 )
+from opslib.naming import first_line
 from opslib.record import BackupRef, revisions_text
 from opslib.steps import Run
 
