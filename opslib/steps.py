@@ -195,6 +195,7 @@ class Run:
         self.ended = False
         self.held_signal: int | None = None
         self.live: liveness.LiveMark | None = None
+        self.target: migrate.Target | None = None  # the database and project, resolved by the preflight
         self.url = None
         self.database = None
         self.run_lock: db.RunLock | None = None
@@ -265,7 +266,7 @@ class Run:
         return f"{where} in the section “{title}”" if title else where
 
     def _revisions_now(self) -> list[str] | None:
-        return migrate.revisions_now(self.settings, self.record.version_table)
+        return migrate.revisions_now(self.target or self.settings, self.record.version_table)
 
     def _finish(self, err: BaseException | None = None) -> None:
         outcome, code = outcome_of(err)
@@ -313,9 +314,10 @@ class Run:
     def _identify(self, lock: bool = True) -> list[tuple[str, object]]:
         """Connect, record which database this is, and return its identity as facts to show; with
         ``lock``, take the run lock on it (a run that only reads the target, a rehearsal, does not)."""
-        self.url = db.target_url(self.settings)
+        self.target = migrate.Target(self.settings)  # resolved once: every step works on this one
+        self.url = self.target.url
         # Recorded before the lock: whoever seals this run if it dies reads the revision from this table.
-        table = migrate.version_table(self.settings)
+        table = self.target.version_table()
         with db.connect(self.url) as conn:
             version, _ = db.server_version(conn)
             fingerprint = db.fingerprint(conn)
@@ -348,7 +350,7 @@ class Run:
         """Append this run's row to the database's own history; a database out of reach keeps the files' record."""
         finished = replace(self.record, finished_at=self.record.finished_at or audit.iso(audit.now()))
         try:
-            with db.connect(db.target_url(self.settings)) as conn:
+            with db.connect(self.url or db.target_url(self.settings)) as conn:
                 run_history.record_run(conn, finished)
         except (OpsError, sa.exc.DBAPIError) as err:
             self.record.database_history = f"not written: {_message_of(err)}"

@@ -61,11 +61,11 @@ class Rehearse(Workflow):
             back_to = ""  # the target is there already: the usual rehearsal, from where it stands
         if back_to:
             if back_to != "base":
-                migrate.show(self.settings, back_to)  # an unknown one is refused here
+                migrate.show(self.target, back_to)  # an unknown one is refused here
             facts.append(("from revision", f"{self.params['from_revision']} (the copy is downgraded to it first)"))
             self.pending = [None]  # known once the copy is there
             return Section("Preflight", "the copy is taken back to from_revision, then rehearsed", facts)
-        current, steps = migrate.plan(self.settings, "upgrade", self.params["target_revision"])
+        current, steps = migrate.plan(self.target, "upgrade", self.params["target_revision"])
         self._plan(tuple(current), steps)
         if not self.pending:
             return Section("Preflight", "nothing to rehearse: the database is at the target already", facts)
