@@ -17,9 +17,7 @@ import hashlib
 import json
 import os
 import secrets
-import socket
 import subprocess
-import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -30,18 +28,13 @@ from opslib import witness
 from opslib.errors import ConfigError, InvalidInput, PreconditionFailed
 from opslib.record import RunRecord, revisions_text
 from opslib.redact import clean, clean_json, scrub_json, scrub_password
+from opslib.liveness import live_mark_path, run_is_live
+from opslib.runcontext import RunContext
 from opslib.safeguards import changes_its_database, skipped_safeguards
 
 STAMP = "%Y%m%dT%H%M%SZ"
 LEDGER = "ledger.jsonl"
 
-# Set by `opslib run` for the kernel it starts: the record's run id and file stem, and the runner's pid.
-RUN_ID_ENV = "OPSLIB_RUN_ID"
-RUN_STEM_ENV = "OPSLIB_RUN_STEM"
-RUNNER_PID_ENV = "OPSLIB_RUNNER_PID"
-# Set by `opslib run` (and `opslib open`): how the run is driven, and the sha256 of the runbook template.
-RUN_MODE_ENV = "OPSLIB_RUN_MODE"
-RUNBOOK_SHA256_ENV = "OPSLIB_RUNBOOK_SHA256"
 
 
 def now() -> datetime:
@@ -89,7 +82,8 @@ def new_record(
     runbook_sha256: str | None = None,
 ) -> RunRecord:  # fmt: skip
     """The record of a run that has just started; ``mode`` and ``runbook_sha256`` default to what the
-    process that drives the run (`opslib run`, `opslib open`) set in the environment."""
+    process that drives the run (`opslib run`, `opslib open`) said in its :class:`RunContext`."""
+    context = RunContext.given()
     return RunRecord(
         run_id=run_id,
         runbook=runbook,
@@ -98,16 +92,16 @@ def new_record(
         started_at=iso(started),
         git_commit=git_commit(),
         git_dirty=git_dirty(),
-        mode=mode or os.environ.get(RUN_MODE_ENV) or "direct",
-        runbook_sha256=runbook_sha256 or os.environ.get(RUNBOOK_SHA256_ENV),
-        pids=_run_pids(),
+        mode=mode or (context.mode if context else "direct"),
+        runbook_sha256=runbook_sha256 or (context.runbook_sha256 if context else None),
+        pids=_run_pids(context),
     )
 
 
-def _run_pids() -> list[int]:
+def _run_pids(context: RunContext | None) -> list[int]:
     # Under `opslib run` the kernel writes the record and the runner seals it: both are the run's.
-    runner = os.environ.get(RUNNER_PID_ENV, "")
-    return [os.getpid()] + ([int(runner)] if runner.isdigit() and int(runner) != os.getpid() else [])
+    runner = context.runner_pid if context else None
+    return [os.getpid()] + ([runner] if runner is not None and runner != os.getpid() else [])
 
 
 def application_name(runbook: str, run_id: str) -> str:
@@ -634,101 +628,6 @@ def _json_or_none(path: Path):
         return None
 
 
-def live_mark_path(records_dir: Path, stem: str) -> Path:
-    """The run's live mark: every process of a run holds a shared lock on it for the run's life."""
-    return Path(records_dir) / f".{stem}.live"
-
-
-class LiveMark:
-    """A process's hold on its run's live mark (a shared ``flock``). The kernel, the runner and any
-    process writing the record each hold one, so "nobody holds the mark" means the run has ended,
-    whatever the host, container or pid namespace sharing the folder."""
-
-    def __init__(self, path: Path, fd: int):
-        self.path, self._fd = path, fd
-        self._releasing = threading.Lock()  # `opslib open` may let go from a watcher thread
-
-    @property
-    def held(self) -> bool:
-        """True until :meth:`release`."""
-        return self._fd is not None
-
-    def release(self, remove: bool = False) -> None:
-        """Let go; ``remove`` the file too once the run is sealed (the last holder does)."""
-        with self._releasing:
-            if self._fd is None:
-                return
-            if remove:
-                self.path.unlink(missing_ok=True)
-            os.close(self._fd)
-            self._fd = None
-
-
-def hold_live_mark(records_dir: Path, stem: str) -> LiveMark:
-    """Take this process's hold on the run's live mark, before the run writes its first sidecar."""
-    path = live_mark_path(records_dir, stem)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)  # not inherited by pg_dump & co.
-    fcntl.flock(fd, fcntl.LOCK_SH)
-    return LiveMark(path, fd)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{int(pid)}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie has ended
-    except OSError:  # no /proc, or one that hides other users' processes: ask the kernel
-        try:
-            os.kill(int(pid), 0)
-        except ProcessLookupError:
-            return False
-        except PermissionError:
-            return True
-        return True
-
-
-def _pids_ended(record: dict) -> bool:
-    """For a record without a live mark (written by an opslib before marks): its processes are gone.
-    Only a record from this host can be judged; anything else is never taken for ended."""
-    pids = record.get("pids") or []
-    if not pids or record.get("host") != socket.gethostname():
-        return False
-    return not any(_alive(pid) for pid in pids)
-
-
-@contextmanager
-def ended_run(records_dir: Path, stem: str, record: dict) -> Iterator[bool]:
-    """True when the run has ended: nobody holds its live mark, which this process then holds
-    exclusively until the block ends (so the run cannot be sealed twice). Unsure is False."""
-    path = live_mark_path(records_dir, stem)
-    try:
-        try:  # read-write where it can (NFS emulates flock with POSIX locks: an exclusive one needs it)
-            fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
-        except PermissionError:
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except FileNotFoundError:
-        yield _pids_ended(record)
-        return
-    except OSError:  # cannot be told from here
-        yield False
-        return
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:  # held by the run (BlockingIOError), or a lock this file system refuses: unsure
-            ended = False
-        else:
-            ended = True
-        yield ended
-    finally:
-        os.close(fd)
-
-
-def run_is_live(records_dir: Path, stem: str, record: dict) -> bool:
-    """True while a run may still write its record (or when that cannot be told from here)."""
-    with ended_run(records_dir, stem, record) as ended:
-        return not ended
-
-
 def _unsealed(records_dir: Path, vouched: set) -> list[tuple[Path, dict | None]]:
     """Sidecars no ledger entry vouches for, with their JSON (None when it is not JSON)."""
     found = []
@@ -775,18 +674,6 @@ def has_abandoned(records_dir: Path) -> bool:
     if not os.path.isdir(records_dir) or not os.access(records_dir, os.W_OK | os.X_OK):
         return False
     return bool(abandoned_stems(records_dir))
-
-
-@contextmanager
-def sealing_lock(records_dir: Path) -> Iterator[None]:
-    """Held while abandoned runs are sealed, so that two commands never seal the same run twice."""
-    path = Path(records_dir) / ".sealing.lock"
-    with open(path, "a+") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def _unvouched(records_dir: Path, entries: list[dict], out_of_reach: Callable[[RunRecord], bool], waiting: list[str]) -> list[str]:

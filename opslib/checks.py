@@ -18,9 +18,8 @@ from sqlalchemy.exc import DBAPIError
 from opslib import backup, db, lint, migrate, pgtools, policy
 from opslib.checkreport import FAIL, PASS, SKIP, WARN, CheckReport, CheckResult
 from opslib.config import Settings
-from opslib.display import first_line
 from opslib.errors import ConfigError, InvalidInput, OpsError
-from opslib.naming import vague_message
+from opslib.naming import first_line, vague_message
 
 
 def verify_setup(settings: Settings) -> CheckReport:
@@ -85,10 +84,12 @@ class Reached:
     blockers: list
 
 
-def check_reachable(settings: Settings) -> tuple[CheckResult, Reached | None]:
+def check_reachable(where: Settings | migrate.Target) -> tuple[CheckResult, Reached | None]:
     """Connect, and read the server's version, the database's fingerprint and long transactions."""
+    target = migrate.Target.of(where)
+    settings = target.settings
     try:
-        url = db.target_url(settings)
+        url = target.url
         with db.connect(url) as conn:
             version, major = db.server_version(conn)
             fingerprint = db.fingerprint(conn)
@@ -179,10 +180,10 @@ def check_environment(settings: Settings, expect_env: str | None) -> CheckResult
     return CheckResult("environment label", PASS, settings.env)
 
 
-def check_single_head(settings: Settings) -> CheckResult:
+def check_single_head(where: Settings | migrate.Target) -> CheckResult:
     """The Alembic project loads and has one head (several need a merge first)."""
     try:
-        heads = migrate.script_directory(settings).get_heads()
+        heads = migrate.Target.of(where).script.get_heads()
     except ConfigError:
         raise  # a revision that cannot be imported, a cycle: configuration (exit 2), not a finding
     except OpsError as err:
@@ -196,10 +197,10 @@ def check_single_head(settings: Settings) -> CheckResult:
     return CheckResult("single head", PASS, heads[0] if heads else "no revisions")
 
 
-def check_plan(settings: Settings, target: str) -> tuple[list[CheckResult], migrate.DeployPlan | None]:
-    """The database's revision is one the code knows, and what the deploy to ``target`` applies."""
+def check_plan(where: Settings | migrate.Target, revision: str) -> tuple[list[CheckResult], migrate.DeployPlan | None]:
+    """The database's revision is one the code knows, and what the deploy to ``revision`` applies."""
     try:
-        plan = migrate.deploy_plan(settings, target)
+        plan = migrate.deploy_plan(where, revision)
     except InvalidInput:
         raise  # a target that names no revision is bad input (exit 2) on every path, not a failed check
     except OpsError as err:
@@ -394,7 +395,7 @@ def _by_policy(result: CheckResult, project: policy.Policy) -> CheckResult:
     return result
 
 
-def check_drift(settings: Settings, plan: migrate.DeployPlan) -> CheckResult:
+def check_drift(where: Settings | migrate.Target, plan: migrate.DeployPlan) -> CheckResult:
     """At head with nothing pending, the database matches the project's models."""
     if plan.pending:
         return CheckResult(
@@ -402,7 +403,7 @@ def check_drift(settings: Settings, plan: migrate.DeployPlan) -> CheckResult:
         )
     if set(plan.current) != set(plan.heads):
         return CheckResult("drift", SKIP, "not at head")
-    status, detail = migrate.compare_models(settings)
+    status, detail = migrate.compare_models(where)
     return CheckResult("drift", FAIL if status == "fail" else status, detail)
 
 
@@ -419,8 +420,8 @@ def check_backup(
 
 
 def pre_deploy(
-    settings: Settings,
-    target: str = "head",
+    where: Settings | migrate.Target,
+    revision: str = "head",
     *,
     expect_env: str | None = None,
     backup_planned: bool = True,
@@ -438,8 +439,10 @@ def pre_deploy(
 
     The report keeps the deploy plan it judged (``report.plan``) for the deploy that follows.
     """
-    project = policy.load_policy(settings.alembic_ini, lint.is_squawk_rule)
-    report = _pre_deploy(settings, target, project, expect_env, backup_planned, max_backup_age_h, new_revisions)
+    target = migrate.Target.of(where)  # resolved once: every check reads this database and project
+    settings = target.settings
+    project = target.policy(lint.is_squawk_rule)
+    report = _pre_deploy(target, revision, project, expect_env, backup_planned, max_backup_age_h, new_revisions)
     if baseline_reason is None:
         return report
     blocking = [(f.revision, f.rule) for f in report.findings if f.severity is lint.Severity.BLOCK]
@@ -454,21 +457,22 @@ def pre_deploy(
             others.append(rule)
     path, added = policy.write_baseline(settings.alembic_ini, blocking, baseline_reason, others)
     if added:
-        project = policy.load_policy(settings.alembic_ini, lint.is_squawk_rule)
-        report = _pre_deploy(settings, target, project, expect_env, backup_planned, max_backup_age_h, new_revisions)
+        project = target.policy(lint.is_squawk_rule)
+        report = _pre_deploy(target, revision, project, expect_env, backup_planned, max_backup_age_h, new_revisions)
     report.checks.insert(0, CheckResult("baseline", PASS, f"{added} finding(s) accepted in {path}"))
     return report
 
 
-def _pre_deploy(settings, target, project, expect_env, backup_planned, max_backup_age_h, new_revisions) -> CheckReport:
-    report = _gather(settings, target, project, expect_env, backup_planned, max_backup_age_h, new_revisions)
+def _pre_deploy(target, revision, project, expect_env, backup_planned, max_backup_age_h, new_revisions) -> CheckReport:
+    report = _gather(target, revision, project, expect_env, backup_planned, max_backup_age_h, new_revisions)
     report.checks = [_by_policy(check, project) for check in report.checks]
     return report
 
 
-def _gather(settings, target, project, expect_env, backup_planned, max_backup_age_h, new_revisions) -> CheckReport:
+def _gather(target, revision, project, expect_env, backup_planned, max_backup_age_h, new_revisions) -> CheckReport:
     report = CheckReport("pre-deploy check")
-    reachable, reached = check_reachable(settings)
+    settings = target.settings
+    reachable, reached = check_reachable(target)
     report.checks.append(reachable)
     if reached is None:
         return report
@@ -476,11 +480,11 @@ def _gather(settings, target, project, expect_env, backup_planned, max_backup_ag
     report.checks.append(check_invalid_indexes(reached))
     report.checks.append(check_restore_leftovers(settings))
     report.checks.append(check_environment(settings, expect_env))
-    head = check_single_head(settings)
+    head = check_single_head(target)
     report.checks.append(head)
     if head.status == FAIL:
         return report
-    planned, plan = check_plan(settings, target)
+    planned, plan = check_plan(target, revision)
     report.checks.extend(planned)
     if plan is None:
         return report
@@ -491,7 +495,7 @@ def _gather(settings, target, project, expect_env, backup_planned, max_backup_ag
     linted, report.findings = check_lint(settings, plan, reached, project)
     report.checks.append(linted)
     report.checks.append(check_naming(plan, project, new_revisions))
-    report.checks.append(check_drift(settings, plan))
+    report.checks.append(check_drift(target, plan))
     report.checks.append(check_backup(settings, reached, backup_planned, max_backup_age_h))
     return report
 

@@ -73,6 +73,37 @@ def target_url(settings: Settings) -> URL:
     return parse_url(embedded.ensure_running(settings), source="the embedded server's URL")
 
 
+class TargetDatabase:
+    """The database one command or run operates on, its URL resolved once (the embedded server started at
+    most once). :class:`opslib.migrate.Target` adds the Alembic project's facts; the verbs that need only
+    the database (backups, clones) take this."""
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self._url: URL | None = None
+
+    @classmethod
+    def of(cls, where: "Settings | TargetDatabase") -> "TargetDatabase":
+        """``where`` itself when it is a target already, else the target its settings name."""
+        if isinstance(where, cls):
+            return where
+        made = cls(where.settings if isinstance(where, TargetDatabase) else where)
+        made._url = where._url if isinstance(where, TargetDatabase) else None
+        return made
+
+    @property
+    def url(self) -> URL:
+        """The database's URL (never shown as it is: see :attr:`database`)."""
+        if self._url is None:
+            self._url = target_url(self.settings)
+        return self._url
+
+    @property
+    def database(self) -> str:
+        """The URL as it may be shown: redacted."""
+        return redact_url(self.url)
+
+
 def make_engine(url: URL) -> Engine:
     """An engine without pooling (each run opens what it needs) that fails fast when unreachable."""
     return sa.create_engine(

@@ -9,6 +9,7 @@ import textwrap
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
 
+from opslib.naming import first_line
 from opslib.record import revisions_text
 from opslib.safeguards import skipped_safeguards
 
@@ -21,17 +22,6 @@ if TYPE_CHECKING:  # types only: rendering backups must not import Alembic
 
 def _rev(revs: Sequence[str]) -> str:
     return ", ".join(revs) if revs else "base (empty: no revision applied)"
-
-
-def first_line(message: str | None) -> str:
-    """A revision message as a table or a one-line listing shows it: its first line.
-
-    ``alembic revision -m`` with a message of several lines writes them all at the top of the docstring,
-    and Alembic's ``Script.doc`` returns them all; one line keeps the tables whole. The whole text stays
-    in `opslib show REV` and `opslib history --verbose`.
-    """
-    lines = (message or "").strip().splitlines()
-    return lines[0].strip() if lines else ""
 
 
 def _cell_lines(text: str, width: int | None) -> list[str]:

@@ -1,4 +1,5 @@
-"""The guide's rule for revision messages: name what the change does, never ``update_database``."""
+"""Revision messages: the guide's rule (name what the change does, never ``update_database``), and how
+one line of a message is shown."""
 
 from __future__ import annotations
 
@@ -23,3 +24,14 @@ def vague_message(message: str) -> str | None:
     if len(words) < 2:
         return f"{message!r} is one word: say what changes and where, e.g. add_indexes_for_search_performance"
     return None
+
+
+def first_line(message: str | None) -> str:
+    """A revision message as a table or a one-line listing shows it: its first line.
+
+    ``alembic revision -m`` with a message of several lines writes them all at the top of the docstring,
+    and Alembic's ``Script.doc`` returns them all; one line keeps the tables whole. The whole text stays
+    in `opslib show REV` and `opslib history --verbose`.
+    """
+    lines = (message or "").strip().splitlines()
+    return lines[0].strip() if lines else ""

@@ -25,12 +25,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
-from opslib import audit, kernelfiles, notebooks, params, workflows
+from opslib import audit, kernelfiles, liveness, notebooks, params, workflows
 from opslib.config import Settings, runbooks_dir
 from opslib.errors import ConfigError, Interrupted, InvalidInput, OpsError
 from opslib.outcome import Outcome, outcome_of, process_exit_code, signal_exit_code
 from opslib.record import RunRecord, revisions_text
 from opslib.redact import redact_urls_in
+from opslib.runcontext import RunContext
 from opslib.signals import signals_held
 
 
@@ -319,7 +320,7 @@ class Prepared:
     template: Path
     first: RunRecord
     kernel_env: dict[str, str]
-    live: audit.LiveMark | None  # None: refused before it started (its record is sealed already)
+    live: liveness.LiveMark | None  # None: refused before it started (its record is sealed already)
 
 
 def prepare(settings: Settings, name: str, pairs: Sequence[tuple[str, str]], env: str | None, mode: str) -> Prepared:
@@ -341,22 +342,8 @@ def prepare(settings: Settings, name: str, pairs: Sequence[tuple[str, str]], env
     first = audit.new_record(
         name, run_id, started, operator=settings.operator, env=env or settings.env, mode=mode, runbook_sha256=sha
     )
-    kernel_env = {
-        # Every connection the run opens carries its id: a run that dies can have its sessions ended.
-        "PGAPPNAME": audit.application_name(name, run_id),
-        audit.RUN_ID_ENV: run_id,
-        audit.RUN_STEM_ENV: stem,
-        audit.RUNNER_PID_ENV: str(os.getpid()),
-        audit.RUN_MODE_ENV: mode,
-        audit.RUNBOOK_SHA256_ENV: sha,
-        "OPSLIB_RECORDS_DIR": str(records),
-        "OPSLIB_BACKUPS_DIR": str(Path(settings.backups_dir).resolve()),
-        "OPSLIB_ALEMBIC_INI": str(Path(settings.alembic_ini).resolve()),
-        "OPSLIB_STATE_DIR": str(Path(settings.state_dir).resolve()),
-        "OPSLIB_OPERATOR": settings.operator,
-    }
-    if env:
-        kernel_env["OPSLIB_ENV"] = env
+    context = RunContext(run_id, stem, mode, os.getpid(), sha, first.started_at)
+    kernel_env = _kernel_environment(settings, name, context, records, env)
     prepared = Prepared(name, values, records, stem, notebook, template, first, kernel_env, None)
     try:
         # Checked here, before the values are written into the notebook's injected cell.
@@ -373,16 +360,34 @@ def prepare(settings: Settings, name: str, pairs: Sequence[tuple[str, str]], env
     # instant, `audit verify` sees a run in progress, and a driver killed now leaves a record to seal.
     first.parameters = values
     try:
-        prepared.live = audit.hold_live_mark(records, stem)
+        prepared.live = liveness.hold_live_mark(records, stem)
         # In the ledger before anything else: from now on this run's files are the ledger's to vouch for.
         audit.append_started(records, stem, first, settings.ledger_witness)
         audit.write_sidecar(records, stem, first)
     except OSError as err:  # a full or read-only records folder: nothing has run
         if prepared.live is not None:
             prepared.live.release(remove=True)
-        first.end(Outcome.INVALID, 2, "not started: its record could not be written", audit.iso(audit.now()))
+        first.end(Outcome.INVALID, Outcome.INVALID.exit_code, "not started: its record could not be written", audit.iso(audit.now()))
         raise _records_unwritable(settings, records, notebook, first, err) from None
     return prepared
+
+
+def _kernel_environment(settings: Settings, name: str, context: RunContext, records: Path, env: str | None) -> dict[str, str]:
+    """What the run's kernel gets in its environment: the run's context, and the settings this driver resolved."""
+    kernel_env = {
+        # Every connection the run opens carries its id: a run that dies can have its sessions ended.
+        "PGAPPNAME": audit.application_name(name, context.run_id),
+        **context.environment(),
+        # The settings this driver resolved, as the configuration contract's own variables.
+        "OPSLIB_RECORDS_DIR": str(records),
+        "OPSLIB_BACKUPS_DIR": str(Path(settings.backups_dir).resolve()),
+        "OPSLIB_ALEMBIC_INI": str(Path(settings.alembic_ini).resolve()),
+        "OPSLIB_STATE_DIR": str(Path(settings.state_dir).resolve()),
+        "OPSLIB_OPERATOR": settings.operator,
+    }
+    if env:
+        kernel_env["OPSLIB_ENV"] = env
+    return kernel_env
 
 
 def run(
@@ -397,60 +402,72 @@ def run(
     ended here, with where the database stands read afresh, and sealed like any other.
     """
     run_ = prepare(settings, name, pairs, env, "headless")
-    records, stem, notebook_out, first, live = run_.records, run_.stem, run_.notebook, run_.first, run_.live
-    if live is None:
-        return RunOutcome(first, audit.sidecar_path(records, stem), notebook_out)
-    error: BaseException | None = None
+    records, stem, notebook_out = run_.records, run_.stem, run_.notebook
+    if run_.live is None:
+        return RunOutcome(run_.first, audit.sidecar_path(records, stem), notebook_out)
     stop = _Stop()
     kernelfiles.remove_orphans()
     with _environment(run_.kernel_env), _signals_passed_to_the_kernel(stop):
-        try:
-            kernel_manager_class = _start_kernel(run_.template)
-            papermill = notebooks.papermill()  # loaded while the kernel boots
-            # What seals the record afterwards (SQLAlchemy, 0.15 s) loads while the cells run: this
-            # process only waits for the kernel then. Its later import waits for this one to finish.
-            threading.Thread(target=importlib.import_module, args=("opslib.sealing",), daemon=True).start()
-
-            # papermill warns of parameters the notebook does not declare; the runbook refuses them itself, in one line.
-            logging.getLogger("papermill").setLevel(logging.ERROR)
-            papermill.execute_notebook(
-                str(run_.template),
-                str(notebook_out),
-                parameters=run_.values,
-                progress_bar=False,
-                log_output=False,
-                cwd=os.getcwd(),
-                kernel_manager_class=kernel_manager_class,
-                # The run has sealed its record and released its connections by the last cell; a
-                # graceful shutdown only waits (0.5 s, at times 3 s) for a kernel with nothing left to do.
-                shutdown_kernel="immediate",
-                on_cell_start=_no_cell_after_a_signal(stop),
-            )
-        except (Exception, KeyboardInterrupt) as err:  # noqa: BLE001 - a failed cell or a dead kernel
-            error = err  # a failed cell recorded its own failure in the sidecar, unless it never got to
-        finally:
-            _Kernels.clean_up()
+        error = _execute(run_, stop)
     # Sealed with SIGINT and SIGTERM held off (a cancelled CI job sends one, then another).
     with signals_held():
-        record = audit.load_record(records, stem) or first
-        record.pids = sorted(set(record.pids) | {os.getpid()})
-        if not (isinstance(record.outcome, Outcome) and record.outcome.sealed):
-            try:
-                _end_unfinished(settings, record, stop.signum, error)
-            except Interrupted:  # signalled twice while the database was slow to answer: sealed without it
-                record.database_history = "not written: the run was interrupted again while it was sealed"
-        elif record.outcome is Outcome.INTERRUPTED and stop.signum is not None:
-            # The kernel may have seen another signal than this process (Ctrl-C in a terminal reaches only this one).
-            record.exit_code = signal_exit_code(stop.signum)
-        from opslib import sealing  # loaded while the cells ran (see above)
-
-        try:
-            sealing.seal(settings, records, stem, record)  # None when another command sealed it meanwhile
-        except OSError as err:  # a full or read-only records folder: the run cannot be sealed there
-            live.release(remove=True)
-            raise _records_unwritable(settings, records, notebook_out, record, err) from None
-        live.release(remove=True)
+        record = _seal_after_the_kernel(settings, run_, stop, error)
     return RunOutcome(record, audit.sidecar_path(records, stem), notebook_out)
+
+
+def _execute(run_: Prepared, stop: "_Stop") -> BaseException | None:
+    """Run the notebook with papermill in a kernel of its own; the error that ended it early, or None."""
+    try:
+        kernel_manager_class = _start_kernel(run_.template)
+        papermill = notebooks.papermill()  # loaded while the kernel boots
+        # What seals the record afterwards (SQLAlchemy, 0.15 s) loads while the cells run: this
+        # process only waits for the kernel then. Its later import waits for this one to finish.
+        threading.Thread(target=importlib.import_module, args=("opslib.sealing",), daemon=True).start()
+
+        # papermill warns of parameters the notebook does not declare; the runbook refuses them itself, in one line.
+        logging.getLogger("papermill").setLevel(logging.ERROR)
+        papermill.execute_notebook(
+            str(run_.template),
+            str(run_.notebook),
+            parameters=run_.values,
+            progress_bar=False,
+            log_output=False,
+            cwd=os.getcwd(),
+            kernel_manager_class=kernel_manager_class,
+            # The run has sealed its record and released its connections by the last cell; a
+            # graceful shutdown only waits (0.5 s, at times 3 s) for a kernel with nothing left to do.
+            shutdown_kernel="immediate",
+            on_cell_start=_no_cell_after_a_signal(stop),
+        )
+    except (Exception, KeyboardInterrupt) as err:  # noqa: BLE001 - a failed cell or a dead kernel
+        return err  # a failed cell recorded its own failure in the sidecar, unless it never got to
+    finally:
+        _Kernels.clean_up()
+    return None
+
+
+def _seal_after_the_kernel(settings: Settings, run_: Prepared, stop: "_Stop", error: BaseException | None) -> RunRecord:
+    """End what the kernel left unfinished (where the database stands read afresh), then seal the run."""
+    records, stem = run_.records, run_.stem
+    record = audit.load_record(records, stem) or run_.first
+    record.pids = sorted(set(record.pids) | {os.getpid()})
+    if not (isinstance(record.outcome, Outcome) and record.outcome.sealed):
+        try:
+            _end_unfinished(settings, record, stop.signum, error)
+        except Interrupted:  # signalled twice while the database was slow to answer: sealed without it
+            record.database_history = "not written: the run was interrupted again while it was sealed"
+    elif record.outcome is Outcome.INTERRUPTED and stop.signum is not None:
+        # The kernel may have seen another signal than this process (Ctrl-C in a terminal reaches only this one).
+        record.exit_code = signal_exit_code(stop.signum)
+    from opslib import sealing  # loaded while the cells ran (see above)
+
+    try:
+        sealing.seal(settings, records, stem, record)  # None when another command sealed it meanwhile
+    except OSError as err:  # a full or read-only records folder: the run cannot be sealed there
+        run_.live.release(remove=True)
+        raise _records_unwritable(settings, records, run_.notebook, record, err) from None
+    run_.live.release(remove=True)
+    return record
 
 
 def _records_unwritable(

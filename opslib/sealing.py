@@ -26,7 +26,7 @@ from pathlib import Path
 
 import sqlalchemy as sa
 
-from opslib import anchors, audit, db
+from opslib import anchors, audit, db, liveness
 from opslib import history as run_history
 from opslib.config import Settings
 from opslib.errors import OpsError
@@ -87,7 +87,7 @@ def seal_abandoned(settings: Settings, command: str, out_of_reach: str | None = 
     if not audit.has_abandoned(records):
         return []
     sealed = []
-    with audit.sealing_lock(records):
+    with liveness.sealing_lock(records):
         for stem in audit.abandoned_stems(records):  # again, under the lock: another command may have sealed
             try:
                 record = _seal_one(settings, records, stem, command, out_of_reach)
@@ -103,7 +103,7 @@ def _seal_one(settings: Settings, records, stem: str, command: str, out_of_reach
     record = audit.load_record(records, stem)
     if record is None:
         return None
-    with audit.ended_run(records, stem, {"host": record.host, "pids": record.pids}) as ended:
+    with liveness.ended_run(records, stem, {"host": record.host, "pids": record.pids}) as ended:
         # Held exclusively now; the run may have sealed itself between the scan and the hold.
         if not ended or stem in audit.vouched_stems(records):
             return None
@@ -156,7 +156,7 @@ def seal_finished(settings: Settings, stem: str, by: str) -> RunRecord | None:
     Returns the record, or None when there is nothing to seal: already sealed, or not ended yet.
     """
     records = Path(settings.records_dir)
-    with audit.sealing_lock(records):
+    with liveness.sealing_lock(records):
         if stem in audit.vouched_stems(records):
             return None
         record = audit.load_record(records, stem)
@@ -188,7 +188,7 @@ def seal(settings: Settings, records: Path, stem: str, record: RunRecord, rewrit
     appended = audit.append_ledger(records, stem, record)
     if appended is None:
         return None
-    audit.live_mark_path(records, stem).unlink(missing_ok=True)
+    liveness.live_mark_path(records, stem).unlink(missing_ok=True)
     anchors.anchor(settings, record, appended)
     return appended
 

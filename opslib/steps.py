@@ -27,13 +27,14 @@ from typing import Any, Callable, Mapping
 
 import sqlalchemy as sa
 
-from opslib import audit, db, migrate, params, sealing
+from opslib import audit, db, liveness, migrate, params, sealing
 from opslib import history as run_history
 from opslib.config import Settings, is_runbook_template, load_settings, runbooks_dir
 from opslib.display import Section, show_now
 from opslib.errors import Interrupted, InvalidInput, OpsError, PreconditionFailed, StepOutOfOrder
 from opslib.outcome import Outcome, outcome_of
 from opslib.record import Database, RunRecord, Step, revisions_text
+from opslib.runcontext import RunContext
 from opslib.signals import signals_held
 
 SAVE_EVERY_S = 0.5  # how often the sidecar is rewritten while revisions are being applied
@@ -92,14 +93,12 @@ class _Signals:
 def step(label: str | None = None, repeatable: bool = False) -> Callable:
     """Decorate a Run method as a recorded step; a failure ends the run and is re-raised.
 
-    The step is recorded under ``label`` (by default the method's name: the records' step names are
-    what auditors and older records know). Its place in the run is the workflow's :attr:`Run.steps`,
-    which lists the step methods in order: each step needs the one before it to have run (succeeded,
-    or skipped as not needed). A step runs once unless ``repeatable`` (a step that only reads): run
-    again after it succeeded or was skipped (a cell run twice by accident), it shows its result again,
-    is not run again and is not recorded again, and the run goes on. A step out of order refuses: the
-    run ends there as ``refused`` (exit 3) having changed nothing, and the message names the first step
-    missing, by its section's title. No parameter and no environment lifts this.
+    It is recorded under ``label`` (default: the method's name). Its place is the workflow's
+    :attr:`Run.steps`, the step methods in order: each needs the one before it to have run (succeeded, or
+    skipped as not needed). A step runs once unless ``repeatable`` (a step that only reads): run again after
+    it succeeded or was skipped (a cell run twice by accident), it shows its result again, is not run or
+    recorded again, and the run goes on. A step out of order refuses: the run ends there as ``refused``
+    (exit 3) having changed nothing, naming the first step missing by its section's title.
     """
 
     def decorate(fn: Callable) -> Callable:
@@ -195,7 +194,8 @@ class Run:
         self.under_runner = under_runner
         self.ended = False
         self.held_signal: int | None = None
-        self.live: audit.LiveMark | None = None
+        self.live: liveness.LiveMark | None = None
+        self.target: migrate.Target | None = None  # the database and project, resolved by the preflight
         self.url = None
         self.database = None
         self.run_lock: db.RunLock | None = None
@@ -266,7 +266,7 @@ class Run:
         return f"{where} in the section “{title}”" if title else where
 
     def _revisions_now(self) -> list[str] | None:
-        return migrate.revisions_now(self.settings, self.record.version_table)
+        return migrate.revisions_now(self.target or self.settings, self.record.version_table)
 
     def _finish(self, err: BaseException | None = None) -> None:
         outcome, code = outcome_of(err)
@@ -314,9 +314,10 @@ class Run:
     def _identify(self, lock: bool = True) -> list[tuple[str, object]]:
         """Connect, record which database this is, and return its identity as facts to show; with
         ``lock``, take the run lock on it (a run that only reads the target, a rehearsal, does not)."""
-        self.url = db.target_url(self.settings)
+        self.target = migrate.Target(self.settings)  # resolved once: every step works on this one
+        self.url = self.target.url
         # Recorded before the lock: whoever seals this run if it dies reads the revision from this table.
-        table = migrate.version_table(self.settings)
+        table = self.target.version_table()
         with db.connect(self.url) as conn:
             version, _ = db.server_version(conn)
             fingerprint = db.fingerprint(conn)
@@ -349,7 +350,7 @@ class Run:
         """Append this run's row to the database's own history; a database out of reach keeps the files' record."""
         finished = replace(self.record, finished_at=self.record.finished_at or audit.iso(audit.now()))
         try:
-            with db.connect(db.target_url(self.settings)) as conn:
+            with db.connect(self.url or db.target_url(self.settings)) as conn:
                 run_history.record_run(conn, finished)
         except (OpsError, sa.exc.DBAPIError) as err:
             self.record.database_history = f"not written: {_message_of(err)}"
@@ -521,7 +522,7 @@ def section_title(runbook: str, code: str) -> str | None:
     return None
 
 
-def _refuse_a_notebook_that_is_not_the_run(runbook: str, stem: str | None) -> None:
+def _refuse_a_notebook_that_is_not_the_run(runbook: str, stem: str | None, interactive: bool) -> None:
     """In JupyterLab, a runbook runs only from its run's own notebook (made by `opslib open`), and only once:
     never from a template in the runbooks folder, never from another notebook of a Lab opened for a run,
     and never again after a kernel restart (the first kernel's record stays as it was)."""
@@ -533,9 +534,9 @@ def _refuse_a_notebook_that_is_not_the_run(runbook: str, stem: str | None) -> No
             raise InvalidInput(
                 f"{notebook.name} is a runbook template: templates never run and never change; {again}"
             )
-        if stem is not None and os.environ.get(audit.RUN_MODE_ENV) == "interactive" and notebook.name != f"{stem}.ipynb":
+        if stem is not None and interactive and notebook.name != f"{stem}.ipynb":
             raise InvalidInput(f"this JupyterLab was opened for run {stem}, not for {notebook.name}; {again}")
-    if stem is None or os.environ.get(audit.RUN_MODE_ENV) != "interactive":
+    if stem is None or not interactive:
         return
     try:
         settings = load_settings()
@@ -553,11 +554,13 @@ def begin(runbook: str, namespace: Mapping[str, Any], workflow: type[Run]) -> Ru
     """Begin a run of ``workflow``: validate the parameters found in the notebook's namespace, before
     any connection (invalid ones end the run at once, with its record written). A runbook no workflow
     declares is begun as a :class:`Run` whose ``unknown`` says so: its first step refuses it."""
-    started = audit.now()
-    run_id = os.environ.get(audit.RUN_ID_ENV) or audit.new_run_id()
-    stem = os.environ.get(audit.RUN_STEM_ENV) or audit.record_stem(runbook, run_id, started)
-    under_runner = audit.RUN_STEM_ENV in os.environ
-    _refuse_a_notebook_that_is_not_the_run(runbook, stem if under_runner else None)
+    context = RunContext.given()  # the run its driver named (`opslib run`, `opslib open`), or None: a run of its own
+    started = context.started if context else audit.now()
+    run_id = context.run_id if context else audit.new_run_id()
+    stem = context.stem if context else audit.record_stem(runbook, run_id, started)
+    under_runner = context is not None
+    interactive = bool(context) and context.mode == "interactive"
+    _refuse_a_notebook_that_is_not_the_run(runbook, stem if under_runner else None, interactive)
     # Every session the run opens (its lock, the migrations, pg_dump) carries its name: the sessions of a
     # run that died can be found and ended before its record is sealed.
     os.environ["PGAPPNAME"] = audit.application_name(runbook, run_id)
@@ -574,7 +577,7 @@ def begin(runbook: str, namespace: Mapping[str, Any], workflow: type[Run]) -> Ru
     record.changes_database, record.backup_gated = workflow.changes_database, workflow.backup_gated
     run = workflow(settings, {}, record, stem, under_runner)
     # Held for the run's life, before its first sidecar: a record whose mark nobody holds was abandoned.
-    run.live = audit.hold_live_mark(settings.records_dir, stem)
+    run.live = liveness.hold_live_mark(settings.records_dir, stem)
     if not under_runner:  # `opslib run` and `opslib open` wrote the start entry before the kernel began
         audit.append_started(settings.records_dir, stem, record, settings.ledger_witness)
     _Signals.run = run

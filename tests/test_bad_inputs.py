@@ -97,6 +97,7 @@ CASES = [
     ("env.py not importable", "cli", ["upgrade"], {"OPSLIB_ALEMBIC_INI": "@brokenenv"}, 2, "env.py"),
     ("run without a runbook", "cli", ["run"], {}, 2, "run needs a RUNBOOK"),
     ("run help of unknown runbook", "cli", ["run", "nosuch", "--help"], {}, 2, "no runbook 'nosuch'"),
+    ("fleet of an unknown runbook", "cli", ["fleet", "nosuch"], {}, 2, "no runbook 'nosuch'"),
     ("run unknown parameter", "run", ["deploy", "-p", "stepz", "1"], {}, 2, "unknown parameter stepz"),
     ("run steps not a number", "run", ["rollback", "-p", "steps", "many"], {}, 2, "must be a whole number"),
     ("run bad choice", "run", ["deploy", "-p", "on_failure", "explode"], {}, 2, "must be one of stop, restore"),

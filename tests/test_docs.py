@@ -37,7 +37,7 @@ def test_every_configuration_variable_is_in_the_readme():
     source = "".join(p.read_text() for p in (ROOT / "opslib").rglob("*.py"))
     names = set(re.findall(r'"((?:OPSLIB_|DATABASE_)[A-Z_]+)"', source))
     # Set by `opslib run` for its kernel, not by users.
-    names -= {"OPSLIB_RUN_ID", "OPSLIB_RUN_STEM", "OPSLIB_RUNNER_PID", "OPSLIB_RUN_MODE", "OPSLIB_RUNBOOK_SHA256"}
+    names -= {"OPSLIB_RUN_CONTEXT"}
     assert {"DATABASE_URL", "OPSLIB_ENV", "OPSLIB_ALEMBIC_INI"} <= names
     assert [n for n in sorted(names) if f"`{n}`" not in README] == []
     assert config.ENVIRONMENTS == ("development", "staging", "production")

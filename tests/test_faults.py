@@ -23,7 +23,7 @@ from pathlib import Path
 import psycopg2
 import pytest
 
-from opslib import audit, embedded
+from opslib import audit, embedded, liveness
 from opslib.config import Settings
 
 from .conftest import FIXTURES, OPSLIB, database_name, libpq, opslib_cli, outcomes_that_disagree, query
@@ -388,7 +388,7 @@ def test_a_runner_killed_with_sigkill_leaves_no_kernel_files_after_the_next_comm
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
-    _wait_for(lambda: not any(audit._alive(pid) for pid in pids if pid != runner.pid), "the kernel's end")
+    _wait_for(lambda: not any(liveness._alive(pid) for pid in pids if pid != runner.pid), "the kernel's end")
     status = subprocess.run([OPSLIB, "status"], cwd=work, env=env, capture_output=True, text=True)
     assert status.returncode == 0, status.stdout + status.stderr
     assert not list(temp.glob(f"opslib-kernel-{runner.pid}-*"))

@@ -11,13 +11,13 @@ from .conftest import ROOT
 
 # Lowest first; a package (opslib/migrate/, …) is one module of its layer. docs/architecture.md shows the same.
 LAYERS = {
-    "base": {"outcome", "errors", "redact", "naming", "notebooks", "kernelfiles", "witness", "halt", "record",
+    "base": {"outcome", "errors", "redact", "naming", "notebooks", "kernelfiles", "witness", "halt", "record", "runcontext",
              "config", "params", "policy", "checkreport", "safeguards", "signals"},
     "database": {"embedded", "db", "pgtools", "history"},
     "verbs": {"batch", "migrate", "backup", "seed", "rehearse", "branch"},
     "judgement": {"lint", "checks"},
     "rendering": {"display"},
-    "records": {"audit", "anchors", "sealing", "report", "summary", "autoseal"},
+    "records": {"audit", "liveness", "anchors", "sealing", "report", "summary", "autoseal"},
     "runs": {"steps", "workflows", "runbook", "runner", "lab", "fleet", "airflow"},
     "face": {"cli"},
 }  # fmt: skip

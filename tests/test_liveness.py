@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from opslib import audit, signals
+from opslib import audit, liveness, signals
 from opslib.errors import Interrupted
 from opslib.outcome import Outcome
 from opslib.record import RunRecord, revisions_text
@@ -66,7 +66,7 @@ class Holder:
 def test_a_held_mark_keeps_a_run_live_whatever_its_host_and_pids(tmp_path):
     stem = "20261126T100000Z_deploy_aaaa1111"
     running_record(tmp_path, stem, host="another-container", pids=[dead_pid()])
-    holder = Holder(audit.live_mark_path(tmp_path, stem))
+    holder = Holder(liveness.live_mark_path(tmp_path, stem))
     try:
         assert audit.abandoned_stems(tmp_path) == []
         assert audit.verify_ledger(tmp_path) == []  # a run in progress is not a problem
@@ -80,7 +80,7 @@ def test_a_reused_pid_does_not_hide_an_ended_run(tmp_path):
     stem = "20261126T100000Z_deploy_bbbb2222"
     # Its pid now belongs to another live process (this one): the mark, held by nobody, decides.
     running_record(tmp_path, stem, host=socket.gethostname(), pids=[os.getpid()])
-    audit.live_mark_path(tmp_path, stem).touch()
+    liveness.live_mark_path(tmp_path, stem).touch()
     assert audit.abandoned_stems(tmp_path) == [stem]
 
 
@@ -106,7 +106,7 @@ def test_a_run_is_sealed_into_the_ledger_once(tmp_path):
 def test_a_notebook_written_before_its_sidecar_is_a_run_in_progress(tmp_path):
     stem = "20261126T100000Z_deploy_eeee5555"
     (tmp_path / f"{stem}.ipynb").write_text("{}")
-    holder = Holder(audit.live_mark_path(tmp_path, stem))
+    holder = Holder(liveness.live_mark_path(tmp_path, stem))
     try:
         assert audit.verify_ledger(tmp_path) == []
     finally:
@@ -157,7 +157,7 @@ def test_audit_commands_read_a_folder_they_cannot_write():
         records.mkdir()
         stem = "20261126T100000Z_deploy_ffff6666"
         running_record(records, stem, host=socket.gethostname(), pids=[dead_pid()])
-        audit.live_mark_path(records, stem).touch()
+        liveness.live_mark_path(records, stem).touch()
         before = sorted(p.name for p in records.iterdir())
         for path in [folder, records, *records.iterdir()]:
             path.chmod(0o755 if path.is_dir() else 0o644)
@@ -180,11 +180,11 @@ def test_audit_commands_read_a_folder_they_cannot_write():
 
 def test_live_mark_is_not_inherited_by_child_processes(tmp_path):
     """pg_dump and pg_restore, started by a run, must not keep its mark held after the run is gone."""
-    mark = audit.hold_live_mark(tmp_path, "stem")
+    mark = liveness.hold_live_mark(tmp_path, "stem")
     child = subprocess.Popen(["sleep", "30"])
     try:
         mark.release()
-        with audit.ended_run(tmp_path, "stem", {}) as ended:
+        with liveness.ended_run(tmp_path, "stem", {}) as ended:
             assert ended
     finally:
         child.kill()

@@ -15,7 +15,7 @@ import sys
 import textwrap
 from pathlib import Path
 
-from opslib import audit, db
+from opslib import audit, db, liveness
 from opslib.config import load_settings
 from opslib.record import Database, RunRecord
 
@@ -36,7 +36,7 @@ def killed_run(records: Path, url: str, stem: str, version_table: list | None, w
     records.mkdir(parents=True, exist_ok=True)
     audit.append_started(records, stem, record, witness)  # as every run does before anything else
     audit.write_sidecar(records, stem, record)
-    audit.live_mark_path(records, stem).touch()
+    liveness.live_mark_path(records, stem).touch()
 
 
 def test_a_killed_run_is_sealed_with_the_revision_of_its_own_version_table(database_url, tmp_path):

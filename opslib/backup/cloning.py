@@ -54,15 +54,16 @@ def clone_strategy(major: int, source_bytes: int) -> str | None:
     return "FILE_COPY" if source_bytes >= FILE_COPY_FROM_BYTES else "WAL_LOG"
 
 
-def clone(settings: Settings, into: str) -> CloneResult:
+def clone(where: Settings | db.TargetDatabase, into: str) -> CloneResult:
     """Copy the target database on its server with ``CREATE DATABASE … TEMPLATE`` (no dump, no restore).
 
     On PostgreSQL 15 and later a large source is copied file by file (``STRATEGY FILE_COPY``), a
     small one through the WAL (``WAL_LOG``): see :data:`FILE_COPY_FROM_BYTES`. PostgreSQL refuses
     while anyone else is connected to the source; that is reported as a refusal.
     """
+    target = db.TargetDatabase.of(where)  # resolved once: the URL every step of it uses
     db.check_database_name(into)
-    url = db.target_url(settings)
+    url = target.url
     source = url.database
     with db.connect_autocommit(db.maintenance_url(url)) as admin:
         if db.database_exists(admin, into):

@@ -54,7 +54,7 @@ class BackupResult:
         return {"path": str(self.path), "manifest_path": str(manifest_path(self.path)), **self.manifest}
 
 
-def backup(settings: Settings, *, out_dir: Path | None = None, label: str | None = None) -> BackupResult:
+def backup(where: Settings | db.TargetDatabase, *, out_dir: Path | None = None, label: str | None = None) -> BackupResult:
     """Dump the target database with the pg_dump that fits its server, and write its manifest.
 
     The dump, the revision and the row counts come from one snapshot. pg_dump starts first; where the
@@ -64,10 +64,12 @@ def backup(settings: Settings, *, out_dir: Path | None = None, label: str | None
     :class:`BackupNotTaken` (exit 3): the database was only read, and no file is left under a
     final name. Partial dumps of killed backups in the folder are removed first.
     """
+    target = db.TargetDatabase.of(where)  # resolved once: the URL every step of it uses
+    settings = target.settings
     folder = Path(out_dir or settings.backups_dir)
     label = clean(label) if label is not None else None  # `--label "$DATABASE_URL"` keeps no password
     _make_folder(folder)
-    url = db.target_url(settings)
+    url = target.url
     started = _now()
     remove_stale_partials(folder, started)
     with db.connect(url) as conn:

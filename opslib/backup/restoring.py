@@ -57,7 +57,7 @@ class RestoreResult:
 
 
 def restore(
-    settings: Settings,
+    where: Settings | db.TargetDatabase,
     file: Path | str,
     *,
     into: str | None = None,
@@ -74,33 +74,34 @@ def restore(
     ``allow_other_database``. Staging databases that killed restores of the target left are dropped
     first (see :func:`cleanup_restores`).
     """
+    target = db.TargetDatabase.of(where)  # resolved once: the URL every step of it uses
     path = _backup_file(file)
     # The archive is checked first (not recorded: a restore-tested verification stays on record).
-    verify_backup(settings, path, record=False).raise_for_failure()
+    verify_backup(target, path, record=False).raise_for_failure()
     manifest = read_manifest(path)
-    url = db.target_url(settings)
-    target = url.database
+    url = target.url
+    name = url.database
     if into is None:
-        into = _unnamed_into(manifest, target, confirm)
+        into = _unnamed_into(manifest, name, confirm)
     db.check_database_name(into)
     stamp = _now().strftime(STAMP).lower()
     with db.connect_autocommit(db.maintenance_url(url)) as admin:
         _, major = db.server_version(admin)
-        over = _is_over_target(admin, into, target)
+        over = _is_over_target(admin, into, name)
         removed: tuple[str, ...] = ()
         if over:
             removed = _make_way(
-                admin, manifest, path, target, confirm, terminate_connections, allow_other_database
+                admin, manifest, path, name, confirm, terminate_connections, allow_other_database
             )
         staging = _staging_name(into) if over else into
         _create_staging(admin, staging, over)
         try:
             counts, revisions, matches = _restore_and_compare(
-                url.set(database=staging), major, path, manifest, _untouched(over, target, into)
+                url.set(database=staging), major, path, manifest, _untouched(over, name, into)
             )
             if over:
-                _carry_over_properties(admin, target, staging)
-            kept_as = _swap_in(url, admin, staging, target, stamp, terminate_connections) if over else None
+                _carry_over_properties(admin, name, staging)
+            kept_as = _swap_in(url, admin, staging, name, stamp, terminate_connections) if over else None
         except BaseException:
             admin.execute(sa.text(f"DROP DATABASE IF EXISTS {db.quote_ident(admin, staging)} WITH (FORCE)"))
             raise

@@ -108,9 +108,10 @@ def staging_databases(conn: Connection, target: str) -> list[StagingDatabase]:
     return found
 
 
-def leftover_restores(settings: Settings) -> list[StagingDatabase]:
+def leftover_restores(where: Settings | db.TargetDatabase) -> list[StagingDatabase]:
     """The staging databases of restores over the target that no running restore holds (killed ones' debris)."""
-    url = db.target_url(settings)
+    target = db.TargetDatabase.of(where)  # resolved once: the URL every step of it uses
+    url = target.url
     with db.connect(url) as conn:
         try:
             return [s for s in staging_databases(conn, url.database) if not s.in_use]
@@ -133,7 +134,7 @@ class CleanupResult:
         return {"target": self.target, "dropped": list(self.dropped), "left": list(self.left)}
 
 
-def cleanup_restores(settings: Settings) -> CleanupResult:
+def cleanup_restores(where: Settings | db.TargetDatabase) -> CleanupResult:
     """Drop the staging databases that killed restores over the target left behind.
 
     One that a restore running now is using is never dropped: each restore holds an advisory lock
@@ -141,7 +142,8 @@ def cleanup_restores(settings: Settings) -> CleanupResult:
     leftover is dropped only under that lock, and only when no session is connected to it (no
     ``FORCE``: someone looking into it is not cut off).
     """
-    url = db.target_url(settings)
+    target = db.TargetDatabase.of(where)  # resolved once: the URL every step of it uses
+    url = target.url
     with db.connect_autocommit(db.maintenance_url(url)) as admin:
         return _drop_leftovers(admin, url.database)
 

@@ -66,18 +66,19 @@ class _Background:
 
 
 def verify_backup(
-    settings: Settings, file: Path | str, *, restore_test: bool = False, record: bool = True
+    where: Settings | db.TargetDatabase, file: Path | str, *, restore_test: bool = False, record: bool = True
 ) -> CheckReport:
     """Check a backup: manifest, size, sha256, a readable archive, and optionally a test restore.
 
     Checks stop at the first failure (the rest are skipped). Unless ``record`` is False, the outcome
     is recorded beside the backup (``<stem>.verify.json``) for ``opslib backups``.
     """
+    target = db.TargetDatabase.of(where)  # resolved once: the URL every step of it uses
     path = _backup_file(file)
     report = CheckReport(f"verify-backup {path.name}")
     names = ["manifest", "size", "sha256", "archive readable"] + (["restore test"] if restore_test else [])
     try:
-        _verify(settings, path, report, restore_test)
+        _verify(target, path, report, restore_test)
     except OpsError as err:  # e.g. no fitting pg_restore, or the server went away mid-test
         report.add(names[len(report.checks)], FAIL, err.message)
     for name in names[len(report.checks) :]:
@@ -95,7 +96,7 @@ def verify_backup(
     return report
 
 
-def _verify(settings: Settings, path: Path, report: CheckReport, restore_test: bool) -> None:
+def _verify(target: db.TargetDatabase, path: Path, report: CheckReport, restore_test: bool) -> None:
     try:
         manifest = read_manifest(path)
     except PreconditionFailed as err:
@@ -126,7 +127,7 @@ def _verify(settings: Settings, path: Path, report: CheckReport, restore_test: b
         listing = _start_listing(manifest, path)
         if not isinstance(listing, Exception):
             stack.callback(_end, listing[1])
-        scratch = stack.enter_context(_scratch_database(db.target_url(settings))) if restore_test else None
+        scratch = stack.enter_context(_scratch_database(target.url)) if restore_test else None
         digest = hashing.result()
         if digest != manifest.get("sha256"):
             report.add(

@@ -30,9 +30,9 @@ def _given_folder(raw: str | None) -> Path | None:
 )
 def backup(settings, args) -> int:
     """pg_dump the target database into the backups folder, with a manifest"""
-    from opslib import backup, display
+    from opslib import backup, db, display
 
-    made = backup.backup(settings, out_dir=Path(args.out) if args.out else None, label=args.label)
+    made = backup.backup(db.TargetDatabase(settings), out_dir=Path(args.out) if args.out else None, label=args.label)
     print(display.backup_text(made))
     return EXIT_OK
 
@@ -44,9 +44,9 @@ def backup(settings, args) -> int:
 )
 def verify_backup(settings, args) -> int:
     """check a backup: manifest, checksum, archive, optionally a test restore"""
-    from opslib import backup, display
+    from opslib import backup, db, display
 
-    report = backup.verify_backup(settings, args.file, restore_test=args.restore_test)
+    report = backup.verify_backup(db.TargetDatabase(settings), args.file, restore_test=args.restore_test)
     print(display.checks_text(report))
     report.raise_for_failure()
     return EXIT_OK
@@ -63,7 +63,7 @@ def verify_backup(settings, args) -> int:
 )
 def restore(settings, args) -> int:
     """restore a backup into a new database (or over the target, confirmed)"""
-    from opslib import backup, display
+    from opslib import backup, db, display
     from opslib.errors import InvalidInput
 
     if args.cleanup:
@@ -71,7 +71,7 @@ def restore(settings, args) -> int:
         given = [flag for flag, value in flags if value]
         if given:
             raise InvalidInput(f"restore --cleanup takes no {', '.join(given)}: run it on its own")
-        print(display.cleanup_text(backup.cleanup_restores(settings)))
+        print(display.cleanup_text(backup.cleanup_restores(db.TargetDatabase(settings))))
         return EXIT_OK
     if not args.file:
         raise InvalidInput(
@@ -79,7 +79,7 @@ def restore(settings, args) -> int:
             "or --cleanup to drop what killed restores left"
         )
     done = backup.restore(
-        settings, args.file, into=args.into, confirm=args.confirm, terminate_connections=args.terminate_connections,
+        db.TargetDatabase(settings), args.file, into=args.into, confirm=args.confirm, terminate_connections=args.terminate_connections,
         allow_other_database=args.allow_other_database,
     )  # fmt: skip
     print(display.restore_text(done))
@@ -89,9 +89,9 @@ def restore(settings, args) -> int:
 @command("clone", arg("--into", metavar="NAME", required=True))
 def clone(settings, args) -> int:
     """copy the target database on its server (CREATE DATABASE ... TEMPLATE)"""
-    from opslib import backup
+    from opslib import backup, db
 
-    made = backup.clone(settings, args.into)
+    made = backup.clone(db.TargetDatabase(settings), args.into)
     print(f"cloned {made.source!r} into {made.database!r} in {made.duration_s:.2f} s")
     return EXIT_OK
 
@@ -157,7 +157,7 @@ def verify_setup(settings, args) -> int:
 )  # fmt: skip
 def check(settings, args) -> int:
     """pre-deploy checks: heads, pending revisions, squawk lint, naming, drift, backup"""
-    from opslib import checks, display
+    from opslib import checks, display, migrate
     from opslib.errors import InvalidInput
 
     if args.reason is not None and not args.write_baseline:
@@ -173,7 +173,7 @@ def check(settings, args) -> int:
 
         _, new = branch.new_revisions(settings, args.base)
     report = checks.pre_deploy(
-        settings, args.target, expect_env=args.expect_env, max_backup_age_h=args.max_backup_age,
+        migrate.Target(settings), args.target, expect_env=args.expect_env, max_backup_age_h=args.max_backup_age,
         baseline_reason=baseline, new_revisions=new,
     )  # fmt: skip
     print(json.dumps(report.to_dict(), indent=2) if args.json else display.checks_text(report))

@@ -29,7 +29,7 @@ def status(settings, args) -> int:
     """current revision, heads, pending revisions, at head or not"""
     from opslib import display, migrate
 
-    st = migrate.status(settings)
+    st = migrate.status(migrate.Target(settings))
     print(json.dumps(st.to_dict(), indent=2) if args.json else display.status_text(st))
     return EXIT_OK
 
@@ -39,7 +39,7 @@ def upgrade(settings, args) -> int:
     """apply pending revisions (default: up to head)"""
     from opslib import migrate
 
-    return _changed(args, migrate.upgrade(settings, args.revision, x_args=args.x_args))
+    return _changed(args, migrate.upgrade(migrate.Target(settings), args.revision, x_args=args.x_args))
 
 
 @command("downgrade", arg("revision", help="-N, a revision id, or base"), X_ARGS)
@@ -47,7 +47,7 @@ def downgrade(settings, args) -> int:
     """roll back: -1 (last revision), a revision id, or base"""
     from opslib import migrate
 
-    return _changed(args, migrate.downgrade(settings, args.revision, x_args=args.x_args))
+    return _changed(args, migrate.downgrade(migrate.Target(settings), args.revision, x_args=args.x_args))
 
 
 @command(
@@ -63,10 +63,10 @@ def history(settings, args) -> int:
         from opslib import db
         from opslib import history as run_history
 
-        with db.connect(db.target_url(settings)) as conn:
+        with db.connect(migrate.Target(settings).url) as conn:
             print(display.database_history_text(*run_history.read(conn)))
     else:
-        print(display.history_text(migrate.history(settings), verbose=args.details))
+        print(display.history_text(migrate.history(migrate.Target(settings)), verbose=args.details))
     return EXIT_OK
 
 
@@ -75,7 +75,7 @@ def show(settings, args) -> int:
     """details of one revision"""
     from opslib import display, migrate
 
-    print(display.revision_text(migrate.show(settings, args.revision)))
+    print(display.revision_text(migrate.show(migrate.Target(settings), args.revision)))
     return EXIT_OK
 
 
@@ -84,7 +84,7 @@ def heads(settings, args) -> int:
     """the head revision(s) of the chain"""
     from opslib import display, migrate
 
-    print(display.history_text(migrate.heads(settings)))
+    print(display.history_text(migrate.heads(migrate.Target(settings))))
     return EXIT_OK
 
 
@@ -93,7 +93,7 @@ def stamp(settings, args) -> int:
     """record a revision in the database without running migrations"""
     from opslib import migrate
 
-    return _changed(args, migrate.stamp(settings, args.revision))
+    return _changed(args, migrate.stamp(migrate.Target(settings), args.revision))
 
 
 @command(
@@ -105,7 +105,7 @@ def merge(settings, args) -> int:
     """create a merge revision joining the heads"""
     from opslib import migrate
 
-    made = migrate.merge(settings, args.message, args.revisions)
+    made = migrate.merge(migrate.Target(settings), args.message, args.revisions)
     print(f"created merge revision {made.revision}: {made.path}")
     return EXIT_OK
 
@@ -119,7 +119,7 @@ def revision(settings, args) -> int:
     """create a revision file (empty, or --autogenerate from the models)"""
     from opslib import migrate
 
-    made = migrate.revision(settings, args.message, autogenerate=args.autogenerate)
+    made = migrate.revision(migrate.Target(settings), args.message, autogenerate=args.autogenerate)
     print(f"created revision {made.revision}: {made.path}\nreview it before `opslib upgrade`")
     return EXIT_OK
 

@@ -109,9 +109,10 @@ def fleet(settings, args) -> int:
     pyproject.toml): the canary first, then waves, at most --parallel at once; no target starts after
     --halt-after failures, nor after a failed canary. Each target gets its own run and record; the fleet's
     record goes to records/fleets/."""
-    from opslib import display
+    from opslib import display, workflows
     from opslib import fleet as fleets
 
+    workflows.get(args.runbook)  # an unknown runbook is refused once, before any target (exit 2)
     chosen = fleets.load_fleet(args.targets or fleets.fleet_file(settings.alembic_ini))
     if args.only:
         chosen = chosen.only(args.only)

@@ -53,6 +53,7 @@ from opslib.migrate.revisions import _info as _info  # used by opslib.branch
 from opslib.migrate.revisions import resolve
 from opslib.migrate.runtime import check_same_database
 from opslib.migrate.versiontable import current_revisions, probe_env, version_table
+from opslib.migrate.target import Target
 from opslib.migrate.change import RECONNECT_S
 from opslib.migrate.offline import RUNNING_MARKER, offline_sql, render_pending, script_sql
 from opslib.migrate.planning import DeployPlan, deploy_plan, has_real_downgrade, plan
@@ -84,6 +85,7 @@ __all__ = [
     "RevisionInfo",
     "Status",
     "StepCallback",
+    "Target",
     "alembic_config",
     "check_same_database",
     "compare_models",

@@ -24,28 +24,28 @@ from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 
 from opslib import db
 from opslib import history as db_history
-from opslib.config import Settings
 from opslib.errors import ConfigError, Interrupted, InvalidInput, MigrationFailed, OpsError
 from opslib.migrate.guards import _ddl_lock_timeout, _IndexGuard, _retrying
-from opslib.migrate.project import Project, alembic_config, project_for, table_name
+from opslib.migrate.project import alembic_config, table_name
 from opslib.migrate.results import AttemptCallback, LocksCallback, MigrationResult, StepCallback
 from opslib.migrate.revisions import _applied_set, _between, _describe, _info, _pending
 from opslib.migrate.runtime import _Canceller, _capture_alembic_output, _Progress, _run_env, check_same_database
-from opslib.migrate.versiontable import current_revisions, version_table
+from opslib.migrate.target import Target
+from opslib.migrate.versiontable import current_revisions
 from opslib.signals import signals_noted
 
 
 @contextmanager
-def _locked_connection(settings: Settings) -> Iterator[tuple[URL, Connection]]:
+def _locked_connection(target: Target) -> Iterator[tuple[URL, Connection]]:
     """opslib's own session to the target, holding the opslib advisory lock while it is open."""
-    url = db.target_url(settings)
+    url = target.url
     with db.connect(url) as conn:
-        with db.advisory_lock(conn, settings.lock_timeout_s):
+        with db.advisory_lock(conn, target.settings.lock_timeout_s):
             yield url, conn
 
 
 def _run_change(
-    settings: Settings,
+    target_: Target,
     action: str,
     target: str,
     x_args: Sequence[str],
@@ -63,11 +63,10 @@ def _run_change(
     absolute where it can be, so
     that a retry after a lock timeout resumes at the revision that timed out.
     """
-    project = project_for(settings)
     finished: list = []  # the database and its revisions, once the change is done
     try:
-        with _locked_connection(settings) as (url, conn):
-            change = _Change(settings, project, action, target, url, conn)
+        with _locked_connection(target_) as (url, conn):
+            change = _Change(target_, action, target, url, conn)
             change.read_and_plan(x_args, plan, destination, on_step, on_locks)
             after = change.run(on_attempt, finished)
     except KeyboardInterrupt as err:  # a signal while the lock was given up and the session closed, after the work
@@ -81,10 +80,11 @@ class _Change:
     """One changing command on opslib's locked session ``conn``: what it read before it began, what it
     hands Alembic, and what it tells when it ends (see :func:`_run_change`)."""
 
-    def __init__(self, settings: Settings, project: Project, action: str, target: str, url: URL, conn: Connection):
-        self.settings = settings
-        self.project = project
-        self.script = project.script
+    def __init__(self, on: Target, action: str, target: str, url: URL, conn: Connection):
+        self.on = on
+        self.settings = on.settings
+        self.project = on.project
+        self.script = self.project.script
         self.action = action
         self.target = target
         self.url = url
@@ -101,7 +101,7 @@ class _Change:
     ) -> None:
         """Read where the database stands and plan the change, raising before any change when it cannot be made."""
         script, conn = self.script, self.conn
-        self.where = version_table(self.settings, conn)
+        self.where = self.on.version_table(conn)
         self.ours = db.identity(conn)
         self.before = current_revisions(conn, self.where)
         _pending(script, self.before, self.database)  # refuses a database at a revision the code lacks

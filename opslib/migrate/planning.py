@@ -20,7 +20,6 @@ from opslib import db
 from opslib.config import Settings
 from opslib.errors import PreconditionFailed, UnknownRevision
 from opslib.migrate.offline import render_pending
-from opslib.migrate.project import script_directory
 from opslib.migrate.results import OfflineSQL, RevisionInfo
 from opslib.migrate.revisions import (
     _applied_set,
@@ -33,7 +32,8 @@ from opslib.migrate.revisions import (
     _upgrade_path,
     resolve,
 )
-from opslib.migrate.versiontable import current_revisions, version_table
+from opslib.migrate.target import Target
+from opslib.migrate.versiontable import current_revisions
 
 
 def _steps(rel: str) -> int:
@@ -106,18 +106,19 @@ def _plan_downgrade(script: ScriptDirectory, current: tuple[str, ...], target: s
         raise UnknownRevision(f"cannot downgrade to {target!r} from {_describe(current)}: {err}") from None
 
 
-def plan(settings: Settings, action: str, target: str) -> tuple[tuple[str, ...], list[RevisionInfo]]:
-    """What ``upgrade`` or ``downgrade`` to ``target`` would do now: the current revisions and the steps.
+def plan(target: Settings | Target, action: str, revision: str) -> tuple[tuple[str, ...], list[RevisionInfo]]:
+    """What ``upgrade`` or ``downgrade`` of ``target`` to ``revision`` would do now: the current revisions and
+    the steps.
 
     Reads only; raises as the verb itself would (unknown revision, nothing to roll back, ...).
     """
-    target = _check_revision_text(target, "target revision")
-    script = script_directory(settings)
-    url = db.target_url(settings)
+    revision = _check_revision_text(revision, "target revision")
+    target = Target.of(target)
+    script, url = target.script, target.url
     with db.connect(url) as conn:
-        current = current_revisions(conn, version_table(settings, conn))
+        current = current_revisions(conn, target.version_table(conn))
     _pending(script, current, db.redact_url(url))
-    steps = (_plan_upgrade if action == "upgrade" else _plan_downgrade)(script, current, target)
+    steps = (_plan_upgrade if action == "upgrade" else _plan_downgrade)(script, current, revision)
     head_ids = set(script.get_heads())
     return current, [_info(s, head_ids) for s in steps]
 
@@ -139,24 +140,24 @@ class DeployPlan:
         return self.pending[-1].revision if self.pending else None
 
 
-def deploy_plan(settings: Settings, target: str = "head", *, x_args: Sequence[str] = ()) -> DeployPlan:
-    """Read where the database stands and plan an upgrade to ``target``, with its SQL rendered offline.
+def deploy_plan(target: Settings | Target, revision: str = "head", *, x_args: Sequence[str] = ()) -> DeployPlan:
+    """Read where ``target`` stands and plan an upgrade to ``revision``, with its SQL rendered offline.
 
     Reads only; raises as :func:`upgrade` would (unknown revision, a database ahead of the code).
     """
-    target = _check_revision_text(target, "target revision")
-    script = script_directory(settings)
-    url = db.target_url(settings)
+    revision = _check_revision_text(revision, "target revision")
+    target = Target.of(target)
+    script, url = target.script, target.url
     with db.connect(url) as conn:
-        current = current_revisions(conn, version_table(settings, conn))
+        current = current_revisions(conn, target.version_table(conn))
     database = db.redact_url(url)
     _pending(script, current, database)
     head_ids = set(script.get_heads())
-    pending = tuple(_info(s, head_ids) for s in _plan_upgrade(script, current, target))
-    plan_ = DeployPlan(database, target, current, tuple(sorted(head_ids)), pending)
+    pending = tuple(_info(s, head_ids) for s in _plan_upgrade(script, current, revision))
+    plan_ = DeployPlan(database, revision, current, tuple(sorted(head_ids)), pending)
     if not pending:
         return plan_
-    return replace(plan_, sql=render_pending(settings, current, pending[-1].revision, x_args=x_args))
+    return replace(plan_, sql=render_pending(target.settings, current, pending[-1].revision, x_args=x_args))
 
 
 def has_real_downgrade(info: RevisionInfo) -> bool:

@@ -25,7 +25,7 @@ from opslib.config import Settings
 from opslib.errors import ConfigError, InvalidInput, OpsError, PreconditionFailed, UnknownRevision
 from opslib.migrate.change import _run_change
 from opslib.migrate.planning import _plan_downgrade, _plan_upgrade
-from opslib.migrate.project import OFFLINE_URL, Project, alembic_config, project_for, script_directory
+from opslib.migrate.project import OFFLINE_URL, Project, alembic_config, script_directory
 from opslib.migrate.results import (
     AttemptCallback,
     LocksCallback,
@@ -35,53 +35,55 @@ from opslib.migrate.results import (
     StepCallback,
 )
 from opslib.migrate.revisions import _between, _check_revision_text, _info, _pending, resolve
+from opslib.migrate.target import Target
 from opslib.migrate.runtime import _Canceller, _capture_alembic_output, _outside_event_loop, _run_env, _watching
-from opslib.migrate.versiontable import current_revisions, version_table
+from opslib.migrate.versiontable import current_revisions
 from opslib.naming import vague_message
 
 
-def history(settings: Settings) -> list[RevisionInfo]:
+def history(target: Settings | Target) -> list[RevisionInfo]:
     """Every revision of the chain, newest first."""
-    script = script_directory(settings)
+    script = Target.of(target).script
     heads = set(script.get_heads())
     return [_info(s, heads) for s in script.walk_revisions()]
 
 
-def heads(settings: Settings) -> list[RevisionInfo]:
+def heads(target: Settings | Target) -> list[RevisionInfo]:
     """The head revision(s) of the chain; more than one means a merge is needed."""
-    script = script_directory(settings)
+    script = Target.of(target).script
     head_ids = set(script.get_heads())
     return [_info(script.get_revision(h), head_ids) for h in script.get_heads()]
 
 
-def show(settings: Settings, rev: str) -> RevisionInfo:
+def show(target: Settings | Target, rev: str) -> RevisionInfo:
     """Details of one revision."""
-    script = script_directory(settings)
+    script = Target.of(target).script
     found = resolve(script, rev)
     if len(found) != 1:
         raise UnknownRevision(f"{rev!r} names {len(found) or 'no'} revisions; give one revision id")
     return _info(found[0], set(script.get_heads()))
 
 
-def revisions_now(settings: Settings, where: Sequence[str | None] | None = None) -> list[str] | None:
+def revisions_now(target: Settings | Target, where: Sequence[str | None] | None = None) -> list[str] | None:
     """The target's revisions read now from the version table ``where`` (else the project's), on a
     connection of its own; None, "not read", when they cannot be read: out of reach, lost mid-query (a
     restart), or not an Alembic database yet. What a run records as where it ended."""
     try:
-        with db.connect(db.target_url(settings)) as conn:
-            table = tuple(where) if where else version_table(settings, conn)
+        target = Target.of(target)
+        with db.connect(target.url) as conn:
+            table = tuple(where) if where else target.version_table(conn)
             return list(current_revisions(conn, table))
     except Exception:  # noqa: BLE001 - unreachable, lost, or an env.py that fails when asked its table: not read
         return None
 
 
 
-def status(settings: Settings) -> Status:
+def status(target: Settings | Target) -> Status:
     """Current revision(s), heads, and what is pending, read without changing anything."""
-    script = script_directory(settings)
-    url = db.target_url(settings)
+    target = Target.of(target)
+    script, url = target.script, target.url
     with db.connect(url) as conn:
-        current = current_revisions(conn, version_table(settings, conn))
+        current = current_revisions(conn, target.version_table(conn))
     head_ids = tuple(sorted(script.get_heads()))
     pending = _pending(script, current, db.redact_url(url))
     return Status(
@@ -94,28 +96,28 @@ def status(settings: Settings) -> Status:
 
 
 def upgrade(
-    settings: Settings,
-    target: str = "head",
+    target: Settings | Target,
+    revision: str = "head",
     *,
     x_args: Sequence[str] = (),
     on_step: StepCallback | None = None,
     on_attempt: AttemptCallback | None = None,
     on_locks: LocksCallback | None = None,
 ) -> MigrationResult:
-    """Apply pending revisions up to ``target`` (default ``head``; ``+N`` for N steps).
+    """Apply pending revisions up to ``revision`` (default ``head``; ``+N`` for N steps) on ``target``.
 
     One Alembic command, each revision committing on its own whatever the project's env.py says;
     ``on_step(revision, seconds, started)`` is called as each revision commits, and ``on_locks(revision,
     locks)`` with the table locks its transaction holds just before it commits.
     """
-    target = _check_revision_text(target, "target revision")
+    revision = _check_revision_text(revision, "target revision")
     return _run_change(
-        settings,
+        Target.of(target),
         "upgrade",
-        target,
+        revision,
         x_args,
-        lambda script, current: _plan_upgrade(script, current, target),
-        lambda script, current, steps: _absolute_upgrade(script, current, steps, target),
+        lambda script, current: _plan_upgrade(script, current, revision),
+        lambda script, current, steps: _absolute_upgrade(script, current, steps, revision),
         on_step,
         on_attempt,
         on_locks,
@@ -134,38 +136,38 @@ def _absolute_upgrade(
     return steps[-1].revision
 
 def downgrade(
-    settings: Settings,
-    target: str,
+    target: Settings | Target,
+    revision: str,
     *,
     x_args: Sequence[str] = (),
     on_step: StepCallback | None = None,
     on_attempt: AttemptCallback | None = None,
     on_locks: LocksCallback | None = None,
 ) -> MigrationResult:
-    """Roll back to ``target``: ``-N`` steps, a revision id, or ``base``; each revision commits on its own
-    (``on_step`` and ``on_locks`` as for :func:`upgrade`)."""
-    target = _check_revision_text(target, "target revision")
+    """Roll back ``target`` to ``revision``: ``-N`` steps, a revision id, or ``base``; each revision commits on
+    its own (``on_step`` and ``on_locks`` as for :func:`upgrade`)."""
+    revision = _check_revision_text(revision, "target revision")
 
     def destination(script: ScriptDirectory, current: tuple[str, ...], steps: list[Script]) -> str:
-        if not target.startswith("-") or not steps:
-            return target
+        if not revision.startswith("-") or not steps:
+            return revision
         # A relative target is made absolute, so that a retry does not go N further back; only where
         # the absolute one reverses exactly the planned revisions (across a merge it would reverse
         # the other branch too, and Alembic itself refuses the relative walk as ambiguous).
         downs = _info(steps[-1], set()).down_revisions
         if len(downs) > 1:
-            return target
+            return revision
         lower = tuple(downs)
         if {s.revision for s in _between(script, current, lower)} != {s.revision for s in steps}:
-            return target
+            return revision
         return downs[0] if downs else "base"
 
     return _run_change(
-        settings,
+        Target.of(target),
         "downgrade",
-        target,
+        revision,
         x_args,
-        lambda script, current: _plan_downgrade(script, current, target),
+        lambda script, current: _plan_downgrade(script, current, revision),
         destination,
         on_step,
         on_attempt,
@@ -173,15 +175,15 @@ def downgrade(
     )
 
 
-def stamp(settings: Settings, target: str) -> MigrationResult:
-    """Record ``target`` as the database's revision without running any migration."""
-    target = _check_revision_text(target, "target revision")
+def stamp(target: Settings | Target, revision: str) -> MigrationResult:
+    """Record ``revision`` as the database's revision without running any migration."""
+    revision = _check_revision_text(revision, "target revision")
 
     def plan(script: ScriptDirectory, current: tuple[str, ...]) -> list[Script]:
-        resolve(script, target)
+        resolve(script, revision)
         return []
 
-    return _run_change(settings, "stamp", target, (), plan, lambda script, current, steps: (target,))
+    return _run_change(Target.of(target), "stamp", revision, (), plan, lambda script, current, steps: (revision,))
 
 
 def _revision_files(settings: Settings) -> set[Path]:
@@ -246,10 +248,12 @@ def _check_message(message: str) -> str:
     return message.strip()
 
 
-def merge(settings: Settings, message: str, revisions: Sequence[str] = ("heads",)) -> RevisionInfo:
+def merge(target: Settings | Target, message: str, revisions: Sequence[str] = ("heads",)) -> RevisionInfo:
     """Create a merge revision joining ``revisions`` (default: all current heads)."""
+    target = Target.of(target)
+    settings = target.settings
     message = _check_message(message)
-    script = script_directory(settings)
+    script = target.script
     if list(revisions) == ["heads"] and len(script.get_heads()) < 2:
         raise PreconditionFailed("nothing to merge: the chain has a single head")
     for rev in revisions:
@@ -263,16 +267,18 @@ def merge(settings: Settings, message: str, revisions: Sequence[str] = ("heads",
     return _created(made, settings)
 
 
-def revision(settings: Settings, message: str, *, autogenerate: bool = False) -> RevisionInfo:
+def revision(target: Settings | Target, message: str, *, autogenerate: bool = False) -> RevisionInfo:
     """Create a new revision file: empty, or autogenerated by comparing the models with the database.
 
     A vague message (the guide's ``update_database``, ``fix_stuff``) is refused before anything is written.
     """
+    target = Target.of(target)
+    settings = target.settings
     message = _check_message(message)
     vague = vague_message(message)
     if vague:
         raise InvalidInput(f"revision message refused: {vague}")
-    script = script_directory(settings)
+    script = target.script
     if len(script.get_heads()) > 1:
         raise PreconditionFailed(
             f"the chain has several heads ({', '.join(script.get_heads())}): run `opslib merge -m MSG` first"
@@ -282,9 +288,9 @@ def revision(settings: Settings, message: str, *, autogenerate: bool = False) ->
         with _capture_alembic_output():
             made = _from_template(settings, lambda: command.revision(cfg, message=message))
         return _created(made, settings)
-    url = db.target_url(settings)
+    url = target.url
     with db.connect(url) as conn:
-        current = current_revisions(conn, version_table(settings, conn))
+        current = current_revisions(conn, target.version_table(conn))
         pending = _pending(script, current, db.redact_url(url))
         if pending:
             raise PreconditionFailed(
@@ -306,18 +312,20 @@ def revision(settings: Settings, message: str, *, autogenerate: bool = False) ->
 
 
 
-def compare_models(settings: Settings) -> tuple[str, str]:
+def compare_models(target: Settings | Target) -> tuple[str, str]:
     """Whether the database matches the project's models: ``(pass|fail|skip, detail)``.
 
     Runs Alembic's ``check`` (autogenerate's comparison) through the project's env.py; a project
     whose env.py gives no ``target_metadata`` has no models to compare, which is a skip.
     """
-    url = db.target_url(settings)
+    target = Target.of(target)
+    settings = target.settings
+    url = target.url
     with db.connect(url) as conn:
         cfg = alembic_config(settings, url=url, connection=conn)
         try:
             with _capture_alembic_output():
-                diffs = _model_differences(cfg, project_for(settings), _watching(url, conn))
+                diffs = _model_differences(cfg, target.project, _watching(url, conn))
         except CommandError as err:
             if "MetaData" in str(err):
                 return "skip", "the project's env.py has no target_metadata to compare"

@@ -73,13 +73,14 @@ def _unimportable(script: ScriptDirectory, err: BaseException) -> ConfigError:
     )
 
 
-def version_table(settings: Settings, conn: Connection | None = None) -> tuple[str | None, str]:
+def version_table(settings: Settings, conn: Connection | None = None, *, url: URL | None = None) -> tuple[str | None, str]:
     """(schema, table) of the project's version table: what its env.py passes to ``context.configure``
     online (``version_table_schema``, ``version_table``), else Alembic's ``alembic_version`` on the search_path.
 
     Known from any online run of env.py in this process, else from the state folder (kept there per
     project and env.py content), else learned now: env.py is run online with no work on ``conn`` (or a
-    connection to the target). Only when env.py cannot run online is its offline branch asked.
+    connection to the target, at ``url`` when it was resolved already). Only when env.py cannot run online
+    is its offline branch asked.
     """
     project = project_for(settings)
     script = project.script
@@ -87,9 +88,9 @@ def version_table(settings: Settings, conn: Connection | None = None) -> tuple[s
     if known is not None:
         return known
     try:
+        url = url or db.target_url(settings)
         if conn is not None:
-            return probe_env(settings, db.target_url(settings), conn).version_table
-        url = db.target_url(settings)
+            return probe_env(settings, url, conn).version_table
         with db.connect(url) as own:
             return probe_env(settings, url, own).version_table
     except ConfigError:

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from opslib import checks, lint, migrate, params
-from opslib.display import Section, findings_tables, first_line, show_now, shown_detail
+from opslib.display import Section, findings_tables, show_now, shown_detail
 from opslib.errors import (
     InvalidInput,
     MigrationFailed,
 )
+from opslib.naming import first_line
 from opslib.params import Param
 from opslib.record import revisions_text
 from opslib.steps import step
@@ -53,9 +54,7 @@ class Deploy(Workflow):
         facts = self._identify()
         if self.settings.env == "production":
             self._require_confirm("in production")
-        report = checks.pre_deploy(
-            self.settings, self.params["target_revision"], backup_planned=self.params["backup"]
-        )
+        report = checks.pre_deploy(self.target, self.params["target_revision"], backup_planned=self.params["backup"])
         self.record.checks = report.to_dict()["checks"]
         # The findings that mattered (blocking, accepted with their reasons, advice); information is counted in the check.
         self.record.findings = [
@@ -104,7 +103,7 @@ class Deploy(Workflow):
             return Section.skip("Upgrade", "nothing to deploy")
         try:
             result = migrate.upgrade(
-                self.settings,
+                self.target,
                 self.pending[-1].revision,
                 x_args=["dev_data=true"] if self.params["dev_data"] else [],
                 on_attempt=self._attempt_recorder(),

@@ -55,7 +55,7 @@ class InitProd(Workflow):
         """Identify the target; it must be empty (at base) or at head: pending revisions are the deploy's."""
         facts = self._identify()
         self.essentials = seed.load_essentials(self.settings)
-        heads = tuple(sorted(h.revision for h in migrate.heads(self.settings)))
+        heads = tuple(sorted(h.revision for h in migrate.heads(self.target)))
         now = tuple(sorted(self.record.revisions_before or ()))
         if now and now != heads:
             raise PreconditionFailed(
@@ -74,7 +74,7 @@ class InitProd(Workflow):
         if not self.at_base:
             return Section.skip("Schema", "already at head")
         result = migrate.upgrade(
-            self.settings, "head", on_step=self._steps_recorder("upgrade"), on_attempt=self._attempt_recorder()
+            self.target, "head", on_step=self._steps_recorder("upgrade"), on_attempt=self._attempt_recorder()
         )
         return self._migrated("Schema", f"applied {len(result.steps)} revision(s)", result)
 
@@ -82,7 +82,7 @@ class InitProd(Workflow):
     def insert_essentials(self) -> Section:
         """Insert the missing essentials in one transaction; present rows are left as they are."""
         email, password = seed.admin_credentials(self.params["admin_email_env"], self.params["admin_password_env"])
-        with db.connect(db.target_url(self.settings)) as conn:
+        with db.connect(self.target.url) as conn:
             outcomes = seed.apply_essentials(conn, self.essentials, email, password)
             conn.commit()
         self.record.data_changes = [o.to_dict() for o in outcomes]
@@ -96,8 +96,8 @@ class InitProd(Workflow):
     def verify(self) -> Section:
         """The database is at head, every essential row is there, and the admin's password is only a hash."""
         email, _ = seed.admin_credentials(self.params["admin_email_env"], self.params["admin_password_env"])
-        facts = [self._expect_revisions(tuple(h.revision for h in migrate.heads(self.settings)))]
-        with db.connect(db.target_url(self.settings)) as conn:
+        facts = [self._expect_revisions(tuple(h.revision for h in migrate.heads(self.target)))]
+        with db.connect(self.target.url) as conn:
             try:
                 facts += seed.check_essentials(conn, self.essentials, email)
             except PreconditionFailed as err:

@@ -5,12 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 
 from opslib import backup, migrate, params
-from opslib.display import Section, first_line
+from opslib.display import Section
 from opslib.errors import (
     InvalidInput,
     PreconditionFailed,
     VerificationFailed,
 )
+from opslib.naming import first_line
 from opslib.params import Param
 from opslib.record import BackupRef, revisions_text
 from opslib.steps import step
@@ -66,7 +67,7 @@ class Recovery(Workflow):
         if self.params["mode"] == "stamp":
             if self.settings.env == "production":
                 self._require_confirm("stamp in production")
-            info = migrate.show(self.settings, self.params["stamp_revision"])
+            info = migrate.show(self.target, self.params["stamp_revision"])
             facts += [("stamp", f"{info.revision} ({first_line(info.message)})"), ("reason", self.params["reason"])]
             return Section("Preflight", "stamp after a manual fix", facts)
         self._require_confirm("replaces the database and")
@@ -126,11 +127,11 @@ class Recovery(Workflow):
                 "Replay",
                 "mode=stamp" if self.params["mode"] != "restore" else "no target_revision",
             )
-        _, pending = migrate.plan(self.settings, "upgrade", self.params["target_revision"])
+        _, pending = migrate.plan(self.target, "upgrade", self.params["target_revision"])
         if not pending:
             return Section("Replay", "nothing to do: the restored database is at the target")
         result = migrate.upgrade(
-            self.settings,
+            self.target,
             pending[-1].revision,
             on_step=self._steps_recorder("upgrade"),
             on_attempt=self._attempt_recorder(),
@@ -142,7 +143,7 @@ class Recovery(Workflow):
         """Record stamp_revision as the database's revision (mode=stamp), with the reason in the record."""
         if self.params["mode"] != "stamp":
             return Section.skip("Stamp", "mode=restore")
-        result = migrate.stamp(self.settings, self.params["stamp_revision"])
+        result = migrate.stamp(self.target, self.params["stamp_revision"])
         facts = [
             ("before", revisions_text(result.before)),
             ("after", revisions_text(result.after)),
@@ -154,9 +155,9 @@ class Recovery(Workflow):
     def verify(self) -> Section:
         """The database is at the revision the recovery was to leave it at."""
         if self.params["mode"] == "stamp":
-            expected = tuple(r.revision for r in [migrate.show(self.settings, self.params["stamp_revision"])])
+            expected = tuple(r.revision for r in [migrate.show(self.target, self.params["stamp_revision"])])
         elif self.params["target_revision"]:
-            _, pending = migrate.plan(self.settings, "upgrade", self.params["target_revision"])
+            _, pending = migrate.plan(self.target, "upgrade", self.params["target_revision"])
             if pending:
                 raise VerificationFailed(f"{len(pending)} revision(s) still pending after the replay")
             return Section("Verify", "passed", [("revision", revisions_text(self._revisions_now()))])

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 from opslib import audit, db, migrate, params, rehearse
 from opslib.config import Settings
-from opslib.display import Section, first_line, show_now
+from opslib.display import Section, show_now
 from opslib.errors import (
     ChecksFailed,
     MigrationFailed,
     OpsError,
     PreconditionFailed,
 )
+from opslib.naming import first_line
 from opslib.outcome import Outcome
 from opslib.params import Param
 from opslib.record import revisions_text
@@ -60,11 +61,11 @@ class Rehearse(Workflow):
             back_to = ""  # the target is there already: the usual rehearsal, from where it stands
         if back_to:
             if back_to != "base":
-                migrate.show(self.settings, back_to)  # an unknown one is refused here
+                migrate.show(self.target, back_to)  # an unknown one is refused here
             facts.append(("from revision", f"{self.params['from_revision']} (the copy is downgraded to it first)"))
             self.pending = [None]  # known once the copy is there
             return Section("Preflight", "the copy is taken back to from_revision, then rehearsed", facts)
-        current, steps = migrate.plan(self.settings, "upgrade", self.params["target_revision"])
+        current, steps = migrate.plan(self.target, "upgrade", self.params["target_revision"])
         self._plan(tuple(current), steps)
         if not self.pending:
             return Section("Preflight", "nothing to rehearse: the database is at the target already", facts)

@@ -63,7 +63,7 @@ class Reset(Workflow):
             return Section("Teardown", "nothing to do: the database is at base")
         try:
             result = migrate.downgrade(
-                self.settings,
+                self.target,
                 "base",
                 on_step=self._steps_recorder("downgrade"),
                 on_attempt=self._attempt_recorder(),
@@ -101,9 +101,8 @@ class Reset(Workflow):
             if mode == "always"
             else f"a downgrade failed: {self.downgrade_failure.message}"
         )
-        url = db.target_url(self.settings)
-        with db.connect(url) as conn:
-            before = migrate.current_revisions(conn, migrate.version_table(self.settings))
+        with db.connect(self.target.url) as conn:
+            before = migrate.current_revisions(conn, self.target.version_table(conn))
             done = db.recreate_schema(conn, "public")
             run_history.record_event(
                 conn, self.record.run_id, "(schema public)", before, (), "recreate schema",
@@ -129,7 +128,7 @@ class Reset(Workflow):
         """Upgrade to head, loading the sample data when dev_data is on."""
         x_args = ["dev_data=true"] if self.params["dev_data"] else []
         result = migrate.upgrade(
-            self.settings,
+            self.target,
             "head",
             x_args=x_args,
             on_step=self._steps_recorder("upgrade"),
@@ -140,6 +139,6 @@ class Reset(Workflow):
     @step(repeatable=True)
     def verify(self) -> Section:
         """The database is at head and matches the models."""
-        facts = [self._expect_revisions(tuple(h.revision for h in migrate.heads(self.settings)))]
+        facts = [self._expect_revisions(tuple(h.revision for h in migrate.heads(self.target)))]
         facts.append(self._models_fact())
         return Section("Verify", "passed", facts)

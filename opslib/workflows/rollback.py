@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from opslib import migrate, params
 from opslib.config import Settings
-from opslib.display import Section, first_line
+from opslib.display import Section
 from opslib.errors import (
     InvalidInput,
     OpsError,
     PreconditionFailed,
 )
+from opslib.naming import first_line
 from opslib.params import Param
 from opslib.steps import step
 from opslib.workflows.workflow import Workflow
@@ -46,8 +47,8 @@ class Rollback(Workflow):
     reversing: list = []
 
     @property
-    def target(self) -> str:
-        """The downgrade target: the revision given, else -steps."""
+    def destination(self) -> str:
+        """The revision the downgrade goes to: the one given, else -steps."""
         return self.params["target_revision"] or f"-{self.params['steps']}"
 
     @step()
@@ -56,8 +57,8 @@ class Rollback(Workflow):
         facts = self._identify()
         if self.settings.env == "production":
             self._require_confirm("in production")
-        current, self.reversing = migrate.plan(self.settings, "downgrade", self.target)
-        facts.append(("roll back to", self.target))
+        current, self.reversing = migrate.plan(self.target, "downgrade", self.destination)
+        facts.append(("roll back to", self.destination))
         if not self.reversing:
             return Section("Preflight", "nothing to do: the database is already at the target", facts)
         irreversible = [r.revision for r in self.reversing if not migrate.has_real_downgrade(r)]
@@ -99,8 +100,8 @@ class Rollback(Workflow):
         if not self.reversing:
             return Section.skip("Downgrade", "nothing to roll back")
         result = migrate.downgrade(
-            self.settings,
             self.target,
+            self.destination,
             on_step=self._steps_recorder("downgrade"),
             on_attempt=self._attempt_recorder(),
         )

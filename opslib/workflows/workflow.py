@@ -4,11 +4,12 @@ showing a migration's result, and checking where the database stands."""
 from __future__ import annotations
 
 from opslib import backup, migrate
-from opslib.display import Section, first_line
+from opslib.display import Section
 from opslib.errors import (
     PreconditionFailed,
     VerificationFailed,
 )
+from opslib.naming import first_line
 from opslib.record import BackupRef, revisions_text
 from opslib.steps import Run
 
@@ -23,7 +24,7 @@ class Workflow(Run):
         """Restore a backup over the target: the run lock's own session is let go for the swap, then taken again."""
         self._release_lock()
         try:
-            return backup.restore(self.settings, path, confirm=self.database, terminate_connections=terminate)
+            return backup.restore(self.target, path, confirm=self.database, terminate_connections=terminate)
         finally:
             self._take_lock()
 
@@ -39,7 +40,7 @@ class Workflow(Run):
     def _take_backup(self, label: str) -> Section:
         if not self.params.get("backup"):
             return Section.skip("Backup", f"backup=False (environment {self.settings.env})")
-        made = backup.backup(self.settings, label=label)
+        made = backup.backup(self.target, label=label)
         report = backup.verify_backup(
             self.settings, made.path, restore_test=self.params.get("restore_test", False)
         )
@@ -95,13 +96,13 @@ class Workflow(Run):
 
     def _models_fact(self) -> tuple[str, object]:
         """Compare the database with the project's models; only meaningful at head, where the models are."""
-        heads = {h.revision for h in migrate.heads(self.settings)}
+        heads = {h.revision for h in migrate.heads(self.target)}
         now = self._revisions_now()
         if now is None:
             return ("models", "skip: the database's revision could not be read")
         if set(now) != heads:
             return ("models", "skip: compared only when the database is at head")
-        status, detail = migrate.compare_models(self.settings)
+        status, detail = migrate.compare_models(self.target)
         if status == "fail":
             raise VerificationFailed(f"the database does not match the models: {detail}")
         return ("models", f"{status}: {detail}")
