@@ -284,63 +284,105 @@ def _run(conn, table, set_sql, where, key, name, sha, batch_rows, lock_timeout_s
         resumed_after = kept["last_key"]
         rows_before = kept["rows_done"] if resumed_after is not None else 0
         low, high, estimate = _key_span(conn, table_sql, key_sql, table)
-        condition = f" AND ({where})" if where else ""
-        # Two statements in one transaction: the range's rows and its progress commit together (a resumed
-        # run never redoes a range), without an UPDATE … RETURNING collecting every row to count them.
-        apply = (
-            sa.text(f"UPDATE {table_sql} SET {set_sql} WHERE {key_sql} > :lo AND {key_sql} <= :hi{condition}"),
-            sa.text(
-                "UPDATE opslib.batch_progress SET last_key = :hi, rows_done = rows_done + :n, "
-                "batches_done = batches_done + 1, updated_at = clock_timestamp() WHERE name = :name"
-            ),
-        )
-        rows = batches = lock_retries = 0
-        longest = 0.0
+        apply = _range_statements(table_sql, key_sql, set_sql, where)
+        ranges = _Ranges(conn, apply, name, table, table_sql, key_sql, rows_before, retries, lock_timeout_s,
+                         pause_s)
         if low is not None:
             step = _step(low, high, estimate, batch_rows)
             position = resumed_after if resumed_after is not None else low - 1
             bar = _bar(progress, name, position, high, step)
             try:
                 with _session_lock_timeout(conn, lock_timeout_s):
-                    while position < high:
-                        upper = min(position + step, high)
-                        n, seconds, tries = _apply_range(conn, apply, name, position, upper, retries,
-                                                         lock_timeout_s, table)
-                        rows += n
-                        batches += 1
-                        lock_retries += tries
-                        longest = max(longest, seconds)
-                        position = upper
-                        if bar is not None:
-                            bar.update(1)
-                            bar.set_postfix_str(f"{rows_before + rows:,} rows", refresh=False)
-                        if position >= high:
-                            # Rows added above the first maximum while it ran are covered too.
-                            high = conn.execute(sa.text(f"SELECT max({key_sql}) FROM {table_sql}")).scalar()
-                            if bar is not None and high > position:
-                                bar.total = bar.n + -(-(high - position) // step)
-                        if pause_s and position < high:
-                            time.sleep(pause_s)
+                    ranges.walk(position, high, step, bar)
             finally:
                 if bar is not None:
                     bar.close()
-        conn.execute(
-            sa.text("UPDATE opslib.batch_progress SET finished_at = clock_timestamp() WHERE name = :n"),
-            {"n": name},
-        )
+        _mark_finished(conn, name)
     result = BatchResult(
         name=name,
         table=table,
-        rows=rows,
-        batches=batches,
+        rows=ranges.rows,
+        batches=ranges.batches,
         resumed_after=resumed_after,
         rows_before=rows_before,
         seconds=round(time.perf_counter() - started, 3),
-        longest_batch_s=round(longest, 4),
-        lock_retries=lock_retries,
+        longest_batch_s=round(ranges.longest, 4),
+        lock_retries=ranges.lock_retries,
     )
     logging.getLogger(__name__).info("%s", result)
     return result
+
+
+def _range_statements(
+    table_sql: str, key_sql: str, set_sql: str, where: str | None
+) -> tuple[sa.TextClause, sa.TextClause]:
+    """The two statements of one key range: its rows' UPDATE, and its progress's."""
+    condition = f" AND ({where})" if where else ""
+    # Two statements in one transaction: the range's rows and its progress commit together (a resumed
+    # run never redoes a range), without an UPDATE … RETURNING collecting every row to count them.
+    return (
+        sa.text(f"UPDATE {table_sql} SET {set_sql} WHERE {key_sql} > :lo AND {key_sql} <= :hi{condition}"),
+        sa.text(
+            "UPDATE opslib.batch_progress SET last_key = :hi, rows_done = rows_done + :n, "
+            "batches_done = batches_done + 1, updated_at = clock_timestamp() WHERE name = :name"
+        ),
+    )
+
+
+@dataclass
+class _Ranges:
+    """The key ranges of one call, updated in order, and what they did: rows, ranges, lock retries, and the
+    longest time one range held its row locks."""
+
+    conn: Connection
+    apply: tuple[sa.TextClause, sa.TextClause]  # see _range_statements
+    name: str
+    table: str
+    table_sql: str
+    key_sql: str
+    rows_before: int  # rows an interrupted call had already updated, for the bar
+    retries: int
+    lock_timeout_s: float
+    pause_s: float
+    rows: int = 0
+    batches: int = 0
+    lock_retries: int = 0
+    longest: float = 0.0
+
+    def walk(self, position: int, high: int, step: int, bar) -> None:
+        """Update the ranges of ``step`` keys after ``position`` up to ``high``, one transaction each, and on
+        to the key's maximum as read again when ``high`` is reached; ``bar``, when shown, counts them."""
+        while position < high:
+            upper = min(position + step, high)
+            self._update(position, upper)
+            position = upper
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix_str(f"{self.rows_before + self.rows:,} rows", refresh=False)
+            if position >= high:
+                # Rows added above the first maximum while it ran are covered too.
+                high = self.conn.execute(sa.text(f"SELECT max({self.key_sql}) FROM {self.table_sql}")).scalar()
+                if bar is not None and high > position:
+                    bar.total = bar.n + -(-(high - position) // step)
+            if self.pause_s and position < high:
+                time.sleep(self.pause_s)
+
+    def _update(self, low: int, high: int) -> None:
+        """Update the range of keys > ``low`` and <= ``high`` (see :func:`_apply_range`), and count it."""
+        n, seconds, tries = _apply_range(self.conn, self.apply, self.name, low, high, self.retries,
+                                         self.lock_timeout_s, self.table)
+        self.rows += n
+        self.batches += 1
+        self.lock_retries += tries
+        self.longest = max(self.longest, seconds)
+
+
+def _mark_finished(conn: Connection, name: str) -> None:
+    """Note in ``name``'s progress that its last range is done: a later call starts afresh."""
+    conn.execute(
+        sa.text("UPDATE opslib.batch_progress SET finished_at = clock_timestamp() WHERE name = :n"),
+        {"n": name},
+    )
 
 
 def _apply_range(conn, apply, name, low, high, retries, lock_timeout_s, table) -> tuple[int, float, int]:

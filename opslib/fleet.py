@@ -26,6 +26,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
+from datetime import datetime
 from pathlib import Path
 from typing import Callable, Sequence, TextIO
 
@@ -350,51 +351,97 @@ def run_fleet(
         parallel=the_plan.parallel, halt_after=the_plan.halt_after,
         targets=[TargetRun(t.name, i) for i, w in enumerate(the_plan.waves) for t in w],
     )  # fmt: skip
+    path = _fleet_record_path(records, fleet_id, started)
+    run = _FleetRun(settings, runbook, the_plan, pairs, canary, record, path, progress, on_change)
+    with run.lock:
+        run.save()
+    run.run_waves()
+    run.finish()
+    return record, path
+
+
+def _fleet_record_path(records: Path, fleet_id: str, started: datetime) -> Path:
+    """Where a fleet run's record is written, in the fleets folder (made when missing)."""
     folder = fleet_records_dir(records)
     folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"{audit.record_stem('fleet', fleet_id, started)}.json"
-    lock = threading.Lock()
-    by_name = {r.target: r for r in record.targets}
+    return folder / f"{audit.record_stem('fleet', fleet_id, started)}.json"
 
-    def save() -> None:
-        path.write_text(json.dumps(clean_json(record.to_dict(), frozenset({"line", "halted", "parameters"})), indent=2) + "\n")
-        if progress is not None:
-            progress.write(_progress_line(record) + "\n")
-            progress.flush()
-        if on_change is not None:
-            on_change(record)
 
-    def failures() -> list[Failure]:
-        return [Failure(r.target, r.state, r.wave) for r in record.targets if r.state not in ("not started", "running", "succeeded")]
+class _FleetRun:
+    """A fleet run under way: its record, where it is written, and the lock each target's thread holds while
+    it changes the record and writes it."""
 
-    def one(target: Target) -> None:
-        entry = by_name[target.name]
-        with lock:
+    def __init__(
+        self,
+        settings: Settings,
+        runbook: str,
+        the_plan: Plan,
+        pairs: Sequence[tuple[str, str]],
+        canary: int,
+        record: FleetRecord,
+        path: Path,
+        progress: TextIO | None,
+        on_change: Callable[[FleetRecord], None] | None,
+    ):
+        self.settings = settings
+        self.runbook = runbook
+        self.plan = the_plan
+        self.pairs = pairs
+        self.canary = canary
+        self.record = record
+        self.path = path
+        self.progress = progress
+        self.on_change = on_change
+        self.lock = threading.Lock()
+        self.by_name = {r.target: r for r in record.targets}
+
+    def save(self) -> None:
+        """Write the record, then tell the progress stream and ``on_change``; the caller holds the lock."""
+        record = self.record
+        self.path.write_text(json.dumps(clean_json(record.to_dict(), frozenset({"line", "halted", "parameters"})), indent=2) + "\n")
+        if self.progress is not None:
+            self.progress.write(_progress_line(record) + "\n")
+            self.progress.flush()
+        if self.on_change is not None:
+            self.on_change(record)
+
+    def failures(self) -> list[Failure]:
+        """The targets whose runs have ended other than in success, for the halt rule."""
+        return [Failure(r.target, r.state, r.wave) for r in self.record.targets if r.state not in ("not started", "running", "succeeded")]
+
+    def run_one(self, target: Target) -> None:
+        """Run ``target`` unless the fleet has halted; after a failure, decide whether it halts now."""
+        record = self.record
+        entry = self.by_name[target.name]
+        with self.lock:
             if record.halted is not None:
                 return
             entry.state = "running"
-            save()
-        _run_target(settings, runbook, target, pairs, entry)
-        with lock:
+            self.save()
+        _run_target(self.settings, self.runbook, target, self.pairs, entry)
+        with self.lock:
             if entry.state != "succeeded" and record.halted is None:
-                record.halted = halt_reason(failures(), the_plan.halt_after, canary > 0)
-            save()
+                record.halted = halt_reason(self.failures(), self.plan.halt_after, self.canary > 0)
+            self.save()
 
-    with lock:
-        save()
-    for targets in the_plan.waves:
-        with ThreadPoolExecutor(max_workers=the_plan.parallel) as pool:
-            list(pool.map(one, targets))
-        if record.halted is not None:
-            break
-    failed = [r for r in record.targets if r.state not in ("not started", "succeeded")]
-    # The fleet's outcome is its first failed run's (a halt stops the targets after it; it is no outcome).
-    record.outcome = failed[0].state if failed else str(Outcome.SUCCEEDED)
-    record.exit_code = 0 if not failed else (failed[0].exit_code or 1)
-    record.finished_at = audit.iso(audit.now())
-    with lock:
-        save()
-    return record, path
+    def run_waves(self) -> None:
+        """Each wave after the one before, ``parallel`` targets at once, until the fleet halts."""
+        for targets in self.plan.waves:
+            with ThreadPoolExecutor(max_workers=self.plan.parallel) as pool:
+                list(pool.map(self.run_one, targets))
+            if self.record.halted is not None:
+                break
+
+    def finish(self) -> None:
+        """Set the fleet's outcome, exit code and end, and write the record a last time."""
+        record = self.record
+        failed = [r for r in record.targets if r.state not in ("not started", "succeeded")]
+        # The fleet's outcome is its first failed run's (a halt stops the targets after it; it is no outcome).
+        record.outcome = failed[0].state if failed else str(Outcome.SUCCEEDED)
+        record.exit_code = 0 if not failed else (failed[0].exit_code or 1)
+        record.finished_at = audit.iso(audit.now())
+        with self.lock:
+            self.save()
 
 
 def _progress_line(record: FleetRecord) -> str:

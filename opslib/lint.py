@@ -28,7 +28,7 @@ import tempfile
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
-from typing import Callable
+from typing import Callable, NamedTuple
 
 from opslib.db import TableFacts
 from opslib.errors import PreconditionFailed
@@ -183,76 +183,111 @@ def statements(sql: str) -> list[Statement]:
     so a marker always ends the statement before it: a quote the splitter misread cannot carry one
     revision's statements into another's.
     """
-    found: list[Statement] = []
-    revision = "(version table)"  # before the first marker, Alembic creates its version table
-    start = None
-    line = 0
-    i, n = 0, len(sql)
-    quote: str | None = None
-    escapes = False  # inside E'...', where a backslash escapes the next character
+    return _Splitter(sql).split()
 
-    def close(end: int) -> None:
-        nonlocal start
+
+class _Splitter:
+    """One pass over rendered SQL, character by character: where it is (``i``, the 0-based ``line``), the
+    revision of the latest marker, where the open statement began, the quote it is inside, and the
+    statements found so far."""
+
+    def __init__(self, sql: str):
+        self.sql = sql
+        self.found: list[Statement] = []
+        self.revision = "(version table)"  # before the first marker, Alembic creates its version table
+        self.start: tuple[int, int] | None = None  # (offset, line) where the open statement began
+        self.line = 0
+        self.i, self.n = 0, len(sql)
+        self.quote: str | None = None
+        self.escapes = False  # inside E'...', where a backslash escapes the next character
+
+    def split(self) -> list[Statement]:
+        """The statements of the whole text, in order."""
+        while self.i < self.n:
+            ch = self.sql[self.i]
+            if (ch == "\n" or self.i == 0) and self._take_marker(ch):
+                continue
+            if self.quote is not None:
+                self._step_in_quote(ch)
+                continue
+            if self._skip_comment_or_space(ch):
+                continue
+            self._step_in_statement(ch)
+        self._close(self.n)
+        return self.found
+
+    def _close(self, end: int) -> None:
+        """End the open statement at offset ``end``, keeping it unless it is blank."""
+        sql, start = self.sql, self.start
         if start is not None and sql[start[0] : end].strip():
-            found.append(Statement(start[1], line, revision, sql[start[0] : end].rstrip()))
-        start = None
+            self.found.append(Statement(start[1], self.line, self.revision, sql[start[0] : end].rstrip()))
+        self.start = None
 
-    while i < n:
-        ch = sql[i]
-        if ch == "\n" or i == 0:
-            marker = RUNNING_MARKER.match(sql, i + 1 if ch == "\n" else i)
-            if marker:
-                close(i)
-                quote, escapes = None, False
-                revision = marker.group(3).split(", ")[-1]
-                line += 1 if ch == "\n" else 0
-                i = marker.end()
-                continue
-        if quote is not None:
-            if escapes and ch == "\\":
-                i += 2
-                continue
-            if sql.startswith(quote, i):
-                i += len(quote)
-                quote, escapes = None, False
-                continue
-            if ch == "\n":
-                line += 1
-            i += 1
-            continue
+    def _take_marker(self, ch: str) -> bool:
+        """At a line's start: pass a ``-- Running upgrade`` marker, if one is there, ending the open
+        statement and any quote; the statements after it are its revision's. Whether there was one."""
+        marker = RUNNING_MARKER.match(self.sql, self.i + 1 if ch == "\n" else self.i)
+        if not marker:
+            return False
+        self._close(self.i)
+        self.quote, self.escapes = None, False
+        self.revision = marker.group(3).split(", ")[-1]
+        self.line += 1 if ch == "\n" else 0
+        self.i = marker.end()
+        return True
+
+    def _step_in_quote(self, ch: str) -> None:
+        """Inside a quote: pass an escaped character, the closing quote, or one character."""
+        if self.escapes and ch == "\\":
+            self.i += 2
+            return
+        if self.sql.startswith(self.quote, self.i):
+            self.i += len(self.quote)
+            self.quote, self.escapes = None, False
+            return
+        if ch == "\n":
+            self.line += 1
+        self.i += 1
+
+    def _skip_comment_or_space(self, ch: str) -> bool:
+        """Outside quotes: pass a comment or one blank character, if one is there. Whether there was one."""
+        sql, i = self.sql, self.i
         if sql.startswith("--", i):
             end = sql.find("\n", i)
-            i = n if end < 0 else end
-            continue
+            self.i = self.n if end < 0 else end
+            return True
         if sql.startswith("/*", i):
             end = sql.find("*/", i + 2)
-            end = n if end < 0 else end + 2
-            line += sql.count("\n", i, end)
-            i = end
-            continue
+            end = self.n if end < 0 else end + 2
+            self.line += sql.count("\n", i, end)
+            self.i = end
+            return True
         if ch == "\n":
-            line += 1
-            i += 1
-            continue
+            self.line += 1
+            self.i += 1
+            return True
         if ch.isspace():
-            i += 1
-            continue
-        if start is None:
-            start = (i, line)
+            self.i += 1
+            return True
+        return False
+
+    def _step_in_statement(self, ch: str) -> None:
+        """A character of a statement: it begins one when none is open, opens a quote, or ends it (``;``)."""
+        sql, i = self.sql, self.i
+        if self.start is None:
+            self.start = (i, self.line)
         if ch in "'\"":
-            quote = ch
-            escapes = ch == "'" and i > 0 and sql[i - 1] in "eE" and (i < 2 or not sql[i - 2].isalnum())
+            self.quote = ch
+            self.escapes = ch == "'" and i > 0 and sql[i - 1] in "eE" and (i < 2 or not sql[i - 2].isalnum())
         elif ch == "$":
             tag = re.match(r"\$[A-Za-z_0-9]*\$", sql[i:])
             if tag:
-                quote = tag.group(0)
-                i += len(quote)
-                continue
+                self.quote = tag.group(0)
+                self.i += len(self.quote)
+                return
         elif ch == ";":
-            close(i)
-        i += 1
-    close(n)
-    return found
+            self._close(i)
+        self.i += 1
 
 
 _NAME = r'((?:"[^"]+"|[A-Za-z_][\w$]*)(?:\.(?:"[^"]+"|[A-Za-z_][\w$]*))?)'
@@ -365,6 +400,31 @@ def lint(
     raw = run_squawk(sql, pg_version)
     stmts = statements(sql)
     walk = _Walk(stmts)
+    located = _locate(raw, stmts)
+    facts = _read(_tables_to_read(walk, located), read_tables)
+    accepted_in_files = {rev: accepted_rules(path) for rev, path in revision_files.items()}
+    findings = []
+    for found in located:
+        default = "block" if found.rule in BLOCKING_RULES else "warn"
+        action = policy.action(found.rule, default)
+        if action == "ignore":
+            continue
+        findings.append(_finding(found, action, walk, facts, policy, accepted_in_files))
+    return findings
+
+
+class _Located(NamedTuple):
+    """One squawk finding, its rule and 0-based line, and the statement holding that line (and its index)."""
+
+    item: dict
+    rule: str
+    line: int
+    k: int | None
+    statement: Statement | None
+
+
+def _locate(raw: list[dict], stmts: list[Statement]) -> list[_Located]:
+    """squawk's findings in its order, each with its statement, leaving out the rules opslib handles."""
     starts = [st.first_line for st in stmts]
     located = []
     for item in raw:
@@ -373,43 +433,58 @@ def lint(
             continue
         line = int(item.get("line", 0))
         k = _statement_at(starts, line)
-        located.append((item, rule, line, k, stmts[k] if k is not None else None))
+        located.append(_Located(item, rule, line, k, stmts[k] if k is not None else None))
+    return located
+
+
+def _tables_to_read(walk: _Walk, located: list[_Located]) -> set[str]:
+    """The target's tables the findings concern, and those the plan creates only if absent."""
     wanted = {
         walk.target_table(walk.table_of[k]) for *_, k, _ in located if k is not None and walk.table_of[k]
     }
     wanted |= walk.if_absent
-    facts = _read(wanted, read_tables)
-    accepted_in_files = {rev: accepted_rules(path) for rev, path in revision_files.items()}
-    findings = []
-    for item, rule, line, k, st in located:
-        default = "block" if rule in BLOCKING_RULES else "warn"
-        action = policy.action(rule, default)
-        if action == "ignore":
-            continue
-        revision = st.revision if st else "(version table)"
-        table = walk.table_of.get(k) if k is not None else None
-        created = walk.created_by_plan(k, facts) if k is not None else set()
-        fact = facts.get(walk.target_table(table)) if table else None
-        severity, context = _judge(table, created, fact, action)
-        reason = ""
-        if severity is not Severity.INFO and action == "block":
-            in_policy = policy.acceptance(revision, rule)
-            in_file = accepted_in_files.get(revision, {}).get(rule, "")
-            if in_policy or in_file:
-                severity = Severity.ACCEPTED
-                where = policy.source.name if in_policy and policy.source else "the revision file"
-                reason = f"{in_policy.reason if in_policy else in_file} (accepted in {where})"
-        shown = _shown(table.removeprefix("index:")) if table else None
-        read = fact is not None and fact.exists and severity is not Severity.INFO
-        findings.append(
-            Finding(
-                revision, rule, item.get("message", ""), line + 1, severity, reason, shown, context,
-                help=item.get("help") or "",
-                rows=fact.rows_text() if read else "",
-                size=fact.size_text() if read else "",
-            )
-        )
-    return findings
+    return wanted
+
+
+def _finding(
+    found: _Located,
+    action: str,
+    walk: _Walk,
+    facts: dict[str, TableFacts],
+    policy: Policy,
+    accepted_in_files: dict[str, dict[str, str]],
+) -> Finding:
+    """One finding judged against the target's table, under the policy's ``action`` for its rule."""
+    item, rule, line, k, st = found
+    revision = st.revision if st else "(version table)"
+    table = walk.table_of.get(k) if k is not None else None
+    created = walk.created_by_plan(k, facts) if k is not None else set()
+    fact = facts.get(walk.target_table(table)) if table else None
+    severity, context = _judge(table, created, fact, action)
+    reason = ""
+    if severity is not Severity.INFO and action == "block":
+        severity, reason = _acceptance(severity, revision, rule, policy, accepted_in_files)
+    shown = _shown(table.removeprefix("index:")) if table else None
+    read = fact is not None and fact.exists and severity is not Severity.INFO
+    return Finding(
+        revision, rule, item.get("message", ""), line + 1, severity, reason, shown, context,
+        help=item.get("help") or "",
+        rows=fact.rows_text() if read else "",
+        size=fact.size_text() if read else "",
+    )
+
+
+def _acceptance(
+    severity: Severity, revision: str, rule: str, policy: Policy, accepted_in_files: dict[str, dict[str, str]]
+) -> tuple[Severity, str]:
+    """(ACCEPTED, why and where) when the policy or the revision file accepts ``rule`` in ``revision``;
+    else ``severity`` unchanged and no reason."""
+    in_policy = policy.acceptance(revision, rule)
+    in_file = accepted_in_files.get(revision, {}).get(rule, "")
+    if not (in_policy or in_file):
+        return severity, ""
+    where = policy.source.name if in_policy and policy.source else "the revision file"
+    return Severity.ACCEPTED, f"{in_policy.reason if in_policy else in_file} (accepted in {where})"
 
 
 def _read(names: set[str], read_tables) -> dict[str, TableFacts]:
