@@ -26,6 +26,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
+from datetime import datetime
 from pathlib import Path
 from typing import Callable, Sequence, TextIO
 
@@ -272,6 +273,11 @@ class FleetRecord:
         """The JSON object kept in ``records/fleets/``."""
         return asdict(self)
 
+    def failures(self) -> list[Failure]:
+        """The targets whose run ended and did not succeed, for the halt rule."""
+        ended = [r for r in self.targets if r.state not in ("not started", "running", "succeeded")]
+        return [Failure(r.target, r.state, r.wave) for r in ended]
+
 
 def fleet_records_dir(records_dir: Path) -> Path:
     """Where fleet records go: a folder of their own, apart from the runs' sidecars and ledger."""
@@ -350,9 +356,7 @@ def run_fleet(
         parallel=the_plan.parallel, halt_after=the_plan.halt_after,
         targets=[TargetRun(t.name, i) for i, w in enumerate(the_plan.waves) for t in w],
     )  # fmt: skip
-    folder = fleet_records_dir(records)
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"{audit.record_stem('fleet', fleet_id, started)}.json"
+    path = _fleet_record_path(records, fleet_id, started)
     lock = threading.Lock()
     by_name = {r.target: r for r in record.targets}
 
@@ -364,9 +368,6 @@ def run_fleet(
         if on_change is not None:
             on_change(record)
 
-    def failures() -> list[Failure]:
-        return [Failure(r.target, r.state, r.wave) for r in record.targets if r.state not in ("not started", "running", "succeeded")]
-
     def one(target: Target) -> None:
         entry = by_name[target.name]
         with lock:
@@ -377,7 +378,7 @@ def run_fleet(
         _run_target(settings, runbook, target, pairs, entry)
         with lock:
             if entry.state != "succeeded" and record.halted is None:
-                record.halted = halt_reason(failures(), the_plan.halt_after, canary > 0)
+                record.halted = halt_reason(record.failures(), the_plan.halt_after, canary > 0)
             save()
 
     with lock:
@@ -387,14 +388,29 @@ def run_fleet(
             list(pool.map(one, targets))
         if record.halted is not None:
             break
-    failed = [r for r in record.targets if r.state not in ("not started", "succeeded")]
-    # The fleet's outcome is its first failed run's (a halt stops the targets after it; it is no outcome).
-    record.outcome = failed[0].state if failed else str(Outcome.SUCCEEDED)
-    record.exit_code = 0 if not failed else (failed[0].exit_code or 1)
-    record.finished_at = audit.iso(audit.now())
+    _end_fleet(record)
     with lock:
         save()
     return record, path
+
+
+def _fleet_record_path(records: Path, fleet_id: str, started: datetime) -> Path:
+    """Where a fleet run's record goes (its folder made)."""
+    folder = fleet_records_dir(records)
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder / f"{audit.record_stem('fleet', fleet_id, started)}.json"
+
+
+def _end_fleet(record: FleetRecord) -> None:
+    """Set the fleet's outcome and exit code: its first failed run's (a halt stops the targets after it; it is
+    no outcome), and a failed run without an exit code is ``failed``'s."""
+    failed = [r for r in record.targets if r.state not in ("not started", "succeeded")]
+    record.outcome = failed[0].state if failed else str(Outcome.SUCCEEDED)
+    if failed:
+        record.exit_code = failed[0].exit_code or Outcome.FAILED.exit_code
+    else:
+        record.exit_code = Outcome.SUCCEEDED.exit_code
+    record.finished_at = audit.iso(audit.now())
 
 
 def _progress_line(record: FleetRecord) -> str:
