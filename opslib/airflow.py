@@ -33,6 +33,7 @@ import subprocess
 from collections.abc import Mapping, Sequence
 
 from opslib.halt import Failure, halt_reason
+from opslib.outcome import Outcome  # no dependency either: the exit codes of `opslib`
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +52,7 @@ def fleet_plan(opslib: str, runbook: str, fleet_file: str, *, canary: int, wave:
     if confirm_production is not None:
         args += ["--confirm-production", str(confirm_production)]
     done = subprocess.run(args, capture_output=True, text=True, env={**os.environ, **(env or {})})
-    if done.returncode != 0:
+    if done.returncode != Outcome.SUCCEEDED.exit_code:
         raise ValueError(f"opslib refused the fleet {fleet_file}: {done.stderr.strip()}")
     return json.loads(done.stdout)
 
@@ -129,10 +130,11 @@ def _run_target(opslib: str, target: dict, extra: Mapping[str, str], ti, fail) -
         result = json.loads(done.stdout.strip().splitlines()[-1])
     except (ValueError, IndexError):
         result = {}  # refused before any run began: the exit code and the line say why
+    ok = done.returncode == Outcome.SUCCEEDED.exit_code
     outcome = {"target": target["name"], "wave": target["wave"], "exit_code": done.returncode, "line": line,
-               "outcome": result.get("outcome") or ("succeeded" if done.returncode == 0 else "failed"),
+               "outcome": result.get("outcome") or str(Outcome.SUCCEEDED if ok else Outcome.FAILED),
                "run_id": result.get("run_id")}
     ti.xcom_push(key="outcome", value=outcome)
-    if done.returncode != 0:
+    if not ok:
         raise fail(f"{target['name']}: {line}")
     return outcome

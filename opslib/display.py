@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
 
 from opslib.naming import first_line
-from opslib.record import revisions_text
+from opslib.record import Database, Rehearsal, RunRecord, revisions_text
 from opslib.safeguards import skipped_safeguards
 
 if TYPE_CHECKING:  # types only: rendering backups must not import Alembic
@@ -445,42 +445,46 @@ def runbooks_text(folder, workflows: Mapping[str, Any]) -> str:
     return "\n".join(out).rstrip()
 
 
-def record_text(record: dict) -> str:
-    """A run record's steps as a table, as `opslib run` prints them."""
-    rows = [(s["name"], s["outcome"], s["duration_s"]) for s in record.get("steps", [])]
+def record_text(record: RunRecord) -> str:
+    """A run record's steps as a table, as `opslib run` prints them, then what its runbook added to it
+    (init-prod's data changes, a rehearsal's findings)."""
+    rows = [(s.name, s.outcome, s.duration_s) for s in record.steps]
     text = text_table(["step", "outcome", "seconds"], rows) if rows else "no step ran"
-    changes = record.get("data_changes")
+    changes = record.data_changes
     if changes:  # init-prod: what it inserted, and what was there already
-        made = [(c["item"], c["table"], c["created"], c["present"]) for c in changes]
+        made = [(c.item, c.table, c.created, c.present) for c in changes]
         text += "\n\n" + text_table(["item", "table", "created", "already there"], made)
-        if not any(c["created"] for c in changes):
+        if not any(c.created for c in changes):
             text += "\nnothing to do: every essential is there already (nothing was changed)"
-    if record.get("rehearsal"):
-        text += "\n\n" + rehearsal_text(record["rehearsal"])
+    if record.rehearsal is not None:
+        text += "\n\n" + rehearsal_text(record.rehearsal)
     return text
 
 
-def rehearsal_text(found: dict) -> str:
+def _seconds(value: float | None) -> str:
+    return "" if value is None else f"{value:.3f}"  # None only in a record edited by hand
+
+
+def rehearsal_text(found: Rehearsal) -> str:
     """A rehearsal's findings: the copy, each revision's time and locks per pass, and the differences."""
-    copy = found.get("copy") or {}
-    lines = [f"copy: {copy.get('database') or 'none'}"
-             + (f", by {copy['method']} in {copy['seconds']:.3f} s" if copy.get("method") else "")
-             + ("" if found.get("copy_dropped") in (True, None) else f" ({found['copy_dropped']})")]
-    if found.get("stale_copies_dropped"):
-        lines.append("dropped first, left by killed rehearsals: " + ", ".join(found["stale_copies_dropped"]))
+    copy = found.copy
+    lines = [f"copy: {(copy.database if copy else None) or 'none'}"
+             + (f", by {copy.method} in {_seconds(copy.seconds)} s" if copy and copy.method else "")
+             + ("" if found.copy_dropped in (True, None) else f" ({found.copy_dropped})")]
+    if found.stale_copies_dropped:
+        lines.append("dropped first, left by killed rehearsals: " + ", ".join(found.stale_copies_dropped))
     rows = [
-        (r["pass"], r["revision"], f"{r['seconds']:.3f}",
-         "; ".join(f"{lk['table']}: {lk['mode']}" for lk in r["locks"]) or "none in its transaction",
-         ", ".join(r["access_exclusive_on_rows"]))
-        for r in found.get("revisions") or []
-    ]
+        (r.passage, r.revision, _seconds(r.seconds),
+         "; ".join(f"{lk.table}: {lk.mode}" for lk in r.locks) or "none in its transaction",
+         ", ".join(r.access_exclusive_on_rows))
+        for r in found.revisions
+    ]  # fmt: skip
     if rows:
         lines.append(text_table(["pass", "revision", "seconds", "locks", "blocks reads of (rows)"], rows))
-    elif not copy.get("database"):
+    elif not (copy and copy.database):
         lines = ["nothing to rehearse: the database is at the target already (no copy was made)"]
-    for name, diff in (found.get("differences") or {}).items():
-        shown = [f"{kind.replace('_', ' ')}: {item}" for kind, items in diff.items() for item in items]
-        lines.append(f"{name.replace('_', ' ')}: " + ("no difference" if not shown else "; ".join(shown)))
+    for name, diff in found.differences.named():
+        lines.append(f"{name.replace('_', ' ')}: " + ("; ".join(diff.lines()) or "no difference"))
     return "\n".join(lines)
 
 
@@ -505,18 +509,18 @@ def runs_text(runs: Sequence[dict]) -> str:
     return text_table(headers, [[r.get(k) for k in keys] for r in shown])
 
 
-def _where(database: dict) -> str:
+def _where(database: Database | None) -> str:
     if not database:
         return "not reached"
-    host = database.get("host") or ""
-    place = f"socket in {host}" if host.startswith("/") else f"{host}:{database.get('port') or 5432}"
-    return f"{database.get('name')} on {place}"
+    host = database.host or ""
+    place = f"socket in {host}" if host.startswith("/") else f"{host}:{database.port or 5432}"
+    return f"{database.name} on {place}"
 
 
-def _outcome_text(record: dict) -> str:
+def _outcome_text(record: RunRecord) -> str:
     """The outcome and its exit code; an abandoned run has none (no process was left to exit)."""
-    code = record.get("exit_code")
-    return f"{record.get('outcome')} (exit {code})" if code is not None else f"{record.get('outcome')} (no exit code)"
+    code = record.exit_code
+    return f"{record.outcome} (exit {code})" if code is not None else f"{record.outcome} (no exit code)"
 
 
 def _revs(revisions: Sequence[str] | None) -> str:
@@ -535,29 +539,31 @@ def sealed_facts(has_start: bool, has_warnings: bool) -> frozenset[str]:
     return frozenset(found)
 
 
-def run_facts(record: dict, warnings: list[str] | None = None) -> list[tuple[str, str]]:
+def run_facts(record: RunRecord, warnings: list[str] | None = None) -> list[tuple[str, str]]:
     """A run's facts, as `opslib audit show` and the audit report list them (no password: the
     sidecar holds the database as host, port and name). ``warnings`` are the skipped safeguards its ledger
-    entry sealed; without them they are read from ``record``."""
-    database = record.get("database") or {}
+    entry sealed; without them they are read from ``record``. A record read from a file that may have been
+    edited comes through :meth:`RunRecord.tolerant`."""
+    backup = record.backup
+    skipped = skipped_safeguards(record.to_dict()) if warnings is None else warnings
     return [
-        ("run", f"{record.get('run_id')} ({record.get('runbook')})"),
+        ("run", f"{record.run_id} ({record.runbook})"),
         ("outcome", _outcome_text(record)),
-        ("error", record.get("error") or ""),
-        ("when", f"{record.get('started_at')} -> {record.get('finished_at')}"),
-        ("who", f"{record.get('operator')} on {record.get('host')}"),
-        ("environment", record.get("env")),
-        ("database", _where(database)),
-        ("fingerprint", record.get("fingerprint") or ""),
-        ("revisions", f"{_revs(record.get('revisions_before'))} -> {_revs(record.get('revisions_after'))}"),
-        ("backup", (record.get("backup") or {}).get("path", "none")),
-        ("backup sha256", (record.get("backup") or {}).get("sha256", "")),
-        ("parameters", json.dumps(record.get("parameters"), sort_keys=True)),
-        ("notebook", record.get("notebook") or "not kept (run outside `opslib run` and `opslib open`)"),
-        ("driven", _MODES.get(record.get("mode") or "", record.get("mode") or "")),
-        ("sealed by", record.get("sealed_by") or ""),
-        ("safeguards skipped", ", ".join(skipped_safeguards(record) if warnings is None else warnings)),
-        ("template sha256", record.get("runbook_sha256") or ""),
+        ("error", record.error or ""),
+        ("when", f"{record.started_at} -> {record.finished_at}"),
+        ("who", f"{record.operator} on {record.host}"),
+        ("environment", record.env),
+        ("database", _where(record.database)),
+        ("fingerprint", record.fingerprint or ""),
+        ("revisions", f"{_revs(record.revisions_before)} -> {_revs(record.revisions_after)}"),
+        ("backup", (backup.path if backup else None) or "none"),
+        ("backup sha256", (backup.sha256 if backup else None) or ""),
+        ("parameters", json.dumps(record.parameters, sort_keys=True)),
+        ("notebook", record.notebook or "not kept (run outside `opslib run` and `opslib open`)"),
+        ("driven", _MODES.get(record.mode or "", record.mode or "")),
+        ("sealed by", record.sealed_by or ""),
+        ("safeguards skipped", ", ".join(skipped)),
+        ("template sha256", record.runbook_sha256 or ""),
         ("opslib / git", _version_text(record)),
     ]
 
@@ -569,22 +575,23 @@ _MODES = {
 }
 
 
-def _version_text(record: dict) -> str:
-    commit = record.get("git_commit") or "no git commit"
-    dirty = {True: " (uncommitted changes)", False: " (clean)"}.get(record.get("git_dirty"), "")
-    return f"{record.get('opslib_version')} / {commit}{dirty}"
+def _version_text(record: RunRecord) -> str:
+    commit = record.git_commit or "no git commit"
+    dirty = {True: " (uncommitted changes)", False: " (clean)"}.get(record.git_dirty, "")
+    return f"{record.opslib_version} / {commit}{dirty}"
 
 
-def run_text(record: dict) -> str:
-    """What `opslib audit show` prints: the facts first, then each step."""
+def run_text(record: RunRecord, changed_after_sealing: Sequence[str] = ()) -> str:
+    """What `opslib audit show` prints: the facts first, then each step; first of all, when the sidecar
+    was changed after the run was sealed, each fact the ledger keeps that the file no longer says."""
     facts = [(k, v) for k, v in run_facts(record) if v]
     width = max(len(k) for k, _ in facts)
     out = [f"{k:{width}}: {v}" for k, v in facts]
-    if record.get("changed_after_sealing"):
+    if changed_after_sealing:
         out[:0] = [
             "CHANGED AFTER THE RUN: its sidecar no longer matches its ledger entry; the facts and step outcomes",
             "below are the ledger's where it keeps them, and `opslib audit verify` fails on it:",
-            *(f"  {change}" for change in record["changed_after_sealing"]),
+            *(f"  {change}" for change in changed_after_sealing),
             "",
         ]
     out.append("")

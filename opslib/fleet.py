@@ -438,7 +438,8 @@ class _FleetRun:
         failed = [r for r in record.targets if r.state not in ("not started", "succeeded")]
         # The fleet's outcome is its first failed run's (a halt stops the targets after it; it is no outcome).
         record.outcome = failed[0].state if failed else str(Outcome.SUCCEEDED)
-        record.exit_code = 0 if not failed else (failed[0].exit_code or 1)
+        # A failed run without an exit code (its process gave none) is failed's.
+        record.exit_code = (failed[0].exit_code or Outcome.FAILED.exit_code) if failed else Outcome.SUCCEEDED.exit_code
         record.finished_at = audit.iso(audit.now())
         with self.lock:
             self.save()

@@ -1,6 +1,6 @@
 """The fleet's halt rule, in one place for both executors: opslib's own (:mod:`opslib.fleet`) and Airflow's
-(:mod:`opslib.airflow`, which imports nothing else of opslib: Airflow's environment has only this package's
-files, not its dependencies)."""
+(:mod:`opslib.airflow`, which imports nothing else of opslib but :mod:`opslib.outcome`: Airflow's environment
+has only this package's files, not its dependencies, and neither module needs any)."""
 
 from __future__ import annotations
 

@@ -34,6 +34,7 @@ from pathlib import Path
 from sqlalchemy.engine import URL
 
 from opslib.errors import PreconditionFailed
+from opslib.outcome import Outcome
 
 _VERSION = re.compile(r"\(PostgreSQL\)\s+(\d+)(?:\.(\d+))?")
 
@@ -305,6 +306,9 @@ def child_options() -> dict:
     if prctl is None:
         return {}
     parent = os.getpid()
+    # The code a child exits with when its parent is gone already (nobody is left to read it), read before
+    # the fork.
+    orphaned = Outcome.FAILED.exit_code
 
     def die_with_parent() -> None:
         prctl(
@@ -316,7 +320,7 @@ def child_options() -> dict:
         )
         # The parent may have died between fork and prctl; the signal would then never come.
         if os.getppid() != parent:
-            os._exit(1)
+            os._exit(orphaned)
 
     return {"preexec_fn": die_with_parent}
 

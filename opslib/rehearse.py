@@ -26,6 +26,10 @@ from sqlalchemy.engine import Connection
 from opslib import backup, db
 from opslib.config import Settings
 from opslib.errors import PreconditionFailed
+from opslib.record import Differences, LockHeld, RehearsalCopy, RehearsedRevision
+
+# How the copy was made (RehearsalCopy) and what differs between two snapshots (Differences) are what the
+# run's record keeps of them: one type each, defined with the record.
 
 # Left out of every comparison: opslib's own history grows with each pass, by design.
 _SKIPPED_SCHEMAS = ("pg_catalog", "information_schema", "opslib")
@@ -42,26 +46,13 @@ def settings_on(settings: Settings, database: str) -> Settings:
     return replace(settings, database_url=url.render_as_string(hide_password=False))
 
 
-@dataclass(frozen=True)
-class Copy:
-    """How the scratch copy was made."""
-
-    database: str
-    method: str  # "template clone" or "restore of <backup file>"
-    seconds: float
-
-    def to_dict(self) -> dict:
-        """A JSON-ready dict."""
-        return {"database": self.database, "method": self.method, "seconds": self.seconds}
-
-
-def make_copy(settings: Settings, name: str) -> Copy:
+def make_copy(settings: Settings, name: str) -> RehearsalCopy:
     """Copy the target into ``name``: a template clone when nobody is connected to it, else its newest
     verified backup restored (refused when it has none)."""
     started = time.perf_counter()
     try:
         backup.clone(settings, name)
-        return Copy(name, "template clone", round(time.perf_counter() - started, 3))
+        return RehearsalCopy(name, "template clone", round(time.perf_counter() - started, 3))
     except PreconditionFailed as busy:
         if "already exists" in busy.message:
             raise
@@ -72,7 +63,8 @@ def make_copy(settings: Settings, name: str) -> Copy:
                 "`opslib backup` and `opslib verify-backup`, or rehearse when the database is idle"
             ) from None
     backup.restore(settings, newest, into=name)
-    return Copy(name, f"restore of {newest.name} (the target had other sessions)", round(time.perf_counter() - started, 3))
+    method = f"restore of {newest.name} (the target had other sessions)"
+    return RehearsalCopy(name, method, round(time.perf_counter() - started, 3))
 
 
 def _newest_verified_backup(settings: Settings) -> Path | None:
@@ -191,35 +183,6 @@ def _primary_key(conn: Connection, quoted: str) -> list[str]:
     return [r[0] for r in rows]
 
 
-@dataclass(frozen=True)
-class Differences:
-    """What differs between two snapshots, each a line a person can act on."""
-
-    left_behind: tuple[str, ...] = ()  # objects in the second and not the first
-    lost: tuple[str, ...] = ()  # objects in the first and not the second
-    changed: tuple[str, ...] = ()  # objects defined otherwise
-    data: tuple[str, ...] = ()  # rows gained or lost, columns whose values differ, in tables in both
-
-    @property
-    def none(self) -> bool:
-        """True when the two snapshots agree."""
-        return not (self.left_behind or self.lost or self.changed or self.data)
-
-    def lines(self) -> list[str]:
-        """Every difference, one line each."""
-        return (
-            [f"left behind: {o}" for o in self.left_behind]
-            + [f"lost: {o}" for o in self.lost]
-            + [f"changed: {o}" for o in self.changed]
-            + [f"data: {d}" for d in self.data]
-        )
-
-    def to_dict(self) -> dict:
-        """A JSON-ready dict."""
-        return {"left_behind": list(self.left_behind), "lost": list(self.lost), "changed": list(self.changed),
-                "data": list(self.data)}
-
-
 def compare(first: Snapshot, second: Snapshot) -> Differences:
     """What ``second`` has that ``first`` had not, what it lost, and what changed, objects and data."""
     left = sorted(set(second.objects) - set(first.objects))
@@ -290,15 +253,10 @@ class RevisionPass:
         """The tables with rows it locked ACCESS EXCLUSIVE (no reads nor writes until it committed)."""
         return tuple(lock.table for lock in self.locks if lock.blocks_readers and lock.has_rows)
 
-    def to_dict(self) -> dict:
-        """A JSON-ready dict."""
-        return {
-            "pass": self.passage,
-            "revision": self.revision,
-            "seconds": self.seconds,
-            "locks": [{"table": lk.table, "mode": lk.mode, "has_rows": lk.has_rows} for lk in self.locks],
-            "access_exclusive_on_rows": list(self.flagged),
-        }
+    def recorded(self) -> RehearsedRevision:
+        """What the run's record keeps of it."""
+        locks = tuple(LockHeld(lk.table, lk.mode, lk.has_rows) for lk in self.locks)
+        return RehearsedRevision(self.passage, self.revision, self.seconds, locks, self.flagged)
 
 
 class PassRecorder:

@@ -35,7 +35,7 @@ from typing import Callable
 from opslib import __version__, audit, display, notebooks, summary
 from opslib.errors import ConfigError, InvalidInput, ReportFailed
 from opslib.outcome import Outcome
-from opslib.record import revisions_text
+from opslib.record import RunRecord, revisions_text
 from opslib.redact import clean
 
 TEMPLATES = Path(__file__).parent / "templates"
@@ -235,7 +235,8 @@ def _run_page(
     edited = bool(
         record and sealed and audit.file_sha256(records_dir / Path(str(entry.get("sidecar"))).name) != entry.get("sidecar_sha256")
     )
-    shown = audit.as_sealed(entry, start, record) if record and sealed else record
+    # Shown as the ledger sealed it, read through the one tolerant reader: the file may have been edited.
+    shown = RunRecord.tolerant(audit.as_sealed(entry, start, record) if sealed else record) if record else None
     warnings = [str(w) for w in entry["warnings"]] if sealed and isinstance(entry.get("warnings"), list) else None
     ledgers = display.sealed_facts(start is not None, warnings is not None)
     facts = env.get_template("_facts.html.j2").render(

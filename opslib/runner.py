@@ -75,7 +75,7 @@ class RunOutcome:
             else:
                 text += f" on {r.database.name}, now at {revisions_text(r.revisions_after)}"
         if r.schema_recreated:
-            text += f"; schema public was recreated ({r.schema_recreated['reason']})"
+            text += f"; schema public was recreated ({r.schema_recreated.reason})"
         if r.error:
             text += f": {redact_urls_in(r.error)}"
         return text

@@ -33,6 +33,7 @@ from opslib import db
 from opslib.config import Settings
 from opslib.errors import ConfigError, InvalidInput, PreconditionFailed
 from opslib.migrate import script_directory
+from opslib.record import DataChange
 
 ESSENTIALS_FILE = "essentials.toml"
 DEMO_FILE = "demo_data.py"
@@ -78,20 +79,6 @@ class Essentials:
     path: Path
     admin: AdminSpec
     tables: tuple[TableRows, ...]
-
-
-@dataclass(frozen=True)
-class EssentialOutcome:
-    """What init-prod did for one item: how many rows it created and how many were there already."""
-
-    item: str
-    table: str
-    created: int
-    present: int
-
-    def to_dict(self) -> dict:
-        """A JSON-ready dict."""
-        return {"item": self.item, "table": self.table, "created": self.created, "present": self.present}
 
 
 def load_essentials(settings: Settings) -> Essentials:
@@ -171,11 +158,12 @@ def _insert_if_absent(conn: Connection, table: str, row: dict, key: tuple[str, .
     return inserted.rowcount == 1
 
 
-def apply_essentials(conn: Connection, essentials: Essentials, email: str, password: str) -> list[EssentialOutcome]:
+def apply_essentials(conn: Connection, essentials: Essentials, email: str, password: str) -> list[DataChange]:
     """Insert what is missing of the essentials on ``conn``, in its transaction (the caller commits).
 
     The admin is inserted with a fresh hash only when no user has its email: an existing admin's
-    password is never replaced. Returns one outcome per item."""
+    password is never replaced. Returns, per item, the rows created and those there already, as the
+    run's record keeps them."""
     admin = essentials.admin
     # Serialized with any other init-prod on this database (the run lock is held too; this covers callers
     # without it): NOT EXISTS alone could let two sessions insert the same row.
@@ -188,12 +176,12 @@ def apply_essentials(conn: Connection, essentials: Essentials, email: str, passw
     if exists is None:
         row = {**admin.values, admin.email_column: email, admin.password_column: hash_password(password)}
         _insert_if_absent(conn, admin.table, row, (admin.email_column,))
-        outcomes.append(EssentialOutcome("admin user", admin.table, 1, 0))
+        outcomes.append(DataChange("admin user", admin.table, 1, 0))
     else:
-        outcomes.append(EssentialOutcome("admin user", admin.table, 0, 1))
+        outcomes.append(DataChange("admin user", admin.table, 0, 1))
     for t in essentials.tables:
         created = sum(_insert_if_absent(conn, t.table, row, t.key) for row in t.rows)
-        outcomes.append(EssentialOutcome(t.table.replace("_", " "), t.table, created, len(t.rows) - created))
+        outcomes.append(DataChange(t.table.replace("_", " "), t.table, created, len(t.rows) - created))
     return outcomes
 
 

@@ -462,7 +462,7 @@ class Run:
             ("record", self.record_path.name),
         ]
         if r.schema_recreated:
-            facts.insert(4, ("schema public", f"recreated: {r.schema_recreated['reason']}"))
+            facts.insert(4, ("schema public", f"recreated: {r.schema_recreated.reason}"))
         rows = [
             {"step": s.name, "outcome": str(s.outcome), "seconds": s.duration_s}
             for s in r.steps

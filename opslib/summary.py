@@ -8,6 +8,7 @@ from collections import Counter
 from pathlib import Path
 
 from opslib import audit
+from opslib.record import RunRecord
 from opslib.safeguards import changed_database, changes_its_database
 
 # Endings after which nothing was changed (bad input, a guard, a held lock).
@@ -25,14 +26,14 @@ def audit_summary(records_dir: Path, check: audit.LedgerCheck | None = None) -> 
         env, outcome = str(entry.get("env")), "running" if audit.is_start(entry) else str(entry.get("outcome"))
         counts.setdefault(env, Counter())[outcome] += 1
         if env == "production" and changes_its_database(entry) and _changed(entry, outcome):
-            sidecar = _sidecar(records_dir, entry)
-            backup = sidecar.get("backup") or {}
+            backup = RunRecord.tolerant(_sidecar(records_dir, entry)).backup  # the file may have been edited
             row = audit.run_row(entry)
             changes.append(
                 {
                     "run_id": row["run_id"], "runbook": row["runbook"], "started_at": row["started_at"],
                     "operator": row["operator"], "database": row["database"], "revisions": row["revisions"],
-                    "outcome": outcome, "backup": backup.get("path"), "backup_sha256": backup.get("sha256"),
+                    "outcome": outcome, "backup": backup.path if backup else None,
+                    "backup_sha256": backup.sha256 if backup else None,
                     "warnings": row["warnings"],
                 }
             )  # fmt: skip

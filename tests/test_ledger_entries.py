@@ -57,3 +57,38 @@ def test_values_of_other_shapes_are_set_aside_and_named():
     assert safeguards.skipped_safeguards(odd_steps) == ["no verified backup", "no verify step"]
     assert safeguards.changed_database({"steps": [[{"x": 1}, None]]}) is True
     assert audit.sealed_steps([["a", "b", "c"], ["a", 1], "x", ["a", "b", "c", "d"]]) == [("a", "b", "c")]
+
+
+def test_the_sub_records_write_the_sidecars_json_and_read_it_back():
+    from opslib.record import (
+        DataChange, Differences, LockHeld, Rehearsal, RehearsalCopy, RehearsalDifferences, RehearsedRevision,
+        RunRecord, SchemaRecreated,
+    )  # fmt: skip
+
+    record = RunRecord.from_dict({**SIDECAR, "steps": SIDECAR["steps"][:1]})  # steps as opslib writes them
+    record.schema_recreated = SchemaRecreated("recreate_schema=always", ("table public.a",))
+    record.data_changes = [DataChange("admin user", "users", 1, 0)]
+    lock = LockHeld("public.a", "ACCESS EXCLUSIVE", True)
+    record.rehearsal = Rehearsal(
+        RehearsalCopy("app_rehearse_r1", "template clone", 0.5), [RehearsedRevision("upgrade", "0002", 0.1, (lock,), ("public.a",))],
+        RehearsalDifferences(downgrade_vs_before=Differences(lost=("table public.b",))), True, ["app_rehearse_r0"],
+    )  # fmt: skip
+    written = record.to_dict()
+    assert written["schema_recreated"] == {"schema": "public", "reason": "recreate_schema=always", "dropped": ["table public.a"]}
+    assert list(written["rehearsal"]) == ["copy", "revisions", "differences", "copy_dropped", "stale_copies_dropped"]
+    assert written["rehearsal"]["revisions"][0]["pass"] == "upgrade"
+    assert RunRecord.from_dict(written).to_dict() == written
+    assert "downgrade vs before: lost: table public.b" in display.record_text(RunRecord.from_dict(written))
+
+
+def test_the_tolerant_reader_shows_an_edited_sidecar_whatever_it_holds():
+    from opslib.record import RunRecord
+
+    odd = {**SIDECAR, "operator": 42, "database": "app", "steps": [{"name": "backup", "duration_s": "x"}, 3],
+           "rehearsal": {"copy": ["x"], "revisions": [{"seconds": "y", "locks": 1}]}, "backup": [1], "exit_code": "0"}  # fmt: skip
+    record = RunRecord.tolerant(odd)
+    assert record.operator == "42" and record.database is None and record.exit_code is None
+    text = display.run_text(record, ["outcome: ledger says x, file says y"])
+    assert text.startswith("CHANGED AFTER THE RUN") and "42 on None" in text and "not reached" in text
+    for junk in (None, [], "x", {"steps": "x", "rehearsal": []}):
+        display.run_text(RunRecord.tolerant(junk))

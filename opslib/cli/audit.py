@@ -46,12 +46,16 @@ def show(settings, args) -> int:
     """one run as the ledger sealed it, and what changed in its files since"""
     from opslib import audit, display
     from opslib.errors import InvalidInput
+    from opslib.record import RunRecord
 
     records = _records(settings, "show")
     if not args.run_id:
         raise InvalidInput("audit show needs a RUN_ID: `opslib audit list` shows them")
     record = audit.find_run(records, args.run_id)
-    print(json.dumps(record, indent=2, default=str) if args.json else display.run_text(record))
+    if args.json:  # the record as the ledger and the file say it, odd values and all
+        print(json.dumps(record, indent=2, default=str))
+    else:  # a sidecar may have been edited into any shape: read through the one tolerant reader
+        print(display.run_text(RunRecord.tolerant(record), record.get("changed_after_sealing") or ()))
     return EXIT_OK
 
 

@@ -49,12 +49,12 @@ def run(settings, args) -> int:
         print(json.dumps(outcome.result()))
         print(outcome.line(), file=sys.stderr)
         return outcome.exit_code
-    print(display.record_text(outcome.record.to_dict()))
+    print(display.record_text(outcome.record))
     print(f"record  : {outcome.sidecar}")
     if outcome.notebook.exists():
         print(f"notebook: {outcome.notebook}")
     # The outcome line is the command's last word: on stderr when the run did not succeed, as every error is.
-    print(outcome.line(), file=sys.stdout if outcome.exit_code == 0 else sys.stderr)
+    print(outcome.line(), file=sys.stdout if outcome.exit_code == EXIT_OK else sys.stderr)
     return outcome.exit_code
 
 
@@ -138,7 +138,7 @@ def fleet(settings, args) -> int:
     print(display.fleet_text(record.to_dict()))
     print(f"fleet record: {path}")
     line = f"fleet {args.runbook} {record.outcome} (exit {record.exit_code})"
-    print(line, file=sys.stdout if record.exit_code == 0 else sys.stderr)
+    print(line, file=sys.stdout if record.exit_code == EXIT_OK else sys.stderr)
     return record.exit_code
 
 
@@ -191,7 +191,7 @@ def open_run(settings, args) -> int:
         line += " but not sealed: a kernel still holds it; the next `opslib audit` seals it once that kernel is gone"
     elif record.error:
         line += f": {redact_urls_in(record.error)}"
-    print(line, file=sys.stdout if code == 0 else sys.stderr)
+    print(line, file=sys.stdout if code == EXIT_OK else sys.stderr)
     return code
 
 

@@ -85,7 +85,7 @@ class InitProd(Workflow):
         with db.connect(self.target.url) as conn:
             outcomes = seed.apply_essentials(conn, self.essentials, email, password)
             conn.commit()
-        self.record.data_changes = [o.to_dict() for o in outcomes]
+        self.record.data_changes = outcomes
         self._save()
         created = sum(o.created for o in outcomes)
         rows = [{"item": o.item, "table": o.table, "created": o.created, "already there": o.present} for o in outcomes]

@@ -14,7 +14,7 @@ from opslib.errors import (
 from opslib.naming import first_line
 from opslib.outcome import Outcome
 from opslib.params import Param
-from opslib.record import revisions_text
+from opslib.record import Differences, Rehearsal, RehearsalCopy, RehearsalDifferences, revisions_text
 from opslib.steps import step
 from opslib.workflows.workflow import Workflow
 
@@ -40,15 +40,15 @@ class Rehearse(Workflow):
     steps = ("preflight", "make_copy", "upgrade", "downgrade", "upgrade_again", "compare", "drop_copy")
     changes_database = False  # only a copy of the target is changed, and dropped
 
-    copy: rehearse.Copy | None = None
+    copy: RehearsalCopy | None = None
     on_copy: Settings | None = None
     start: tuple[str, ...] = ()
     pending: list = []
     taken_back: migrate.MigrationResult | None = None  # from_revision: the copy's preparatory downgrade
 
-    def _findings(self) -> dict:
+    def _findings(self) -> Rehearsal:
         if self.record.rehearsal is None:
-            self.record.rehearsal = {"copy": None, "revisions": [], "differences": {}, "copy_dropped": None}
+            self.record.rehearsal = Rehearsal()
         return self.record.rehearsal
 
     @step()
@@ -86,13 +86,13 @@ class Rehearse(Workflow):
             return Section.skip("Copy", "nothing to rehearse")
         name = rehearse.scratch_name(self.database, self.record.run_id)
         dropped = self._drop_stale_copies()
-        self._findings()["copy"] = {"database": name, "method": None, "seconds": None}
+        self._findings().copy = RehearsalCopy(name)
         if dropped:
-            self._findings()["stale_copies_dropped"] = dropped
+            self._findings().stale_copies_dropped = dropped
         self._save()  # named before it exists: whoever ends this run drops it
         self.copy = rehearse.make_copy(self.settings, name)
         self.on_copy = rehearse.settings_on(self.settings, name)
-        self._findings()["copy"] = self.copy.to_dict()
+        self._findings().copy = self.copy
         facts = [("copy", name), ("seconds", self.copy.seconds)]
         if dropped:
             facts.append(("dropped first", ", ".join(dropped) + " (left by rehearsals that were killed)"))
@@ -143,7 +143,7 @@ class Rehearse(Workflow):
         recorder = rehearse.PassRecorder(passage)
         verb = migrate.upgrade if action == "upgrade" else migrate.downgrade
         self._on_copy(f"the {passage}", verb, target, on_step=recorder.on_step, on_locks=recorder.on_locks)
-        self._findings()["revisions"] += [r.to_dict() for r in recorder.revisions]
+        self._findings().revisions += [r.recorded() for r in recorder.revisions]
         self._save()
         rows = [
             {
@@ -193,8 +193,8 @@ class Rehearse(Workflow):
             if failing is not None and failing.revision in undone
             else ""
         )
-        found = rehearse.Differences(left_behind=left)
-        self._findings()["differences"] = {"preparatory_downgrade": found.to_dict()}
+        found = Differences(left_behind=left)
+        self._findings().differences = RehearsalDifferences(preparatory_downgrade=found)
         self._save()
         return ChecksFailed(
             f"the preparatory downgrade to {self.params['from_revision']} left {', '.join(left)} behind{whose}, "
@@ -221,7 +221,7 @@ class Rehearse(Workflow):
         section = self._pass("Downgrade", "downgrade", "downgrade", self.start[0] if self.start else "base")
         # Compared at once: the second upgrade may fail on what the downgrade left, and this is why.
         self.downgrade_diff = rehearse.compare(self.before, self._snapshot())
-        self._findings()["differences"] = {"downgrade_vs_before": self.downgrade_diff.to_dict()}
+        self._findings().differences = RehearsalDifferences(downgrade_vs_before=self.downgrade_diff)
         self._save()
         if not self.downgrade_diff.none:
             section.status += f"; {len(self.downgrade_diff.lines())} difference(s) from the copy as it was"
@@ -250,7 +250,7 @@ class Rehearse(Workflow):
             return Section.skip("Compare", "nothing to rehearse")
         downgrade_diff = self.downgrade_diff
         upgrade_diff = rehearse.compare(self.upgraded, self._snapshot())
-        self._findings()["differences"]["upgrade_again_vs_upgrade"] = upgrade_diff.to_dict()
+        self._findings().differences.upgrade_again_vs_upgrade = upgrade_diff
         self._save()
         rows = [{"comparison": "after the downgrade, against the copy as it was", "difference": d}
                 for d in downgrade_diff.lines()]
@@ -272,18 +272,18 @@ class Rehearse(Workflow):
     @step("drop copy")
     def drop_copy(self) -> Section:
         """Drop the scratch copy (also done when the run ends any other way)."""
-        if not (self._findings().get("copy") or {}).get("database"):
+        kept = self._findings().copy
+        if not (kept and kept.database):
             return Section.skip("Drop copy", "no copy was made")
         dropped = self._drop_copy()
-        return Section("Drop copy", "dropped" if dropped else "no copy to drop",
-                       [("copy", (self._findings().get("copy") or {}).get("database", "none"))])
+        return Section("Drop copy", "dropped" if dropped else "no copy to drop", [("copy", kept.database)])
 
     def _drop_copy(self) -> bool:
-        kept = (self.record.rehearsal or {}).get("copy") or {}
-        if not kept.get("database"):
+        kept = self.record.rehearsal.copy if self.record.rehearsal is not None else None
+        if not (kept and kept.database):
             return False
-        dropped = rehearse.drop_copy(self.settings, kept["database"])
-        self._findings()["copy_dropped"] = True
+        dropped = rehearse.drop_copy(self.settings, kept.database)
+        self._findings().copy_dropped = True
         self._save()
         return dropped
 
@@ -292,5 +292,5 @@ class Rehearse(Workflow):
         try:
             self._drop_copy()
         except Exception as drop_err:  # noqa: BLE001 -- the run's own ending comes first, whatever this was
-            self._findings()["copy_dropped"] = f"not dropped: {drop_err}"
+            self._findings().copy_dropped = f"not dropped: {drop_err}"
         super()._finish(err)

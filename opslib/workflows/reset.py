@@ -10,7 +10,7 @@ from opslib.errors import (
 )
 from opslib.outcome import Outcome
 from opslib.params import Param
-from opslib.record import revisions_text
+from opslib.record import SchemaRecreated, revisions_text
 from opslib.steps import step
 from opslib.workflows.workflow import Workflow
 
@@ -109,7 +109,7 @@ class Reset(Workflow):
                 f"dropped {len(done.dropped)} object(s): {why}",
             )  # fmt: skip
             conn.commit()
-        self.record.schema_recreated = {"schema": "public", "reason": why, "dropped": list(done.dropped)}
+        self.record.schema_recreated = SchemaRecreated(why, tuple(done.dropped), schema="public")
         self._save()
         facts = [
             ("why", why),
