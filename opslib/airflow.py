@@ -33,7 +33,7 @@ import subprocess
 from collections.abc import Mapping, Sequence
 
 from opslib.halt import Failure, halt_reason
-from opslib.outcome import Outcome  # no dependency either: the exit codes of `opslib`
+from opslib.outcome import Outcome, outcome_without_result  # no dependency either: the exit codes of `opslib`
 
 log = logging.getLogger(__name__)
 
@@ -132,7 +132,7 @@ def _run_target(opslib: str, target: dict, extra: Mapping[str, str], ti, fail) -
         result = {}  # refused before any run began: the exit code and the line say why
     ok = done.returncode == Outcome.SUCCEEDED.exit_code
     outcome = {"target": target["name"], "wave": target["wave"], "exit_code": done.returncode, "line": line,
-               "outcome": result.get("outcome") or str(Outcome.SUCCEEDED if ok else Outcome.FAILED),
+               "outcome": result.get("outcome") or str(outcome_without_result(done.returncode)),
                "run_id": result.get("run_id")}
     ti.xcom_push(key="outcome", value=outcome)
     if not ok:

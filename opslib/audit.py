@@ -17,7 +17,6 @@ import hashlib
 import json
 import os
 import secrets
-import subprocess
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -26,9 +25,9 @@ from typing import Any, Callable, Iterator
 
 from opslib import witness
 from opslib.errors import ConfigError, InvalidInput, PreconditionFailed
-from opslib.record import RunRecord, revisions_text
-from opslib.redact import clean, clean_json, scrub_json, scrub_password
 from opslib.liveness import live_mark_path, run_is_live
+from opslib.record import RunRecord, git_commit, git_dirty, revisions_text
+from opslib.redact import clean, clean_json, scrub_json, scrub_password
 from opslib.runcontext import RunContext
 from opslib.safeguards import changes_its_database, skipped_safeguards
 
@@ -55,26 +54,6 @@ def new_run_id() -> str:
 def record_stem(runbook: str, run_id: str, started: datetime) -> str:
     """The file stem shared by a run's notebook, sidecar and ledger reference."""
     return f"{started.strftime(STAMP)}_{runbook}_{run_id}"
-
-
-def git_commit(cwd: Path | None = None) -> str | None:
-    """The commit of the project being operated, if it is a git checkout."""
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=5)
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    return out.stdout.strip() if out.returncode == 0 else None
-
-
-def git_dirty(cwd: Path | None = None) -> bool | None:
-    """True when tracked files of the project's checkout differ from its commit (None: not a checkout)."""
-    try:
-        out = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=cwd, capture_output=True, text=True, timeout=5
-        )
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    return bool(out.stdout.strip()) if out.returncode == 0 else None
 
 
 def new_record(
@@ -260,6 +239,8 @@ def append_started(records_dir: Path, stem: str, record: RunRecord, witness_spec
         "started_at": record.started_at,
         "sidecar": f"{stem}.json",
     }
+    if record.changes_database is not None:  # what its runbook declares, for a run still going (the summary)
+        entry["changes_database"] = record.changes_database
     appended = _append(Path(records_dir), entry, vouching=False)
     assert appended is not None
     backend = witness.of(witness_spec)

@@ -116,14 +116,14 @@ def check_blocking_sessions(settings: Settings, reached: Reached) -> CheckResult
     )
 
 
-def check_restore_leftovers(settings: Settings) -> CheckResult:
+def check_restore_leftovers(where: Settings | db.TargetDatabase) -> CheckResult:
     """Staging databases that killed restores over the target left (``<target>_restoring_<hex>``).
 
     A warning, not a failure: they hold a full copy's disk space but do not make a deploy unsafe.
     Staging databases of restores running now are not leftovers and are not named.
     """
     try:
-        left = backup.leftover_restores(settings)
+        left = backup.leftover_restores(where)
     except OpsError as err:
         return CheckResult("leftover restores", SKIP, f"not read: {err.message}")
     if not left:
@@ -478,7 +478,7 @@ def _gather(target, revision, project, expect_env, backup_planned, max_backup_ag
         return report
     report.checks.append(check_blocking_sessions(settings, reached))
     report.checks.append(check_invalid_indexes(reached))
-    report.checks.append(check_restore_leftovers(settings))
+    report.checks.append(check_restore_leftovers(target))
     report.checks.append(check_environment(settings, expect_env))
     head = check_single_head(target)
     report.checks.append(head)

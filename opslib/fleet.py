@@ -37,7 +37,7 @@ from opslib import audit, db, migrate
 from opslib.config import Settings
 from opslib.errors import ConfigError, InvalidInput, OpsError, PreconditionFailed
 from opslib.halt import Failure, halt_reason
-from opslib.outcome import Outcome, outcome_of_exit
+from opslib.outcome import Outcome, outcome_without_result
 from opslib.params import ENV_NAME, holds_secret
 from opslib.record import revisions_text
 from opslib.redact import clean_json
@@ -304,9 +304,8 @@ def _run_target(settings: Settings, runbook: str, target: Target, pairs: Sequenc
     into.line = lines[-1] if lines else f"exit {done.returncode}"
     result = run_result(done.stdout)
     if result is None:  # refused before any run began (bad arguments): no record, the exit code says why
-        into.state = str(outcome_of_exit(done.returncode))
+        into.state = str(outcome_without_result(done.returncode))
         return
-    into.line = lines[-1] if done.returncode else f"{runbook} {result['outcome']} (exit {result['exit_code']})"
     sidecar = Path(result["record"])
     into.record = sidecar.name
     into.run_id = result["run_id"]

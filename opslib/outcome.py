@@ -65,6 +65,12 @@ def outcome_of_exit(code: int) -> Outcome:
     return next((o for o, c in _EXIT_CODES.items() if c == code), Outcome.FAILED)
 
 
+def outcome_without_result(code: int) -> Outcome:
+    """The outcome of an `opslib run --json` that printed no result (refused before any run began): what its
+    exit code says, and ``failed`` for 0 (a run that succeeded prints its result)."""
+    return Outcome.FAILED if code == Outcome.SUCCEEDED.exit_code else outcome_of_exit(code)
+
+
 def signal_exit_code(signum: int) -> int:
     """The shell's exit code for a process stopped by ``signum``: 130 for SIGINT, 143 for SIGTERM."""
     return 128 + int(signum)

@@ -16,7 +16,9 @@ import dataclasses
 import json
 import os
 import socket
+import subprocess
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Sequence
 
 from opslib import __version__
@@ -518,3 +520,23 @@ def revisions_text(revisions: Sequence[str] | None, sep: str = ", ") -> str:
     if revisions is None:
         return "not read"
     return sep.join(revisions) or "base"
+
+
+def git_commit(cwd: Path | None = None) -> str | None:
+    """The commit of the project being operated, if it is a git checkout."""
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+def git_dirty(cwd: Path | None = None) -> bool | None:
+    """True when tracked files of the project's checkout differ from its commit (None: not a checkout)."""
+    try:
+        out = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=cwd, capture_output=True, text=True, timeout=5
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return bool(out.stdout.strip()) if out.returncode == 0 else None

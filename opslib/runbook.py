@@ -11,7 +11,9 @@ from __future__ import annotations
 import gc
 from typing import TYPE_CHECKING, Any, Literal, Mapping, overload
 
-from opslib import workflows
+# The kernel loads everything its steps use now, before gc.freeze() in start(): the workflow modules name
+# these as loaded at first use (opslib.lazy), for the processes that only read the registry.
+from opslib import backup, checks, db, history, lint, migrate, rehearse, sealing, seed, workflows  # noqa: F401
 from opslib.steps import Run, begin
 
 if TYPE_CHECKING:  # for editors: each runbook's start cell is typed as its own workflow

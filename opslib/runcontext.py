@@ -53,6 +53,11 @@ class RunContext:
             return None
         try:
             data = json.loads(raw)
-            return cls(**{f.name: data[f.name] for f in dataclasses.fields(cls)})
+            made = cls(**{f.name: data[f.name] for f in dataclasses.fields(cls)})
+            texts = (made.run_id, made.stem, made.mode, made.started_at)
+            if not all(isinstance(t, str) for t in texts) or not isinstance(made.runner_pid, int):
+                raise TypeError("a field of the wrong type")
+            made.started  # noqa: B018 -- a start time that does not parse is refused here, not later
+            return made
         except (ValueError, KeyError, TypeError) as err:
             raise ConfigError(f"{ENV} does not hold a run context opslib wrote ({err}): start runs with opslib run or opslib open") from None

@@ -342,6 +342,8 @@ def prepare(settings: Settings, name: str, pairs: Sequence[tuple[str, str]], env
     first = audit.new_record(
         name, run_id, started, operator=settings.operator, env=env or settings.env, mode=mode, runbook_sha256=sha
     )
+    declared = workflows.get(name)  # what the records layer reads of the runbook, from its first record on
+    first.changes_database, first.backup_gated = declared.changes_database, declared.backup_gated
     context = RunContext(run_id, stem, mode, os.getpid(), sha, first.started_at)
     kernel_env = _kernel_environment(settings, name, context, records, env)
     prepared = Prepared(name, values, records, stem, notebook, template, first, kernel_env, None)

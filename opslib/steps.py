@@ -1,10 +1,10 @@
 """The recorder behind every runbook: steps, their order, and the run's record.
 
-A runbook's first code cell is ``run = runbook.start("deploy", globals())`` (see
-:mod:`opslib.runbook`, where the four workflows' steps live); the run it returns is a :class:`Run`,
-and each of its steps is a method decorated with :func:`step`. A step is recorded (name, start,
-duration, outcome) in the run's sidecar, rewritten after every step; a step declares the step it
-follows, so the order holds in every mode (headless, papermill, JupyterLab, plain Python); when a
+A runbook's first code cell is ``run = runbook.start("deploy", globals())`` (see :mod:`opslib.runbook`);
+the run it returns is its runbook's workflow (:mod:`opslib.workflows`), a :class:`Run` whose steps are
+methods decorated with :func:`step`. A step is recorded (name, start, duration, outcome) in the run's
+sidecar, rewritten after every step; the workflow lists its step methods in order (:attr:`Run.steps`),
+so the order holds in every mode (headless, papermill, JupyterLab, plain Python); when a
 step fails or is out of order, the run ends there: the record is finished with the outcome and the
 database's revision, sealed, and the error raised so the notebook (and papermill) stops.
 
@@ -25,10 +25,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-import sqlalchemy as sa
-
-from opslib import audit, db, liveness, migrate, params, sealing
-from opslib import history as run_history
+from opslib import audit, lazy, liveness, params
 from opslib.config import Settings, is_runbook_template, load_settings, runbooks_dir
 from opslib.display import Section, show_now
 from opslib.errors import Interrupted, InvalidInput, OpsError, PreconditionFailed, StepOutOfOrder
@@ -36,6 +33,13 @@ from opslib.outcome import Outcome, outcome_of
 from opslib.record import Database, RunRecord, Step, revisions_text
 from opslib.runcontext import RunContext
 from opslib.signals import signals_held
+
+# Loaded at first use: the registry is read by processes that never run a step (see opslib.lazy).
+sa = lazy.module("sqlalchemy")
+db = lazy.module("opslib.db")
+migrate = lazy.module("opslib.migrate")
+sealing = lazy.module("opslib.sealing")
+run_history = lazy.module("opslib.history")
 
 SAVE_EVERY_S = 0.5  # how often the sidecar is rewritten while revisions are being applied
 
@@ -168,8 +172,21 @@ class Run:
     changes_database = True
     backup_gated = False
     allowed_in_production = True
+    listed = 100  # where `opslib runbooks` lists it: opslib's own first, in the guide's order
     # A runbook name no workflow declares: the run's first step refuses it (recorded, exit 2).
     unknown: str | None = None
+
+    def __init_subclass__(cls, **kwargs):
+        """A workflow's step methods are exactly validate, its ``steps`` and summary: a step left out of the order
+        would run unordered, and a name with no step would refuse the summary for ever."""
+        super().__init_subclass__(**kwargs)
+        methods = {name for name in dir(cls) if getattr(getattr(cls, name, None), "step_name", None)}
+        if methods != set(cls.step_order()) or len(set(cls.steps)) != len(cls.steps):
+            raise TypeError(
+                f"{cls.__name__}.steps must list each of its step methods once, in order (besides validate and "
+                f"summary): steps lists {', '.join(cls.steps) or 'none'}; its step methods are "
+                f"{', '.join(sorted(methods - {'validate', 'summary'})) or 'none'}"
+            )
 
     @classmethod
     def check_values(cls, values: dict) -> None:

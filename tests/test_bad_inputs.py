@@ -74,6 +74,7 @@ CASES = [
     ("baseline without reason", "cli", ["check", "--write-baseline"], {}, 2, "needs a reason"),
     ("audit show without id", "cli", ["audit", "show"], {}, 2, "audit show needs a RUN_ID"),
     ("audit verify with id", "cli", ["audit", "verify", "abc"], {}, 2, "takes no RUN_ID"),
+    ("audit option before its action", "cli", ["audit", "--json", "list"], {}, 2, "--json goes after the action"),
     ("audit show unknown id", "cli", ["audit", "show", "nosuch"], {}, 2, "no run with id 'nosuch'"),
     ("audit list --out", "cli", ["audit", "list", "--out", "x"], {}, 2, "--out belongs to `opslib audit report`, not `audit list`"),
     ("prune keep 0", "cli", ["prune-backups", "--keep", "0"], {}, 2, "--keep"),

@@ -11,7 +11,7 @@ from .conftest import ROOT
 
 # Lowest first; a package (opslib/migrate/, …) is one module of its layer. docs/architecture.md shows the same.
 LAYERS = {
-    "base": {"outcome", "errors", "redact", "naming", "notebooks", "kernelfiles", "witness", "halt", "record", "runcontext",
+    "base": {"outcome", "errors", "redact", "naming", "notebooks", "kernelfiles", "witness", "halt", "record", "runcontext", "lazy",
              "config", "params", "policy", "checkreport", "safeguards", "signals"},
     "database": {"embedded", "db", "pgtools", "history"},
     "verbs": {"batch", "migrate", "backup", "seed", "rehearse", "branch"},
@@ -42,11 +42,23 @@ def _runtime_imports(tree: ast.AST, module: str) -> set[str]:
             continue
         if isinstance(node, ast.Import):
             found |= {a.name for a in node.names if a.name.startswith("opslib.")}
+        elif _is_lazy_import(node):  # migrate = lazy.module("opslib.migrate"): an import, made at first use
+            found.add(node.args[0].value)
         elif isinstance(node, ast.ImportFrom) and node.level == 0 and (node.module or "").startswith("opslib"):
             # `from opslib.cli import runs` imports the submodule; `from opslib.cli import main`, the package.
             subs = {f"{node.module}.{a.name}" for a in node.names if _is_module(f"{node.module}.{a.name}")}
             found |= subs or ({node.module} if node.module != "opslib" else set())
     return {f for f in found if f != module}
+
+
+def _is_lazy_import(node: ast.AST) -> bool:
+    return (
+        isinstance(node, ast.Call)
+        and ast.unparse(node.func) == "lazy.module"
+        and len(node.args) == 1
+        and isinstance(node.args[0], ast.Constant)
+        and str(node.args[0].value).startswith("opslib.")
+    )
 
 
 def _is_module(dotted: str) -> bool:
@@ -106,9 +118,11 @@ def test_no_import_cycle_between_modules():
 
 
 def test_the_check_sees_an_upward_import():
-    tree = ast.parse("from opslib import cli\nif TYPE_CHECKING:\n    from opslib.steps import Run\n")
+    tree = ast.parse(
+        "from opslib import cli\nif TYPE_CHECKING:\n    from opslib.steps import Run\nlint = lazy.module('opslib.lint')\n"
+    )
     found = _runtime_imports(tree, "opslib.db")
-    assert found == {"opslib.cli"} and RANK[_top("opslib.cli")] > RANK[_top("opslib.db")]
+    assert found == {"opslib.cli", "opslib.lint"} and RANK[_top("opslib.cli")] > RANK[_top("opslib.db")]
 
 
 def _layer(module: str) -> str:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from opslib import audit, liveness, signals
+from opslib import audit, liveness, record, signals
 from opslib.errors import Interrupted
 from opslib.outcome import Outcome
 from opslib.record import RunRecord, revisions_text
@@ -193,14 +193,14 @@ def test_live_mark_is_not_inherited_by_child_processes(tmp_path):
 
 def test_a_checkout_with_uncommitted_changes_is_recorded_as_dirty(tmp_path):
     git = ["git", "-c", "user.name=t", "-c", "user.email=t@example.org"]
-    assert audit.git_dirty(tmp_path) is None  # not a checkout
+    assert record.git_dirty(tmp_path) is None  # not a checkout
     subprocess.run([*git, "init", "-q"], cwd=tmp_path, check=True)
     (tmp_path / "runbook.ipynb").write_text("{}")
     subprocess.run([*git, "add", "."], cwd=tmp_path, check=True)
     subprocess.run([*git, "commit", "-qm", "x"], cwd=tmp_path, check=True)
-    assert audit.git_dirty(tmp_path) is False
+    assert record.git_dirty(tmp_path) is False
     (tmp_path / "runbook.ipynb").write_text('{"edited": true}')  # a template saved from Lab
-    assert audit.git_dirty(tmp_path) is True
+    assert record.git_dirty(tmp_path) is True
 
 
 def _unlistened_socket(path: str, age_s: float) -> socket.socket:

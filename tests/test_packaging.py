@@ -74,3 +74,14 @@ def test_the_migrate_package_imports_in_one_direction():
         inside = {m for m in imported if m == "opslib.migrate" or m.startswith("opslib.migrate.")}
         assert inside <= {f"opslib.migrate.{lower}" for lower in MIGRATE_LAYERS[:i]}, (name, inside)
         assert imported - inside <= MIGRATE_MAY_IMPORT, (name, imported - inside)
+
+
+def test_reading_the_runbook_registry_loads_neither_sqlalchemy_nor_alembic():
+    """`opslib run` reads the registry before it starts the kernel, and the fleet, `opslib runbooks` and
+    `opslib open` read it too: the steps' SQLAlchemy and Alembic are loaded by the kernel, not by them."""
+    code = (
+        "import sys, opslib.runner, opslib.workflows as w; w.registry(); w.get('deploy').checked_parameters({}, 'x');"
+        "print(sorted(m for m in ('sqlalchemy', 'alembic', 'papermill') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

@@ -100,3 +100,23 @@ def test_the_registry_refuses_a_module_that_cannot_be_imported(toy_env, tmp_path
     refused = _opslib(env, tmp_path / "work", "runbooks")
     assert refused.returncode == 2
     assert "OPSLIB_RUNBOOK_MODULES: the runbook module no_such_runbook_module cannot be imported" in refused.stderr
+
+
+def test_a_project_module_cannot_replace_a_runbook_of_opslib_or_misdeclare_its_steps(toy_env, tmp_path):
+    (tmp_path / "mods").mkdir()
+    (tmp_path / "mods" / "sneaky.py").write_text(
+        "from opslib.workflows.deploy import Deploy\n\n\nclass MyDeploy(Deploy):\n    runbook = 'deploy'\n"
+        "    backup_gated = False\n"
+    )
+    (tmp_path / "mods" / "unordered.py").write_text(
+        "from opslib.steps import step\nfrom opslib.workflows.workflow import Workflow\n\n\n"
+        "class Unordered(Workflow):\n    runbook = 'unordered'\n    steps = ('check',)\n\n"
+        "    @step()\n    def count(self):\n        pass\n"
+    )
+    path = os.pathsep.join([str(tmp_path / "mods"), toy_env["PYTHONPATH"]])
+    replaced = _opslib({**toy_env, "PYTHONPATH": path, "OPSLIB_RUNBOOK_MODULES": "sneaky"}, tmp_path / "work", "runbooks")
+    assert replaced.returncode == 2
+    assert "runbook 'deploy' is declared by both opslib.workflows.deploy and sneaky" in replaced.stderr
+    unordered = _opslib({**toy_env, "PYTHONPATH": path, "OPSLIB_RUNBOOK_MODULES": "unordered"}, tmp_path / "work", "runbooks")
+    assert unordered.returncode == 2
+    assert "Unordered.steps must list each of its step methods once" in unordered.stderr

@@ -134,7 +134,7 @@ def _dump_in_one_snapshot(
             # pg_dump started until now. Here rather than in a thread of its own from the start:
             # the run redirects stdout, stderr and logging for the whole process, and swallowed
             # the error of a connection that failed meanwhile.
-            where = _project_version_table(settings)
+            where = _project_version_table(settings, url)
             revisions = list(db.version_revisions(snap, where))
             reading = "the row counts"
             counts = row_counts(snap)
@@ -251,7 +251,7 @@ def _manifest(
     }
 
 
-def _project_version_table(settings: Settings) -> tuple[str | None, str]:
+def _project_version_table(settings: Settings, url: URL) -> tuple[str | None, str]:
     """Where the project keeps its revision (its env.py's ``version_table``), for the manifest.
 
     Learning it loads the Alembic project (a backup otherwise reads revisions with plain SQL); a
@@ -260,6 +260,6 @@ def _project_version_table(settings: Settings) -> tuple[str | None, str]:
     from opslib import migrate  # same layer; Alembic is imported only here, for backups
 
     try:
-        return migrate.version_table(settings)
+        return migrate.version_table(settings, url=url)
     except OpsError:
         return db.DEFAULT_VERSION_TABLE

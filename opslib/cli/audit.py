@@ -68,7 +68,6 @@ def show(settings, args) -> int:
         "reachable from the environment or the fleet file is cross-checked anyway",
     ),
     TARGETS,
-    JSON,
     group="audit",
 )  # fmt: skip
 def verify(settings, args) -> int:
@@ -104,7 +103,6 @@ def verify(settings, args) -> int:
         "nbconvert are unchanged)",
     ),
     TARGETS,
-    JSON,
     group="audit",
 )  # fmt: skip
 def report(settings, args) -> int:
@@ -152,7 +150,7 @@ def summary(settings, args) -> int:
     return EXIT_OK
 
 
-@command("seal", arg("run_id", nargs="?", metavar="RUN_ID", help="the run's id"), JSON, group="audit")
+@command("seal", arg("run_id", nargs="?", metavar="RUN_ID", help="the run's id"), group="audit")
 def seal(settings, args) -> int:
     """seal a run its process left unsealed (an interactive run whose notebook was not saved)"""
     from opslib import audit, lab

@@ -104,26 +104,30 @@ class _Parser(argparse.ArgumentParser):
 
 def misplaced(argv: list[str], extra: list[str]) -> str | None:
     """For arguments a group's subcommand does not take (`opslib audit verify --warnings`): which of its
-    siblings do, in one line; None when no sibling takes them either."""
+    siblings do, in one line; None when that is not what went wrong (argparse's own message then stands)."""
     words = [a for a in argv if not a.startswith("-")]
     if len(words) < 2 or words[0] not in GROUPS:
         return None
     name, action = words[0], words[1]
-    siblings = [c for c in COMMANDS if c.group == name and c.name != action]
+    commands = {c.name: c for c in COMMANDS if c.group == name}
+    if action not in commands:
+        return None
+    siblings = [c for c in commands.values() if c.name != action]
     flags = [a.split("=")[0] for a in extra if a.startswith("-")]
     if flags:
-        takers = [c.name for c in siblings if any(f in _flags(c) for f in flags)]
-        if takers:
-            verb = "belongs" if len(flags) == 1 else "belong"
-            owners = " and ".join([f"`opslib {name} {takers[0]}`", *[f"`{name} {t}`" for t in takers[1:]]])
-            return f"{_listed(flags)} {verb} to {owners}, not `{name} {action}`"
-        return None
+        if any(f in _flags(commands[action]) for f in flags):  # `audit --json list`: its own, given too early
+            return f"{_listed(flags)} go{'es' if len(flags) == 1 else ''} after the action: `opslib {name} {action} {' '.join(flags)}`"
+        takers = [c.name for c in siblings if all(f in _flags(c) for f in flags)]
+        if not takers:
+            return None
+        verb = "belongs" if len(flags) == 1 else "belong"
+        owners = " and ".join([f"`opslib {name} {takers[0]}`", *[f"`{name} {t}`" for t in takers[1:]]])
+        return f"{_listed(flags)} {verb} to {owners}, not `{name} {action}`"
     takers = [(c.name, _positional(c)) for c in siblings if _positional(c)]
-    if not takers:
+    if _positional(commands[action]) or not takers:
         return None
-    metavar = takers[0][1]
     only = " and ".join(f"`{name} {t}`" for t, _ in takers)
-    return f"`opslib {name} {action}` takes no {metavar} (only {only} do{'es' if len(takers) == 1 else ''})"
+    return f"`opslib {name} {action}` takes no {takers[0][1]} (only {only} do{'es' if len(takers) == 1 else ''})"
 
 
 def _flags(cmd: Command) -> set[str]:

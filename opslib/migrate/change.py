@@ -63,6 +63,9 @@ def _run_change(
     absolute where it can be, so
     that a retry after a lock timeout resumes at the revision that timed out.
     """
+    # The project is loaded first: a revision file that cannot be read is configuration (exit 2), said before
+    # any connection or lock.
+    target_.project  # noqa: B018 -- loaded for what loading it raises
     finished: list = []  # the database and its revisions, once the change is done
     try:
         with _locked_connection(target_) as (url, conn):

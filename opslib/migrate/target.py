@@ -3,9 +3,11 @@
 As Alembic makes one ``Config`` per command and hands it to each verb, opslib makes one Target per command
 (the CLI) or run (a runbook's preflight) and hands it to the verbs. It holds what every verb asks first:
 the URL (``DATABASE_URL``, else the project's alembic.ini ``sqlalchemy.url``, else the embedded server,
-started at most once), the driver the project's env.py is given, the project's script directory, its
-version table, and its policy. Each is resolved when first asked, so a verb that
-needs no database (``opslib heads``) never reaches one.
+started at most once), the project's script directory, its version table, and its policy. The URL is
+resolved when first asked and kept, so a verb that needs no database (``opslib heads``) never reaches one;
+the project's facts are kept per project (:func:`~opslib.migrate.project.project_for`), and asked again each
+time so that a revision file written meanwhile is seen. The driver env.py is given is decided where the URL
+is handed to it (:func:`~opslib.migrate.project.alembic_config`).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from alembic.script import ScriptDirectory
 from sqlalchemy.engine import Connection
 
 from opslib import db, policy
-from opslib.migrate.project import Project, _project_driver, alembic_config, project_for
+from opslib.migrate.project import Project, project_for
 from opslib.migrate.versiontable import version_table
 
 
@@ -39,17 +41,10 @@ class Target(db.TargetDatabase):
         """The project's revisions."""
         return self.project.script
 
-    @property
-    def driver(self) -> str:
-        """The driver the project's env.py is handed (its own ``sqlalchemy.url``'s, e.g. asyncpg), or opslib's."""
-        return db.env_driver(self.settings.database_url) or _project_driver(
-            alembic_config(self.settings), self.url.drivername
-        )
-
     def version_table(self, conn: Connection | None = None) -> tuple[str | None, str]:
         """(schema, table) of the project's version table (see :func:`~opslib.migrate.versiontable.version_table`):
         learned once per project and env.py, and learned again when env.py changes, so it is asked each time."""
-        return version_table(self.settings, conn, url=self._url)
+        return version_table(self.settings, conn, url=self.url)
 
     def policy(self, is_lint_rule: Callable[[str], bool] | None = None) -> policy.Policy:
         """The project's policy (its opslib.toml, or ``[tool.opslib]`` in its pyproject.toml)."""

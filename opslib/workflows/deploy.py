@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from opslib import checks, lint, migrate, params
+from opslib import lazy, params
 from opslib.display import Section, findings_tables, show_now, shown_detail
 from opslib.errors import (
     InvalidInput,
@@ -14,11 +14,17 @@ from opslib.record import revisions_text
 from opslib.steps import step
 from opslib.workflows.workflow import Workflow
 
+# Loaded at first use: the registry is read by processes that never run a step (see opslib.lazy).
+checks = lazy.module("opslib.checks")
+lint = lazy.module("opslib.lint")
+migrate = lazy.module("opslib.migrate")
+
 
 class Deploy(Workflow):
     """The guide's `make deploy-prod`: preflight, backup, upgrade, verify."""
 
     runbook = "deploy"
+    listed = 1
     about = "upgrade to a revision, after a preflight and a verified backup; verify after"
     parameters = (
         params.URL_ENV,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from opslib import db, migrate, params, seed
+from opslib import lazy, params
 from opslib.display import Section
 from opslib.errors import (
     InvalidInput,
@@ -14,12 +14,18 @@ from opslib.record import revisions_text
 from opslib.steps import step
 from opslib.workflows.workflow import Workflow
 
+# Loaded at first use: the registry is read by processes that never run a step (see opslib.lazy).
+db = lazy.module("opslib.db")
+migrate = lazy.module("opslib.migrate")
+seed = lazy.module("opslib.seed")
+
 
 class InitProd(Workflow):
     """The guide's `make init-prod`: the schema at head, then the production essentials (admin user,
     settings, CMS pages, email templates), each inserted only when absent."""
 
     runbook = "init-prod"
+    listed = 6
     about = "the schema to head, then the admin user, settings, CMS pages and email templates when absent"
     parameters = (
         params.URL_ENV,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from opslib import backup, migrate, params
+from opslib import lazy, params
 from opslib.display import Section
 from opslib.errors import (
     InvalidInput,
@@ -17,11 +17,16 @@ from opslib.record import BackupRef, revisions_text
 from opslib.steps import step
 from opslib.workflows.workflow import Workflow
 
+# Loaded at first use: the registry is read by processes that never run a step (see opslib.lazy).
+backup = lazy.module("opslib.backup")
+migrate = lazy.module("opslib.migrate")
+
 
 class Recovery(Workflow):
     """The guide's recovery procedures: restore a backup and replay migrations, or stamp after a manual fix."""
 
     runbook = "recovery"
+    listed = 3
     about = "restore a backup and replay migrations, or stamp the revision a manual fix left"
     parameters = (
         params.URL_ENV,
@@ -72,7 +77,7 @@ class Recovery(Workflow):
             return Section("Preflight", "stamp after a manual fix", facts)
         self._require_confirm("replaces the database and")
         self.backup_file = self._choose_backup()
-        backup.verify_backup(self.settings, self.backup_file, record=False).raise_for_failure()
+        backup.verify_backup(self.target, self.backup_file, record=False).raise_for_failure()
         self.manifest = backup.read_manifest(self.backup_file)
         m = self.manifest
         facts += [

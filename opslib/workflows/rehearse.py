@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from opslib import audit, db, migrate, params, rehearse
+from opslib import audit, lazy, params
 from opslib.config import Settings
 from opslib.display import Section, show_now
 from opslib.errors import (
@@ -18,12 +18,18 @@ from opslib.record import Differences, Rehearsal, RehearsalCopy, RehearsalDiffer
 from opslib.steps import step
 from opslib.workflows.workflow import Workflow
 
+# Loaded at first use: the registry is read by processes that never run a step (see opslib.lazy).
+db = lazy.module("opslib.db")
+migrate = lazy.module("opslib.migrate")
+rehearse = lazy.module("opslib.rehearse")
+
 
 class Rehearse(Workflow):
     """The guide's "test migrations on a copy of production data": upgrade, downgrade and upgrade again a
     scratch copy of the target, timed and compared; the target is only read, and the copy is dropped."""
 
     runbook = "rehearse"
+    listed = 5
     about = "upgrade, downgrade and upgrade again a copy of the target, timed and compared; the copy is dropped"
     parameters = (
         params.URL_ENV,

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from opslib import audit, db, migrate, params
-from opslib import history as run_history
+from opslib import audit, lazy, params
 from opslib.display import Section
 from opslib.errors import (
     MigrationFailed,
@@ -14,11 +13,17 @@ from opslib.record import SchemaRecreated, revisions_text
 from opslib.steps import step
 from opslib.workflows.workflow import Workflow
 
+# Loaded at first use: the registry is read by processes that never run a step (see opslib.lazy).
+db = lazy.module("opslib.db")
+migrate = lazy.module("opslib.migrate")
+run_history = lazy.module("opslib.history")
+
 
 class Reset(Workflow):
     """The guide's `make db-reset`: everything down, everything up, sample data again."""
 
     runbook = "reset"
+    listed = 4
     about = "tear the schema down and build it again from the migrations (refused in production)"
     parameters = (
         params.URL_ENV,

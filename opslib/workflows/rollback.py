@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from opslib import migrate, params
+from opslib import lazy, params
 from opslib.config import Settings
 from opslib.display import Section
 from opslib.errors import (
@@ -15,11 +15,15 @@ from opslib.params import Param
 from opslib.steps import step
 from opslib.workflows.workflow import Workflow
 
+# Loaded at first use: the registry is read by processes that never run a step (see opslib.lazy).
+migrate = lazy.module("opslib.migrate")
+
 
 class Rollback(Workflow):
     """The guide's `make rollback-prod` / `migrate-down`: reverse revisions, with a backup first."""
 
     runbook = "rollback"
+    listed = 2
     about = "downgrade by steps or to a revision, after a verified backup; verify after"
     parameters = (
         params.URL_ENV,

@@ -3,7 +3,7 @@ showing a migration's result, and checking where the database stands."""
 
 from __future__ import annotations
 
-from opslib import backup, migrate
+from opslib import lazy
 from opslib.display import Section
 from opslib.errors import (
     PreconditionFailed,
@@ -12,6 +12,10 @@ from opslib.errors import (
 from opslib.naming import first_line
 from opslib.record import BackupRef, revisions_text
 from opslib.steps import Run
+
+# Loaded at first use: the registry is read by processes that never run a step (see opslib.lazy).
+backup = lazy.module("opslib.backup")
+migrate = lazy.module("opslib.migrate")
 
 OUTPUT_TAIL = 20  # lines of the migrations' own output shown in a step's section
 
@@ -42,7 +46,7 @@ class Workflow(Run):
             return Section.skip("Backup", f"backup=False (environment {self.settings.env})")
         made = backup.backup(self.target, label=label)
         report = backup.verify_backup(
-            self.settings, made.path, restore_test=self.params.get("restore_test", False)
+            self.target, made.path, restore_test=self.params.get("restore_test", False)
         )
         report.raise_for_failure()
         self.record.backup = BackupRef(str(made.path.resolve()), made.manifest["sha256"])
