@@ -109,7 +109,7 @@ class _Change:
         self.before = current_revisions(conn, self.where)
         _pending(script, self.before, self.database)  # refuses a database at a revision the code lacks
         self.steps = plan(script, self.before)
-        self.cfg = alembic_config(self.settings, url=self.url, connection=conn, x_args=x_args)
+        self.cfg = alembic_config(self.settings, url=self.url, connection=conn, x_args=x_args, driver=self.on.driver)
         self.guard = _IndexGuard(script, conn, self.action, self.steps) if self.action != "stamp" else None
         self.progress = _Progress(script, self.action, on_step, self.guard, on_locks)
         self.canceller = _Canceller(self.url)

@@ -41,11 +41,13 @@ def alembic_config(
     connection: Connection | None = None,
     x_args: Sequence[str] = (),
     output: io.StringIO | None = None,
+    driver: str | None = None,
 ) -> Config:
     """An Alembic Config for the project at ``settings.alembic_ini``, wired to opslib's target.
 
     The URL is set in memory only (never written to the ini file); ``%`` is doubled because the
-    ini parser interpolates it.
+    ini parser interpolates it. Its driver is ``driver`` (a :class:`~opslib.migrate.target.Target`'s, decided
+    once), else the one :func:`env_driver` decides.
     """
     ini = Path(settings.alembic_ini)
     if not ini.is_file():
@@ -73,10 +75,16 @@ def alembic_config(
         cfg.attributes["connection"] = connection
     if url is not None:
         if not isinstance(url, str):
-            url = url.set(drivername=db.env_driver(settings.database_url) or _project_driver(cfg, url.drivername))
+            url = url.set(drivername=driver or env_driver(settings, cfg, url.drivername))
         rendered = url if isinstance(url, str) else url.render_as_string(hide_password=False)
         cfg.set_main_option("sqlalchemy.url", rendered.replace("%", "%%"))
     return cfg
+
+
+def env_driver(settings: Settings, cfg: Config, ours: str) -> str:
+    """The driver the project's env.py is handed: the one the target URL names (``DATABASE_URL=postgresql+asyncpg://…``),
+    else its own ``sqlalchemy.url``'s (:func:`_project_driver`), else opslib's own (``ours``)."""
+    return db.env_driver(settings.database_url) or _project_driver(cfg, ours)
 
 
 def _project_driver(cfg: Config, ours: str) -> str:

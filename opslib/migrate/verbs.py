@@ -297,7 +297,7 @@ def revision(target: Settings | Target, message: str, *, autogenerate: bool = Fa
                 f"the database is not at head ({len(pending)} revision(s) pending): run `opslib upgrade` "
                 "first, autogenerate compares the models with a database at head"
             )
-        cfg = alembic_config(settings, url=url, connection=conn)
+        cfg = alembic_config(settings, url=url, connection=conn, driver=target.driver)
         try:
             with _capture_alembic_output():
                 made = _outside_event_loop(
@@ -322,7 +322,7 @@ def compare_models(target: Settings | Target) -> tuple[str, str]:
     settings = target.settings
     url = target.url
     with db.connect(url) as conn:
-        cfg = alembic_config(settings, url=url, connection=conn)
+        cfg = alembic_config(settings, url=url, connection=conn, driver=target.driver)
         try:
             with _capture_alembic_output():
                 diffs = _model_differences(cfg, target.project, _watching(url, conn))
