@@ -33,7 +33,7 @@ import subprocess
 from collections.abc import Mapping, Sequence
 
 from opslib.halt import Failure, halt_reason
-from opslib.outcome import Outcome, outcome_without_result  # no dependency either: the exit codes of `opslib`
+from opslib.outcome import Outcome, run_reply  # no dependency either: the exit codes of `opslib`
 
 log = logging.getLogger(__name__)
 
@@ -123,18 +123,12 @@ def _run_target(opslib: str, target: dict, extra: Mapping[str, str], ti, fail) -
     """One target's run: its command from the plan, its result read from ``--json``, pushed for the gates."""
     done = subprocess.run([opslib, *target["command"]], capture_output=True, text=True,
                           env={**os.environ, **extra, "OPSLIB_ENV": target["env"]})
-    lines = [line for line in done.stderr.splitlines() if line.strip()]
-    line = lines[-1] if lines else f"exit {done.returncode}"
-    log.info("%s: %s", target["name"], line)  # opslib's one-line outcome, in the task's log
-    try:
-        result = json.loads(done.stdout.strip().splitlines()[-1])
-    except (ValueError, IndexError):
-        result = {}  # refused before any run began: the exit code and the line say why
+    reply = run_reply(done.stdout, done.stderr, done.returncode)
+    log.info("%s: %s", target["name"], reply.line)  # opslib's one-line outcome, in the task's log
     ok = done.returncode == Outcome.SUCCEEDED.exit_code
-    outcome = {"target": target["name"], "wave": target["wave"], "exit_code": done.returncode, "line": line,
-               "outcome": result.get("outcome") or str(outcome_without_result(done.returncode)),
-               "run_id": result.get("run_id")}
+    outcome = {"target": target["name"], "wave": target["wave"], "exit_code": done.returncode, "line": reply.line,
+               "outcome": reply.outcome, "run_id": (reply.result or {}).get("run_id")}
     ti.xcom_push(key="outcome", value=outcome)
     if not ok:
-        raise fail(f"{target['name']}: {line}")
+        raise fail(f"{target['name']}: {reply.line}")
     return outcome

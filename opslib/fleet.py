@@ -37,7 +37,7 @@ from opslib import audit, db, migrate
 from opslib.config import Settings
 from opslib.errors import ConfigError, InvalidInput, OpsError, PreconditionFailed
 from opslib.halt import Failure, halt_reason
-from opslib.outcome import Outcome, outcome_without_result
+from opslib.outcome import Outcome, run_reply
 from opslib.params import ENV_NAME, holds_secret
 from opslib.record import revisions_text
 from opslib.redact import clean_json
@@ -300,30 +300,18 @@ def _run_target(settings: Settings, runbook: str, target: Target, pairs: Sequenc
     done = subprocess.run(args, capture_output=True, text=True, env={**os.environ, "OPSLIB_ENV": target.env})
     into.duration_s = round(time.perf_counter() - started, 3)
     into.exit_code = done.returncode
-    lines = [line for line in done.stderr.splitlines() if line.strip()]
-    into.line = lines[-1] if lines else f"exit {done.returncode}"
-    result = run_result(done.stdout)
+    reply = run_reply(done.stdout, done.stderr, done.returncode)
+    into.line, into.state = reply.line, reply.outcome
+    result = reply.result
     if result is None:  # refused before any run began (bad arguments): no record, the exit code says why
-        into.state = str(outcome_without_result(done.returncode))
         return
     sidecar = Path(result["record"])
     into.record = sidecar.name
     into.run_id = result["run_id"]
-    into.state = result["outcome"]
     into.revisions_before = result["revisions_before"]
     into.revisions_after = result["revisions_after"]
     record = json.loads(sidecar.read_text()) if sidecar.is_file() else {}
     into.backup = Path(record["backup"]["path"]).name if record.get("backup") else None
-
-
-def run_result(stdout: str) -> dict | None:
-    """The result `opslib run --json` printed (its last line), or None when it printed none."""
-    lines = stdout.strip().splitlines()
-    try:
-        found = json.loads(lines[-1]) if lines else None
-    except ValueError:
-        return None
-    return found if isinstance(found, dict) and {"run_id", "outcome", "record"} <= found.keys() else None
 
 
 def run_fleet(

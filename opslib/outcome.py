@@ -6,7 +6,9 @@ read outcomes and exit codes from here.
 
 from __future__ import annotations
 
+import json
 import signal
+from dataclasses import dataclass
 from enum import Enum
 
 
@@ -87,3 +89,33 @@ def outcome_of(err: BaseException | None) -> tuple[Outcome, int]:
     if isinstance(outcome, Outcome) and outcome.exit_code is not None:
         return outcome, outcome.exit_code
     return Outcome.FAILED, 1
+
+
+@dataclass(frozen=True)
+class RunReply:
+    """What an `opslib run --json` process said, read the one way both fleet executors read it (opslib's own
+    and Airflow's): its result (None when it printed none: refused before any run began), its last line on
+    stderr (the run's one-line outcome), and its exit code."""
+
+    result: dict | None
+    line: str
+    exit_code: int
+
+    @property
+    def outcome(self) -> str:
+        """The run's outcome, or what the exit code says of a process that printed no result."""
+        return str(self.result["outcome"]) if self.result else str(outcome_without_result(self.exit_code))
+
+
+def run_reply(stdout: str, stderr: str, exit_code: int) -> RunReply:
+    """Read what an `opslib run --json` printed: its result is the last line of stdout, a JSON object naming
+    the run, its outcome and its record."""
+    lines = stdout.strip().splitlines()
+    try:
+        found = json.loads(lines[-1]) if lines else None
+    except ValueError:
+        found = None
+    if not (isinstance(found, dict) and {"run_id", "outcome", "record"} <= found.keys()):
+        found = None
+    said = [line for line in stderr.splitlines() if line.strip()]
+    return RunReply(found, said[-1] if said else f"exit {exit_code}", exit_code)

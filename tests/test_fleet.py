@@ -186,3 +186,14 @@ def test_the_plan_json_carries_each_targets_command_and_the_halt_rule_and_confir
     result = json.loads(ran.stdout)
     assert (result["outcome"], result["exit_code"], result["revisions_after"]) == ("succeeded", 0, ["0007"])
     assert Path(result["record"]).is_file() and ran.stderr.strip().startswith("deploy succeeded (exit 0)")
+
+
+def test_a_runs_reply_is_its_json_result_and_last_line_or_what_its_exit_code_says():
+    from opslib.outcome import run_reply
+
+    said = run_reply('{"run_id": "r1", "outcome": "failed", "record": "/x.json"}\n', "warning\ndeploy failed (exit 1)\n", 1)
+    assert (said.outcome, said.line, said.result["run_id"]) == ("failed", "deploy failed (exit 1)", "r1")
+    refused = run_reply("", "opslib: no runbook 'x'\n", 2)
+    assert (refused.result, refused.outcome, refused.line) == (None, "invalid", "opslib: no runbook 'x'")
+    # A success that printed no result, or printed something else, is not taken for a success.
+    assert run_reply("[1, 2]\n", "", 0).outcome == "failed" and run_reply("", "", 0).line == "exit 0"
