@@ -556,11 +556,14 @@ def as_sealed(entry: dict, start: dict | None, sidecar: dict) -> dict:
     """The run as its ledger entries say it, over what its sidecar says: the ending's facts (outcome, times,
     database, revisions, who sealed it, or that nobody else did), the start's (mode, template, and each
     parameter given on the command line), and each step's name and outcome where the ending keeps its
-    steps (the file's times stay, None where the file has none). Every other fact is the file's."""
+    steps (the file's times stay, None where the file has none), and the notebook the ending names (an
+    abandoned run's sidecar never names the notebook its runner kept). Every other fact is the file's."""
     shown = dict(sidecar)
     for name in LEDGER_FIELDS:
         if name in entry:
             shown[name] = entry[name]
+    if entry.get("notebook"):
+        shown["notebook"] = entry["notebook"]
     # A run sealed by its own process has no sealed_by: the ledger says so, whatever the file claims.
     for name in ("sealed_by", "error", "last_outcome"):
         if entry.get("sealed_by"):
@@ -774,8 +777,6 @@ def find_run(records_dir: Path, run_id: str) -> dict:
         return record
     start = next((e for e in entries if is_start(e) and e.get("sidecar") == ending.get("sidecar")), None)
     shown = as_sealed(ending, start, record)
-    if ending.get("notebook"):
-        shown["notebook"] = ending["notebook"]
     if file_sha256(Path(records_dir) / Path(str(ending["sidecar"])).name) != ending.get("sidecar_sha256"):
         shown["changed_after_sealing"] = changed_fields(ending, record) or ["the file, in a fact the ledger does not keep"]
     return shown

@@ -92,3 +92,15 @@ def test_the_tolerant_reader_shows_an_edited_sidecar_whatever_it_holds():
     assert text.startswith("CHANGED AFTER THE RUN") and "42 on None" in text and "not reached" in text
     for junk in (None, [], "x", {"steps": "x", "rehearsal": []}):
         display.run_text(RunRecord.tolerant(junk))
+
+
+def test_an_abandoned_runs_notebook_is_the_one_its_ending_names_on_every_page():
+    """The runner keeps the notebook of a run whose kernel was killed, and its ending names it; the run's own
+    sidecar, left as the kernel wrote it, never does. `audit show` and the report's run page both read the
+    run through as_sealed: neither may say "not kept"."""
+    ending = {**ENDING, "outcome": "abandoned", "exit_code": None, "notebook": "r1.ipynb"}
+    sidecar = {**SIDECAR, "notebook": None}
+    shown = audit.as_sealed(ending, None, sidecar)
+    facts = dict(display.run_facts(audit.RunRecord.tolerant(shown), []))
+    assert shown["notebook"] == "r1.ipynb" and facts["notebook"] == "r1.ipynb"
+    assert audit.as_sealed({**ENDING, "notebook": None}, None, {**SIDECAR, "notebook": "kept.ipynb"})["notebook"] == "kept.ipynb"
