@@ -8,6 +8,7 @@ BIN    := $(VENV)/bin
 OPSLIB := $(BIN)/opslib
 STAMP  := $(VENV)/.installed
 AIRFLOW_STAMP := .venv-airflow/.installed
+PGBACKREST := $(VENV)/bin/pgbackrest
 
 # What users pass (make migrate-create message="fix users' emails") never reaches the shell as text:
 # each variable is taken unexpanded ($(value ...), so make expands no $(...) in it either), exported,
@@ -17,7 +18,7 @@ $(foreach v,$(USER_VARS),$(if $(filter undefined,$(origin $(v))),,$(eval overrid
 export $(USER_VARS)
 
 .DEFAULT_GOAL := help
-.PHONY: help install airflow-venv demo test goldens lab migrate-create migrate-create-manual migrate-up migrate-down \
+.PHONY: help install pgbackrest airflow-venv demo test goldens lab migrate-create migrate-create-manual migrate-up migrate-down \
         migrate-down-to migrate-status migrate-show bench backup-db verify-setup \
         deploy-prod rollback-prod db-reset pre-deploy-check browser audit-report init-prod seed-demo db-setup rehearse
 
@@ -54,7 +55,27 @@ $(STAMP): pyproject.toml
 
 # Everything `make test` needs, so that the suite then runs with no network: the venv, Airflow's own
 # environment (about 300 MB from PyPI) and Debian's Chromium (as root; apt).
-install: $(STAMP) $(AIRFLOW_STAMP) browser
+install: $(STAMP) $(AIRFLOW_STAMP) $(PGBACKREST) browser
+
+# pgBackRest, for physical backups and point-in-time recovery (backup_method = "pgbackrest"): Debian's
+# package from trixie, because bookworm's (2.45) predates the embedded server's PostgreSQL 18. apt downloads
+# it and checks it against Debian's signed index, in a private apt state under .venv (the machine's apt
+# sources are not touched, and no root is needed); only its binary is kept, in the venv. It runs on bookworm's
+# libraries (libpq, libssl, libxml2, libssh2, lz4, zstd, bz2). OPSLIB_PGBACKREST or PATH name another one.
+PGBACKREST_SUITE ?= trixie
+$(PGBACKREST): | $(STAMP)
+	@echo "== pgBackRest from Debian $(PGBACKREST_SUITE), into $(VENV)/bin"
+	@set -e; apt=$(VENV)/apt-pgbackrest; rm -rf $$apt; mkdir -p $$apt/lists/partial $$apt/cache/archives/partial $$apt/deb; \
+	  echo "deb http://deb.debian.org/debian $(PGBACKREST_SUITE) main" > $$apt/sources.list; \
+	  opts="-o Dir::Etc::SourceList=$$PWD/$$apt/sources.list -o Dir::Etc::SourceParts=/dev/null \
+	    -o Dir::State::Lists=$$PWD/$$apt/lists -o Dir::Cache=$$PWD/$$apt/cache -o Dir::Cache::pkgcache= \
+	    -o Dir::Cache::srcpkgcache= -o Debug::NoLocking=1 -o APT::Sandbox::User=$$(id -un)"; \
+	  apt-get $$opts -qq update; \
+	  (cd $$apt/deb && apt-get $$opts -qq download pgbackrest); \
+	  dpkg-deb -x $$apt/deb/pgbackrest_*.deb $$apt/root; \
+	  install -m 755 $$apt/root/usr/bin/pgbackrest $@; rm -rf $$apt; $@ version
+
+pgbackrest: $(PGBACKREST)
 
 # Apache Airflow 3 for opslib.airflow's DAG factory, in an environment of its own (its pins clash with
 # ours): Airflow, and opslib without its dependencies (a DAG file imports only opslib.airflow, which calls

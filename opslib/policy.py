@@ -18,6 +18,10 @@ nobody edits the history of a project they operate::
     rule = "adding-not-nullable-field"
     reason = "orders.region has a server default; the table is rewritten off-peak"
 
+    [backup]                                # how a run's backup gate is taken (see BackupPolicy)
+    method = "pgbackrest"                   # dump (pg_dump -Fc, the default) | pgbackrest
+    fallback = "dump"                       # none (the default: refuse) | dump, when pgBackRest cannot be used
+
 A malformed file, an unknown check or rule name, or a check that cannot be relaxed set to warn or
 ignore, is an :class:`~opslib.errors.ConfigError` (exit 2) naming the file and the known names.
 """
@@ -25,7 +29,7 @@ ignore, is an :class:`~opslib.errors.ConfigError` (exit 2) naming the file and t
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -82,6 +86,42 @@ class Acceptance:
     reason: str
 
 
+BACKUP_METHODS = ("dump", "pgbackrest")
+BACKUP_FALLBACKS = ("none", "dump")
+
+
+@dataclass(frozen=True)
+class BackupPolicy:
+    """How a run's backup gate is taken: the ``[backup]`` table of the project's policy.
+
+    ``method`` is ``dump`` (pg_dump -Fc, verified) or ``pgbackrest`` (a physical backup kept by
+    pgBackRest, and a named restore point at the gate). ``fallback`` says what a pgbackrest gate does
+    where pgBackRest cannot work (no archiving, no privilege): ``none`` refuses, ``dump`` takes a dump
+    instead. ``stanza`` and ``config`` name the team's pgBackRest stanza and its configuration file
+    (empty: the one opslib writes for the embedded server). A new full backup is taken when the newest
+    is older than ``full_max_age_h``, an incremental one when the newest backup of any type is older
+    than ``incremental_max_age_h``. ``retention_full`` is how many full backups ``prune-backups`` keeps
+    (pgBackRest's expire). ``row_counts``: count every table's rows at the restore point, to check a
+    recovery against (exact, and read after the writers are let go, but it reads every table).
+    ``manage_server``: opslib may stop the team's server and swap its data directory for an in-place
+    recovery (always true for the embedded server).
+    """
+
+    method: str = "dump"
+    fallback: str = "none"
+    stanza: str = ""
+    config: str = ""
+    full_max_age_h: float = 168.0
+    incremental_max_age_h: float = 24.0
+    retention_full: int = 2
+    archive_timeout_s: float = 60.0
+    row_counts: bool = True
+    manage_server: bool = False
+
+
+_BACKUP_KEYS = {f.name: f.type for f in fields(BackupPolicy)}
+
+
 @dataclass(frozen=True)
 class Policy:
     """The project's lint rules and accepted findings; empty when the project has no policy."""
@@ -90,6 +130,7 @@ class Policy:
     rules: dict[str, str] = field(default_factory=dict)
     accepted: tuple[Acceptance, ...] = ()
     checks: dict[str, str] = field(default_factory=dict)
+    backup: BackupPolicy = field(default_factory=BackupPolicy)
 
     def action(self, rule: str, default: str) -> str:
         """``block``, ``warn`` or ``ignore`` for the squawk rule ``rule``: the project's word, else ``default``."""
@@ -139,11 +180,25 @@ def load_policy(alembic_ini: Path, is_lint_rule: Callable[[str], bool] | None = 
     section = doc.get("tool", {}).get("opslib", {}) if in_pyproject else doc
     if not isinstance(section, dict):
         raise ConfigError(f"{where} must be a table")
-    unknown = set(section) - {"checks", "lint", "fleet"}
+    unknown = set(section) - {"checks", "lint", "fleet", "backup"}
     if unknown:  # a misspelt [chekcs] would otherwise be silently without effect
-        raise ConfigError(f"{where}: unknown table(s) {', '.join(sorted(unknown))}; expected checks, lint, fleet")
+        raise ConfigError(
+            f"{where}: unknown table(s) {', '.join(sorted(unknown))}; expected checks, lint, fleet, backup"
+        )
     checks = _checks_section(section.get("checks", {}), where)
-    lint = section.get("lint", {})
+    backup = _backup_section(section.get("backup", {}), where)
+    rules, accepted = _lint_section(section.get("lint", {}), where, is_lint_rule)
+    return Policy(
+        source=path,
+        rules={str(k): str(v) for k, v in rules.items()},
+        accepted=tuple(accepted),
+        checks=checks,
+        backup=backup,
+    )
+
+
+def _lint_section(lint: object, where: str, is_lint_rule: Callable[[str], bool] | None) -> tuple[dict, list[Acceptance]]:
+    """The ``[lint]`` table: squawk's rules set to block, warn or ignore, and the accepted findings."""
     if not isinstance(lint, dict):
         raise ConfigError(f"{where}: [lint] must be a table")
     unknown = set(lint) - {"rules", "accept"}
@@ -177,9 +232,46 @@ def load_policy(alembic_ini: Path, is_lint_rule: Callable[[str], bool] | None = 
                 f"checks about revisions ({', '.join(sorted(REVISION_CHECKS))}); {_known_rules()}"
             )
         accepted.append(Acceptance(values["revision"].strip(), rule, values["reason"].strip()))
-    return Policy(
-        source=path, rules={str(k): str(v) for k, v in rules.items()}, accepted=tuple(accepted), checks=checks
-    )
+    return rules, accepted
+
+
+def load_backup_policy(alembic_ini: Path) -> BackupPolicy:
+    """The ``[backup]`` table of the project's policy alone (the embedded server reads it when it starts,
+    without squawk's rule names to check)."""
+    path, in_pyproject = policy_file(alembic_ini)
+    if not path.is_file():
+        return BackupPolicy()
+    doc = _read(path)
+    section = doc.get("tool", {}).get("opslib", {}) if in_pyproject else doc
+    where = f"{path} [tool.opslib]" if in_pyproject else str(path)
+    return _backup_section(section.get("backup", {}) if isinstance(section, dict) else {}, where)
+
+
+def _backup_section(table: object, where: str) -> BackupPolicy:
+    """The ``[backup]`` table, each key checked against :class:`BackupPolicy`'s fields and types."""
+    if not isinstance(table, dict):
+        raise ConfigError(f"{where}: [backup] must be a table")
+    unknown = set(table) - set(_BACKUP_KEYS)
+    if unknown:
+        raise ConfigError(
+            f"{where}: unknown key(s) in [backup]: {', '.join(sorted(unknown))}; expected {', '.join(_BACKUP_KEYS)}"
+        )
+    values = {}
+    for key, value in table.items():
+        kind = {"str": str, "float": float, "int": int, "bool": bool}[_BACKUP_KEYS[key]]
+        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            raise ConfigError(f"{where}: [backup] {key} = {value!r}: expected {kind.__name__}")
+        values[key] = value
+    made = BackupPolicy(**values)
+    if made.method not in BACKUP_METHODS:
+        raise ConfigError(f"{where}: [backup] method = {made.method!r}; use one of {', '.join(BACKUP_METHODS)}")
+    if made.fallback not in BACKUP_FALLBACKS:
+        raise ConfigError(f"{where}: [backup] fallback = {made.fallback!r}; use one of {', '.join(BACKUP_FALLBACKS)}")
+    if made.retention_full < 1 or made.full_max_age_h < 0 or made.incremental_max_age_h < 0 or made.archive_timeout_s <= 0:
+        raise ConfigError(f"{where}: [backup] retention_full must be 1 or more, and the ages and timeout not negative")
+    return made
 
 
 def _checks_section(table: object, where: str) -> dict[str, str]:

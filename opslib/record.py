@@ -81,12 +81,74 @@ class Database:
     name: str | None
 
 
+@dataclass(frozen=True)
+class RestorePoint:
+    """A physical backup's gate: the named restore point a run made right before its first change, in the
+    pgBackRest stanza that can recover to it, and what the database held there (to check a recovery against).
+
+    ``row_counts`` were read in a snapshot that is exactly the point (the writers held off while it was made);
+    ``gate_s`` is the time of the restore point, the WAL switch and the wait until it was archived;
+    ``backup_s`` of the pgBackRest backup the gate took first, if any (``backup_taken``: full, incr or none).
+    """
+
+    name: str
+    lsn: str
+    created_at: str
+    wal_file: str
+    stanza: str
+    backup_label: str
+    backup_taken: str
+    revisions: tuple[str, ...] = ()
+    fingerprint: str | None = None
+    row_counts: dict[str, int] | None = None
+    version_table: tuple[str | None, str] | None = None
+    gate_s: float | None = None
+    backup_s: float | None = None
+    counts_s: float | None = None
+
+    def to_dict(self) -> dict:
+        """The record's JSON object."""
+        data = dataclasses.asdict(self)
+        data["revisions"] = list(self.revisions)
+        data["version_table"] = list(self.version_table) if self.version_table else None
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "RestorePoint":
+        """The value :meth:`to_dict` wrote (odd values read as None or nothing)."""
+        counts = data.get("row_counts")
+        table = data.get("version_table")
+        return cls(
+            **{k: _text(data.get(k)) for k in ("name", "lsn", "created_at", "wal_file", "stanza", "backup_label", "backup_taken")},
+            revisions=tuple(_texts(data.get("revisions")) or ()),
+            fingerprint=_text(data.get("fingerprint")),
+            row_counts={str(k): v for k, v in counts.items() if _whole(v) is not None} if isinstance(counts, dict) else None,
+            version_table=(_text(table[0]), _text(table[1])) if isinstance(table, list) and len(table) == 2 else None,
+            **{k: _number(data.get(k)) for k in ("gate_s", "backup_s", "counts_s")},
+        )
+
+
 @dataclass
 class BackupRef:
-    """The backup a run took (or restored): its file and checksum."""
+    """The backup a run took (or restored): its file and checksum; for a pgBackRest gate, the path names
+    the stanza and backup (``pgbackrest:<stanza>/<label>``), the checksum is empty and ``restore_point``
+    says where a recovery goes back to."""
 
     path: str
     sha256: str
+    restore_point: RestorePoint | None = None
+
+    def to_dict(self) -> dict:
+        """The record's JSON object (a dump's as before: path and checksum)."""
+        data = {"path": self.path, "sha256": self.sha256}
+        if self.restore_point is not None:
+            data["restore_point"] = self.restore_point.to_dict()
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "BackupRef":
+        """The value :meth:`to_dict` wrote."""
+        return cls(_text(data.get("path")), _text(data.get("sha256")), _decoded(RestorePoint, data.get("restore_point")))
 
 
 @dataclass
@@ -403,6 +465,7 @@ class RunRecord:
         data["schema_recreated"] = _encoded(self.schema_recreated)
         data["data_changes"] = None if self.data_changes is None else [c.to_dict() for c in self.data_changes]
         data["rehearsal"] = _encoded(self.rehearsal)
+        data["backup"] = _encoded(self.backup)
         for s in data["steps"]:
             s["outcome"] = str(s["outcome"])
             for key in ("error", "revisions"):
@@ -423,7 +486,7 @@ class RunRecord:
         if values.get("database"):
             values["database"] = Database(**values["database"])
         if values.get("backup"):
-            values["backup"] = BackupRef(**values["backup"])
+            values["backup"] = BackupRef.from_dict(values["backup"])
         values["steps"] = [
             Step(**{**s, "outcome": _outcome(s.get("outcome", "running"))}) for s in values.get("steps") or []
         ]
@@ -488,7 +551,7 @@ def _tolerant_database(value: Any) -> Database | None:
 def _tolerant_backup(value: Any) -> BackupRef | None:
     if not isinstance(value, dict) or not value:
         return None
-    return BackupRef(_text(value.get("path")), _text(value.get("sha256")))
+    return BackupRef(_text(value.get("path")), _text(value.get("sha256")), _decoded(RestorePoint, value.get("restore_point")))
 
 
 def _tolerant_step(data: dict) -> Step:

@@ -23,16 +23,13 @@ from pathlib import Path
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-from opslib import backup, db
+from opslib import backup, db, schema
 from opslib.config import Settings
 from opslib.errors import PreconditionFailed
 from opslib.record import Differences, LockHeld, RehearsalCopy, RehearsedRevision
 
 # How the copy was made (RehearsalCopy) and what differs between two snapshots (Differences) are what the
 # run's record keeps of them: one type each, defined with the record.
-
-# Left out of every comparison: opslib's own history grows with each pass, by design.
-_SKIPPED_SCHEMAS = ("pg_catalog", "information_schema", "opslib")
 
 
 def scratch_name(database: str, run_id: str) -> str:
@@ -104,49 +101,11 @@ class Snapshot:
     columns: dict[str, str] = field(default_factory=dict)
 
 
-_OBJECTS = {
-    "table": "SELECT n.nspname || '.' || c.relname, c.relkind::text FROM pg_class c "
-    "JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.relkind IN ('r', 'p', 'm', 'v', 'f')",
-    "column": "SELECT n.nspname || '.' || c.relname || '.' || a.attname, format_type(a.atttypid, a.atttypmod) "
-    "|| CASE WHEN a.attnotnull THEN ' NOT NULL' ELSE '' END || coalesce(' DEFAULT ' || pg_get_expr(d.adbin, d.adrelid), '') "
-    "FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid JOIN pg_namespace n ON n.oid = c.relnamespace "
-    "LEFT JOIN pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum "
-    "WHERE a.attnum > 0 AND NOT a.attisdropped AND c.relkind IN ('r', 'p', 'm', 'v', 'f')",
-    "index": "SELECT schemaname || '.' || indexname, indexdef FROM pg_indexes",
-    "constraint": "SELECT n.nspname || '.' || c.relname || '.' || k.conname, pg_get_constraintdef(k.oid) "
-    "FROM pg_constraint k JOIN pg_class c ON c.oid = k.conrelid JOIN pg_namespace n ON n.oid = c.relnamespace",
-    "sequence": "SELECT n.nspname || '.' || c.relname, 'sequence' FROM pg_class c "
-    "JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.relkind = 'S'",
-    "type": "SELECT n.nspname || '.' || t.typname, t.typtype::text || coalesce(': ' || (SELECT string_agg(e.enumlabel, ', ' "
-    "ORDER BY e.enumsortorder) FROM pg_enum e WHERE e.enumtypid = t.oid), '') FROM pg_type t "
-    "JOIN pg_namespace n ON n.oid = t.typnamespace WHERE t.typtype IN ('e', 'd', 'r', 'm') "
-    "OR (t.typtype = 'c' AND (SELECT relkind FROM pg_class WHERE oid = t.typrelid) = 'c')",
-    "function": "SELECT n.nspname || '.' || p.proname || '(' || pg_get_function_identity_arguments(p.oid) || ')', "
-    "md5(pg_get_functiondef(p.oid)) FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace "
-    "WHERE p.prokind IN ('f', 'p') AND NOT EXISTS (SELECT 1 FROM pg_depend d WHERE d.objid = p.oid "
-    "AND d.deptype = 'e')",
-    "trigger": "SELECT n.nspname || '.' || c.relname || '.' || t.tgname, pg_get_triggerdef(t.oid) FROM pg_trigger t "
-    "JOIN pg_class c ON c.oid = t.tgrelid JOIN pg_namespace n ON n.oid = c.relnamespace WHERE NOT t.tgisinternal",
-    "extension": "SELECT 'extension.' || extname, extversion FROM pg_extension",
-}
-
-
-def _schema_of(name: str) -> str:
-    return name.split(".", 1)[0]
-
-
 def snapshot(conn: Connection, version_table: tuple[str | None, str]) -> Snapshot:
     """What a comparison needs of the database on ``conn``: every object, every table's row count, and a
     digest of each column's values paired with the row's key (order-independent)."""
     taken = Snapshot()
-    version = f"{version_table[0] or 'public'}.{version_table[1]}"
-    for kind, query in _OBJECTS.items():
-        for name, definition in conn.execute(sa.text(query)):
-            if kind != "extension" and (_schema_of(name) in _SKIPPED_SCHEMAS or _schema_of(name).startswith("pg_")):
-                continue
-            if name == version or name.startswith(version + "."):
-                continue
-            taken.objects[f"{kind} {name}"] = definition
+    taken.objects.update(schema.objects(conn, version_table))
     tables = [name.split(" ", 1)[1] for name, kind in taken.objects.items()
               if name.startswith("table ") and kind in ("r", "p")]
     for table in tables:

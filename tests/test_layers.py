@@ -13,11 +13,11 @@ from .conftest import ROOT
 LAYERS = {
     "base": {"outcome", "errors", "redact", "naming", "notebooks", "kernelfiles", "witness", "halt", "record", "runcontext", "lazy",
              "config", "params", "policy", "checkreport", "safeguards", "signals"},
-    "database": {"embedded", "db", "pgtools", "history"},
+    "database": {"embedded", "db", "schema", "pgtools", "pgbackrest", "history"},
     "verbs": {"batch", "migrate", "backup", "seed", "rehearse", "branch"},
     "judgement": {"lint", "checks"},
     "rendering": {"display"},
-    "records": {"audit", "liveness", "anchors", "sealing", "report", "summary", "autoseal"},
+    "records": {"audit", "liveness", "anchors", "restorepoints", "sealing", "report", "summary", "autoseal"},
     "runs": {"steps", "workflows", "runbook", "runner", "lab", "fleet", "airflow"},
     "face": {"cli"},
 }  # fmt: skip

@@ -39,17 +39,45 @@ def backup(settings, args) -> int:
 
 @command(
     "verify-backup",
-    arg("file", metavar="FILE"),
+    arg("file", metavar="FILE", nargs="?", help="the dump to check; not with --pgbackrest"),
     arg("--restore-test", action="store_true", help="restore into a scratch database and compare"),
+    arg(
+        "--pgbackrest",
+        action="store_true",
+        help="check the pgBackRest repository, and recover to the newest restore point in a scratch data folder",
+    ),
+    arg("--restore-point", metavar="NAME", help="with --pgbackrest: recover to this one (opslib-<run id>, or the run id)"),
 )
 def verify_backup(settings, args) -> int:
-    """check a backup: manifest, checksum, archive, optionally a test restore"""
+    """check a backup: manifest, checksum, archive, optionally a test restore (or pgBackRest's, with --pgbackrest)"""
     from opslib import backup, db, display
+    from opslib.errors import InvalidInput
 
-    report = backup.verify_backup(db.TargetDatabase(settings), args.file, restore_test=args.restore_test)
+    if args.pgbackrest:
+        if args.file or args.restore_test:
+            raise InvalidInput("verify-backup --pgbackrest takes no FILE and no --restore-test: it always test-restores")
+        report = _verify_physical(settings, args.restore_point or "")
+    elif not args.file or args.restore_point:
+        raise InvalidInput("verify-backup needs a FILE (a dump), or --pgbackrest [--restore-point NAME]")
+    else:
+        report = backup.verify_backup(db.TargetDatabase(settings), args.file, restore_test=args.restore_test)
     print(display.checks_text(report))
     report.raise_for_failure()
     return EXIT_OK
+
+
+def _verify_physical(settings, wanted: str):
+    from opslib import audit, db, restorepoints
+    from opslib.backup import physical, pitr
+
+    target = db.TargetDatabase(settings)
+    stanza = physical.stanza_for(settings, physical.backup_policy(settings))
+    name = target.url.database
+    points = restorepoints.restore_points(settings.records_dir, name)
+    point = restorepoints.find_restore_point(settings.records_dir, name, wanted) if wanted or points else None
+    with db.connect(target.url) as conn:
+        major = db.server_version(conn)[1]
+    return pitr.verify_physical(target, stanza, point, f"verify-{audit.new_run_id()}", major)
 
 
 @command(
@@ -99,25 +127,82 @@ def clone(settings, args) -> int:
 @command(
     "backups",
     arg("--dir", metavar="DIR", help="folder to list (default: OPSLIB_BACKUPS_DIR)"),
+    arg("--pgbackrest", action="store_true", help="only pgBackRest's backups and the restore points runs made"),
     arg("--json", action="store_true"),
 )
 def backups(settings, args) -> int:
-    """list the backups (time, database, revision, size, verified)"""
+    """list the backups (time, database, revision, size, verified), and pgBackRest's with the restore points"""
     from opslib import backup, display
+    from opslib.errors import InvalidInput
 
+    if args.pgbackrest:
+        if args.dir:
+            raise InvalidInput("backups --pgbackrest takes no --dir: the stanza says where its repository is")
+        stanza, points = _physical_listing(settings)
+        if args.json:
+            print(json.dumps(_physical_json(stanza, points), indent=2))
+        else:
+            print(display.physical_text(stanza, points))
+        return EXIT_OK
     found = backup.list_backups(settings, _given_folder(args.dir))
     print(json.dumps([b.to_dict() for b in found], indent=2) if args.json else display.backups_text(found))
+    if not args.json and not args.dir and _keeps_physical(settings):
+        print()
+        print(display.physical_text(*_physical_listing(settings)))
     return EXIT_OK
+
+
+def _keeps_physical(settings) -> bool:
+    from opslib.backup import physical
+
+    return physical.configured(settings)
+
+
+def _physical_listing(settings):
+    from opslib import pgbackrest, restorepoints
+    from opslib.backup import physical
+
+    stanza = physical.stanza_for(settings, physical.backup_policy(settings))
+    return pgbackrest.info(stanza), restorepoints.restore_points(settings.records_dir)
+
+
+def _physical_json(stanza, points) -> dict:
+    import dataclasses
+
+    return {
+        "stanza": stanza.name,
+        "status": stanza.status,
+        "wal": [stanza.wal_min, stanza.wal_max],
+        "backups": [dataclasses.asdict(b) for b in stanza.backups],
+        "restore_points": [
+            {**e["restore_point"], "run_id": e.get("run_id"), "database": (e.get("database") or {}).get("name"),
+             "record_as_sealed": p is not None}
+            for e, p in points
+        ],
+    }  # fmt: skip
 
 
 @command(
     "prune-backups",
-    arg("--keep", type=int, required=True, metavar="N", help="how many of the newest to keep (>= 1)"),
+    arg("--keep", type=int, metavar="N", help="how many of the newest to keep (>= 1); with --pgbackrest, full backups"),
     arg("--dir", metavar="DIR", help="folder to prune (default: OPSLIB_BACKUPS_DIR)"),
+    arg("--pgbackrest", action="store_true", help="apply the retention with pgBackRest's expire (default: the policy's retention_full)"),
 )
 def prune_backups(settings, args) -> int:
-    """delete old backups, never the newest verified one"""
+    """delete old backups, never the newest verified one (pgBackRest's: its expire)"""
     from opslib import backup
+    from opslib.errors import InvalidInput
+
+    if args.pgbackrest:
+        if args.dir:
+            raise InvalidInput("prune-backups --pgbackrest takes no --dir")
+        from opslib.backup import physical
+
+        left = physical.expire(settings, args.keep)
+        print(f"pgBackRest stanza {left.name}: {len(left.backups)} backup(s) kept, WAL from {left.wal_min}")
+        return EXIT_OK
+    if args.keep is None:
+        raise InvalidInput("prune-backups needs --keep N (or --pgbackrest, which takes the policy's retention)")
 
     deleted = backup.prune_backups(settings, args.keep, _given_folder(args.dir))
     print("\n".join(f"deleted {p}" for p in deleted) or "nothing to delete")

@@ -6,14 +6,25 @@ from opslib.cli.commands import arg, command
 from opslib.cli.common import EXIT_OK
 
 
-@command("db", arg("action", choices=["start", "stop", "status", "url"]))
+@command(
+    "db",
+    arg("action", choices=["start", "stop", "status", "url"]),
+    arg(
+        "--archive",
+        action="store_true",
+        default=None,
+        help="start: archive WAL with pgBackRest (also when the policy says [backup] method = \"pgbackrest\")",
+    ),
+)
 def db(settings, args) -> int:
     """the embedded PostgreSQL used when DATABASE_URL is unset"""
     from opslib import embedded
 
     if args.action == "start":
-        st = embedded.start(settings)
+        st = embedded.start(settings, archive=args.archive)
         print(f"embedded PostgreSQL running (pid {st.pid}), data in {st.pgdata}\nurl: {st.url}")
+        if st.archiving:
+            print(f"WAL archived with pgBackRest: stanza {embedded.stanza(settings).config}")
     elif args.action == "stop":
         embedded.stop(settings)
         print(f"embedded PostgreSQL stopped, data kept in {embedded.pgdata_dir(settings)}")

@@ -30,6 +30,7 @@ class Deploy(Workflow):
         params.URL_ENV,
         Param("target_revision", str, "head", "revision to upgrade to", revision=True),
         params.BACKUP,
+        params.BACKUP_METHOD,
         Param("restore_test", bool, False, "verify the backup by restoring it into a scratch database"),
         Param(
             "on_failure",
@@ -118,6 +119,15 @@ class Deploy(Workflow):
         except MigrationFailed as err:
             if self.params["on_failure"] != "restore":
                 raise
+            point = self.record.backup.restore_point
+            if point is not None:  # a physical gate is recovered by the recovery runbook, with its own checks
+                raise MigrationFailed(
+                    f"{err.message} on_failure=restore: recover to the gate with `opslib run recovery -p mode pitr "
+                    f"-p restore_point {point.name} -p confirm {self.database}`",
+                    changed=err.changed,
+                    revisions=err.revisions,
+                    output=err.output,
+                ) from err
             restored = self._restore_over_target(self.record.backup.path, terminate=True)
             raise MigrationFailed(
                 f"{err.message} on_failure=restore: the pre-deploy backup was restored, the database is back at "

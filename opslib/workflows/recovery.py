@@ -1,13 +1,16 @@
-"""The recovery runbook: restore a backup and replay migrations, or stamp a revision after a manual fix."""
+"""The recovery runbook: restore a backup and replay migrations, recover to a point in time with pgBackRest,
+or stamp a revision after a manual fix."""
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 from opslib import lazy, params
 from opslib.display import Section
 from opslib.errors import (
     InvalidInput,
+    OpsError,
     PreconditionFailed,
     VerificationFailed,
 )
@@ -20,6 +23,11 @@ from opslib.workflows.workflow import Workflow
 # Loaded at first use: the registry is read by processes that never run a step (see opslib.lazy).
 backup = lazy.module("opslib.backup")
 migrate = lazy.module("opslib.migrate")
+physical = lazy.module("opslib.backup.physical")
+db = lazy.module("opslib.db")
+schema = lazy.module("opslib.schema")
+restorepoints = lazy.module("opslib.restorepoints")
+pitr = lazy.module("opslib.backup.pitr")
 
 
 class Recovery(Workflow):
@@ -27,15 +35,16 @@ class Recovery(Workflow):
 
     runbook = "recovery"
     listed = 3
-    about = "restore a backup and replay migrations, or stamp the revision a manual fix left"
+    about = "restore a backup and replay migrations, recover to a point in time, or stamp after a manual fix"
     parameters = (
         params.URL_ENV,
         Param(
             "mode",
             str,
             "restore",
-            "restore: restore a backup and replay; stamp: record a revision after a manual fix",
-            ("restore", "stamp"),
+            "restore: restore a backup and replay; pitr: recover to a restore point, time or LSN (pgBackRest); "
+            "stamp: record a revision after a manual fix",
+            ("restore", "pitr", "stamp"),
         ),
         Param("backup_file", str, "", "backup to restore (empty: the newest verified backup of this database)"),
         Param(
@@ -48,13 +57,32 @@ class Recovery(Workflow):
         Param("terminate_connections", bool, False, "end other sessions on the database before replacing it"),
         Param("stamp_revision", str, "", "for mode stamp: the revision the database is now at", revision=True),
         Param("reason", str, "", "for mode stamp: why, for the record (required)"),
+        Param(
+            "restore_point",
+            str,
+            "",
+            "for mode pitr: opslib-<run id> or the run id (empty: the newest of this database, unless a time or LSN)",
+        ),
+        Param("target_time", str, "", "for mode pitr: recover to this time instead (2026-12-07 10:00:00+00)"),
+        Param("target_lsn", str, "", "for mode pitr: recover to this LSN instead (0/3000090)"),
+        Param(
+            "apply",
+            str,
+            "in_place",
+            "for mode pitr: in_place: swap the server's data folder (embedded server); new_database: copy it beside",
+            ("in_place", "new_database"),
+        ),
+        Param("new_database", str, "", "for apply new_database: its name (empty: <database>_pitr_<run id>)"),
         params.CONFIRM,
     )
     steps = ("preflight", "restore", "replay", "stamp", "verify")
 
     @classmethod
     def check_values(cls, values: dict) -> None:
-        """A stamp needs the revision it records and a reason."""
+        """A stamp needs the revision it records and a reason; a point in time is one of a restore point, a
+        time and an LSN."""
+        if values["mode"] == "pitr" and sum(bool(values[k]) for k in ("restore_point", "target_time", "target_lsn")) > 1:
+            raise InvalidInput("recovery: mode='pitr' takes one of restore_point, target_time, target_lsn")
         if values["mode"] != "stamp":
             return
         if not values["stamp_revision"]:
@@ -64,6 +92,9 @@ class Recovery(Workflow):
 
     backup_file: Path | None = None
     manifest: dict = {}
+    point = None  # mode pitr: the restore point recovered to (None: a time or an LSN)
+    recovery_target = None
+    new_database_name: str | None = None
 
     @step()
     def preflight(self) -> Section:
@@ -75,6 +106,8 @@ class Recovery(Workflow):
             info = migrate.show(self.target, self.params["stamp_revision"])
             facts += [("stamp", f"{info.revision} ({first_line(info.message)})"), ("reason", self.params["reason"])]
             return Section("Preflight", "stamp after a manual fix", facts)
+        if self.params["mode"] == "pitr":
+            return self._preflight_pitr(facts)
         self._require_confirm("replaces the database and")
         self.backup_file = self._choose_backup()
         backup.verify_backup(self.target, self.backup_file, record=False).raise_for_failure()
@@ -87,6 +120,33 @@ class Recovery(Workflow):
             ("then replay to", self.params["target_revision"] or "no replay"),
         ]
         return Section("Preflight", "restore a backup, then replay migrations", facts)
+
+    def _preflight_pitr(self, facts: list) -> Section:
+        self._require_confirm("recovers the database to a point in time and")
+        p = self.params
+        if not (p["target_time"] or p["target_lsn"]):
+            self.point = restorepoints.find_restore_point(self.settings.records_dir, self.database, p["restore_point"])
+        self.recovery_target = pitr.target_of(self.point, p["target_time"], p["target_lsn"])
+        physical.stanza_for(self.settings, physical.backup_policy(self.settings))  # refused here if there is none
+        if p["apply"] == "in_place" and not self.settings.uses_embedded:
+            raise PreconditionFailed(
+                "recovery in place swaps the embedded server's data folder only: use -p apply new_database"
+            )
+        if p["apply"] == "new_database":
+            self.new_database_name = p["new_database"] or f"{self.database}_pitr_{self.record.run_id[:8]}"
+        facts.append(("recover to", self.recovery_target.describe()))
+        if self.point is not None:
+            pt = self.point
+            facts += [
+                ("made at", f"{pt.created_at}, LSN {pt.lsn}"),
+                ("from backup", f"{pt.stanza}/{pt.backup_label}"),
+                ("revision there", revisions_text(list(pt.revisions))),
+            ]
+        facts.append(
+            ("then", "swap the server's data folder (the current one kept)" if p["apply"] == "in_place"
+             else f"copy the recovered database into a new database {self.new_database_name}")
+        )
+        return Section("Preflight", "recover to a point in time (pgBackRest)", facts)
 
     def _choose_backup(self) -> Path:
         if self.params["backup_file"]:
@@ -107,6 +167,8 @@ class Recovery(Workflow):
     @step()
     def restore(self) -> Section:
         """Restore the backup over the database (the replaced one is kept under another name)."""
+        if self.params["mode"] == "pitr":
+            return self._recover_to_point()
         if self.params["mode"] != "restore":
             return Section.skip("Restore", "mode=stamp")
         done = self._restore_over_target(self.backup_file, terminate=self.params["terminate_connections"])
@@ -124,14 +186,57 @@ class Recovery(Workflow):
         ]
         return Section("Restore", "restored", facts)
 
+    def _recover_to_point(self) -> Section:
+        """Recover into a staging folder, compare with the gate, then put it in place or copy it beside."""
+        policy = physical.backup_policy(self.settings)
+        stanza = physical.stanza_for(self.settings, policy)
+        major = self._server_major()
+        staging = pitr.recover(self.target, stanza, self.recovery_target, self.record.run_id, major)
+        try:
+            compared = pitr.compare(staging, self.target.url, self.point)
+            if compared.differences:
+                raise VerificationFailed(
+                    f"the recovered database is not as recorded at {self.recovery_target.describe()}: "
+                    f"{'; '.join(compared.differences)}; the database was not touched"
+                )
+            facts = [
+                ("recovered to", self.recovery_target.describe()),
+                ("restore", f"{staging.seconds_restore:.1f} s (pgBackRest), replay and start {staging.seconds_replay:.1f} s"),
+                *compared.facts,
+            ]
+            if self.params["apply"] == "in_place":
+                self._release_lock()
+                try:
+                    kept = pitr.put_in_place(self.settings, staging, self.record.run_id)
+                except BaseException:
+                    with contextlib.suppress(OpsError):  # the server may be down: its error is the one to tell
+                        self._take_lock()
+                    raise
+                self._take_lock()
+                facts.append(("replaced data folder kept as", str(kept)))
+                self.record.database_history = (
+                    "the database's opslib history now ends at the recovery point; this run's rows follow it"
+                )
+            else:
+                pitr.copy_as_new_database(self.target, staging, self.new_database_name, major)
+                facts.append(("new database", f"{self.new_database_name} (the target was not touched)"))
+        finally:
+            staging.remove()
+        if self.point is not None:
+            self.record.backup = BackupRef(physical.backup_path(self.point), "", self.point)
+        self._save()
+        return Section("Restore", "recovered to " + self.recovery_target.describe(), facts)
+
+    def _server_major(self) -> int:
+        with db.connect(self.url) as conn:
+            return db.server_version(conn)[1]
+
     @step()
     def replay(self) -> Section:
         """Replay migrations from the restored revision up to target_revision."""
         if self.params["mode"] != "restore" or not self.params["target_revision"]:
-            return Section.skip(
-                "Replay",
-                "mode=stamp" if self.params["mode"] != "restore" else "no target_revision",
-            )
+            why = {"stamp": "mode=stamp", "pitr": "mode=pitr: the database is left as it was at the point"}
+            return Section.skip("Replay", why.get(self.params["mode"], "no target_revision"))
         _, pending = migrate.plan(self.target, "upgrade", self.params["target_revision"])
         if not pending:
             return Section("Replay", "nothing to do: the restored database is at the target")
@@ -147,7 +252,7 @@ class Recovery(Workflow):
     def stamp(self) -> Section:
         """Record stamp_revision as the database's revision (mode=stamp), with the reason in the record."""
         if self.params["mode"] != "stamp":
-            return Section.skip("Stamp", "mode=restore")
+            return Section.skip("Stamp", f"mode={self.params['mode']}")
         result = migrate.stamp(self.target, self.params["stamp_revision"])
         facts = [
             ("before", revisions_text(result.before)),
@@ -159,6 +264,8 @@ class Recovery(Workflow):
     @step(repeatable=True)
     def verify(self) -> Section:
         """The database is at the revision the recovery was to leave it at."""
+        if self.params["mode"] == "pitr":
+            return self._verify_pitr()
         if self.params["mode"] == "stamp":
             expected = tuple(r.revision for r in [migrate.show(self.target, self.params["stamp_revision"])])
         elif self.params["target_revision"]:
@@ -169,3 +276,19 @@ class Recovery(Workflow):
         else:
             expected = tuple(self.manifest["revisions"])
         return Section("Verify", "passed", [self._expect_revisions(expected)])
+
+    def _verify_pitr(self) -> Section:
+        """In place: the database is at the point's revision and schema; beside: the new database is."""
+        url = self.url if self.params["apply"] == "in_place" else self.url.set(database=self.new_database_name)
+        table = tuple(self.record.version_table or db.DEFAULT_VERSION_TABLE)
+        with db.connect(url) as conn:
+            revisions = db.version_revisions(conn, table)
+            shape = schema.fingerprint(conn, table)
+        facts = [("database", url.database), ("revision", revisions_text(list(revisions)))]
+        if self.point is not None:
+            if tuple(revisions) != tuple(self.point.revisions) or shape != self.point.fingerprint:
+                raise VerificationFailed(
+                    f"{url.database} is at {revisions_text(list(revisions))} with another schema than at {self.point.name}"
+                )
+            facts.append(("schema", "as at the restore point"))
+        return Section("Verify", "passed", facts)

@@ -28,6 +28,7 @@ class Reset(Workflow):
     parameters = (
         params.URL_ENV,
         Param("backup", bool, False, "take and verify a backup first"),
+        params.BACKUP_METHOD,
         Param("dev_data", bool, True, "load the development sample data again (the -x dev_data flag of Alembic)"),
         Param(
             "recreate_schema",

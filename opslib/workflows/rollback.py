@@ -30,6 +30,7 @@ class Rollback(Workflow):
         Param("steps", int, 1, "how many revisions to roll back (ignored when target_revision is set)"),
         Param("target_revision", str, "", "revision to roll back to (empty: use steps)", revision=True),
         params.BACKUP,
+        params.BACKUP_METHOD,
         Param(
             "acknowledge_irreversible",
             str,

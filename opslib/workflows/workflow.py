@@ -6,6 +6,7 @@ from __future__ import annotations
 from opslib import lazy
 from opslib.display import Section
 from opslib.errors import (
+    BackupMethodUnavailable,
     PreconditionFailed,
     VerificationFailed,
 )
@@ -15,6 +16,7 @@ from opslib.steps import Run
 
 # Loaded at first use: the registry is read by processes that never run a step (see opslib.lazy).
 backup = lazy.module("opslib.backup")
+physical = lazy.module("opslib.backup.physical")
 migrate = lazy.module("opslib.migrate")
 
 OUTPUT_TAIL = 20  # lines of the migrations' own output shown in a step's section
@@ -44,6 +46,44 @@ class Workflow(Run):
     def _take_backup(self, label: str) -> Section:
         if not self.params.get("backup"):
             return Section.skip("Backup", f"backup=False (environment {self.settings.env})")
+        policy = physical.backup_policy(self.settings)
+        fell_back = None
+        if (self.params.get("backup_method") or policy.method) == "pgbackrest":
+            try:
+                return self._take_gate(policy)
+            except BackupMethodUnavailable as err:
+                if policy.fallback != "dump":
+                    raise
+                fell_back = f"pgbackrest cannot work here ({err.message}); the policy falls back to a dump"
+        section = self._take_dump(label)
+        if fell_back:
+            section.facts.insert(0, ("method", fell_back))
+        return section
+
+    def _take_gate(self, policy) -> Section:
+        """The pgBackRest gate: a backup when the policy's ages ask for one, and this run's restore point."""
+        point = physical.gate(self.target, self.record.run_id, self.target.version_table(), policy)
+        self.record.backup = BackupRef(physical.backup_path(point), "", point)
+        self._save()
+        app = {k: v for k, v in (point.row_counts or {}).items() if not k.startswith("opslib.")}
+        taken = {"full": "a full backup, taken now", "incr": "an incremental backup, taken now"}.get(
+            point.backup_taken, "the newest, recent enough (policy)"
+        )
+        return Section(
+            "Backup",
+            f"restore point {point.name} made and archived",
+            [
+                ("method", "pgbackrest: a physical backup and a named restore point (WAL archived)"),
+                ("restore point", f"{point.name} at LSN {point.lsn}, {point.created_at}"),
+                ("WAL segment", f"{point.wal_file}, archived"),
+                ("pgBackRest backup", f"{point.stanza}/{point.backup_label}: {taken}"),
+                ("revision", revisions_text(list(point.revisions))),
+                ("tables / rows", f"{len(app)} / {sum(app.values())}" if point.row_counts is not None else "not counted (policy)"),
+                ("gate", f"{point.gate_s:.2f} s (restore point, WAL switch, archived); backup {point.backup_s:.1f} s"),
+            ],
+        )
+
+    def _take_dump(self, label: str) -> Section:
         made = backup.backup(self.target, label=label)
         report = backup.verify_backup(
             self.target, made.path, restore_test=self.params.get("restore_test", False)
@@ -57,6 +97,7 @@ class Workflow(Run):
             "Backup",
             "taken and verified",
             [
+                ("method", "dump: pg_dump -Fc, verified"),
                 ("file", made.path.name),
                 ("revision", revisions_text(m["revisions"])),
                 # The application's tables; the opslib history (which grows with every run) is in the manifest too.

@@ -1,0 +1,382 @@
+"""Point-in-time recovery with pgBackRest: restore into a staging data folder, replay WAL to a restore
+point (or a time, or an LSN), start it on a port of its own, and check it against what the gate recorded;
+then put it in place of the server's data folder, or copy its database into a new one on the server.
+
+Nothing touches the original until it is put in place: a recovery that fails or is killed before leaves
+the server running as it was. A staging folder is held by its recovery (an ``flock``); the next recovery
+stops and removes the ones nobody holds.
+
+The staging server runs with an empty ``archive_command``: it archives nothing (its new timeline must
+not reach the repository unless it replaces the server), and keeps its WAL; once in place, the server's
+own ``archive_command`` archives that WAL, so the new timeline reaches the repository then.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import pwd
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import sqlalchemy as sa
+from sqlalchemy.engine import URL
+
+from opslib import db, embedded, pgbackrest, pgtools, schema
+from opslib.backup.manifest import _count_differences, row_counts
+from opslib.checkreport import FAIL, PASS, SKIP, CheckReport
+from opslib.errors import BackupFailed, InvalidInput, OpsError, PreconditionFailed
+from opslib.record import RestorePoint
+
+START_TIMEOUT_S = 3600  # replaying WAL to the target can take long on a busy server
+
+
+@dataclass(frozen=True)
+class RecoveryTarget:
+    """Where a recovery stops: a restore point's name, a time, or an LSN; and the backup it starts from
+    (None: pgBackRest chooses)."""
+
+    kind: str  # name | time | lsn | immediate
+    value: str = ""
+    backup_label: str | None = None
+
+    def options(self) -> list[str]:
+        """pgBackRest restore's options for this target."""
+        found = [f"--type={self.kind}"] + ([f"--target={self.value}"] if self.kind != "immediate" else [])
+        return found + ["--target-action=promote"] + ([f"--set={self.backup_label}"] if self.backup_label else [])
+
+    def describe(self) -> str:
+        """The target in words."""
+        if self.kind == "immediate":
+            return "the end of the backup (immediate)"
+        return {"name": "restore point", "time": "time", "lsn": "LSN"}[self.kind] + f" {self.value}"
+
+
+def target_of(point: RestorePoint | None, target_time: str, target_lsn: str) -> RecoveryTarget:
+    """The recovery target from exactly one of a restore point, a time and an LSN."""
+    given = [x for x in (point, target_time, target_lsn) if x]
+    if len(given) != 1:
+        raise InvalidInput("recovery to a point in time needs exactly one of restore_point, target_time, target_lsn")
+    if point is not None:
+        return RecoveryTarget("name", point.name, point.backup_label or None)
+    if target_time:
+        return RecoveryTarget("time", target_time)
+    return RecoveryTarget("lsn", target_lsn)
+
+
+@dataclass
+class StagingServer:
+    """A recovered copy of the server: its data folder, the port and socket it listens on, who runs it."""
+
+    root: Path
+    pgdata: Path
+    socket_dir: Path
+    port: int
+    run_as: str | None
+    bin_dir: Path
+    lock_fd: int
+    seconds_restore: float = 0.0
+    seconds_replay: float = 0.0
+
+    def url(self, base: URL) -> URL:
+        """``base`` (the target's URL: its user, password and database) pointed at this server's socket."""
+        query = {k: v for k, v in base.query.items() if k not in ("host", "port")}
+        return base.set(host=None, port=self.port, query={**query, "host": str(self.socket_dir)})
+
+    def stop(self) -> None:
+        """Stop the staging server if it runs (immediate: nothing of it is kept)."""
+        if (self.pgdata / "postmaster.pid").exists():
+            _pg_ctl(self.bin_dir, self.pgdata, self.run_as, "-m", "immediate", "-w", "stop", check=False)
+
+    def remove(self) -> None:
+        """Stop it, remove its folders, and let go of its lock."""
+        self.stop()
+        shutil.rmtree(self.root, ignore_errors=True)
+        shutil.rmtree(self.socket_dir, ignore_errors=True)
+        os.close(self.lock_fd)
+
+
+def staging_root(state_dir: Path) -> Path:
+    """Where recoveries keep their staging folders."""
+    return (Path(state_dir) / "recovery").resolve()
+
+
+def cleanup_staging(state_dir: Path) -> list[Path]:
+    """Stop and remove the staging folders no running recovery holds (left by a killed one); their paths."""
+    removed = []
+    root = staging_root(state_dir)
+    for folder in sorted(root.glob("*")) if root.is_dir() else []:
+        fd = os.open(folder / ".lock", os.O_RDWR | os.O_CREAT, 0o644) if folder.is_dir() else None
+        if fd is None:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            continue  # a recovery is running there
+        pgdata = folder / "pgdata"
+        if (pgdata / "postmaster.pid").exists():
+            owner = embedded.data_owner(pgdata) if pgdata.exists() else None
+            _pg_ctl(_bin_dir_of(pgdata), pgdata, owner, "-m", "immediate", "-w", "stop", check=False)
+        shutil.rmtree(folder, ignore_errors=True)
+        os.close(fd)
+        removed.append(folder)
+    return removed
+
+
+def recover(
+    target: db.TargetDatabase, stanza: pgbackrest.Stanza, where: RecoveryTarget, run_id: str, major: int
+) -> StagingServer:
+    """Restore the stanza's backup into a staging folder, replay WAL to ``where``, and start it, promoted,
+    on a port of its own. A failure removes the staging folder (:class:`BackupFailed`); the server was not
+    touched."""
+    cleanup_staging(target.settings.state_dir)
+    staging = _make_staging(target.settings.state_dir, run_id, stanza.run_as, major)
+    try:
+        started = time.monotonic()
+        pgbackrest.run(stanza, "restore", f"--pg1-path={staging.pgdata}", *where.options(), error=BackupFailed)
+        _forget_the_servers_socket(staging.pgdata)
+        staging.seconds_restore = time.monotonic() - started
+        started = time.monotonic()
+        _start(staging)
+        _wait_until_promoted(staging, target.url, where)
+        staging.seconds_replay = time.monotonic() - started
+    except BaseException:
+        staging.remove()
+        raise
+    return staging
+
+
+def _forget_the_servers_socket(pgdata: Path) -> None:
+    """Remove the original server's socket lock files, copied with its data folder where the socket lives
+    there (the embedded server's): the recovered server, put in place, would take them for a running one."""
+    for leftover in pgdata.glob(".s.PGSQL.*"):
+        leftover.unlink(missing_ok=True)
+
+
+def _make_staging(state_dir: Path, run_id: str, run_as: str | None, major: int) -> StagingServer:
+    root = staging_root(state_dir) / run_id
+    root.mkdir(parents=True, exist_ok=False)
+    lock_fd = os.open(root / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+    fcntl.flock(lock_fd, fcntl.LOCK_EX)
+    pgdata = root / "pgdata"
+    pgdata.mkdir(mode=0o700)
+    # A short socket folder: a Unix socket's path has at most 107 bytes.
+    socket_dir = Path(tempfile.mkdtemp(prefix="opslib-pitr-"))
+    if run_as:
+        owner = pwd.getpwnam(run_as)
+        for path in (root, pgdata, socket_dir):
+            os.chown(path, owner.pw_uid, owner.pw_gid)
+    return StagingServer(root, pgdata, socket_dir, _free_port(), run_as, _server_bin_dir(major), lock_fd)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _server_bin_dir(major: int) -> Path:
+    """The folder of a PostgreSQL server of ``major`` (pg_ctl and postgres): the embedded wheel's, or one of
+    this machine's installed servers."""
+    for tool in pgtools.find_all("pg_ctl"):
+        if tool.major == major and (Path(tool.path).parent / "postgres").exists():
+            return Path(tool.path).parent
+    raise PreconditionFailed(f"no PostgreSQL {major} server program (pg_ctl, postgres) on this machine to recover into")
+
+
+def _bin_dir_of(pgdata: Path) -> Path:
+    try:
+        major = int((pgdata / "PG_VERSION").read_text().strip())
+    except (OSError, ValueError):
+        return embedded.bin_dir()
+    return _server_bin_dir(major)
+
+
+def _pg_ctl(bin_dir: Path, pgdata: Path, run_as: str | None, *args: str, check: bool = True) -> str:
+    kwargs = {}
+    if run_as and os.geteuid() == 0:
+        kwargs = {"user": run_as, "group": pwd.getpwnam(run_as).pw_gid, "extra_groups": []}
+    done = subprocess.run(
+        [str(bin_dir / "pg_ctl"), "-D", str(pgdata), *args],
+        capture_output=True,
+        text=True,
+        cwd="/",
+        **kwargs,
+    )
+    if check and done.returncode != 0:
+        raise BackupFailed(f"pg_ctl {args[-1]} failed for {pgdata}: {(done.stderr or done.stdout).strip().splitlines()[-1:]}")
+    return done.stdout
+
+
+def _start(staging: StagingServer) -> None:
+    options = (
+        f"-c port={staging.port} -c listen_addresses='' -c unix_socket_directories='{staging.socket_dir}' "
+        "-c archive_command='' -c archive_library=''"
+    )
+    log = staging.root / "server.log"
+    try:
+        _pg_ctl(staging.bin_dir, staging.pgdata, staging.run_as, "-w", "-t", str(START_TIMEOUT_S), "-l", str(log), "-o", options, "start")
+    except BackupFailed as err:
+        raise BackupFailed(f"the recovered server did not start: {err.message}; its log: {_tail(log)}") from None
+
+
+def _tail(log: Path) -> str:
+    try:
+        lines = [line for line in log.read_text().splitlines() if "FATAL" in line or "ERROR" in line]
+    except OSError:
+        return "(no log)"
+    return lines[-1] if lines else "(no error in the log)"
+
+
+def _wait_until_promoted(staging: StagingServer, base: URL, where: RecoveryTarget) -> None:
+    """Wait until the staging server has replayed to the target and left recovery (promoted)."""
+    deadline = time.monotonic() + START_TIMEOUT_S
+    url = staging.url(base).set(database="postgres")
+    while True:
+        try:
+            with db.connect(url) as conn:
+                if not conn.execute(sa.text("SELECT pg_is_in_recovery()")).scalar():
+                    return
+        except OpsError:
+            if not (staging.pgdata / "postmaster.pid").exists():
+                raise BackupFailed(
+                    f"the recovered server stopped before reaching {where.describe()}: {_tail(staging.root / 'server.log')}"
+                ) from None
+        if time.monotonic() > deadline:
+            raise BackupFailed(f"the recovered server did not reach {where.describe()} within {START_TIMEOUT_S} s")
+        time.sleep(0.1)
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """A recovered database checked against a restore point's values: each fact, and what differs."""
+
+    facts: list[tuple[str, str]]
+    differences: list[str]
+
+
+def compare(staging: StagingServer, base: URL, point: RestorePoint | None) -> Comparison:
+    """The recovered database's revision, schema fingerprint and row counts, against the point's."""
+    table = point.version_table if point and point.version_table else db.DEFAULT_VERSION_TABLE
+    with db.connect(staging.url(base)) as conn:
+        revisions = db.version_revisions(conn, table)
+        shape = schema.fingerprint(conn, table)
+        counts = row_counts(conn)
+    app = {k: v for k, v in counts.items() if not k.startswith("opslib.")}
+    facts = [
+        ("revision", ", ".join(revisions) or "none"),
+        ("schema fingerprint", shape[:16] + "…"),
+        ("tables / rows", f"{len(app)} / {sum(app.values())}"),
+    ]
+    if point is None:
+        return Comparison(facts + [("compared", "no: recovery to a time or an LSN has nothing recorded to compare")], [])
+    differences = []
+    if tuple(revisions) != tuple(point.revisions):
+        differences.append(f"revision {', '.join(revisions) or 'none'}, at the gate {', '.join(point.revisions) or 'none'}")
+    if point.fingerprint and shape != point.fingerprint:
+        differences.append("the schema differs from the gate's (fingerprint)")
+    if point.row_counts is not None and counts != point.row_counts:
+        differences.append(f"row counts differ: {_count_differences(point.row_counts, counts)}")
+    facts.append(("compared with the gate", "equal: revision, schema, every table's rows" if not differences else "DIFFERENT"))
+    return Comparison(facts, differences)
+
+
+def put_in_place(settings, staging: StagingServer, run_id: str) -> Path:
+    """Put the recovered data folder in place of the embedded server's: stop both, swap the folders, start
+    the server on it. The replaced folder is kept (returned); if the recovered one does not start, the
+    replaced one is put back and started."""
+    if not settings.uses_embedded:
+        raise PreconditionFailed(
+            "in place: opslib stops and swaps only the embedded server's data folder; use apply=new_database"
+        )
+    pgdata = embedded.pgdata_dir(settings)
+    kept = pgdata.with_name(f"pgdata.replaced-{run_id}")
+    staging.stop()
+    embedded.stop(settings)
+    pgdata.rename(kept)
+    staging.pgdata.rename(pgdata)
+    try:
+        embedded.start(settings, archive=False)
+    except OpsError as err:
+        pgdata.rename(staging.root / "pgdata.failed")
+        kept.rename(pgdata)
+        embedded.start(settings, archive=False)
+        raise BackupFailed(
+            f"the recovered data folder did not start in place ({err.message}); the original was put back and runs"
+        ) from None
+    return kept
+
+
+def copy_as_new_database(target: db.TargetDatabase, staging: StagingServer, name: str, major: int) -> str:
+    """Copy the recovered database into a new database ``name`` on the target's server (pg_dump of the
+    recovered server, pg_restore into it); the target itself is not touched."""
+    db.check_database_name(name)
+    source = staging.url(target.url)
+    dump = staging.root / "recovered.dump"
+    dumped = subprocess.run(
+        [pgtools.pg_dump_for(major).path, "-Fc", "-f", str(dump)],
+        env=pgtools.libpq_env(source),
+        capture_output=True,
+        text=True,
+        **pgtools.child_options(),
+    )
+    if dumped.returncode != 0:
+        raise BackupFailed(f"pg_dump of the recovered database failed: {dumped.stderr.strip().splitlines()[-1:]}")
+    with db.connect_autocommit(db.maintenance_url(target.url)) as admin:
+        if db.database_exists(admin, name):
+            raise PreconditionFailed(f"a database named {name!r} exists already: choose another name")
+        admin.execute(sa.text(f"CREATE DATABASE {db.quote_ident(admin, name)}"))
+    restored = subprocess.run(
+        [pgtools.pg_restore_for(major).path, "--exit-on-error", "-d", name, str(dump)],
+        env=pgtools.libpq_env(target.url.set(database=name)),
+        capture_output=True,
+        text=True,
+        **pgtools.child_options(),
+    )
+    dump.unlink(missing_ok=True)
+    if restored.returncode != 0:
+        raise BackupFailed(
+            f"pg_restore into {name} failed: {restored.stderr.strip().splitlines()[-1:]}; {name} is left for inspection"
+        )
+    return name
+
+
+def verify_physical(
+    target: db.TargetDatabase, stanza: pgbackrest.Stanza, point: RestorePoint | None, run_id: str, major: int
+) -> CheckReport:
+    """Check the stanza's repository (``pgbackrest verify``: every backup's files and the WAL archive), then
+    recover to ``point`` (None: the end of the newest backup) in a scratch data folder, compare it with the
+    point's values, and time it. The scratch folder is removed; the server is not touched."""
+    report = CheckReport(f"verify-backup pgbackrest:{stanza.name}")
+    started = time.monotonic()
+    try:
+        pgbackrest.run(stanza, "verify", error=BackupFailed)
+    except OpsError as err:
+        report.add("repository", FAIL, err.message)
+        report.add("restore test", SKIP, "an earlier check failed")
+        return report
+    report.add("repository", PASS, f"pgbackrest verify: backups and WAL archive readable ({time.monotonic() - started:.1f} s)")
+    where = RecoveryTarget("name", point.name, point.backup_label) if point else RecoveryTarget("immediate")
+    started = time.monotonic()
+    try:
+        staging = recover(target, stanza, where, run_id, major)
+    except OpsError as err:
+        report.add("restore test", FAIL, err.message)
+        return report
+    try:
+        compared = compare(staging, target.url, point)
+    finally:
+        staging.remove()
+    seconds = time.monotonic() - started
+    if compared.differences:
+        report.add("restore test", FAIL, f"to {where.describe()}: {'; '.join(compared.differences)}")
+    else:
+        facts = ", ".join(f"{k} {v}" for k, v in compared.facts)
+        report.add("restore test", PASS, f"to {where.describe()} in {seconds:.1f} s: {facts}")
+    return report
