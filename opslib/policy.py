@@ -102,9 +102,8 @@ class BackupPolicy:
     is older than ``full_max_age_h``, an incremental one when the newest backup of any type is older
     than ``incremental_max_age_h``. ``retention_full`` is how many full backups ``prune-backups`` keeps
     (pgBackRest's expire). ``row_counts``: count every table's rows at the restore point, to check a
-    recovery against (exact, and read after the writers are let go, but it reads every table).
-    ``manage_server``: opslib may stop the team's server and swap its data directory for an in-place
-    recovery (always true for the embedded server).
+    recovery against (exact, and read after the writers are let go, but it reads every table); ``table_checksums``: a checksum of
+    every table's rows there too (a full read of each table), which a recovery is then compared with.
     """
 
     method: str = "dump"
@@ -116,7 +115,7 @@ class BackupPolicy:
     retention_full: int = 2
     archive_timeout_s: float = 60.0
     row_counts: bool = True
-    manage_server: bool = False
+    table_checksums: bool = False
 
 
 _BACKUP_KEYS = {f.name: f.type for f in fields(BackupPolicy)}

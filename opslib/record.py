@@ -101,6 +101,7 @@ class RestorePoint:
     revisions: tuple[str, ...] = ()
     fingerprint: str | None = None
     row_counts: dict[str, int] | None = None
+    checksums: dict[str, str] | None = None  # each table's rows' checksum at the point, when the policy asks
     version_table: tuple[str | None, str] | None = None
     gate_s: float | None = None
     backup_s: float | None = None
@@ -117,12 +118,14 @@ class RestorePoint:
     def from_dict(cls, data: dict) -> "RestorePoint":
         """The value :meth:`to_dict` wrote (odd values read as None or nothing)."""
         counts = data.get("row_counts")
+        sums = data.get("checksums")
         table = data.get("version_table")
         return cls(
             **{k: _text(data.get(k)) for k in ("name", "lsn", "created_at", "wal_file", "stanza", "backup_label", "backup_taken")},
             revisions=tuple(_texts(data.get("revisions")) or ()),
             fingerprint=_text(data.get("fingerprint")),
             row_counts={str(k): v for k, v in counts.items() if _whole(v) is not None} if isinstance(counts, dict) else None,
+            checksums={str(k): _text(v) for k, v in sums.items()} if isinstance(sums, dict) else None,
             version_table=(_text(table[0]), _text(table[1])) if isinstance(table, list) and len(table) == 2 else None,
             **{k: _number(data.get(k)) for k in ("gate_s", "backup_s", "counts_s")},
         )

@@ -106,20 +106,35 @@ def _backup_file(file: Path | str) -> Path:
 # --- what the manifest records of a database -------------------------------------------------------
 
 
-def row_counts(conn: Connection) -> dict[str, int]:
-    """Exact row counts of every ordinary table outside the system schemas, keyed ``schema.table``."""
-    tables = conn.execute(
+def _tables(conn: Connection) -> list[tuple[str, str]]:
+    return conn.execute(
         sa.text(
             "SELECT n.nspname, c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
             "WHERE c.relkind = 'r' AND n.nspname NOT IN ('pg_catalog', 'information_schema') "
             "AND n.nspname NOT LIKE 'pg\\_toast%' AND n.nspname NOT LIKE 'pg\\_temp%' ORDER BY 1, 2"
         )
     ).all()
+
+
+def row_counts(conn: Connection) -> dict[str, int]:
+    """Exact row counts of every ordinary table outside the system schemas, keyed ``schema.table``."""
     counts = {}
-    for schema, table in tables:
+    for schema, table in _tables(conn):
         qualified = f"{db.quote_ident(conn, schema)}.{db.quote_ident(conn, table)}"
         counts[f"{schema}.{table}"] = int(conn.execute(sa.text(f"SELECT count(*) FROM {qualified}")).scalar())
     return counts
+
+
+def table_checksums(conn: Connection) -> dict[str, str]:
+    """A checksum of every ordinary table's rows outside the system schemas, keyed ``schema.table``: the sum of
+    a 64-bit hash of each row's text, independent of the rows' order (equal multisets of rows, equal sums)."""
+    checksums = {}
+    for schema, table in _tables(conn):
+        qualified = f"{db.quote_ident(conn, schema)}.{db.quote_ident(conn, table)}"
+        checksums[f"{schema}.{table}"] = str(
+            conn.execute(sa.text(f"SELECT coalesce(sum(hashtextextended(t::text, 0)::numeric), 0) FROM {qualified} t")).scalar()
+        )
+    return checksums
 
 
 def _count_differences(expected: dict[str, int], actual: dict[str, int]) -> str:

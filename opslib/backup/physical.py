@@ -23,7 +23,7 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.exc import DBAPIError
 
 from opslib import db, embedded, pgbackrest, schema
-from opslib.backup.manifest import row_counts
+from opslib.backup.manifest import row_counts, table_checksums
 from opslib.config import Settings
 from opslib.errors import BackupMethodUnavailable, BackupNotTaken, InvalidInput
 from opslib.policy import BackupPolicy, load_backup_policy
@@ -156,7 +156,7 @@ def gate(
             gate_s=round(gate_s, 3),
             backup_s=round(backup_s, 3),
         )
-        return _read_at_point(reader, point, policy.row_counts)
+        return _read_at_point(reader, point, policy.row_counts, policy.table_checksums)
 
 
 def _point_in_one_snapshot(writers: Connection, reader: Connection, name: str, lock_timeout_s: float) -> tuple[str, str]:
@@ -221,13 +221,14 @@ def _switch_and_wait(conn: Connection, lsn: str, timeout_s: float) -> str:
         delay = min(delay * 2, 0.1)
 
 
-def _read_at_point(reader: Connection, point: RestorePoint, counts: bool) -> RestorePoint:
+def _read_at_point(reader: Connection, point: RestorePoint, counts: bool, checksums: bool) -> RestorePoint:
     """What the database held at the point, read in its snapshot (held by ``reader`` since the point)."""
     started = time.monotonic()
     try:
         revisions = db.version_revisions(reader, point.version_table or db.DEFAULT_VERSION_TABLE)
         shape = schema.fingerprint(reader, point.version_table or db.DEFAULT_VERSION_TABLE)
         rows = row_counts(reader) if counts else None
+        sums = table_checksums(reader) if checksums else None
     except DBAPIError as err:
         raise BackupNotTaken(f"what the database held at {point.name} could not be read: {db.driver_message(err)}") from None
     finally:
@@ -237,6 +238,7 @@ def _read_at_point(reader: Connection, point: RestorePoint, counts: bool) -> Res
         revisions=tuple(revisions),
         fingerprint=shape,
         row_counts=rows,
+        checksums=sums,
         counts_s=round(time.monotonic() - started, 3),
     )
 

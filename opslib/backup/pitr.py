@@ -28,7 +28,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import URL
 
 from opslib import db, embedded, pgbackrest, pgtools, schema
-from opslib.backup.manifest import _count_differences, row_counts
+from opslib.backup.manifest import _count_differences, row_counts, table_checksums
 from opslib.checkreport import FAIL, PASS, SKIP, CheckReport
 from opslib.errors import BackupFailed, InvalidInput, OpsError, PreconditionFailed
 from opslib.record import RestorePoint
@@ -268,6 +268,7 @@ def compare(staging: StagingServer, base: URL, point: RestorePoint | None) -> Co
         revisions = db.version_revisions(conn, table)
         shape = schema.fingerprint(conn, table)
         counts = row_counts(conn)
+        sums = table_checksums(conn) if point is not None and point.checksums is not None else None
     app = {k: v for k, v in counts.items() if not k.startswith("opslib.")}
     facts = [
         ("revision", ", ".join(revisions) or "none"),
@@ -283,7 +284,11 @@ def compare(staging: StagingServer, base: URL, point: RestorePoint | None) -> Co
         differences.append("the schema differs from the gate's (fingerprint)")
     if point.row_counts is not None and counts != point.row_counts:
         differences.append(f"row counts differ: {_count_differences(point.row_counts, counts)}")
-    facts.append(("compared with the gate", "equal: revision, schema, every table's rows" if not differences else "DIFFERENT"))
+    if sums is not None and sums != point.checksums:
+        changed = sorted(t for t in set(sums) | set(point.checksums) if sums.get(t) != point.checksums.get(t))
+        differences.append(f"the rows of {', '.join(changed[:3])}{' …' if len(changed) > 3 else ''} differ (checksums)")
+    compared = "revision, schema, every table's rows" + (" and their checksums" if sums is not None else "")
+    facts.append(("compared with the gate", f"equal: {compared}" if not differences else "DIFFERENT"))
     return Comparison(facts, differences)
 
 
