@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from opslib import policy
@@ -164,3 +166,29 @@ def test_every_listed_rule_is_one_the_installed_squawk_knows():
 
     assert [r for r in policy.LINT_RULES if not lint.is_squawk_rule(r)] == []
     assert not lint.is_squawk_rule("migration-naming")
+
+
+def test_the_backup_table_says_the_method_and_each_bad_value_is_named(tmp_path):
+    ini = _project(tmp_path)
+    assert policy.load_policy(ini).backup == policy.BackupPolicy()  # dump, no fallback, by default
+    (tmp_path / "opslib.toml").write_text(
+        '[backup]\nmethod = "pgbackrest"\nfallback = "dump"\nstanza = "main"\nconfig = "pgbackrest.conf"\n'
+        "full_max_age_h = 72\nretention_full = 3\ntable_checksums = true\n"
+    )
+    got = policy.load_policy(ini).backup
+    assert (got.method, got.fallback, got.stanza, got.full_max_age_h, got.retention_full) == (
+        "pgbackrest", "dump", "main", 72.0, 3,
+    )  # fmt: skip
+    assert got.table_checksums and got.row_counts
+    assert policy.load_backup_policy(ini) == got  # what the embedded server reads when it starts
+    for table, named in (
+        ('method = "barman"', "[backup] method = 'barman'; use one of dump, pgbackrest"),
+        ('fallback = "pray"', "[backup] fallback = 'pray'; use one of none, dump"),
+        ('retention = 2', "unknown key(s) in [backup]: retention"),
+        ('retention_full = "two"', "[backup] retention_full = 'two': expected int"),
+        ("retention_full = 0", "retention_full must be 1 or more"),
+        ("row_counts = 1", "[backup] row_counts = 1: expected bool"),
+    ):
+        (tmp_path / "opslib.toml").write_text(f"[backup]\n{table}\n")
+        with pytest.raises(ConfigError, match=re.escape(named)):
+            policy.load_policy(ini)
