@@ -408,11 +408,18 @@ def check_drift(where: Settings | migrate.Target, plan: migrate.DeployPlan) -> C
 
 
 def check_backup(
-    settings: Settings, reached: Reached, backup_planned: bool, max_backup_age_h: float
+    settings: Settings, reached: Reached, backup_planned: bool, max_backup_age_h: float, method: str = "dump"
 ) -> CheckResult:
     """Production: a recent verified backup exists, or the deploy will take one (and can)."""
     if settings.env != "production":
         return CheckResult("backup", SKIP, f"required in production only (environment {settings.env})")
+    if backup_planned and method == "pgbackrest":
+        return CheckResult(
+            "backup",
+            PASS,
+            "the deploy makes a pgBackRest restore point first (and a backup, when the policy's ages ask); "
+            "a server that does not archive WAL is refused then",
+        )
     return CheckResult(
         "backup",
         *_backup_state(settings, reached.url.database, backup_planned, max_backup_age_h, reached.major),
@@ -428,6 +435,7 @@ def pre_deploy(
     max_backup_age_h: float = 24.0,
     baseline_reason: str | None = None,
     new_revisions: "dict[str, migrate.RevisionInfo] | None" = None,
+    backup_method: str = "",
 ) -> CheckReport:
     """The guide's pre-deployment checklist as named checks; a failed one stops a deploy (exit 3).
 
@@ -435,13 +443,14 @@ def pre_deploy(
     invalid policy is a :class:`~opslib.errors.ConfigError` (exit 2) before anything is read. With
     ``baseline_reason`` (``opslib check --write-baseline``), what blocks today is written to the policy
     as accepted, with that reason, and the checks are judged again. ``new_revisions`` (``check --new``)
-    are the revisions added on the current branch, which the naming rule blocks.
+    are the revisions added on the current branch, which the naming rule blocks. ``backup_method`` (a run's
+    parameter) says how the planned backup is taken, instead of the policy's ``[backup] method``.
 
     The report keeps the deploy plan it judged (``report.plan``) for the deploy that follows.
     """
     target = migrate.Target.of(where)  # resolved once: every check reads this database and project
     settings = target.settings
-    project = target.policy(lint.is_squawk_rule)
+    project = _with_method(target.policy(lint.is_squawk_rule), backup_method)
     report = _pre_deploy(target, revision, project, expect_env, backup_planned, max_backup_age_h, new_revisions)
     if baseline_reason is None:
         return report
@@ -457,10 +466,17 @@ def pre_deploy(
             others.append(rule)
     path, added = policy.write_baseline(settings.alembic_ini, blocking, baseline_reason, others)
     if added:
-        project = target.policy(lint.is_squawk_rule)
+        project = _with_method(target.policy(lint.is_squawk_rule), backup_method)
         report = _pre_deploy(target, revision, project, expect_env, backup_planned, max_backup_age_h, new_revisions)
     report.checks.insert(0, CheckResult("baseline", PASS, f"{added} finding(s) accepted in {path}"))
     return report
+
+
+def _with_method(project: policy.Policy, method: str) -> policy.Policy:
+    """The policy, its backup method replaced by a run's own (none given: the policy's)."""
+    if not method:
+        return project
+    return replace(project, backup=replace(project.backup, method=method))
 
 
 def _pre_deploy(target, revision, project, expect_env, backup_planned, max_backup_age_h, new_revisions) -> CheckReport:
@@ -496,7 +512,7 @@ def _gather(target, revision, project, expect_env, backup_planned, max_backup_ag
     report.checks.append(linted)
     report.checks.append(check_naming(plan, project, new_revisions))
     report.checks.append(check_drift(target, plan))
-    report.checks.append(check_backup(settings, reached, backup_planned, max_backup_age_h))
+    report.checks.append(check_backup(settings, reached, backup_planned, max_backup_age_h, project.backup.method))
     return report
 
 

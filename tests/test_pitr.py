@@ -90,8 +90,8 @@ def _stop_all(server: Server) -> None:
     shutil.rmtree(server.home, ignore_errors=True)
 
 
-def _deploy(server: Server) -> dict:
-    done = server.opslib("run", "deploy", "--json")
+def _deploy(server: Server, *args: str) -> dict:
+    done = server.opslib("run", "deploy", "--json", *args)
     assert done.returncode == 0, done.stdout + done.stderr
     record = server.last_record("deploy")
     assert record["revisions_after"] == ["0002"]
@@ -100,7 +100,7 @@ def _deploy(server: Server) -> dict:
 
 def test_a_deploy_gated_by_a_restore_point_is_recovered_to_it_with_every_row_back(archiving):
     server = archiving
-    deployed = _deploy(server)
+    deployed = _deploy(server, "--env", "production", "-p", "confirm", "opslib")
     point = deployed["backup"]["restore_point"]
     assert point["name"] == f"opslib-{deployed['run_id']}"
     assert deployed["backup"]["path"] == f"pgbackrest:embedded/{point['backup_label']}"
@@ -108,6 +108,9 @@ def test_a_deploy_gated_by_a_restore_point_is_recovered_to_it_with_every_row_bac
     assert set(point["checksums"]) == set(point["row_counts"])
     ending = [json.loads(line) for line in (server.home / "records" / "ledger.jsonl").read_text().splitlines()][-1]
     assert ending["restore_point"] == {k: point[k] for k in ("name", "lsn", "created_at", "stanza")}
+    assert ending["warnings"] == []  # a production deploy gated by a restore point went without no safeguard
+    backup_check = next(c for c in deployed["checks"] if c["name"] == "backup")
+    assert backup_check["status"] == "pass" and "pgBackRest restore point" in backup_check["detail"]
     notebook = (server.home / "records" / deployed["notebook"]).read_text()
     assert "pgbackrest: a physical backup and a named restore point" in notebook  # the section names the method
     assert server.sql("SELECT count(*) FROM orders") == "2000"  # the revision deleted the cancelled thousand

@@ -61,7 +61,12 @@ class Deploy(Workflow):
         facts = self._identify()
         if self.settings.env == "production":
             self._require_confirm("in production")
-        report = checks.pre_deploy(self.target, self.params["target_revision"], backup_planned=self.params["backup"])
+        report = checks.pre_deploy(
+            self.target,
+            self.params["target_revision"],
+            backup_planned=self.params["backup"],
+            backup_method=self.params["backup_method"],
+        )
         self.record.checks = report.to_dict()["checks"]
         # The findings that mattered (blocking, accepted with their reasons, advice); information is counted in the check.
         self.record.findings = [
