@@ -123,6 +123,10 @@ def test_a_deploy_gated_by_a_restore_point_is_recovered_to_it_with_every_row_bac
     assert server.sql("SELECT max(id) FROM orders") == "3000"
     record = server.last_record("recovery")
     assert record["backup"]["restore_point"]["name"] == point["name"]
+    assert [s["name"] for s in record["steps"] if s["name"] not in ("replay", "stamp")][:8] == [
+        "parameters", "preflight", "restore", f"recover to restore point {point['name']}", "compare with the gate",
+        "put in place", "verify", "summary",
+    ]  # fmt: skip
     text = (server.home / "records" / record["notebook"]).read_text()
     assert "equal: revision, schema, every table's rows and their checksums" in text
     kept = server.home / "state" / f"pgdata.replaced-{record['run_id']}"

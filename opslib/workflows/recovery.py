@@ -4,9 +4,10 @@ or stamp a revision after a manual fix."""
 from __future__ import annotations
 
 import contextlib
+import time
 from pathlib import Path
 
-from opslib import lazy, params
+from opslib import audit, lazy, params
 from opslib.display import Section
 from opslib.errors import (
     InvalidInput,
@@ -15,6 +16,7 @@ from opslib.errors import (
     VerificationFailed,
 )
 from opslib.naming import first_line
+from opslib.outcome import Outcome
 from opslib.params import Param
 from opslib.record import BackupRef, revisions_text
 from opslib.steps import step
@@ -191,14 +193,19 @@ class Recovery(Workflow):
         policy = physical.backup_policy(self.settings)
         stanza = physical.stanza_for(self.settings, policy)
         major = self._server_major()
+        began = self._phase_start()
         staging = pitr.recover(self.target, stanza, self.recovery_target, self.record.run_id, major)
+        self._phase(f"recover to {self.recovery_target.describe()}", began)
         try:
+            began = self._phase_start()
             compared = pitr.compare(staging, self.target.url, self.point)
             if compared.differences:
                 raise VerificationFailed(
                     f"the recovered database is not as recorded at {self.recovery_target.describe()}: "
                     f"{'; '.join(compared.differences)}; the database was not touched"
                 )
+            self._phase("compare with the gate", began)
+            began = self._phase_start()
             facts = [
                 ("recovered to", self.recovery_target.describe()),
                 ("restore", f"{staging.seconds_restore:.1f} s (pgBackRest), replay and start {staging.seconds_replay:.1f} s"),
@@ -213,12 +220,14 @@ class Recovery(Workflow):
                         self._take_lock()
                     raise
                 self._take_lock()
+                self._phase("put in place", began)
                 facts.append(("replaced data folder kept as", str(kept)))
                 self.record.database_history = (
                     "the database's opslib history now ends at the recovery point; this run's rows follow it"
                 )
             else:
                 pitr.copy_as_new_database(self.target, staging, self.new_database_name, major)
+                self._phase(f"copy into {self.new_database_name}", began)
                 facts.append(("new database", f"{self.new_database_name} (the target was not touched)"))
         finally:
             staging.remove()
@@ -226,6 +235,15 @@ class Recovery(Workflow):
             self.record.backup = BackupRef(physical.backup_path(self.point), "", self.point)
         self._save()
         return Section("Restore", "recovered to " + self.recovery_target.describe(), facts)
+
+    @staticmethod
+    def _phase_start() -> tuple[str, float]:
+        return audit.iso(audit.now()), time.monotonic()
+
+    def _phase(self, name: str, began: tuple[str, float]) -> None:
+        """Record one phase of a recovery to a point as a step of its own (the auditor sees each), and save."""
+        self.record.step(name, began[0], duration_s=round(time.monotonic() - began[1], 3), outcome=Outcome.SUCCEEDED)
+        self._save()
 
     def _server_major(self) -> int:
         with db.connect(self.url) as conn:
