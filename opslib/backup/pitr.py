@@ -176,9 +176,14 @@ def _make_staging(state_dir: Path, run_id: str, run_as: str | None, major: int) 
 
 
 def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A port no one listens on. The staging server listens only on its own socket folder, where any port is
+    free; a free TCP port is still chosen, so that its number is unique on the machine (in logs, in ps)."""
+    try:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return s.getsockname()[1]
+    except OSError:  # no loopback (a network namespace without it): the private socket folder is enough
+        return 5432
 
 
 def _server_bin_dir(major: int) -> Path:
@@ -237,7 +242,7 @@ def _tail(log: Path) -> str:
 def _wait_until_promoted(staging: StagingServer, base: URL, where: RecoveryTarget) -> None:
     """Wait until the staging server has replayed to the target and left recovery (promoted)."""
     deadline = time.monotonic() + START_TIMEOUT_S
-    url = staging.url(base).set(database="postgres")
+    url = staging.url(base)
     while True:
         try:
             with db.connect(url) as conn:
