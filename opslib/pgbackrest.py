@@ -21,7 +21,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from opslib.errors import BackupFailed, ConfigError, OpsError, PreconditionFailed
+from opslib.errors import BackupFailed, BackupMethodUnavailable, ConfigError, OpsError
 from opslib.pgtools import child_options
 
 ENV_PROGRAM = "OPSLIB_PGBACKREST"
@@ -34,7 +34,7 @@ def program() -> Path:
     puts it in the venv), else ``pgbackrest`` on PATH."""
     named = os.environ.get(ENV_PROGRAM)
     if named:
-        if not os.access(named, os.X_OK):
+        if not os.access(named, os.X_OK) or not os.path.isfile(named):
             raise ConfigError(f"{ENV_PROGRAM}={named} is not an executable file")
         return Path(named)
     beside = Path(sys.executable).parent / "pgbackrest"
@@ -42,7 +42,7 @@ def program() -> Path:
         return beside
     found = shutil.which("pgbackrest")
     if found is None:
-        raise PreconditionFailed(f"pgBackRest is not installed: {INSTALL_HINT}")
+        raise BackupMethodUnavailable(f"pgBackRest is not installed: {INSTALL_HINT}")
     return Path(found)
 
 

@@ -131,6 +131,30 @@ class RestorePoint:
         )
 
 
+@dataclass(frozen=True)
+class SealedPoint:
+    """A restore point as the ledger sealed it with its run, and the point its record holds (None when the
+    record is missing or was changed since it was sealed)."""
+
+    run_id: str
+    runbook: str
+    outcome: str
+    database: str | None
+    name: str
+    lsn: str
+    created_at: str
+    stanza: str
+    point: RestorePoint | None
+
+    def to_dict(self) -> dict:
+        """The JSON of `opslib backups --pgbackrest --json`."""
+        return {
+            "name": self.name, "lsn": self.lsn, "created_at": self.created_at, "stanza": self.stanza,
+            "run_id": self.run_id, "runbook": self.runbook, "outcome": self.outcome, "database": self.database,
+            "record_as_sealed": self.point is not None,
+        }  # fmt: skip
+
+
 @dataclass
 class BackupRef:
     """The backup a run took (or restored): its file and checksum; for a pgBackRest gate, the path names

@@ -7,20 +7,29 @@ from pathlib import Path
 
 from opslib import audit
 from opslib.errors import InvalidInput, PreconditionFailed
-from opslib.record import RestorePoint
+from opslib.record import RestorePoint, SealedPoint
 
 
-def restore_points(records_dir: Path, database: str | None = None) -> list[tuple[dict, RestorePoint | None]]:
-    """Every sealed run's restore point (of ``database``, when given), newest first: (its ledger entry, the
-    point as its sidecar holds it, or None when the sidecar is gone or no longer what the ledger sealed)."""
+def restore_points(records_dir: Path, database: str | None = None) -> list[SealedPoint]:
+    """Every sealed run's restore point (of ``database``, when given), newest first."""
     found = []
     for entry in reversed(audit.read_endings(records_dir)):
-        point = entry.get("restore_point")
-        if not isinstance(point, dict) or point.get("name") != f"opslib-{entry.get('run_id')}":
+        sealed = entry.get("restore_point")
+        if not isinstance(sealed, dict) or sealed.get("name") != f"opslib-{entry.get('run_id')}":
             continue  # a recovery's record names the point it went back to; only the run that made it lists it
-        if database is not None and (entry.get("database") or {}).get("name") != database:
+        name = (entry.get("database") or {}).get("name")
+        if database is not None and name != database:
             continue
-        found.append((entry, _vouched_point(records_dir, entry)))
+        found.append(
+            SealedPoint(
+                run_id=str(entry.get("run_id")),
+                runbook=str(entry.get("runbook")),
+                outcome=str(entry.get("outcome")),
+                database=name,
+                **{k: str(sealed.get(k)) for k in ("name", "lsn", "created_at", "stanza")},
+                point=_vouched_point(records_dir, entry),
+            )
+        )
     return found
 
 
@@ -37,7 +46,7 @@ def find_restore_point(records_dir: Path, database: str, wanted: str) -> Restore
     ``database`` when ``wanted`` is empty. One whose record was edited since it was sealed is refused."""
     points = restore_points(records_dir, database)
     if wanted:
-        points = [(e, p) for e, p in points if wanted in (e["restore_point"].get("name"), e.get("run_id"))]
+        points = [p for p in points if wanted in (p.name, p.run_id)]
         if not points:
             raise InvalidInput(f"no restore point {wanted!r} of database {database!r} in {records_dir}'s ledger")
     elif not points:
@@ -45,10 +54,17 @@ def find_restore_point(records_dir: Path, database: str, wanted: str) -> Restore
             f"no restore point of database {database!r} in {records_dir}'s ledger: a run with backup_method "
             "pgbackrest makes one; or recover to target_time or target_lsn"
         )
-    entry, point = points[0]
-    if point is None:
+    if points[0].point is None:
         raise PreconditionFailed(
-            f"the record of {entry['restore_point'].get('name')} ({entry.get('sidecar')}) is missing or was changed "
-            "since it was sealed: its values cannot be trusted (opslib audit verify)"
+            f"the record of {points[0].name} (run {points[0].run_id}) is missing or was changed since it was sealed: "
+            "its values cannot be trusted (opslib audit verify)"
         )
-    return point
+    return points[0].point
+
+
+def point_to_test(records_dir: Path, database: str, wanted: str) -> RestorePoint | None:
+    """The restore point a test recovery goes to: the one named, else the newest of ``database``, else None (the
+    end of the newest backup)."""
+    if wanted or restore_points(records_dir, database):
+        return find_restore_point(records_dir, database, wanted)
+    return None

@@ -10,9 +10,11 @@ import shutil
 import signal
 import subprocess
 import tempfile
+import threading
 import time
 from pathlib import Path
 
+import psycopg2
 import pytest
 
 from .conftest import FIXTURES, OPSLIB, ROOT
@@ -100,12 +102,13 @@ def _deploy(server: Server, *args: str) -> dict:
 
 def test_a_deploy_gated_by_a_restore_point_is_recovered_to_it_with_every_row_back(archiving):
     server = archiving
+    server.sql("CREATE UNLOGGED TABLE sessions_cache AS SELECT g FROM generate_series(1, 10) g")  # not in the WAL
     deployed = _deploy(server, "--env", "production", "-p", "confirm", "opslib")
     point = deployed["backup"]["restore_point"]
     assert point["name"] == f"opslib-{deployed['run_id']}"
     assert deployed["backup"]["path"] == f"pgbackrest:embedded/{point['backup_label']}"
     assert point["revisions"] == ["0001"] and point["row_counts"]["public.orders"] == 3000
-    assert set(point["checksums"]) == set(point["row_counts"])
+    assert set(point["checksums"]) == set(point["row_counts"]) and "public.sessions_cache" not in point["row_counts"]
     ending = [json.loads(line) for line in (server.home / "records" / "ledger.jsonl").read_text().splitlines()][-1]
     assert ending["restore_point"] == {k: point[k] for k in ("name", "lsn", "created_at", "stanza")}
     assert ending["warnings"] == []  # a production deploy gated by a restore point went without no safeguard
@@ -140,18 +143,75 @@ def test_a_deploy_gated_by_a_restore_point_is_recovered_to_it_with_every_row_bac
     assert "restore test  PASS" in verified.stdout
 
 
-def test_a_recovery_as_a_new_database_leaves_the_target_as_it_is(archiving):
+def _socket_url(server: Server) -> str:
+    return server.opslib("db", "url").stdout.strip()
+
+
+class Writer(threading.Thread):
+    """An application that keeps writing while the deploy runs: one order a transaction, its ids kept in order."""
+
+    def __init__(self, url: str):
+        super().__init__(daemon=True)
+        self.url, self.ids, self.stop = url, [], threading.Event()
+
+    def run(self) -> None:
+        conn = psycopg2.connect(self.url)
+        conn.autocommit = True
+        with conn.cursor() as cur:
+            while not self.stop.is_set():
+                cur.execute("INSERT INTO orders (status, total) VALUES ('paid', 2) RETURNING id")
+                self.ids.append(cur.fetchone()[0])
+        conn.close()
+
+
+def test_a_recovery_as_a_new_database_gives_the_rows_at_the_gate_while_writes_went_on(archiving):
     server = archiving
+    writer = Writer(_socket_url(server))
+    writer.start()
+    while len(writer.ids) < 50:  # writing before the gate, through it, and on during the upgrade
+        time.sleep(0.01)
     point = _deploy(server)["backup"]["restore_point"]
+    writer.stop.set()
+    writer.join()
+    server.sql("CREATE DATABASE reports")  # another database: in place would take it back too
+    in_place = server.opslib("run", "recovery", "-p", "mode", "pitr", "-p", "confirm", "opslib")
+    assert in_place.returncode == 3, in_place.stdout + in_place.stderr
+    assert "takes the whole server back, and it holds other databases too (reports)" in in_place.stderr
     done = server.opslib(
         "run", "recovery", "-p", "mode", "pitr", "-p", "restore_point", point["name"], "-p", "apply", "new_database",
         "-p", "new_database", "orders_before_purge", "-p", "confirm", "opslib",
     )  # fmt: skip
     assert done.returncode == 0, done.stdout + done.stderr
-    assert server.sql("SELECT count(*) FROM orders") == "2000"
+    assert server.sql("SELECT version_num FROM alembic_version") == "0002"  # the target is as the deploy left it
+    assert int(server.sql("SELECT count(*) FROM orders WHERE status = 'cancelled'")) == 0
+    copy = "orders_before_purge"
+    assert server.sql("SELECT version_num FROM alembic_version", database=copy) == "0001"
+    # Exactly the rows at the gate: the recovery compared each table's count and checksum with the gate's (else
+    # exit 3), and the writer's orders there are a prefix of what it wrote, with the purged thousand back.
+    assert int(server.sql("SELECT count(*) FROM orders", database=copy)) == point["row_counts"]["public.orders"]
+    assert server.sql("SELECT count(*) FROM orders WHERE status = 'cancelled'", database=copy) == "1000"
+    written = [int(i) for i in server.sql("SELECT id FROM orders WHERE id > 3000 ORDER BY id", database=copy).split()]
+    assert 50 <= len(written) < len(writer.ids) and written == writer.ids[: len(written)]
+    record = server.last_record("recovery")
+    assert [s["name"] for s in record["steps"]][3:5] == [f"recover to restore point {point['name']}", "compare with the gate"]
+
+
+def test_bad_recovery_targets_are_refused_before_anything_is_restored(archiving):
+    server = archiving
+    _deploy(server)
+    pitr = ("run", "recovery", "-p", "mode", "pitr", "-p", "confirm", "opslib")
+    for args, code, said in (
+        (("-p", "target_lsn", "0/zz"), 2, "target_lsn '0/zz' is not an LSN"),
+        (("-p", "target_time", "yesterday-ish"), 2, "target_time 'yesterday-ish' is not a time"),
+        (("-p", "restore_point", "opslib-nope"), 2, "no restore point 'opslib-nope' of database 'opslib'"),
+        (("-p", "target_time", "2026-12-07 10:00:00+00", "-p", "target_lsn", "0/1"), 2, "takes one of"),
+        (("-p", "apply", "new_database", "-p", "new_database", "opslib"), 3, "a database named 'opslib' exists already"),
+    ):
+        done = server.opslib(*pitr, *args)
+        assert done.returncode == code, (args, done.stdout + done.stderr)
+        assert said in done.stderr, (args, done.stderr)
+    assert not any((server.home / "state" / "recovery").glob("*"))  # nothing was restored for any of them
     assert server.sql("SELECT version_num FROM alembic_version") == "0002"
-    assert server.sql("SELECT count(*) FROM orders", database="orders_before_purge") == "3000"
-    assert server.sql("SELECT version_num FROM alembic_version", database="orders_before_purge") == "0001"
 
 
 def test_a_killed_recovery_leaves_the_original_running_and_the_next_one_cleans_up(archiving):

@@ -40,7 +40,8 @@ def test_only_the_run_that_made_a_point_lists_it_and_the_newest_is_chosen(tmp_pa
     _sealed(records, "recovery", point_of=first)  # went back to the first deploy's point: lists none of its own
     _sealed(records, "deploy", database="other")
     listed = restorepoints.restore_points(records, "shop")
-    assert [(e["run_id"], p.name) for e, p in listed] == [(second, f"opslib-{second}"), (first, f"opslib-{first}")]
+    assert [(p.run_id, p.name) for p in listed] == [(second, f"opslib-{second}"), (first, f"opslib-{first}")]
+    assert all(p.point is not None and p.database == "shop" and p.runbook == "deploy" for p in listed)
     assert restorepoints.find_restore_point(records, "shop", "") == newest
     assert restorepoints.find_restore_point(records, "shop", first).name == f"opslib-{first}"
 
@@ -60,6 +61,7 @@ def test_a_point_whose_record_changed_since_sealing_is_refused(tmp_path):
     sidecar.write_text(json.dumps(data))
     with pytest.raises(PreconditionFailed, match="was changed since it was sealed"):
         restorepoints.find_restore_point(records, "shop", "")
+    assert [p.point for p in restorepoints.restore_points(records)] == [None]  # listed, as not to be trusted
 
 
 def test_a_recovery_target_is_one_of_a_point_a_time_and_an_lsn():
@@ -67,6 +69,8 @@ def test_a_recovery_target_is_one_of_a_point_a_time_and_an_lsn():
     assert pitr.target_of(point, "", "").options() == [
         "--type=name", "--target=opslib-1", "--target-action=promote", "--set=20261207-095500F",
     ]  # fmt: skip
+    on_timeline_3 = RestorePoint("opslib-2", "0/1", "t", "000000030000000000000007", "main", "L", "none")
+    assert "--target-timeline=3" in pitr.target_of(on_timeline_3, "", "").options()  # its own, whatever came after
     assert pitr.target_of(None, "2026-12-07 10:00:00+00", "").options() == [
         "--type=time", "--target=2026-12-07 10:00:00+00", "--target-action=promote",
     ]  # fmt: skip

@@ -106,30 +106,33 @@ def _backup_file(file: Path | str) -> Path:
 # --- what the manifest records of a database -------------------------------------------------------
 
 
-def _tables(conn: Connection) -> list[tuple[str, str]]:
+def _tables(conn: Connection, logged_only: bool = False) -> list[tuple[str, str]]:
+    # An unlogged table's rows are not in the WAL: a recovery to a point in time brings it back empty.
+    unlogged = " AND c.relpersistence <> 'u'" if logged_only else ""
     return conn.execute(
         sa.text(
             "SELECT n.nspname, c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
             "WHERE c.relkind = 'r' AND n.nspname NOT IN ('pg_catalog', 'information_schema') "
-            "AND n.nspname NOT LIKE 'pg\\_toast%' AND n.nspname NOT LIKE 'pg\\_temp%' ORDER BY 1, 2"
+            f"AND n.nspname NOT LIKE 'pg\\_toast%' AND n.nspname NOT LIKE 'pg\\_temp%'{unlogged} ORDER BY 1, 2"
         )
     ).all()
 
 
-def row_counts(conn: Connection) -> dict[str, int]:
-    """Exact row counts of every ordinary table outside the system schemas, keyed ``schema.table``."""
+def row_counts(conn: Connection, logged_only: bool = False) -> dict[str, int]:
+    """Exact row counts of every ordinary table outside the system schemas, keyed ``schema.table``
+    (``logged_only``: not the unlogged tables, which a recovery to a point in time brings back empty)."""
     counts = {}
-    for schema, table in _tables(conn):
+    for schema, table in _tables(conn, logged_only):
         qualified = f"{db.quote_ident(conn, schema)}.{db.quote_ident(conn, table)}"
         counts[f"{schema}.{table}"] = int(conn.execute(sa.text(f"SELECT count(*) FROM {qualified}")).scalar())
     return counts
 
 
-def table_checksums(conn: Connection) -> dict[str, str]:
+def table_checksums(conn: Connection, logged_only: bool = False) -> dict[str, str]:
     """A checksum of every ordinary table's rows outside the system schemas, keyed ``schema.table``: the sum of
     a 64-bit hash of each row's text, independent of the rows' order (equal multisets of rows, equal sums)."""
     checksums = {}
-    for schema, table in _tables(conn):
+    for schema, table in _tables(conn, logged_only):
         qualified = f"{db.quote_ident(conn, schema)}.{db.quote_ident(conn, table)}"
         checksums[f"{schema}.{table}"] = str(
             conn.execute(sa.text(f"SELECT coalesce(sum(hashtextextended(t::text, 0)::numeric), 0) FROM {qualified} t")).scalar()
@@ -137,7 +140,7 @@ def table_checksums(conn: Connection) -> dict[str, str]:
     return checksums
 
 
-def _count_differences(expected: dict[str, int], actual: dict[str, int]) -> str:
+def count_differences(expected: dict[str, int], actual: dict[str, int]) -> str:
     diffs = [
         f"{table}: {actual.get(table, 'missing')} rows, expected {expected.get(table, 'none')}"
         for table in sorted(set(expected) | set(actual))

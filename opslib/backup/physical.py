@@ -30,6 +30,11 @@ from opslib.policy import BackupPolicy, load_backup_policy
 from opslib.record import RestorePoint
 
 POINT_PREFIX = "opslib-"
+# Every table the gate locks (a partitioned table's lock covers its partitions): not the system's.
+_TABLES = (
+    "c.relkind IN ('r', 'p') AND NOT c.relispartition AND n.nspname NOT IN ('pg_catalog', 'information_schema') "
+    "AND n.nspname NOT LIKE 'pg\\_%'"
+)
 
 
 def point_name(run_id: str) -> str:
@@ -53,7 +58,10 @@ def stanza_for(settings: Settings, policy: BackupPolicy) -> pgbackrest.Stanza:
         config = Path(policy.config)
         if not config.is_absolute():
             config = Path(settings.alembic_ini).resolve().parent / config
-        return pgbackrest.Stanza(policy.stanza, config)
+        if not config.is_file():
+            raise BackupMethodUnavailable(f"backup method pgbackrest: the policy's [backup] config {config} is not a file")
+        # Run as root, pgBackRest runs as the owner of the team's configuration (postgres, as Debian installs it).
+        return pgbackrest.Stanza(policy.stanza, config, embedded.data_owner(config))
     if settings.uses_embedded:
         return embedded.stanza(settings)
     raise BackupMethodUnavailable(
@@ -84,19 +92,37 @@ def require_archiving(conn: Connection, stanza: pgbackrest.Stanza, settings: Set
         raise BackupMethodUnavailable(f"the server does not archive its WAL (archive_mode = off): {how}")
     if "pgbackrest" not in (setting.get("archive_command") or ""):
         raise BackupMethodUnavailable(f"the server's archive_command does not push WAL to pgBackRest: {how}")
-    allowed = conn.execute(
+    _require_privileges(conn)
+
+
+def _require_privileges(conn: Connection) -> None:
+    """The role may make a restore point and switch WAL, and lock (SHARE) and read every table at the point."""
+    role, database, *allowed = conn.execute(
         sa.text(
-            "SELECT has_function_privilege('pg_create_restore_point(text)', 'EXECUTE'), "
-            "has_function_privilege('pg_switch_wal()', 'EXECUTE'), has_function_privilege('pg_export_snapshot()', 'EXECUTE')"
+            "SELECT current_user, current_database(), has_function_privilege('pg_create_restore_point(text)', 'EXECUTE'), "
+            "has_function_privilege('pg_switch_wal()', 'EXECUTE')"
         )
     ).one()
     if not all(allowed):
-        role = conn.execute(sa.text("SELECT current_user")).scalar()
         raise BackupMethodUnavailable(
             f"role {role} may not make a restore point: GRANT EXECUTE ON FUNCTION pg_create_restore_point(text), "
-            f"pg_switch_wal() TO {role}"
+            f"pg_switch_wal() TO {role} (in database {database})"
         )
+    # LOCK ... IN SHARE MODE needs UPDATE, DELETE, TRUNCATE or MAINTAIN; reading the rows there needs SELECT.
+    denied = conn.execute(
+        sa.text(
+            f"SELECT format('%I.%I', n.nspname, c.relname) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
+            f"WHERE {_TABLES} AND NOT (has_table_privilege(c.oid, 'SELECT') AND (has_table_privilege(c.oid, 'UPDATE') "
+            "OR has_table_privilege(c.oid, 'DELETE') OR has_table_privilege(c.oid, 'TRUNCATE'))) ORDER BY 1"
+        )
+    ).scalars().all()
     conn.rollback()
+    if denied:
+        shown = ", ".join(denied[:3]) + (f" and {len(denied) - 3} more" if len(denied) > 3 else "")
+        raise BackupMethodUnavailable(
+            f"role {role} may not lock and read {shown} at the restore point: GRANT SELECT, UPDATE ON {denied[0]} "
+            f"TO {role} (in database {database}), for each"
+        )
 
 
 def ensure_backup(stanza: pgbackrest.Stanza, policy: BackupPolicy) -> tuple[pgbackrest.PhysicalBackup, str, float]:
@@ -166,11 +192,13 @@ def _point_in_one_snapshot(writers: Connection, reader: Connection, name: str, l
     ``reader`` takes over before the locks are let go; the first statement after LOCK takes the snapshot,
     and no writer can commit between it and the point.
     """
+    # Read before the locked transaction: in it, the first query would take the snapshot before the locks. A table
+    # made in between is not locked; its writes could then differ at the point, which a recovery's comparison would
+    # show (a refusal, never a silent difference); deploys make tables under the run lock, after the gate.
     tables = writers.execute(
         sa.text(
-            "SELECT format('%I.%I', n.nspname, c.relname) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
-            "WHERE c.relkind IN ('r', 'p') AND NOT c.relispartition AND n.nspname NOT IN ('pg_catalog', 'information_schema') "
-            "AND n.nspname NOT LIKE 'pg\\_%' ORDER BY 1"
+            f"SELECT format('%I.%I', n.nspname, c.relname) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
+            f"WHERE {_TABLES} ORDER BY 1"
         )
     ).scalars().all()
     writers.rollback()
@@ -227,8 +255,8 @@ def _read_at_point(reader: Connection, point: RestorePoint, counts: bool, checks
     try:
         revisions = db.version_revisions(reader, point.version_table or db.DEFAULT_VERSION_TABLE)
         shape = schema.fingerprint(reader, point.version_table or db.DEFAULT_VERSION_TABLE)
-        rows = row_counts(reader) if counts else None
-        sums = table_checksums(reader) if checksums else None
+        rows = row_counts(reader, logged_only=True) if counts else None
+        sums = table_checksums(reader, logged_only=True) if checksums else None
     except DBAPIError as err:
         raise BackupNotTaken(f"what the database held at {point.name} could not be read: {db.driver_message(err)}") from None
     finally:

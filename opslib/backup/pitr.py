@@ -28,7 +28,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import URL
 
 from opslib import db, embedded, pgbackrest, pgtools, schema
-from opslib.backup.manifest import _count_differences, row_counts, table_checksums
+from opslib.backup.manifest import count_differences, row_counts, table_checksums
 from opslib.checkreport import FAIL, PASS, SKIP, CheckReport
 from opslib.errors import BackupFailed, InvalidInput, OpsError, PreconditionFailed
 from opslib.record import RestorePoint
@@ -44,11 +44,15 @@ class RecoveryTarget:
     kind: str  # name | time | lsn | immediate
     value: str = ""
     backup_label: str | None = None
+    timeline: int | None = None  # the point's: a later recovery in place may have left it for a new one
 
     def options(self) -> list[str]:
         """pgBackRest restore's options for this target."""
         found = [f"--type={self.kind}"] + ([f"--target={self.value}"] if self.kind != "immediate" else [])
-        return found + ["--target-action=promote"] + ([f"--set={self.backup_label}"] if self.backup_label else [])
+        found.append("--target-action=promote")
+        if self.timeline is not None:
+            found.append(f"--target-timeline={self.timeline}")
+        return found + ([f"--set={self.backup_label}"] if self.backup_label else [])
 
     def describe(self) -> str:
         """The target in words."""
@@ -63,10 +67,18 @@ def target_of(point: RestorePoint | None, target_time: str, target_lsn: str) -> 
     if len(given) != 1:
         raise InvalidInput("recovery to a point in time needs exactly one of restore_point, target_time, target_lsn")
     if point is not None:
-        return RecoveryTarget("name", point.name, point.backup_label or None)
+        return RecoveryTarget("name", point.name, point.backup_label or None, timeline_of(point))
     if target_time:
         return RecoveryTarget("time", target_time)
     return RecoveryTarget("lsn", target_lsn)
+
+
+def timeline_of(point: RestorePoint) -> int | None:
+    """The timeline a restore point was made on: its WAL segment's name begins with it."""
+    try:
+        return int(point.wal_file[:8], 16)
+    except (TypeError, ValueError):
+        return None
 
 
 @dataclass
@@ -79,6 +91,7 @@ class StagingServer:
     port: int
     run_as: str | None
     bin_dir: Path
+    lock: Path
     lock_fd: int
     seconds_restore: float = 0.0
     seconds_replay: float = 0.0
@@ -88,16 +101,17 @@ class StagingServer:
         query = {k: v for k, v in base.query.items() if k not in ("host", "port")}
         return base.set(host=None, port=self.port, query={**query, "host": str(self.socket_dir)})
 
-    def stop(self) -> None:
-        """Stop the staging server if it runs (immediate: nothing of it is kept)."""
+    def stop(self, mode: str = "immediate") -> None:
+        """Stop the staging server if it runs (immediate: nothing of it is kept; fast: it is put in place)."""
         if (self.pgdata / "postmaster.pid").exists():
-            _pg_ctl(self.bin_dir, self.pgdata, self.run_as, "-m", "immediate", "-w", "stop", check=False)
+            _pg_ctl(self.bin_dir, self.pgdata, self.run_as, "-m", mode, "-w", "stop", check=mode != "immediate")
 
     def remove(self) -> None:
         """Stop it, remove its folders, and let go of its lock."""
         self.stop()
         shutil.rmtree(self.root, ignore_errors=True)
         shutil.rmtree(self.socket_dir, ignore_errors=True)
+        self.lock.unlink(missing_ok=True)
         os.close(self.lock_fd)
 
 
@@ -107,26 +121,36 @@ def staging_root(state_dir: Path) -> Path:
 
 
 def cleanup_staging(state_dir: Path) -> list[Path]:
-    """Stop and remove the staging folders no running recovery holds (left by a killed one); their paths."""
+    """Stop and remove the staging folders no running recovery holds (left by a killed one), with their socket
+    folders; their paths. Each recovery holds ``<run id>.lock`` beside its folder from before it makes it."""
     removed = []
     root = staging_root(state_dir)
-    for folder in sorted(root.glob("*")) if root.is_dir() else []:
-        fd = os.open(folder / ".lock", os.O_RDWR | os.O_CREAT, 0o644) if folder.is_dir() else None
-        if fd is None:
-            continue
+    for lock in sorted(root.glob("*.lock")) if root.is_dir() else []:
+        fd = os.open(lock, os.O_RDWR)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
             continue  # a recovery is running there
+        folder = lock.with_suffix("")
         pgdata = folder / "pgdata"
         if (pgdata / "postmaster.pid").exists():
-            owner = embedded.data_owner(pgdata) if pgdata.exists() else None
-            _pg_ctl(_bin_dir_of(pgdata), pgdata, owner, "-m", "immediate", "-w", "stop", check=False)
+            _pg_ctl(_bin_dir_of(pgdata), pgdata, embedded.data_owner(pgdata), "-m", "immediate", "-w", "stop", check=False)
+        _remove_socket_folder(folder)
         shutil.rmtree(folder, ignore_errors=True)
+        lock.unlink(missing_ok=True)
         os.close(fd)
         removed.append(folder)
     return removed
+
+
+def _remove_socket_folder(folder: Path) -> None:
+    try:
+        named = Path((folder / "socket-folder").read_text().strip())
+    except OSError:
+        return
+    if named.name.startswith("opslib-pitr-"):  # only ever one of ours
+        shutil.rmtree(named, ignore_errors=True)
 
 
 def recover(
@@ -160,19 +184,35 @@ def _forget_the_servers_socket(pgdata: Path) -> None:
 
 
 def _make_staging(state_dir: Path, run_id: str, run_as: str | None, major: int) -> StagingServer:
-    root = staging_root(state_dir) / run_id
-    root.mkdir(parents=True, exist_ok=False)
-    lock_fd = os.open(root / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+    """The staging folder of a recovery, its socket folder, and its lock (taken before the folder exists, so
+    that :func:`cleanup_staging` never takes a folder being made for a leftover)."""
+    bin_dir = _server_bin_dir(major)
+    home = staging_root(state_dir)
+    home.mkdir(parents=True, exist_ok=True)
+    lock = home / f"{run_id}.lock"
+    lock_fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
     fcntl.flock(lock_fd, fcntl.LOCK_EX)
-    pgdata = root / "pgdata"
-    pgdata.mkdir(mode=0o700)
-    # A short socket folder: a Unix socket's path has at most 107 bytes.
-    socket_dir = Path(tempfile.mkdtemp(prefix="opslib-pitr-"))
-    if run_as:
-        owner = pwd.getpwnam(run_as)
-        for path in (root, pgdata, socket_dir):
-            os.chown(path, owner.pw_uid, owner.pw_gid)
-    return StagingServer(root, pgdata, socket_dir, _free_port(), run_as, _server_bin_dir(major), lock_fd)
+    root, socket_dir = home / run_id, None
+    try:
+        root.mkdir()
+        pgdata = root / "pgdata"
+        pgdata.mkdir(mode=0o700)
+        # A short socket folder: a Unix socket's path has at most 107 bytes. Named in the staging folder, so
+        # that the clean-up of a killed recovery finds it.
+        socket_dir = Path(tempfile.mkdtemp(prefix="opslib-pitr-"))
+        (root / "socket-folder").write_text(str(socket_dir))
+        if run_as:
+            owner = pwd.getpwnam(run_as)
+            for path in (root, pgdata, socket_dir):
+                os.chown(path, owner.pw_uid, owner.pw_gid)
+    except BaseException:
+        shutil.rmtree(root, ignore_errors=True)
+        if socket_dir is not None:
+            shutil.rmtree(socket_dir, ignore_errors=True)
+        lock.unlink(missing_ok=True)
+        os.close(lock_fd)
+        raise
+    return StagingServer(root, pgdata, socket_dir, _free_port(), run_as, bin_dir, lock, lock_fd)
 
 
 def _free_port() -> int:
@@ -239,6 +279,11 @@ def _tail(log: Path) -> str:
     return lines[-1] if lines else "(no error in the log)"
 
 
+# What a server says while it starts or replays: worth asking again. Anything else (no such database, a
+# password refused) will not change by waiting.
+_NOT_YET = ("starting up", "in recovery", "not yet accepting", "shutting down", "No such file", "Connection refused")
+
+
 def _wait_until_promoted(staging: StagingServer, base: URL, where: RecoveryTarget) -> None:
     """Wait until the staging server has replayed to the target and left recovery (promoted)."""
     deadline = time.monotonic() + START_TIMEOUT_S
@@ -248,11 +293,13 @@ def _wait_until_promoted(staging: StagingServer, base: URL, where: RecoveryTarge
             with db.connect(url) as conn:
                 if not conn.execute(sa.text("SELECT pg_is_in_recovery()")).scalar():
                     return
-        except OpsError:
+        except OpsError as err:
             if not (staging.pgdata / "postmaster.pid").exists():
                 raise BackupFailed(
                     f"the recovered server stopped before reaching {where.describe()}: {_tail(staging.root / 'server.log')}"
                 ) from None
+            if not any(words in err.message for words in _NOT_YET):
+                raise BackupFailed(f"the recovered server cannot be read: {err.message}") from None
         if time.monotonic() > deadline:
             raise BackupFailed(f"the recovered server did not reach {where.describe()} within {START_TIMEOUT_S} s")
         time.sleep(0.1)
@@ -272,8 +319,8 @@ def compare(staging: StagingServer, base: URL, point: RestorePoint | None) -> Co
     with db.connect(staging.url(base)) as conn:
         revisions = db.version_revisions(conn, table)
         shape = schema.fingerprint(conn, table)
-        counts = row_counts(conn)
-        sums = table_checksums(conn) if point is not None and point.checksums is not None else None
+        counts = row_counts(conn, logged_only=True)
+        sums = table_checksums(conn, logged_only=True) if point is not None and point.checksums is not None else None
     app = {k: v for k, v in counts.items() if not k.startswith("opslib.")}
     facts = [
         ("revision", ", ".join(revisions) or "none"),
@@ -288,73 +335,13 @@ def compare(staging: StagingServer, base: URL, point: RestorePoint | None) -> Co
     if point.fingerprint and shape != point.fingerprint:
         differences.append("the schema differs from the gate's (fingerprint)")
     if point.row_counts is not None and counts != point.row_counts:
-        differences.append(f"row counts differ: {_count_differences(point.row_counts, counts)}")
+        differences.append(f"row counts differ: {count_differences(point.row_counts, counts)}")
     if sums is not None and sums != point.checksums:
         changed = sorted(t for t in set(sums) | set(point.checksums) if sums.get(t) != point.checksums.get(t))
         differences.append(f"the rows of {', '.join(changed[:3])}{' …' if len(changed) > 3 else ''} differ (checksums)")
     compared = "revision, schema, every table's rows" + (" and their checksums" if sums is not None else "")
     facts.append(("compared with the gate", f"equal: {compared}" if not differences else "DIFFERENT"))
     return Comparison(facts, differences)
-
-
-def put_in_place(settings, staging: StagingServer, run_id: str) -> Path:
-    """Put the recovered data folder in place of the embedded server's: stop both, swap the folders, start
-    the server on it. The replaced folder is kept (returned); if the recovered one does not start, the
-    replaced one is put back and started."""
-    if not settings.uses_embedded:
-        raise PreconditionFailed(
-            "in place: opslib stops and swaps only the embedded server's data folder; use apply=new_database"
-        )
-    pgdata = embedded.pgdata_dir(settings)
-    kept = pgdata.with_name(f"pgdata.replaced-{run_id}")
-    staging.stop()
-    embedded.stop(settings)
-    pgdata.rename(kept)
-    staging.pgdata.rename(pgdata)
-    try:
-        embedded.start(settings, archive=False)
-    except OpsError as err:
-        pgdata.rename(staging.root / "pgdata.failed")
-        kept.rename(pgdata)
-        embedded.start(settings, archive=False)
-        raise BackupFailed(
-            f"the recovered data folder did not start in place ({err.message}); the original was put back and runs"
-        ) from None
-    return kept
-
-
-def copy_as_new_database(target: db.TargetDatabase, staging: StagingServer, name: str, major: int) -> str:
-    """Copy the recovered database into a new database ``name`` on the target's server (pg_dump of the
-    recovered server, pg_restore into it); the target itself is not touched."""
-    db.check_database_name(name)
-    source = staging.url(target.url)
-    dump = staging.root / "recovered.dump"
-    dumped = subprocess.run(
-        [pgtools.pg_dump_for(major).path, "-Fc", "-f", str(dump)],
-        env=pgtools.libpq_env(source),
-        capture_output=True,
-        text=True,
-        **pgtools.child_options(),
-    )
-    if dumped.returncode != 0:
-        raise BackupFailed(f"pg_dump of the recovered database failed: {dumped.stderr.strip().splitlines()[-1:]}")
-    with db.connect_autocommit(db.maintenance_url(target.url)) as admin:
-        if db.database_exists(admin, name):
-            raise PreconditionFailed(f"a database named {name!r} exists already: choose another name")
-        admin.execute(sa.text(f"CREATE DATABASE {db.quote_ident(admin, name)}"))
-    restored = subprocess.run(
-        [pgtools.pg_restore_for(major).path, "--exit-on-error", "-d", name, str(dump)],
-        env=pgtools.libpq_env(target.url.set(database=name)),
-        capture_output=True,
-        text=True,
-        **pgtools.child_options(),
-    )
-    dump.unlink(missing_ok=True)
-    if restored.returncode != 0:
-        raise BackupFailed(
-            f"pg_restore into {name} failed: {restored.stderr.strip().splitlines()[-1:]}; {name} is left for inspection"
-        )
-    return name
 
 
 def verify_physical(
@@ -372,7 +359,7 @@ def verify_physical(
         report.add("restore test", SKIP, "an earlier check failed")
         return report
     report.add("repository", PASS, f"pgbackrest verify: backups and WAL archive readable ({time.monotonic() - started:.1f} s)")
-    where = RecoveryTarget("name", point.name, point.backup_label) if point else RecoveryTarget("immediate")
+    where = target_of(point, "", "") if point else RecoveryTarget("immediate")
     started = time.monotonic()
     try:
         staging = recover(target, stanza, where, run_id, major)

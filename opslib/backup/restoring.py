@@ -18,7 +18,7 @@ from opslib import db
 from opslib.backup.manifest import (
     STAMP,
     _backup_file,
-    _count_differences,
+    count_differences,
     _manifest_version_table,
     _now,
     read_manifest,
@@ -181,7 +181,7 @@ def _restore_and_compare(
     with db.connect(staging_url) as conn:
         counts = row_counts(conn)
         revisions = db.version_revisions(conn, _manifest_version_table(manifest))
-    matches = not _count_differences(manifest["row_counts"], counts) and sorted(revisions) == sorted(
+    matches = not count_differences(manifest["row_counts"], counts) and sorted(revisions) == sorted(
         manifest["revisions"]
     )
     if not matches:

@@ -20,7 +20,7 @@ from sqlalchemy.exc import DBAPIError
 from opslib import db, pgtools
 from opslib.backup.manifest import (
     _backup_file,
-    _count_differences,
+    count_differences,
     _iso,
     _manifest_version_table,
     _now,
@@ -216,7 +216,7 @@ def _restore_test(scratch: _Scratch, path: Path, manifest: dict) -> tuple[str, s
     with db.connect(scratch.url) as conn:
         counts = row_counts(conn)
         revisions = list(db.version_revisions(conn, _manifest_version_table(manifest)))
-    diff = _count_differences(manifest.get("row_counts", {}), counts)
+    diff = count_differences(manifest.get("row_counts", {}), counts)
     if diff:
         return FAIL, f"count mismatch: {diff}"
     if sorted(revisions) != sorted(manifest.get("revisions", [])):

@@ -72,9 +72,7 @@ def _verify_physical(settings, wanted: str):
 
     target = db.TargetDatabase(settings)
     stanza = physical.stanza_for(settings, physical.backup_policy(settings))
-    name = target.url.database
-    points = restorepoints.restore_points(settings.records_dir, name)
-    point = restorepoints.find_restore_point(settings.records_dir, name, wanted) if wanted or points else None
+    point = restorepoints.point_to_test(settings.records_dir, target.url.database, wanted)
     with db.connect(target.url) as conn:
         major = db.server_version(conn)[1]
     return pitr.verify_physical(target, stanza, point, f"verify-{audit.new_run_id()}", major)
@@ -133,7 +131,7 @@ def clone(settings, args) -> int:
 def backups(settings, args) -> int:
     """list the backups (time, database, revision, size, verified), and pgBackRest's with the restore points"""
     from opslib import backup, display
-    from opslib.errors import InvalidInput
+    from opslib.errors import InvalidInput, OpsError
 
     if args.pgbackrest:
         if args.dir:
@@ -148,7 +146,10 @@ def backups(settings, args) -> int:
     print(json.dumps([b.to_dict() for b in found], indent=2) if args.json else display.backups_text(found))
     if not args.json and not args.dir and _keeps_physical(settings):
         print()
-        print(display.physical_text(*_physical_listing(settings)))
+        try:
+            print(display.physical_text(*_physical_listing(settings)))
+        except OpsError as err:  # the dumps are listed whatever pgBackRest says
+            print(f"pgBackRest: {err.message}")
     return EXIT_OK
 
 
@@ -174,12 +175,8 @@ def _physical_json(stanza, points) -> dict:
         "status": stanza.status,
         "wal": [stanza.wal_min, stanza.wal_max],
         "backups": [dataclasses.asdict(b) for b in stanza.backups],
-        "restore_points": [
-            {**e["restore_point"], "run_id": e.get("run_id"), "database": (e.get("database") or {}).get("name"),
-             "record_as_sealed": p is not None}
-            for e, p in points
-        ],
-    }  # fmt: skip
+        "restore_points": [p.to_dict() for p in points],
+    }
 
 
 @command(

@@ -26,8 +26,12 @@ def db(settings, args) -> int:
         if st.archiving:
             print(f"WAL archived with pgBackRest: stanza {embedded.stanza(settings).config}")
     elif args.action == "stop":
+        from opslib.backup import pitr
+
         embedded.stop(settings)
         print(f"embedded PostgreSQL stopped, data kept in {embedded.pgdata_dir(settings)}")
+        for folder in pitr.cleanup_staging(settings.state_dir):  # what killed recoveries left running
+            print(f"stopped and removed the staging server of a killed recovery: {folder}")
     elif args.action == "status":
         st = embedded.status(settings)
         print(f"running (pid {st.pid}), data in {st.pgdata}\nurl: {st.url}" if st.running else f"stopped, data in {st.pgdata}")

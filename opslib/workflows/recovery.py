@@ -3,13 +3,15 @@ or stamp a revision after a manual fix."""
 
 from __future__ import annotations
 
-import contextlib
+import re
 import time
 from pathlib import Path
 
 from opslib import audit, lazy, params
 from opslib.display import Section
 from opslib.errors import (
+    ChecksFailed,
+    Interrupted,
     InvalidInput,
     OpsError,
     PreconditionFailed,
@@ -30,6 +32,11 @@ db = lazy.module("opslib.db")
 schema = lazy.module("opslib.schema")
 restorepoints = lazy.module("opslib.restorepoints")
 pitr = lazy.module("opslib.backup.pitr")
+recovered = lazy.module("opslib.backup.recovered")
+sa = lazy.module("sqlalchemy")
+
+
+LSN = re.compile(r"^[0-9A-Fa-f]{1,8}/[0-9A-Fa-f]{1,8}$")  # as PostgreSQL writes one: 0/3000090
 
 
 class Recovery(Workflow):
@@ -85,6 +92,10 @@ class Recovery(Workflow):
         time and an LSN."""
         if values["mode"] == "pitr" and sum(bool(values[k]) for k in ("restore_point", "target_time", "target_lsn")) > 1:
             raise InvalidInput("recovery: mode='pitr' takes one of restore_point, target_time, target_lsn")
+        if values["target_lsn"] and not LSN.match(values["target_lsn"]):
+            raise InvalidInput(
+                f"recovery: target_lsn {values['target_lsn']!r} is not an LSN: two hexadecimal numbers, as 0/3000090"
+            )
         if values["mode"] != "stamp":
             return
         if not values["stamp_revision"]:
@@ -128,14 +139,16 @@ class Recovery(Workflow):
         p = self.params
         if not (p["target_time"] or p["target_lsn"]):
             self.point = restorepoints.find_restore_point(self.settings.records_dir, self.database, p["restore_point"])
+        if p["target_time"]:
+            self._check_time(p["target_time"])
         self.recovery_target = pitr.target_of(self.point, p["target_time"], p["target_lsn"])
         physical.stanza_for(self.settings, physical.backup_policy(self.settings))  # refused here if there is none
-        if p["apply"] == "in_place" and not self.settings.uses_embedded:
-            raise PreconditionFailed(
-                "recovery in place swaps the embedded server's data folder only: use -p apply new_database"
+        if p["apply"] == "in_place":
+            self._check_in_place()
+        else:
+            self.new_database_name = recovered.check_new_database(
+                self.target, p["new_database"] or f"{self.database}_pitr_{self.record.run_id[:8]}"
             )
-        if p["apply"] == "new_database":
-            self.new_database_name = p["new_database"] or f"{self.database}_pitr_{self.record.run_id[:8]}"
         facts.append(("recover to", self.recovery_target.describe()))
         if self.point is not None:
             pt = self.point
@@ -145,10 +158,32 @@ class Recovery(Workflow):
                 ("revision there", revisions_text(list(pt.revisions))),
             ]
         facts.append(
-            ("then", "swap the server's data folder (the current one kept)" if p["apply"] == "in_place"
-             else f"copy the recovered database into a new database {self.new_database_name}")
-        )
+            ("then", "swap the server's data folder (the whole server goes back; the current folder is kept)"
+             if p["apply"] == "in_place" else f"copy the recovered database into a new database {self.new_database_name}")
+        )  # fmt: skip
         return Section("Preflight", "recover to a point in time (pgBackRest)", facts)
+
+    def _check_time(self, text: str) -> None:
+        """A target time the server reads as a time, else exit 2 before anything is restored."""
+        with db.connect(self.url) as conn:
+            try:
+                with conn.begin_nested():
+                    conn.execute(sa.text("SELECT CAST(:t AS timestamptz)"), {"t": text})
+            except sa.exc.DBAPIError:
+                raise InvalidInput(f"target_time {text!r} is not a time: write it as 2026-12-07 10:00:00+00") from None
+
+    def _check_in_place(self) -> None:
+        """In place recovers the whole server: only the embedded one, and only while it holds no other database."""
+        if not self.settings.uses_embedded:
+            raise PreconditionFailed(
+                "recovery in place swaps the embedded server's data folder only: use -p apply new_database"
+            )
+        others = recovered.other_databases(self.target)
+        if others:
+            raise PreconditionFailed(
+                f"recovery in place takes the whole server back, and it holds other databases too ({', '.join(others)}): "
+                "use -p apply new_database"
+            )
 
     def _choose_backup(self) -> Path:
         if self.params["backup_file"]:
@@ -200,41 +235,50 @@ class Recovery(Workflow):
             began = self._phase_start()
             compared = pitr.compare(staging, self.target.url, self.point)
             if compared.differences:
-                raise VerificationFailed(
+                raise ChecksFailed(
                     f"the recovered database is not as recorded at {self.recovery_target.describe()}: "
                     f"{'; '.join(compared.differences)}; the database was not touched"
                 )
             self._phase("compare with the gate", began)
-            began = self._phase_start()
             facts = [
                 ("recovered to", self.recovery_target.describe()),
                 ("restore", f"{staging.seconds_restore:.1f} s (pgBackRest), replay and start {staging.seconds_replay:.1f} s"),
                 *compared.facts,
             ]
             if self.params["apply"] == "in_place":
-                self._release_lock()
-                try:
-                    kept = pitr.put_in_place(self.settings, staging, self.record.run_id)
-                except BaseException:
-                    with contextlib.suppress(OpsError):  # the server may be down: its error is the one to tell
-                        self._take_lock()
-                    raise
-                self._take_lock()
-                self._phase("put in place", began)
-                facts.append(("replaced data folder kept as", str(kept)))
-                self.record.database_history = (
-                    "the database's opslib history now ends at the recovery point; this run's rows follow it"
-                )
+                facts += self._put_in_place(staging)
             else:
-                pitr.copy_as_new_database(self.target, staging, self.new_database_name, major)
+                began = self._phase_start()
+                recovered.copy_as_new_database(self.target, staging, self.new_database_name, major)
                 self._phase(f"copy into {self.new_database_name}", began)
                 facts.append(("new database", f"{self.new_database_name} (the target was not touched)"))
         finally:
             staging.remove()
-        if self.point is not None:
-            self.record.backup = BackupRef(physical.backup_path(self.point), "", self.point)
         self._save()
         return Section("Restore", "recovered to " + self.recovery_target.describe(), facts)
+
+    def _put_in_place(self, staging) -> list[tuple[str, object]]:
+        """Swap the data folders without the run lock's session (the server stops), then take the lock again; a
+        signal that came during the swap is raised once the swap is recorded."""
+        began = self._phase_start()
+        self._release_lock()
+        swapped = recovered.put_in_place(self.settings, staging, self.record.run_id)
+        self._phase("put in place", began)
+        if self.point is not None:
+            self.record.backup = BackupRef(physical.backup_path(self.point), "", self.point)
+        self.record.database_history = "the database's opslib history now ends at the recovery point; this run's rows follow it"
+        self._save()
+        facts: list[tuple[str, object]] = [("replaced data folder kept as", str(swapped.kept))]
+        if swapped.signal is not None:
+            raise Interrupted(
+                swapped.signal,
+                f"interrupted after the recovered data folder was put in place (the replaced one kept as {swapped.kept})",
+            )
+        try:
+            self._take_lock()
+        except OpsError as err:  # the swap is done: another run took the lock meanwhile, which the record says
+            facts.append(("run lock", f"not taken again: {err.message}"))
+        return facts
 
     @staticmethod
     def _phase_start() -> tuple[str, float]:
