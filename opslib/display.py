@@ -280,14 +280,15 @@ def physical_text(stanza: "StanzaInfo", points: Sequence["SealedPoint"]) -> str:
     def when(epoch: float) -> str:
         return datetime.fromtimestamp(epoch, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
+    kept = {b.label for b in stanza.backups}
     backups = text_table(
         ["time", "type", "label", "size", "WAL"],
         [(when(b.stopped_at), b.type, b.label, size_text(b.size), f"{b.wal_start}..{b.wal_stop}") for b in stanza.backups],
     ) if stanza.backups else "no backups"
     points_table = text_table(
-        ["made at", "restore point", "LSN", "database", "run", "record"],
+        ["made at", "restore point", "LSN", "database", "run", "state"],
         [
-            (p.created_at, p.name, p.lsn, p.database, f"{p.runbook} {p.outcome}", "as sealed" if p.point else "CHANGED or missing")
+            (p.created_at, p.name, p.lsn, p.database, f"{p.runbook} {p.outcome}", _point_state(p, kept))
             for p in points
         ],
     ) if points else "no restore points in the records"
@@ -296,6 +297,12 @@ def physical_text(stanza: "StanzaInfo", points: Sequence["SealedPoint"]) -> str:
         f"pgBackRest stanza {stanza.name} ({stanza.status}; {archive})\n{backups}\n\n"
         f"restore points (recovery -p mode pitr -p restore_point NAME)\n{points_table}"
     )
+
+
+def _point_state(p: "SealedPoint", kept: set[str]) -> str:
+    if p.point is None:
+        return "record CHANGED or missing"
+    return "recoverable" if p.point.backup_label in kept else f"its backup {p.point.backup_label} expired"
 
 
 def backups_text(found: Sequence["BackupInfo"]) -> str:

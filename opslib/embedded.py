@@ -24,7 +24,7 @@ from pathlib import Path
 
 from opslib import pgbackrest
 from opslib.config import Settings
-from opslib.errors import OpsError
+from opslib.errors import OpsError, PreconditionFailed
 from opslib.policy import load_backup_policy
 
 APP_DATABASE = "opslib"
@@ -114,11 +114,11 @@ def _start_server(settings: Settings) -> None:
 
     pgdata = pgdata_dir(settings)
     pgdata.parent.mkdir(parents=True, exist_ok=True)
-    swapped = sorted(pgdata.parent.glob("pgdata.replaced-*"))
+    swapped = sorted(pgdata.parent.glob("pgdata.replaced-*"), key=lambda p: p.stat().st_mtime)
     if not (pgdata / "PG_VERSION").exists() and swapped:  # never initdb over what a cut recovery left
-        raise OpsError(
-            f"the embedded server's data folder {pgdata} is missing and a recovery left {swapped[-1].name}: "
-            f"rename it back to {pgdata.name} (or move it away to start a new server)"
+        raise PreconditionFailed(
+            f"the embedded server's data folder {pgdata} is missing and a recovery left {swapped[-1].name} (the "
+            f"newest of {len(swapped)}): rename it back to {pgdata.name}, or move them away to start a new server"
         )
     try:
         # cleanup_mode=None: the server outlives this process; `opslib db stop` stops it.

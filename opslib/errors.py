@@ -114,6 +114,11 @@ class BackupMethodUnavailable(BackupNotTaken):
     privilege, pgBackRest missing); the message names the one setting to change. Nothing was changed (exit 3)."""
 
 
+class NotRecovered(PreconditionFailed):
+    """A recovery to a point in time could not be made in its staging folder (pgBackRest's restore, the replay,
+    the recovered server): the database was not touched (exit 3)."""
+
+
 class Interrupted(KeyboardInterrupt):
     """The run was stopped by a signal: SIGINT (Ctrl-C, exit 130) or SIGTERM (a cancelled job, exit 143).
 

@@ -184,7 +184,7 @@ def _check(runbook: str, p: Param, value: Any) -> Any:
         if isinstance(value, bool) or not isinstance(value, int):
             raise InvalidInput(f"{where} must be a whole number, not {value!r}")
     if p.choices and value not in p.choices:
-        raise InvalidInput(f"{where} must be one of {', '.join(p.choices)}, not {value!r}")
+        raise InvalidInput(f"{where} must be one of {', '.join(repr(c) if c == '' else c for c in p.choices)}, not {value!r}")
     return value
 
 

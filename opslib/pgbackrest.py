@@ -141,9 +141,27 @@ def run(
 
 
 def failure_text(output: str, code: int) -> str:
-    """pgBackRest's own error line (``ERROR: [055]: unable to load info file …``), or its exit code."""
-    errors = [line.split("ERROR:", 1)[1].strip() for line in output.splitlines() if "ERROR:" in line]
-    return errors[0] if errors else f"exit code {code}"
+    """pgBackRest's own error (``ERROR: [041]: unable to load info file …``) with the lines that say its cause
+    (indented under it: ``FileOpenError: … Permission denied``, ``HINT: …``), or its exit code."""
+    lines = output.splitlines()
+    at = next((i for i, line in enumerate(lines) if "ERROR:" in line), None)
+    if at is None:
+        return f"exit code {code}"
+    said = [lines[at].split("ERROR:", 1)[1].strip()]
+    said += [line.strip() for line in lines[at + 1 :] if line[:1].isspace() and line.strip()]
+    text = " ".join(said)
+    return text if len(text) <= 600 else text[:600] + "…"
+
+
+def verify(stanza: Stanza, error: type[OpsError] = BackupFailed) -> str:
+    """``pgbackrest verify``: every backup's files and the WAL archive read and checked. Its exit code says
+    nothing of what it found; its report does (``status: error`` and the lines under it), read here."""
+    out = run(stanza, "verify", "--output=text", error=error)
+    lines = out.splitlines()
+    if any(line.strip() == "status: error" for line in lines):
+        found = [line.strip() for line in lines if line[:1].isspace() and line.strip() and ":" not in line.strip()[:7]]
+        raise error(f"pgbackrest verify found errors in stanza {stanza.name}: {'; '.join(found) or out.strip()}")
+    return out
 
 
 @dataclass(frozen=True)
@@ -191,6 +209,10 @@ def info(stanza: Stanza, error: type[OpsError] = BackupFailed) -> StanzaInfo:
         found = next(s for s in data if s.get("name") == stanza.name)
     except (ValueError, StopIteration, AttributeError, TypeError) as err:
         raise error(f"pgbackrest info said nothing readable of stanza {stanza.name!r}") from err
+    status = found.get("status") or {}
+    if status.get("code") not in (0, 2):  # 2: no backup yet, which the gate takes; anything else is a fault
+        said = [r.get("status", {}).get("message") for r in found.get("repo") or [] if r.get("status", {}).get("code")]
+        raise error(f"pgBackRest stanza {stanza.name}: {'; '.join(filter(None, said)) or status.get('message')}")
     backups = tuple(
         PhysicalBackup(
             label=b["label"],

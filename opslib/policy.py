@@ -268,8 +268,11 @@ def _backup_section(table: object, where: str) -> BackupPolicy:
         raise ConfigError(f"{where}: [backup] method = {made.method!r}; use one of {', '.join(BACKUP_METHODS)}")
     if made.fallback not in BACKUP_FALLBACKS:
         raise ConfigError(f"{where}: [backup] fallback = {made.fallback!r}; use one of {', '.join(BACKUP_FALLBACKS)}")
-    if made.retention_full < 1 or made.full_max_age_h < 0 or made.incremental_max_age_h < 0 or made.archive_timeout_s <= 0:
-        raise ConfigError(f"{where}: [backup] retention_full must be 1 or more, and the ages and timeout not negative")
+    for key, low in (("retention_full", 1), ("full_max_age_h", 0), ("incremental_max_age_h", 0)):
+        if getattr(made, key) < low:
+            raise ConfigError(f"{where}: [backup] {key} = {getattr(made, key)!r}: it must be {low} or more")
+    if made.archive_timeout_s <= 0:
+        raise ConfigError(f"{where}: [backup] archive_timeout_s = {made.archive_timeout_s!r}: it must be more than 0")
     return made
 
 

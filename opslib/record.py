@@ -152,6 +152,7 @@ class SealedPoint:
             "name": self.name, "lsn": self.lsn, "created_at": self.created_at, "stanza": self.stanza,
             "run_id": self.run_id, "runbook": self.runbook, "outcome": self.outcome, "database": self.database,
             "record_as_sealed": self.point is not None,
+            "backup_label": self.point.backup_label if self.point else None,
         }  # fmt: skip
 
 

@@ -202,7 +202,8 @@ def test_bad_recovery_targets_are_refused_before_anything_is_restored(archiving)
     pitr = ("run", "recovery", "-p", "mode", "pitr", "-p", "confirm", "opslib")
     for args, code, said in (
         (("-p", "target_lsn", "0/zz"), 2, "target_lsn '0/zz' is not an LSN"),
-        (("-p", "target_time", "yesterday-ish"), 2, "target_time 'yesterday-ish' is not a time"),
+        (("-p", "target_time", "yesterday"), 2, "target_time 'yesterday' is not a time"),
+        (("-p", "target_time", "2026-13-45 10:00"), 2, "target_time '2026-13-45 10:00' is not a time"),
         (("-p", "restore_point", "opslib-nope"), 2, "no restore point 'opslib-nope' of database 'opslib'"),
         (("-p", "target_time", "2026-12-07 10:00:00+00", "-p", "target_lsn", "0/1"), 2, "takes one of"),
         (("-p", "apply", "new_database", "-p", "new_database", "opslib"), 3, "a database named 'opslib' exists already"),
@@ -211,7 +212,24 @@ def test_bad_recovery_targets_are_refused_before_anything_is_restored(archiving)
         assert done.returncode == code, (args, done.stdout + done.stderr)
         assert said in done.stderr, (args, done.stderr)
     assert not any((server.home / "state" / "recovery").glob("*"))  # nothing was restored for any of them
+    # A target the WAL never reaches: restored and replayed in the staging folder, then refused, nothing changed.
+    beyond = server.opslib(*pitr, "-p", "target_lsn", "FFFF/FFFFFFFF")
+    assert beyond.returncode == 3, beyond.stdout + beyond.stderr
+    assert "the recovered server stopped before reaching LSN FFFF/FFFFFFFF" in beyond.stderr
+    assert "the database was not touched" in beyond.stderr
+    assert not any((server.home / "state" / "recovery").glob("*"))
     assert server.sql("SELECT version_num FROM alembic_version") == "0002"
+    # A repository pgBackRest cannot read: said with its cause by the listing, and failed by the verification.
+    repo = server.home / "state" / "pgbackrest" / "repo"
+    repo.chmod(0o000)
+    try:
+        listed = server.opslib("backups", "--pgbackrest")
+        assert listed.returncode == 1 and "Permission denied" in listed.stderr, listed.stdout + listed.stderr
+        verified = server.opslib("verify-backup", "--pgbackrest")
+        assert verified.returncode == 3, verified.stdout + verified.stderr
+        assert "repository    FAIL    pgbackrest verify found errors" in verified.stdout
+    finally:
+        repo.chmod(0o750)
 
 
 def test_a_killed_recovery_leaves_the_original_running_and_the_next_one_cleans_up(archiving):

@@ -186,7 +186,8 @@ def test_the_backup_table_says_the_method_and_each_bad_value_is_named(tmp_path):
         ('fallback = "pray"', "[backup] fallback = 'pray'; use one of none, dump"),
         ('retention = 2', "unknown key(s) in [backup]: retention"),
         ('retention_full = "two"', "[backup] retention_full = 'two': expected int"),
-        ("retention_full = 0", "retention_full must be 1 or more"),
+        ("retention_full = 0", "[backup] retention_full = 0: it must be 1 or more"),
+        ("archive_timeout_s = -1", "[backup] archive_timeout_s = -1.0: it must be more than 0"),
         ("row_counts = 1", "[backup] row_counts = 1: expected bool"),
     ):
         (tmp_path / "opslib.toml").write_text(f"[backup]\n{table}\n")

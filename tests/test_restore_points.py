@@ -78,3 +78,19 @@ def test_a_recovery_target_is_one_of_a_point_a_time_and_an_lsn():
     for given in ((point, "2026-12-07", ""), (None, "", ""), (None, "t", "0/1")):
         with pytest.raises(InvalidInput, match="exactly one of restore_point, target_time, target_lsn"):
             pitr.target_of(*given)
+
+
+def test_pgbackrests_error_is_told_with_the_lines_that_say_its_cause():
+    from opslib.pgbackrest import failure_text
+
+    said = (
+        "2026-12-07 03:37:37.500 P00   WARN: option 'repo1-retention-full' is not set\n"
+        "2026-12-07 03:37:37.622 P00  ERROR: [041]: unable to load info file '/r/backup.info' or '/r/backup.info.copy':\n"
+        "                                    FileOpenError: unable to open file '/r/backup.info' for read: [13] Permission denied\n"
+        "                                    HINT: has a stanza-create been performed?\n"
+    )
+    assert failure_text(said, 41) == (
+        "[041]: unable to load info file '/r/backup.info' or '/r/backup.info.copy': FileOpenError: unable to open "
+        "file '/r/backup.info' for read: [13] Permission denied HINT: has a stanza-create been performed?"
+    )
+    assert failure_text("no error line here", 7) == "exit code 7"

@@ -25,7 +25,7 @@ from sqlalchemy.exc import DBAPIError
 from opslib import db, embedded, pgbackrest, schema
 from opslib.backup.manifest import row_counts, table_checksums
 from opslib.config import Settings
-from opslib.errors import BackupMethodUnavailable, BackupNotTaken, InvalidInput
+from opslib.errors import BackupMethodUnavailable, BackupNotTaken, ConfigError, InvalidInput
 from opslib.policy import BackupPolicy, load_backup_policy
 from opslib.record import RestorePoint
 
@@ -52,14 +52,14 @@ def stanza_for(settings: Settings, policy: BackupPolicy) -> pgbackrest.Stanza:
     embedded server's; a server opslib does not run, without a stanza named, is refused."""
     if policy.config or policy.stanza:
         if not (policy.config and policy.stanza):
-            raise BackupMethodUnavailable(
+            raise ConfigError(
                 "backup method pgbackrest: name both [backup] stanza and config (the team's pgbackrest.conf) in the policy"
             )
         config = Path(policy.config)
         if not config.is_absolute():
             config = Path(settings.alembic_ini).resolve().parent / config
         if not config.is_file():
-            raise BackupMethodUnavailable(f"backup method pgbackrest: the policy's [backup] config {config} is not a file")
+            raise ConfigError(f"backup method pgbackrest: the policy's [backup] config {config} is not a file")
         # Run as root, pgBackRest runs as the owner of the team's configuration (postgres, as Debian installs it).
         return pgbackrest.Stanza(policy.stanza, config, embedded.data_owner(config))
     if settings.uses_embedded:

@@ -30,7 +30,7 @@ from sqlalchemy.engine import URL
 from opslib import db, embedded, pgbackrest, pgtools, schema
 from opslib.backup.manifest import count_differences, row_counts, table_checksums
 from opslib.checkreport import FAIL, PASS, SKIP, CheckReport
-from opslib.errors import BackupFailed, InvalidInput, OpsError, PreconditionFailed
+from opslib.errors import BackupFailed, InvalidInput, NotRecovered, OpsError, PreconditionFailed
 from opslib.record import RestorePoint
 
 START_TIMEOUT_S = 3600  # replaying WAL to the target can take long on a busy server
@@ -157,19 +157,22 @@ def recover(
     target: db.TargetDatabase, stanza: pgbackrest.Stanza, where: RecoveryTarget, run_id: str, major: int
 ) -> StagingServer:
     """Restore the stanza's backup into a staging folder, replay WAL to ``where``, and start it, promoted,
-    on a port of its own. A failure removes the staging folder (:class:`BackupFailed`); the server was not
+    on a port of its own. A failure removes the staging folder (:class:`NotRecovered`, exit 3); the server was not
     touched."""
     cleanup_staging(target.settings.state_dir)
     staging = _make_staging(target.settings.state_dir, run_id, stanza.run_as, major)
     try:
         started = time.monotonic()
-        pgbackrest.run(stanza, "restore", f"--pg1-path={staging.pgdata}", *where.options(), error=BackupFailed)
+        pgbackrest.run(stanza, "restore", f"--pg1-path={staging.pgdata}", *where.options(), error=NotRecovered)
         _forget_the_servers_socket(staging.pgdata)
         staging.seconds_restore = time.monotonic() - started
         started = time.monotonic()
-        _start(staging)
+        _start(staging, where)
         _wait_until_promoted(staging, target.url, where)
         staging.seconds_replay = time.monotonic() - started
+    except NotRecovered as err:
+        staging.remove()
+        raise NotRecovered(f"{err.message}; the database was not touched") from None
     except BaseException:
         staging.remove()
         raise
@@ -259,7 +262,7 @@ def _pg_ctl(bin_dir: Path, pgdata: Path, run_as: str | None, *args: str, check: 
     return done.stdout
 
 
-def _start(staging: StagingServer) -> None:
+def _start(staging: StagingServer, where: RecoveryTarget) -> None:
     options = (
         f"-c port={staging.port} -c listen_addresses='' -c unix_socket_directories='{staging.socket_dir}' "
         "-c archive_command='' -c archive_library=''"
@@ -267,8 +270,13 @@ def _start(staging: StagingServer) -> None:
     log = staging.root / "server.log"
     try:
         _pg_ctl(staging.bin_dir, staging.pgdata, staging.run_as, "-w", "-t", str(START_TIMEOUT_S), "-l", str(log), "-o", options, "start")
-    except BackupFailed as err:
-        raise BackupFailed(f"the recovered server did not start: {err.message}; its log: {_tail(log)}") from None
+    except BackupFailed:
+        raise _stopped(staging, where) from None
+
+
+def _stopped(staging: StagingServer, where: RecoveryTarget) -> NotRecovered:
+    """The one message of a recovered server that ended before the target (its log's last error says why)."""
+    return NotRecovered(f"the recovered server stopped before reaching {where.describe()}: {_tail(staging.root / 'server.log')}")
 
 
 def _tail(log: Path) -> str:
@@ -294,14 +302,15 @@ def _wait_until_promoted(staging: StagingServer, base: URL, where: RecoveryTarge
                 if not conn.execute(sa.text("SELECT pg_is_in_recovery()")).scalar():
                     return
         except OpsError as err:
+            transient = any(words in err.message for words in _NOT_YET)
+            if not transient:
+                time.sleep(0.5)  # a server ending on a FATAL closes its sessions first: let it finish ending
             if not (staging.pgdata / "postmaster.pid").exists():
-                raise BackupFailed(
-                    f"the recovered server stopped before reaching {where.describe()}: {_tail(staging.root / 'server.log')}"
-                ) from None
-            if not any(words in err.message for words in _NOT_YET):
-                raise BackupFailed(f"the recovered server cannot be read: {err.message}") from None
+                raise _stopped(staging, where) from None
+            if not transient:
+                raise NotRecovered(f"the recovered server cannot be read: {err.message}") from None
         if time.monotonic() > deadline:
-            raise BackupFailed(f"the recovered server did not reach {where.describe()} within {START_TIMEOUT_S} s")
+            raise NotRecovered(f"the recovered server did not reach {where.describe()} within {START_TIMEOUT_S} s")
         time.sleep(0.1)
 
 
@@ -353,7 +362,9 @@ def verify_physical(
     report = CheckReport(f"verify-backup pgbackrest:{stanza.name}")
     started = time.monotonic()
     try:
-        pgbackrest.run(stanza, "verify", error=BackupFailed)
+        pgbackrest.verify(stanza)
+    except InvalidInput:
+        raise  # the configuration (OPSLIB_PGBACKREST, the policy): exit 2, as everywhere
     except OpsError as err:
         report.add("repository", FAIL, err.message)
         report.add("restore test", SKIP, "an earlier check failed")

@@ -24,7 +24,8 @@ def db(settings, args) -> int:
         st = embedded.start(settings, archive=args.archive)
         print(f"embedded PostgreSQL running (pid {st.pid}), data in {st.pgdata}\nurl: {st.url}")
         if st.archiving:
-            print(f"WAL archived with pgBackRest: stanza {embedded.stanza(settings).config}")
+            made = embedded.stanza(settings)
+            print(f"WAL archived with pgBackRest: stanza {made.name} ({made.config})")
     elif args.action == "stop":
         from opslib.backup import pitr
 

@@ -32,11 +32,13 @@ db = lazy.module("opslib.db")
 schema = lazy.module("opslib.schema")
 restorepoints = lazy.module("opslib.restorepoints")
 pitr = lazy.module("opslib.backup.pitr")
+pgbackrest = lazy.module("opslib.pgbackrest")
 recovered = lazy.module("opslib.backup.recovered")
 sa = lazy.module("sqlalchemy")
 
 
 LSN = re.compile(r"^[0-9A-Fa-f]{1,8}/[0-9A-Fa-f]{1,8}$")  # as PostgreSQL writes one: 0/3000090
+DATE = re.compile(r"^\d{4}-\d{2}-\d{2}")  # a time begins with its date (PostgreSQL's words, 'yesterday', pgBackRest refuses)
 
 
 class Recovery(Workflow):
@@ -92,6 +94,10 @@ class Recovery(Workflow):
         time and an LSN."""
         if values["mode"] == "pitr" and sum(bool(values[k]) for k in ("restore_point", "target_time", "target_lsn")) > 1:
             raise InvalidInput("recovery: mode='pitr' takes one of restore_point, target_time, target_lsn")
+        if values["target_time"] and not DATE.match(values["target_time"]):
+            raise InvalidInput(
+                f"recovery: target_time {values['target_time']!r} is not a time: write it as 2026-12-07 10:00:00+00"
+            )
         if values["target_lsn"] and not LSN.match(values["target_lsn"]):
             raise InvalidInput(
                 f"recovery: target_lsn {values['target_lsn']!r} is not an LSN: two hexadecimal numbers, as 0/3000090"
@@ -142,7 +148,14 @@ class Recovery(Workflow):
         if p["target_time"]:
             self._check_time(p["target_time"])
         self.recovery_target = pitr.target_of(self.point, p["target_time"], p["target_lsn"])
-        physical.stanza_for(self.settings, physical.backup_policy(self.settings))  # refused here if there is none
+        stanza = physical.stanza_for(self.settings, physical.backup_policy(self.settings))  # refused if there is none
+        if self.point is not None:
+            kept = {b.label for b in pgbackrest.info(stanza, error=PreconditionFailed).backups}
+            if self.point.backup_label not in kept:
+                raise PreconditionFailed(
+                    f"the backup {self.point.backup_label} that {self.point.name} is recovered from was expired "
+                    "(prune-backups): recover to a later restore point, a target_time or a target_lsn"
+                )
         if p["apply"] == "in_place":
             self._check_in_place()
         else:
