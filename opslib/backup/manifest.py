@@ -128,9 +128,28 @@ def row_counts(conn: Connection, logged_only: bool = False) -> dict[str, int]:
     return counts
 
 
+# A row's text depends on these settings of the session reading it (PGTZ, PGDATESTYLE, PGOPTIONS, the role's
+# own settings): the gate and a recovery's comparison read in different sessions, so both read with these.
+_ROW_TEXT_SETTINGS = (
+    ("TimeZone", "UTC"),
+    ("DateStyle", "ISO, YMD"),
+    ("IntervalStyle", "postgres"),
+    ("extra_float_digits", "1"),
+    ("bytea_output", "hex"),
+    ("lc_monetary", "C"),
+)
+
+
 def table_checksums(conn: Connection, logged_only: bool = False) -> dict[str, str]:
     """A checksum of every ordinary table's rows outside the system schemas, keyed ``schema.table``: the sum of
-    a 64-bit hash of each row's text, independent of the rows' order (equal multisets of rows, equal sums)."""
+    a 64-bit hash of each row's text, independent of the rows' order (equal multisets of rows, equal sums).
+
+    The rows' text is read with the same output settings whatever the session's (for the rest of the
+    transaction ``conn`` is in: SET LOCAL)."""
+    conn.execute(
+        sa.text("SELECT " + ", ".join(f"set_config(:n{i}, :v{i}, true)" for i in range(len(_ROW_TEXT_SETTINGS)))),
+        {k: v for i, (n, val) in enumerate(_ROW_TEXT_SETTINGS) for k, v in ((f"n{i}", n), (f"v{i}", val))},
+    )
     checksums = {}
     for schema, table in _tables(conn, logged_only):
         qualified = f"{db.quote_ident(conn, schema)}.{db.quote_ident(conn, table)}"
