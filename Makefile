@@ -120,7 +120,7 @@ browser:
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
 	  else echo "make $@: the audit report needs Chromium: sudo apt-get install chromium" >&2; exit 2; fi; }
 
-bench: $(STAMP)
+bench: $(STAMP) $(PGBACKREST)
 	$(BIN)/python benchmarks/bench_migrate.py
 	$(BIN)/python benchmarks/bench_runbooks.py
 	$(BIN)/python benchmarks/bench_backup.py
@@ -128,6 +128,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_report.py
 	$(BIN)/python benchmarks/bench_batch.py
 	$(BIN)/python benchmarks/bench_fleet.py
+	$(BIN)/python benchmarks/bench_pitr.py
 
 # The runbooks' expected outputs (tests/goldens/*.ipynb), made again on purpose: review their diff like code.
 goldens: $(STAMP)
