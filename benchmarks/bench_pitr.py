@@ -69,6 +69,9 @@ from opslib.config import load_settings  # noqa: E402
 from opslib.policy import BackupPolicy  # noqa: E402
 from opslib.record import RestorePoint  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_backup import _run as _timed  # noqa: E402 - one timed process after an untimed CHECKPOINT, as there
+
 OPSLIB = str(Path(sys.executable).parent / "opslib")
 GB = 2**30  # as pg_size_pretty counts
 REPEATS = 3
@@ -100,15 +103,6 @@ def _opslib(args: list[str], env: dict, check: bool = True) -> subprocess.Comple
 
 def _libpq(url) -> str:
     return url.set(drivername="postgresql").render_as_string(hide_password=False)
-
-
-def _timed(cmd: list[str], env: dict, cur=None) -> float:
-    """One process, timed, after an untimed CHECKPOINT when ``cur`` is given."""
-    if cur is not None:
-        cur.execute("CHECKPOINT")
-    start = time.perf_counter()
-    subprocess.run(cmd, env=env, check=True, capture_output=True, cwd=ROOT)
-    return time.perf_counter() - start
 
 
 def _archived(cur, timeout_s: float = 900) -> float:

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from opslib.errors import BackupFailed, BackupMethodUnavailable, ConfigError, OpsError
-from opslib.pgtools import child_options
+from opslib.pgtools import as_user, child_options
 
 ENV_PROGRAM = "OPSLIB_PGBACKREST"
 EMBEDDED_STANZA = "embedded"
@@ -116,11 +116,7 @@ def run(
 ) -> str:
     """Run one pgBackRest command on ``stanza`` and return what it printed; a failure raises ``error`` with
     pgBackRest's own message (its ``ERROR: [code]: …`` line)."""
-    kwargs = dict(child_options())
-    if stanza.run_as and os.geteuid() == 0 and pwd.getpwuid(os.getuid()).pw_name != stanza.run_as:
-        kwargs["user"] = stanza.run_as
-        kwargs["group"] = pwd.getpwnam(stanza.run_as).pw_gid
-        kwargs["extra_groups"] = []
+    kwargs = {**child_options(), **as_user(stanza.run_as)}
     try:
         done = subprocess.run(
             stanza.argv(command, *options),

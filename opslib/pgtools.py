@@ -325,6 +325,16 @@ def child_options() -> dict:
     return {"preexec_fn": die_with_parent}
 
 
+def as_user(user: str | None) -> dict:
+    """Keyword arguments for ``subprocess.run`` that run a program as ``user`` (the OS user that owns a server's
+    data folder), when this process is root and another user is named; else ``{}``."""
+    import pwd
+
+    if not user or os.geteuid() != 0 or pwd.getpwuid(os.getuid()).pw_name == user:
+        return {}
+    return {"user": user, "group": pwd.getpwnam(user).pw_gid, "extra_groups": []}
+
+
 def libpq_env(url: URL) -> dict[str, str]:
     """Environment for a client program: the connection as PG* variables.
 

@@ -247,15 +247,12 @@ def _bin_dir_of(pgdata: Path) -> Path:
 
 
 def _pg_ctl(bin_dir: Path, pgdata: Path, run_as: str | None, *args: str, check: bool = True) -> str:
-    kwargs = {}
-    if run_as and os.geteuid() == 0:
-        kwargs = {"user": run_as, "group": pwd.getpwnam(run_as).pw_gid, "extra_groups": []}
     done = subprocess.run(
         [str(bin_dir / "pg_ctl"), "-D", str(pgdata), *args],
         capture_output=True,
         text=True,
         cwd="/",
-        **kwargs,
+        **pgtools.as_user(run_as),
     )
     if check and done.returncode != 0:
         raise BackupFailed(f"pg_ctl {args[-1]} failed for {pgdata}: {(done.stderr or done.stdout).strip().splitlines()[-1:]}")
