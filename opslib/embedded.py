@@ -85,6 +85,20 @@ def status(settings: Settings) -> EmbeddedStatus:
     )
 
 
+def is_target(settings: Settings) -> bool:
+    """Whether the target is the embedded server: DATABASE_URL unset, or set to the URL `opslib db url` prints
+    (its socket folder)."""
+    if settings.uses_embedded:
+        return True
+    info = _postmaster(settings)
+    if info is None or info.socket_dir is None:
+        return False
+    from urllib.parse import parse_qs, urlsplit
+
+    host = parse_qs(urlsplit(settings.database_url or "").query).get("host", [""])[0]
+    return bool(host) and Path(host).resolve() == Path(info.socket_dir).resolve()
+
+
 def _archiving_configured(settings: Settings) -> bool:
     auto = pgdata_dir(settings) / "postgresql.auto.conf"
     try:

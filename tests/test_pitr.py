@@ -92,8 +92,8 @@ def _stop_all(server: Server) -> None:
     shutil.rmtree(server.home, ignore_errors=True)
 
 
-def _deploy(server: Server, *args: str) -> dict:
-    done = server.opslib("run", "deploy", "--json", *args)
+def _deploy(server: Server, *args: str, **env: str) -> dict:
+    done = server.opslib("run", "deploy", "--json", *args, **env)
     assert done.returncode == 0, done.stdout + done.stderr
     record = server.last_record("deploy")
     assert record["revisions_after"] == ["0002"]
@@ -134,8 +134,10 @@ def test_a_deploy_gated_by_a_restore_point_is_recovered_to_it_with_every_row_bac
     assert "equal: revision, schema, every table's rows and their checksums" in text
     kept = server.home / "state" / f"pgdata.replaced-{record['run_id']}"
     assert (kept / "PG_VERSION").is_file()  # the replaced data folder is kept
-    # The recovered server archives again, on its new timeline: the next deploy's gate works.
-    assert _deploy(server)["backup"]["restore_point"]["revisions"] == ["0001"]
+    # The recovered server archives again, on its new timeline: the next deploy's gate works, also with DATABASE_URL
+    # naming the embedded server (the URL `opslib db url` prints), as plain papermill needs it.
+    again = _deploy(server, DATABASE_URL=_socket_url(server))
+    assert again["backup"]["restore_point"]["revisions"] == ["0001"]
     listed = server.opslib("backups", "--pgbackrest", "--json")
     assert point["name"] in [p["name"] for p in json.loads(listed.stdout)["restore_points"]]
     verified = server.opslib("verify-backup", "--pgbackrest", "--restore-point", point["name"])

@@ -62,7 +62,7 @@ def stanza_for(settings: Settings, policy: BackupPolicy) -> pgbackrest.Stanza:
             raise ConfigError(f"backup method pgbackrest: the policy's [backup] config {config} is not a file")
         # Run as root, pgBackRest runs as the owner of the team's configuration (postgres, as Debian installs it).
         return pgbackrest.Stanza(policy.stanza, config, embedded.data_owner(config))
-    if settings.uses_embedded:
+    if embedded.is_target(settings):
         return embedded.stanza(settings)
     raise BackupMethodUnavailable(
         "backup method pgbackrest: the target is not the embedded server; name its stanza in the policy: "
@@ -82,7 +82,7 @@ def require_archiving(conn: Connection, stanza: pgbackrest.Stanza, settings: Set
     )
     how = (
         "opslib db start --archive (it restarts the embedded server)"
-        if settings.uses_embedded
+        if embedded.is_target(settings)
         else f"archive_mode = on and archive_command = 'pgbackrest --stanza={stanza.name} archive-push %p' "
         "in postgresql.conf, then restart"
     )
@@ -281,7 +281,7 @@ def configured(settings: Settings) -> bool:
     policy = backup_policy(settings)
     if policy.method == "pgbackrest" or policy.config:
         return True
-    return settings.uses_embedded and embedded.stanza(settings).config.is_file()
+    return embedded.is_target(settings) and embedded.stanza(settings).config.is_file()
 
 
 def expire(settings: Settings, keep: int | None = None) -> pgbackrest.StanzaInfo:

@@ -47,7 +47,7 @@ def put_in_place(settings: Settings, staging: StagingServer, run_id: str) -> Swa
     """Put the recovered data folder in place of the embedded server's: stop both, swap the folders, start
     the server on it. The replaced folder is kept (``pgdata.replaced-<run id>``); if the recovered one does
     not start, or anything stops the swap, the original is put back and started (:class:`BackupFailed`)."""
-    if not settings.uses_embedded:
+    if not embedded.is_target(settings):
         raise PreconditionFailed(
             "in place: opslib stops and swaps only the embedded server's data folder; use apply=new_database"
         )

@@ -29,6 +29,7 @@ backup = lazy.module("opslib.backup")
 migrate = lazy.module("opslib.migrate")
 physical = lazy.module("opslib.backup.physical")
 db = lazy.module("opslib.db")
+embedded = lazy.module("opslib.embedded")
 schema = lazy.module("opslib.schema")
 restorepoints = lazy.module("opslib.restorepoints")
 pitr = lazy.module("opslib.backup.pitr")
@@ -187,7 +188,7 @@ class Recovery(Workflow):
 
     def _check_in_place(self) -> None:
         """In place recovers the whole server: only the embedded one, and only while it holds no other database."""
-        if not self.settings.uses_embedded:
+        if not embedded.is_target(self.settings):
             raise PreconditionFailed(
                 "recovery in place swaps the embedded server's data folder only: use -p apply new_database"
             )
