@@ -83,6 +83,8 @@ def verify(settings, args) -> int:
     problems = check.problems + against_database
     if check.waiting:
         print("\n".join(check.waiting))
+    if check.unsigned:  # said, not a problem: a production run without an operator's key is unsigned, not forged
+        print(f"unsigned production entries ({len(check.unsigned)}): {', '.join(check.unsigned)}")
     if problems:
         print("\n".join(problems))
         raise ChecksFailed(f"audit verify: {len(problems)} problem(s) in {records}; the first: {problems[0]}")
@@ -92,8 +94,6 @@ def verify(settings, args) -> int:
     )
     if check.signed:
         print(f"signatures: {check.signed} signed entr(ies) verified against {_signers(settings)}")
-    if check.unsigned:  # said, not a problem: a production run without an operator's key is unsigned, not forged
-        print(f"unsigned production entries ({len(check.unsigned)}): {', '.join(check.unsigned)}")
     return EXIT_OK
 
 
