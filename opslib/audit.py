@@ -501,9 +501,11 @@ def _check_entries(records_dir: Path, entries: list[dict], signers: Path | None 
     hashes = {e.get("hash"): i for i, e in enumerate(entries)}
     by_entry = []
     previous = GENESIS
+    labels = [f"ledger line {i} (run {entry.get('run_id')})" for i, entry in enumerate(entries, start=1)]
+    signed = signatures.entries_problems(entries, labels, signers) if signers is not None else [[] for _ in entries]
     for i, entry in enumerate(entries, start=1):
-        label = f"ledger line {i} (run {entry.get('run_id')})"
-        found = []
+        label = labels[i - 1]
+        found = list(signed[i - 1])
         if entry_hash(entry) != entry.get("hash"):
             found.append(f"{label}: the entry was edited (its hash does not match its content)")
         if entry.get("prev_hash") != previous:
@@ -516,10 +518,8 @@ def _check_entries(records_dir: Path, entries: list[dict], signers: Path | None 
                     f"{label}: the entry before it was removed (its predecessor is not in the ledger)"
                 )
         previous = entry.get("hash")
-        if signers is not None:
-            found += signatures.entry_problems(entry, label, signers)
-            if not is_start(entry):
-                found += signatures.approval_problems(_json_or_none(records_dir / str(entry.get("sidecar"))), entry, label, signers)
+        if signers is not None and not is_start(entry):  # the approvals it sealed, checked against its record's
+            found += signatures.approval_problems(_json_or_none(records_dir / str(entry.get("sidecar"))), entry, label, signers)
         if is_start(entry):  # the run's files are written after it: its ending vouches for them
             by_entry.append(found)
             continue

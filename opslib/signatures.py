@@ -10,7 +10,9 @@ allows.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from opslib import sshsig
@@ -54,6 +56,13 @@ def sign_entry(entry: dict, signer: sshsig.Signer) -> None:
 def approval_seals(approvals) -> list[list]:
     """What the ledger keeps of a run's approvals: [principal, source, counted] for each."""
     return [[a.principal, a.source, bool(a.counted)] for a in approvals]
+
+
+def entries_problems(entries: list[dict], labels: list[str], signers: Path) -> list[list[str]]:
+    """:func:`entry_problems` of each entry, checked a few at a time: each is one ``ssh-keygen`` process, which
+    waits on nothing of the others (a ledger of thousands of entries is checked in a fraction of the time)."""
+    with ThreadPoolExecutor(max_workers=2 * (os.cpu_count() or 1)) as pool:
+        return list(pool.map(lambda pair: entry_problems(pair[0], pair[1], signers), zip(entries, labels, strict=True)))
 
 
 def entry_problems(entry: dict, label: str, signers: Path) -> list[str]:
