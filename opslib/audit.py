@@ -23,10 +23,11 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from opslib import witness
+from opslib import signatures, sshsig, witness
+from opslib.approval import plan_sha256
 from opslib.errors import ConfigError, InvalidInput, PreconditionFailed
 from opslib.liveness import live_mark_path, run_is_live
-from opslib.record import RunRecord, git_commit, git_dirty, revisions_text
+from opslib.record import RunRecord, git_commit, git_dirty
 from opslib.redact import clean, clean_json, scrub_json, scrub_password
 from opslib.runcontext import RunContext
 from opslib.safeguards import changes_its_database, skipped_safeguards
@@ -58,7 +59,7 @@ def record_stem(runbook: str, run_id: str, started: datetime) -> str:
 
 def new_record(
     runbook: str, run_id: str, started: datetime, *, operator: str, env: str, mode: str | None = None,
-    runbook_sha256: str | None = None,
+    runbook_sha256: str | None = None, approvals: list | None = None,
 ) -> RunRecord:  # fmt: skip
     """The record of a run that has just started; ``mode`` and ``runbook_sha256`` default to what the
     process that drives the run (`opslib run`, `opslib open`) said in its :class:`RunContext`."""
@@ -74,6 +75,7 @@ def new_record(
         mode=mode or (context.mode if context else "direct"),
         runbook_sha256=runbook_sha256 or (context.runbook_sha256 if context else None),
         pids=_run_pids(context),
+        approvals=approvals,
     )
 
 
@@ -222,7 +224,8 @@ def is_start(entry: dict) -> bool:
     return entry.get("kind") == STARTED
 
 
-def append_started(records_dir: Path, stem: str, record: RunRecord, witness_spec: str | None = None) -> Appended:
+def append_started(records_dir: Path, stem: str, record: RunRecord, witness_spec: str | None = None,
+                   signer: sshsig.Signer | None = None) -> Appended:  # fmt: skip
     """Append the run's ``started`` entry, before it does anything: who, what, with which parameters, and
     the name its sidecar will have. From then on the run is in the ledger: a sidecar no start entry names
     is outside it (`audit verify` fails on it, and no command edits it), and a run started but never
@@ -241,7 +244,9 @@ def append_started(records_dir: Path, stem: str, record: RunRecord, witness_spec
     }
     if record.changes_database is not None:  # what its runbook declares, for a run still going (the summary)
         entry["changes_database"] = record.changes_database
-    appended = _append(Path(records_dir), entry, vouching=False)
+    if record.approvals:  # an outside gate's answer, given before the run began: sealed before it does anything
+        entry["approvals"] = signatures.approval_seals(record.approvals)
+    appended = _append(Path(records_dir), entry, vouching=False, signer=signer)
     assert appended is not None
     backend = witness.of(witness_spec)
     if backend is not None:  # anchored at once, so a run cut from the ledger is caught even if it reached no database
@@ -249,7 +254,7 @@ def append_started(records_dir: Path, stem: str, record: RunRecord, witness_spec
     return appended
 
 
-def append_ledger(records_dir: Path, stem: str, record: RunRecord) -> Appended | None:
+def append_ledger(records_dir: Path, stem: str, record: RunRecord, signer: sshsig.Signer | None = None) -> Appended | None:
     """Append the run's ending entry to ``ledger.jsonl``, chained to the entry before it; None (nothing
     appended) when the ledger already holds this run's ending: a run is sealed once.
 
@@ -286,7 +291,15 @@ def append_ledger(records_dir: Path, stem: str, record: RunRecord) -> Appended |
         entry["restore_point"] = {"name": point.name, "lsn": point.lsn, "created_at": point.created_at, "stanza": point.stanza}
     if record.sealed_by:  # sealed by another command: the ending says by whom, why, and what it last saw
         entry.update(sealed_by=record.sealed_by, error=record.error, last_outcome=record.last_outcome)
-    return _append(records_dir, entry, vouching=True)
+    if record.plan is not None or record.approvals or record.approvals_needed:  # who approved it, sealed with the run
+        entry.update(
+            plan_sha256=plan_sha256(record.plan) if isinstance(record.plan, dict) else None,
+            approvals=signatures.approval_seals(record.approvals or []),
+            approvals_needed=record.approvals_needed,
+        )
+    return _append(records_dir, entry, vouching=True, signer=signer)
+
+
 
 
 def step_hash(step: dict) -> str:
@@ -306,7 +319,7 @@ def _text_or_none(value) -> str | None:
     return value if value is None or isinstance(value, str) else json.dumps(value, sort_keys=True, default=str)
 
 
-def _append(records_dir: Path, entry: dict, vouching: bool) -> Appended | None:
+def _append(records_dir: Path, entry: dict, vouching: bool, signer: sshsig.Signer | None = None) -> Appended | None:
     path = records_dir / LEDGER
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a+", encoding="utf-8") as f:
@@ -317,6 +330,8 @@ def _append(records_dir: Path, entry: dict, vouching: bool) -> Appended | None:
             if vouching and any(_vouches_for(line, entry["sidecar"]) for line in lines):
                 return None
             entry["prev_hash"] = json.loads(lines[-1]).get("hash", GENESIS) if lines else GENESIS
+            if signer is not None:
+                signatures.sign_entry(entry, signer)
             entry["hash"] = entry_hash(entry)
             ledger_id = json.loads(lines[0]).get("hash", "") if lines else entry["hash"]
             f.seek(0, os.SEEK_END)
@@ -391,7 +406,7 @@ def _read_entries(records_dir: Path) -> list[tuple[dict, list[str]]]:
 _TEXT_FIELDS = (
     "kind", "run_id", "runbook", "outcome", "env", "operator", "mode", "runbook_sha256", "started_at",
     "finished_at", "sidecar", "sidecar_sha256", "notebook", "notebook_sha256", "sealed_by", "error",
-    "last_outcome", "hash", "prev_hash",
+    "last_outcome", "hash", "prev_hash", "signer", "signature", "signature_error", "plan_sha256",
 )  # fmt: skip
 
 
@@ -413,6 +428,8 @@ _ENTRY_TYPES: dict[str, Callable[[Any], bool]] = {
     "warnings": _is_texts,
     "steps": lambda v: isinstance(v, list) and len(sealed_steps(v)) == len(v),
     "restore_point": _is_where,
+    "approvals": lambda v: isinstance(v, list) and all(isinstance(a, list) and len(a) == 3 for a in v),
+    "approvals_needed": lambda v: isinstance(v, int) and not isinstance(v, bool),
 }
 
 
@@ -437,6 +454,10 @@ class LedgerCheck:
     # Runs that ended without sealing whose database is out of reach from here: a command that reaches it
     # seals them (see opslib.sealing.seal_abandoned). Said, not problems: nothing was changed or lost.
     waiting: list[str] = dataclasses.field(default_factory=list)
+    # With the project's allowed_signers: the production runs with an entry not signed (named, not problems),
+    # and how many entries' signatures were checked and hold.
+    unsigned: list[str] = dataclasses.field(default_factory=list)
+    signed: int = 0
 
     @property
     def problems(self) -> list[str]:
@@ -444,9 +465,13 @@ class LedgerCheck:
         return [p for found in self.by_entry for p in found] + self.unvouched
 
 
-def check_ledger(records_dir: Path, out_of_reach: Callable[[RunRecord], bool] | None = None) -> LedgerCheck:
+def check_ledger(records_dir: Path, out_of_reach: Callable[[RunRecord], bool] | None = None,
+                 signers: Path | None = None) -> LedgerCheck:  # fmt: skip
     """Compare the records with the ledger: each entry's hash, its place in the chain, and the
     sha256 of its sidecar and notebook; then look for records added outside the ledger.
+
+    With ``signers`` (the project's allowed_signers file), each signed entry's signature is checked, and each
+    run's approvals (see :mod:`opslib.signatures`).
 
     ``out_of_reach(record)`` says whether a run that ended without sealing is left for a command that
     reaches its database (:func:`opslib.anchors.out_of_reach`): such a run is ``waiting``, not a problem.
@@ -460,16 +485,19 @@ def check_ledger(records_dir: Path, out_of_reach: Callable[[RunRecord], bool] | 
         except ValueError as err:
             raise PreconditionFailed(f"{records_dir / LEDGER} is not valid JSON lines: {err}") from err
         entries = [entry for entry, _ in read]
-        by_entry = _check_entries(records_dir, entries)
+        by_entry = _check_entries(records_dir, entries, signers)
         for i, (found, (entry, odd)) in enumerate(zip(by_entry, read, strict=True), start=1):
             if odd:
                 found.insert(0, f"ledger line {i} (run {entry.get('run_id')}): {', '.join(odd)} hold(s) what opslib never writes there (edited)")
         waiting: list[str] = []
         unvouched = _unvouched(records_dir, entries, out_of_reach or (lambda record: False), waiting)
-        return LedgerCheck(entries, by_entry, unvouched, waiting)
+        if signers is None:
+            return LedgerCheck(entries, by_entry, unvouched, waiting)
+        signed = sum(1 for e, found in zip(entries, by_entry, strict=True) if e.get("signature") and not found)
+        return LedgerCheck(entries, by_entry, unvouched, waiting, signatures.unsigned_production(entries), signed)
 
 
-def _check_entries(records_dir: Path, entries: list[dict]) -> list[list[str]]:
+def _check_entries(records_dir: Path, entries: list[dict], signers: Path | None = None) -> list[list[str]]:
     hashes = {e.get("hash"): i for i, e in enumerate(entries)}
     by_entry = []
     previous = GENESIS
@@ -488,6 +516,10 @@ def _check_entries(records_dir: Path, entries: list[dict]) -> list[list[str]]:
                     f"{label}: the entry before it was removed (its predecessor is not in the ledger)"
                 )
         previous = entry.get("hash")
+        if signers is not None:
+            found += signatures.entry_problems(entry, label, signers)
+            if not is_start(entry):
+                found += signatures.approval_problems(_json_or_none(records_dir / str(entry.get("sidecar"))), entry, label, signers)
         if is_start(entry):  # the run's files are written after it: its ending vouches for them
             by_entry.append(found)
             continue
@@ -723,42 +755,6 @@ def verify_ledger(records_dir: Path) -> list[str]:
         return check_ledger(records_dir).problems
     except PreconditionFailed as err:
         return [err.message]
-
-
-def _duration(record: dict) -> float | None:
-    try:
-        start = datetime.fromisoformat(record["started_at"].replace("Z", "+00:00"))
-        end = datetime.fromisoformat(record["finished_at"].replace("Z", "+00:00"))
-    except (KeyError, TypeError, ValueError, AttributeError):
-        return None
-    return round((end - start).total_seconds(), 3)
-
-
-def run_row(entry: dict) -> dict:
-    """A ledger entry as one row of `opslib audit list`: when, runbook, env, operator, database,
-    revisions, outcome, duration, the safeguards it went without (an edited entry missing a field shows
-    it empty)."""
-    database = entry.get("database") or {}
-    before = revisions_text(entry.get("revisions_before"), "+")
-    after = revisions_text(entry.get("revisions_after"), "+")
-    return {
-        "run_id": entry.get("run_id"),
-        "started_at": entry.get("started_at"),
-        "runbook": entry.get("runbook"),
-        "env": entry.get("env"),
-        "operator": entry.get("operator"),
-        "database": database.get("name"),
-        "revisions": f"{before} -> {after}" if database else "",
-        "outcome": "running" if is_start(entry) else entry.get("outcome"),  # started, no ending yet
-        "exit_code": entry.get("exit_code"),
-        "duration_s": _duration(entry),
-        "warnings": list(entry.get("warnings") or []),
-    }
-
-
-def list_runs(records_dir: Path) -> list[dict]:
-    """One row per run in the ledger (:func:`run_row`), oldest first; a run not ended yet shows as running."""
-    return [run_row(entry) for entry in ended_entries(read_ledger(records_dir))]
 
 
 def find_run(records_dir: Path, run_id: str) -> dict:

@@ -34,6 +34,12 @@ class Settings:
     ddl_lock_timeout_s: float = 2.0
     ddl_retries: int = 3
     ledger_witness: str | None = None  # a second place keeping each ledger entry's hash: a folder or syslog (opslib.witness)
+    # The operator's SSH key (a private key file, or a public key ssh-agent holds the private half of): with it
+    # listed in the project's allowed_signers, each ledger entry the operator's runs append is signed.
+    signing_key: Path | None = None
+    # Who approved this run in a gate outside opslib (an Airflow approval task), and where that answer is kept.
+    approved_by: str | None = None
+    approval_ref: str | None = None
 
     @property
     def uses_embedded(self) -> bool:
@@ -89,6 +95,9 @@ def load_settings(environ: dict | None = None) -> Settings:
         ddl_lock_timeout_s=_float(environ, "OPSLIB_DDL_LOCK_TIMEOUT", 2.0),
         ddl_retries=int(_float(environ, "OPSLIB_DDL_RETRIES", 3)),
         ledger_witness=witness.spec_from(environ),
+        signing_key=Path(environ["OPSLIB_SIGNING_KEY"]).expanduser() if environ.get("OPSLIB_SIGNING_KEY") else None,
+        approved_by=(environ.get("OPSLIB_APPROVED_BY") or "").strip() or None,
+        approval_ref=(environ.get("OPSLIB_APPROVAL_REF") or "").strip() or None,
     )
 
 

@@ -425,14 +425,21 @@ def fingerprint(conn: Connection) -> str:
             where = f"socket in {sockets} (port {row[3]})"
         except DBAPIError:
             where = f"a Unix socket (port {row[3]})"
+    system_id = system_identifier(conn) or "unknown (needs pg_monitor)"
+    return f"database {row[0]} on {where}, system identifier {system_id}"
+
+
+def system_identifier(conn: Connection) -> str | None:
+    """The cluster's system identifier (``pg_control_system()``): one server told apart from another behind
+    the same name, or a restored copy from its original's new cluster; None when the role may not read it."""
     try:
         with conn.begin_nested():
-            system_id = conn.execute(sa.text("SELECT system_identifier FROM pg_control_system()")).scalar()
+            found = conn.execute(sa.text("SELECT system_identifier FROM pg_control_system()")).scalar()
     except DBAPIError:
-        system_id = "unknown (needs pg_monitor)"
+        found = None
     if conn.in_transaction():
         conn.commit()
-    return f"database {row[0]} on {where}, system identifier {system_id}"
+    return None if found is None else str(found)
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,7 @@ import textwrap
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
 
+from opslib import approval
 from opslib.naming import first_line
 from opslib.record import Database, Rehearsal, RunRecord, revisions_text
 from opslib.safeguards import skipped_safeguards
@@ -597,9 +598,23 @@ def run_facts(record: RunRecord, warnings: list[str] | None = None) -> list[tupl
         ("driven", _MODES.get(record.mode or "", record.mode or "")),
         ("sealed by", record.sealed_by or ""),
         ("safeguards skipped", ", ".join(skipped)),
+        ("plan", _plan_text(record.plan)),
+        ("approvals", approval.approvals_text(record.approvals or [], record.approvals_needed or 0)
+         if record.approvals or record.approvals_needed else ""),
         ("template sha256", record.runbook_sha256 or ""),
         ("opslib / git", _version_text(record)),
     ]
+
+
+def _plan_text(plan: dict | None) -> str:
+    """The plan a run was held to, in one line (empty: none)."""
+    if not isinstance(plan, dict):
+        return ""
+    target = plan.get("target") if isinstance(plan.get("target"), dict) else {}
+    pending = plan.get("pending") if isinstance(plan.get("pending"), list) else []
+    return (f"sha256 {approval.plan_sha256(plan)}, made by {plan.get('author')} at {plan.get('created_at')}: "
+            f"{len(pending)} revision(s) on {target.get('database')} (server {target.get('system_identifier')}), "
+            f"SQL sha256 {plan.get('sql_sha256')} ({plan.get('sql_source')})")  # fmt: skip
 
 
 _MODES = {

@@ -41,6 +41,10 @@ class Outcome(str, Enum):
         return self in _EXIT_CODES or self is Outcome.ABANDONED
 
 
+# The endings after which nothing was changed (bad input, a guard said no, a lock was held), as records hold them.
+CHANGED_NOTHING = frozenset({"invalid", "refused", "locked"})
+
+
 _EXIT_CODES = {
     Outcome.SUCCEEDED: 0,
     Outcome.FAILED: 1,

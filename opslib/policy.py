@@ -22,6 +22,11 @@ nobody edits the history of a project they operate::
     method = "pgbackrest"                   # dump (pg_dump -Fc, the default) | pgbackrest
     fallback = "dump"                       # none (the default: refuse) | dump, when pgBackRest cannot be used
 
+    [approvals]                             # four eyes (see ApprovalPolicy)
+    production = 1                          # approvals a deploy in production needs (its plan's signatures)
+    self_approval = false                   # whether the operator may approve their own plan (default: no)
+    allowed_signers = "allowed_signers"     # who may sign, as OpenSSH's allowed_signers (beside this file)
+
 A malformed file, an unknown check or rule name, or a check that cannot be relaxed set to warn or
 ignore, is an :class:`~opslib.errors.ConfigError` (exit 2) naming the file and the known names.
 """
@@ -122,6 +127,32 @@ _BACKUP_KEYS = {f.name: f.type for f in fields(BackupPolicy)}
 
 
 @dataclass(frozen=True)
+class ApprovalPolicy:
+    """The ``[approvals]`` table: how many approvals (signatures of the run's plan) a change needs in each
+    environment, whether the operator's own counts, and where the keys that may sign are listed."""
+
+    development: int = 0
+    staging: int = 0
+    production: int = 0
+    self_approval: bool = False
+    allowed_signers: str = "allowed_signers"  # OpenSSH's format; relative to the policy file's folder
+    folder: Path | None = None  # the policy file's folder, which a relative allowed_signers is in
+
+    def needed(self, env: str) -> int:
+        """How many approvals a change needs in the environment ``env``."""
+        return int(getattr(self, env, 0) or 0) if env in ("development", "staging", "production") else 0
+
+    @property
+    def signers_file(self) -> Path:
+        """The allowed_signers file (it may not exist: then nobody can approve or sign)."""
+        path = Path(self.allowed_signers).expanduser()
+        return path if path.is_absolute() or self.folder is None else self.folder / path
+
+
+_APPROVAL_KEYS = {f.name: f.type for f in fields(ApprovalPolicy) if f.name != "folder"}
+
+
+@dataclass(frozen=True)
 class Policy:
     """The project's lint rules and accepted findings; empty when the project has no policy."""
 
@@ -130,6 +161,7 @@ class Policy:
     accepted: tuple[Acceptance, ...] = ()
     checks: dict[str, str] = field(default_factory=dict)
     backup: BackupPolicy = field(default_factory=BackupPolicy)
+    approvals: ApprovalPolicy = field(default_factory=ApprovalPolicy)
 
     def action(self, rule: str, default: str) -> str:
         """``block``, ``warn`` or ``ignore`` for the squawk rule ``rule``: the project's word, else ``default``."""
@@ -179,13 +211,14 @@ def load_policy(alembic_ini: Path, is_lint_rule: Callable[[str], bool] | None = 
     section = doc.get("tool", {}).get("opslib", {}) if in_pyproject else doc
     if not isinstance(section, dict):
         raise ConfigError(f"{where} must be a table")
-    unknown = set(section) - {"checks", "lint", "fleet", "backup"}
+    unknown = set(section) - {"checks", "lint", "fleet", "backup", "approvals"}
     if unknown:  # a misspelt [chekcs] would otherwise be silently without effect
         raise ConfigError(
-            f"{where}: unknown table(s) {', '.join(sorted(unknown))}; expected checks, lint, fleet, backup"
+            f"{where}: unknown table(s) {', '.join(sorted(unknown))}; expected checks, lint, fleet, backup, approvals"
         )
     checks = _checks_section(section.get("checks", {}), where)
     backup = _backup_section(section.get("backup", {}), where)
+    approvals = _approvals_section(section.get("approvals", {}), where, path.parent)
     rules, accepted = _lint_section(section.get("lint", {}), where, is_lint_rule)
     return Policy(
         source=path,
@@ -193,6 +226,7 @@ def load_policy(alembic_ini: Path, is_lint_rule: Callable[[str], bool] | None = 
         accepted=tuple(accepted),
         checks=checks,
         backup=backup,
+        approvals=approvals,
     )
 
 
@@ -237,33 +271,52 @@ def _lint_section(lint: object, where: str, is_lint_rule: Callable[[str], bool] 
 def load_backup_policy(alembic_ini: Path) -> BackupPolicy:
     """The ``[backup]`` table of the project's policy alone (the embedded server reads it when it starts,
     without squawk's rule names to check)."""
+    section, where, path = _own_section(alembic_ini)
+    return _backup_section(section.get("backup", {}), where) if path else BackupPolicy()
+
+
+def load_approval_policy(alembic_ini: Path) -> ApprovalPolicy:
+    """The ``[approvals]`` table of the project's policy alone (read by sealing and `audit verify`, which
+    need no squawk), its allowed_signers beside the policy file (or beside ``alembic.ini`` without one)."""
+    section, where, path = _own_section(alembic_ini)
+    folder = path.parent if path else Path(alembic_ini).resolve().parent
+    return _approvals_section(section.get("approvals", {}), where, folder)
+
+
+def _own_section(alembic_ini: Path) -> tuple[dict, str, Path | None]:
+    """The project's opslib table, where it is (for messages), and its file (None: the project has none)."""
     path, in_pyproject = policy_file(alembic_ini)
     if not path.is_file():
-        return BackupPolicy()
+        return {}, str(path), None
     doc = _read(path)
     section = doc.get("tool", {}).get("opslib", {}) if in_pyproject else doc
     where = f"{path} [tool.opslib]" if in_pyproject else str(path)
-    return _backup_section(section.get("backup", {}) if isinstance(section, dict) else {}, where)
+    return (section if isinstance(section, dict) else {}), where, path
+
+
+def _typed(table: object, name: str, keys: dict[str, str], where: str) -> dict:
+    """A policy table's values, each key checked against ``keys`` (field name -> type name)."""
+    if not isinstance(table, dict):
+        raise ConfigError(f"{where}: [{name}] must be a table")
+    unknown = set(table) - set(keys)
+    if unknown:
+        raise ConfigError(
+            f"{where}: unknown key(s) in [{name}]: {', '.join(sorted(unknown))}; expected {', '.join(keys)}"
+        )
+    values = {}
+    for key, value in table.items():
+        kind = {"str": str, "float": float, "int": int, "bool": bool}[keys[key]]
+        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            raise ConfigError(f"{where}: [{name}] {key} = {value!r}: expected {kind.__name__}")
+        values[key] = value
+    return values
 
 
 def _backup_section(table: object, where: str) -> BackupPolicy:
     """The ``[backup]`` table, each key checked against :class:`BackupPolicy`'s fields and types."""
-    if not isinstance(table, dict):
-        raise ConfigError(f"{where}: [backup] must be a table")
-    unknown = set(table) - set(_BACKUP_KEYS)
-    if unknown:
-        raise ConfigError(
-            f"{where}: unknown key(s) in [backup]: {', '.join(sorted(unknown))}; expected {', '.join(_BACKUP_KEYS)}"
-        )
-    values = {}
-    for key, value in table.items():
-        kind = {"str": str, "float": float, "int": int, "bool": bool}[_BACKUP_KEYS[key]]
-        if kind is float and isinstance(value, int) and not isinstance(value, bool):
-            value = float(value)
-        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-            raise ConfigError(f"{where}: [backup] {key} = {value!r}: expected {kind.__name__}")
-        values[key] = value
-    made = BackupPolicy(**values)
+    made = BackupPolicy(**_typed(table, "backup", _BACKUP_KEYS, where))
     if made.method not in BACKUP_METHODS:
         raise ConfigError(f"{where}: [backup] method = {made.method!r}; use one of {', '.join(BACKUP_METHODS)}")
     if made.fallback not in BACKUP_FALLBACKS:
@@ -273,6 +326,17 @@ def _backup_section(table: object, where: str) -> BackupPolicy:
             raise ConfigError(f"{where}: [backup] {key} = {getattr(made, key)!r}: it must be {low} or more")
     if made.archive_timeout_s <= 0:
         raise ConfigError(f"{where}: [backup] archive_timeout_s = {made.archive_timeout_s!r}: it must be more than 0")
+    return made
+
+
+def _approvals_section(table: object, where: str, folder: Path) -> ApprovalPolicy:
+    """The ``[approvals]`` table, each key checked against :class:`ApprovalPolicy`'s fields and types."""
+    made = ApprovalPolicy(**_typed(table, "approvals", _APPROVAL_KEYS, where), folder=folder)
+    for env in ("development", "staging", "production"):
+        if not 0 <= made.needed(env) <= 10:
+            raise ConfigError(f"{where}: [approvals] {env} = {made.needed(env)!r}: it must be from 0 to 10")
+    if not made.allowed_signers.strip():
+        raise ConfigError(f"{where}: [approvals] allowed_signers is empty: name the allowed_signers file")
     return made
 
 

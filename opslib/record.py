@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from opslib import __version__
+from opslib.approval import Approval
 from opslib.outcome import Outcome
 
 # --- reading JSON values of any shape -------------------------------------------------------------------
@@ -400,6 +401,9 @@ class Rehearsal:
 
 # Keys written only when they hold something: the contract's keys are always written.
 _OPTIONAL = (
+    "plan",
+    "approvals",
+    "approvals_needed",
     "checks",
     "findings",
     "migration_output",
@@ -474,6 +478,11 @@ class RunRecord:
     backup_gated: bool | None = None
     # A rehearsal's findings (rehearse): the copy, per-revision timings and locks, and what differed.
     rehearsal: Rehearsal | None = None
+    # The plan the run was held to (opslib.approval.Plan's JSON), and who approved the run: each signature of
+    # the plan as judged at preflight, or an answer in a gate outside opslib (an Airflow approval task).
+    plan: dict | None = None
+    approvals: list[Approval] | None = None
+    approvals_needed: int | None = None  # what the project's policy asked of this run, when it was judged
 
     def step(self, name: str, started_at: str, **facts: Any) -> Step:
         """Append a step and return it."""
@@ -494,6 +503,7 @@ class RunRecord:
         data["data_changes"] = None if self.data_changes is None else [c.to_dict() for c in self.data_changes]
         data["rehearsal"] = _encoded(self.rehearsal)
         data["backup"] = _encoded(self.backup)
+        data["approvals"] = None if self.approvals is None else [a.to_dict() for a in self.approvals]
         for s in data["steps"]:
             s["outcome"] = str(s["outcome"])
             for key in ("error", "revisions"):
@@ -521,6 +531,7 @@ class RunRecord:
         values["schema_recreated"] = _decoded(SchemaRecreated, values.get("schema_recreated"))
         values["data_changes"] = _decoded_list(DataChange, values.get("data_changes"))
         values["rehearsal"] = _decoded(Rehearsal, values.get("rehearsal"))
+        values["approvals"] = _approvals(values.get("approvals"))
         return cls(**values)
 
     @classmethod
@@ -555,7 +566,17 @@ class RunRecord:
             changes_database=_flag(d.get("changes_database")),
             backup_gated=_flag(d.get("backup_gated")),
             rehearsal=_decoded(Rehearsal, d.get("rehearsal")),
+            plan=d.get("plan") if isinstance(d.get("plan"), dict) else None,
+            approvals=_approvals(d.get("approvals")),
+            approvals_needed=_whole(d.get("approvals_needed")),
         )
+
+
+def _approvals(value: Any) -> list[Approval] | None:
+    """The approvals a record holds, each that is one (an item edited into another shape is left out)."""
+    if not isinstance(value, list):
+        return None
+    return [a for a in (Approval.from_dict(v) for v in value) if a is not None]
 
 
 # The record's facts that are text, read by the tolerant reader as text.

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
-from opslib import __version__, audit, display, notebooks, summary
+from opslib import __version__, audit, display, notebooks, runlist, signatures, summary
 from opslib.errors import ConfigError, InvalidInput, ReportFailed
 from opslib.outcome import Outcome
 from opslib.record import RunRecord, revisions_text
@@ -50,7 +50,8 @@ INDEX_COLUMNS = (
     ("started", "started", "text"), ("run_id", "run id", "text"), ("runbook", "runbook", "text"),
     ("env", "env", "text"), ("operator", "operator", "text"), ("database", "database", "text"),
     ("revisions", "revisions", "text"), ("outcome", "outcome", "text"), ("seconds", "seconds", "number"),
-    ("warnings", "warnings", "text"), ("record", "record", "text"),
+    ("warnings", "warnings", "text"), ("approved_by", "approved by", "text"), ("signed_by", "signed by", "text"),
+    ("record", "record", "text"),
 )  # fmt: skip
 
 # Debian's chromium, started as the report's tests do; root needs --no-sandbox, and the rest keep a
@@ -149,7 +150,8 @@ class _Pages:
 
 
 # The modules a run page is rendered with, besides the templates: a change to any renders every page again.
-_RENDERED_WITH = ("report", "display", "audit", "redact", "safeguards", "record", "notebooks", "outcome")
+_RENDERED_WITH = ("report", "display", "audit", "redact", "safeguards", "record", "notebooks", "outcome", "signatures",
+                  "approval", "runlist")
 
 
 def _versions() -> str:
@@ -243,7 +245,8 @@ def _run_page(
         entry=entry,
         record=shown,
         edited=edited,
-        facts=[(k, v, k in ledgers) for k, v in display.run_facts(shown, warnings) if v] if shown else [],
+        facts=[(k, v, k in ledgers) for k, v in display.run_facts(shown, warnings) + [
+            ("ledger signatures", signatures.signature_text([e for e in (start, entry) if e], problems))] if v] if shown else [],
         changes=audit.field_changes(entry, record) if edited else [],
         problems=problems,
         line=line,
@@ -321,12 +324,14 @@ def build_report(
     cross_check: Callable[[list[dict]], list[str]] | None = None,
     full: bool = False,
     out_of_reach: Callable | None = None,
+    signers: Path | None = None,
 ) -> Report:
     """Write the audit report of ``records_dir`` into ``out`` (replacing an earlier report there).
 
     ``cross_check(entries)`` returns what the ledger's anchors (its database, a witness) say is missing or
     different; those problems head the index with the ledger's own. With ``full``, every page is rendered
-    again, none kept from the last build. ``out_of_reach`` is :func:`opslib.audit.check_ledger`'s.
+    again, none kept from the last build. ``out_of_reach`` and ``signers`` (the allowed_signers file every
+    signature and approval is checked against) are :func:`opslib.audit.check_ledger`'s.
 
     Every run in the ledger gets a page, including runs whose sidecar or notebook was changed or
     deleted since: their page says so in red at the top, and so does the index. Raises
@@ -338,7 +343,7 @@ def build_report(
         raise InvalidInput(
             f"no records folder at {records_dir}: set OPSLIB_RECORDS_DIR to the folder runs write to"
         )
-    check = audit.check_ledger(records_dir, out_of_reach)
+    check = audit.check_ledger(records_dir, out_of_reach, signers)
     if cross_check is not None:
         check = replace(check, unvouched=check.unvouched + cross_check(check.entries))
     scratch = _prepare_out(out)
@@ -385,7 +390,7 @@ def _write_site(records_dir: Path, site: Path, check: audit.LedgerCheck, kept: _
             kept.rendered(name, key, html)
             rendered += 1
         pages.append(name)
-        runs.append({**audit.run_row(entry), "page": f"runs/{name}", "problems": problems})
+        runs.append({**runlist.run_row(entry), "page": f"runs/{name}", "problems": problems})
     if not kept.file("notebook.css", site):
         (site / "notebook.css").write_text(_notebook_css(exporter or _exporter()))
     (site / STATE).write_text(kept.state(site), encoding="utf-8")

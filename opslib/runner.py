@@ -25,7 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
-from opslib import audit, kernelfiles, liveness, notebooks, params, workflows
+from opslib import audit, kernelfiles, liveness, notebooks, params, signatures, workflows
+from opslib.approval import outside_approvals
 from opslib.config import Settings, runbooks_dir
 from opslib.errors import ConfigError, Interrupted, InvalidInput, OpsError
 from opslib.outcome import Outcome, outcome_of, process_exit_code, signal_exit_code
@@ -340,8 +341,10 @@ def prepare(settings: Settings, name: str, pairs: Sequence[tuple[str, str]], env
     notebook = records / f"{stem}.ipynb"
     sha = audit.file_sha256(template)  # the template, as run
     first = audit.new_record(
-        name, run_id, started, operator=settings.operator, env=env or settings.env, mode=mode, runbook_sha256=sha
+        name, run_id, started, operator=settings.operator, env=env or settings.env, mode=mode, runbook_sha256=sha,
+        approvals=outside_approvals(settings.approved_by, settings.approval_ref),
     )
+    signer, _ = signatures.ledger_signer(settings)
     declared = workflows.get(name)  # what the records layer reads of the runbook, from its first record on
     first.changes_database, first.backup_gated = declared.changes_database, declared.backup_gated
     context = RunContext(run_id, stem, mode, os.getpid(), sha, first.started_at)
@@ -352,7 +355,7 @@ def prepare(settings: Settings, name: str, pairs: Sequence[tuple[str, str]], env
         params.refuse_secrets(name, values)
     except InvalidInput as err:
         first.parameters = {k: params.shown_value(v) for k, v in values.items()}
-        audit.append_started(records, stem, first, settings.ledger_witness)
+        audit.append_started(records, stem, first, settings.ledger_witness, signer)
         first.end(*outcome_of(err), err.message, audit.iso(audit.now()))
         from opslib import sealing  # SQLAlchemy's import is paid only by a run that seals here
 
@@ -364,7 +367,7 @@ def prepare(settings: Settings, name: str, pairs: Sequence[tuple[str, str]], env
     try:
         prepared.live = liveness.hold_live_mark(records, stem)
         # In the ledger before anything else: from now on this run's files are the ledger's to vouch for.
-        audit.append_started(records, stem, first, settings.ledger_witness)
+        audit.append_started(records, stem, first, settings.ledger_witness, signer)
         audit.write_sidecar(records, stem, first)
     except OSError as err:  # a full or read-only records folder: nothing has run
         if prepared.live is not None:

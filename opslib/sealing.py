@@ -26,7 +26,7 @@ from pathlib import Path
 
 import sqlalchemy as sa
 
-from opslib import anchors, audit, db, liveness
+from opslib import anchors, audit, db, liveness, signatures
 from opslib import history as run_history
 from opslib.config import Settings
 from opslib.errors import OpsError
@@ -185,7 +185,7 @@ def seal(settings: Settings, records: Path, stem: str, record: RunRecord, rewrit
     (records / ".ipynb_checkpoints" / f"{stem}-checkpoint.ipynb").unlink(missing_ok=True)
     if rewrite_sidecar:
         audit.write_sidecar(records, stem, record)
-    appended = audit.append_ledger(records, stem, record)
+    appended = audit.append_ledger(records, stem, record, signatures.ledger_signer(settings)[0])
     if appended is None:
         return None
     liveness.live_mark_path(records, stem).unlink(missing_ok=True)

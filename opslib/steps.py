@@ -25,7 +25,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-from opslib import audit, lazy, liveness, params
+from opslib import audit, lazy, liveness, params, signatures
+from opslib.approval import outside_approvals
 from opslib.config import Settings, is_runbook_template, load_settings, runbooks_dir
 from opslib.display import Section, show_now
 from opslib.errors import Interrupted, InvalidInput, OpsError, PreconditionFailed, StepOutOfOrder
@@ -590,13 +591,15 @@ def begin(runbook: str, namespace: Mapping[str, Any], workflow: type[Run]) -> Ru
     else:
         bad = False
     audit.ensure_records_dir(settings.records_dir)  # no folder to record in: one line, nothing done
-    record = audit.new_record(runbook, run_id, started, operator=settings.operator, env=settings.env)
+    record = audit.new_record(runbook, run_id, started, operator=settings.operator, env=settings.env,
+                              approvals=outside_approvals(settings.approved_by, settings.approval_ref))
     record.changes_database, record.backup_gated = workflow.changes_database, workflow.backup_gated
     run = workflow(settings, {}, record, stem, under_runner)
     # Held for the run's life, before its first sidecar: a record whose mark nobody holds was abandoned.
     run.live = liveness.hold_live_mark(settings.records_dir, stem)
     if not under_runner:  # `opslib run` and `opslib open` wrote the start entry before the kernel began
-        audit.append_started(settings.records_dir, stem, record, settings.ledger_witness)
+        audit.append_started(settings.records_dir, stem, record, settings.ledger_witness,
+                             signatures.ledger_signer(settings)[0])
     _Signals.run = run
     run.validate(runbook, namespace, reload_settings=bad)
     return run

@@ -7,17 +7,17 @@ from __future__ import annotations
 from collections import Counter
 from pathlib import Path
 
-from opslib import audit
+from opslib import audit, runlist
+from opslib.outcome import CHANGED_NOTHING
 from opslib.record import RunRecord
 from opslib.safeguards import changed_database, changes_its_database
 
-# Endings after which nothing was changed (bad input, a guard, a held lock).
-_UNCHANGED = ("invalid", "refused", "locked")
 
 
 def audit_summary(records_dir: Path, check: audit.LedgerCheck | None = None) -> dict:
     """The summary as plain data (what ``--json`` prints): ``verification``, ``runs`` (environment ->
-    outcome -> count) and ``production_changes`` (oldest first, each with its backup)."""
+    outcome -> count) and ``production_changes`` (oldest first, each with its backup, who approved it and
+    who signed its ending)."""
     check = check or audit.check_ledger(records_dir)
     counts: dict[str, Counter] = {}
     changes = []
@@ -27,14 +27,15 @@ def audit_summary(records_dir: Path, check: audit.LedgerCheck | None = None) -> 
         counts.setdefault(env, Counter())[outcome] += 1
         if env == "production" and changes_its_database(entry) and _changed(entry, outcome):
             backup = RunRecord.tolerant(_sidecar(records_dir, entry)).backup  # the file may have been edited
-            row = audit.run_row(entry)
+            row = runlist.run_row(entry)
             changes.append(
                 {
                     "run_id": row["run_id"], "runbook": row["runbook"], "started_at": row["started_at"],
                     "operator": row["operator"], "database": row["database"], "revisions": row["revisions"],
                     "outcome": outcome, "backup": backup.path if backup else None,
                     "backup_sha256": backup.sha256 if backup else None,
-                    "warnings": row["warnings"],
+                    "warnings": row["warnings"], "approved_by": row["approved_by"], "signed_by": row["signed_by"],
+                    "approvals_needed": entry.get("approvals_needed"),
                 }
             )  # fmt: skip
     return {
@@ -50,7 +51,7 @@ def audit_summary(records_dir: Path, check: audit.LedgerCheck | None = None) -> 
 
 def _changed(entry: dict, outcome: str) -> bool:
     """Whether the run may have changed its database, as its ledger entry says (its steps, sealed with it)."""
-    if outcome in _UNCHANGED:
+    if outcome in CHANGED_NOTHING:
         return False
     return audit.is_start(entry) or changed_database(entry)  # a run still going may be changing it now
 
@@ -75,5 +76,8 @@ def summary_text(summary: dict) -> str:
     for c in summary["production_changes"]:
         backup = c["backup"] or "no backup"
         flags = f" [{', '.join(c['warnings'])}]" if c["warnings"] else ""
-        lines.append(f"  {c['started_at']} {c['run_id']} {c['runbook']} {c['outcome']} {c['revisions']}; {backup}{flags}")
+        approved = f"; approved by {c['approved_by']}" if c["approved_by"] else "; no approval"
+        signed = f"; signed by {c['signed_by']}" if c["signed_by"] else ""
+        lines.append(f"  {c['started_at']} {c['run_id']} {c['runbook']} {c['outcome']} {c['revisions']}; {backup}"
+                     f"{flags}{approved}{signed}")  # fmt: skip
     return "\n".join(lines)

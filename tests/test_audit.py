@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from opslib import audit
+from opslib import audit, runlist
 from opslib.outcome import Outcome
 
 from .conftest import _opslib_run, audit_cli, copy_of_records, libpq, outcomes_that_disagree, query
@@ -127,7 +127,7 @@ def test_runs_that_went_without_a_safeguard_are_flagged(tmp_path):
     # Ended inside its upgrade without a backup: it may have changed the database.
     _sealed_by_hand(records, "upgr0008", "production", ["parameters", "preflight", "upgrade"], backup=False,
                     database=True, outcome=Outcome.ABANDONED)  # fmt: skip
-    flagged = {r["run_id"]: r["warnings"] for r in audit.list_runs(records)}
+    flagged = {r["run_id"]: r["warnings"] for r in runlist.list_runs(records)}
     assert flagged == {
         "clean001": [], "nobkp002": ["no verified backup"], "novrf003": ["no verify step"],
         "nodb0004": ["no database reached"], "devnb005": [], "early006": [], "early007": [],

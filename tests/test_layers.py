@@ -12,12 +12,12 @@ from .conftest import ROOT
 # Lowest first; a package (opslib/migrate/, …) is one module of its layer. docs/architecture.md shows the same.
 LAYERS = {
     "base": {"outcome", "errors", "redact", "naming", "notebooks", "kernelfiles", "witness", "halt", "record", "runcontext", "lazy",
-             "config", "params", "policy", "checkreport", "safeguards", "signals"},
+             "config", "params", "policy", "checkreport", "safeguards", "signals", "sshsig", "approval"},
     "database": {"embedded", "db", "schema", "pgtools", "pgbackrest", "history"},
-    "verbs": {"batch", "migrate", "backup", "seed", "rehearse", "branch"},
+    "verbs": {"batch", "migrate", "backup", "seed", "rehearse", "branch", "plans"},
     "judgement": {"lint", "checks"},
     "rendering": {"display"},
-    "records": {"audit", "liveness", "anchors", "restorepoints", "sealing", "report", "summary", "autoseal"},
+    "records": {"audit", "signatures", "runlist", "liveness", "anchors", "restorepoints", "sealing", "report", "summary", "autoseal"},
     "runs": {"steps", "workflows", "runbook", "runner", "lab", "fleet", "airflow"},
     "face": {"cli"},
 }  # fmt: skip

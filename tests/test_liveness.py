@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from opslib import audit, liveness, record, signals
+from opslib import audit, liveness, record, runlist, signals
 from opslib.errors import Interrupted
 from opslib.outcome import Outcome
 from opslib.record import RunRecord, revisions_text
@@ -145,7 +145,7 @@ def test_a_revision_not_read_is_never_shown_as_base():
     assert revisions_text(None) == "not read"
     assert revisions_text([]) == "base"
     assert revisions_text(["a", "b"], "+") == "a+b"
-    row = audit.run_row({"database": {"name": "d"}, "revisions_before": None, "revisions_after": []})
+    row = runlist.run_row({"database": {"name": "d"}, "revisions_before": None, "revisions_after": []})
     assert row["revisions"] == "not read -> base"
 
 

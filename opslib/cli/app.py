@@ -16,7 +16,7 @@ from typing import Sequence
 # The commands register themselves when their modules are imported, in this order (`opslib --help`'s);
 # each imports what it needs only when it runs (Alembic's import is a large part of a command's start-up).
 # isort: off
-from opslib.cli import migrations, backups, runs, audit, server  # noqa: F401 -- registered by import
+from opslib.cli import migrations, backups, runs, approvals, audit, server  # noqa: F401 -- registered by import
 # isort: on
 from opslib.cli.commands import build_parser
 from opslib.cli.common import _CONSOLE, EXIT_OK, outcome_known

@@ -34,9 +34,9 @@ def _records(settings, action: str) -> Path:
 @command("list", JSON, arg("--warnings", action="store_true", help="only the runs that went without a safeguard"), group="audit")
 def list_runs(settings, args) -> int:
     """the runs in the ledger, newest last, with their outcome and the safeguards they went without"""
-    from opslib import audit, display
+    from opslib import display, runlist
 
-    runs = [r for r in audit.list_runs(_records(settings, "list")) if r["warnings"] or not args.warnings]
+    runs = [r for r in runlist.list_runs(_records(settings, "list")) if r["warnings"] or not args.warnings]
     print(json.dumps(runs, indent=2, default=str) if args.json else display.runs_text(runs))
     return EXIT_OK
 
@@ -76,7 +76,7 @@ def verify(settings, args) -> int:
     from opslib.errors import ChecksFailed
 
     records = _records(settings, "verify")
-    check = audit.check_ledger(records, anchors.out_of_reach(settings))
+    check = audit.check_ledger(records, anchors.out_of_reach(settings), _signers(settings))
     anchored, against_database = anchors.cross_check(
         settings, check.entries, *databases_given(settings, args), require=args.database is not None
     )
@@ -90,7 +90,18 @@ def verify(settings, args) -> int:
         f"audit verify: {len(audit.ended_entries(check.entries))} run(s), every record matches the ledger and "
         f"the chain is intact; {anchored}"
     )
+    if check.signed:
+        print(f"signatures: {check.signed} signed entr(ies) verified against {_signers(settings)}")
+    if check.unsigned:  # said, not a problem: a production run without an operator's key is unsigned, not forged
+        print(f"unsigned production entries ({len(check.unsigned)}): {', '.join(check.unsigned)}")
     return EXIT_OK
+
+
+def _signers(settings) -> Path:
+    """The project's allowed_signers file, which every signature in the records is checked against."""
+    from opslib.policy import load_approval_policy
+
+    return load_approval_policy(settings.alembic_ini).signers_file
 
 
 @command(
@@ -118,6 +129,7 @@ def report(settings, args) -> int:
         cross_check=lambda entries: anchors.cross_check(settings, entries, *given)[1],
         full=args.full,
         out_of_reach=anchors.out_of_reach(settings),
+        signers=_signers(settings),
     )
     if args.screenshot:
         written.screenshot = report.screenshot(written.index, written.out / report.SCREENSHOT)
@@ -140,7 +152,7 @@ def summary(settings, args) -> int:
 
     records = _records(settings, "summary")
     # Checked as verify checks it: a run cut from the ledger shows through its anchors, not the chain.
-    check = audit.check_ledger(records, anchors.out_of_reach(settings))
+    check = audit.check_ledger(records, anchors.out_of_reach(settings), _signers(settings))
     against = anchors.cross_check(settings, check.entries, *databases_given(settings, args))[1]
     found = summaries.audit_summary(records, replace(check, unvouched=check.unvouched + against))
     print(json.dumps(found, indent=2, default=str) if args.json else summaries.summary_text(found))

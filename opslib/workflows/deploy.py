@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
-from opslib import lazy, params
+from pathlib import Path
+
+from opslib import approval, audit, lazy, params, signatures
 from opslib.display import Section, findings_tables, show_now, shown_detail
 from opslib.errors import (
     InvalidInput,
     MigrationFailed,
+    PreconditionFailed,
 )
+from opslib.policy import load_approval_policy
 from opslib.naming import first_line
 from opslib.params import Param
 from opslib.record import revisions_text
@@ -18,6 +22,7 @@ from opslib.workflows.workflow import Workflow
 checks = lazy.module("opslib.checks")
 lint = lazy.module("opslib.lint")
 migrate = lazy.module("opslib.migrate")
+plans = lazy.module("opslib.plans")
 
 
 class Deploy(Workflow):
@@ -40,6 +45,7 @@ class Deploy(Workflow):
             ("stop", "restore"),
         ),
         params.DEV_DATA,
+        Param("plan", str, "", "an approved plan file (opslib plan, then opslib approve): the run must match it"),
         params.CONFIRM,
     )
     steps = ("preflight", "backup", "upgrade", "verify")
@@ -53,6 +59,7 @@ class Deploy(Workflow):
 
     pending: list = []
     plan: migrate.DeployPlan | None = None
+    approved: approval.Plan | None = None  # the plan this run is held to (-p plan)
     drift = None  # the preflight's comparison with the models, reused when nothing is applied
 
     @step()
@@ -89,6 +96,7 @@ class Deploy(Workflow):
             show_now(Section("Preflight", status, facts, check_rows + pending_rows, sql, tables=found))
             report.raise_for_failure()
         self.drift = next((c for c in report.checks if c.name == "drift"), None)
+        facts += self._hold_to_plan(facts, check_rows + pending_rows, sql, found)
         facts.append(("target revision", self.params["target_revision"]))
         if self.params["dev_data"]:
             facts.append(("dev_data", "yes (-x dev_data=true): the revisions load the development sample data"))
@@ -100,6 +108,51 @@ class Deploy(Workflow):
             "Preflight", f"checks passed, {len(self.pending)} revision(s) to apply", facts, check_rows + pending_rows,
             sql, tables=found,
         )
+
+    def _hold_to_plan(self, facts: list, rows: list, sql: str, found: list) -> list[tuple[str, object]]:
+        """Hold the run to its approved plan (``-p plan``) and count the plan's approvals against the policy's
+        ``[approvals]``: a plan that differs from the target, too few approvals, or none where they are
+        needed is refused (exit 3), shown first, naming what differs or is missing. Returns the facts to show."""
+        needs = load_approval_policy(self.settings.alembic_ini)
+        needed = needs.needed(self.settings.env)
+        self.record.approvals_needed = needed or None
+        signer, signing = signatures.ledger_signer(self.settings)
+        # Said where it matters: a run with a key, a plan or approvals to count (a plain deploy shows no row).
+        shown: list[tuple[str, object]] = [("ledger entries", signing)] if (
+            self.settings.signing_key or needed or self.params["plan"]) else []  # fmt: skip
+        if not self.params["plan"]:
+            if needed:
+                self._refuse_by_plan(facts + shown, rows, sql, found, f"{self.settings.env} needs {needed} approval(s) "
+                                     "of a plan: make one with `opslib plan --out PLAN.json`, have it approved with "
+                                     "`opslib approve PLAN.json`, and deploy with -p plan PLAN.json")  # fmt: skip
+            return shown
+        path = Path(self.params["plan"])
+        self.approved = approved = approval.read_plan(path)
+        self.record.plan = approved.to_dict()
+        now = plans.plan_of(self.target, self.params["target_revision"], self.params, env=self.settings.env,
+                            author=self.settings.operator, created_at=audit.iso(audit.now()), planned=self.plan)  # fmt: skip
+        operators = {self.settings.operator, signer.principal if signer else None, approved.author, approved.author_principal}
+        judged = approval.judge(approved, approval.read_approvals(path), needs.signers_file, operators=operators,
+                                self_approval=needs.self_approval)  # fmt: skip
+        self.record.approvals = (self.record.approvals or []) + judged
+        self._save()
+        shown += [("plan", f"{path.name}: sha256 {approved.sha256[:16]}…, made by {approved.author} at {approved.created_at}"),
+                  ("approvals", approval.approvals_text(judged, needed))]  # fmt: skip
+        differs = approval.differences(approved, now)
+        if differs:
+            self._refuse_by_plan(facts + shown, rows, sql, found, f"the plan {path.name} does not match: {'; '.join(differs)}")
+        counted = sum(1 for a in judged if a.counted)
+        if counted < needed:
+            own = [a for a in judged if a.verified and not a.counted and a.why and "own" in a.why]
+            why = ("approved only by its operator (self-approval is off)" if own and counted == 0
+                   else f"{counted} valid approval(s), {self.settings.env} needs {needed}")  # fmt: skip
+            self._refuse_by_plan(facts + shown, rows, sql, found, f"the plan {path.name} is {why}: "
+                                 f"{approval.approvals_text(judged, needed)}")  # fmt: skip
+        return shown
+
+    def _refuse_by_plan(self, facts: list, rows: list, sql: str, found: list, why: str) -> None:
+        show_now(Section("Preflight", f"refused: {why}", facts, rows, sql, tables=found))
+        raise PreconditionFailed(f"deploy refused: {why}")
 
     @step()
     def backup(self) -> Section:
@@ -113,6 +166,8 @@ class Deploy(Workflow):
         """Apply the pending revisions under the lock, each committing on its own; on failure stop, or restore the backup."""
         if not self.pending:
             return Section.skip("Upgrade", "nothing to deploy")
+        if self.approved is not None:  # the files as approved, still: nothing edited since the preflight compared them
+            approval.require_files_unchanged(self.approved, Path(self.settings.alembic_ini).resolve().parent)
         try:
             result = migrate.upgrade(
                 self.target,

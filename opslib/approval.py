@@ -1,0 +1,328 @@
+"""Four eyes: a deploy's plan, written before it runs, and the approvals of it, signed with SSH keys.
+
+``opslib plan`` writes a :class:`Plan`: the target's identity, the revisions that will run (each file's
+sha256), the sha256 of the SQL they render, the policy's sha256, the parameters. ``opslib approve`` signs
+the plan's canonical JSON with the approver's key (``ssh-keygen -Y sign``, namespace ``opslib-plan``) and
+keeps the signature beside the plan (``PLAN.json.approvals``). A deploy given the plan compares it with
+what it finds at preflight (:func:`differences`) and counts the approvals that verify against the
+project's ``allowed_signers`` (:func:`judge`): the signatures, not the names written beside them, say who
+approved.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any, Iterable
+
+from opslib import sshsig
+from opslib.errors import InvalidInput, PreconditionFailed
+
+PLAN_FORMAT = "opslib-plan/1"
+# The parameters a plan does not bind: the plan itself, and the confirmation typed at the run.
+UNBOUND_PARAMETERS = frozenset({"plan", "confirm"})
+
+
+@dataclass(frozen=True)
+class PlannedRevision:
+    """One revision the plan applies: its id, its file (relative to the project's folder) and the file's sha256."""
+
+    revision: str
+    path: str
+    sha256: str
+
+
+@dataclass(frozen=True)
+class PlanTarget:
+    """The database a plan was made for: the server's system identifier, its name and where it stood."""
+
+    system_identifier: str | None
+    database: str
+    host: str | None
+    port: int | None
+    revisions: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A deploy worked out before it runs, for approvers to sign and for the run to hold itself to."""
+
+    runbook: str
+    env: str
+    created_at: str
+    author: str
+    target: PlanTarget
+    target_revision: str
+    pending: tuple[PlannedRevision, ...]
+    sql_sha256: str
+    sql_source: str  # "offline SQL", or "offline SQL and the sources of N revision(s) that cannot render offline"
+    env_py_sha256: str | None
+    policy_sha256: str | None  # None: the project has no policy file
+    parameters: dict[str, Any] = field(default_factory=dict)
+    author_principal: str | None = None  # the author's principal, when they had a key allowed_signers lists
+    format: str = PLAN_FORMAT
+
+    def to_dict(self) -> dict:
+        """The plan file's JSON object."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Any) -> "Plan":
+        """A plan from its JSON; anything else is an :class:`InvalidInput` (exit 2)."""
+        if not isinstance(data, dict) or data.get("format") != PLAN_FORMAT:
+            raise InvalidInput(f"not an opslib plan (its format is not {PLAN_FORMAT}): make one with `opslib plan`")
+        try:
+            target = PlanTarget(**{**data["target"], "revisions": tuple(data["target"]["revisions"])})
+            pending = tuple(PlannedRevision(**p) for p in data["pending"])
+            return cls(**{**data, "target": target, "pending": pending})
+        except (KeyError, TypeError) as err:
+            raise InvalidInput(f"the plan is not whole (edited by hand?): {err}") from None
+
+    def canonical(self) -> bytes:
+        """The bytes an approval signs: the plan's JSON with sorted keys and no spaces, whatever the file's layout."""
+        return canonical_json(self.to_dict())
+
+    @property
+    def sha256(self) -> str:
+        """The sha256 of :meth:`canonical`: the plan's identity in records and the ledger."""
+        return plan_sha256(self.to_dict())
+
+    @property
+    def last(self) -> str | None:
+        """The revision the plan ends at (None: nothing to apply)."""
+        return self.pending[-1].revision if self.pending else None
+
+
+@dataclass(frozen=True)
+class Approval:
+    """One approval of a run: an SSH signature of its plan, or an answer in a gate outside opslib (Airflow).
+
+    ``verified`` says whether the signature held when it was judged (None: nothing to verify, as for an
+    answer in Airflow), ``counted`` whether it counts towards the approvals needed, ``why`` why not."""
+
+    principal: str
+    source: str = "ssh"  # "ssh": a signature of the plan; "airflow": an approval task's answer
+    signature: str | None = None
+    approved_at: str | None = None
+    ref: str | None = None  # where an outside gate keeps the answer
+    verified: bool | None = None
+    counted: bool | None = None
+    why: str | None = None
+
+    def to_dict(self) -> dict:
+        """The JSON object kept in the approvals file and in a run's record."""
+        return {k: v for k, v in asdict(self).items() if v is not None}
+
+    @classmethod
+    def from_dict(cls, data: Any) -> "Approval | None":
+        """An approval from its JSON; None when it is not one (edited into another shape)."""
+        if not isinstance(data, dict) or not isinstance(data.get("principal"), str):
+            return None
+        known = {k: data.get(k) for k in ("principal", "source", "signature", "approved_at", "ref", "verified", "counted", "why")}
+        if not all(v is None or isinstance(v, str) for k, v in known.items() if k not in ("verified", "counted")):
+            return None
+        return cls(**{k: v for k, v in known.items() if v is not None})
+
+
+def outside_approvals(approved_by: str | None, ref: str | None) -> list[Approval] | None:
+    """The approval a gate outside opslib gave a run (``OPSLIB_APPROVED_BY``, ``OPSLIB_APPROVAL_REF``: an
+    Airflow approval task's answer), as the run's record keeps it; None when there was none. It is recorded,
+    sealed in the run's first ledger entry, and shown; it is never a signature of a plan."""
+    if not approved_by:
+        return None
+    source = (ref or "").split(None, 1)[0] if ref else "gate"
+    return [Approval(approved_by, source or "gate", ref=ref)]
+
+
+def canonical_json(data: Any) -> bytes:
+    """JSON with sorted keys, no spaces and ASCII only: the same bytes for the same facts, whatever the layout."""
+    return json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
+
+
+def plan_sha256(data: Any) -> str:
+    """The sha256 of a plan's canonical JSON (a plan's JSON as a record keeps it)."""
+    return hashlib.sha256(canonical_json(data)).hexdigest()
+
+
+def read_plan(path: Path) -> Plan:
+    """The plan in ``path``; a missing or malformed file is an :class:`InvalidInput` (exit 2) naming it."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise InvalidInput(f"no plan at {path}: make one with `opslib plan --out {path}`") from None
+    except (OSError, ValueError) as err:
+        raise InvalidInput(f"the plan {path} cannot be read: {err}") from None
+    try:
+        return Plan.from_dict(data)
+    except InvalidInput as err:
+        raise InvalidInput(f"{path}: {err.message}") from None
+
+
+def write_plan(path: Path, plan: Plan) -> Path:
+    """Write ``plan`` to ``path`` (readable JSON); approvals of an earlier plan there are removed with it."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    tmp.write_text(json.dumps(plan.to_dict(), indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+    approvals_path(path).unlink(missing_ok=True)  # they signed another plan
+    return path
+
+
+def approvals_path(plan_path: Path) -> Path:
+    """Where the approvals of the plan in ``plan_path`` are kept: beside it, ``PLAN.json.approvals``."""
+    plan_path = Path(plan_path)
+    return plan_path.with_name(plan_path.name + ".approvals")
+
+
+def read_approvals(plan_path: Path) -> list[Approval]:
+    """The approvals kept beside a plan (none yet: an empty list); a malformed file is an :class:`InvalidInput`."""
+    path = approvals_path(plan_path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return []
+    except (OSError, ValueError) as err:
+        raise InvalidInput(f"the approvals {path} cannot be read: {err}") from None
+    if not isinstance(data, list):
+        raise InvalidInput(f"the approvals {path} are not a list of signatures")
+    return [a for a in (Approval.from_dict(item) for item in data) if a is not None]
+
+
+def add_approval(plan_path: Path, approval: Approval) -> list[Approval]:
+    """Keep ``approval`` beside the plan, replacing an earlier one by the same principal; returns them all.
+    A lock makes two approvers signing at once both kept."""
+    path = approvals_path(plan_path)
+    with open(path.with_name(f".{path.name}.lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        kept = [a for a in read_approvals(plan_path) if a.principal != approval.principal] + [approval]
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
+        tmp.write_text(json.dumps([a.to_dict() for a in kept], indent=2) + "\n", encoding="utf-8")
+        os.replace(tmp, path)
+    return kept
+
+
+def approve(plan: Plan, key: Path, allowed_signers: Path, approved_at: str) -> Approval:
+    """``key``'s approval of ``plan``: its signature, and the principal allowed_signers gives the key. A key
+    the file does not list cannot approve: an :class:`InvalidInput` naming the file."""
+    signature = sshsig.sign(plan.canonical(), key, sshsig.PLAN)
+    principal = sshsig.signer_of(plan.canonical(), signature, allowed_signers, sshsig.PLAN)
+    if principal is None:
+        raise InvalidInput(
+            f"the key {key} is not in {allowed_signers} (or not for namespace {sshsig.PLAN}): an approval by it "
+            "would not count; add its public key there, as `PRINCIPAL ssh-ed25519 AAAA…`"
+        )
+    return Approval(principal, "ssh", signature, approved_at)
+
+
+def judge(plan: Plan, approvals: Iterable[Approval], allowed_signers: Path, *, operators: Iterable[str],
+          self_approval: bool) -> list[Approval]:  # fmt: skip
+    """Each approval of ``plan`` as it stands now: a signature verified against ``allowed_signers`` (the
+    principal the file gives the signing key, never the name written beside it), then counted unless it is
+    the operator's own (``operators``: the run's operator and the plan's author, as names and principals)
+    while ``self_approval`` is off, or a second one by the same principal."""
+    mine = {name for name in operators if name}
+    judged, counted = [], set()
+    for approval in approvals:
+        if approval.source != "ssh":  # an outside gate's answer: recorded, never counted as a signature
+            judged.append(replace(approval, verified=None, counted=False, why="not a signature of the plan"))
+            continue
+        signer = _signer(plan, approval, allowed_signers)
+        if signer is None:
+            why = ("made by a key allowed_signers does not list" if not sshsig.principals(approval.signature or "", allowed_signers)
+                   else "the signature does not verify: it was made for another plan, or forged")  # fmt: skip
+            judged.append(replace(approval, verified=False, counted=False, why=why))
+        elif not self_approval and _is_own(signer, mine):
+            judged.append(replace(approval, principal=signer, verified=True, counted=False,
+                                  why="the operator's own approval (self-approval is off)"))  # fmt: skip
+        elif signer in counted:
+            judged.append(replace(approval, principal=signer, verified=True, counted=False, why="approved twice"))
+        else:
+            counted.add(signer)
+            judged.append(replace(approval, principal=signer, verified=True, counted=True, why=None))
+    return judged
+
+
+def _signer(plan: Plan, approval: Approval, allowed_signers: Path) -> str | None:
+    if not approval.signature or not Path(allowed_signers).is_file():
+        return None
+    return sshsig.signer_of(plan.canonical(), approval.signature, allowed_signers, sshsig.PLAN)
+
+
+def _is_own(principal: str, operators: set[str]) -> bool:
+    """Whether ``principal`` is one of ``operators``: the same principal, or the same name before an ``@``
+    (an operator known only by their user name, ``alice``, is the principal ``alice@example.com``)."""
+    return principal in operators or principal.split("@", 1)[0] in {o.split("@", 1)[0] for o in operators}
+
+
+def differences(approved: Plan, now: Plan) -> list[str]:
+    """What differs between the plan approved and the plan as the target and the project stand now, each
+    as one line naming the fact (empty: the run is the plan)."""
+    found = []
+    a, b = approved.target, now.target
+    if (a.system_identifier, a.database) != (b.system_identifier, b.database):
+        found.append(f"target: the plan is for database {a.database} on server {a.system_identifier}, "
+                     f"this run's is {b.database} on server {b.system_identifier}")  # fmt: skip
+    if a.revisions != b.revisions:
+        found.append(f"the database stands at {_revs(b.revisions)}, the plan was made at {_revs(a.revisions)}")
+    if approved.env != now.env:
+        found.append(f"environment: the plan is for {approved.env}, this run is in {now.env}")
+    found += _revision_differences(approved.pending, now.pending)
+    if approved.sql_sha256 != now.sql_sha256 and not found:
+        found.append(f"the SQL that would run differs from the plan's ({approved.sql_source}): env.py or what the revisions import changed")
+    if approved.env_py_sha256 != now.env_py_sha256:
+        found.append("env.py was edited since the plan was made")
+    if approved.policy_sha256 != now.policy_sha256:
+        found.append("the project's policy file was edited since the plan was made")
+    for name in sorted(set(approved.parameters) | set(now.parameters)):
+        if name in UNBOUND_PARAMETERS or approved.parameters.get(name) == now.parameters.get(name):
+            continue
+        found.append(f"parameter {name}: the plan says {approved.parameters.get(name)!r}, this run {now.parameters.get(name)!r}")
+    return found
+
+
+def approvals_text(approvals: Iterable[Approval], needed: int) -> str:
+    """The approvals as one line: each approver, whether the signature holds and counts, and what is needed."""
+    parts = []
+    for a in approvals:
+        state = ("counted" if a.counted else f"not counted: {a.why}") if a.verified else (
+            f"not verified: {a.why}" if a.verified is False else f"{a.source}, not a signature")  # fmt: skip
+        parts.append(f"{a.principal} ({state})")
+    return f"{'; '.join(parts) or 'none'} ({needed} needed)"
+
+
+def require_files_unchanged(plan: Plan, folder: Path) -> None:
+    """Refuse (:class:`PreconditionFailed`) when a revision file of ``plan`` no longer holds what was approved."""
+    edited = [p.revision for p in plan.pending if file_sha256(folder / p.path) != p.sha256]
+    if edited:
+        raise PreconditionFailed(
+            f"revision file(s) of {', '.join(edited)} changed after the preflight compared them with the plan: "
+            "nothing was applied; make and approve a new plan"
+        )
+
+
+def file_sha256(path: Path) -> str | None:
+    """The sha256 of a file's bytes, None when it cannot be read (a plan's revision files, env.py, the policy)."""
+    try:
+        return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    except OSError:
+        return None
+
+
+def _revision_differences(approved: tuple[PlannedRevision, ...], now: tuple[PlannedRevision, ...]) -> list[str]:
+    planned, pending = {p.revision: p for p in approved}, {p.revision: p for p in now}
+    found = [f"revision {r} is pending but not in the plan (new since it was made)" for r in pending if r not in planned]
+    found += [f"revision {r} is in the plan but would not run" for r in planned if r not in pending]
+    found += [f"revision {r}: its file {pending[r].path} was edited since the plan was made"
+              for r in planned if r in pending and planned[r].sha256 != pending[r].sha256]  # fmt: skip
+    if not found and [p.revision for p in approved] != [p.revision for p in now]:
+        found.append("the revisions would run in another order than the plan's")
+    return found
+
+
+def _revs(revisions: tuple[str, ...]) -> str:
+    return ", ".join(revisions) or "base"

@@ -1,0 +1,125 @@
+"""Four eyes as commands: plan (write a deploy's plan), approve (sign it), approvals (who signed it)."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import replace
+from pathlib import Path
+
+from opslib.cli.commands import arg, command
+from opslib.cli.common import EXIT_OK
+from opslib.cli.runs import ENV, PARAMETER
+
+PLAN_FILE = arg("plan_file", metavar="PLAN.json", help="the plan file (`opslib plan --out PLAN.json` writes one)")
+
+
+@command(
+    "plan",
+    arg("--target", metavar="REV", help="the revision to deploy to (the deploy's target_revision; default head)"),
+    PARAMETER,
+    ENV,
+    arg("--out", metavar="PLAN.json", required=True, help="where to write the plan"),
+    arg("--json", action="store_true", help="print the plan as JSON too"),
+)
+def plan(settings, args) -> int:
+    """write the plan of a deploy, for approvers to sign and for the deploy to be held to
+
+    Write what a deploy of the target would do now: the database's identity (server's system identifier,
+    name, revisions), each pending revision with its file's sha256, the sha256 of the SQL they run, the
+    policy's sha256 and the deploy's parameters. Reads only. `opslib approve PLAN.json` signs it; `opslib run
+    deploy -p plan PLAN.json` refuses (exit 3) when anything in it differs at preflight."""
+    from opslib import approval, audit, migrate, params, plans, runner, signatures, workflows
+    from opslib.errors import InvalidInput
+
+    deploy = workflows.get("deploy")
+    given = runner.coerce("deploy", [tuple(p) for p in args.parameter])
+    if args.target is not None:
+        if given.get("target_revision", args.target) != args.target:
+            raise InvalidInput("plan: --target and -p target_revision say different revisions: give one")
+        given["target_revision"] = args.target
+    values = params.validate("deploy", deploy.parameters, given)
+    deploy.check_values(values)
+    env = args.env or settings.env
+    params.check_environment("deploy", values, env)
+    signer, _ = signatures.ledger_signer(settings)
+    made = plans.plan_of(
+        migrate.Target(_settings_for(settings, values["database_url_env"])), values["target_revision"], values,
+        env=env, author=settings.operator, created_at=audit.iso(audit.now()),
+        author_principal=signer.principal if signer else None,
+    )  # fmt: skip
+    out = approval.write_plan(Path(args.out), made)
+    if args.json:
+        print(json.dumps(made.to_dict(), indent=2, sort_keys=True))
+    last = made.last or "nothing to apply"
+    print(f"plan: {len(made.pending)} revision(s), {', '.join(made.target.revisions) or 'base'} -> {last}, for database "
+          f"{made.target.database} (server {made.target.system_identifier or 'not read'}, {env}); sha256 "
+          f"{made.sha256[:16]}…, written to {out}; approve it with `opslib approve {out}`")  # fmt: skip
+    return EXIT_OK
+
+
+def _settings_for(settings, url_env: str):
+    """The settings with the URL the deploy would read (its database_url_env), as the run resolves it."""
+    from opslib import db
+    from opslib.errors import InvalidInput
+
+    if url_env == "DATABASE_URL":
+        return settings
+    url = os.environ.get(url_env, "").strip()
+    if not url:
+        raise InvalidInput(f"plan: the environment variable {url_env} (database_url_env) is not set")
+    db.parse_url(url, source=url_env)
+    return replace(settings, database_url=url, url_source=url_env)
+
+
+@command(
+    "approve",
+    PLAN_FILE,
+    arg("--key", metavar="FILE", help="your SSH key (default: OPSLIB_SIGNING_KEY, else ~/.ssh/id_ed25519)"),
+)
+def approve(settings, args) -> int:
+    """sign a deploy's plan with your SSH key, as one of its approvals
+
+    Sign the plan's canonical JSON with ssh-keygen -Y sign (namespace opslib-plan) and keep the signature
+    beside it (PLAN.json.approvals). Only a key the project's allowed_signers lists can approve."""
+    from opslib import approval, audit
+    from opslib.policy import load_approval_policy
+
+    plan_path = Path(args.plan_file)
+    made = approval.read_plan(plan_path)
+    key = Path(args.key).expanduser() if args.key else (settings.signing_key or Path("~/.ssh/id_ed25519").expanduser())
+    needs = load_approval_policy(settings.alembic_ini)
+    signed = approval.approve(made, key, needs.signers_file, audit.iso(audit.now()))
+    kept = approval.add_approval(plan_path, signed)
+    print(f"approve: {signed.principal} approved {plan_path} (sha256 {made.sha256[:16]}…); "
+          f"{len(kept)} approval(s) kept in {approval.approvals_path(plan_path)}")  # fmt: skip
+    return EXIT_OK
+
+
+@command("approvals", PLAN_FILE, arg("--json", action="store_true", help="print them as JSON"))
+def approvals(settings, args) -> int:
+    """who approved a plan, each signature verified against the project's allowed_signers
+
+    Exit 0 when the plan has as many approvals as its environment needs, 3 when it has fewer. The operator's
+    own approval is shown as not counted (self-approval is off unless the policy says otherwise)."""
+    from opslib import approval, signatures
+    from opslib.errors import PreconditionFailed
+    from opslib.policy import load_approval_policy
+
+    plan_path = Path(args.plan_file)
+    made = approval.read_plan(plan_path)
+    needs = load_approval_policy(settings.alembic_ini)
+    signer, _ = signatures.ledger_signer(settings)
+    operators = {made.author, made.author_principal, settings.operator, signer.principal if signer else None}
+    judged = approval.judge(made, approval.read_approvals(plan_path), needs.signers_file, operators=operators,
+                            self_approval=needs.self_approval)  # fmt: skip
+    needed = needs.needed(made.env)
+    if args.json:
+        print(json.dumps({"plan_sha256": made.sha256, "env": made.env, "needed": needed,
+                          "approvals": [a.to_dict() for a in judged]}, indent=2))  # fmt: skip
+    else:
+        print(f"{plan_path} ({made.env}, sha256 {made.sha256[:16]}…): {approval.approvals_text(judged, needed)}")
+    counted = sum(1 for a in judged if a.counted)
+    if counted < needed:
+        raise PreconditionFailed(f"approvals: {counted} valid approval(s) of {plan_path}, {made.env} needs {needed}")
+    return EXIT_OK

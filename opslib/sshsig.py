@@ -1,0 +1,142 @@
+"""SSH signatures, made and checked by OpenSSH's ``ssh-keygen -Y`` (as git's SSH commit signing does).
+
+Who may sign is an ``allowed_signers`` file (``ssh-keygen(1)``, ALLOWED SIGNERS): one line per key,
+``principal [options] keytype key``. A signature is made over bytes with a namespace, so that a plan's
+approval can never stand for a ledger entry's signature, or the other way round. opslib writes no
+cryptography of its own: every signature is made and checked by ``ssh-keygen``.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import tempfile
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+from opslib.errors import ConfigError
+
+PLAN = "opslib-plan"  # the namespace of an approval of a plan
+LEDGER = "opslib-ledger"  # the namespace of a ledger entry's signature
+
+_TIMEOUT_S = 60  # a key behind a passphrase prompt or a hardware token waits for a person, not for ever
+
+
+def program() -> str:
+    """The ``ssh-keygen`` on PATH; missing is a :class:`ConfigError` naming the package."""
+    found = shutil.which("ssh-keygen")
+    if found is None:
+        raise ConfigError("ssh-keygen is not installed: install OpenSSH's client (Debian: openssh-client)")
+    return found
+
+
+def sign(data: bytes, key: Path, namespace: str) -> str:
+    """An armored SSH signature of ``data`` by ``key`` (a private key file, or a public key whose private
+    half ssh-agent holds); a key that cannot sign is a :class:`ConfigError` with ssh-keygen's reason."""
+    key = Path(key).expanduser()
+    if not key.is_file():
+        raise ConfigError(f"the signing key {key} does not exist")
+    done = subprocess.run(
+        [program(), "-Y", "sign", "-q", "-f", str(key), "-n", namespace],
+        input=data, capture_output=True, timeout=_TIMEOUT_S, check=False,
+    )  # fmt: skip
+    if done.returncode != 0 or b"BEGIN SSH SIGNATURE" not in done.stdout:
+        raise ConfigError(f"ssh-keygen could not sign with {key}: {_reason(done.stderr)}")
+    return done.stdout.decode()
+
+
+def principals(signature: str, allowed_signers: Path) -> list[str]:
+    """The principals ``allowed_signers`` names for the key that made ``signature`` (none: an unknown key)."""
+    with _signature_file(signature) as path:
+        done = subprocess.run(
+            [program(), "-Y", "find-principals", "-s", str(path), "-f", str(allowed_signers)],
+            capture_output=True, timeout=_TIMEOUT_S, check=False,
+        )  # fmt: skip
+    if done.returncode != 0:
+        return []
+    return [line.strip() for line in done.stdout.decode(errors="replace").splitlines() if line.strip()]
+
+
+def verifies(data: bytes, signature: str, principal: str, allowed_signers: Path, namespace: str) -> bool:
+    """Whether ``signature`` is ``principal``'s signature of ``data`` in ``namespace``, by a key
+    ``allowed_signers`` gives that principal (its namespaces and validity dates as the file says)."""
+    if not principal or any(c.isspace() for c in principal):
+        return False  # a principal is one word of the file: anything else was never written by us
+    with _signature_file(signature) as path:
+        done = subprocess.run(
+            [program(), "-Y", "verify", "-f", str(allowed_signers), "-I", principal, "-n", namespace, "-s", str(path)],
+            input=data, capture_output=True, timeout=_TIMEOUT_S, check=False,
+        )  # fmt: skip
+    return done.returncode == 0
+
+
+def signer_of(data: bytes, signature: str, allowed_signers: Path, namespace: str) -> str | None:
+    """The principal whose valid signature of ``data`` ``signature`` is, or None (an unknown key, another
+    namespace, other data, or not a signature at all)."""
+    return next(
+        (p for p in principals(signature, allowed_signers) if verifies(data, signature, p, allowed_signers, namespace)),
+        None,
+    )
+
+
+@dataclass
+class Signer:
+    """A key that signs as the principal ``allowed_signers`` gives it."""
+
+    key: Path
+    allowed_signers: Path
+    namespace: str = LEDGER
+    _principal: str | None = field(default=None, repr=False)
+
+    @property
+    def principal(self) -> str | None:
+        """The principal of this key in ``allowed_signers`` (asked once), None when the file does not list it."""
+        if self._principal is None:
+            probe = b"opslib: which principal is this key?"
+            found = signer_of(probe, sign(probe, self.key, self.namespace), self.allowed_signers, self.namespace)
+            self._principal = found or ""
+        return self._principal or None
+
+    def sign(self, data: bytes) -> str:
+        """This key's signature of ``data`` in this signer's namespace."""
+        return sign(data, self.key, self.namespace)
+
+
+_SIGNERS: dict[tuple[Path, Path], tuple[Signer | None, str]] = {}
+
+
+def signer(key: Path | None, allowed_signers: Path) -> tuple[Signer | None, str]:
+    """The signer of ``key`` when ``allowed_signers`` lists it, else None; and, either way, one line saying
+    so (for a run's preflight). Asked once per process and key: it signs a probe to learn the principal."""
+    if key is None:
+        return None, "not signed: no OPSLIB_SIGNING_KEY"
+    where = (Path(key), Path(allowed_signers))
+    if where not in _SIGNERS:
+        if not Path(allowed_signers).is_file():
+            _SIGNERS[where] = None, f"not signed: no allowed_signers file at {allowed_signers}"
+        else:
+            made = Signer(Path(key), Path(allowed_signers))
+            try:
+                principal = made.principal
+            except ConfigError as err:
+                _SIGNERS[where] = None, f"not signed: {err.message}"
+            else:
+                _SIGNERS[where] = (made, f"signed by {principal}") if principal else (
+                    None, f"not signed: the key {key} is not in {allowed_signers}")  # fmt: skip
+    return _SIGNERS[where]
+
+
+@contextmanager
+def _signature_file(signature: str) -> Iterator[Path]:
+    """A signature written to a private temporary file, as ``ssh-keygen -s`` needs a path."""
+    with tempfile.TemporaryDirectory(prefix="opslib-sig-") as folder:
+        path = Path(folder) / "signature"
+        path.write_text(signature if isinstance(signature, str) else "")
+        yield path
+
+
+def _reason(stderr: bytes) -> str:
+    lines = [line.strip() for line in stderr.decode(errors="replace").splitlines() if line.strip()]
+    return lines[-1] if lines else "no reason given"
