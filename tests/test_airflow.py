@@ -18,7 +18,7 @@ from pathlib import Path
 
 from opslib import migrate
 
-from .conftest import OPSLIB, ROOT, query, settings_for
+from .conftest import OPSLIB, ROOT, database_name, query, settings_for
 
 AIRFLOW_VENV = ROOT / ".venv-airflow"
 AIRFLOW = AIRFLOW_VENV / "bin" / "airflow"
@@ -252,6 +252,15 @@ def test_an_approval_after_the_canary_lets_the_waves_run_and_each_run_is_given_i
     ref = f"airflow {APPROVED_DAG}/{run_id}/approve"
     assert _runs_given(calls) == {"t1": ("", ""), "t2": ("alice", ref), "t3": ("alice", ref), "t4": ("alice", ref)}
     assert f"t4: approved by alice ({ref})" in log
+    # And opslib recorded it: each later run's sidecar holds the approval, the canary's none.
+    approvals = {}
+    for sidecar in (tmp_path / "records").glob("*.json"):
+        record = json.loads(sidecar.read_text())
+        approvals[record["database"]["name"]] = record.get("approvals")
+    names = {f"t{i}": database_name(env[f"AF_DB_{i}"]) for i in range(1, 5)}
+    assert approvals[names["t1"]] is None, approvals
+    for target in ("t2", "t3", "t4"):
+        assert approvals[names[target]] == [{"principal": "alice", "source": "airflow", "ref": ref}], approvals
     verify = subprocess.run([OPSLIB, "audit", "verify"], env=env, capture_output=True, text=True, cwd=tmp_path)
     assert verify.returncode == 0 and "4 run(s)" in verify.stdout, verify.stdout + verify.stderr
 
