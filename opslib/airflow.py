@@ -216,7 +216,7 @@ def _approval_body(runbook: str, fleet_file: str, before: Sequence[str],
     ``before`` (the canary) pulled from their XCom when the ``approve`` task runs."""
     head = _literal(f"Runbook **{runbook}** over the fleet of `{fleet_file}`.")
     if before:
-        # As _outcomes: one target's outcome comes as itself, several as a list.
+        # A list, task_ids being one (were Airflow to give a lone value as itself, it is taken as one item).
         outcomes = ("**The canary:**\n{% set found = ti.xcom_pull(task_ids=" + json.dumps(list(before))
                     + ", key='outcome') %}{% for o in ([found] if found is mapping else found or []) if o %}"
                     "\n- {{ o.target }}: {{ o.line }}{% endfor %}")
