@@ -133,40 +133,49 @@ def fleet_dag(dag_id: str, runbook: str, fleet_file: str, *, opslib: str = "opsl
             log.info("gate %d: %d failure(s) so far: %s", wave_index, len(failures),
                      ", ".join(f.target for f in failures) or "none")
 
-        waves = planned["waves"]
-        ids = [_wave_task_id(planned, i) for i in range(len(waves))]
-        at = _approval_wave(planned) if approval not in (None, False) else None
-        done_ids: list[str] = []
-        previous = approve = None
-        for i, targets in enumerate(waves):
-            task_id = ids[i]
-            later = [t["name"] for w in waves[i:] for t in w]
-            check = None
-            if previous is not None:
-                check = gate.override(task_id=f"gate_{i}")(
-                    before=list(done_ids), wave_index=i, not_yet=later,
-                    approval_task=APPROVAL_TASK if approve is not None else None)
-                previous >> check
-            if i == at:
-                plan = [(ids[k], [t["name"] for t in waves[k]]) for k in range(i, len(waves))]
-                approve = _approval_task(approval, dag_id, runbook, fleet_file, done_ids, plan)
-                if check is not None:
-                    check >> approve
-                check = approve
-            mapped = [{**t, "wave": i} for t in targets]
-            if approve is None:
-                node = run_target.override(task_id=task_id).expand(target=mapped)
-            else:
-                # The approval's XCom as an argument: Airflow makes every later wave depend on the approval
-                # itself too, so that a failed approval stops each of them, whatever its gate does.
-                node = run_approved_target.override(task_id=task_id).partial(response=approve.output).expand(
-                    target=mapped)
-            if check is not None:
-                check >> node
-            done_ids.append(task_id)
-            previous = node
+        _wire_waves(planned, run_target, run_approved_target, gate,
+                    approval=approval, dag_id=dag_id, runbook=runbook, fleet_file=fleet_file)
 
     return build()
+
+
+def _wire_waves(planned: dict, run_target, run_approved_target, gate, *, approval, dag_id: str, runbook: str,
+                fleet_file: str) -> None:
+    """Lay out the plan's waves in the DAG being built: each wave a mapped task of ``run_target``, a ``gate`` before
+    each wave after the first, and, with ``approval``, the ``approve`` task before the wave it guards, every wave
+    after it a mapped task of ``run_approved_target`` that takes the approval's answer."""
+    waves = planned["waves"]
+    ids = [_wave_task_id(planned, i) for i in range(len(waves))]
+    at = _approval_wave(planned) if approval not in (None, False) else None
+    done_ids: list[str] = []
+    previous = approve = None
+    for i, targets in enumerate(waves):
+        task_id = ids[i]
+        later = [t["name"] for w in waves[i:] for t in w]
+        check = None
+        if previous is not None:
+            check = gate.override(task_id=f"gate_{i}")(
+                before=list(done_ids), wave_index=i, not_yet=later,
+                approval_task=APPROVAL_TASK if approve is not None else None)
+            previous >> check
+        if i == at:
+            plan = [(ids[k], [t["name"] for t in waves[k]]) for k in range(i, len(waves))]
+            approve = _approval_task(approval, dag_id, runbook, fleet_file, done_ids, plan)
+            if check is not None:
+                check >> approve
+            check = approve
+        mapped = [{**t, "wave": i} for t in targets]
+        if approve is None:
+            node = run_target.override(task_id=task_id).expand(target=mapped)
+        else:
+            # The approval's XCom as an argument: Airflow makes every later wave depend on the approval
+            # itself too, so that a failed approval stops each of them, whatever its gate does.
+            node = run_approved_target.override(task_id=task_id).partial(response=approve.output).expand(
+                target=mapped)
+        if check is not None:
+            check >> node
+        done_ids.append(task_id)
+        previous = node
 
 
 def _wave_task_id(planned: dict, index: int) -> str:
