@@ -15,7 +15,8 @@ import fcntl
 import hashlib
 import json
 import os
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
+from enum import Enum
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -64,6 +65,7 @@ class Plan:
     policy_sha256: str | None  # None: the project has no policy file
     parameters: dict[str, Any] = field(default_factory=dict)
     author_principal: str | None = None  # the author's principal, when they had a key allowed_signers lists
+    signers_sha256: str | None = None  # the allowed_signers file the plan was made under (None: there was none)
     format: str = PLAN_FORMAT
 
     def to_dict(self) -> dict:
@@ -72,15 +74,27 @@ class Plan:
 
     @classmethod
     def from_dict(cls, data: Any) -> "Plan":
-        """A plan from its JSON; anything else is an :class:`InvalidInput` (exit 2)."""
+        """A plan from its JSON, each field of the type opslib writes; anything else is an :class:`InvalidInput`
+        (exit 2) naming the field."""
         if not isinstance(data, dict) or data.get("format") != PLAN_FORMAT:
             raise InvalidInput(f"not an opslib plan (its format is not {PLAN_FORMAT}): make one with `opslib plan`")
+        unknown = sorted(set(data) - {f.name for f in fields(cls)})
+        if unknown:
+            raise InvalidInput(f"the plan holds what opslib never writes there: {', '.join(unknown)} (edited by hand?)")
+        target, pending = data.get("target"), data.get("pending")
+        _expect(isinstance(target, dict) and _texts(target.get("revisions")), "target")
+        _expect(isinstance(pending, (list, tuple)) and all(isinstance(p, dict) for p in pending), "pending")
         try:
-            target = PlanTarget(**{**data["target"], "revisions": tuple(data["target"]["revisions"])})
-            pending = tuple(PlannedRevision(**p) for p in data["pending"])
-            return cls(**{**data, "target": target, "pending": pending})
-        except (KeyError, TypeError) as err:
-            raise InvalidInput(f"the plan is not whole (edited by hand?): {err}") from None
+            made = cls(**{**data, "target": PlanTarget(**{**target, "revisions": tuple(target["revisions"])}),
+                          "pending": tuple(PlannedRevision(**p) for p in pending)})  # fmt: skip
+        except TypeError as err:
+            raise InvalidInput(f"the plan is not whole (edited by hand?): {str(err).split('(', 1)[-1].rstrip(')')}") from None
+        for name in ("runbook", "env", "created_at", "author", "target_revision", "sql_sha256", "sql_source"):
+            _expect(isinstance(getattr(made, name), str), name)
+        _expect(isinstance(made.parameters, dict), "parameters")
+        _expect(isinstance(made.target.database, str), "target")
+        _expect(all(isinstance(v, str) for p in made.pending for v in (p.revision, p.path, p.sha256)), "pending")
+        return made
 
     def canonical(self) -> bytes:
         """The bytes an approval signs: the plan's JSON with sorted keys and no spaces, whatever the file's layout."""
@@ -95,6 +109,20 @@ class Plan:
     def last(self) -> str | None:
         """The revision the plan ends at (None: nothing to apply)."""
         return self.pending[-1].revision if self.pending else None
+
+
+class Verdict(str, Enum):
+    """What became of one approval when it was judged: the one reason, kept in records as its value."""
+
+    COUNTED = "counted"
+    OWN = "the operator's own approval (self-approval is off)"
+    TWICE = "approved twice"
+    UNKNOWN_KEY = "made by a key allowed_signers does not list"
+    BAD_SIGNATURE = "the signature does not verify: it was made for another plan, or forged"
+    OUTSIDE = "not a signature of the plan"
+
+    def __str__(self) -> str:
+        return self.value
 
 
 @dataclass(frozen=True)
@@ -126,6 +154,15 @@ class Approval:
         if not all(v is None or isinstance(v, str) for k, v in known.items() if k not in ("verified", "counted")):
             return None
         return cls(**{k: v for k, v in known.items() if v is not None})
+
+
+def _expect(ok: bool, name: str) -> None:
+    if not ok:
+        raise InvalidInput(f"the plan's {name} is not what opslib writes there (edited by hand?)")
+
+
+def _texts(value: Any) -> bool:
+    return isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value)
 
 
 def outside_approvals(approved_by: str | None, ref: str | None) -> list[Approval] | None:
@@ -163,14 +200,32 @@ def read_plan(path: Path) -> Plan:
         raise InvalidInput(f"{path}: {err.message}") from None
 
 
-def write_plan(path: Path, plan: Plan) -> Path:
-    """Write ``plan`` to ``path`` (readable JSON); approvals of an earlier plan there are removed with it."""
+def write_plan(path: Path, plan: Plan, sql: str = "", unrendered: Iterable[tuple[str, str]] = ()) -> Path:
+    """Write ``plan`` to ``path`` (readable JSON), and beside it the SQL it runs for approvers to read
+    (``PLAN.json.sql``: the offline render, each revision that cannot render offline named); approvals of an
+    earlier plan there are removed with it."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
-    tmp.write_text(json.dumps(plan.to_dict(), indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    notes = "".join(f"-- {revision} cannot render offline ({why}): its source is what runs, hashed in the plan\n"
+                    for revision, why in unrendered)  # fmt: skip
+    for where, text in ((sql_path(path), notes + sql), (path, json.dumps(plan.to_dict(), indent=2, sort_keys=True) + "\n")):
+        tmp = where.with_name(f".{where.name}.{os.getpid()}.partial")
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, where)
     approvals_path(path).unlink(missing_ok=True)  # they signed another plan
     return path
+
+
+def sql_path(plan_path: Path) -> Path:
+    """Where the SQL of the plan in ``plan_path`` is written for approvers to read: ``PLAN.json.sql``."""
+    plan_path = Path(plan_path)
+    return plan_path.with_name(plan_path.name + ".sql")
+
+
+def plan_text(plan: Plan) -> str:
+    """A plan in one line: what it applies, where, for which environment, made by whom, and its sha256."""
+    return (f"{len(plan.pending)} revision(s), {_revs(plan.target.revisions)} -> {plan.last or 'nothing to apply'}, "
+            f"on database {plan.target.database} (server {plan.target.system_identifier or 'not read'}), "
+            f"{plan.env}, made by {plan.author} at {plan.created_at}; sha256 {plan.sha256[:16]}…")  # fmt: skip
 
 
 def approvals_path(plan_path: Path) -> Path:
@@ -219,38 +274,62 @@ def approve(plan: Plan, key: Path, allowed_signers: Path, approved_at: str) -> A
     return Approval(principal, "ssh", signature, approved_at)
 
 
-def judge(plan: Plan, approvals: Iterable[Approval], allowed_signers: Path, *, operators: Iterable[str],
-          self_approval: bool) -> list[Approval]:  # fmt: skip
-    """Each approval of ``plan`` as it stands now: a signature verified against ``allowed_signers`` (the
-    principal the file gives the signing key, never the name written beside it), then counted unless it is
-    the operator's own (``operators``: the run's operator and the plan's author, as names and principals)
-    while ``self_approval`` is off, or a second one by the same principal."""
+def judge(plan: Plan, approvals: Iterable[Approval], allowed_signers: Path, *, operators: Iterable[str | None],
+          self_approval: bool, at: str | None = None) -> list[Approval]:  # fmt: skip
+    """Each approval of ``plan`` as it stands: a signature verified against ``allowed_signers`` (the principal
+    the file gives the signing key, never the name written beside it; with ``at``, the keys valid then), then
+    counted unless it is the operator's own (``operators``: see :func:`operators_of`) while ``self_approval``
+    is off, or a second one by the same principal. Each judged approval's ``why`` is its :class:`Verdict`."""
     mine = {name for name in operators if name}
     judged, counted = [], set()
     for approval in approvals:
         if approval.source != "ssh":  # an outside gate's answer: recorded, never counted as a signature
-            judged.append(replace(approval, verified=None, counted=False, why="not a signature of the plan"))
+            judged.append(_judged(approval, None, Verdict.OUTSIDE))
             continue
-        signer = _signer(plan, approval, allowed_signers)
+        signer = _signer(plan, approval, allowed_signers, at)
         if signer is None:
-            why = ("made by a key allowed_signers does not list" if not sshsig.principals(approval.signature or "", allowed_signers)
-                   else "the signature does not verify: it was made for another plan, or forged")  # fmt: skip
-            judged.append(replace(approval, verified=False, counted=False, why=why))
+            known = sshsig.principals(approval.signature or "", allowed_signers, at) if Path(allowed_signers).is_file() else []
+            judged.append(_judged(approval, False, Verdict.BAD_SIGNATURE if known else Verdict.UNKNOWN_KEY))
         elif not self_approval and _is_own(signer, mine):
-            judged.append(replace(approval, principal=signer, verified=True, counted=False,
-                                  why="the operator's own approval (self-approval is off)"))  # fmt: skip
+            judged.append(_judged(replace(approval, principal=signer), True, Verdict.OWN))
         elif signer in counted:
-            judged.append(replace(approval, principal=signer, verified=True, counted=False, why="approved twice"))
+            judged.append(_judged(replace(approval, principal=signer), True, Verdict.TWICE))
         else:
             counted.add(signer)
-            judged.append(replace(approval, principal=signer, verified=True, counted=True, why=None))
+            judged.append(_judged(replace(approval, principal=signer), True, Verdict.COUNTED))
     return judged
 
 
-def _signer(plan: Plan, approval: Approval, allowed_signers: Path) -> str | None:
+def _judged(approval: Approval, verified: bool | None, verdict: Verdict) -> Approval:
+    counts = verdict is Verdict.COUNTED
+    return replace(approval, verified=verified, counted=counts, why=None if counts else verdict.value)
+
+
+def verdict_of(approval: Approval) -> Verdict | None:
+    """The :class:`Verdict` a judged approval holds (None: not judged, or judged by another opslib)."""
+    if approval.counted:
+        return Verdict.COUNTED
+    try:
+        return Verdict(approval.why)
+    except ValueError:
+        return None
+
+
+def counted(approvals: Iterable[Approval]) -> int:
+    """How many of the judged ``approvals`` count."""
+    return sum(1 for a in approvals if a.counted)
+
+
+def operators_of(plan: Plan, operator_principal: str | None, operator: str | None = None) -> set[str]:
+    """Who an approval of ``plan`` must not come from while self-approval is off: the plan's author (their
+    principal, and their name) and the operator of the run (their key's principal; their name, when given)."""
+    return {name for name in (plan.author, plan.author_principal, operator_principal, operator) if name}
+
+
+def _signer(plan: Plan, approval: Approval, allowed_signers: Path, at: str | None) -> str | None:
     if not approval.signature or not Path(allowed_signers).is_file():
         return None
-    return sshsig.signer_of(plan.canonical(), approval.signature, allowed_signers, sshsig.PLAN)
+    return sshsig.signer_of(plan.canonical(), approval.signature, allowed_signers, sshsig.PLAN, at)
 
 
 def _is_own(principal: str, operators: set[str]) -> bool:
@@ -264,7 +343,7 @@ def differences(approved: Plan, now: Plan) -> list[str]:
     as one line naming the fact (empty: the run is the plan)."""
     found = []
     a, b = approved.target, now.target
-    if (a.system_identifier, a.database) != (b.system_identifier, b.database):
+    if _server_of(a) != _server_of(b) or a.database != b.database:
         found.append(f"target: the plan is for database {a.database} on server {a.system_identifier}, "
                      f"this run's is {b.database} on server {b.system_identifier}")  # fmt: skip
     if a.revisions != b.revisions:
@@ -278,6 +357,8 @@ def differences(approved: Plan, now: Plan) -> list[str]:
         found.append("env.py was edited since the plan was made")
     if approved.policy_sha256 != now.policy_sha256:
         found.append("the project's policy file was edited since the plan was made")
+    if approved.signers_sha256 != now.signers_sha256:
+        found.append("allowed_signers was edited since the plan was made: who may approve is not what it was")
     for name in sorted(set(approved.parameters) | set(now.parameters)):
         if name in UNBOUND_PARAMETERS or approved.parameters.get(name) == now.parameters.get(name):
             continue
@@ -289,19 +370,29 @@ def approvals_text(approvals: Iterable[Approval], needed: int) -> str:
     """The approvals as one line: each approver, whether the signature holds and counts, and what is needed."""
     parts = []
     for a in approvals:
-        state = ("counted" if a.counted else f"not counted: {a.why}") if a.verified else (
-            f"not verified: {a.why}" if a.verified is False else f"{a.source}, not a signature")  # fmt: skip
+        if a.verified is None:
+            state = f"{a.source}, not a signature"
+        else:
+            state = "counted" if a.counted else f"{'not counted' if a.verified else 'not verified'}: {a.why}"
         parts.append(f"{a.principal} ({state})")
     return f"{'; '.join(parts) or 'none'} ({needed} needed)"
 
 
-def require_files_unchanged(plan: Plan, folder: Path) -> None:
-    """Refuse (:class:`PreconditionFailed`) when a revision file of ``plan`` no longer holds what was approved."""
+def require_unchanged(plan: Plan, folder: Path, revisions: tuple[str, ...], env_py_sha256: str | None) -> None:
+    """Refuse (:class:`PreconditionFailed`) when, since the preflight held the run to ``plan``, a revision file
+    of it or env.py (in the project's ``folder``) was edited, or the database moved from where the plan starts."""
+    moved = []
     edited = [p.revision for p in plan.pending if file_sha256(folder / p.path) != p.sha256]
     if edited:
+        moved.append(f"the file(s) of revision(s) {', '.join(edited)} were edited")
+    if env_py_sha256 != plan.env_py_sha256:
+        moved.append("env.py was edited")
+    if tuple(revisions) != plan.target.revisions:
+        moved.append(f"the database moved to {_revs(tuple(revisions))} (the plan starts at {_revs(plan.target.revisions)})")
+    if moved:
         raise PreconditionFailed(
-            f"revision file(s) of {', '.join(edited)} changed after the preflight compared them with the plan: "
-            "nothing was applied; make and approve a new plan"
+            f"since the preflight compared the run with its plan, {'; '.join(moved)}: nothing was applied; "
+            "make and approve a new plan"
         )
 
 
@@ -322,6 +413,12 @@ def _revision_differences(approved: tuple[PlannedRevision, ...], now: tuple[Plan
     if not found and [p.revision for p in approved] != [p.revision for p in now]:
         found.append("the revisions would run in another order than the plan's")
     return found
+
+
+def _server_of(target: PlanTarget) -> tuple:
+    """The server a target is on: its system identifier, or where it is reached when that could not be read
+    (two servers whose identifiers are both unknown are never taken for one)."""
+    return (target.system_identifier,) if target.system_identifier else (None, target.host, target.port)
 
 
 def _revs(revisions: tuple[str, ...]) -> str:

@@ -27,6 +27,7 @@ from opslib import signatures, sshsig, witness
 from opslib.approval import plan_sha256
 from opslib.errors import ConfigError, InvalidInput, PreconditionFailed
 from opslib.liveness import live_mark_path, run_is_live
+from opslib.policy import ApprovalPolicy
 from opslib.record import RunRecord, git_commit, git_dirty
 from opslib.redact import clean, clean_json, scrub_json, scrub_password
 from opslib.runcontext import RunContext
@@ -34,7 +35,6 @@ from opslib.safeguards import changes_its_database, skipped_safeguards
 
 STAMP = "%Y%m%dT%H%M%SZ"
 LEDGER = "ledger.jsonl"
-
 
 
 def now() -> datetime:
@@ -300,8 +300,6 @@ def append_ledger(records_dir: Path, stem: str, record: RunRecord, signer: sshsi
     return _append(records_dir, entry, vouching=True, signer=signer)
 
 
-
-
 def step_hash(step: dict) -> str:
     """The hash of one step as the sidecar holds it (its name, outcome, times, error): 16 hex digits of its
     sha256, enough to name an edited step and short enough for a run of hundreds of revisions."""
@@ -454,10 +452,11 @@ class LedgerCheck:
     # Runs that ended without sealing whose database is out of reach from here: a command that reaches it
     # seals them (see opslib.sealing.seal_abandoned). Said, not problems: nothing was changed or lost.
     waiting: list[str] = dataclasses.field(default_factory=list)
-    # With the project's allowed_signers: the production runs with an entry not signed (named, not problems),
-    # and how many entries' signatures were checked and hold.
+    # With the project's approvals policy: the entries not signed that `audit verify` names (not problems), how
+    # many entries' signatures were checked and hold, and the hashes of those whose signatures do not.
     unsigned: list[str] = dataclasses.field(default_factory=list)
     signed: int = 0
+    broken_signatures: set = dataclasses.field(default_factory=set)
 
     @property
     def problems(self) -> list[str]:
@@ -466,12 +465,12 @@ class LedgerCheck:
 
 
 def check_ledger(records_dir: Path, out_of_reach: Callable[[RunRecord], bool] | None = None,
-                 signers: Path | None = None) -> LedgerCheck:  # fmt: skip
+                 approvals: ApprovalPolicy | None = None) -> LedgerCheck:  # fmt: skip
     """Compare the records with the ledger: each entry's hash, its place in the chain, and the
     sha256 of its sidecar and notebook; then look for records added outside the ledger.
 
-    With ``signers`` (the project's allowed_signers file), each signed entry's signature is checked, and each
-    run's approvals (see :mod:`opslib.signatures`).
+    With ``approvals`` (the auditor's project's ``[approvals]``, with its allowed_signers), each signed entry's
+    signature is checked, and each deploy's approvals (see :mod:`opslib.signatures`).
 
     ``out_of_reach(record)`` says whether a run that ended without sealing is left for a command that
     reaches its database (:func:`opslib.anchors.out_of_reach`): such a run is ``waiting``, not a problem.
@@ -485,24 +484,37 @@ def check_ledger(records_dir: Path, out_of_reach: Callable[[RunRecord], bool] | 
         except ValueError as err:
             raise PreconditionFailed(f"{records_dir / LEDGER} is not valid JSON lines: {err}") from err
         entries = [entry for entry, _ in read]
-        by_entry = _check_entries(records_dir, entries, signers)
+        signed = _signature_problems(entries, approvals)
+        by_entry = _check_entries(records_dir, entries, signed, approvals)
         for i, (found, (entry, odd)) in enumerate(zip(by_entry, read, strict=True), start=1):
             if odd:
                 found.insert(0, f"ledger line {i} (run {entry.get('run_id')}): {', '.join(odd)} hold(s) what opslib never writes there (edited)")
         waiting: list[str] = []
         unvouched = _unvouched(records_dir, entries, out_of_reach or (lambda record: False), waiting)
-        if signers is None:
+        if approvals is None:
             return LedgerCheck(entries, by_entry, unvouched, waiting)
-        signed = sum(1 for e, found in zip(entries, by_entry, strict=True) if e.get("signature") and not found)
-        return LedgerCheck(entries, by_entry, unvouched, waiting, signatures.unsigned_production(entries), signed)
+        holding = sum(1 for e, found in zip(entries, signed, strict=True) if e.get("signature") and not found)
+        broken = {e.get("hash") for e, found in zip(entries, signed, strict=True) if found}
+        return LedgerCheck(entries, by_entry, unvouched, waiting, signatures.unsigned(entries), holding, broken)
 
 
-def _check_entries(records_dir: Path, entries: list[dict], signers: Path | None = None) -> list[list[str]]:
+def _labels(entries: list[dict]) -> list[str]:
+    return [f"ledger line {i} (run {entry.get('run_id')})" for i, entry in enumerate(entries, start=1)]
+
+
+def _signature_problems(entries: list[dict], approvals: ApprovalPolicy | None) -> list[list[str]]:
+    """Each entry's signature problems (none without ``approvals``: signatures not checked)."""
+    if approvals is None:
+        return [[] for _ in entries]
+    return signatures.entries_problems(entries, _labels(entries), approvals.signers_file)
+
+
+def _check_entries(records_dir: Path, entries: list[dict], signed: list[list[str]],
+                   approvals: ApprovalPolicy | None) -> list[list[str]]:  # fmt: skip
     hashes = {e.get("hash"): i for i, e in enumerate(entries)}
     by_entry = []
     previous = GENESIS
-    labels = [f"ledger line {i} (run {entry.get('run_id')})" for i, entry in enumerate(entries, start=1)]
-    signed = signatures.entries_problems(entries, labels, signers) if signers is not None else [[] for _ in entries]
+    labels = _labels(entries)
     for i, entry in enumerate(entries, start=1):
         label = labels[i - 1]
         found = list(signed[i - 1])
@@ -518,8 +530,8 @@ def _check_entries(records_dir: Path, entries: list[dict], signers: Path | None 
                     f"{label}: the entry before it was removed (its predecessor is not in the ledger)"
                 )
         previous = entry.get("hash")
-        if signers is not None and not is_start(entry):  # the approvals it sealed, checked against its record's
-            found += signatures.approval_problems(_json_or_none(records_dir / str(entry.get("sidecar"))), entry, label, signers)
+        if approvals is not None and not is_start(entry):  # its approvals, judged by the auditor's policy
+            found += signatures.approval_problems(_json_or_none(records_dir / str(entry.get("sidecar"))), entry, label, approvals)
         if is_start(entry):  # the run's files are written after it: its ending vouches for them
             by_entry.append(found)
             continue

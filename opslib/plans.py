@@ -16,7 +16,7 @@ from typing import Any, Mapping
 from opslib import db
 from opslib.approval import UNBOUND_PARAMETERS, Plan, PlannedRevision, PlanTarget, file_sha256
 from opslib.migrate import DeployPlan, Target, deploy_plan
-from opslib.policy import policy_file
+from opslib.policy import load_approval_policy, policy_file
 
 
 def plan_of(target: Target, revision: str, parameters: Mapping[str, Any], *, env: str, author: str,
@@ -48,6 +48,7 @@ def plan_of(target: Target, revision: str, parameters: Mapping[str, Any], *, env
         sql_source=sql_source,
         env_py_sha256=file_sha256(Path(target.script.dir) / "env.py"),
         policy_sha256=file_sha256(policy_path),
+        signers_sha256=file_sha256(load_approval_policy(target.alembic_ini).signers_file),
         parameters={k: v for k, v in parameters.items() if k not in UNBOUND_PARAMETERS},
     )
 

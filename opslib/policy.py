@@ -41,6 +41,7 @@ from typing import Callable, Iterable
 import tomlkit
 from tomlkit.exceptions import TOMLKitError
 
+from opslib.config import ENVIRONMENTS
 from opslib.errors import ConfigError, InvalidInput
 
 ACTIONS = ("block", "warn", "ignore")
@@ -140,7 +141,7 @@ class ApprovalPolicy:
 
     def needed(self, env: str) -> int:
         """How many approvals a change needs in the environment ``env``."""
-        return int(getattr(self, env, 0) or 0) if env in ("development", "staging", "production") else 0
+        return int(getattr(self, env, 0) or 0) if env in ENVIRONMENTS else 0
 
     @property
     def signers_file(self) -> Path:
@@ -332,7 +333,7 @@ def _backup_section(table: object, where: str) -> BackupPolicy:
 def _approvals_section(table: object, where: str, folder: Path) -> ApprovalPolicy:
     """The ``[approvals]`` table, each key checked against :class:`ApprovalPolicy`'s fields and types."""
     made = ApprovalPolicy(**_typed(table, "approvals", _APPROVAL_KEYS, where), folder=folder)
-    for env in ("development", "staging", "production"):
+    for env in ENVIRONMENTS:
         if not 0 <= made.needed(env) <= 10:
             raise ConfigError(f"{where}: [approvals] {env} = {made.needed(env)!r}: it must be from 0 to 10")
     if not made.allowed_signers.strip():

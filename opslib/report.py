@@ -35,6 +35,7 @@ from typing import Callable
 from opslib import __version__, audit, display, notebooks, runlist, signatures, summary
 from opslib.errors import ConfigError, InvalidInput, ReportFailed
 from opslib.outcome import Outcome
+from opslib.policy import ApprovalPolicy
 from opslib.record import RunRecord, revisions_text
 from opslib.redact import clean
 
@@ -222,10 +223,12 @@ def _read_record(records_dir: Path, entry: dict):
 
 
 def _run_page(
-    exporter, env, records_dir: Path, line: int, entries: list[dict], problems: list[str], common: dict
+    exporter, env, records_dir: Path, line: int, entries: list[dict], problems: list[str], common: dict,
+    broken: frozenset = frozenset(),
 ) -> str:
     """One run's page: its facts as its ledger entries (``[start, ending]``, or ``[start]`` while it runs)
-    say them over its sidecar, what was changed since, then its notebook."""
+    say them over its sidecar, what was changed since, then its notebook. ``broken``: the hashes of the ledger
+    entries whose signatures do not hold."""
     nbformat = notebooks.nbformat()
 
     entry, start = entries[-1], (entries[0] if audit.is_start(entries[0]) else None)
@@ -241,12 +244,13 @@ def _run_page(
     shown = RunRecord.tolerant(audit.as_sealed(entry, start, record) if sealed else record) if record else None
     warnings = [str(w) for w in entry["warnings"]] if sealed and isinstance(entry.get("warnings"), list) else None
     ledgers = display.sealed_facts(start is not None, warnings is not None)
+    own = [e for e in (start, entry) if e]
+    signed = ("ledger signatures", signatures.signature_text(own, not {e.get("hash") for e in own} & broken))
     facts = env.get_template("_facts.html.j2").render(
         entry=entry,
         record=shown,
         edited=edited,
-        facts=[(k, v, k in ledgers) for k, v in display.run_facts(shown, warnings) + [
-            ("ledger signatures", signatures.signature_text([e for e in (start, entry) if e], problems))] if v] if shown else [],
+        facts=[(k, v, k in ledgers) for k, v in [*display.run_facts(shown, warnings), signed] if v] if shown else [],
         changes=audit.field_changes(entry, record) if edited else [],
         problems=problems,
         line=line,
@@ -324,14 +328,14 @@ def build_report(
     cross_check: Callable[[list[dict]], list[str]] | None = None,
     full: bool = False,
     out_of_reach: Callable | None = None,
-    signers: Path | None = None,
+    approvals: ApprovalPolicy | None = None,
 ) -> Report:
     """Write the audit report of ``records_dir`` into ``out`` (replacing an earlier report there).
 
     ``cross_check(entries)`` returns what the ledger's anchors (its database, a witness) say is missing or
     different; those problems head the index with the ledger's own. With ``full``, every page is rendered
-    again, none kept from the last build. ``out_of_reach`` and ``signers`` (the allowed_signers file every
-    signature and approval is checked against) are :func:`opslib.audit.check_ledger`'s.
+    again, none kept from the last build. ``out_of_reach`` and ``approvals`` (the policy and allowed_signers
+    every signature and approval is checked against) are :func:`opslib.audit.check_ledger`'s.
 
     Every run in the ledger gets a page, including runs whose sidecar or notebook was changed or
     deleted since: their page says so in red at the top, and so does the index. Raises
@@ -343,7 +347,7 @@ def build_report(
         raise InvalidInput(
             f"no records folder at {records_dir}: set OPSLIB_RECORDS_DIR to the folder runs write to"
         )
-    check = audit.check_ledger(records_dir, out_of_reach, signers)
+    check = audit.check_ledger(records_dir, out_of_reach, approvals)
     if cross_check is not None:
         check = replace(check, unvouched=check.unvouched + cross_check(check.entries))
     scratch = _prepare_out(out)
@@ -385,7 +389,8 @@ def _write_site(records_dir: Path, site: Path, check: audit.LedgerCheck, kept: _
         # A page with problems is always rendered afresh: what it says about them is never taken from a kept file.
         if problems or not kept.reuse(name, key, site):
             exporter = exporter or _exporter()
-            html = clean(_run_page(exporter, env, records_dir, line, [e for e in (start, entry) if e], problems, common))
+            html = clean(_run_page(exporter, env, records_dir, line, [e for e in (start, entry) if e], problems, common,
+                                   frozenset(check.broken_signatures)))
             (site / "runs" / name).write_text(html, encoding="utf-8")
             kept.rendered(name, key, html)
             rendered += 1

@@ -16,12 +16,12 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from opslib import sshsig
-from opslib.approval import Approval, Plan, judge, plan_sha256
+from opslib.approval import Approval, Plan, judge, operators_of, plan_sha256
 from opslib.config import Settings
 from opslib.errors import ConfigError, InvalidInput
 from opslib.outcome import CHANGED_NOTHING
-from opslib.policy import load_approval_policy
-
+from opslib.policy import ApprovalPolicy, load_approval_policy
+from opslib.safeguards import changed_database
 
 
 def ledger_signer(settings: Settings) -> tuple[sshsig.Signer | None, str]:
@@ -66,7 +66,9 @@ def entries_problems(entries: list[dict], labels: list[str], signers: Path) -> l
 
 
 def entry_problems(entry: dict, label: str, signers: Path) -> list[str]:
-    """What is wrong with a ledger entry's signature (none when it holds, or the entry is unsigned)."""
+    """What is wrong with a ledger entry's signature (none when it holds, or the entry is unsigned). The key is
+    checked as allowed_signers says it was valid when the entry was written (a key retired since still vouches
+    for what it signed before)."""
     signature, signer = entry.get("signature"), entry.get("signer")
     if signature is None and signer is None:
         return []
@@ -74,55 +76,84 @@ def entry_problems(entry: dict, label: str, signers: Path) -> list[str]:
         return [f"{label}: its signature or signer was removed or edited"]
     if not Path(signers).is_file():
         return [f"{label}: signed by {signer}, but there is no allowed_signers file at {signers} to check it with"]
-    if not sshsig.verifies(signed_bytes(entry), signature, signer, signers, sshsig.LEDGER):
+    at = entry.get("finished_at") or entry.get("started_at")
+    if not sshsig.verifies(signed_bytes(entry), signature, signer, signers, sshsig.LEDGER, at if isinstance(at, str) else None):
         return [f"{label}: its signature by {signer} does not verify: the entry was edited after it was signed, "
                 f"or not signed by a key {signers.name} gives {signer}"]  # fmt: skip
     return []
 
 
-def approval_problems(sidecar: dict | None, entry: dict, label: str, signers: Path) -> list[str]:
-    """What is wrong with the approvals a run's ending seals: its sidecar's plan must be the one sealed, every
-    approval sealed as counted must still verify against ``signers``, and a run that may have changed its
-    database must have had the approvals its policy asked for."""
-    needed = entry.get("approvals_needed") or 0
-    sealed = {a[0] for a in entry.get("approvals") or [] if isinstance(a, list) and len(a) == 3 and a[2] is True}
-    if not needed and not sealed:
+def approval_problems(sidecar: dict | None, entry: dict, label: str, needs: ApprovalPolicy) -> list[str]:
+    """What is wrong with the approvals of a run's ending, judged by the auditor's policy ``needs`` (not the one
+    the run read): a deploy that may have changed its database needs as many approvals as the stricter of the
+    two asks; its record's plan must be the one the ending sealed, for the database and revisions the run
+    went from and to; and each approval must still verify, and not be its operator's own while self-approval is
+    off, against the auditor's allowed_signers."""
+    outcome = entry.get("outcome")
+    changed = entry.get("runbook") == "deploy" and outcome not in CHANGED_NOTHING and changed_database(entry)
+    needed = max(_whole(entry.get("approvals_needed")), needs.needed(str(entry.get("env")))) if changed else 0
+    if not needed and not entry.get("plan_sha256"):
         return []
     data = sidecar if isinstance(sidecar, dict) else {}
     plan = data.get("plan")
-    if entry.get("plan_sha256") and (not isinstance(plan, dict) or plan_sha256(plan) != entry.get("plan_sha256")):
+    if not entry.get("plan_sha256"):
+        return [f"{label}: a {entry.get('env')} deploy that changed its database without a plan; the policy needs {needed} approval(s)"]
+    if not isinstance(plan, dict) or plan_sha256(plan) != entry.get("plan_sha256"):
         return [f"{label}: the plan in its record is not the plan its ending sealed"]
     try:
-        approved = Plan.from_dict(plan) if isinstance(plan, dict) else None
-    except InvalidInput:
-        approved = None
-    judged = [] if approved is None else judge(
-        approved, [a for a in (Approval.from_dict(v) for v in data.get("approvals") or []) if a is not None],
-        signers, operators={entry.get("operator"), entry.get("signer"), approved.author, approved.author_principal},
-        self_approval=True,  # who counted is what the run judged (sealed); here each signature must still hold
-    )  # fmt: skip
-    holding = {a.principal for a in judged if a.verified}
-    found = [f"{label}: the approval by {p} it sealed does not verify against {Path(signers).name}" for p in sorted(sealed - holding)]
-    if entry.get("outcome") not in CHANGED_NOTHING and len(sealed & holding) < needed:
+        approved = Plan.from_dict(plan)
+    except InvalidInput as err:
+        return [f"{label}: its plan cannot be read: {err.message}"]
+    found = [f"{label}: {why}" for why in _ran_otherwise(approved, entry)]
+    judged = judge(approved, [a for a in (Approval.from_dict(v) for v in data.get("approvals") or []) if a is not None],
+                   needs.signers_file, operators=operators_of(approved, entry.get("signer"), entry.get("operator")),
+                   self_approval=needs.self_approval, at=entry.get("started_at"))  # fmt: skip
+    holding = {a.principal for a in judged if a.counted}
+    sealed = {a[0] for a in entry.get("approvals") or [] if isinstance(a, list) and len(a) == 3 and a[2] is True}
+    found += [f"{label}: the approval by {p} it sealed does not count against {needs.signers_file.name}: "
+              f"{next((a.why for a in judged if a.principal == p), 'no signature of it in the record')}"
+              for p in sorted(sealed - holding)]  # fmt: skip
+    if len(sealed & holding) < needed:
         found.append(f"{label}: {entry.get('env')} needed {needed} approval(s) of its plan; {len(sealed & holding)} hold")
     return found
 
 
-def unsigned_production(entries: list[dict]) -> list[str]:
-    """The production runs with a ledger entry that is not signed, as "run ID (start|end)", named by `audit verify`."""
+def _ran_otherwise(plan: Plan, entry: dict) -> list[str]:
+    """How the run its ending seals differs from its plan: another database, another start, another end."""
+    found = []
+    database = entry.get("database") if isinstance(entry.get("database"), dict) else {}
+    if database.get("name") != plan.target.database:
+        found.append(f"it ran on database {database.get('name')}, its plan is for {plan.target.database}")
+    before = entry.get("revisions_before")
+    if before is not None and tuple(before) != plan.target.revisions:
+        found.append(f"it started at {', '.join(before) or 'base'}, its plan at {', '.join(plan.target.revisions) or 'base'}")
+    after = entry.get("revisions_after")
+    if entry.get("outcome") == "succeeded" and after is not None and plan.last and list(after) != [plan.last]:
+        found.append(f"it ended at {', '.join(after) or 'base'}, its plan at {plan.last}")
+    return found
+
+
+def _whole(value) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) else 0
+
+
+def unsigned(entries: list[dict]) -> list[str]:
+    """The entries `audit verify` names as unsigned, as "run ID (start|end)": those of production runs, and,
+    once an entry is signed, every later one (an editor can relabel an entry's environment, not sign it)."""
+    first = next((i for i, e in enumerate(entries) if e.get("signature")), len(entries))
     return [
         f"run {e.get('run_id')} ({'start' if e.get('kind') == 'started' else 'end'})"
-        for e in entries
-        if e.get("env") == "production" and not e.get("signature")
+        for i, e in enumerate(entries)
+        if not e.get("signature") and (e.get("env") == "production" or i > first)
     ]
 
 
-def signature_text(entries: list[dict], problems: list[str]) -> str:
+def signature_text(entries: list[dict], hold: bool) -> str:
     """A run's ledger signatures in one line, for its report page: who signed its start and its ending, and
-    whether the signatures hold (``problems``: what the ledger check found on the run's entries)."""
-    signers = [e.get("signer") for e in entries]
-    if not any(signers):
+    whether the signatures hold (``hold``: the ledger check found nothing wrong with them)."""
+    if not any(e.get("signer") for e in entries):
         return "not signed (no operator key in allowed_signers)"
-    broken = [p for p in problems if "signature" in p]
     parts = [f"{'start' if e.get('kind') == 'started' else 'end'}: {e.get('signer') or 'not signed'}" for e in entries]
-    return f"{'; '.join(parts)}: " + ("DO NOT VERIFY (see above)" if broken else "verified")
+    if not hold:
+        return f"{'; '.join(parts)}: DO NOT VERIFY (see above)"
+    return f"{'; '.join(parts)}: " + ("verified" if all(e.get("signer") for e in entries) else "verified where signed")

@@ -32,51 +32,69 @@ def program() -> str:
     return found
 
 
+def _keygen(args: list[str], data: bytes | None = None) -> subprocess.CompletedProcess:
+    """``ssh-keygen ARGS`` with ``data`` on its stdin; one that cannot be run, or does not end within the
+    timeout (a hardware key waiting for a touch), is a :class:`ConfigError`."""
+    try:
+        return subprocess.run([program(), *args], input=data or b"", capture_output=True, timeout=_TIMEOUT_S, check=False)
+    except subprocess.TimeoutExpired:
+        raise ConfigError(f"ssh-keygen {args[1]} gave no answer within {_TIMEOUT_S} s (a key waiting for a touch?)") from None
+    except OSError as err:
+        raise ConfigError(f"ssh-keygen cannot be run: {err.strerror or err}") from None
+
+
+def _when(at: str | None) -> list[str]:
+    """The option that checks keys as they were valid at ``at`` (an ISO time, as records hold them), so that
+    a key retired since (``valid-before`` in allowed_signers) still vouches for what it signed before."""
+    if not at:
+        return []
+    digits = "".join(c for c in at if c.isdigit())[:14]
+    return ["-O", f"verify-time={digits}Z"] if len(digits) == 14 else []
+
+
 def sign(data: bytes, key: Path, namespace: str) -> str:
     """An armored SSH signature of ``data`` by ``key`` (a private key file, or a public key whose private
     half ssh-agent holds); a key that cannot sign is a :class:`ConfigError` with ssh-keygen's reason."""
     key = Path(key).expanduser()
     if not key.is_file():
         raise ConfigError(f"the signing key {key} does not exist")
-    done = subprocess.run(
-        [program(), "-Y", "sign", "-q", "-f", str(key), "-n", namespace],
-        input=data, capture_output=True, timeout=_TIMEOUT_S, check=False,
-    )  # fmt: skip
+    done = _keygen(["-Y", "sign", "-q", "-f", str(key), "-n", namespace], data)
     if done.returncode != 0 or b"BEGIN SSH SIGNATURE" not in done.stdout:
-        raise ConfigError(f"ssh-keygen could not sign with {key}: {_reason(done.stderr)}")
+        reason = _reason(done.stderr)
+        if "passphrase" in reason:  # ssh-keygen reads the data on stdin as the passphrase: say what to do instead
+            reason = (f"the key needs its passphrase, which a run cannot ask for: add it to ssh-agent (`ssh-add {key}`) "
+                      f"and name its public key ({key}.pub)")  # fmt: skip
+        raise ConfigError(f"ssh-keygen could not sign with {key}: {reason}")
     return done.stdout.decode()
 
 
-def principals(signature: str, allowed_signers: Path) -> list[str]:
-    """The principals ``allowed_signers`` names for the key that made ``signature`` (none: an unknown key)."""
+def principals(signature: str, allowed_signers: Path, at: str | None = None) -> list[str]:
+    """The principals ``allowed_signers`` names for the key that made ``signature`` (none: an unknown key),
+    among the keys valid at ``at`` (default: now)."""
     with _signature_file(signature) as path:
-        done = subprocess.run(
-            [program(), "-Y", "find-principals", "-s", str(path), "-f", str(allowed_signers)],
-            capture_output=True, timeout=_TIMEOUT_S, check=False,
-        )  # fmt: skip
+        done = _keygen(["-Y", "find-principals", "-s", str(path), "-f", str(allowed_signers), *_when(at)])
     if done.returncode != 0:
         return []
     return [line.strip() for line in done.stdout.decode(errors="replace").splitlines() if line.strip()]
 
 
-def verifies(data: bytes, signature: str, principal: str, allowed_signers: Path, namespace: str) -> bool:
+def verifies(data: bytes, signature: str, principal: str, allowed_signers: Path, namespace: str,
+             at: str | None = None) -> bool:  # fmt: skip
     """Whether ``signature`` is ``principal``'s signature of ``data`` in ``namespace``, by a key
-    ``allowed_signers`` gives that principal (its namespaces and validity dates as the file says)."""
+    ``allowed_signers`` gives that principal (its namespaces, and its validity at ``at``, default now)."""
     if not principal or any(c.isspace() for c in principal):
         return False  # a principal is one word of the file: anything else was never written by us
     with _signature_file(signature) as path:
-        done = subprocess.run(
-            [program(), "-Y", "verify", "-f", str(allowed_signers), "-I", principal, "-n", namespace, "-s", str(path)],
-            input=data, capture_output=True, timeout=_TIMEOUT_S, check=False,
-        )  # fmt: skip
+        done = _keygen(["-Y", "verify", "-f", str(allowed_signers), "-I", principal, "-n", namespace, "-s", str(path),
+                        *_when(at)], data)  # fmt: skip
     return done.returncode == 0
 
 
-def signer_of(data: bytes, signature: str, allowed_signers: Path, namespace: str) -> str | None:
+def signer_of(data: bytes, signature: str, allowed_signers: Path, namespace: str, at: str | None = None) -> str | None:
     """The principal whose valid signature of ``data`` ``signature`` is, or None (an unknown key, another
-    namespace, other data, or not a signature at all)."""
+    namespace, other data, or not a signature at all); keys as valid at ``at`` (default now)."""
     return next(
-        (p for p in principals(signature, allowed_signers) if verifies(data, signature, p, allowed_signers, namespace)),
+        (p for p in principals(signature, allowed_signers, at) if verifies(data, signature, p, allowed_signers, namespace, at)),
         None,
     )
 

@@ -13,7 +13,6 @@ from opslib.record import RunRecord
 from opslib.safeguards import changed_database, changes_its_database
 
 
-
 def audit_summary(records_dir: Path, check: audit.LedgerCheck | None = None) -> dict:
     """The summary as plain data (what ``--json`` prints): ``verification``, ``runs`` (environment ->
     outcome -> count) and ``production_changes`` (oldest first, each with its backup, who approved it and

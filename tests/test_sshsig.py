@@ -146,13 +146,17 @@ def test_each_difference_from_the_approved_plan_is_named(changes, named):
     assert approval.differences(a_plan(), a_plan(created_at="later", parameters={**a_plan().parameters, "confirm": "shop"})) == []
 
 
-def test_files_edited_after_the_preflight_are_refused(tmp_path):
+def test_what_moved_after_the_preflight_is_refused(tmp_path):
     (tmp_path / "0004.py").write_text("approved")
     plan = a_plan(pending=(PlannedRevision("0004", "0004.py", approval.file_sha256(tmp_path / "0004.py")),))
-    approval.require_files_unchanged(plan, tmp_path)
+    approval.require_unchanged(plan, tmp_path, ("0003",), plan.env_py_sha256)
+    with pytest.raises(PreconditionFailed, match=r"the database moved to 0004 \(the plan starts at 0003\)"):
+        approval.require_unchanged(plan, tmp_path, ("0004",), plan.env_py_sha256)
+    with pytest.raises(PreconditionFailed, match="env.py was edited"):
+        approval.require_unchanged(plan, tmp_path, ("0003",), "0" * 64)
     (tmp_path / "0004.py").write_text("edited")
-    with pytest.raises(PreconditionFailed, match="0004 changed after the preflight"):
-        approval.require_files_unchanged(plan, tmp_path)
+    with pytest.raises(PreconditionFailed, match=r"the file\(s\) of revision\(s\) 0004 were edited: nothing was applied"):
+        approval.require_unchanged(plan, tmp_path, ("0003",), plan.env_py_sha256)
 
 
 @pytest.mark.parametrize(

@@ -43,18 +43,16 @@ def plan(settings, args) -> int:
     env = args.env or settings.env
     params.check_environment("deploy", values, env)
     signer, _ = signatures.ledger_signer(settings)
-    made = plans.plan_of(
-        migrate.Target(_settings_for(settings, values["database_url_env"])), values["target_revision"], values,
-        env=env, author=settings.operator, created_at=audit.iso(audit.now()),
-        author_principal=signer.principal if signer else None,
-    )  # fmt: skip
-    out = approval.write_plan(Path(args.out), made)
+    target = migrate.Target(_settings_for(settings, values["database_url_env"]))
+    planned = migrate.deploy_plan(target, values["target_revision"], x_args=["dev_data=true"] if values["dev_data"] else [])
+    made = plans.plan_of(target, values["target_revision"], values, env=env, author=settings.operator,
+                         created_at=audit.iso(audit.now()), author_principal=signer.principal if signer else None,
+                         planned=planned)  # fmt: skip
+    out = approval.write_plan(Path(args.out), made, planned.sql.sql, planned.sql.unrendered)
     if args.json:
         print(json.dumps(made.to_dict(), indent=2, sort_keys=True))
-    last = made.last or "nothing to apply"
-    print(f"plan: {len(made.pending)} revision(s), {', '.join(made.target.revisions) or 'base'} -> {last}, for database "
-          f"{made.target.database} (server {made.target.system_identifier or 'not read'}, {env}); sha256 "
-          f"{made.sha256[:16]}…, written to {out}; approve it with `opslib approve {out}`")  # fmt: skip
+    print(f"plan: {approval.plan_text(made)}; written to {out}, its SQL to {approval.sql_path(out)}; approve it with "
+          f"`opslib approve {out}`")  # fmt: skip
     return EXIT_OK
 
 
@@ -89,9 +87,13 @@ def approve(settings, args) -> int:
     made = approval.read_plan(plan_path)
     key = Path(args.key).expanduser() if args.key else (settings.signing_key or Path("~/.ssh/id_ed25519").expanduser())
     needs = load_approval_policy(settings.alembic_ini)
+    print(f"approving: {approval.plan_text(made)}; its SQL is in {approval.sql_path(plan_path)}")
     signed = approval.approve(made, key, needs.signers_file, audit.iso(audit.now()))
     kept = approval.add_approval(plan_path, signed)
-    print(f"approve: {signed.principal} approved {plan_path} (sha256 {made.sha256[:16]}…); "
+    own = approval.judge(made, [signed], needs.signers_file, operators=approval.operators_of(made, None),
+                         self_approval=needs.self_approval)[0]  # fmt: skip
+    note = f" (it does not count: {own.why})" if not own.counted else ""
+    print(f"approve: {signed.principal} approved {plan_path}{note}; "
           f"{len(kept)} approval(s) kept in {approval.approvals_path(plan_path)}")  # fmt: skip
     return EXIT_OK
 
@@ -100,26 +102,25 @@ def approve(settings, args) -> int:
 def approvals(settings, args) -> int:
     """who approved a plan, each signature verified against the project's allowed_signers
 
-    Exit 0 when the plan has as many approvals as its environment needs, 3 when it has fewer. The operator's
-    own approval is shown as not counted (self-approval is off unless the policy says otherwise)."""
-    from opslib import approval, signatures
+    Exit 0 when the plan has as many approvals as its environment needs, 3 when it has fewer. The
+    plan's author's own approval is shown as not counted (self-approval is off unless the policy says otherwise);
+    the deploy also leaves out its operator's."""
+    from opslib import approval
     from opslib.errors import PreconditionFailed
     from opslib.policy import load_approval_policy
 
     plan_path = Path(args.plan_file)
     made = approval.read_plan(plan_path)
     needs = load_approval_policy(settings.alembic_ini)
-    signer, _ = signatures.ledger_signer(settings)
-    operators = {made.author, made.author_principal, settings.operator, signer.principal if signer else None}
-    judged = approval.judge(made, approval.read_approvals(plan_path), needs.signers_file, operators=operators,
-                            self_approval=needs.self_approval)  # fmt: skip
+    judged = approval.judge(made, approval.read_approvals(plan_path), needs.signers_file,
+                            operators=approval.operators_of(made, None), self_approval=needs.self_approval)  # fmt: skip
     needed = needs.needed(made.env)
     if args.json:
         print(json.dumps({"plan_sha256": made.sha256, "env": made.env, "needed": needed,
                           "approvals": [a.to_dict() for a in judged]}, indent=2))  # fmt: skip
     else:
         print(f"{plan_path} ({made.env}, sha256 {made.sha256[:16]}…): {approval.approvals_text(judged, needed)}")
-    counted = sum(1 for a in judged if a.counted)
+    counted = approval.counted(judged)
     if counted < needed:
         raise PreconditionFailed(f"approvals: {counted} valid approval(s) of {plan_path}, {made.env} needs {needed}")
     return EXIT_OK

@@ -76,7 +76,7 @@ def verify(settings, args) -> int:
     from opslib.errors import ChecksFailed
 
     records = _records(settings, "verify")
-    check = audit.check_ledger(records, anchors.out_of_reach(settings), _signers(settings))
+    check = audit.check_ledger(records, anchors.out_of_reach(settings), _approvals(settings))
     anchored, against_database = anchors.cross_check(
         settings, check.entries, *databases_given(settings, args), require=args.database is not None
     )
@@ -84,7 +84,7 @@ def verify(settings, args) -> int:
     if check.waiting:
         print("\n".join(check.waiting))
     if check.unsigned:  # said, not a problem: a production run without an operator's key is unsigned, not forged
-        print(f"unsigned production entries ({len(check.unsigned)}): {', '.join(check.unsigned)}")
+        print(f"unsigned entries ({len(check.unsigned)}, production or after the first signed one): {', '.join(check.unsigned)}")
     if problems:
         print("\n".join(problems))
         raise ChecksFailed(f"audit verify: {len(problems)} problem(s) in {records}; the first: {problems[0]}")
@@ -93,15 +93,16 @@ def verify(settings, args) -> int:
         f"the chain is intact; {anchored}"
     )
     if check.signed:
-        print(f"signatures: {check.signed} signed entr(ies) verified against {_signers(settings)}")
+        print(f"signatures: {check.signed} signed entr(ies) verified against {_approvals(settings).signers_file}")
     return EXIT_OK
 
 
-def _signers(settings) -> Path:
-    """The project's allowed_signers file, which every signature in the records is checked against."""
+def _approvals(settings):
+    """The project's ``[approvals]``: how many a production deploy needs, and the allowed_signers file every
+    signature in the records is checked against (the auditor's, not what each run read)."""
     from opslib.policy import load_approval_policy
 
-    return load_approval_policy(settings.alembic_ini).signers_file
+    return load_approval_policy(settings.alembic_ini)
 
 
 @command(
@@ -129,7 +130,7 @@ def report(settings, args) -> int:
         cross_check=lambda entries: anchors.cross_check(settings, entries, *given)[1],
         full=args.full,
         out_of_reach=anchors.out_of_reach(settings),
-        signers=_signers(settings),
+        approvals=_approvals(settings),
     )
     if args.screenshot:
         written.screenshot = report.screenshot(written.index, written.out / report.SCREENSHOT)
@@ -152,7 +153,7 @@ def summary(settings, args) -> int:
 
     records = _records(settings, "summary")
     # Checked as verify checks it: a run cut from the ledger shows through its anchors, not the chain.
-    check = audit.check_ledger(records, anchors.out_of_reach(settings), _signers(settings))
+    check = audit.check_ledger(records, anchors.out_of_reach(settings), _approvals(settings))
     against = anchors.cross_check(settings, check.entries, *databases_given(settings, args))[1]
     found = summaries.audit_summary(records, replace(check, unvouched=check.unvouched + against))
     print(json.dumps(found, indent=2, default=str) if args.json else summaries.summary_text(found))

@@ -24,6 +24,20 @@ def _changed(args, done) -> int:
     return EXIT_OK
 
 
+def _no_change_without_approval(settings, verb: str) -> None:
+    """Where the project's policy needs approvals of this environment's changes, a bare verb that changes the
+    database is refused (exit 3): such a change goes through `opslib run deploy -p plan`, held to its plan."""
+    from opslib.errors import PreconditionFailed
+    from opslib.policy import load_approval_policy
+
+    needed = load_approval_policy(settings.alembic_ini).needed(settings.env)
+    if needed:
+        raise PreconditionFailed(
+            f"{verb} is refused in {settings.env}: the project's policy needs {needed} approval(s) of each change "
+            "there; deploy an approved plan with `opslib run deploy -p plan PLAN.json` (see `opslib plan`)"
+        )
+
+
 @command("status", arg("--json", action="store_true", help="print a JSON object (current, heads, pending, at_head)"))
 def status(settings, args) -> int:
     """current revision, heads, pending revisions, at head or not"""
@@ -39,6 +53,7 @@ def upgrade(settings, args) -> int:
     """apply pending revisions (default: up to head)"""
     from opslib import migrate
 
+    _no_change_without_approval(settings, "upgrade")
     return _changed(args, migrate.upgrade(migrate.Target(settings), args.revision, x_args=args.x_args))
 
 
@@ -47,6 +62,7 @@ def downgrade(settings, args) -> int:
     """roll back: -1 (last revision), a revision id, or base"""
     from opslib import migrate
 
+    _no_change_without_approval(settings, "downgrade")
     return _changed(args, migrate.downgrade(migrate.Target(settings), args.revision, x_args=args.x_args))
 
 
@@ -93,6 +109,7 @@ def stamp(settings, args) -> int:
     """record a revision in the database without running migrations"""
     from opslib import migrate
 
+    _no_change_without_approval(settings, "stamp")
     return _changed(args, migrate.stamp(migrate.Target(settings), args.revision))
 
 

@@ -20,6 +20,7 @@ from opslib.workflows.workflow import Workflow
 
 # Loaded at first use: the registry is read by processes that never run a step (see opslib.lazy).
 checks = lazy.module("opslib.checks")
+db = lazy.module("opslib.db")
 lint = lazy.module("opslib.lint")
 migrate = lazy.module("opslib.migrate")
 plans = lazy.module("opslib.plans")
@@ -111,8 +112,10 @@ class Deploy(Workflow):
 
     def _hold_to_plan(self, facts: list, rows: list, sql: str, found: list) -> list[tuple[str, object]]:
         """Hold the run to its approved plan (``-p plan``) and count the plan's approvals against the policy's
-        ``[approvals]``: a plan that differs from the target, too few approvals, or none where they are
-        needed is refused (exit 3), shown first, naming what differs or is missing. Returns the facts to show."""
+        ``[approvals]``: where approvals are needed, an operator without a key allowed_signers lists (who they
+        are would be only a name), no plan, a plan that differs from the target or was used already, too few
+        approvals, or only the operator's own, is refused (exit 3), shown first, naming what differs or is
+        missing. Returns the facts to show."""
         needs = load_approval_policy(self.settings.alembic_ini)
         needed = needs.needed(self.settings.env)
         self.record.approvals_needed = needed or None
@@ -120,35 +123,48 @@ class Deploy(Workflow):
         # Said where it matters: a run with a key, a plan or approvals to count (a plain deploy shows no row).
         shown: list[tuple[str, object]] = [("ledger entries", signing)] if (
             self.settings.signing_key or needed or self.params["plan"]) else []  # fmt: skip
+
+        def refuse(why: str) -> None:
+            self._refuse_by_plan(facts + shown, rows, sql, found, why)
+
+        if needed and signer is None:
+            refuse(f"{self.settings.env} needs {needed} approval(s), and the operator's own key to sign the run "
+                   f"(set OPSLIB_SIGNING_KEY to a key {needs.signers_file.name} lists): {signing}")  # fmt: skip
         if not self.params["plan"]:
             if needed:
-                self._refuse_by_plan(facts + shown, rows, sql, found, f"{self.settings.env} needs {needed} approval(s) "
-                                     "of a plan: make one with `opslib plan --out PLAN.json`, have it approved with "
-                                     "`opslib approve PLAN.json`, and deploy with -p plan PLAN.json")  # fmt: skip
+                refuse(f"{self.settings.env} needs {needed} approval(s) of a plan: make one with `opslib plan --out "
+                       "PLAN.json`, have it approved with `opslib approve PLAN.json`, and deploy with -p plan PLAN.json")
             return shown
         path = Path(self.params["plan"])
         self.approved = approved = approval.read_plan(path)
         self.record.plan = approved.to_dict()
         now = plans.plan_of(self.target, self.params["target_revision"], self.params, env=self.settings.env,
                             author=self.settings.operator, created_at=audit.iso(audit.now()), planned=self.plan)  # fmt: skip
-        operators = {self.settings.operator, signer.principal if signer else None, approved.author, approved.author_principal}
-        judged = approval.judge(approved, approval.read_approvals(path), needs.signers_file, operators=operators,
+        judged = approval.judge(approved, approval.read_approvals(path), needs.signers_file,
+                                operators=approval.operators_of(approved, signer.principal if signer else None,
+                                                                self.settings.operator),
                                 self_approval=needs.self_approval)  # fmt: skip
         self.record.approvals = (self.record.approvals or []) + judged
         self._save()
         shown += [("plan", f"{path.name}: sha256 {approved.sha256[:16]}…, made by {approved.author} at {approved.created_at}"),
                   ("approvals", approval.approvals_text(judged, needed))]  # fmt: skip
-        differs = approval.differences(approved, now)
+        differs = approval.differences(approved, now) + self._used_already(approved)
         if differs:
-            self._refuse_by_plan(facts + shown, rows, sql, found, f"the plan {path.name} does not match: {'; '.join(differs)}")
-        counted = sum(1 for a in judged if a.counted)
+            refuse(f"the plan {path.name} does not match: {'; '.join(differs)}")
+        counted = approval.counted(judged)
         if counted < needed:
-            own = [a for a in judged if a.verified and not a.counted and a.why and "own" in a.why]
-            why = ("approved only by its operator (self-approval is off)" if own and counted == 0
+            verified = [a for a in judged if a.verified]
+            own = bool(verified) and all(approval.verdict_of(a) is approval.Verdict.OWN for a in verified)
+            why = ("approved only by its operator (self-approval is off)" if own
                    else f"{counted} valid approval(s), {self.settings.env} needs {needed}")  # fmt: skip
-            self._refuse_by_plan(facts + shown, rows, sql, found, f"the plan {path.name} is {why}: "
-                                 f"{approval.approvals_text(judged, needed)}")  # fmt: skip
+            refuse(f"the plan {path.name} is {why}: {approval.approvals_text(judged, needed)}")
         return shown
+
+    def _used_already(self, plan: approval.Plan) -> list[str]:
+        """A plan is approved for one deploy: one that already succeeded with it is named (its run id)."""
+        done = [e.get("run_id") for e in audit.read_endings(self.settings.records_dir)
+                if e.get("plan_sha256") == plan.sha256 and e.get("outcome") == "succeeded"]  # fmt: skip
+        return [f"the plan was used already, by run {done[0]}: a plan is approved for one deploy"] if done else []
 
     def _refuse_by_plan(self, facts: list, rows: list, sql: str, found: list, why: str) -> None:
         show_now(Section("Preflight", f"refused: {why}", facts, rows, sql, tables=found))
@@ -166,8 +182,8 @@ class Deploy(Workflow):
         """Apply the pending revisions under the lock, each committing on its own; on failure stop, or restore the backup."""
         if not self.pending:
             return Section.skip("Upgrade", "nothing to deploy")
-        if self.approved is not None:  # the files as approved, still: nothing edited since the preflight compared them
-            approval.require_files_unchanged(self.approved, Path(self.settings.alembic_ini).resolve().parent)
+        if self.approved is not None:  # still what was approved: nothing edited or moved since the preflight compared
+            self._require_still_as_approved(self.approved)
         try:
             result = migrate.upgrade(
                 self.target,
@@ -197,6 +213,12 @@ class Deploy(Workflow):
                 output=err.output,
             ) from err
         return self._migrated("Upgrade", f"applied {len(result.steps)} revision(s)", result)
+
+    def _require_still_as_approved(self, plan: approval.Plan) -> None:
+        with db.connect(self.url) as conn:
+            current = tuple(migrate.current_revisions(conn, self.target.version_table(conn)))
+        env_py = approval.file_sha256(Path(self.target.script.dir) / "env.py")
+        approval.require_unchanged(plan, Path(self.settings.alembic_ini).resolve().parent, current, env_py)
 
     @step(repeatable=True)
     def verify(self) -> Section:
