@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from opslib import approval, audit, sshsig
+from opslib import approval, audit, signatures, sshsig
 
 from .conftest import ROOT, opslib_cli, query
 from .test_sshsig import allowed_signers, make_key
@@ -232,5 +232,77 @@ def test_opslib_open_shows_the_plan_and_its_approvers_in_the_preflight(four_eyes
         assert f"PLAN.json: sha256 {plan.sha256[:16]}…, made by op" in html
         assert "alice@example.com (counted) (1 needed)" in html and "signed by op@example.com" in html
         assert f.revision() == "0003"
+        # A revision file edited while the operator reads the preflight: the upgrade refuses it, nothing applied.
+        edited = next((f.project / "migrations" / "versions").glob("0005_*.py"))
+        edited.write_text(edited.read_text() + "\n# edited after the preflight\n")
+        lab.run_cells(nb, after="run.preflight()")
+        (upgrade,) = [c for c in nb.cells if "run.upgrade()" in c.source]
+        (error,) = [o for o in upgrade.outputs if o.output_type == "error"]
+        assert "the file(s) of revision(s) 0005 were edited: nothing was applied" in error.evalue, error.evalue
+        assert f.revision() == "0003"
     finally:
         lab.stop()
+
+
+def test_where_approvals_are_needed_the_operator_signs_and_bare_verbs_are_refused(four_eyes):
+    """Who the operator is must be proven by their key: "bob" without one, deploying a plan op approved, is
+    refused (else op could approve their own change under another name); bare Alembic verbs are refused."""
+    f = four_eyes
+    assert f.cli("plan", "--env", "production", "--out", str(f.plan), key=None, operator="bob").returncode == 0
+    assert f.cli("approve", str(f.plan), "--key", str(f.keys["op"]), key=None, operator="op").returncode == 0
+    unsigned = f.deploy("-p", "plan", str(f.plan), key=None)
+    assert unsigned.returncode == 3 and "and the operator's own key to sign the run" in unsigned.stderr, unsigned.stderr
+    assert "not signed: no OPSLIB_SIGNING_KEY" in unsigned.stderr
+    stranger = f.deploy("-p", "plan", str(f.plan), key="mallory")
+    assert stranger.returncode == 3 and f"the key {f.keys['mallory']} is not in" in stranger.stderr, stranger.stderr
+    for verb in (("upgrade", "head"), ("downgrade", "-1"), ("stamp", "0007")):
+        bare = opslib_cli(f.url, f.alembic_ini, f.work, *verb, env={"OPSLIB_ENV": "production"})
+        assert bare.returncode == 3 and f"{verb[0]} is refused in production" in bare.stderr, bare.stderr
+    assert f.revision() == "0003"
+    assert [e["outcome"] for e in f.endings()] == ["refused", "refused"]
+
+
+def test_the_auditor_judges_by_their_own_policy_and_the_plan_must_be_what_ran(four_eyes):
+    f = four_eyes
+    # A checkout whose policy asks no approval deploys production without a plan; the auditor's asks one.
+    (f.project / "opslib.toml").write_text("[approvals]\nproduction = 0\n")
+    assert f.deploy().returncode == 0 and f.revision() == "0007"
+    (f.project / "opslib.toml").write_text("[approvals]\nproduction = 1\n")
+    found = f.cli("audit", "verify")
+    assert found.returncode == 3, found.stdout
+    assert "a production deploy that changed its database without a plan; the policy needs 1 approval(s)" in found.stdout
+
+
+def test_a_sealed_plan_must_be_the_change_that_ran_even_when_the_entry_is_signed_again(four_eyes):
+    """An editor with the operator's key (or the operator) who moves an approved plan onto another run: each
+    signature holds, and the plan still names another database than the one the run changed."""
+    f = four_eyes
+    assert f.cli("plan", "--env", "production", "--out", str(f.plan)).returncode == 0
+    assert f.cli("approve", str(f.plan), "--key", str(f.keys["alice"]), key=None, operator="alice").returncode == 0
+    assert f.deploy("-p", "plan", str(f.plan)).returncode == 0
+    assert f.cli("audit", "verify").returncode == 0
+
+    def elsewhere(entries):
+        entries[-1]["database"]["name"], entries[-1]["revisions_after"] = "elsewhere", ["0005"]
+        entries[-1]["signature"] = sshsig.sign(signatures.signed_bytes(entries[-1]), f.keys["op"], sshsig.LEDGER)
+
+    _rewrite_chain(f.work / "records" / audit.LEDGER, elsewhere)
+    found = f.cli("audit", "verify")
+    assert found.returncode == 3 and "does not verify" not in found.stdout, found.stdout
+    assert f"it ran on database elsewhere, its plan is for {f.url.rsplit('/', 1)[1]}" in found.stdout
+    assert "it ended at 0005, its plan at 0007" in found.stdout
+
+
+def test_a_plan_is_approved_for_one_deploy(four_eyes):
+    f = four_eyes
+    assert f.cli("plan", "--env", "production", "--out", str(f.plan)).returncode == 0
+    assert f.cli("approve", str(f.plan), "--key", str(f.keys["bob"]), key=None, operator="bob").returncode == 0
+    assert f.cli("approvals", str(f.plan), key=None, operator="carol").returncode == 0  # enough: exit 0
+    first = f.deploy("-p", "plan", str(f.plan))
+    assert first.returncode == 0, first.stderr
+    name = f.url.rsplit("/", 1)[1]
+    back = f.cli("run", "rollback", "--env", "production", "-p", "target_revision", "0003", "-p", "confirm", name)
+    assert back.returncode == 0 and f.revision() == "0003", back.stderr
+    again = f.deploy("-p", "plan", str(f.plan))
+    assert again.returncode == 3 and f"the plan was used already, by run {f.endings()[0]['run_id']}" in again.stderr, again.stderr
+    assert f.revision() == "0003"

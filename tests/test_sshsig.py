@@ -142,8 +142,16 @@ def test_a_plan_file_round_trips_and_its_approvals_are_kept_beside_it(keys, tmp_
 )  # fmt: skip
 def test_each_difference_from_the_approved_plan_is_named(changes, named):
     assert any(named in line for line in approval.differences(a_plan(), a_plan(**changes))), approval.differences(a_plan(), a_plan(**changes))
-    # The plan itself, the confirmation and the time are not what was approved: they never differ.
-    assert approval.differences(a_plan(), a_plan(created_at="later", parameters={**a_plan().parameters, "confirm": "shop"})) == []
+
+
+def test_what_an_approval_does_not_bind_never_differs():
+    # The time it was made, the plan's own path and the confirmation typed at the run are not what was approved.
+    same = a_plan(created_at="later", parameters={**a_plan().parameters, "confirm": "shop", "plan": "elsewhere.json"})
+    assert approval.differences(a_plan(), same) == []
+    # Two servers whose system identifiers could not be read are told apart by where they are reached.
+    unknown = PlanTarget(None, "shop", "db.internal", 5432, ("0003",))
+    assert approval.differences(a_plan(target=unknown), a_plan(target=replace(unknown, host="other"))) != []
+    assert approval.differences(a_plan(target=unknown), a_plan(target=unknown)) == []
 
 
 def test_what_moved_after_the_preflight_is_refused(tmp_path):
@@ -184,3 +192,36 @@ def test_the_approvals_table_reads_its_signers_beside_the_policy(tmp_path):
     assert (read.needed("production"), read.needed("staging"), read.needed("development"), read.self_approval) == (2, 1, 0, False)
     assert read.signers_file == tmp_path.resolve() / "keys" / "signers"
     assert policy.load_policy(tmp_path / "alembic.ini").approvals == read
+
+
+def test_a_retired_key_still_vouches_for_what_it_signed_while_it_was_valid(keys, tmp_path):
+    made, _ = keys
+    signature = sshsig.sign(b"an entry", made["alice"], sshsig.LEDGER)
+    retired = tmp_path / "retired_signers"
+    retired.write_text(f'alice@example.com valid-before="20261201" {Path(str(made["alice"]) + ".pub").read_text()}')
+    assert not sshsig.verifies(b"an entry", signature, "alice@example.com", retired, sshsig.LEDGER)  # now: retired
+    assert sshsig.verifies(b"an entry", signature, "alice@example.com", retired, sshsig.LEDGER, "2026-11-30T10:00:00.000Z")
+    assert sshsig.signer_of(b"an entry", signature, retired, sshsig.LEDGER, "2026-11-30T10:00:00.000Z") == "alice@example.com"
+
+
+def test_ssh_keygen_missing_slow_or_asking_a_passphrase_is_one_line(keys, tmp_path, monkeypatch):
+    made, signers = keys
+    locked = tmp_path / "locked"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "a passphrase", "-f", str(locked)], check=True)
+    with pytest.raises(ConfigError, match=r"needs its passphrase, which a run cannot ask for: add it to ssh-agent"):
+        sshsig.sign(b"x", locked, sshsig.PLAN)
+    slow = tmp_path / "bin"
+    slow.mkdir()
+    (slow / "ssh-keygen").write_text("#!/bin/sh\nexec /bin/sleep 30\n")
+    (slow / "ssh-keygen").chmod(0o755)
+    monkeypatch.setenv("PATH", str(slow))
+    monkeypatch.setattr(sshsig, "_TIMEOUT_S", 0.5)
+    with pytest.raises(ConfigError, match=r"ssh-keygen sign gave no answer within 0.5 s"):
+        sshsig.sign(b"x", made["op"], sshsig.PLAN)
+    monkeypatch.setenv("PATH", str(tmp_path / "nowhere"))
+    with pytest.raises(ConfigError, match="ssh-keygen is not installed"):
+        sshsig.sign(b"x", made["op"], sshsig.PLAN)
+    copy = tmp_path / "op-copy"  # a key this process has not asked about: the answer is not cached
+    copy.write_bytes(made["op"].read_bytes())
+    found, said = sshsig.signer(copy, signers)
+    assert found is None and said == "not signed: ssh-keygen is not installed: install OpenSSH's client (Debian: openssh-client)"
