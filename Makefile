@@ -128,6 +128,7 @@ bench: $(STAMP) $(PGBACKREST)
 	$(BIN)/python benchmarks/bench_report.py
 	$(BIN)/python benchmarks/bench_batch.py
 	$(BIN)/python benchmarks/bench_fleet.py
+	$(BIN)/python benchmarks/bench_approvals.py
 	$(BIN)/python benchmarks/bench_pitr.py
 
 # The runbooks' expected outputs (tests/goldens/*.ipynb), made again on purpose: review their diff like code.

@@ -187,6 +187,13 @@ def record_run(conn: Connection, record: RunRecord) -> None:
     conn.commit()
 
 
+def run_outcome(conn: Connection, run_id: str) -> str | None:
+    """The outcome the database's history holds for the run ``run_id`` (None: no row, or no history)."""
+    if not conn.execute(sa.text("SELECT to_regclass('opslib.runs') IS NOT NULL")).scalar():
+        return None
+    return conn.execute(sa.text("SELECT outcome FROM opslib.runs WHERE run_id = :id"), {"id": run_id}).scalar()
+
+
 def read(conn: Connection) -> tuple[list[dict], list[dict]]:
     """(runs, revision events), oldest first; empty when the database has no opslib history."""
     if not conn.execute(sa.text("SELECT to_regclass('opslib.runs') IS NOT NULL")).scalar():

@@ -456,15 +456,25 @@ def _seal_after_the_kernel(settings: Settings, run_: Prepared, stop: "_Stop", er
     records, stem = run_.records, run_.stem
     record = audit.load_record(records, stem) or run_.first
     record.pids = sorted(set(record.pids) | {os.getpid()})
+    from opslib import sealing  # loaded while the cells ran (see above)
+
     if not (isinstance(record.outcome, Outcome) and record.outcome.sealed):
         try:
             _end_unfinished(settings, record, stop.signum, error)
         except Interrupted:  # signalled twice while the database was slow to answer: sealed without it
             record.database_history = "not written: the run was interrupted again while it was sealed"
-    elif record.outcome is Outcome.INTERRUPTED and stop.signum is not None:
-        # The kernel may have seen another signal than this process (Ctrl-C in a terminal reaches only this one).
-        record.exit_code = signal_exit_code(stop.signum)
-    from opslib import sealing  # loaded while the cells ran (see above)
+    else:
+        if record.outcome is Outcome.INTERRUPTED and stop.signum is not None:
+            # The kernel may have seen another signal than this process (Ctrl-C in a terminal reaches only this one).
+            record.exit_code = signal_exit_code(stop.signum)
+        if not record.closed_at and record.database is not None and record.outcome is not Outcome.INVALID:
+            # The kernel wrote its outcome, then was stopped before it closed the run (this process's own
+            # signal cut the notebook short): the run's row in its database may be missing. Written here
+            # (once: a row already there stays), with where the database stands read afresh.
+            try:
+                sealing.settle(settings, record)
+            except Interrupted:
+                record.database_history = "not written: the run was interrupted again while it was sealed"
 
     try:
         sealing.seal(settings, records, stem, record)  # None when another command sealed it meanwhile

@@ -74,6 +74,18 @@ def settle(settings: Settings, record: RunRecord) -> None:
         record.database_history = f"not written: {message}"
 
 
+def _written_outcome(settings: Settings, record: RunRecord) -> str | None:
+    """The outcome the run's database holds for it (None: no row, or the database cannot be asked)."""
+    url = anchors.target_of(settings, record)
+    if url is None or record.database is None:
+        return None
+    try:
+        with db.connect(url) as conn:
+            return run_history.run_outcome(conn, record.run_id)
+    except (OpsError, sa.exc.DBAPIError):
+        return None
+
+
 def seal_abandoned(settings: Settings, command: str, out_of_reach: str | None = None) -> list[RunRecord]:
     """Seal, as ``abandoned``, every run in the records folder that ended without sealing its record
     (nobody holds its live mark); ``command`` names the command doing it, for the record. Returns them.
@@ -117,10 +129,12 @@ def _seal_one(settings: Settings, records, stem: str, command: str, out_of_reach
             if anchored is None and record.run_id != out_of_reach:
                 return None  # its database is out of reach from here: left for a command that reaches it
         now = audit.iso(audit.now())
-        if record.closed_at and isinstance(record.outcome, Outcome) and record.outcome.sealed:
+        ended = isinstance(record.outcome, Outcome) and record.outcome.sealed
+        if ended and (record.closed_at or _written_outcome(settings, record) == str(record.outcome)):
             # Its process ended it and wrote it in the database; only its seal is missing (a JupyterLab run
-            # whose notebook was not saved after its last cell): sealed with its own outcome, so the ledger,
-            # its sidecar and the database's history say the same.
+            # whose notebook was not saved after its last cell, or a process killed between its row in the
+            # database and its seal): sealed with its own outcome, so the ledger, its sidecar and the
+            # database's history say the same.
             record.sealed_by = (
                 f"`opslib {command}` on {socket.gethostname()} at {now}, after its process had ended it "
                 "without sealing it (its notebook as last saved)"
