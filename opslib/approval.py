@@ -24,6 +24,7 @@ from opslib import sshsig
 from opslib.errors import InvalidInput, PreconditionFailed
 
 PLAN_FORMAT = "opslib-plan/1"
+MAX_APPROVALS = 50  # more approvals of one plan than any team asks: a file made by hand
 # The parameters a plan does not bind: the plan itself, and the confirmation typed at the run.
 UNBOUND_PARAMETERS = frozenset({"plan", "confirm"})
 
@@ -87,12 +88,16 @@ class Plan:
         try:
             made = cls(**{**data, "target": PlanTarget(**{**target, "revisions": tuple(target["revisions"])}),
                           "pending": tuple(PlannedRevision(**p) for p in pending)})  # fmt: skip
-        except TypeError as err:
-            raise InvalidInput(f"the plan is not whole (edited by hand?): {str(err).split('(', 1)[-1].rstrip(')')}") from None
+        except TypeError:
+            raise InvalidInput("the plan's fields, its target's or its revisions' are not those opslib writes (edited by hand?)") from None
         for name in ("runbook", "env", "created_at", "author", "target_revision", "sql_sha256", "sql_source"):
             _expect(isinstance(getattr(made, name), str), name)
         _expect(isinstance(made.parameters, dict), "parameters")
-        _expect(isinstance(made.target.database, str), "target")
+        for name in ("author_principal", "signers_sha256", "env_py_sha256", "policy_sha256"):
+            _expect(getattr(made, name) is None or isinstance(getattr(made, name), str), name)
+        t = made.target
+        _expect(isinstance(t.database, str) and all(v is None or isinstance(v, str) for v in (t.system_identifier, t.host))
+                and (t.port is None or (isinstance(t.port, int) and not isinstance(t.port, bool))), "target")  # fmt: skip
         _expect(all(isinstance(v, str) for p in made.pending for v in (p.revision, p.path, p.sha256)), "pending")
         return made
 
@@ -192,8 +197,10 @@ def read_plan(path: Path) -> Plan:
         data = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise InvalidInput(f"no plan at {path}: make one with `opslib plan --out {path}`") from None
-    except (OSError, ValueError) as err:
-        raise InvalidInput(f"the plan {path} cannot be read: {err}") from None
+    except IsADirectoryError:
+        raise InvalidInput(f"the plan {path} is a folder: name the plan file `opslib plan --out` wrote") from None
+    except (OSError, ValueError, RecursionError) as err:
+        raise InvalidInput(f"the plan {path} cannot be read: {str(err)[:200]}") from None
     try:
         return Plan.from_dict(data)
     except InvalidInput as err:
@@ -241,11 +248,14 @@ def read_approvals(plan_path: Path) -> list[Approval]:
         data = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         return []
-    except (OSError, ValueError) as err:
-        raise InvalidInput(f"the approvals {path} cannot be read: {err}") from None
+    except (OSError, ValueError, RecursionError) as err:
+        raise InvalidInput(f"the approvals {path} cannot be read: {str(err)[:200]}") from None
     if not isinstance(data, list):
         raise InvalidInput(f"the approvals {path} are not a list of signatures")
-    return [a for a in (Approval.from_dict(item) for item in data) if a is not None]
+    if len(data) > MAX_APPROVALS:  # each is one ssh-keygen process, at every deploy and every audit
+        raise InvalidInput(f"the approvals {path} hold {len(data)} items, more than {MAX_APPROVALS}: not opslib's")
+    found = [a for a in (Approval.from_dict(item) for item in data) if a is not None]
+    return list({(a.source, a.signature, a.principal): a for a in found}.values())  # a copy says nothing more
 
 
 def add_approval(plan_path: Path, approval: Approval) -> list[Approval]:
@@ -333,9 +343,9 @@ def _signer(plan: Plan, approval: Approval, allowed_signers: Path, at: str | Non
 
 
 def _is_own(principal: str, operators: set[str]) -> bool:
-    """Whether ``principal`` is one of ``operators``: the same principal, or the same name before an ``@``
-    (an operator known only by their user name, ``alice``, is the principal ``alice@example.com``)."""
-    return principal in operators or principal.split("@", 1)[0] in {o.split("@", 1)[0] for o in operators}
+    """Whether ``principal`` is one of ``operators``: the same principal, or, for an operator known only by a
+    user name (``alice``, no ``@``), a principal of that name (``alice@example.com``)."""
+    return principal in operators or principal.split("@", 1)[0] in {o for o in operators if "@" not in o}
 
 
 def differences(approved: Plan, now: Plan) -> list[str]:

@@ -77,7 +77,11 @@ def entry_problems(entry: dict, label: str, signers: Path) -> list[str]:
     if not Path(signers).is_file():
         return [f"{label}: signed by {signer}, but there is no allowed_signers file at {signers} to check it with"]
     at = entry.get("finished_at") or entry.get("started_at")
-    if not sshsig.verifies(signed_bytes(entry), signature, signer, signers, sshsig.LEDGER, at if isinstance(at, str) else None):
+    when = at if isinstance(at, str) else None
+    if not sshsig.verifies(signed_bytes(entry), signature, signer, signers, sshsig.LEDGER, when):
+        if not sshsig.principals(signature, signers, when):  # the key is not (or no longer) in the file at all
+            return [f"{label}: signed by {signer} with a key {signers.name} does not list (a key removed from it: "
+                    "retire keys with valid-before= instead, so that what they signed still verifies)"]  # fmt: skip
         return [f"{label}: its signature by {signer} does not verify: the entry was edited after it was signed, "
                 f"or not signed by a key {signers.name} gives {signer}"]  # fmt: skip
     return []
@@ -100,6 +104,8 @@ def approval_problems(sidecar: dict | None, entry: dict, label: str, needs: Appr
         return [f"{label}: a {entry.get('env')} deploy that changed its database without a plan; the policy needs {needed} approval(s)"]
     if not isinstance(plan, dict) or plan_sha256(plan) != entry.get("plan_sha256"):
         return [f"{label}: the plan in its record is not the plan its ending sealed"]
+    if not changed:  # refused, or stopped before any change: its plan was not run, whatever it says
+        return []
     try:
         approved = Plan.from_dict(plan)
     except InvalidInput as err:

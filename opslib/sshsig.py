@@ -36,7 +36,10 @@ def _keygen(args: list[str], data: bytes | None = None) -> subprocess.CompletedP
     """``ssh-keygen ARGS`` with ``data`` on its stdin; one that cannot be run, or does not end within the
     timeout (a hardware key waiting for a touch), is a :class:`ConfigError`."""
     try:
-        return subprocess.run([program(), *args], input=data or b"", capture_output=True, timeout=_TIMEOUT_S, check=False)
+        # A session of its own: no terminal to ask a passphrase on, so a key that needs one fails at once
+        # (said as such) instead of stalling a run on a prompt nobody sees.
+        return subprocess.run([program(), *args], input=data or b"", capture_output=True, timeout=_TIMEOUT_S,
+                              check=False, start_new_session=True)  # fmt: skip
     except subprocess.TimeoutExpired:
         raise ConfigError(f"ssh-keygen {args[1]} gave no answer within {_TIMEOUT_S} s (a key waiting for a touch?)") from None
     except OSError as err:
@@ -57,7 +60,7 @@ def sign(data: bytes, key: Path, namespace: str) -> str:
     half ssh-agent holds); a key that cannot sign is a :class:`ConfigError` with ssh-keygen's reason."""
     key = Path(key).expanduser()
     if not key.is_file():
-        raise ConfigError(f"the signing key {key} does not exist")
+        raise ConfigError(f"the signing key {key} {'is a folder' if key.is_dir() else 'does not exist'}")
     done = _keygen(["-Y", "sign", "-q", "-f", str(key), "-n", namespace], data)
     if done.returncode != 0 or b"BEGIN SSH SIGNATURE" not in done.stdout:
         reason = _reason(done.stderr)
@@ -75,15 +78,16 @@ def principals(signature: str, allowed_signers: Path, at: str | None = None) -> 
         done = _keygen(["-Y", "find-principals", "-s", str(path), "-f", str(allowed_signers), *_when(at)])
     if done.returncode != 0:
         return []
-    return [line.strip() for line in done.stdout.decode(errors="replace").splitlines() if line.strip()]
+    found = [line.strip() for line in done.stdout.decode(errors="replace").splitlines() if line.strip()]
+    return [p for p in found if not any(c in p for c in "*?!")]  # a pattern names no one person
 
 
 def verifies(data: bytes, signature: str, principal: str, allowed_signers: Path, namespace: str,
              at: str | None = None) -> bool:  # fmt: skip
     """Whether ``signature`` is ``principal``'s signature of ``data`` in ``namespace``, by a key
     ``allowed_signers`` gives that principal (its namespaces, and its validity at ``at``, default now)."""
-    if not principal or any(c.isspace() for c in principal):
-        return False  # a principal is one word of the file: anything else was never written by us
+    if not principal or "\n" in principal or any(c in principal for c in "*?,!"):
+        return False  # one principal, never a pattern: a wildcard in allowed_signers names no one person
     with _signature_file(signature) as path:
         done = _keygen(["-Y", "verify", "-f", str(allowed_signers), "-I", principal, "-n", namespace, "-s", str(path),
                         *_when(at)], data)  # fmt: skip

@@ -185,6 +185,8 @@ def test_an_approved_plan_that_no_longer_matches_is_refused_naming_the_differenc
     assert named in refused.stderr, refused.stderr
     assert f.revision(url) == "0003"
     assert f.endings()[-1]["outcome"] == "refused"
+    verified = f.cli("audit", "verify", url=url)
+    assert verified.returncode == 0, verified.stdout + verified.stderr
 
 
 def test_a_forged_approval_and_an_unknown_key_are_refused(four_eyes):
@@ -306,3 +308,6 @@ def test_a_plan_is_approved_for_one_deploy(four_eyes):
     again = f.deploy("-p", "plan", str(f.plan))
     assert again.returncode == 3 and f"the plan was used already, by run {f.endings()[0]['run_id']}" in again.stderr, again.stderr
     assert f.revision() == "0003"
+    # A refusal changed nothing: its plan is not taken for the change that ran, and the records verify.
+    verified = f.cli("audit", "verify")
+    assert verified.returncode == 0, verified.stdout + verified.stderr

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 from dataclasses import replace
 from pathlib import Path
@@ -225,3 +226,37 @@ def test_ssh_keygen_missing_slow_or_asking_a_passphrase_is_one_line(keys, tmp_pa
     copy.write_bytes(made["op"].read_bytes())
     found, said = sshsig.signer(copy, signers)
     assert found is None and said == "not signed: ssh-keygen is not installed: install OpenSSH's client (Debian: openssh-client)"
+
+
+def test_a_plan_or_approvals_file_of_another_shape_is_bad_input(keys, tmp_path):
+    made, signers = keys
+    path = approval.write_plan(tmp_path / "PLAN.json", a_plan())
+    good = json.loads(path.read_text())
+    for field, value in (("author_principal", ["op@example.com"]), ("parameters", []), ("target", None),
+                         ("pending", "0004"), ("policy_sha256", 1), ("extra", 1)):  # fmt: skip
+        path.write_text(json.dumps({**good, field: value}))
+        with pytest.raises(InvalidInput, match="plan"):
+            approval.read_plan(path)
+    path.write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(InvalidInput, match="cannot be read"):
+        approval.read_plan(path)
+    approval.write_plan(path, a_plan())
+    one = approval.approve(a_plan(), made["alice"], signers, "t").to_dict()
+    approval.approvals_path(path).write_text(json.dumps([one] * 3))
+    assert len(approval.read_approvals(path)) == 1  # copies say nothing more
+    approval.approvals_path(path).write_text(json.dumps([one] * (approval.MAX_APPROVALS + 1)))
+    with pytest.raises(InvalidInput, match="more than 50"):
+        approval.read_approvals(path)
+
+
+def test_self_approval_is_the_same_principal_or_a_bare_user_name_never_a_namesake(keys, tmp_path):
+    made, _ = keys
+    signers = allowed_signers(tmp_path, **{"op@other.org": made["bob"], "op@example.com": made["op"], "anyone*": made["alice"]})
+    plan = a_plan()
+    by = {name: approval.approve(plan, made[name], signers, "t") for name in ("bob", "op")}
+    judged = approval.judge(plan, [by["bob"], by["op"]], signers, operators={"op@example.com"}, self_approval=False)
+    assert [(a.principal, a.counted) for a in judged] == [("op@other.org", True), ("op@example.com", False)]
+    assert not approval.judge(plan, [by["bob"]], signers, operators={"op"}, self_approval=False)[0].counted  # "op": a user name
+    # A wildcard in allowed_signers names no one person: a signature by its key approves nothing.
+    wild = Approval("anyone", "ssh", sshsig.sign(plan.canonical(), made["alice"], sshsig.PLAN))
+    assert approval.judge(plan, [wild], signers, operators=set(), self_approval=False)[0].counted is False

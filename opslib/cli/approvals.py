@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -32,6 +33,7 @@ def plan(settings, args) -> int:
     from opslib import approval, audit, migrate, params, plans, runner, signatures, workflows
     from opslib.errors import InvalidInput
 
+    out = _plan_file(args.out)
     deploy = workflows.get("deploy")
     given = runner.coerce("deploy", [tuple(p) for p in args.parameter])
     if args.target is not None:
@@ -42,18 +44,35 @@ def plan(settings, args) -> int:
     deploy.check_values(values)
     env = args.env or settings.env
     params.check_environment("deploy", values, env)
-    signer, _ = signatures.ledger_signer(settings)
+    signer, signing = signatures.ledger_signer(settings)
+    if settings.signing_key and signer is None:  # said, not refused: the plan is still a plan, its author unproven
+        print(f"opslib: the plan's author is not proven by a key: {signing}", file=sys.stderr)
     target = migrate.Target(_settings_for(settings, values["database_url_env"]))
     planned = migrate.deploy_plan(target, values["target_revision"], x_args=["dev_data=true"] if values["dev_data"] else [])
     made = plans.plan_of(target, values["target_revision"], values, env=env, author=settings.operator,
                          created_at=audit.iso(audit.now()), author_principal=signer.principal if signer else None,
                          planned=planned)  # fmt: skip
-    out = approval.write_plan(Path(args.out), made, planned.sql.sql, planned.sql.unrendered)
+    try:
+        approval.write_plan(out, made, planned.sql.sql, planned.sql.unrendered)
+    except OSError as err:
+        raise InvalidInput(f"plan: cannot write {out}: {err.strerror or err}") from None
     if args.json:
         print(json.dumps(made.to_dict(), indent=2, sort_keys=True))
     print(f"plan: {approval.plan_text(made)}; written to {out}, its SQL to {approval.sql_path(out)}; approve it with "
           f"`opslib approve {out}`")  # fmt: skip
     return EXIT_OK
+
+
+def _plan_file(raw: str) -> Path:
+    """Where ``--out`` says to write the plan: a file name in a folder that exists (bad input otherwise, exit 2)."""
+    from opslib.errors import InvalidInput
+
+    out = Path(raw)
+    if not raw.strip() or out.is_dir():
+        raise InvalidInput(f"plan: --out {raw!r} is not a file name: name the plan file, e.g. --out PLAN.json")
+    if not out.resolve().parent.is_dir():
+        raise InvalidInput(f"plan: --out {raw}: the folder {out.resolve().parent} does not exist")
+    return out
 
 
 def _settings_for(settings, url_env: str):
@@ -123,4 +142,7 @@ def approvals(settings, args) -> int:
     counted = approval.counted(judged)
     if counted < needed:
         raise PreconditionFailed(f"approvals: {counted} valid approval(s) of {plan_path}, {made.env} needs {needed}")
+    forged = [a.principal for a in judged if a.verified is False]
+    if forged:  # the plan was edited since they signed it, or they never did: nothing to go on, whatever is needed
+        raise PreconditionFailed(f"approvals: the signature(s) of {', '.join(forged)} do not verify for {plan_path}")
     return EXIT_OK

@@ -43,6 +43,7 @@ def run(settings, args) -> int:
         print(f"usage: opslib run {args.runbook} [-p NAME VALUE]... [--env ENV] [--json]\n\n{declared}")
         return EXIT_OK
     seal_abandoned(settings, "run")
+    _say_when_not_signed(settings)
     outcome = runner.run(settings, args.runbook, [tuple(p) for p in args.parameter], env=args.env)
     outcome_known()  # sealed: a signal now cannot change what the record says, nor cut what follows
     if args.json:  # the result alone on stdout, one JSON object (what the fleet reads); the outcome line on stderr
@@ -140,6 +141,18 @@ def fleet(settings, args) -> int:
     line = f"fleet {args.runbook} {record.outcome} (exit {record.exit_code})"
     print(line, file=sys.stdout if record.exit_code == EXIT_OK else sys.stderr)
     return record.exit_code
+
+
+def _say_when_not_signed(settings) -> None:
+    """A key set to sign with that cannot sign is said on the terminal (the run goes on, its entries unsigned;
+    where approvals are needed its preflight refuses it)."""
+    if settings.signing_key is None:
+        return
+    from opslib import signatures
+
+    signer, why = signatures.ledger_signer(settings)
+    if signer is None:
+        print(f"opslib: this run's ledger entries will not be signed: {why}", file=sys.stderr)
 
 
 @command(
