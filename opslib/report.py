@@ -224,7 +224,7 @@ def _read_record(records_dir: Path, entry: dict):
 
 def _run_page(
     exporter, env, records_dir: Path, line: int, entries: list[dict], problems: list[str], common: dict,
-    broken: frozenset = frozenset(),
+    broken: set | frozenset = frozenset(),
 ) -> str:
     """One run's page: its facts as its ledger entries (``[start, ending]``, or ``[start]`` while it runs)
     say them over its sidecar, what was changed since, then its notebook. ``broken``: the hashes of the ledger
@@ -374,8 +374,7 @@ def _write_site(records_dir: Path, site: Path, check: audit.LedgerCheck, kept: _
     shutil.copyfile(TEMPLATES / "report.css", site / "report.css")
     (site / "runs").mkdir()
     pages, runs, rendered = [], [], 0
-    # One page per run: its ending's, or its start's while it has none. A start entry's own problems (edited,
-    # out of order) are shown on its run's page.
+    # One page per run (its ending's, else its start's); a start entry's own problems show on its run's page.
     ended = {e.get("sidecar") for e in check.entries if not audit.is_start(e)}
     starts: dict = {}
     for line, (entry, problems) in enumerate(zip(check.entries, check.by_entry, strict=True), start=1):
@@ -385,12 +384,12 @@ def _write_site(records_dir: Path, site: Path, check: audit.LedgerCheck, kept: _
         start, start_problems = starts.pop(entry.get("sidecar"), (None, []))
         problems = start_problems + problems
         name = _page_name(len(pages) + 1, entry)  # numbered by run; the page names its ledger line
-        key = _page_key(records_dir, [e for e in (start, entry) if e], line, problems)
+        own = [e for e in (start, entry) if e]
+        key = _page_key(records_dir, own, line, problems)
         # A page with problems is always rendered afresh: what it says about them is never taken from a kept file.
         if problems or not kept.reuse(name, key, site):
             exporter = exporter or _exporter()
-            html = clean(_run_page(exporter, env, records_dir, line, [e for e in (start, entry) if e], problems, common,
-                                   frozenset(check.broken_signatures)))
+            html = clean(_run_page(exporter, env, records_dir, line, own, problems, common, check.broken_signatures))
             (site / "runs" / name).write_text(html, encoding="utf-8")
             kept.rendered(name, key, html)
             rendered += 1
