@@ -45,6 +45,7 @@ from bench_migrate import BIN, _environ, _ini_with_url, _run, _scratch_database 
 
 from opslib import audit, db, sshsig  # noqa: E402
 from opslib.config import load_settings  # noqa: E402
+from opslib.policy import load_approval_policy  # noqa: E402
 from opslib.record import RunRecord  # noqa: E402
 
 REPEATS = 5
@@ -106,10 +107,11 @@ def _one_repeat(server, admin, ini: Path, keys: dict[str, Path], work: Path, ord
     return seconds
 
 
-def _ledger_check(scratch: Path, keys: dict[str, Path], signers: Path) -> tuple[float, float]:
+def _ledger_check(scratch: Path, keys: dict[str, Path], ini: Path) -> tuple[float, float]:
     """Seconds of check_ledger over LEDGER_RUNS signed runs, without and with checking their signatures."""
     records = scratch / "ledger"
-    signer, _ = sshsig.signer(keys["op"], signers)
+    needs = load_approval_policy(ini)
+    signer, _ = sshsig.signer(keys["op"], needs.signers_file)
     for i in range(LEDGER_RUNS):
         record = RunRecord(f"{i:08x}", "deploy", "op", "production", audit.iso(audit.now()))
         stem = audit.record_stem("deploy", record.run_id, audit.now())
@@ -118,9 +120,9 @@ def _ledger_check(scratch: Path, keys: dict[str, Path], signers: Path) -> tuple[
         audit.write_sidecar(records, stem, record)
         audit.append_ledger(records, stem, record, signer)
     timed = []
-    for given in (None, signers):
+    for given in (None, needs):
         start = time.perf_counter()
-        check = audit.check_ledger(records, signers=given)
+        check = audit.check_ledger(records, approvals=given)
         timed.append(time.perf_counter() - start)
         if check.problems:
             raise RuntimeError(f"the synthetic ledger has problems: {check.problems[:3]}")
@@ -150,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
             order = tuple(series) if r % 2 == 0 else tuple(reversed(series))
             for name, seconds in _one_repeat(server, admin, ini, keys, scratch / f"run{r}", order).items():
                 series[name].append(seconds)
-        unsigned_check, signed_check = _ledger_check(scratch, keys, project / "allowed_signers")
+        unsigned_check, signed_check = _ledger_check(scratch, keys, ini)
     finally:
         admin.close()
         shutil.rmtree(scratch, ignore_errors=True)
