@@ -416,13 +416,29 @@ def file_sha256(path: Path) -> str | None:
 
 def _revision_differences(approved: tuple[PlannedRevision, ...], now: tuple[PlannedRevision, ...]) -> list[str]:
     planned, pending = {p.revision: p for p in approved}, {p.revision: p for p in now}
-    found = [f"revision {r} is pending but not in the plan (new since it was made)" for r in pending if r not in planned]
-    found += [f"revision {r} is in the plan but would not run" for r in planned if r not in pending]
-    found += [f"revision {r}: its file {pending[r].path} was edited since the plan was made"
-              for r in planned if r in pending and planned[r].sha256 != pending[r].sha256]  # fmt: skip
+    new = [r for r in pending if r not in planned]
+    gone = [r for r in planned if r not in pending]
+    edited = [r for r in planned if r in pending and planned[r].sha256 != pending[r].sha256]
+    found = []
+    if new:
+        found.append(f"{_some(new)} pending but not in the plan (new since it was made)")
+    if gone:
+        found.append(f"{_some(gone)} in the plan but would not run")
+    if len(edited) == 1:
+        found.append(f"revision {edited[0]}: its file {pending[edited[0]].path} was edited since the plan was made")
+    elif edited:
+        found.append(f"the files of {_some(edited).rsplit(' ', 1)[0]} were edited since the plan was made")
     if not found and [p.revision for p in approved] != [p.revision for p in now]:
         found.append("the revisions would run in another order than the plan's")
     return found
+
+
+def _some(revisions: list[str], shown: int = 3) -> str:
+    """Revisions named in a line: "revision A is", or "revisions A, B, C and 157 more are"."""
+    if len(revisions) == 1:
+        return f"revision {revisions[0]} is"
+    more = f" and {len(revisions) - shown} more" if len(revisions) > shown else ""
+    return f"revisions {', '.join(revisions[:shown])}{more} are"
 
 
 def _server_of(target: PlanTarget) -> tuple:

@@ -260,3 +260,9 @@ def test_self_approval_is_the_same_principal_or_a_bare_user_name_never_a_namesak
     # A wildcard in allowed_signers names no one person: a signature by its key approves nothing.
     wild = Approval("anyone", "ssh", sshsig.sign(plan.canonical(), made["alice"], sshsig.PLAN))
     assert approval.judge(plan, [wild], signers, operators=set(), self_approval=False)[0].counted is False
+
+
+def test_a_long_difference_is_one_short_line():
+    many = tuple(PlannedRevision(f"r{i:03d}", f"v/r{i:03d}.py", "a" * 64) for i in range(160))
+    found = approval.differences(a_plan(pending=many), a_plan(pending=()))
+    assert found == ["revisions r000, r001, r002 and 157 more are in the plan but would not run"]
