@@ -49,10 +49,9 @@ SCREENSHOT = "index.png"
 
 INDEX_COLUMNS = (
     ("started", "started", "text"), ("run_id", "run id", "text"), ("runbook", "runbook", "text"),
-    ("env", "env", "text"), ("operator", "operator", "text"), ("database", "database", "text"),
+    ("env", "env", "text"), ("operator", "operator, approvers", "text"), ("database", "database", "text"),
     ("revisions", "revisions", "text"), ("outcome", "outcome", "text"), ("seconds", "seconds", "number"),
-    ("warnings", "warnings", "text"), ("approved_by", "approved by", "text"), ("signed_by", "signed by", "text"),
-    ("record", "record", "text"),
+    ("warnings", "warnings", "text"), ("record", "record", "text"),
 )  # fmt: skip
 
 # Debian's chromium, started as the report's tests do; root needs --no-sandbox, and the rest keep a
