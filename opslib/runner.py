@@ -110,6 +110,15 @@ class _Kernels:
     def interrupt(cls, signum: int) -> None:
         """Pass ``signum`` (SIGINT or SIGTERM) on to each live kernel: the runbook step under way stops and
         seals the record as interrupted by it (a kernel that has not started the run yet just ends)."""
+        cls._send(signum)
+
+    @classmethod
+    def kill(cls) -> None:
+        """End each live kernel at once (papermill then sees it dead and returns)."""
+        cls._send(signal.SIGKILL)
+
+    @classmethod
+    def _send(cls, signum: int) -> None:
         for km in cls.managers:
             pid = getattr(getattr(km, "provisioner", None), "pid", None)
             if pid:
@@ -252,9 +261,13 @@ def _start_kernel(template: Path) -> type:
 
 
 class _Stop:
-    """The signal (SIGINT or SIGTERM) that asked this run to stop, if one did."""
+    """The signal (SIGINT or SIGTERM) that asked this run to stop, if one did; the cell papermill waits
+    for the reply of (None between cells), and whether papermill has returned."""
 
-    signum: int | None = None
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self.awaiting: int | None = None
+        self.returned = threading.Event()
 
 
 @contextmanager
@@ -273,6 +286,7 @@ def _signals_passed_to_the_kernel(stop: _Stop) -> Iterator[None]:
         if stop.signum is None:
             stop.signum = signum
             _Kernels.interrupt(signum)
+            threading.Thread(target=_end_a_kernel_whose_reply_was_lost, args=(stop,), daemon=True).start()
 
     saved = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
@@ -280,6 +294,42 @@ def _signals_passed_to_the_kernel(stop: _Stop) -> Iterator[None]:
     finally:
         for sig, handler in saved.items():
             signal.signal(sig, handler)
+
+
+def _end_a_kernel_whose_reply_was_lost(stop: _Stop) -> None:
+    """After a signal: end the kernel if it is done with its cell but papermill still waits for the reply.
+
+    A SIGINT that reaches the kernel while it handles the cell's request, but outside the cell's code
+    (as the cell's last statement returns, or as the reply is being sent), is caught by ipykernel, which
+    then never sends the reply; papermill, with no cell timeout (a deploy may take hours), would wait
+    for it forever. The kernel handles one request at a time, so its answer to a kernel_info request
+    sent now comes only once it is done with the cell. If papermill still waits a moment after that,
+    the reply was lost: the kernel is ended, and the run is sealed from what its record holds, as any
+    run whose kernel stopped. A kernel still sealing its interrupted step is never cut short here.
+    """
+    manager = _Kernels.managers[-1] if _Kernels.managers else None
+    if manager is None or stop.returned.wait(1.0):
+        return
+    try:
+        client = manager.blocking_client()
+        client.start_channels(shell=True, iopub=False, stdin=False, hb=False, control=False)
+    except Exception:  # noqa: BLE001 - the kernel is gone already: papermill sees it itself
+        return
+    try:
+        probe = client.kernel_info()
+        while not stop.returned.is_set():
+            try:
+                reply = client.get_shell_msg(timeout=0.5)
+            except Exception:  # noqa: BLE001 - nothing yet (queue.Empty), or the kernel went away
+                continue
+            if reply.get("parent_header", {}).get("msg_id") == probe:
+                cell = stop.awaiting
+                # A reply sent before the probe's reaches papermill within moments; one lost never does.
+                if cell is not None and not stop.returned.wait(3.0) and stop.awaiting == cell:
+                    _Kernels.kill()
+                return
+    finally:
+        client.stop_channels()
 
 
 def _no_cell_after_a_signal(stop: _Stop) -> Callable:
@@ -291,8 +341,18 @@ def _no_cell_after_a_signal(stop: _Stop) -> Callable:
 
             name = signal.Signals(stop.signum).name
             raise CellExecutionError(f"not run: the run was stopped by {name}", "Interrupted", name)
+        stop.awaiting = cell_index
 
     return on_cell_start
+
+
+def _cell_replied(stop: _Stop) -> Callable:
+    """An nbclient hook run as each cell's reply arrives: papermill no longer waits for it."""
+
+    def on_cell_executed(cell, cell_index, execute_reply) -> None:
+        stop.awaiting = None
+
+    return on_cell_executed
 
 
 @contextmanager
@@ -413,7 +473,10 @@ def run(
     stop = _Stop()
     kernelfiles.remove_orphans()
     with _environment(run_.kernel_env), _signals_passed_to_the_kernel(stop):
-        error = _execute(run_, stop)
+        try:
+            error = _execute(run_, stop)
+        finally:
+            stop.returned.set()
     # Sealed with SIGINT and SIGTERM held off (a cancelled CI job sends one, then another).
     with signals_held():
         record = _seal_after_the_kernel(settings, run_, stop, error)
@@ -443,6 +506,7 @@ def _execute(run_: Prepared, stop: "_Stop") -> BaseException | None:
             # graceful shutdown only waits (0.5 s, at times 3 s) for a kernel with nothing left to do.
             shutdown_kernel="immediate",
             on_cell_start=_no_cell_after_a_signal(stop),
+            on_cell_executed=_cell_replied(stop),
         )
     except (Exception, KeyboardInterrupt) as err:  # noqa: BLE001 - a failed cell or a dead kernel
         return err  # a failed cell recorded its own failure in the sidecar, unless it never got to

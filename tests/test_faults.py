@@ -392,3 +392,71 @@ def test_a_runner_killed_with_sigkill_leaves_no_kernel_files_after_the_next_comm
     status = subprocess.run([OPSLIB, "status"], cwd=work, env=env, capture_output=True, text=True)
     assert status.returncode == 0, status.stdout + status.stderr
     assert not list(temp.glob(f"opslib-kernel-{runner.pid}-*"))
+
+
+# An IPython start-up file for the run's kernel: as it sends the reply to the deploy's upgrade cell, it
+# pauses (leaving a mark), so that a signal lands in ipykernel's own code, after the cell ran and before
+# the reply is sent. ipykernel catches that KeyboardInterrupt and never sends the reply.
+_REPLY_PAUSE = '''
+import os, pathlib, time
+
+_kernel = get_ipython().kernel
+_send = _kernel.session.send
+
+
+def _send_after_a_pause(stream, msg_or_type, content=None, parent=None, *args, **kwargs):
+    code = ((parent or {}).get("content") or {}).get("code", "")
+    if msg_or_type == "execute_reply" and "run.upgrade()" in code:
+        pathlib.Path(os.environ["REPLY_PAUSE_MARK"]).touch()
+        time.sleep(30)
+    return _send(stream, msg_or_type, content, parent, *args, **kwargs)
+
+
+_kernel.session.send = _send_after_a_pause
+'''
+
+
+def test_a_signal_that_costs_the_kernel_its_reply_still_ends_the_run_sealed_at_once(database_url, tmp_path):
+    """Ctrl-C in the runner's terminal, passed on to the kernel between the upgrade cell's end and its
+    reply: the kernel swallows it and the reply never comes. The run still ends within seconds, sealed
+    interrupted at the revision the upgrade reached. (A second SIGINT sent to the kernel as well, as a
+    cancelled job's, may instead kill it: papermill sees that by itself.)"""
+    ini = Path(FIXTURES.parent.parent / "alembic.ini")
+    work = tmp_path / "work"
+    work.mkdir()
+    assert opslib_cli(database_url, ini, work, "upgrade", "0006").returncode == 0
+    startup = tmp_path / "ipython" / "profile_default" / "startup"
+    startup.mkdir(parents=True)
+    (startup / "00-reply-pause.py").write_text(_REPLY_PAUSE)
+    mark = tmp_path / "paused"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OPSLIB_", "DATABASE_URL"))}
+    env.update(
+        DATABASE_URL=database_url,
+        OPSLIB_ALEMBIC_INI=str(ini),
+        OPSLIB_RECORDS_DIR=str(work / "records"),
+        OPSLIB_BACKUPS_DIR=str(work / "backups"),
+        IPYTHONDIR=str(tmp_path / "ipython"),
+        REPLY_PAUSE_MARK=str(mark),
+    )
+    runner = subprocess.Popen([OPSLIB, "run", "deploy"], cwd=work, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        _wait_for(mark.exists, "the kernel pausing before its reply", timeout=120, proc=runner)
+        signalled = time.monotonic()
+        runner.send_signal(signal.SIGINT)
+        out, err = runner.communicate(timeout=60)
+        took = time.monotonic() - signalled
+    finally:
+        if runner.poll() is None:
+            runner.kill()
+            runner.wait()
+    seen = f"exit {runner.returncode} after {took:.1f} s\n{out}{err}"
+    assert "KeyboardInterrupt caught in kernel" in err, seen  # the reply was indeed lost
+    assert took < 20, seen  # not the kernel's 30 s pause, nor forever
+    assert runner.returncode == 128 + signal.SIGINT, seen
+    assert "Traceback" not in err and "unexpected error" not in err, seen
+    assert "now at 0007" in err.strip().splitlines()[-1], seen
+    assert revision_of(database_url) == ["0007"]
+    (entry,) = audit.read_endings(work / "records")
+    assert entry["outcome"] == "interrupted" and entry["revisions_after"] == ["0007"], entry
+    verify = subprocess.run([OPSLIB, "audit", "verify"], cwd=work, env=env, capture_output=True, text=True)
+    assert verify.returncode == 0, verify.stdout + verify.stderr
