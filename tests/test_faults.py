@@ -296,15 +296,22 @@ def test_a_server_restart_mid_deploy_names_the_revision_and_a_rerun_completes(tm
         embedded.stop(state)
 
 
-def _signal_after_the_last_commit(url: str, work: Path, args: list[str], signame: str, delay_s: float):
-    """Run ``opslib ARGS`` from 0006 to 0007 and signal it (runner and kernel) ``delay_s`` after 0007 commits."""
+def _sample_env(url: str, work: Path, **extra: str) -> dict:
+    """The environment of a command on the sample project, its records and backups in ``work``."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("OPSLIB_", "DATABASE_URL"))}
     env.update(
         DATABASE_URL=url,
         OPSLIB_ALEMBIC_INI=str(FIXTURES.parent.parent / "alembic.ini"),
         OPSLIB_RECORDS_DIR=str(work / "records"),
         OPSLIB_BACKUPS_DIR=str(work / "backups"),
+        **extra,
     )
+    return env
+
+
+def _signal_after_the_last_commit(url: str, work: Path, args: list[str], signame: str, delay_s: float):
+    """Run ``opslib ARGS`` from 0006 to 0007 and signal it (runner and kernel) ``delay_s`` after 0007 commits."""
+    env = _sample_env(url, work)
     watch = psycopg2.connect(libpq(url))
     watch.autocommit = True
     runner = subprocess.Popen([OPSLIB, *args], cwd=work, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -429,15 +436,7 @@ def test_a_signal_that_costs_the_kernel_its_reply_still_ends_the_run_sealed_at_o
     startup.mkdir(parents=True)
     (startup / "00-reply-pause.py").write_text(_REPLY_PAUSE)
     mark = tmp_path / "paused"
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("OPSLIB_", "DATABASE_URL"))}
-    env.update(
-        DATABASE_URL=database_url,
-        OPSLIB_ALEMBIC_INI=str(ini),
-        OPSLIB_RECORDS_DIR=str(work / "records"),
-        OPSLIB_BACKUPS_DIR=str(work / "backups"),
-        IPYTHONDIR=str(tmp_path / "ipython"),
-        REPLY_PAUSE_MARK=str(mark),
-    )
+    env = _sample_env(database_url, work, IPYTHONDIR=str(tmp_path / "ipython"), REPLY_PAUSE_MARK=str(mark))
     runner = subprocess.Popen([OPSLIB, "run", "deploy"], cwd=work, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         _wait_for(mark.exists, "the kernel pausing before its reply", timeout=120, proc=runner)
