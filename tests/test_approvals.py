@@ -12,7 +12,7 @@ import pytest
 
 from opslib import approval, audit, signatures, sshsig
 
-from .conftest import ROOT, opslib_cli, query
+from .conftest import ROOT, database_name, opslib_cli, query
 from .test_sshsig import allowed_signers, make_key
 
 
@@ -46,7 +46,7 @@ class FourEyes:
         return opslib_cli(url or self.url, self.alembic_ini, self.work, *args, env=env)
 
     def deploy(self, *extra: str, url: str | None = None, key: str | None = "op"):
-        name = (url or self.url).rsplit("/", 1)[1]
+        name = database_name(url or self.url)
         return self.cli("run", "deploy", "--env", "production", "-p", "confirm", name, *extra, url=url, key=key)
 
     def revision(self, url: str | None = None) -> str:
@@ -176,7 +176,7 @@ def test_an_approved_plan_that_no_longer_matches_is_refused_naming_the_differenc
     elif change == "another database":
         url = make_database()
         assert f.cli("upgrade", "0003", url=url).returncode == 0
-        named = f"target: the plan is for database {f.url.rsplit('/', 1)[1]} on server"
+        named = f"target: the plan is for database {database_name(f.url)} on server"
     else:
         extra = ("-p", "restore_test", "true")
         named = "parameter restore_test: the plan says False, this run True"
@@ -221,7 +221,7 @@ def test_opslib_open_shows_the_plan_and_its_approvers_in_the_preflight(four_eyes
     assert f.cli("approve", str(f.plan), "--key", str(f.keys["alice"]), key=None, operator="alice").returncode == 0
     env = {"DATABASE_URL": f.url, "OPSLIB_ALEMBIC_INI": str(f.alembic_ini), "OPSLIB_OPERATOR": "op",
            "OPSLIB_SIGNING_KEY": str(f.keys["op"])}  # fmt: skip
-    lab = LabSession(f.work, env, "deploy", "-p", "plan", str(f.plan), "-p", "confirm", f.url.rsplit("/", 1)[1],
+    lab = LabSession(f.work, env, "deploy", "-p", "plan", str(f.plan), "-p", "confirm", database_name(f.url),
                      "--env", "production")  # fmt: skip
     try:
         lab.start_kernel()
@@ -291,7 +291,7 @@ def test_a_sealed_plan_must_be_the_change_that_ran_even_when_the_entry_is_signed
     _rewrite_chain(f.work / "records" / audit.LEDGER, elsewhere)
     found = f.cli("audit", "verify")
     assert found.returncode == 3 and "does not verify" not in found.stdout, found.stdout
-    assert f"it ran on database elsewhere, its plan is for {f.url.rsplit('/', 1)[1]}" in found.stdout
+    assert f"it ran on database elsewhere, its plan is for {database_name(f.url)}" in found.stdout
     assert "it ended at 0005, its plan at 0007" in found.stdout
 
 
@@ -302,7 +302,7 @@ def test_a_plan_is_approved_for_one_deploy(four_eyes):
     assert f.cli("approvals", str(f.plan), key=None, operator="carol").returncode == 0  # enough: exit 0
     first = f.deploy("-p", "plan", str(f.plan))
     assert first.returncode == 0, first.stderr
-    name = f.url.rsplit("/", 1)[1]
+    name = database_name(f.url)
     back = f.cli("run", "rollback", "--env", "production", "-p", "target_revision", "0003", "-p", "confirm", name)
     assert back.returncode == 0 and f.revision() == "0003", back.stderr
     again = f.deploy("-p", "plan", str(f.plan))
