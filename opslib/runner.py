@@ -296,6 +296,9 @@ def _signals_passed_to_the_kernel(stop: _Stop) -> Iterator[None]:
             signal.signal(sig, handler)
 
 
+_LOST_REPLY_GRACE_S = 6.0  # longer than nbclient's iopub_timeout: a reply that came is seen by then
+
+
 def _end_a_kernel_whose_reply_was_lost(stop: _Stop) -> None:
     """After a signal: end the kernel if it is done with its cell but papermill still waits for the reply.
 
@@ -307,27 +310,32 @@ def _end_a_kernel_whose_reply_was_lost(stop: _Stop) -> None:
     the reply was lost: the kernel is ended, and the run is sealed from what its record holds, as any
     run whose kernel stopped. A kernel still sealing its interrupted step is never cut short here.
     """
+    from queue import Empty
+
     manager = _Kernels.managers[-1] if _Kernels.managers else None
     if manager is None or stop.returned.wait(1.0):
         return
     try:
         client = manager.blocking_client()
-        client.start_channels(shell=True, iopub=False, stdin=False, hb=False, control=False)
-    except Exception:  # noqa: BLE001 - the kernel is gone already: papermill sees it itself
+    except Exception:  # noqa: BLE001 - its connection is gone with the kernel: papermill sees that itself
         return
     try:
+        client.start_channels(shell=True, iopub=False, stdin=False, hb=False, control=False)
         probe = client.kernel_info()
         while not stop.returned.is_set():
             try:
                 reply = client.get_shell_msg(timeout=0.5)
-            except Exception:  # noqa: BLE001 - nothing yet (queue.Empty), or the kernel went away
+            except Empty:
                 continue
             if reply.get("parent_header", {}).get("msg_id") == probe:
                 cell = stop.awaiting
-                # A reply sent before the probe's reaches papermill within moments; one lost never does.
-                if cell is not None and not stop.returned.wait(3.0) and stop.awaiting == cell:
+                # A reply sent before the probe's reaches papermill within moments, and its output by
+                # nbclient's iopub_timeout (4 s); one lost never does.
+                if cell is not None and not stop.returned.wait(_LOST_REPLY_GRACE_S) and stop.awaiting == cell:
                     _Kernels.kill()
                 return
+    except Exception:  # noqa: BLE001 - the kernel went away meanwhile: papermill sees that itself
+        return
     finally:
         client.stop_channels()
 
@@ -341,9 +349,17 @@ def _no_cell_after_a_signal(stop: _Stop) -> Callable:
 
             name = signal.Signals(stop.signum).name
             raise CellExecutionError(f"not run: the run was stopped by {name}", "Interrupted", name)
-        stop.awaiting = cell_index
 
     return on_cell_start
+
+
+def _cell_sent(stop: _Stop) -> Callable:
+    """An nbclient hook run as a code cell is sent to the kernel: papermill now waits for its reply."""
+
+    def on_cell_execute(cell, cell_index) -> None:
+        stop.awaiting = cell_index
+
+    return on_cell_execute
 
 
 def _cell_replied(stop: _Stop) -> Callable:
@@ -506,6 +522,7 @@ def _execute(run_: Prepared, stop: "_Stop") -> BaseException | None:
             # graceful shutdown only waits (0.5 s, at times 3 s) for a kernel with nothing left to do.
             shutdown_kernel="immediate",
             on_cell_start=_no_cell_after_a_signal(stop),
+            on_cell_execute=_cell_sent(stop),
             on_cell_executed=_cell_replied(stop),
         )
     except (Exception, KeyboardInterrupt) as err:  # noqa: BLE001 - a failed cell or a dead kernel

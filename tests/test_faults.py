@@ -450,7 +450,7 @@ def test_a_signal_that_costs_the_kernel_its_reply_still_ends_the_run_sealed_at_o
             runner.wait()
     seen = f"exit {runner.returncode} after {took:.1f} s\n{out}{err}"
     assert "KeyboardInterrupt caught in kernel" in err, seen  # the reply was indeed lost
-    assert took < 20, seen  # not the kernel's 30 s pause, nor forever
+    assert took < 25, seen  # within seconds (6 s of them the grace a reply under way is given), not forever
     assert runner.returncode == 128 + signal.SIGINT, seen
     assert "Traceback" not in err and "unexpected error" not in err, seen
     assert "now at 0007" in err.strip().splitlines()[-1], seen
