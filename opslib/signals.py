@@ -49,9 +49,17 @@ def signals_deferred() -> Iterator[None]:
     import sys  # only here: this module is imported early by everything
 
     ending = sys.exc_info()[1]  # in a finally clause: the exception already under way, if any
+    outer = {sig: signal.getsignal(sig) for sig in _STOPS}
     with signals_noted() as caught:  # never raises inside: a second signal waits like the first
         yield
     if caught and ending is None:
+        holder = outer[caught[0]]
+        if getattr(holder, "holds_signals", False):
+            # Inside signals_held (a record being sealed): the signals are the hold's to judge, as if
+            # they had arrived there; raised here, one Ctrl-C would break the seal.
+            for signum in caught:
+                holder(signum, None)
+            return
         raise Interrupted(caught[0])
 
 
@@ -80,6 +88,7 @@ def signals_held() -> Iterator[list[int]]:
             broken.append(signum)
             raise Interrupted(signum)
 
+    hold.holds_signals = True  # type: ignore[attr-defined] - what signals_deferred nested in here looks for
     saved = {sig: signal.signal(sig, hold) for sig in _STOPS}
     try:
         yield caught

@@ -141,6 +141,29 @@ def test_signals_wait_while_a_record_is_sealed():
     assert signal.getsignal(signal.SIGINT) is before
 
 
+def test_a_signal_during_a_deferred_close_inside_a_seal_still_waits_for_the_seal():
+    """A connection closed while a record is sealed defers signals too: one arriving there is the seal's
+    to judge (it waits), not an interruption of the seal; a second one a second later still breaks it."""
+    with signals.signals_held() as caught:
+        with signals.signals_deferred():
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.1)
+        time.sleep(0.1)
+    assert caught == [signal.SIGTERM]
+    with pytest.raises(Interrupted):
+        with signals.signals_held() as caught:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(signals.ONE_CTRL_C_S + 0.1)
+            with signals.signals_deferred():
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(0.1)
+    assert caught == [signal.SIGINT, signal.SIGINT]
+    with pytest.raises(Interrupted):  # outside a seal, a deferred signal is raised once the block ends
+        with signals.signals_deferred():
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.1)
+
+
 def test_a_revision_not_read_is_never_shown_as_base():
     assert revisions_text(None) == "not read"
     assert revisions_text([]) == "base"
